@@ -1,0 +1,371 @@
+//! Configuration: one TOML file for the whole engine, every key with a default and a unit.
+//!
+//! The reference table lives in `docs/config.md`; keep it in step with [`Config`]. Sizes
+//! accept an integer (bytes) or a string with a unit (`"64KiB"`, `"4MiB"`, `"1GiB"`, `"512"`).
+//! Every value is checked by [`Config::validate`], and an invalid one is reported with the
+//! name of its key.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// How the NetDriver picks a channel for each segment of a vsocket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// Spread consecutive segments over every channel of the class (default).
+    #[default]
+    RoundRobin,
+    /// Pin each vsocket to one channel chosen by hashing its id.
+    Hash,
+}
+
+impl Policy {
+    /// The name used in config files and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::RoundRobin => "round-robin",
+            Policy::Hash => "hash",
+        }
+    }
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "round-robin" | "rr" => Ok(Policy::RoundRobin),
+            "hash" => Ok(Policy::Hash),
+            other => Err(format!("unknown policy {other:?} (expected \"round-robin\" or \"hash\")")),
+        }
+    }
+}
+
+/// Engine configuration. See `docs/config.md` for the reference.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `listen`: address this host accepts channels on. Default `0.0.0.0:9000`.
+    pub listen: SocketAddr,
+    /// `peer_port`: TCP port dialed on peer hosts. Default: the port of `listen`.
+    pub peer_port: Option<u16>,
+    /// `throughput_channels`: throughput-class channels per peer. Default 4.
+    pub throughput_channels: usize,
+    /// `latency_channels`: latency-class channels per peer. Default 1.
+    pub latency_channels: usize,
+    /// `channel_workers`: threads serving channels. Default 2.
+    pub channel_workers: usize,
+    /// `copy_workers`: threads helping app threads copy large reads/writes; 0 = the app thread copies alone. Default 1.
+    pub copy_workers: usize,
+    /// `copy_threshold`: bytes from which one read/write is split among copy workers. Default 256 KiB.
+    pub copy_threshold: usize,
+    /// `segment_size`: largest DATA segment, bytes. Default 64 KiB.
+    pub segment_size: usize,
+    /// `send_buffer`: per-vsocket send buffer, bytes. Default 4 MiB.
+    pub send_buffer: usize,
+    /// `recv_buffer`: per-vsocket receive buffer (= credit window), bytes. Default 4 MiB.
+    pub recv_buffer: usize,
+    /// `channel_queue`: unsent bytes the NetDriver queues on one channel before choosing another. Default 512 KiB.
+    pub channel_queue: usize,
+    /// `policy`: `"round-robin"` or `"hash"`. Default round-robin.
+    pub policy: Policy,
+    /// `connect_timeout_ms`: how long a vsocket connect (including channel setup) may take. Default 3000 ms.
+    pub connect_timeout: Duration,
+    /// `accept_backlog`: pending vsockets a listener holds before refusing. Default 1024.
+    pub accept_backlog: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9000)),
+            peer_port: None,
+            throughput_channels: 4,
+            latency_channels: 1,
+            channel_workers: 2,
+            copy_workers: 1,
+            copy_threshold: 256 << 10,
+            segment_size: 64 << 10,
+            send_buffer: 4 << 20,
+            recv_buffer: 4 << 20,
+            channel_queue: 512 << 10,
+            policy: Policy::RoundRobin,
+            connect_timeout: Duration::from_millis(3000),
+            accept_backlog: 1024,
+        }
+    }
+}
+
+/// A configuration error: which key (or file) and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The key at fault, or the file name for a syntax error.
+    pub key: String,
+    /// What is wrong and what is expected.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "config key `{}`: {}", self.key, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl From<ConfigError> for std::io::Error {
+    fn from(e: ConfigError) -> Self {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+    }
+}
+
+fn err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.to_string(), message: message.into() }
+}
+
+/// Parse a size: plain bytes or a number with a unit (B, KiB, MiB, GiB, K, M, G, KB, MB, GB).
+/// Binary units; `KB`/`MB`/`GB` are decimal.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        return Err(format!("{s:?} is not a size (expected e.g. 65536, \"64KiB\", \"4MiB\")"));
+    }
+    let mult: u64 = match unit.trim() {
+        "" | "B" | "b" => 1,
+        "K" | "k" | "KiB" | "kib" | "Ki" => 1 << 10,
+        "M" | "m" | "MiB" | "mib" | "Mi" => 1 << 20,
+        "G" | "g" | "GiB" | "gib" | "Gi" => 1 << 30,
+        "KB" | "kB" | "kb" => 1_000,
+        "MB" | "mb" => 1_000_000,
+        "GB" | "gb" => 1_000_000_000,
+        u => return Err(format!("unknown size unit {u:?} in {s:?} (use B, KiB, MiB or GiB)")),
+    };
+    let v: f64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let bytes = v * mult as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Int(i64),
+    Str(String),
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    peer_port: Option<i64>,
+    throughput_channels: Option<i64>,
+    latency_channels: Option<i64>,
+    channel_workers: Option<i64>,
+    copy_workers: Option<i64>,
+    copy_threshold: Option<SizeValue>,
+    segment_size: Option<SizeValue>,
+    send_buffer: Option<SizeValue>,
+    recv_buffer: Option<SizeValue>,
+    channel_queue: Option<SizeValue>,
+    policy: Option<String>,
+    connect_timeout_ms: Option<i64>,
+    accept_backlog: Option<i64>,
+}
+
+fn size(key: &str, v: SizeValue) -> Result<usize, ConfigError> {
+    let n = match v {
+        SizeValue::Int(i) if i >= 0 => i as u64,
+        SizeValue::Int(i) => return Err(err(key, format!("{i} is negative; expected a size in bytes"))),
+        SizeValue::Str(s) => parse_size(&s).map_err(|m| err(key, m))?,
+    };
+    usize::try_from(n).map_err(|_| err(key, format!("{n} is too large")))
+}
+
+fn count(key: &str, v: i64) -> Result<usize, ConfigError> {
+    usize::try_from(v).map_err(|_| err(key, format!("{v} is negative; expected a count")))
+}
+
+impl Config {
+    /// Parse a TOML document; keys not given keep their defaults. Unknown keys are errors.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let msg = e.message().to_string();
+            // serde names the unknown key in its message; surface it as the key.
+            let key = msg
+                .strip_prefix("unknown field `")
+                .and_then(|r| r.split('`').next())
+                .unwrap_or("<toml>")
+                .to_string();
+            err(&key, msg)
+        })?;
+        let mut c = Config::default();
+        if let Some(s) = raw.listen {
+            c.listen = s.parse().map_err(|_| err("listen", format!("{s:?} is not an IP:port address")))?;
+        }
+        if let Some(p) = raw.peer_port {
+            c.peer_port = Some(u16::try_from(p).map_err(|_| err("peer_port", format!("{p} is not a TCP port")))?);
+        }
+        if let Some(v) = raw.throughput_channels {
+            c.throughput_channels = count("throughput_channels", v)?;
+        }
+        if let Some(v) = raw.latency_channels {
+            c.latency_channels = count("latency_channels", v)?;
+        }
+        if let Some(v) = raw.channel_workers {
+            c.channel_workers = count("channel_workers", v)?;
+        }
+        if let Some(v) = raw.copy_workers {
+            c.copy_workers = count("copy_workers", v)?;
+        }
+        if let Some(v) = raw.copy_threshold {
+            c.copy_threshold = size("copy_threshold", v)?;
+        }
+        if let Some(v) = raw.segment_size {
+            c.segment_size = size("segment_size", v)?;
+        }
+        if let Some(v) = raw.send_buffer {
+            c.send_buffer = size("send_buffer", v)?;
+        }
+        if let Some(v) = raw.recv_buffer {
+            c.recv_buffer = size("recv_buffer", v)?;
+        }
+        if let Some(v) = raw.channel_queue {
+            c.channel_queue = size("channel_queue", v)?;
+        }
+        if let Some(p) = raw.policy {
+            c.policy = p.parse().map_err(|m| err("policy", m))?;
+        }
+        if let Some(ms) = raw.connect_timeout_ms {
+            let ms = u64::try_from(ms).map_err(|_| err("connect_timeout_ms", format!("{ms} is negative")))?;
+            c.connect_timeout = Duration::from_millis(ms);
+        }
+        if let Some(v) = raw.accept_backlog {
+            c.accept_backlog = count("accept_backlog", v)?;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Read and parse a TOML file; errors name the file or the key.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(&path.display().to_string(), format!("cannot read config file: {e}")))?;
+        Config::from_toml_str(&text).map_err(|e| ConfigError {
+            key: e.key,
+            message: format!("{} (in {})", e.message, path.display()),
+        })
+    }
+
+    /// The TCP port dialed on peers.
+    pub fn peer_port(&self) -> u16 {
+        self.peer_port.unwrap_or(self.listen.port())
+    }
+
+    /// Check every value; the error names the first key at fault.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let range = |key: &str, v: usize, lo: usize, hi: usize| {
+            if v < lo || v > hi {
+                Err(err(key, format!("{v} is out of range {lo}..={hi}")))
+            } else {
+                Ok(())
+            }
+        };
+        range("throughput_channels", self.throughput_channels, 1, 256)?;
+        range("latency_channels", self.latency_channels, 0, 256)?;
+        range("channel_workers", self.channel_workers, 1, 1024)?;
+        range("copy_workers", self.copy_workers, 0, 1024)?;
+        range("segment_size", self.segment_size, 512, crate::wire::MAX_SEGMENT)?;
+        range("copy_threshold", self.copy_threshold, 4096, usize::MAX)?;
+        range("send_buffer", self.send_buffer, self.segment_size, 1 << 32)
+            .map_err(|e| err("send_buffer", format!("{} (must be at least segment_size)", e.message)))?;
+        range("recv_buffer", self.recv_buffer, self.segment_size, 1 << 32)
+            .map_err(|e| err("recv_buffer", format!("{} (must be at least segment_size)", e.message)))?;
+        range("channel_queue", self.channel_queue, self.segment_size, usize::MAX)
+            .map_err(|e| err("channel_queue", format!("{} (must be at least segment_size)", e.message)))?;
+        range("accept_backlog", self.accept_backlog, 1, 1 << 20)?;
+        if self.connect_timeout.is_zero() {
+            return Err(err("connect_timeout_ms", "must be greater than 0"));
+        }
+        if self.peer_port() == 0 {
+            return Err(err("peer_port", "is 0 and `listen` has port 0: set the port peers listen on"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+        assert_eq!(Config::from_toml_str("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn parses_every_key_and_units() {
+        let c = Config::from_toml_str(
+            r#"
+            listen = "127.0.0.2:9100"
+            peer_port = 9200
+            throughput_channels = 8
+            latency_channels = 2
+            channel_workers = 3
+            copy_workers = 0
+            copy_threshold = "512KiB"
+            segment_size = "32KiB"
+            send_buffer = 1048576
+            recv_buffer = "2MiB"
+            channel_queue = "1MiB"
+            policy = "hash"
+            connect_timeout_ms = 500
+            accept_backlog = 16
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.2:9100".parse().unwrap());
+        assert_eq!(c.peer_port(), 9200);
+        assert_eq!(c.throughput_channels, 8);
+        assert_eq!(c.copy_threshold, 512 << 10);
+        assert_eq!(c.segment_size, 32 << 10);
+        assert_eq!(c.send_buffer, 1 << 20);
+        assert_eq!(c.recv_buffer, 2 << 20);
+        assert_eq!(c.policy, Policy::Hash);
+        assert_eq!(c.connect_timeout, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        for (doc, key) in [
+            ("throughput_channels = 0", "throughput_channels"),
+            ("segment_size = \"2GiB\"", "segment_size"),
+            ("policy = \"fastest\"", "policy"),
+            ("listen = \"nowhere\"", "listen"),
+            ("recv_buffer = \"1KiB\"", "recv_buffer"),
+            ("bogus_key = 1", "bogus_key"),
+            ("copy_workers = -1", "copy_workers"),
+            ("segment_size = \"64 furlongs\"", "segment_size"),
+        ] {
+            let e = Config::from_toml_str(doc).unwrap_err();
+            assert_eq!(e.key, key, "{doc}: {e}");
+            assert!(e.to_string().contains(key));
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("1.5MiB").unwrap(), 1572864);
+        assert_eq!(parse_size("10 MB").unwrap(), 10_000_000);
+        assert_eq!(parse_size("7").unwrap(), 7);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("3 parsecs").is_err());
+    }
+}
