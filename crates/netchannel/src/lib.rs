@@ -1,6 +1,46 @@
 //! NetChannel: a user-space disaggregated host network stack.
+//!
+//! One application byte stream (a *vsocket*, [`VStream`]) is cut into segments that the
+//! *NetDriver* spreads over many *network channels* — long-lived TCP connections to the
+//! peer host, served by a pool of channel workers — and reassembled by offset at the other
+//! end. Large reads and writes are copied by several copy workers in parallel. Channels,
+//! channel workers and copy workers are independent knobs ([`Config`]).
+//!
+//! Layers, by module:
+//! * [`vsock`]: the virtual socket layer (`VStream`, `VListener`), with [`ring`] and [`copy`];
+//! * [`engine`]: the host engine: NetDriver per peer, channels and their workers;
+//! * [`proto`]: the sans-IO protocol core (stream state, credit, reassembly, scheduler);
+//! * [`wire`]: the frame codec; [`config`]: the TOML configuration.
+//!
+//! ```no_run
+//! use std::io::{Read, Write};
+//! use netchannel::{Config, Host};
+//!
+//! // Two hosts in one process, on two loopback addresses.
+//! let mut a = Config::default();
+//! a.listen = "127.0.0.1:9000".parse().unwrap();
+//! let mut b = a.clone();
+//! b.listen = "127.0.0.2:9000".parse().unwrap();
+//! let (ha, hb) = (netchannel::Host::start(a)?, Host::start(b)?);
+//! let listener = hb.bind(7000)?;
+//! let mut client = ha.connect("127.0.0.2:7000".parse().unwrap())?;
+//! let (mut server, _) = listener.accept()?;
+//! client.write_all(b"ping")?;
+//! let mut buf = [0u8; 4];
+//! server.read_exact(&mut buf)?;
+//! assert_eq!(&buf, b"ping");
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
 pub mod config;
+pub mod copy;
+pub mod engine;
+pub mod proto;
+pub mod ring;
+pub mod vsock;
 pub mod wire;
 
 pub use config::{Config, ConfigError, Policy};
+pub use engine::{ChannelStats, Host, HostStats};
+pub use vsock::{VListener, VStream};
 pub use wire::Class;

@@ -1,0 +1,398 @@
+//! Network channels: one TCP connection to a peer host, and the channel workers that serve them.
+//!
+//! A [`Channel`] is the shared face of a channel: its queue of frames to send (control
+//! frames ahead of segments), its counters and its state. The socket itself is owned by one
+//! channel worker thread, which reads frames and dispatches them to the NetDriver, and
+//! writes queued frames, copying segment bytes from the vsocket's send ring. A worker is
+//! event-driven (mio) and may own many channels.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::engine::peer::Peer;
+use crate::engine::HostInner;
+use crate::vsock::VSock;
+use crate::wire::{self, Class, Frame, HEADER_LEN};
+
+/// Bytes a worker gathers into one write.
+const WRITE_BATCH: usize = 256 << 10;
+/// Bytes a worker reads from one channel before turning to the others.
+const READ_BUDGET: usize = 1 << 20;
+/// Initial size of a channel's read buffer.
+const READ_BUF: usize = 256 << 10;
+const WAKER: Token = Token(usize::MAX);
+
+/// A frame waiting in a channel's queue.
+pub(crate) enum OutFrame {
+    /// A control frame, fully encoded.
+    Control(Vec<u8>),
+    /// A DATA segment: its bytes are copied from the vsocket's send ring when written.
+    Segment { vs: Arc<VSock>, offset: u64, len: u32, ack_request: bool },
+}
+
+#[derive(Default)]
+struct OutQueue {
+    control: VecDeque<Vec<u8>>,
+    segments: VecDeque<(Arc<VSock>, u64, u32, bool)>,
+}
+
+/// Per-channel counters.
+#[derive(Default, Debug)]
+pub(crate) struct Counters {
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub frames_sent: AtomicU64,
+    pub frames_received: AtomicU64,
+}
+
+/// The shared face of one channel.
+pub(crate) struct Channel {
+    pub token: usize,
+    pub peer: Weak<Peer>,
+    pub class: Class,
+    pub index: u16,
+    pub worker: usize,
+    out: Mutex<OutQueue>,
+    /// Unsent bytes: queued frames plus bytes gathered but not yet written to the socket.
+    pub queued: AtomicUsize,
+    kicked: AtomicBool,
+    pub up: AtomicBool,
+    pub counters: Counters,
+    host: Weak<HostInner>,
+}
+
+impl Channel {
+    pub(crate) fn new(host: &Arc<HostInner>, peer: &Arc<Peer>, class: Class, index: u16) -> Arc<Channel> {
+        let token = host.next_token.fetch_add(1, Ordering::Relaxed);
+        let worker = token % host.workers.len();
+        Arc::new(Channel {
+            token,
+            peer: Arc::downgrade(peer),
+            class,
+            index,
+            worker,
+            out: Mutex::new(OutQueue::default()),
+            queued: AtomicUsize::new(0),
+            kicked: AtomicBool::new(false),
+            up: AtomicBool::new(true),
+            counters: Counters::default(),
+            host: Arc::downgrade(host),
+        })
+    }
+
+    /// Queue a frame and make sure the channel's worker will write it.
+    pub(crate) fn push(&self, f: OutFrame) {
+        {
+            let mut q = self.out.lock().unwrap();
+            match f {
+                OutFrame::Control(bytes) => {
+                    self.queued.fetch_add(bytes.len(), Ordering::Relaxed);
+                    q.control.push_back(bytes);
+                }
+                OutFrame::Segment { vs, offset, len, ack_request } => {
+                    self.queued.fetch_add(HEADER_LEN + len as usize, Ordering::Relaxed);
+                    q.segments.push_back((vs, offset, len, ack_request));
+                }
+            }
+        }
+        self.kick();
+    }
+
+    /// Queue an encoded control frame.
+    pub(crate) fn push_frame(&self, frame: &Frame<'_>) {
+        let mut bytes = Vec::with_capacity(frame.encoded_len());
+        frame.encode(&mut bytes);
+        self.push(OutFrame::Control(bytes));
+    }
+
+    fn kick(&self) {
+        if !self.kicked.swap(true, Ordering::AcqRel) {
+            if let Some(host) = self.host.upgrade() {
+                host.workers[self.worker].command(Command::Kick(self.token));
+            }
+        }
+    }
+
+    /// Drop everything queued (the channel is down).
+    fn clear(&self) {
+        let mut q = self.out.lock().unwrap();
+        q.control.clear();
+        q.segments.clear();
+    }
+}
+
+/// What a worker is asked to do.
+pub(crate) enum Command {
+    /// Take ownership of a new channel's socket.
+    Add(Arc<Channel>, TcpStream),
+    /// A channel has frames queued.
+    Kick(usize),
+    /// Close a channel (fault injection, peer retirement).
+    Close(usize),
+    /// Stop the worker.
+    Stop,
+}
+
+/// How other threads reach a worker.
+pub(crate) struct WorkerHandle {
+    waker: Waker,
+    commands: Mutex<Vec<Command>>,
+}
+
+impl WorkerHandle {
+    pub(crate) fn command(&self, c: Command) {
+        self.commands.lock().unwrap().push(c);
+        let _ = self.waker.wake();
+    }
+}
+
+/// A channel as its worker owns it.
+struct Conn {
+    ch: Arc<Channel>,
+    sock: TcpStream,
+    rbuf: Vec<u8>,
+    rstart: usize,
+    rend: usize,
+    wbuf: Vec<u8>,
+    wpos: usize,
+}
+
+/// Create a worker's poll and handle; the thread is started by [`run_worker`].
+pub(crate) fn new_worker() -> io::Result<(Poll, WorkerHandle)> {
+    let poll = Poll::new()?;
+    let waker = Waker::new(poll.registry(), WAKER)?;
+    Ok((poll, WorkerHandle { waker, commands: Mutex::new(Vec::new()) }))
+}
+
+/// The channel worker loop.
+pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll) {
+    let mut events = Events::with_capacity(256);
+    let mut conns: HashMap<usize, Conn> = HashMap::new();
+    let mut again: Vec<usize> = Vec::new(); // channels with reading left over
+    loop {
+        let timeout = if again.is_empty() { None } else { Some(Duration::ZERO) };
+        if let Err(e) = poll.poll(&mut events, timeout) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                eprintln!("netchannel: channel worker {me}: poll failed: {e}");
+                return;
+            }
+        }
+        let mut readable: Vec<usize> = std::mem::take(&mut again);
+        let mut writable: Vec<usize> = Vec::new();
+        for ev in events.iter() {
+            if ev.token() == WAKER {
+                continue;
+            }
+            if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                readable.push(ev.token().0);
+            }
+            if ev.is_writable() {
+                writable.push(ev.token().0);
+            }
+        }
+        let commands = std::mem::take(&mut *host.workers[me].commands.lock().unwrap());
+        for c in commands {
+            match c {
+                Command::Add(ch, mut sock) => {
+                    let token = ch.token;
+                    if let Err(e) = poll.registry().register(
+                        &mut sock,
+                        Token(token),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        eprintln!("netchannel: cannot register channel: {e}");
+                        channel_down(&host, &ch, &format!("register failed: {e}"));
+                        continue;
+                    }
+                    conns.insert(
+                        token,
+                        Conn { ch, sock, rbuf: vec![0; READ_BUF], rstart: 0, rend: 0, wbuf: Vec::new(), wpos: 0 },
+                    );
+                    readable.push(token);
+                    writable.push(token);
+                }
+                Command::Kick(t) => writable.push(t),
+                Command::Close(t) => {
+                    if let Some(mut c) = conns.remove(&t) {
+                        let _ = poll.registry().deregister(&mut c.sock);
+                        let _ = c.sock.shutdown(std::net::Shutdown::Both);
+                        channel_down(&host, &c.ch, "closed on request");
+                    }
+                }
+                Command::Stop => {
+                    for (_, mut c) in conns.drain() {
+                        let _ = poll.registry().deregister(&mut c.sock);
+                        c.ch.up.store(false, Ordering::Release);
+                        c.ch.clear();
+                    }
+                    return;
+                }
+            }
+        }
+        for t in readable {
+            let Some(conn) = conns.get_mut(&t) else { continue };
+            match read_some(&host, conn) {
+                Ok(true) => again.push(t),
+                Ok(false) => {}
+                Err(reason) => {
+                    if let Some(mut c) = conns.remove(&t) {
+                        let _ = poll.registry().deregister(&mut c.sock);
+                        channel_down(&host, &c.ch, &reason);
+                    }
+                    continue;
+                }
+            }
+        }
+        writable.sort_unstable();
+        writable.dedup();
+        for t in writable {
+            let Some(conn) = conns.get_mut(&t) else { continue };
+            if let Err(e) = flush(conn) {
+                if let Some(mut c) = conns.remove(&t) {
+                    let _ = poll.registry().deregister(&mut c.sock);
+                    channel_down(&host, &c.ch, &format!("write failed: {e}"));
+                }
+            }
+        }
+    }
+}
+
+/// Read and dispatch frames. Ok(true): budget used up with more possibly left to read.
+fn read_some(host: &Arc<HostInner>, c: &mut Conn) -> Result<bool, String> {
+    let mut budget = READ_BUDGET;
+    loop {
+        if c.rend == c.rbuf.len() {
+            // Make room: move the partial frame to the front, or grow for a large one.
+            if c.rstart > 0 {
+                c.rbuf.copy_within(c.rstart..c.rend, 0);
+                c.rend -= c.rstart;
+                c.rstart = 0;
+            } else {
+                let n = c.rbuf.len() * 2;
+                c.rbuf.resize(n.min(HEADER_LEN + wire::MAX_SEGMENT).max(c.rend + 1), 0);
+            }
+        }
+        match c.sock.read(&mut c.rbuf[c.rend..]) {
+            Ok(0) => return Err("peer closed the connection".into()),
+            Ok(n) => {
+                c.rend += n;
+                c.ch.counters.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+                parse(host, c)?;
+                budget = budget.saturating_sub(n);
+                if budget == 0 {
+                    return Ok(true);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("read failed: {e}")),
+        }
+    }
+}
+
+fn parse(host: &Arc<HostInner>, c: &mut Conn) -> Result<(), String> {
+    loop {
+        match wire::decode(&c.rbuf[c.rstart..c.rend]) {
+            Ok((frame, used)) => {
+                c.ch.counters.frames_received.fetch_add(1, Ordering::Relaxed);
+                host.dispatch(&c.ch, frame).map_err(|e| e.0)?;
+                c.rstart += used;
+            }
+            Err(wire::WireError::Incomplete { needed }) => {
+                if c.rstart == c.rend {
+                    c.rstart = 0;
+                    c.rend = 0;
+                }
+                if needed > c.rbuf.len() - c.rstart && c.rstart > 0 {
+                    c.rbuf.copy_within(c.rstart..c.rend, 0);
+                    c.rend -= c.rstart;
+                    c.rstart = 0;
+                }
+                if needed > c.rbuf.len() {
+                    c.rbuf.resize(needed, 0);
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(format!("malformed frame: {e}")),
+        }
+    }
+}
+
+/// Gather queued frames and write them until the socket would block or the queue is empty.
+fn flush(c: &mut Conn) -> io::Result<()> {
+    let ch = c.ch.clone();
+    let cap = ch.host.upgrade().map_or(usize::MAX, |h| h.cfg.channel_queue);
+    let was_full = ch.queued.load(Ordering::Relaxed) >= cap;
+    ch.kicked.store(false, Ordering::Release);
+    loop {
+        if c.wpos == c.wbuf.len() {
+            c.wbuf.clear();
+            c.wpos = 0;
+            gather(&ch, &mut c.wbuf);
+            if c.wbuf.is_empty() {
+                break;
+            }
+        }
+        match c.sock.write(&c.wbuf[c.wpos..]) {
+            Ok(n) => {
+                c.wpos += n;
+                ch.queued.fetch_sub(n, Ordering::Relaxed);
+                ch.counters.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if was_full || ch.queued.load(Ordering::Relaxed) < cap {
+        if let Some(peer) = ch.peer.upgrade() {
+            peer.unblock();
+        }
+    }
+    Ok(())
+}
+
+/// Move frames from the queue into `buf`, up to [`WRITE_BATCH`] bytes: control first.
+fn gather(ch: &Channel, buf: &mut Vec<u8>) {
+    while buf.len() < WRITE_BATCH {
+        let (control, seg) = {
+            let mut q = ch.out.lock().unwrap();
+            match q.control.pop_front() {
+                Some(f) => (Some(f), None),
+                None => (None, q.segments.pop_front()),
+            }
+        };
+        if let Some(f) = control {
+            buf.extend_from_slice(&f);
+            ch.counters.frames_sent.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let Some((vs, offset, len, ack_request)) = seg else { break };
+        let sent = vs.copy_segment(offset, len, ack_request, buf);
+        let skipped = (HEADER_LEN + len as usize) - sent;
+        if skipped > 0 {
+            ch.queued.fetch_sub(skipped, Ordering::Relaxed);
+        }
+        if sent > 0 {
+            ch.counters.frames_sent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A channel died: take it out of its peer and let the NetDriver recover.
+pub(crate) fn channel_down(host: &Arc<HostInner>, ch: &Arc<Channel>, reason: &str) {
+    if !ch.up.swap(false, Ordering::AcqRel) {
+        return;
+    }
+    ch.clear();
+    ch.queued.store(0, Ordering::Relaxed);
+    if let Some(peer) = ch.peer.upgrade() {
+        host.on_channel_down(&peer, ch, reason);
+    }
+}

@@ -1,0 +1,696 @@
+//! The host engine: one NetDriver with its peers, channels, channel workers and copy
+//! workers, serving the vsockets of the process it runs in (the embedded host).
+//!
+//! [`Host`] is the handle users hold. It owns the channel listener (the acceptor thread),
+//! the channel worker threads and the copy pool, the vsocket table and the listeners. The
+//! engine stops when the last handle — a `Host` clone, a `VStream` or a `VListener` — is
+//! dropped, or at [`Host::shutdown`].
+
+pub(crate) mod channel;
+pub(crate) mod peer;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::config::Config;
+use crate::copy::CopyPool;
+use crate::proto::ProtoError;
+use crate::vsock::{ListenQueue, VListener, VSock, VStream};
+use crate::wire::{self, Class, Frame, HelloOk, Reason, HEADER_LEN};
+use channel::{Channel, Command, WorkerHandle};
+use peer::{Peer, PeerState};
+
+/// First port handed out to connecting vsockets.
+const EPHEMERAL_FIRST: u16 = 32768;
+/// How long an accepted channel may take to send its HELLO.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The engine's shared state.
+pub(crate) struct HostInner {
+    pub cfg: Config,
+    pub host_id: u64,
+    /// The bound channel address.
+    pub local: SocketAddr,
+    pub peers: Mutex<HashMap<SocketAddr, Arc<Peer>>>,
+    pub vsocks: RwLock<HashMap<u32, Arc<VSock>>>,
+    pub listeners: Mutex<HashMap<u16, Arc<ListenQueue>>>,
+    ports: Mutex<(u16, HashSet<u16>)>,
+    next_id: AtomicU32,
+    pub next_token: AtomicUsize,
+    pub workers: Vec<WorkerHandle>,
+    pub copy: CopyPool,
+    closing: AtomicBool,
+    acceptor_waker: Waker,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    pub totals: Totals,
+}
+
+/// Host-wide counters.
+#[derive(Default, Debug)]
+pub(crate) struct Totals {
+    pub vsockets_opened: AtomicU64,
+    pub channels_refused: AtomicU64,
+    pub frames_dropped: AtomicU64,
+}
+
+/// Counters of one channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelStats {
+    /// The peer host's channel address.
+    pub peer: SocketAddr,
+    /// Throughput or latency.
+    pub class: Class,
+    /// Index within its class, as given in HELLO by the dialing host.
+    pub index: u16,
+    /// Channel worker serving it.
+    pub worker: usize,
+    /// Bytes written to the TCP connection.
+    pub bytes_sent: u64,
+    /// Bytes read from the TCP connection.
+    pub bytes_received: u64,
+    /// Frames written.
+    pub frames_sent: u64,
+    /// Frames read.
+    pub frames_received: u64,
+    /// Unsent bytes queued.
+    pub queued: usize,
+}
+
+/// A snapshot of a host's counters.
+#[derive(Debug, Clone, Default)]
+pub struct HostStats {
+    /// Every live channel, grouped by peer, throughput before latency, by index.
+    pub channels: Vec<ChannelStats>,
+    /// Vsockets in the table (open or closing).
+    pub vsockets: usize,
+    /// Vsockets ever opened (connected or accepted).
+    pub vsockets_opened: u64,
+    /// Channels refused at handshake (bad HELLO, wrong version).
+    pub channels_refused: u64,
+}
+
+/// An embedded NetChannel host: the whole engine inside this process.
+///
+/// ```no_run
+/// use std::io::{Read, Write};
+/// use netchannel::{Config, Host};
+///
+/// let mut cfg = Config::default();
+/// cfg.listen = "127.0.0.1:9000".parse().unwrap();
+/// let host = Host::start(cfg)?;
+/// let mut s = host.connect("127.0.0.2:7000".parse().unwrap())?;
+/// s.write_all(b"hello")?;
+/// let mut reply = [0u8; 5];
+/// s.read_exact(&mut reply)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Host {
+    guard: Arc<Guard>,
+}
+
+struct Guard {
+    inner: Arc<HostInner>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.inner.shutdown();
+    }
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Host({})", self.guard.inner.local)
+    }
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 8 {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        return t.as_nanos() as u64 ^ ((std::process::id() as u64) << 32);
+    }
+    u64::from_ne_bytes(b)
+}
+
+impl Host {
+    /// Start a host: validate `config`, bind `config.listen` for channels, start the
+    /// channel workers, the copy workers and the acceptor.
+    pub fn start(config: Config) -> io::Result<Host> {
+        config.validate()?;
+        let std_listener = std::net::TcpListener::bind(config.listen).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot listen for channels on {}: {e}", config.listen))
+        })?;
+        std_listener.set_nonblocking(true)?;
+        let local = std_listener.local_addr()?;
+        let mut listener = TcpListener::from_std(std_listener);
+        let mut polls = Vec::new();
+        let mut workers = Vec::new();
+        for _ in 0..config.channel_workers {
+            let (p, h) = channel::new_worker()?;
+            polls.push(p);
+            workers.push(h);
+        }
+        let accept_poll = Poll::new()?;
+        accept_poll.registry().register(&mut listener, Token(0), Interest::READABLE)?;
+        let acceptor_waker = Waker::new(accept_poll.registry(), Token(1))?;
+        let copy = CopyPool::new(config.copy_workers, config.copy_threshold)?;
+        let inner = Arc::new(HostInner {
+            host_id: random_u64() | 1,
+            local,
+            peers: Mutex::new(HashMap::new()),
+            vsocks: RwLock::new(HashMap::new()),
+            listeners: Mutex::new(HashMap::new()),
+            ports: Mutex::new((EPHEMERAL_FIRST, HashSet::new())),
+            next_id: AtomicU32::new(1),
+            next_token: AtomicUsize::new(0),
+            workers,
+            copy,
+            closing: AtomicBool::new(false),
+            acceptor_waker,
+            threads: Mutex::new(Vec::new()),
+            totals: Totals::default(),
+            cfg: config,
+        });
+        let mut threads = Vec::new();
+        for (i, p) in polls.into_iter().enumerate() {
+            let h = inner.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("nc-chan-{i}"))
+                    .spawn(move || channel::run_worker(h, i, p))?,
+            );
+        }
+        let h = inner.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("nc-accept".into())
+                .spawn(move || run_acceptor(h, accept_poll, listener))?,
+        );
+        *inner.threads.lock().unwrap() = threads;
+        Ok(Host { guard: Arc::new(Guard { inner }) })
+    }
+
+    /// The process-wide host used by [`VStream::connect`] and [`VListener::bind`]: started
+    /// on first use from the TOML file named by `NETCHANNEL_CONFIG`, or with defaults.
+    pub fn global() -> io::Result<Host> {
+        static GLOBAL: OnceLock<Host> = OnceLock::new();
+        if let Some(h) = GLOBAL.get() {
+            return Ok(h.clone());
+        }
+        let cfg = match std::env::var_os("NETCHANNEL_CONFIG") {
+            Some(p) => Config::load(std::path::Path::new(&p))?,
+            None => Config::default(),
+        };
+        let h = Host::start(cfg)?;
+        Ok(GLOBAL.get_or_init(|| h).clone())
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<HostInner> {
+        &self.guard.inner
+    }
+
+    /// The address channels are accepted on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.guard.inner.local
+    }
+
+    /// The configuration this host runs with.
+    pub fn config(&self) -> &Config {
+        &self.guard.inner.cfg
+    }
+
+    /// Open a throughput-class vsocket to `addr`: the peer host's IP and a vsocket port.
+    pub fn connect(&self, addr: SocketAddr) -> io::Result<VStream> {
+        self.connect_class(addr, Class::Throughput)
+    }
+
+    /// Open a vsocket of the given class to `addr`.
+    pub fn connect_class(&self, addr: SocketAddr, class: Class) -> io::Result<VStream> {
+        VStream::open(self.clone(), addr, class)
+    }
+
+    /// Listen for vsockets on `port` of this host.
+    pub fn bind(&self, port: u16) -> io::Result<VListener> {
+        VListener::open(self.clone(), port)
+    }
+
+    /// Counters of every channel.
+    pub fn stats(&self) -> HostStats {
+        let inner = &self.guard.inner;
+        let mut channels = Vec::new();
+        let peers: Vec<_> = inner.peers.lock().unwrap().values().cloned().collect();
+        for p in peers {
+            for c in p.channels.read().unwrap().iter() {
+                channels.push(ChannelStats {
+                    peer: p.key,
+                    class: c.class,
+                    index: c.index,
+                    worker: c.worker,
+                    bytes_sent: c.counters.bytes_sent.load(Ordering::Relaxed),
+                    bytes_received: c.counters.bytes_received.load(Ordering::Relaxed),
+                    frames_sent: c.counters.frames_sent.load(Ordering::Relaxed),
+                    frames_received: c.counters.frames_received.load(Ordering::Relaxed),
+                    queued: c.queued.load(Ordering::Relaxed),
+                });
+            }
+        }
+        channels.sort_by_key(|c| (c.peer, c.class, c.index));
+        HostStats {
+            channels,
+            vsockets: inner.vsocks.read().unwrap().len(),
+            vsockets_opened: inner.totals.vsockets_opened.load(Ordering::Relaxed),
+            channels_refused: inner.totals.channels_refused.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Abort one channel to `peer` (its TCP connection is shut down), as a fault would.
+    /// Returns whether such a channel existed.
+    pub fn kill_channel(&self, peer: SocketAddr, class: Class, index: u16) -> bool {
+        let inner = &self.guard.inner;
+        let p = inner.peers.lock().unwrap().get(&peer).cloned();
+        let Some(p) = p else { return false };
+        let ch = p.channels.read().unwrap().iter().find(|c| c.class == class && c.index == index).cloned();
+        match ch {
+            Some(c) => {
+                inner.workers[c.worker].command(Command::Close(c.token));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stop the host: every vsocket fails with an error, channels close, threads are joined.
+    pub fn shutdown(&self) {
+        self.guard.inner.shutdown();
+    }
+}
+
+impl HostInner {
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    fn shutdown(&self) {
+        if self.closing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _ = self.acceptor_waker.wake();
+        for w in &self.workers {
+            w.command(Command::Stop);
+        }
+        let me = std::thread::current().id();
+        for t in self.threads.lock().unwrap().drain(..) {
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
+        }
+        let vsocks: Vec<_> = self.vsocks.write().unwrap().drain().map(|(_, v)| v).collect();
+        for v in vsocks {
+            v.fail(io::ErrorKind::ConnectionAborted, "the NetChannel host shut down".into());
+        }
+        for (_, l) in self.listeners.lock().unwrap().drain() {
+            l.close();
+        }
+        for (_, p) in self.peers.lock().unwrap().drain() {
+            p.channels.write().unwrap().clear();
+            p.set_state(PeerState::Dead("the NetChannel host shut down".into()));
+            p.take_parked();
+        }
+    }
+
+    /// A fresh vsocket id (never 0).
+    pub(crate) fn alloc_id(&self) -> u32 {
+        loop {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            if id != 0 && !self.vsocks.read().unwrap().contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// An unused ephemeral vsocket port.
+    pub(crate) fn alloc_port(&self) -> io::Result<u16> {
+        let listeners = self.listeners.lock().unwrap();
+        let mut p = self.ports.lock().unwrap();
+        for _ in 0..=(u16::MAX - EPHEMERAL_FIRST) {
+            let port = p.0;
+            p.0 = if port == u16::MAX { EPHEMERAL_FIRST } else { port + 1 };
+            if !p.1.contains(&port) && !listeners.contains_key(&port) {
+                p.1.insert(port);
+                return Ok(port);
+            }
+        }
+        Err(io::Error::new(io::ErrorKind::AddrInUse, "every ephemeral vsocket port is in use"))
+    }
+
+    pub(crate) fn free_port(&self, port: u16) {
+        self.ports.lock().unwrap().1.remove(&port);
+    }
+
+    pub(crate) fn remove_vsock(&self, id: u32) {
+        self.vsocks.write().unwrap().remove(&id);
+    }
+
+    fn vsock(&self, id: u32) -> Option<Arc<VSock>> {
+        self.vsocks.read().unwrap().get(&id).cloned()
+    }
+
+    /// The peer at `ip`, dialing its channel mesh if there is none yet.
+    pub(crate) fn peer_for(self: &Arc<Self>, ip: IpAddr, deadline: Instant) -> io::Result<Arc<Peer>> {
+        let key = SocketAddr::new(ip, self.cfg.peer_port());
+        let (peer, dial) = {
+            let mut peers = self.peers.lock().unwrap();
+            match peers.get(&key) {
+                Some(p) if !p.is_dead() => (p.clone(), false),
+                _ => {
+                    let p = Peer::new(key, &self.cfg, PeerState::Dialing);
+                    peers.insert(key, p.clone());
+                    (p, true)
+                }
+            }
+        };
+        if dial {
+            match self.dial_mesh(&peer, deadline) {
+                Ok(()) => peer.set_state(PeerState::Up),
+                Err(e) => {
+                    let msg = format!("no NetChannel host answers at {key}: {e}");
+                    peer.set_state(PeerState::Dead(msg.clone()));
+                    self.forget_peer(&peer);
+                    return Err(io::Error::new(e.kind(), msg));
+                }
+            }
+        }
+        let mut st = peer.state.lock().unwrap();
+        loop {
+            match &*st {
+                PeerState::Up => return Ok(peer.clone()),
+                PeerState::Dead(m) => return Err(io::Error::new(io::ErrorKind::ConnectionRefused, m.clone())),
+                PeerState::Dialing => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("timed out waiting for the channels to {key}"),
+                        ));
+                    }
+                    st = peer.state_cv.wait_timeout(st, left).unwrap().0;
+                }
+            }
+        }
+    }
+
+    fn forget_peer(&self, peer: &Arc<Peer>) {
+        let mut peers = self.peers.lock().unwrap();
+        if peers.get(&peer.key).is_some_and(|p| Arc::ptr_eq(p, peer)) {
+            peers.remove(&peer.key);
+        }
+    }
+
+    fn dial_mesh(self: &Arc<Self>, peer: &Arc<Peer>, deadline: Instant) -> io::Result<()> {
+        let plan = (0..self.cfg.throughput_channels)
+            .map(|i| (Class::Throughput, i as u16))
+            .chain((0..self.cfg.latency_channels).map(|i| (Class::Latency, i as u16)));
+        for (class, index) in plan {
+            let (s, peer_id) = peer::dial_channel(peer.key, self.local, self.host_id, class, index, deadline)?;
+            if peer_id == self.host_id {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "that address is this host itself"));
+            }
+            peer.host_id.store(peer_id, Ordering::Relaxed);
+            self.add_channel(peer, s, class, index)?;
+        }
+        Ok(())
+    }
+
+    fn add_channel(self: &Arc<Self>, peer: &Arc<Peer>, s: TcpStream, class: Class, index: u16) -> io::Result<()> {
+        if let Ok(a) = s.local_addr() {
+            *peer.local_ip.lock().unwrap() = Some(a.ip());
+        }
+        s.set_nonblocking(true)?;
+        let ch = Channel::new(self, peer, class, index);
+        peer.channels.write().unwrap().push(ch.clone());
+        self.workers[ch.worker].command(Command::Add(ch, mio::net::TcpStream::from_std(s)));
+        Ok(())
+    }
+
+    /// Accept side of the channel handshake (runs on its own short-lived thread).
+    fn handshake(self: &Arc<Self>, mut s: TcpStream, from: SocketAddr) {
+        let refuse = |s: &mut TcpStream, reason: Reason, msg: String| {
+            self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
+            eprintln!("netchannel: refused channel from {from}: {msg}");
+            let mut buf = Vec::new();
+            Frame::Reset { vsock: 0, reason, message: &msg }.encode(&mut buf);
+            let _ = s.write_all(&buf);
+        };
+        let _ = s.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+        let _ = s.set_nodelay(true);
+        let mut buf = vec![0u8; HEADER_LEN + wire::Hello::LEN];
+        if let Err(e) = s.read_exact(&mut buf[..HEADER_LEN]) {
+            self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
+            eprintln!("netchannel: channel from {from} sent no HELLO: {e}");
+            return;
+        }
+        let hello = match wire::Header::decode(&buf[..HEADER_LEN]) {
+            Ok(h) if h.kind == wire::Kind::Hello => {
+                if s.read_exact(&mut buf[HEADER_LEN..]).is_err() {
+                    return refuse(&mut s, Reason::Protocol, "truncated HELLO".into());
+                }
+                match wire::decode(&buf) {
+                    Ok((Frame::Hello(h), _)) => h,
+                    Ok(_) => unreachable!("header said HELLO"),
+                    Err(e) => return refuse(&mut s, Reason::Protocol, format!("bad HELLO: {e}")),
+                }
+            }
+            Ok(h) => return refuse(&mut s, Reason::Protocol, format!("expected HELLO, got {}", h.kind)),
+            Err(e) => return refuse(&mut s, Reason::Protocol, format!("expected HELLO: {e}")),
+        };
+        if hello.version != wire::VERSION {
+            return refuse(
+                &mut s,
+                Reason::Version,
+                format!("protocol version {} is not supported (this host speaks {})", hello.version, wire::VERSION),
+            );
+        }
+        if hello.host_id == self.host_id {
+            return refuse(&mut s, Reason::Protocol, "a host cannot open channels to itself".into());
+        }
+        let mut ok = Vec::new();
+        Frame::HelloOk(HelloOk { version: wire::VERSION, host_id: self.host_id, proof: [0; 32] }).encode(&mut ok);
+        if s.write_all(&ok).is_err() || s.set_read_timeout(None).is_err() {
+            return;
+        }
+        let key = SocketAddr::new(from.ip(), hello.listen.port());
+        let peer = {
+            let mut peers = self.peers.lock().unwrap();
+            let existing = peers.get(&key).cloned();
+            match existing {
+                Some(p) if !p.is_dead() => {
+                    let known = p.host_id.load(Ordering::Relaxed);
+                    if known != 0 && known != hello.host_id {
+                        // The peer restarted: its old vsockets are gone with it.
+                        drop(peers);
+                        self.retire_peer(&p, "the peer host restarted");
+                        let fresh = Peer::new(key, &self.cfg, PeerState::Up);
+                        self.peers.lock().unwrap().insert(key, fresh.clone());
+                        fresh
+                    } else {
+                        p
+                    }
+                }
+                _ => {
+                    let p = Peer::new(key, &self.cfg, PeerState::Up);
+                    peers.insert(key, p.clone());
+                    p
+                }
+            }
+        };
+        peer.host_id.store(hello.host_id, Ordering::Relaxed);
+        if let Err(e) = self.add_channel(&peer, s, hello.class, hello.index) {
+            eprintln!("netchannel: cannot add channel from {from}: {e}");
+        }
+    }
+
+    /// Fail every vsocket of `peer` and close its channels.
+    fn retire_peer(&self, peer: &Arc<Peer>, why: &str) {
+        peer.set_state(PeerState::Dead(why.to_string()));
+        self.forget_peer(peer);
+        let chans: Vec<_> = peer.channels.write().unwrap().drain(..).collect();
+        for c in chans {
+            self.workers[c.worker].command(Command::Close(c.token));
+        }
+        peer.take_parked();
+        let doomed: Vec<_> =
+            self.vsocks.read().unwrap().values().filter(|v| Arc::ptr_eq(&v.peer, peer)).cloned().collect();
+        for v in doomed {
+            v.fail(io::ErrorKind::ConnectionReset, format!("connection to {} lost: {why}", peer.key));
+            self.remove_vsock(v.id);
+        }
+    }
+
+    /// A channel to `peer` died.
+    pub(crate) fn on_channel_down(&self, peer: &Arc<Peer>, ch: &Arc<Channel>, reason: &str) {
+        let left = peer.remove_channel(ch);
+        if self.is_closing() {
+            return;
+        }
+        if left == 0 {
+            if !peer.is_dead() {
+                eprintln!("netchannel: every channel to {} is down ({reason})", peer.key);
+            }
+            self.retire_peer(peer, reason);
+            return;
+        }
+        // Segments and control frames queued on the dead channel are lost: send every
+        // unacknowledged byte again on the others, and re-announce credit.
+        let mine: Vec<_> =
+            self.vsocks.read().unwrap().values().filter(|v| Arc::ptr_eq(&v.peer, peer)).cloned().collect();
+        for v in mine {
+            v.recover();
+        }
+    }
+
+    /// Handle one frame read from `ch`.
+    pub(crate) fn dispatch(self: &Arc<Self>, ch: &Arc<Channel>, frame: Frame<'_>) -> Result<(), ProtoError> {
+        let peer = ch.peer.upgrade().ok_or_else(|| ProtoError("channel without a peer".into()))?;
+        match frame {
+            Frame::Data { vsock, offset, payload, ack_request } => match self.vsock(vsock) {
+                Some(v) if Arc::ptr_eq(&v.peer, &peer) => v.on_data(offset, payload, ack_request),
+                _ => {
+                    self.totals.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+            },
+            Frame::Credit { vsock, received, limit } => match self.vsock(vsock) {
+                Some(v) if Arc::ptr_eq(&v.peer, &peer) => v.on_credit(received, limit),
+                _ => Ok(()),
+            },
+            Frame::Open { src_vsock, src_port, dst_port, class, credit } => {
+                self.on_open(&peer, src_vsock, src_port, dst_port, class, credit);
+                Ok(())
+            }
+            Frame::OpenOk { vsock, src_vsock, credit } => {
+                if let Some(v) = self.vsock(vsock).filter(|v| Arc::ptr_eq(&v.peer, &peer)) {
+                    v.on_open_ok(src_vsock, credit);
+                }
+                Ok(())
+            }
+            Frame::Refused { vsock, reason } => {
+                if let Some(v) = self.vsock(vsock).filter(|v| Arc::ptr_eq(&v.peer, &peer)) {
+                    v.on_refused(reason);
+                    self.remove_vsock(vsock);
+                }
+                Ok(())
+            }
+            Frame::Fin { vsock, offset } => match self.vsock(vsock) {
+                Some(v) if Arc::ptr_eq(&v.peer, &peer) => v.on_fin(offset),
+                _ => Ok(()),
+            },
+            Frame::Reset { vsock: 0, reason, message } => {
+                Err(ProtoError(format!("peer reset the channel ({reason}): {message}")))
+            }
+            Frame::Reset { vsock, reason, message } => {
+                if let Some(v) = self.vsock(vsock).filter(|v| Arc::ptr_eq(&v.peer, &peer)) {
+                    v.on_reset(reason, message);
+                    self.remove_vsock(vsock);
+                }
+                Ok(())
+            }
+            Frame::Ping { nonce } => {
+                ch.push_frame(&Frame::Pong { nonce });
+                Ok(())
+            }
+            Frame::Pong { .. } => Ok(()),
+            Frame::Hello(_) | Frame::HelloOk(_) => Err(ProtoError("handshake frame on an open channel".into())),
+        }
+    }
+
+    fn on_open(self: &Arc<Self>, peer: &Arc<Peer>, src: u32, src_port: u16, dst_port: u16, class: Class, credit: u64) {
+        let listener = self.listeners.lock().unwrap().get(&dst_port).cloned();
+        let refuse = |reason| {
+            peer.send_control(class, &Frame::Refused { vsock: src, reason });
+        };
+        let Some(l) = listener else { return refuse(Reason::NoListener) };
+        if l.is_full() {
+            return refuse(Reason::BacklogFull);
+        }
+        let id = self.alloc_id();
+        let local_ip = peer.local_ip.lock().unwrap().unwrap_or(self.local.ip());
+        let vs = VSock::new(
+            self,
+            id,
+            peer.clone(),
+            class,
+            SocketAddr::new(local_ip, dst_port),
+            SocketAddr::new(peer.key.ip(), src_port),
+            credit,
+        );
+        vs.set_remote_id(src);
+        self.vsocks.write().unwrap().insert(id, vs.clone());
+        self.totals.vsockets_opened.fetch_add(1, Ordering::Relaxed);
+        peer.send_control(class, &Frame::OpenOk { vsock: src, src_vsock: id, credit: self.cfg.recv_buffer as u64 });
+        if !l.push(vs.clone()) {
+            vs.close();
+        }
+    }
+}
+
+fn run_acceptor(host: Arc<HostInner>, mut poll: Poll, listener: TcpListener) {
+    let mut events = Events::with_capacity(16);
+    loop {
+        if host.is_closing() {
+            return;
+        }
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            eprintln!("netchannel: channel acceptor stopped: {e}");
+            return;
+        }
+        if host.is_closing() {
+            return;
+        }
+        loop {
+            match listener.accept() {
+                Ok((s, from)) => {
+                    let h = host.clone();
+                    let std_s: TcpStream = match mio_to_std(s) {
+                        Ok(s) => s,
+                        Err(_) => continue,
+                    };
+                    let _ = std::thread::Builder::new()
+                        .name("nc-handshake".into())
+                        .spawn(move || h.handshake(std_s, from));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    eprintln!("netchannel: accepting a channel failed: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn mio_to_std(s: mio::net::TcpStream) -> io::Result<TcpStream> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let fd = s.into_raw_fd();
+    // SAFETY: fd was just released by the mio stream, which owned it.
+    let s = unsafe { TcpStream::from_raw_fd(fd) };
+    s.set_nonblocking(false)?;
+    Ok(s)
+}
+

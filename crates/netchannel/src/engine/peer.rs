@@ -1,0 +1,226 @@
+//! NetDriver, per peer host: the channel mesh to one peer, channel choice for segments and
+//! control frames, and the vsockets parked until a channel has room.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Instant;
+
+use crate::config::Config;
+use crate::engine::channel::Channel;
+use crate::proto::sched::{self, Load};
+use crate::vsock::VSock;
+use crate::wire::{self, Class, Frame, Hello, HEADER_LEN};
+
+/// Where a peer's mesh stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PeerState {
+    /// Channels are being dialed.
+    Dialing,
+    /// At least one channel is up.
+    Up,
+    /// Every channel is down; the message says why.
+    Dead(String),
+}
+
+/// One peer host as the NetDriver sees it.
+pub(crate) struct Peer {
+    /// The peer's channel address (its IP and the port it accepts channels on).
+    pub key: SocketAddr,
+    /// Our IP on the channels to this peer.
+    pub local_ip: Mutex<Option<IpAddr>>,
+    /// The peer's host id (changes when it restarts); 0 until known.
+    pub host_id: AtomicU64,
+    /// Live channels.
+    pub channels: RwLock<Vec<Arc<Channel>>>,
+    cursors: [AtomicUsize; 2],
+    control_rr: AtomicUsize,
+    blocked: Mutex<Vec<Arc<VSock>>>,
+    pub state: Mutex<PeerState>,
+    pub state_cv: Condvar,
+    cap: usize,
+    policy: crate::Policy,
+}
+
+impl Peer {
+    pub(crate) fn new(key: SocketAddr, cfg: &Config, state: PeerState) -> Arc<Peer> {
+        Arc::new(Peer {
+            key,
+            local_ip: Mutex::new(None),
+            host_id: AtomicU64::new(0),
+            channels: RwLock::new(Vec::new()),
+            cursors: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            control_rr: AtomicUsize::new(0),
+            blocked: Mutex::new(Vec::new()),
+            state: Mutex::new(state),
+            state_cv: Condvar::new(),
+            cap: cfg.channel_queue,
+            policy: cfg.policy,
+        })
+    }
+
+    pub(crate) fn set_state(&self, s: PeerState) {
+        *self.state.lock().unwrap() = s;
+        self.state_cv.notify_all();
+    }
+
+    pub(crate) fn is_dead(&self) -> bool {
+        matches!(*self.state.lock().unwrap(), PeerState::Dead(_))
+    }
+
+    /// Channels of `class`, or of the other class if it has none.
+    fn class_channels(&self, class: Class) -> Vec<Arc<Channel>> {
+        let all = self.channels.read().unwrap();
+        let of = |c: Class| -> Vec<Arc<Channel>> { all.iter().filter(|ch| ch.class == c).cloned().collect() };
+        let mine = of(class);
+        if !mine.is_empty() {
+            return mine;
+        }
+        all.iter().cloned().collect()
+    }
+
+    /// The channel for the next segment of `vs`, or `None` if every channel is full.
+    pub(crate) fn pick_segment_channel(&self, class: Class, vsock: u32) -> Option<Arc<Channel>> {
+        let chans = self.class_channels(class);
+        let loads: Vec<Load> = chans
+            .iter()
+            .map(|c| {
+                if c.up.load(Ordering::Acquire) {
+                    Load::Queued(c.queued.load(Ordering::Relaxed))
+                } else {
+                    Load::Down
+                }
+            })
+            .collect();
+        let cursor = &self.cursors[class as usize];
+        let mut pos = cursor.load(Ordering::Relaxed);
+        let i = sched::pick(self.policy, &mut pos, vsock, &loads, self.cap)?;
+        cursor.store(pos, Ordering::Relaxed);
+        Some(chans[i].clone())
+    }
+
+    /// A channel for a control frame of a vsocket in `class`: control frames go ahead of
+    /// segments in a channel's queue, so any live channel of the class will do; spread them.
+    pub(crate) fn control_channel(&self, class: Class) -> Option<Arc<Channel>> {
+        let chans = self.class_channels(class);
+        let live: Vec<_> = chans.into_iter().filter(|c| c.up.load(Ordering::Acquire)).collect();
+        if live.is_empty() {
+            return None;
+        }
+        let i = self.control_rr.fetch_add(1, Ordering::Relaxed) % live.len();
+        live.into_iter().nth(i)
+    }
+
+    /// Queue a control frame to this peer; false if no channel is up.
+    pub(crate) fn send_control(&self, class: Class, frame: &Frame<'_>) -> bool {
+        match self.control_channel(class) {
+            Some(ch) => {
+                ch.push_frame(frame);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Park a vsocket until some channel drains below its cap.
+    pub(crate) fn park(&self, vs: &Arc<VSock>) {
+        let mut b = self.blocked.lock().unwrap();
+        if !b.iter().any(|x| Arc::ptr_eq(x, vs)) {
+            b.push(vs.clone());
+        }
+    }
+
+    /// A channel drained: let every parked vsocket schedule again.
+    pub(crate) fn unblock(&self) {
+        let parked = std::mem::take(&mut *self.blocked.lock().unwrap());
+        for vs in parked {
+            vs.pump();
+        }
+    }
+
+    pub(crate) fn remove_channel(&self, ch: &Arc<Channel>) -> usize {
+        let mut chans = self.channels.write().unwrap();
+        chans.retain(|c| !Arc::ptr_eq(c, ch));
+        chans.len()
+    }
+
+    pub(crate) fn take_parked(&self) -> Vec<Arc<VSock>> {
+        std::mem::take(&mut *self.blocked.lock().unwrap())
+    }
+}
+
+/// Dial one channel: TCP connect from our IP, HELLO, wait for HELLO_OK.
+/// Returns the stream (blocking mode) and the peer's host id.
+pub(crate) fn dial_channel(
+    key: SocketAddr,
+    local: SocketAddr,
+    host_id: u64,
+    class: Class,
+    index: u16,
+    deadline: Instant,
+) -> io::Result<(TcpStream, u64)> {
+    let remaining = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "timed out"))
+    };
+    let sock = socket2::Socket::new(socket2::Domain::for_address(key), socket2::Type::STREAM, None)?;
+    if !local.ip().is_unspecified() && local.is_ipv4() == key.is_ipv4() {
+        sock.bind(&SocketAddr::new(local.ip(), 0).into())?;
+    }
+    sock.connect_timeout(&key.into(), remaining()?)?;
+    let mut s: TcpStream = sock.into();
+    s.set_nodelay(true)?;
+    let hello = Frame::Hello(Hello {
+        version: wire::VERSION,
+        class,
+        index,
+        host_id,
+        listen: local,
+        nonce: [0; 16],
+    });
+    let mut buf = Vec::new();
+    hello.encode(&mut buf);
+    s.set_write_timeout(Some(remaining()?))?;
+    s.write_all(&buf)?;
+    // Read exactly one frame: the header, then its payload.
+    let mut head = [0u8; HEADER_LEN];
+    s.set_read_timeout(Some(remaining()?))?;
+    read_exact_or(&mut s, &mut head)?;
+    let h = wire::Header::decode(&head).map_err(|e| invalid(format!("bad handshake reply: {e}")))?;
+    let mut frame = head.to_vec();
+    frame.resize(HEADER_LEN + h.len as usize, 0);
+    s.set_read_timeout(Some(remaining()?))?;
+    read_exact_or(&mut s, &mut frame[HEADER_LEN..])?;
+    let (f, _) = wire::decode(&frame).map_err(|e| invalid(format!("bad handshake reply: {e}")))?;
+    match f {
+        Frame::HelloOk(ok) => {
+            s.set_read_timeout(None)?;
+            s.set_write_timeout(None)?;
+            Ok((s, ok.host_id))
+        }
+        Frame::Reset { reason, message, .. } => Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!("refused the channel ({reason}): {message}"),
+        )),
+        other => Err(invalid(format!("answered HELLO with {:?}", other.kind()))),
+    }
+}
+
+fn read_exact_or(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<()> {
+    s.read_exact(buf).map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            io::Error::new(io::ErrorKind::TimedOut, "no handshake answer before the connect timeout")
+        }
+        io::ErrorKind::UnexpectedEof => {
+            io::Error::new(io::ErrorKind::ConnectionAborted, "closed the connection during the handshake")
+        }
+        _ => e,
+    })
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}

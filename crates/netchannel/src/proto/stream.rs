@@ -1,0 +1,474 @@
+//! Per-vsocket byte-stream state: the sender's buffer accounting and the receiver's
+//! reassembly and credit (sans-IO).
+//!
+//! Offsets are absolute 64-bit stream offsets starting at 0. The bytes themselves live in the
+//! vsocket's rings (`crate::ring`); these structures only say which offsets may be written,
+//! sent, freed, read or granted.
+//!
+//! Credit flow control: the receiver grants an absolute `limit`; the sender never sends a
+//! byte at or beyond it. The receiver acknowledges by offset (`received`): the sender keeps
+//! every byte at or above `acked` so that a segment lost with a channel can be sent again.
+
+use super::reasm::Reassembly;
+use super::ProtoError;
+
+/// The sender half of one vsocket.
+#[derive(Debug, Clone)]
+pub struct TxState {
+    /// Send buffer size in bytes.
+    cap: u64,
+    /// The peer has everything below this offset; the buffer below it is free.
+    acked: u64,
+    /// Next offset to hand to a channel.
+    sched: u64,
+    /// The application has written everything below this offset.
+    written: u64,
+    /// Credit limit granted by the peer.
+    limit: u64,
+    /// Offset of the last segment that asked the peer for an acknowledgement.
+    ack_asked: u64,
+    /// Shutdown(Write) requested: FIN at `written` once every byte is scheduled.
+    fin_wanted: bool,
+    /// FIN has been handed to a channel.
+    fin_sent: bool,
+}
+
+/// One segment handed out by [`TxState::next_segment`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Stream offset of the first byte.
+    pub offset: u64,
+    /// Number of bytes.
+    pub len: u32,
+    /// Ask the receiver to acknowledge promptly (the sender's buffer is filling).
+    pub ack_request: bool,
+}
+
+impl TxState {
+    /// A sender with `cap` bytes of buffer and the peer's initial credit `limit`.
+    pub fn new(cap: u64, limit: u64) -> Self {
+        TxState {
+            cap,
+            acked: 0,
+            sched: 0,
+            written: 0,
+            limit,
+            ack_asked: 0,
+            fin_wanted: false,
+            fin_sent: false,
+        }
+    }
+
+    /// Bytes the application may write now.
+    pub fn space(&self) -> u64 {
+        self.cap - (self.written - self.acked)
+    }
+
+    /// Offset the next application byte goes to.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Everything below this offset is acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// Next offset to schedule.
+    pub fn scheduled(&self) -> u64 {
+        self.sched
+    }
+
+    /// Credit limit granted by the peer.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Bytes written but not yet acknowledged.
+    pub fn unacked(&self) -> u64 {
+        self.written - self.acked
+    }
+
+    /// The application wrote `n` more bytes (at most [`TxState::space`]).
+    pub fn commit(&mut self, n: u64) {
+        assert!(n <= self.space(), "commit beyond the send buffer");
+        assert!(n == 0 || !self.fin_wanted, "write after shutdown");
+        self.written += n;
+    }
+
+    /// Cut the next segment of at most `max` bytes, if data and credit allow.
+    pub fn next_segment(&mut self, max: u32) -> Option<Segment> {
+        let end = self.written.min(self.limit);
+        if self.sched >= end {
+            return None;
+        }
+        let len = (end - self.sched).min(max as u64) as u32;
+        let offset = self.sched;
+        self.sched += len as u64;
+        // Ask for an acknowledgement about four times per send buffer.
+        let ack_request = self.sched - self.ack_asked >= (self.cap / 4).max(1);
+        if ack_request {
+            self.ack_asked = self.sched;
+        }
+        Some(Segment { offset, len, ack_request })
+    }
+
+    /// Give a segment back that was cut but could not be queued (the scheduler found no
+    /// channel). Only the most recent segment can be given back.
+    pub fn unsend(&mut self, seg: Segment) {
+        debug_assert_eq!(seg.offset + seg.len as u64, self.sched);
+        self.sched = seg.offset;
+    }
+
+    /// The part of a queued segment still worth sending (bytes below `acked` are no longer
+    /// in the buffer and the peer has them). `None` if nothing is left.
+    pub fn clip(&self, offset: u64, len: u32) -> Option<(u64, u32)> {
+        let end = offset + len as u64;
+        let start = offset.max(self.acked);
+        (start < end).then(|| (start, (end - start) as u32))
+    }
+
+    /// A CREDIT arrived. Returns whether buffer space was freed.
+    pub fn on_credit(&mut self, received: u64, limit: u64) -> Result<bool, ProtoError> {
+        if received > self.sched.max(self.acked) {
+            return Err(ProtoError(format!(
+                "peer acknowledged offset {received} but only {} was sent",
+                self.sched
+            )));
+        }
+        if received > limit {
+            return Err(ProtoError(format!(
+                "credit limit {limit} is below the acknowledged offset {received}"
+            )));
+        }
+        // CREDIT frames may be reordered across channels: keep the maxima.
+        self.limit = self.limit.max(limit);
+        let freed = received > self.acked;
+        self.acked = self.acked.max(received);
+        Ok(freed)
+    }
+
+    /// Re-send everything not acknowledged (a channel that may have carried it died).
+    pub fn rewind(&mut self) {
+        self.sched = self.acked;
+    }
+
+    /// Shutdown(Write): a FIN follows the last written byte.
+    pub fn shutdown(&mut self) {
+        self.fin_wanted = true;
+    }
+
+    /// Whether shutdown was requested.
+    pub fn is_shutdown(&self) -> bool {
+        self.fin_wanted
+    }
+
+    /// If the FIN is due now, its final offset; marks it sent.
+    pub fn take_fin(&mut self) -> Option<u64> {
+        if self.fin_wanted && !self.fin_sent && self.sched == self.written {
+            self.fin_sent = true;
+            Some(self.written)
+        } else {
+            None
+        }
+    }
+
+    /// FIN sent and every byte acknowledged: the sending half is finished.
+    pub fn finished(&self) -> bool {
+        self.fin_sent && self.acked == self.written
+    }
+
+    /// Forget that FIN was sent (it must be sent again after a rewind).
+    pub fn rewind_fin(&mut self) {
+        if self.fin_sent && self.acked < self.written {
+            self.fin_sent = false;
+        }
+    }
+}
+
+/// The receiver half of one vsocket.
+#[derive(Debug, Clone)]
+pub struct RxState {
+    /// Receive buffer size: the credit window.
+    cap: u64,
+    /// The application has read everything below this offset.
+    consumed: u64,
+    /// Which ranges arrived.
+    reasm: Reassembly,
+    /// Credit limit last granted to the peer.
+    granted: u64,
+    /// In-order offset last acknowledged to the peer.
+    acked_sent: u64,
+    /// Acknowledge as soon as the in-order point reaches this offset (peer asked).
+    ack_wanted: Option<u64>,
+    /// Final offset, once the peer's FIN arrived.
+    fin: Option<u64>,
+}
+
+/// A CREDIT to send: `received` in order so far and the new `limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credit {
+    pub received: u64,
+    pub limit: u64,
+}
+
+impl RxState {
+    /// A receiver with a `cap`-byte buffer; the initial credit granted is `cap`.
+    pub fn new(cap: u64) -> Self {
+        RxState {
+            cap,
+            consumed: 0,
+            reasm: Reassembly::new(0),
+            granted: cap,
+            acked_sent: 0,
+            ack_wanted: None,
+            fin: None,
+        }
+    }
+
+    /// Credit limit granted so far.
+    pub fn granted(&self) -> u64 {
+        self.granted
+    }
+
+    /// Everything below this offset has arrived.
+    pub fn in_order(&self) -> u64 {
+        self.reasm.in_order()
+    }
+
+    /// Everything below this offset has been read by the application.
+    pub fn consumed(&self) -> u64 {
+        self.consumed
+    }
+
+    /// Bytes the application can read now.
+    pub fn readable(&self) -> u64 {
+        self.reasm.in_order() - self.consumed
+    }
+
+    /// The peer's FIN arrived and the application read everything before it.
+    pub fn eof(&self) -> bool {
+        self.fin == Some(self.consumed)
+    }
+
+    /// The peer's FIN arrived.
+    pub fn fin(&self) -> Option<u64> {
+        self.fin
+    }
+
+    /// Out-of-order ranges held.
+    pub fn pending_ranges(&self) -> usize {
+        self.reasm.pending_ranges()
+    }
+
+    /// A DATA segment arrived. Checks it against the credit granted and the FIN, then calls
+    /// `new_part(start, end)` for each range not received before (the caller copies those bytes).
+    pub fn on_data(
+        &mut self,
+        offset: u64,
+        len: u64,
+        ack_request: bool,
+        new_part: impl FnMut(u64, u64),
+    ) -> Result<(), ProtoError> {
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| ProtoError(format!("DATA at {offset} of {len} bytes overflows")))?;
+        if end > self.granted {
+            return Err(ProtoError(format!(
+                "DATA up to offset {end} exceeds the credit limit {} granted",
+                self.granted
+            )));
+        }
+        if let Some(fin) = self.fin {
+            if end > fin {
+                return Err(ProtoError(format!("DATA up to offset {end} is beyond FIN at {fin}")));
+            }
+        }
+        self.reasm.insert(offset, len, new_part)?;
+        if ack_request {
+            self.ack_wanted = Some(self.ack_wanted.map_or(end, |w| w.min(end)));
+        }
+        Ok(())
+    }
+
+    /// The peer's FIN arrived with its final offset.
+    pub fn on_fin(&mut self, offset: u64) -> Result<(), ProtoError> {
+        if offset < self.reasm.max_end() || offset > self.granted {
+            return Err(ProtoError(format!(
+                "FIN at offset {offset} contradicts data up to {} (credit {})",
+                self.reasm.max_end(),
+                self.granted
+            )));
+        }
+        match self.fin {
+            Some(f) if f != offset => {
+                Err(ProtoError(format!("second FIN at {offset} differs from the first at {f}")))
+            }
+            _ => {
+                self.fin = Some(offset);
+                // Acknowledge the end of the stream as soon as it is all here.
+                self.ack_wanted = Some(offset);
+                Ok(())
+            }
+        }
+    }
+
+    /// The application read `n` bytes (at most [`RxState::readable`]).
+    pub fn consume(&mut self, n: u64) {
+        assert!(n <= self.readable(), "consume beyond the readable bytes");
+        self.consumed += n;
+    }
+
+    /// A CREDIT is due if the window moved by a quarter of the buffer, the in-order point
+    /// moved by a quarter of the buffer since the last acknowledgement, or the peer asked
+    /// for an acknowledgement that the in-order point now covers. Marks it sent.
+    pub fn credit_due(&mut self) -> Option<Credit> {
+        let quarter = (self.cap / 4).max(1);
+        let limit = self.consumed + self.cap;
+        let in_order = self.reasm.in_order();
+        let asked = self.ack_wanted.is_some_and(|w| in_order >= w && in_order > self.acked_sent)
+            || self.ack_wanted.is_some_and(|w| self.fin == Some(w) && in_order >= w);
+        if limit - self.granted >= quarter || in_order - self.acked_sent >= quarter || asked {
+            if self.ack_wanted.is_some_and(|w| in_order >= w) {
+                self.ack_wanted = None;
+            }
+            self.granted = self.granted.max(limit);
+            self.acked_sent = in_order;
+            Some(Credit { received: in_order, limit: self.granted })
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drive a sender and a receiver against each other with no channels in between and
+    /// check that credit is never exceeded and the stream completes.
+    #[test]
+    fn credit_is_never_exceeded() {
+        let cap_rx = 1000u64;
+        let mut tx = TxState::new(300, cap_rx);
+        let mut rx = RxState::new(cap_rx);
+        let total = 10_000u64;
+        let mut produced = 0u64;
+        let mut delivered = 0u64;
+        for step in 0..100_000 {
+            let w = tx.space().min(total - produced).min(77);
+            tx.commit(w);
+            produced += w;
+            if produced == total && !tx.is_shutdown() {
+                tx.shutdown();
+            }
+            while let Some(seg) = tx.next_segment(64) {
+                assert!(seg.offset + seg.len as u64 <= tx.limit());
+                rx.on_data(seg.offset, seg.len as u64, seg.ack_request, |s, e| delivered += e - s)
+                    .unwrap();
+            }
+            if let Some(f) = tx.take_fin() {
+                rx.on_fin(f).unwrap();
+            }
+            // The application reads slowly.
+            if step % 3 == 0 {
+                let n = rx.readable().min(50);
+                rx.consume(n);
+            }
+            if let Some(c) = rx.credit_due() {
+                tx.on_credit(c.received, c.limit).unwrap();
+            }
+            if rx.eof() && tx.finished() {
+                assert_eq!(delivered, total);
+                return;
+            }
+        }
+        panic!("stream did not finish: tx {tx:?} rx {rx:?}");
+    }
+
+    #[test]
+    fn small_send_buffer_still_gets_acks() {
+        // Sender buffer much smaller than a quarter of the receive window: the sender's
+        // ack requests must keep it going even though the window never moves a quarter.
+        let mut tx = TxState::new(100, 1 << 20);
+        let mut rx = RxState::new(1 << 20);
+        let mut sent = 0;
+        for _ in 0..1000 {
+            let w = tx.space();
+            tx.commit(w);
+            while let Some(seg) = tx.next_segment(10) {
+                rx.on_data(seg.offset, seg.len as u64, seg.ack_request, |_, _| {}).unwrap();
+            }
+            let n = rx.readable();
+            rx.consume(n);
+            if let Some(c) = rx.credit_due() {
+                tx.on_credit(c.received, c.limit).unwrap();
+            }
+            sent = tx.written();
+        }
+        assert!(sent > 10_000, "sender stalled at {sent}");
+    }
+
+    #[test]
+    fn overrun_and_bad_acks_are_errors() {
+        let mut rx = RxState::new(100);
+        assert!(rx.on_data(90, 20, false, |_, _| {}).is_err());
+        rx.on_data(0, 10, false, |_, _| {}).unwrap();
+        assert!(rx.on_fin(5).is_err(), "FIN below received data");
+        rx.on_fin(10).unwrap();
+        assert!(rx.on_data(10, 1, false, |_, _| {}).is_err(), "data beyond FIN");
+        assert!(rx.on_fin(11).is_err(), "second FIN differs");
+
+        let mut tx = TxState::new(100, 100);
+        tx.commit(50);
+        tx.next_segment(20).unwrap();
+        assert!(tx.on_credit(30, 200).is_err(), "ack beyond what was sent");
+        assert!(tx.on_credit(10, 5).is_err(), "limit below ack");
+        assert!(tx.on_credit(20, 200).unwrap());
+        // Reordered older CREDIT does not move anything back.
+        assert!(!tx.on_credit(10, 150).unwrap());
+        assert_eq!(tx.acked(), 20);
+        assert_eq!(tx.limit(), 200);
+    }
+
+    #[test]
+    fn rewind_resends_unacked_and_clip_trims() {
+        let mut tx = TxState::new(1000, 1000);
+        tx.commit(300);
+        let a = tx.next_segment(100).unwrap();
+        let _b = tx.next_segment(100).unwrap();
+        tx.on_credit(150, 1000).unwrap();
+        assert_eq!(tx.clip(a.offset, a.len), None);
+        assert_eq!(tx.clip(100, 100), Some((150, 50)));
+        tx.rewind();
+        let c = tx.next_segment(1000).unwrap();
+        assert_eq!((c.offset, c.len), (150, 150));
+    }
+
+    #[test]
+    fn fin_waits_for_all_data() {
+        let mut tx = TxState::new(1000, 1000);
+        tx.commit(10);
+        tx.shutdown();
+        assert_eq!(tx.take_fin(), None);
+        tx.next_segment(100).unwrap();
+        assert_eq!(tx.take_fin(), Some(10));
+        assert_eq!(tx.take_fin(), None);
+        assert!(!tx.finished());
+        tx.on_credit(10, 1000).unwrap();
+        assert!(tx.finished());
+    }
+
+    #[test]
+    fn fin_is_acknowledged_when_complete() {
+        let mut rx = RxState::new(1 << 20);
+        rx.on_data(50, 50, false, |_, _| {}).unwrap();
+        rx.on_fin(100).unwrap();
+        assert_eq!(rx.credit_due(), None, "stream not complete yet");
+        rx.on_data(0, 50, false, |_, _| {}).unwrap();
+        assert_eq!(rx.credit_due(), Some(Credit { received: 100, limit: 1 << 20 }));
+        assert_eq!(rx.credit_due(), None);
+        rx.consume(100);
+        assert!(rx.eof());
+    }
+}

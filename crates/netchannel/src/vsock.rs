@@ -1,0 +1,841 @@
+//! Virtual socket layer: vsockets and the `VStream`/`VListener` API.
+//!
+//! A vsocket is one byte stream in each direction between two hosts. Its bytes live in two
+//! rings (send and receive); its progress in the sans-IO [`TxState`]/[`RxState`]. The
+//! application thread copies into and out of the rings (with the copy workers for large
+//! calls); channel workers copy segments out of the send ring and arriving segments into the
+//! receive ring. Who may touch which ring bytes when:
+//!
+//! * send ring: the writing app thread owns `[written, acked + cap)` while it holds no lock;
+//!   channel workers read `[acked, written)` only while holding the `tx` lock, and `acked`
+//!   only moves under that lock.
+//! * receive ring: channel workers write new, never-received ranges in `[in_order, granted)`
+//!   only while holding the `rx` lock; the reading app thread reads `[consumed, in_order)`
+//!   as it saw them under the lock, and `consumed` only moves under the lock after the copy.
+
+use std::collections::VecDeque;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use crate::copy::CopyTask;
+use crate::engine::channel::OutFrame;
+use crate::engine::peer::Peer;
+use crate::engine::{Host, HostInner};
+use crate::proto::stream::{RxState, TxState};
+use crate::proto::ProtoError;
+use crate::ring::Ring;
+use crate::wire::{self, Class, Frame, Reason, HEADER_LEN};
+
+/// Largest piece of one write copied into the send ring before segments start to flow.
+const WRITE_PIECE: usize = 1 << 20;
+
+type Failure = Option<(ErrorKind, String)>;
+
+struct TxSide {
+    st: TxState,
+    opened: bool,
+    error: Failure,
+    closed: bool,
+    waiting: bool,
+}
+
+struct RxSide {
+    st: RxState,
+    error: Failure,
+    closed: bool,
+    shut_read: bool,
+    waiting: bool,
+}
+
+/// One vsocket's engine-side state.
+pub(crate) struct VSock {
+    pub id: u32,
+    pub peer: Arc<Peer>,
+    pub class: Class,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    owns_port: bool,
+    remote_id: AtomicU32,
+    host: Weak<HostInner>,
+    seg_size: u32,
+    tx: Mutex<TxSide>,
+    tx_cv: Condvar,
+    rx: Mutex<RxSide>,
+    rx_cv: Condvar,
+    tx_ring: Ring,
+    rx_ring: Ring,
+    write_lock: Mutex<()>,
+    read_lock: Mutex<()>,
+    nonblocking: AtomicBool,
+    timeouts: Mutex<(Option<Duration>, Option<Duration>)>,
+    retired: AtomicBool,
+}
+
+fn err(kind: ErrorKind, msg: impl Into<String>) -> io::Error {
+    io::Error::new(kind, msg.into())
+}
+
+impl VSock {
+    pub(crate) fn new(
+        host: &Arc<HostInner>,
+        id: u32,
+        peer: Arc<Peer>,
+        class: Class,
+        local: SocketAddr,
+        remote: SocketAddr,
+        peer_credit: u64,
+    ) -> Arc<VSock> {
+        let cfg = &host.cfg;
+        Arc::new(VSock {
+            id,
+            peer,
+            class,
+            local,
+            remote,
+            owns_port: false,
+            remote_id: AtomicU32::new(0),
+            host: Arc::downgrade(host),
+            seg_size: cfg.segment_size as u32,
+            tx: Mutex::new(TxSide {
+                st: TxState::new(cfg.send_buffer as u64, peer_credit),
+                opened: peer_credit > 0,
+                error: None,
+                closed: false,
+                waiting: false,
+            }),
+            tx_cv: Condvar::new(),
+            rx: Mutex::new(RxSide {
+                st: RxState::new(cfg.recv_buffer as u64),
+                error: None,
+                closed: false,
+                shut_read: false,
+                waiting: false,
+            }),
+            rx_cv: Condvar::new(),
+            tx_ring: Ring::new(cfg.send_buffer),
+            rx_ring: Ring::new(cfg.recv_buffer),
+            write_lock: Mutex::new(()),
+            read_lock: Mutex::new(()),
+            nonblocking: AtomicBool::new(false),
+            timeouts: Mutex::new((None, None)),
+            retired: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn set_remote_id(&self, id: u32) {
+        self.remote_id.store(id, Ordering::Release);
+    }
+
+    fn remote_id(&self) -> u32 {
+        self.remote_id.load(Ordering::Acquire)
+    }
+
+    fn host(&self) -> Option<Arc<HostInner>> {
+        self.host.upgrade()
+    }
+
+    fn send_control(&self, f: &Frame<'_>) {
+        self.peer.send_control(self.class, f);
+    }
+
+    /// Append the DATA frame for the queued segment `[offset, offset + len)` to `buf`: only
+    /// the part not yet acknowledged. Returns the bytes appended (0: nothing left to send).
+    pub(crate) fn copy_segment(&self, offset: u64, len: u32, ack_request: bool, buf: &mut Vec<u8>) -> usize {
+        let tx = self.tx.lock().unwrap();
+        if tx.error.is_some() {
+            return 0;
+        }
+        let Some((o, l)) = tx.st.clip(offset, len) else { return 0 };
+        let mut head = [0u8; HEADER_LEN];
+        wire::encode_data_header(&mut head, self.remote_id(), o, l, ack_request);
+        buf.extend_from_slice(&head);
+        // SAFETY: [o, o + l) lies in [acked, written); the writer never touches it and acked
+        // cannot move while we hold the tx lock (module docs).
+        unsafe { self.tx_ring.extend_vec(o, l as usize, buf) };
+        HEADER_LEN + l as usize
+    }
+
+    /// Hand every segment that data and credit allow to channels; send FIN when due.
+    pub(crate) fn pump(self: &Arc<Self>) {
+        let mut tx = self.tx.lock().unwrap();
+        if tx.error.is_some() || !tx.opened {
+            return;
+        }
+        let mut parked = false;
+        while let Some(seg) = tx.st.next_segment(self.seg_size) {
+            let ch = match self.peer.pick_segment_channel(self.class, self.id) {
+                Some(ch) => ch,
+                None if !parked => {
+                    // Park, then look once more so a channel that drained meanwhile is not missed.
+                    self.peer.park(self);
+                    parked = true;
+                    match self.peer.pick_segment_channel(self.class, self.id) {
+                        Some(ch) => ch,
+                        None => {
+                            tx.st.unsend(seg);
+                            break;
+                        }
+                    }
+                }
+                None => {
+                    tx.st.unsend(seg);
+                    break;
+                }
+            };
+            ch.push(OutFrame::Segment { vs: self.clone(), offset: seg.offset, len: seg.len, ack_request: seg.ack_request });
+        }
+        if let Some(offset) = tx.st.take_fin() {
+            drop(tx);
+            self.send_control(&Frame::Fin { vsock: self.remote_id(), offset });
+        }
+    }
+
+    pub(crate) fn on_data(self: &Arc<Self>, offset: u64, payload: &[u8], ack_request: bool) -> Result<(), ProtoError> {
+        let mut rx = self.rx.lock().unwrap();
+        if rx.error.is_some() {
+            return Ok(());
+        }
+        if rx.closed {
+            // The application closed this vsocket; data still arriving is refused as TCP does.
+            drop(rx);
+            self.reset(Reason::Closed, "data arrived after the vsocket was closed");
+            return Ok(());
+        }
+        let before = rx.st.in_order();
+        let ring = &self.rx_ring;
+        let res = rx.st.on_data(offset, payload.len() as u64, ack_request, |s, e| {
+            let from = (s - offset) as usize;
+            let to = (e - offset) as usize;
+            // SAFETY: [s, e) is new and within [in_order, granted): no reader looks at it and
+            // other writers are excluded by the rx lock (module docs).
+            unsafe { ring.write(s, &payload[from..to]) };
+        });
+        if let Err(e) = res {
+            drop(rx);
+            self.protocol_error(e);
+            return Ok(());
+        }
+        if rx.st.in_order() > before && rx.waiting {
+            self.rx_cv.notify_all();
+        }
+        let credit = rx.st.credit_due();
+        drop(rx);
+        if let Some(c) = credit {
+            self.send_control(&Frame::Credit { vsock: self.remote_id(), received: c.received, limit: c.limit });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn on_credit(self: &Arc<Self>, received: u64, limit: u64) -> Result<(), ProtoError> {
+        let mut tx = self.tx.lock().unwrap();
+        match tx.st.on_credit(received, limit) {
+            Err(e) => {
+                drop(tx);
+                self.protocol_error(e);
+                return Ok(());
+            }
+            Ok(freed) => {
+                if freed && tx.waiting {
+                    self.tx_cv.notify_all();
+                }
+            }
+        }
+        drop(tx);
+        self.pump();
+        self.maybe_retire();
+        Ok(())
+    }
+
+    pub(crate) fn on_open_ok(self: &Arc<Self>, remote: u32, credit: u64) {
+        let mut tx = self.tx.lock().unwrap();
+        if tx.opened || tx.error.is_some() {
+            return;
+        }
+        self.set_remote_id(remote);
+        tx.opened = true;
+        let _ = tx.st.on_credit(0, credit);
+        self.tx_cv.notify_all();
+    }
+
+    pub(crate) fn on_refused(&self, reason: Reason) {
+        let msg = match reason {
+            Reason::NoListener => format!("connection refused: no vsocket listener on port {} at {}", self.remote.port(), self.remote.ip()),
+            other => format!("connection refused by {}: {other}", self.remote),
+        };
+        self.fail(ErrorKind::ConnectionRefused, msg);
+    }
+
+    pub(crate) fn on_fin(self: &Arc<Self>, offset: u64) -> Result<(), ProtoError> {
+        let mut rx = self.rx.lock().unwrap();
+        if let Err(e) = rx.st.on_fin(offset) {
+            drop(rx);
+            self.protocol_error(e);
+            return Ok(());
+        }
+        self.rx_cv.notify_all();
+        let credit = rx.st.credit_due();
+        drop(rx);
+        if let Some(c) = credit {
+            self.send_control(&Frame::Credit { vsock: self.remote_id(), received: c.received, limit: c.limit });
+        }
+        self.maybe_retire();
+        Ok(())
+    }
+
+    pub(crate) fn on_reset(&self, reason: Reason, message: &str) {
+        let msg = if message.is_empty() {
+            format!("connection reset by {} ({reason})", self.remote)
+        } else {
+            format!("connection reset by {} ({reason}): {message}", self.remote)
+        };
+        self.fail(ErrorKind::ConnectionReset, msg);
+    }
+
+    /// The peer broke the protocol on this vsocket: reset it, keep the channel.
+    fn protocol_error(self: &Arc<Self>, e: ProtoError) {
+        eprintln!("netchannel: vsocket {} <-> {}: protocol error: {e}", self.local, self.remote);
+        self.reset(Reason::Protocol, &e.0);
+    }
+
+    /// Send RESET to the peer, fail locally and leave the table.
+    fn reset(self: &Arc<Self>, reason: Reason, why: &str) {
+        let rid = self.remote_id();
+        if rid != 0 {
+            self.send_control(&Frame::Reset { vsock: rid, reason, message: why });
+        }
+        self.fail(ErrorKind::ConnectionAborted, format!("vsocket to {} aborted: {why}", self.remote));
+        self.retire();
+    }
+
+    /// Fail both directions with `kind` (first failure wins) and wake every waiter.
+    pub(crate) fn fail(&self, kind: ErrorKind, msg: String) {
+        {
+            let mut tx = self.tx.lock().unwrap();
+            if tx.error.is_none() {
+                tx.error = Some((kind, msg.clone()));
+            }
+        }
+        {
+            let mut rx = self.rx.lock().unwrap();
+            if rx.error.is_none() {
+                rx.error = Some((kind, msg));
+            }
+        }
+        self.tx_cv.notify_all();
+        self.rx_cv.notify_all();
+    }
+
+    /// A channel to the peer died: send every unacknowledged byte again, re-send FIN if it
+    /// may have been lost, and re-announce credit in case a CREDIT was lost.
+    pub(crate) fn recover(self: &Arc<Self>) {
+        {
+            let mut tx = self.tx.lock().unwrap();
+            tx.st.rewind();
+            tx.st.rewind_fin();
+        }
+        self.pump();
+        let rid = self.remote_id();
+        if rid != 0 {
+            let rx = self.rx.lock().unwrap();
+            let f = Frame::Credit { vsock: rid, received: rx.st.in_order(), limit: rx.st.granted() };
+            drop(rx);
+            self.send_control(&f);
+        }
+    }
+
+    /// The application dropped its last handle.
+    pub(crate) fn close(self: &Arc<Self>) {
+        let unread = {
+            let mut rx = self.rx.lock().unwrap();
+            rx.closed = true;
+            rx.st.readable() > 0 && rx.error.is_none()
+        };
+        if unread {
+            // As TCP does: closing with unread data aborts the connection.
+            self.reset(Reason::Closed, "closed by its owner with unread data");
+            return;
+        }
+        {
+            let mut tx = self.tx.lock().unwrap();
+            tx.closed = true;
+            if !tx.st.is_shutdown() {
+                tx.st.shutdown();
+            }
+        }
+        self.pump();
+        self.maybe_retire();
+    }
+
+    /// Leave the table once both halves are finished (or failed) and the app has let go.
+    fn maybe_retire(&self) {
+        let done = {
+            let tx = self.tx.lock().unwrap();
+            let rx = self.rx.lock().unwrap();
+            tx.closed
+                && rx.closed
+                && (tx.error.is_some() || (tx.st.finished() && rx.st.fin().is_some()) || !tx.opened)
+        };
+        if done {
+            self.retire();
+        }
+    }
+
+    fn retire(&self) {
+        if self.retired.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Some(h) = self.host() {
+            h.remove_vsock(self.id);
+            if self.owns_port {
+                h.free_port(self.local.port());
+            }
+        }
+    }
+
+    fn wait<'a, T>(
+        cv: &Condvar,
+        guard: MutexGuard<'a, T>,
+        deadline: Option<Instant>,
+    ) -> io::Result<MutexGuard<'a, T>> {
+        match deadline {
+            None => Ok(cv.wait(guard).unwrap()),
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(err(ErrorKind::WouldBlock, "timed out"));
+                }
+                Ok(cv.wait_timeout(guard, left).unwrap().0)
+            }
+        }
+    }
+
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let _one_reader = self.read_lock.lock().unwrap();
+        let deadline = self.timeouts.lock().unwrap().0.map(|t| Instant::now() + t);
+        let mut rx = self.rx.lock().unwrap();
+        let avail = loop {
+            // A stream that arrived whole stays readable even if the peer vanished afterwards.
+            let complete = rx.st.fin() == Some(rx.st.in_order());
+            if let Some((kind, msg)) = &rx.error {
+                if !complete {
+                    return Err(err(*kind, msg.clone()));
+                }
+            }
+            let n = rx.st.readable();
+            if n > 0 {
+                break n;
+            }
+            if rx.st.eof() || rx.shut_read {
+                return Ok(0);
+            }
+            if self.nonblocking.load(Ordering::Relaxed) {
+                return Err(err(ErrorKind::WouldBlock, "no data available"));
+            }
+            rx.waiting = true;
+            rx = Self::wait(&self.rx_cv, rx, deadline)?;
+            rx.waiting = false;
+        };
+        let n = (avail as usize).min(buf.len());
+        let off = rx.st.consumed();
+        drop(rx);
+        let [a, b] = self.rx_ring.parts(off, n);
+        let (d0, d1) = buf[..n].split_at_mut(a.len);
+        let tasks = [
+            CopyTask { src: a.ptr, dst: d0.as_mut_ptr(), len: a.len },
+            CopyTask { src: b.ptr, dst: d1.as_mut_ptr(), len: b.len },
+        ];
+        if let Some(h) = self.host() {
+            // SAFETY: [off, off + n) is below in_order and at or above consumed: writers never
+            // touch it until consume() below (module docs); `buf` is ours.
+            unsafe { h.copy.run(&tasks) };
+        } else {
+            return Err(err(ErrorKind::ConnectionAborted, "the NetChannel host shut down"));
+        }
+        let mut rx = self.rx.lock().unwrap();
+        rx.st.consume(n as u64);
+        let credit = if rx.error.is_none() { rx.st.credit_due() } else { None };
+        drop(rx);
+        if let Some(c) = credit {
+            self.send_control(&Frame::Credit { vsock: self.remote_id(), received: c.received, limit: c.limit });
+        }
+        Ok(n)
+    }
+
+    fn write(self: &Arc<Self>, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let _one_writer = self.write_lock.lock().unwrap();
+        let deadline = self.timeouts.lock().unwrap().1.map(|t| Instant::now() + t);
+        let host = self.host().ok_or_else(|| err(ErrorKind::ConnectionAborted, "the NetChannel host shut down"))?;
+        let piece_max = WRITE_PIECE.max(host.cfg.copy_threshold);
+        let mut done = 0;
+        while done < buf.len() {
+            let mut tx = self.tx.lock().unwrap();
+            let space = loop {
+                if let Some((kind, msg)) = &tx.error {
+                    if done > 0 {
+                        return Ok(done);
+                    }
+                    return Err(err(*kind, msg.clone()));
+                }
+                if tx.st.is_shutdown() {
+                    return Err(err(ErrorKind::BrokenPipe, "the vsocket was shut down for writing"));
+                }
+                let space = tx.st.space() as usize;
+                if space > 0 {
+                    break space;
+                }
+                if self.nonblocking.load(Ordering::Relaxed) {
+                    if done > 0 {
+                        return Ok(done);
+                    }
+                    return Err(err(ErrorKind::WouldBlock, "send buffer full"));
+                }
+                tx.waiting = true;
+                tx = match Self::wait(&self.tx_cv, tx, deadline) {
+                    Ok(g) => g,
+                    Err(e) if done > 0 => {
+                        let _ = e;
+                        return Ok(done);
+                    }
+                    Err(e) => return Err(e),
+                };
+                tx.waiting = false;
+            };
+            let n = space.min(buf.len() - done).min(piece_max);
+            let off = tx.st.written();
+            drop(tx);
+            let src = &buf[done..done + n];
+            let [a, b] = self.tx_ring.parts(off, n);
+            let tasks = [
+                CopyTask { src: src.as_ptr(), dst: a.ptr, len: a.len },
+                // SAFETY: a.len <= n = src.len().
+                CopyTask { src: unsafe { src.as_ptr().add(a.len) }, dst: b.ptr, len: b.len },
+            ];
+            // SAFETY: [off, off + n) is within [written, acked + cap): owned by this writer
+            // (the write lock is held) until commit() below (module docs).
+            unsafe { host.copy.run(&tasks) };
+            self.tx.lock().unwrap().st.commit(n as u64);
+            self.pump();
+            done += n;
+        }
+        Ok(done)
+    }
+}
+
+/// A vsocket stream between two hosts, used like [`std::net::TcpStream`].
+///
+/// Dropping the last handle closes it: data already written is still delivered, then the
+/// peer reads end-of-stream. Closing with unread received data resets the connection, as
+/// TCP does.
+pub struct VStream {
+    handle: Arc<Handle>,
+}
+
+struct Handle {
+    vs: Arc<VSock>,
+    _host: Host,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.vs.close();
+    }
+}
+
+impl std::fmt::Debug for VStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VStream({} -> {})", self.handle.vs.local, self.handle.vs.remote)
+    }
+}
+
+impl VStream {
+    /// Connect through the process-wide host ([`Host::global`]) to `addr`: the peer host's
+    /// IP and a vsocket port.
+    pub fn connect(addr: impl ToSocketAddrs) -> io::Result<VStream> {
+        let host = Host::global()?;
+        let mut last = err(ErrorKind::InvalidInput, "no address to connect to");
+        for a in addr.to_socket_addrs()? {
+            match host.connect(a) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    pub(crate) fn open(host: Host, addr: SocketAddr, class: Class) -> io::Result<VStream> {
+        let inner = host.inner().clone();
+        let deadline = Instant::now() + inner.cfg.connect_timeout;
+        let peer = inner.peer_for(addr.ip(), deadline)?;
+        let id = inner.alloc_id();
+        let port = inner.alloc_port()?;
+        let local_ip = peer.local_ip.lock().unwrap().unwrap_or(inner.local.ip());
+        let mut vs = VSock::new(&inner, id, peer.clone(), class, SocketAddr::new(local_ip, port), addr, 0);
+        Arc::get_mut(&mut vs).expect("fresh vsocket").owns_port = true;
+        inner.vsocks.write().unwrap().insert(id, vs.clone());
+        let stream = VStream { handle: Arc::new(Handle { vs: vs.clone(), _host: host }) };
+        let open = Frame::Open {
+            src_vsock: id,
+            src_port: port,
+            dst_port: addr.port(),
+            class,
+            credit: inner.cfg.recv_buffer as u64,
+        };
+        if !peer.send_control(class, &open) {
+            vs.fail(ErrorKind::ConnectionReset, format!("no channel to {} is up", peer.key));
+        }
+        let mut tx = vs.tx.lock().unwrap();
+        loop {
+            if let Some((kind, msg)) = &tx.error {
+                return Err(err(*kind, msg.clone()));
+            }
+            if tx.opened {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let msg = format!("connect to {addr} timed out after {:?}", inner.cfg.connect_timeout);
+                drop(tx);
+                vs.fail(ErrorKind::TimedOut, msg.clone());
+                return Err(err(ErrorKind::TimedOut, msg));
+            }
+            tx = vs.tx_cv.wait_timeout(tx, left).unwrap().0;
+        }
+        drop(tx);
+        inner.totals.vsockets_opened.fetch_add(1, Ordering::Relaxed);
+        Ok(stream)
+    }
+
+    fn vs(&self) -> &Arc<VSock> {
+        &self.handle.vs
+    }
+
+    /// The peer's address: its host IP and its vsocket port.
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.vs().remote)
+    }
+
+    /// This end's address: this host's IP and the vsocket port.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.vs().local)
+    }
+
+    /// The vsocket's traffic class.
+    pub fn class(&self) -> Class {
+        self.vs().class
+    }
+
+    /// Shut down reading, writing or both. `Shutdown::Write` is a half close: the peer reads
+    /// everything written so far, then end-of-stream.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        let vs = self.vs();
+        if matches!(how, Shutdown::Write | Shutdown::Both) {
+            {
+                let mut tx = vs.tx.lock().unwrap();
+                if let Some((kind, msg)) = &tx.error {
+                    return Err(err(*kind, msg.clone()));
+                }
+                tx.st.shutdown();
+            }
+            vs.pump();
+        }
+        if matches!(how, Shutdown::Read | Shutdown::Both) {
+            vs.rx.lock().unwrap().shut_read = true;
+            vs.rx_cv.notify_all();
+        }
+        Ok(())
+    }
+
+    /// In non-blocking mode reads and writes that cannot proceed fail with `WouldBlock`.
+    pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        self.vs().nonblocking.store(nonblocking, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Like [`std::net::TcpStream::set_read_timeout`]: a read that waits longer fails with `WouldBlock`.
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        if t == Some(Duration::ZERO) {
+            return Err(err(ErrorKind::InvalidInput, "cannot set a 0 duration timeout"));
+        }
+        self.vs().timeouts.lock().unwrap().0 = t;
+        Ok(())
+    }
+
+    /// Like [`std::net::TcpStream::set_write_timeout`].
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        if t == Some(Duration::ZERO) {
+            return Err(err(ErrorKind::InvalidInput, "cannot set a 0 duration timeout"));
+        }
+        self.vs().timeouts.lock().unwrap().1 = t;
+        Ok(())
+    }
+
+    /// A second handle to the same vsocket (it closes when the last handle is dropped).
+    pub fn try_clone(&self) -> io::Result<VStream> {
+        Ok(VStream { handle: self.handle.clone() })
+    }
+}
+
+impl Read for VStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.vs().read(buf)
+    }
+}
+
+impl Read for &VStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.vs().read(buf)
+    }
+}
+
+impl Write for VStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.vs().write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Write for &VStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.vs().write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The accept queue of one vsocket port.
+pub(crate) struct ListenQueue {
+    port: u16,
+    backlog: usize,
+    q: Mutex<(VecDeque<Arc<VSock>>, bool)>,
+    cv: Condvar,
+}
+
+impl ListenQueue {
+    pub(crate) fn is_full(&self) -> bool {
+        self.q.lock().unwrap().0.len() >= self.backlog
+    }
+
+    /// Queue an opened vsocket; false if the listener is closed.
+    pub(crate) fn push(&self, vs: Arc<VSock>) -> bool {
+        let mut q = self.q.lock().unwrap();
+        if q.1 {
+            return false;
+        }
+        q.0.push_back(vs);
+        self.cv.notify_one();
+        true
+    }
+
+    /// Close: pending vsockets are reset.
+    pub(crate) fn close(&self) {
+        let pending: Vec<_> = {
+            let mut q = self.q.lock().unwrap();
+            q.1 = true;
+            q.0.drain(..).collect()
+        };
+        self.cv.notify_all();
+        for vs in pending {
+            vs.reset(Reason::Closed, "the listener was closed before accepting");
+        }
+    }
+}
+
+/// A vsocket listener, used like [`std::net::TcpListener`].
+pub struct VListener {
+    q: Arc<ListenQueue>,
+    host: Host,
+    nonblocking: AtomicBool,
+}
+
+impl std::fmt::Debug for VListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VListener(port {})", self.q.port)
+    }
+}
+
+impl VListener {
+    /// Listen on the port of `addr` through the process-wide host ([`Host::global`]).
+    pub fn bind(addr: impl ToSocketAddrs) -> io::Result<VListener> {
+        let a = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| err(ErrorKind::InvalidInput, "no address to bind"))?;
+        Host::global()?.bind(a.port())
+    }
+
+    pub(crate) fn open(host: Host, port: u16) -> io::Result<VListener> {
+        let inner = host.inner().clone();
+        let port = if port == 0 { inner.alloc_port()? } else { port };
+        let mut ls = inner.listeners.lock().unwrap();
+        if ls.contains_key(&port) {
+            return Err(err(ErrorKind::AddrInUse, format!("vsocket port {port} is already listening on this host")));
+        }
+        let q = Arc::new(ListenQueue {
+            port,
+            backlog: inner.cfg.accept_backlog,
+            q: Mutex::new((VecDeque::new(), false)),
+            cv: Condvar::new(),
+        });
+        ls.insert(port, q.clone());
+        drop(ls);
+        Ok(VListener { q, host, nonblocking: AtomicBool::new(false) })
+    }
+
+    /// Wait for the next vsocket and return it with the peer's address.
+    pub fn accept(&self) -> io::Result<(VStream, SocketAddr)> {
+        let mut q = self.q.q.lock().unwrap();
+        loop {
+            if let Some(vs) = q.0.pop_front() {
+                let addr = vs.remote;
+                return Ok((VStream { handle: Arc::new(Handle { vs, _host: self.host.clone() }) }, addr));
+            }
+            if q.1 {
+                return Err(err(ErrorKind::ConnectionAborted, "the listener was closed"));
+            }
+            if self.nonblocking.load(Ordering::Relaxed) {
+                return Err(err(ErrorKind::WouldBlock, "no vsocket waiting"));
+            }
+            q = self.q.cv.wait(q).unwrap();
+        }
+    }
+
+    /// This listener's address: the host's IP and the port.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(SocketAddr::new(self.host.local_addr().ip(), self.q.port))
+    }
+
+    /// In non-blocking mode `accept` fails with `WouldBlock` when nothing is waiting.
+    pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        self.nonblocking.store(nonblocking, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// An iterator over accepted vsockets, like [`std::net::TcpListener::incoming`].
+    pub fn incoming(&self) -> impl Iterator<Item = io::Result<VStream>> + '_ {
+        std::iter::from_fn(move || Some(self.accept().map(|(s, _)| s)))
+    }
+}
+
+impl Drop for VListener {
+    fn drop(&mut self) {
+        let inner = self.host.inner();
+        let mut ls = inner.listeners.lock().unwrap();
+        if ls.get(&self.q.port).is_some_and(|q| Arc::ptr_eq(q, &self.q)) {
+            ls.remove(&self.q.port);
+        }
+        drop(ls);
+        self.q.close();
+    }
+}

@@ -1,0 +1,73 @@
+//! Shared helpers for the two-host loopback tests.
+#![allow(dead_code)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use netchannel::{Config, Host};
+
+/// A distinct pair of loopback addresses and a port for each pair of hosts, so tests can
+/// run in parallel (threads and processes) without colliding.
+pub fn addr_pair() -> (SocketAddr, SocketAddr) {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    let b = (pid % 200) as u8 + 20;
+    let c = (n % 250) as u8 + 1;
+    let port = 20000 + (pid % 20000) as u16;
+    let a = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, b, c, 1)), port);
+    let z = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, b, c, 2)), port);
+    (a, z)
+}
+
+/// Two hosts A and B on loopback with `tweak` applied to both configs.
+pub fn two_hosts(tweak: impl Fn(&mut Config)) -> (Host, Host) {
+    let (a, b) = addr_pair();
+    let mut ca = Config::default();
+    ca.listen = a;
+    tweak(&mut ca);
+    let mut cb = ca.clone();
+    cb.listen = b;
+    (Host::start(ca).expect("start host A"), Host::start(cb).expect("start host B"))
+}
+
+/// The vsocket address of `port` on host `h`.
+pub fn at(h: &Host, port: u16) -> SocketAddr {
+    SocketAddr::new(h.local_addr().ip(), port)
+}
+
+/// Run `f` on a thread and fail the test if it does not finish within `secs`.
+pub fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let r = f();
+        let _ = tx.send(());
+        r
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(()) => h.join().expect("test body panicked"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match h.join() {
+            Ok(v) => v,
+            Err(p) => std::panic::resume_unwind(p),
+        },
+        Err(_) => panic!("test did not finish within {secs} s (hang)"),
+    }
+}
+
+/// The byte at stream offset `o` of stream number `seed`.
+pub fn pattern(seed: u64, o: u64) -> u8 {
+    let x = (o ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    (x >> 56) as u8 ^ (o as u8)
+}
+
+pub fn fill(seed: u64, off: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = pattern(seed, off + i as u64);
+    }
+}
+
+/// Index of the first byte of `buf` (at stream offset `off`) that differs from the pattern.
+pub fn check(seed: u64, off: u64, buf: &[u8]) -> Option<u64> {
+    buf.iter().enumerate().find(|(i, &b)| b != pattern(seed, off + *i as u64)).map(|(i, _)| off + i as u64)
+}

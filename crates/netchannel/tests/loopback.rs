@@ -1,0 +1,378 @@
+//! Two NetChannel hosts in one process on loopback: data integrity, striping, half close,
+//! refusal, unreachable hosts and peers that go away. Behaviour only, never speed.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use common::{at, check, fill, two_hosts, within};
+use netchannel::{Class, Config, Host, Policy};
+use rand::{Rng, SeedableRng};
+
+fn send_pattern(mut s: impl Write, seed: u64, total: u64, rng_seed: u64, max_write: usize) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(rng_seed);
+    let mut buf = vec![0u8; max_write];
+    let mut off = 0u64;
+    while off < total {
+        let n = rng.gen_range(1..=max_write).min((total - off) as usize);
+        fill(seed, off, &mut buf[..n]);
+        s.write_all(&buf[..n]).expect("write");
+        off += n as u64;
+    }
+}
+
+fn recv_pattern(mut s: impl Read, seed: u64, rng_seed: u64, max_read: usize) -> u64 {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(rng_seed);
+    let mut buf = vec![0u8; max_read];
+    let mut off = 0u64;
+    loop {
+        let n = rng.gen_range(1..=max_read);
+        let got = s.read(&mut buf[..n]).expect("read");
+        if got == 0 {
+            return off;
+        }
+        if let Some(bad) = check(seed, off, &buf[..got]) {
+            panic!("stream {seed}: byte at offset {bad} differs from the pattern");
+        }
+        off += got as u64;
+    }
+}
+
+#[test]
+fn large_transfer_striped_over_four_channels_is_exact() {
+    within(240, || {
+        let (a, b) = two_hosts(|c| {
+            c.throughput_channels = 4;
+            c.channel_workers = 2;
+            c.copy_workers = 1;
+        });
+        let l = b.bind(5001).unwrap();
+        let total: u64 = 256 << 20;
+        let dst = at(&b, 5001);
+        let sender = std::thread::spawn({
+            let a = a.clone();
+            move || {
+                let s = a.connect(dst).unwrap();
+                send_pattern(&s, 7, total, 1, 3 << 20);
+                s.shutdown(Shutdown::Write).unwrap();
+                // Wait for the peer's EOF so every byte is acknowledged before dropping.
+                let mut end = [0u8; 1];
+                assert_eq!((&s).read(&mut end).unwrap(), 0);
+            }
+        });
+        let (s, peer) = l.accept().unwrap();
+        assert_eq!(peer.ip(), a.local_addr().ip());
+        let got = recv_pattern(&s, 7, 2, 3 << 20);
+        assert_eq!(got, total);
+        drop(s);
+        sender.join().unwrap();
+        // Striping: every throughput channel from A carried a share of the stream.
+        let st = a.stats();
+        let thpt: Vec<_> = st.channels.iter().filter(|c| c.class == Class::Throughput).collect();
+        assert_eq!(thpt.len(), 4, "{:?}", st.channels);
+        for c in &thpt {
+            assert!(c.bytes_sent > total / 16, "channel {} carried only {} bytes", c.index, c.bytes_sent);
+        }
+        let sum: u64 = thpt.iter().map(|c| c.bytes_sent).sum();
+        assert!(sum >= total);
+    });
+}
+
+#[test]
+fn two_hundred_concurrent_vsockets_each_verified() {
+    within(240, || {
+        let (a, b) = two_hosts(|c| {
+            c.send_buffer = 256 << 10;
+            c.recv_buffer = 256 << 10;
+        });
+        let l = b.bind(6000).unwrap();
+        let n = 200u64;
+        let per = 300_000u64;
+        let server = std::thread::spawn(move || {
+            // One thread serves every accepted vsocket in turn: echo the byte count back
+            // after verifying.
+            let mut handles = Vec::new();
+            for _ in 0..n {
+                let (s, _) = l.accept().unwrap();
+                handles.push(std::thread::spawn(move || {
+                    let mut seed_buf = [0u8; 8];
+                    (&s).read_exact(&mut seed_buf).unwrap();
+                    let seed = u64::from_be_bytes(seed_buf);
+                    let got = recv_pattern(&s, seed, seed, 50_000);
+                    (&s).write_all(&got.to_be_bytes()).unwrap();
+                    got
+                }));
+                if handles.len() >= 8 {
+                    // Keep the thread count modest on small machines.
+                    for h in handles.drain(..) {
+                        assert_eq!(h.join().unwrap(), per);
+                    }
+                }
+            }
+            for h in handles {
+                assert_eq!(h.join().unwrap(), per);
+            }
+        });
+        let dst = at(&b, 6000);
+        // Open all 200 first, then drive them from a few client threads.
+        let streams: Vec<_> = (0..n).map(|_| a.connect(dst).unwrap()).collect();
+        let mut ports: Vec<_> = streams.iter().map(|s| s.local_addr().unwrap().port()).collect();
+        ports.sort();
+        ports.dedup();
+        assert_eq!(ports.len(), n as usize, "every vsocket has its own port");
+        let mut groups: Vec<Vec<(u64, netchannel::VStream)>> = (0..4).map(|_| Vec::new()).collect();
+        for (i, s) in streams.into_iter().enumerate() {
+            groups[i % 4].push((i as u64 + 1000, s));
+        }
+        let clients: Vec<_> = groups
+            .into_iter()
+            .map(|g| {
+                std::thread::spawn(move || {
+                    for (seed, s) in g {
+                        (&s).write_all(&seed.to_be_bytes()).unwrap();
+                        send_pattern(&s, seed, per, seed, 40_000);
+                        s.shutdown(Shutdown::Write).unwrap();
+                        let mut echo = [0u8; 8];
+                        (&s).read_exact(&mut echo).unwrap();
+                        assert_eq!(u64::from_be_bytes(echo), per);
+                    }
+                })
+            })
+            .collect();
+        for c in clients {
+            c.join().unwrap();
+        }
+        server.join().unwrap();
+        assert!(b.stats().vsockets_opened >= n);
+    });
+}
+
+#[test]
+fn half_close_delivers_everything_then_eof_and_the_other_way_still_works() {
+    within(60, || {
+        let (a, b) = two_hosts(|_| {});
+        let l = b.bind(7000).unwrap();
+        let mut c = a.connect(at(&b, 7000)).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let msg = vec![0xabu8; 1 << 20];
+        c.write_all(&msg).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(c.write(b"x").unwrap_err().kind(), ErrorKind::BrokenPipe);
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        assert_eq!(got, msg);
+        assert_eq!(s.read(&mut [0u8; 10]).unwrap(), 0, "EOF stays EOF");
+        // The reverse direction is still open.
+        s.write_all(b"reply after half close").unwrap();
+        drop(s);
+        let mut back = String::new();
+        c.read_to_string(&mut back).unwrap();
+        assert_eq!(back, "reply after half close");
+    });
+}
+
+#[test]
+fn connecting_to_a_port_without_listener_is_refused() {
+    within(30, || {
+        let (a, b) = two_hosts(|_| {});
+        let _l = b.bind(8000).unwrap();
+        let t = Instant::now();
+        let e = a.connect(at(&b, 8001)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
+        assert!(e.to_string().contains("8001"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(2));
+        // The refusal did not disturb the channels: a good port still works.
+        let mut s = a.connect(at(&b, 8000)).unwrap();
+        s.write_all(b"ok").unwrap();
+    });
+}
+
+#[test]
+fn connecting_where_no_host_listens_names_the_address() {
+    within(30, || {
+        let (a, _b) = two_hosts(|c| c.connect_timeout = Duration::from_millis(800));
+        // Nothing listens on this loopback address at all: TCP refuses at once.
+        let nowhere: SocketAddr = "127.254.254.254:5000".parse().unwrap();
+        let e = a.connect(nowhere).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
+        assert!(e.to_string().contains("127.254.254.254"), "{e}");
+    });
+}
+
+#[test]
+fn connecting_to_a_silent_host_times_out_within_the_connect_timeout() {
+    within(30, || {
+        // A TCP listener that accepts channels but never answers HELLO.
+        let (_, b_addr) = common::addr_pair();
+        let mute = TcpListener::bind(b_addr).unwrap();
+        let keep = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for s in mute.incoming().take(8) {
+                held.push(s);
+            }
+        });
+        let mut cfg = Config::default();
+        cfg.listen = SocketAddr::new("127.0.0.1".parse().unwrap(), 0);
+        cfg.peer_port = Some(b_addr.port());
+        cfg.connect_timeout = Duration::from_millis(700);
+        let a = Host::start(cfg).unwrap();
+        let t = Instant::now();
+        let e = a.connect(SocketAddr::new(b_addr.ip(), 80)).unwrap_err();
+        let took = t.elapsed();
+        assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains(&b_addr.ip().to_string()), "{e}");
+        assert!(took >= Duration::from_millis(600) && took < Duration::from_secs(3), "took {took:?}");
+        drop(keep);
+    });
+}
+
+#[test]
+fn a_peer_dropping_its_stream_mid_transfer_gives_an_error_not_a_hang() {
+    within(60, || {
+        let (a, b) = two_hosts(|c| {
+            c.send_buffer = 1 << 20;
+            c.recv_buffer = 1 << 20;
+        });
+        let l = b.bind(9100).unwrap();
+        let mut c = a.connect(at(&b, 9100)).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let chunk = vec![1u8; 256 << 10];
+        c.write_all(&chunk).unwrap();
+        let mut some = vec![0u8; 1000];
+        s.read_exact(&mut some).unwrap();
+        // The receiver goes away with unread data in its buffer.
+        drop(s);
+        let mut failed = None;
+        for _ in 0..10_000 {
+            if let Err(e) = c.write_all(&chunk) {
+                failed = Some(e);
+                break;
+            }
+        }
+        let e = failed.expect("writer never noticed the peer was gone");
+        assert!(
+            matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe),
+            "{e}"
+        );
+    });
+}
+
+#[test]
+fn a_writer_dropping_mid_transfer_gives_the_reader_eof_after_its_bytes() {
+    within(60, || {
+        let (a, b) = two_hosts(|_| {});
+        let l = b.bind(9200).unwrap();
+        let c = a.connect(at(&b, 9200)).unwrap();
+        let (s, _) = l.accept().unwrap();
+        send_pattern(&c, 3, 5 << 20, 3, 100_000);
+        drop(c);
+        assert_eq!(recv_pattern(&s, 3, 4, 70_000), 5 << 20);
+    });
+}
+
+#[test]
+fn a_host_that_dies_fails_the_peers_vsockets() {
+    within(60, || {
+        let (a, b) = two_hosts(|_| {});
+        let l = b.bind(9300).unwrap();
+        let c = a.connect(at(&b, 9300)).unwrap();
+        let (_s, _) = l.accept().unwrap();
+        drop(l);
+        b.shutdown();
+        let mut buf = [0u8; 16];
+        let e = (&c).read(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
+        assert!(e.to_string().contains(&b.local_addr().ip().to_string()), "{e}");
+    });
+}
+
+#[test]
+fn hash_policy_pins_a_vsocket_to_one_channel() {
+    within(60, || {
+        let (a, b) = two_hosts(|c| c.policy = Policy::Hash);
+        let l = b.bind(9400).unwrap();
+        let c = a.connect(at(&b, 9400)).unwrap();
+        let (s, _) = l.accept().unwrap();
+        send_pattern(&c, 9, 8 << 20, 9, 1 << 20);
+        c.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(recv_pattern(&s, 9, 9, 1 << 20), 8 << 20);
+        let busy: Vec<_> = a
+            .stats()
+            .channels
+            .into_iter()
+            .filter(|ch| ch.class == Class::Throughput && ch.bytes_sent > 1 << 20)
+            .collect();
+        assert_eq!(busy.len(), 1, "{busy:?}");
+    });
+}
+
+#[test]
+fn nonblocking_reads_and_writes_would_block() {
+    within(30, || {
+        let (a, b) = two_hosts(|c| {
+            c.send_buffer = 64 << 10;
+            c.recv_buffer = 64 << 10;
+            c.segment_size = 16 << 10;
+        });
+        let l = b.bind(9500).unwrap();
+        let mut c = a.connect(at(&b, 9500)).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        s.set_nonblocking(true).unwrap();
+        assert_eq!(s.read(&mut [0u8; 8]).unwrap_err().kind(), ErrorKind::WouldBlock);
+        c.set_nonblocking(true).unwrap();
+        let mut sent = 0;
+        let chunk = vec![5u8; 8192];
+        loop {
+            match c.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(sent < 10 << 20, "the peer never stopped granting credit");
+        }
+        // Both buffers are full: at most send + receive buffer bytes are in flight.
+        assert!(sent <= (128 << 10) + 8192, "sent {sent}");
+        let mut got = 0;
+        let mut buf = vec![0u8; 8192];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while got < sent && Instant::now() < deadline {
+            match s.read(&mut buf) {
+                Ok(n) => got += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, sent);
+    });
+}
+
+#[test]
+fn killing_one_channel_mid_transfer_loses_no_byte() {
+    within(120, || {
+        let (a, b) = two_hosts(|c| c.throughput_channels = 3);
+        let l = b.bind(9600).unwrap();
+        let c = a.connect(at(&b, 9600)).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let total: u64 = 64 << 20;
+        let peer_key = SocketAddr::new(b.local_addr().ip(), b.local_addr().port());
+        let killer = {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                a.kill_channel(peer_key, Class::Throughput, 1)
+            })
+        };
+        let sender = std::thread::spawn(move || {
+            send_pattern(&c, 11, total, 11, 1 << 20);
+            c.shutdown(Shutdown::Write).unwrap();
+            let mut end = [0u8; 1];
+            let _ = (&c).read(&mut end);
+        });
+        assert_eq!(recv_pattern(&s, 11, 12, 1 << 20), total);
+        drop(s);
+        assert!(killer.join().unwrap(), "the channel to kill existed");
+        sender.join().unwrap();
+    });
+}
