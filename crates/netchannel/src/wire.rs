@@ -1187,12 +1187,14 @@ mod tests {
             vsock: 5,
             offset: 1 << 40,
             payload: b"hello, world",
+            ack_request: false,
         });
         let full = vec![0xee; MAX_SEGMENT];
         round_trip(&Frame::Data {
             vsock: u32::MAX,
             offset: u64::MAX - MAX_SEGMENT as u64,
             payload: &full,
+            ack_request: false,
         });
     }
 
@@ -1279,6 +1281,7 @@ mod tests {
             vsock: 2,
             offset: 0,
             payload: b"abc",
+            ack_request: false,
         }
         .encode(&mut buf);
         let (first, used) = decode(&buf).unwrap();
@@ -1289,7 +1292,8 @@ mod tests {
             Frame::Data {
                 vsock: 2,
                 offset: 0,
-                payload: b"abc"
+                payload: b"abc",
+                ack_request: false,
             }
         );
         assert_eq!(used + used2, buf.len());
@@ -1302,9 +1306,10 @@ mod tests {
             vsock: 77,
             offset: 1000,
             payload: &payload,
+            ack_request: true,
         });
         let mut header = [0; HEADER_LEN];
-        encode_data_header(&mut header, 77, 1000, payload.len() as u32);
+        encode_data_header(&mut header, 77, 1000, payload.len() as u32, true);
         assert_eq!(&buf[..HEADER_LEN], &header);
     }
 
@@ -1316,6 +1321,7 @@ mod tests {
             vsock: 1,
             offset: 0,
             payload: &payload,
+            ack_request: false,
         }
         .encode(&mut Vec::new());
     }
@@ -1323,7 +1329,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "DATA payload")]
     fn encoding_empty_data_header_panics() {
-        encode_data_header(&mut [0; HEADER_LEN], 1, 0, 0);
+        encode_data_header(&mut [0; HEADER_LEN], 1, 0, 0, false);
     }
 
     #[test]
@@ -1595,6 +1601,7 @@ mod tests {
                     vsock: 0,
                     offset: 0,
                     payload: b"a",
+                    ack_request: false,
                 },
                 "vsock",
             ),
@@ -1603,6 +1610,7 @@ mod tests {
                     vsock: 1,
                     offset: u64::MAX,
                     payload: b"a",
+                    ack_request: false,
                 },
                 "a",
             ),
@@ -1626,6 +1634,7 @@ mod tests {
                     vsock: 1,
                     offset: u64::MAX - 1,
                     payload: b"ab",
+                    ack_request: false,
                 },
                 "a",
             ),
@@ -1669,6 +1678,7 @@ mod tests {
                 vsock: 1,
                 offset: 0,
                 payload: b"a",
+                ack_request: false,
             },
             Frame::Credit {
                 vsock: 1,
@@ -1744,6 +1754,7 @@ mod tests {
                     vsock: *vsock,
                     offset: *offset,
                     payload,
+                    ack_request: offset % 2 == 1,
                 },
                 Spec::Reset {
                     vsock,

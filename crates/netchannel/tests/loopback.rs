@@ -295,9 +295,13 @@ fn hash_policy_pins_a_vsocket_to_one_channel() {
         let l = b.bind(9400).unwrap();
         let c = a.connect(at(&b, 9400)).unwrap();
         let (s, _) = l.accept().unwrap();
-        send_pattern(&c, 9, 8 << 20, 9, 1 << 20);
-        c.shutdown(Shutdown::Write).unwrap();
-        assert_eq!(recv_pattern(&s, 9, 9, 1 << 20), 8 << 20);
+        let sender = std::thread::spawn(move || {
+            send_pattern(&c, 9, 16 << 20, 9, 1 << 20);
+            c.shutdown(Shutdown::Write).unwrap();
+            c
+        });
+        assert_eq!(recv_pattern(&s, 9, 9, 1 << 20), 16 << 20);
+        drop(sender.join().unwrap());
         let busy: Vec<_> = a
             .stats()
             .channels

@@ -106,7 +106,7 @@ impl TxState {
         let offset = self.sched;
         self.sched += len as u64;
         // Ask for an acknowledgement about four times per send buffer.
-        let ack_request = self.sched - self.ack_asked >= (self.cap / 4).max(1);
+        let ack_request = self.sched.saturating_sub(self.ack_asked) >= (self.cap / 4).max(1);
         if ack_request {
             self.ack_asked = self.sched;
         }
@@ -151,6 +151,7 @@ impl TxState {
     /// Re-send everything not acknowledged (a channel that may have carried it died).
     pub fn rewind(&mut self) {
         self.sched = self.acked;
+        self.ack_asked = self.ack_asked.min(self.acked);
     }
 
     /// Shutdown(Write): a FIN follows the last written byte.
@@ -320,15 +321,19 @@ impl RxState {
     }
 
     /// A CREDIT is due if the window moved by a quarter of the buffer, the in-order point
-    /// moved by a quarter of the buffer since the last acknowledgement, or the peer asked
-    /// for an acknowledgement that the in-order point now covers. Marks it sent.
+    /// moved by a quarter of the buffer since the last acknowledgement, the window is full,
+    /// or the peer asked for an acknowledgement that the in-order point now covers. Marks it
+    /// sent.
     pub fn credit_due(&mut self) -> Option<Credit> {
         let quarter = (self.cap / 4).max(1);
         let limit = self.consumed + self.cap;
         let in_order = self.reasm.in_order();
         let asked = self.ack_wanted.is_some_and(|w| in_order >= w && in_order > self.acked_sent)
             || self.ack_wanted.is_some_and(|w| self.fin == Some(w) && in_order >= w);
-        if limit - self.granted >= quarter || in_order - self.acked_sent >= quarter || asked {
+        // A full window will not move until the application reads: acknowledge what is here
+        // so the sender can free its buffer meanwhile.
+        let window_full = in_order == self.granted && in_order > self.acked_sent;
+        if limit - self.granted >= quarter || in_order - self.acked_sent >= quarter || asked || window_full {
             if self.ack_wanted.is_some_and(|w| in_order >= w) {
                 self.ack_wanted = None;
             }
