@@ -208,7 +208,8 @@ impl Config {
             c.listen = s.parse().map_err(|_| err("listen", format!("{s:?} is not an IP:port address")))?;
         }
         if let Some(p) = raw.peer_port {
-            c.peer_port = Some(u16::try_from(p).map_err(|_| err("peer_port", format!("{p} is not a TCP port")))?);
+            c.peer_port =
+                Some(u16::try_from(p).map_err(|_| err("peer_port", format!("{p} is not a TCP port")))?);
         }
         if let Some(v) = raw.throughput_channels {
             c.throughput_channels = count("throughput_channels", v)?;

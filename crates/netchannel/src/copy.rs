@@ -29,8 +29,11 @@ struct Batch {
     done: Condvar,
 }
 
+/// Queued chunks with the batch each belongs to, and whether the pool is stopping.
+type Jobs = (VecDeque<(CopyTask, Arc<Batch>)>, bool);
+
 struct Queue {
-    jobs: Mutex<(VecDeque<(CopyTask, Arc<Batch>)>, bool)>,
+    jobs: Mutex<Jobs>,
     ready: Condvar,
 }
 
@@ -48,9 +51,7 @@ impl CopyPool {
         let mut handles = Vec::new();
         for i in 0..workers {
             let q = queue.clone();
-            handles.push(
-                std::thread::Builder::new().name(format!("nc-copy-{i}")).spawn(move || worker(&q))?,
-            );
+            handles.push(std::thread::Builder::new().name(format!("nc-copy-{i}")).spawn(move || worker(&q))?);
         }
         Ok(CopyPool { queue, workers: handles, threshold })
     }

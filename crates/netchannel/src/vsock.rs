@@ -185,7 +185,12 @@ impl VSock {
                     break;
                 }
             };
-            ch.push(OutFrame::Segment { vs: self.clone(), offset: seg.offset, len: seg.len, ack_request: seg.ack_request });
+            ch.push(OutFrame::Segment {
+                vs: self.clone(),
+                offset: seg.offset,
+                len: seg.len,
+                ack_request: seg.ack_request,
+            });
         }
         if let Some(offset) = tx.st.take_fin() {
             drop(tx);
@@ -193,7 +198,12 @@ impl VSock {
         }
     }
 
-    pub(crate) fn on_data(self: &Arc<Self>, offset: u64, payload: &[u8], ack_request: bool) -> Result<(), ProtoError> {
+    pub(crate) fn on_data(
+        self: &Arc<Self>,
+        offset: u64,
+        payload: &[u8],
+        ack_request: bool,
+    ) -> Result<(), ProtoError> {
         let mut rx = self.rx.lock().unwrap();
         if rx.error.is_some() {
             return Ok(());
@@ -224,7 +234,11 @@ impl VSock {
         let credit = rx.st.credit_due();
         drop(rx);
         if let Some(c) = credit {
-            self.send_control(&Frame::Credit { vsock: self.remote_id(), received: c.received, limit: c.limit });
+            self.send_control(&Frame::Credit {
+                vsock: self.remote_id(),
+                received: c.received,
+                limit: c.limit,
+            });
         }
         Ok(())
     }
@@ -262,7 +276,11 @@ impl VSock {
 
     pub(crate) fn on_refused(&self, reason: Reason) {
         let msg = match reason {
-            Reason::NoListener => format!("connection refused: no vsocket listener on port {} at {}", self.remote.port(), self.remote.ip()),
+            Reason::NoListener => format!(
+                "connection refused: no vsocket listener on port {} at {}",
+                self.remote.port(),
+                self.remote.ip()
+            ),
             other => format!("connection refused by {}: {other}", self.remote),
         };
         self.fail(ErrorKind::ConnectionRefused, msg);
@@ -279,7 +297,11 @@ impl VSock {
         let credit = rx.st.credit_due();
         drop(rx);
         if let Some(c) = credit {
-            self.send_control(&Frame::Credit { vsock: self.remote_id(), received: c.received, limit: c.limit });
+            self.send_control(&Frame::Credit {
+                vsock: self.remote_id(),
+                received: c.received,
+                limit: c.limit,
+            });
         }
         self.maybe_retire();
         Ok(())
@@ -462,7 +484,11 @@ impl VSock {
         let credit = if rx.error.is_none() { rx.st.credit_due() } else { None };
         drop(rx);
         if let Some(c) = credit {
-            self.send_control(&Frame::Credit { vsock: self.remote_id(), received: c.received, limit: c.limit });
+            self.send_control(&Frame::Credit {
+                vsock: self.remote_id(),
+                received: c.received,
+                limit: c.limit,
+            });
         }
         Ok(n)
     }
@@ -473,7 +499,8 @@ impl VSock {
         }
         let _one_writer = self.write_lock.lock().unwrap();
         let deadline = self.timeouts.lock().unwrap().1.map(|t| Instant::now() + t);
-        let host = self.host().ok_or_else(|| err(ErrorKind::ConnectionAborted, "the NetChannel host shut down"))?;
+        let host =
+            self.host().ok_or_else(|| err(ErrorKind::ConnectionAborted, "the NetChannel host shut down"))?;
         let piece_max = WRITE_PIECE.max(host.cfg.copy_threshold);
         let mut done = 0;
         while done < buf.len() {
@@ -780,7 +807,10 @@ impl VListener {
         let port = if port == 0 { inner.alloc_port()? } else { port };
         let mut ls = inner.listeners.lock().unwrap();
         if ls.contains_key(&port) {
-            return Err(err(ErrorKind::AddrInUse, format!("vsocket port {port} is already listening on this host")));
+            return Err(err(
+                ErrorKind::AddrInUse,
+                format!("vsocket port {port} is already listening on this host"),
+            ));
         }
         let q = Arc::new(ListenQueue {
             port,

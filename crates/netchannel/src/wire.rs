@@ -384,10 +384,7 @@ impl Hello {
     pub fn decode(body: &[u8; Hello::LEN], class: Class) -> Result<Hello, WireError> {
         use field::hello;
         if get_u32(body, hello::MAGIC) != MAGIC {
-            return Err(WireError::BadField {
-                kind: Kind::Hello,
-                field: "magic",
-            });
+            return Err(WireError::BadField { kind: Kind::Hello, field: "magic" });
         }
         if get_u16(body, hello::RESERVED) != 0 {
             return Err(WireError::Reserved { kind: Kind::Hello });
@@ -449,15 +446,10 @@ impl HelloOk {
     pub fn decode(body: &[u8; HelloOk::LEN]) -> Result<HelloOk, WireError> {
         use field::hello_ok;
         if get_u32(body, hello_ok::MAGIC) != MAGIC {
-            return Err(WireError::BadField {
-                kind: Kind::HelloOk,
-                field: "magic",
-            });
+            return Err(WireError::BadField { kind: Kind::HelloOk, field: "magic" });
         }
         if get_u16(body, hello_ok::RESERVED) != 0 {
-            return Err(WireError::Reserved {
-                kind: Kind::HelloOk,
-            });
+            return Err(WireError::Reserved { kind: Kind::HelloOk });
         }
         Ok(HelloOk {
             version: get_u16(body, hello_ok::VERSION),
@@ -605,9 +597,7 @@ impl Frame<'_> {
                 out.extend_from_slice(&body);
             }
             Frame::Data { payload, .. } => out.extend_from_slice(payload),
-            Frame::Reset { message, .. } => {
-                out.extend_from_slice(truncate_reason(message).as_bytes())
-            }
+            Frame::Reset { message, .. } => out.extend_from_slice(truncate_reason(message).as_bytes()),
             _ => {}
         }
     }
@@ -628,71 +618,27 @@ impl Frame<'_> {
         let len = self.payload_len() as u32;
         let header = Header::empty(self.kind(), len);
         match *self {
-            Frame::Hello(hello) => Header {
-                flags: hello.class.flags(),
-                ..header
-            },
+            Frame::Hello(hello) => Header { flags: hello.class.flags(), ..header },
             Frame::HelloOk(_) => header,
-            Frame::Open {
-                src_vsock,
-                src_port,
-                dst_port,
-                class,
-                credit,
-            } => Header {
+            Frame::Open { src_vsock, src_port, dst_port, class, credit } => Header {
                 flags: class.flags(),
                 x: src_vsock,
                 a: (u64::from(src_port) << 16) | u64::from(dst_port),
                 b: credit,
                 ..header
             },
-            Frame::OpenOk {
-                vsock,
-                src_vsock,
-                credit,
-            } => Header {
-                vsock,
-                x: src_vsock,
-                b: credit,
-                ..header
-            },
-            Frame::Refused { vsock, reason } => Header {
-                vsock,
-                x: reason.code(),
-                ..header
-            },
-            Frame::Data {
-                vsock,
-                offset,
-                payload,
-                ack_request,
-            } => Header {
+            Frame::OpenOk { vsock, src_vsock, credit } => Header { vsock, x: src_vsock, b: credit, ..header },
+            Frame::Refused { vsock, reason } => Header { vsock, x: reason.code(), ..header },
+            Frame::Data { vsock, offset, payload, ack_request } => Header {
                 vsock,
                 a: offset,
                 len: data_len(payload.len()),
                 flags: if ack_request { FLAG_ACK_REQUEST } else { 0 },
                 ..header
             },
-            Frame::Credit {
-                vsock,
-                received,
-                limit,
-            } => Header {
-                vsock,
-                a: received,
-                b: limit,
-                ..header
-            },
-            Frame::Fin { vsock, offset } => Header {
-                vsock,
-                a: offset,
-                ..header
-            },
-            Frame::Reset { vsock, reason, .. } => Header {
-                vsock,
-                x: reason.code(),
-                ..header
-            },
+            Frame::Credit { vsock, received, limit } => Header { vsock, a: received, b: limit, ..header },
+            Frame::Fin { vsock, offset } => Header { vsock, a: offset, ..header },
+            Frame::Reset { vsock, reason, .. } => Header { vsock, x: reason.code(), ..header },
             Frame::Ping { nonce } | Frame::Pong { nonce } => Header { b: nonce, ..header },
         }
     }
@@ -728,13 +674,7 @@ fn data_len(len: usize) -> u32 {
 /// # Panics
 ///
 /// If `len` is 0 or greater than [`MAX_SEGMENT`].
-pub fn encode_data_header(
-    out: &mut [u8; HEADER_LEN],
-    vsock: u32,
-    offset: u64,
-    len: u32,
-    ack_request: bool,
-) {
+pub fn encode_data_header(out: &mut [u8; HEADER_LEN], vsock: u32, offset: u64, len: u32, ack_request: bool) {
     let len = data_len(len as usize);
     Header {
         vsock,
@@ -767,15 +707,7 @@ pub struct Header {
 impl Header {
     /// A header of `kind` with `len` payload bytes and every other field 0.
     fn empty(kind: Kind, len: u32) -> Header {
-        Header {
-            kind,
-            flags: 0,
-            len,
-            vsock: 0,
-            x: 0,
-            a: 0,
-            b: 0,
-        }
+        Header { kind, flags: 0, len, vsock: 0, x: 0, a: 0, b: 0 }
     }
 
     /// Reads and validates the header at the start of `buf`.
@@ -835,10 +767,7 @@ impl Header {
         if valid {
             Ok(())
         } else {
-            Err(WireError::BadField {
-                kind: self.kind,
-                field,
-            })
+            Err(WireError::BadField { kind: self.kind, field })
         }
     }
 }
@@ -859,9 +788,7 @@ impl Header {
 pub fn decode(buf: &[u8]) -> Result<(Frame<'_>, usize), WireError> {
     let header = Header::decode(buf)?;
     let frame_len = header.frame_len();
-    let payload = buf
-        .get(HEADER_LEN..frame_len)
-        .ok_or(WireError::Incomplete { needed: frame_len })?;
+    let payload = buf.get(HEADER_LEN..frame_len).ok_or(WireError::Incomplete { needed: frame_len })?;
     Ok((parse(&header, payload)?, frame_len))
 }
 
@@ -907,64 +834,39 @@ fn parse<'a>(h: &Header, payload: &'a [u8]) -> Result<Frame<'a>, WireError> {
             some_vsock()?;
             h.check(h.x != 0, "x")?;
             zero_a()?;
-            Frame::OpenOk {
-                vsock: h.vsock,
-                src_vsock: h.x,
-                credit: h.b,
-            }
+            Frame::OpenOk { vsock: h.vsock, src_vsock: h.x, credit: h.b }
         }
         Kind::Refused => {
             some_vsock()?;
             zero_a()?;
             zero_b()?;
-            Frame::Refused {
-                vsock: h.vsock,
-                reason: Reason::from_code(h.x),
-            }
+            Frame::Refused { vsock: h.vsock, reason: Reason::from_code(h.x) }
         }
         Kind::Data => {
             some_vsock()?;
             zero_x()?;
             h.check(h.a.checked_add(u64::from(h.len)).is_some(), "a")?;
             zero_b()?;
-            Frame::Data {
-                vsock: h.vsock,
-                offset: h.a,
-                payload,
-                ack_request: h.flags & FLAG_ACK_REQUEST != 0,
-            }
+            Frame::Data { vsock: h.vsock, offset: h.a, payload, ack_request: h.flags & FLAG_ACK_REQUEST != 0 }
         }
         Kind::Credit => {
             some_vsock()?;
             zero_x()?;
             h.check(h.a <= h.b, "a")?;
-            Frame::Credit {
-                vsock: h.vsock,
-                received: h.a,
-                limit: h.b,
-            }
+            Frame::Credit { vsock: h.vsock, received: h.a, limit: h.b }
         }
         Kind::Fin => {
             some_vsock()?;
             zero_x()?;
             zero_b()?;
-            Frame::Fin {
-                vsock: h.vsock,
-                offset: h.a,
-            }
+            Frame::Fin { vsock: h.vsock, offset: h.a }
         }
         Kind::Reset => {
             zero_a()?;
             zero_b()?;
-            let message = std::str::from_utf8(payload).map_err(|_| WireError::BadField {
-                kind: Kind::Reset,
-                field: "message",
-            })?;
-            Frame::Reset {
-                vsock: h.vsock,
-                reason: Reason::from_code(h.x),
-                message,
-            }
+            let message = std::str::from_utf8(payload)
+                .map_err(|_| WireError::BadField { kind: Kind::Reset, field: "message" })?;
+            Frame::Reset { vsock: h.vsock, reason: Reason::from_code(h.x), message }
         }
         Kind::Ping | Kind::Pong => {
             zero_vsock()?;
@@ -982,11 +884,7 @@ fn parse<'a>(h: &Header, payload: &'a [u8]) -> Result<Frame<'a>, WireError> {
 
 /// The payload of a fixed-size body. [`Header::decode`] has already checked its length.
 fn fixed_body<'a, const N: usize>(h: &Header, payload: &'a [u8]) -> Result<&'a [u8; N], WireError> {
-    payload.try_into().map_err(|_| WireError::BadLength {
-        kind: h.kind,
-        len: h.len,
-        max: N,
-    })
+    payload.try_into().map_err(|_| WireError::BadLength { kind: h.kind, len: h.len, max: N })
 }
 
 /// Why bytes are not a valid frame.
@@ -1031,10 +929,7 @@ impl fmt::Display for WireError {
             }
             WireError::UnknownKind(kind) => write!(f, "unknown frame kind {kind}"),
             WireError::Reserved { kind } => {
-                write!(
-                    f,
-                    "{kind} frame has nonzero reserved bits or undefined flags"
-                )
+                write!(f, "{kind} frame has nonzero reserved bits or undefined flags")
             }
             WireError::BadLength { kind, len, max } => match kind {
                 Kind::Hello | Kind::HelloOk => {
@@ -1078,23 +973,12 @@ mod tests {
     /// A valid header for `kind` with `len` payload bytes, as bytes.
     fn header_bytes(kind: Kind, len: u32) -> [u8; HEADER_LEN] {
         let mut out = [0; HEADER_LEN];
-        Header {
-            vsock: 1,
-            ..Header::empty(kind, len)
-        }
-        .encode(&mut out);
+        Header { vsock: 1, ..Header::empty(kind, len) }.encode(&mut out);
         out
     }
 
     fn hello(class: Class, listen: SocketAddr) -> Hello {
-        Hello {
-            version: VERSION,
-            class,
-            index: 3,
-            host_id: 0x0123_4567_89ab_cdef,
-            listen,
-            nonce: [7; 16],
-        }
+        Hello { version: VERSION, class, index: 3, host_id: 0x0123_4567_89ab_cdef, listen, nonce: [7; 16] }
     }
 
     fn bad_field(kind: Kind, field: &'static str) -> Result<(Frame<'static>, usize), WireError> {
@@ -1119,32 +1003,19 @@ mod tests {
         assert_eq!(buf[field::FLAGS], FLAG_LATENCY);
         let body = &buf[HEADER_LEN..];
         assert_eq!(&body[field::hello::MAGIC], b"NCHN");
-        assert_eq!(
-            &body[field::hello::IP],
-            &Ipv4Addr::new(192, 168, 1, 2).to_ipv6_mapped().octets()
-        );
+        assert_eq!(&body[field::hello::IP], &Ipv4Addr::new(192, 168, 1, 2).to_ipv6_mapped().octets());
         assert_eq!(&body[field::hello::PORT], &[0x12, 0x34]);
     }
 
     #[test]
     fn round_trip_hello_ok() {
-        round_trip(&Frame::HelloOk(HelloOk {
-            version: VERSION,
-            host_id: 42,
-            proof: [0xa5; 32],
-        }));
+        round_trip(&Frame::HelloOk(HelloOk { version: VERSION, host_id: 42, proof: [0xa5; 32] }));
     }
 
     #[test]
     fn round_trip_open() {
         for class in [Class::Throughput, Class::Latency] {
-            round_trip(&Frame::Open {
-                src_vsock: 17,
-                src_port: 40000,
-                dst_port: 80,
-                class,
-                credit: 4 << 20,
-            });
+            round_trip(&Frame::Open { src_vsock: 17, src_port: 40000, dst_port: 80, class, credit: 4 << 20 });
         }
     }
 
@@ -1164,31 +1035,19 @@ mod tests {
 
     #[test]
     fn round_trip_open_ok() {
-        round_trip(&Frame::OpenOk {
-            vsock: 17,
-            src_vsock: 99,
-            credit: u64::MAX,
-        });
+        round_trip(&Frame::OpenOk { vsock: 17, src_vsock: 99, credit: u64::MAX });
     }
 
     #[test]
     fn round_trip_refused() {
         for code in [1, 2, 3, 4, 5, 6, 7, 0, 8, u32::MAX] {
-            round_trip(&Frame::Refused {
-                vsock: 17,
-                reason: Reason::from_code(code),
-            });
+            round_trip(&Frame::Refused { vsock: 17, reason: Reason::from_code(code) });
         }
     }
 
     #[test]
     fn round_trip_data() {
-        round_trip(&Frame::Data {
-            vsock: 5,
-            offset: 1 << 40,
-            payload: b"hello, world",
-            ack_request: false,
-        });
+        round_trip(&Frame::Data { vsock: 5, offset: 1 << 40, payload: b"hello, world", ack_request: false });
         let full = vec![0xee; MAX_SEGMENT];
         round_trip(&Frame::Data {
             vsock: u32::MAX,
@@ -1200,49 +1059,22 @@ mod tests {
 
     #[test]
     fn round_trip_credit() {
-        round_trip(&Frame::Credit {
-            vsock: 5,
-            received: 100,
-            limit: 100,
-        });
-        round_trip(&Frame::Credit {
-            vsock: 5,
-            received: 0,
-            limit: u64::MAX,
-        });
+        round_trip(&Frame::Credit { vsock: 5, received: 100, limit: 100 });
+        round_trip(&Frame::Credit { vsock: 5, received: 0, limit: u64::MAX });
     }
 
     #[test]
     fn round_trip_fin() {
-        round_trip(&Frame::Fin {
-            vsock: 5,
-            offset: 123_456,
-        });
+        round_trip(&Frame::Fin { vsock: 5, offset: 123_456 });
     }
 
     #[test]
     fn round_trip_reset() {
-        round_trip(&Frame::Reset {
-            vsock: 0,
-            reason: Reason::Version,
-            message: "version 2 not spoken",
-        });
-        round_trip(&Frame::Reset {
-            vsock: 9,
-            reason: Reason::Other(1000),
-            message: "",
-        });
-        round_trip(&Frame::Reset {
-            vsock: 9,
-            reason: Reason::Protocol,
-            message: "débordement ✓",
-        });
+        round_trip(&Frame::Reset { vsock: 0, reason: Reason::Version, message: "version 2 not spoken" });
+        round_trip(&Frame::Reset { vsock: 9, reason: Reason::Other(1000), message: "" });
+        round_trip(&Frame::Reset { vsock: 9, reason: Reason::Protocol, message: "débordement ✓" });
         let longest = "x".repeat(MAX_REASON);
-        round_trip(&Frame::Reset {
-            vsock: 9,
-            reason: Reason::Closed,
-            message: &longest,
-        });
+        round_trip(&Frame::Reset { vsock: 9, reason: Reason::Closed, message: &longest });
     }
 
     #[test]
@@ -1255,59 +1087,32 @@ mod tests {
     fn reset_message_is_truncated_at_a_char_boundary() {
         // 'é' is two bytes: MAX_REASON + 1 bytes in all, with a character straddling the limit.
         let message = format!("{}é", "x".repeat(MAX_REASON - 1));
-        let frame = Frame::Reset {
-            vsock: 1,
-            reason: Reason::Closed,
-            message: &message,
-        };
+        let frame = Frame::Reset { vsock: 1, reason: Reason::Closed, message: &message };
         let buf = encode(&frame);
         assert_eq!(buf.len(), frame.encoded_len());
         assert_eq!(buf.len(), HEADER_LEN + MAX_REASON - 1);
         let (decoded, _) = decode(&buf).unwrap();
         assert_eq!(
             decoded,
-            Frame::Reset {
-                vsock: 1,
-                reason: Reason::Closed,
-                message: &message[..MAX_REASON - 1]
-            }
+            Frame::Reset { vsock: 1, reason: Reason::Closed, message: &message[..MAX_REASON - 1] }
         );
     }
 
     #[test]
     fn decode_takes_one_frame_from_a_stream() {
         let mut buf = encode(&Frame::Ping { nonce: 1 });
-        Frame::Data {
-            vsock: 2,
-            offset: 0,
-            payload: b"abc",
-            ack_request: false,
-        }
-        .encode(&mut buf);
+        Frame::Data { vsock: 2, offset: 0, payload: b"abc", ack_request: false }.encode(&mut buf);
         let (first, used) = decode(&buf).unwrap();
         assert_eq!((first, used), (Frame::Ping { nonce: 1 }, HEADER_LEN));
         let (second, used2) = decode(&buf[used..]).unwrap();
-        assert_eq!(
-            second,
-            Frame::Data {
-                vsock: 2,
-                offset: 0,
-                payload: b"abc",
-                ack_request: false,
-            }
-        );
+        assert_eq!(second, Frame::Data { vsock: 2, offset: 0, payload: b"abc", ack_request: false });
         assert_eq!(used + used2, buf.len());
     }
 
     #[test]
     fn data_header_fast_path_matches_frame_encode() {
         let payload = [1, 2, 3, 4, 5];
-        let buf = encode(&Frame::Data {
-            vsock: 77,
-            offset: 1000,
-            payload: &payload,
-            ack_request: true,
-        });
+        let buf = encode(&Frame::Data { vsock: 77, offset: 1000, payload: &payload, ack_request: true });
         let mut header = [0; HEADER_LEN];
         encode_data_header(&mut header, 77, 1000, payload.len() as u32, true);
         assert_eq!(&buf[..HEADER_LEN], &header);
@@ -1317,13 +1122,7 @@ mod tests {
     #[should_panic(expected = "DATA payload")]
     fn encoding_oversized_data_panics() {
         let payload = vec![0; MAX_SEGMENT + 1];
-        Frame::Data {
-            vsock: 1,
-            offset: 0,
-            payload: &payload,
-            ack_request: false,
-        }
-        .encode(&mut Vec::new());
+        Frame::Data { vsock: 1, offset: 0, payload: &payload, ack_request: false }.encode(&mut Vec::new());
     }
 
     #[test]
@@ -1356,19 +1155,9 @@ mod tests {
 
     #[test]
     fn error_messages() {
-        let err = WireError::BadLength {
-            kind: Kind::Data,
-            len: 2_000_000,
-            max: MAX_SEGMENT,
-        };
-        assert_eq!(
-            err.to_string(),
-            "DATA frame length 2000000 exceeds the maximum 1048576"
-        );
-        let err = WireError::BadField {
-            kind: Kind::Hello,
-            field: "magic",
-        };
+        let err = WireError::BadLength { kind: Kind::Data, len: 2_000_000, max: MAX_SEGMENT };
+        assert_eq!(err.to_string(), "DATA frame length 2000000 exceeds the maximum 1048576");
+        let err = WireError::BadField { kind: Kind::Hello, field: "magic" };
         assert_eq!(err.to_string(), "HELLO frame has an invalid `magic` field");
         let err: Box<dyn std::error::Error> = Box::new(WireError::UnknownKind(200));
         assert_eq!(err.to_string(), "unknown frame kind 200");
@@ -1387,12 +1176,7 @@ mod tests {
     #[test]
     fn header_alone_asks_for_the_payload() {
         let header = header_bytes(Kind::Data, MAX_SEGMENT as u32);
-        assert_eq!(
-            decode(&header),
-            Err(WireError::Incomplete {
-                needed: HEADER_LEN + MAX_SEGMENT
-            })
-        );
+        assert_eq!(decode(&header), Err(WireError::Incomplete { needed: HEADER_LEN + MAX_SEGMENT }));
     }
 
     #[test]
@@ -1407,10 +1191,7 @@ mod tests {
     #[test]
     fn rejects_nonzero_reserved_bytes() {
         for byte in field::RESERVED {
-            let mut buf = encode(&Frame::Fin {
-                vsock: 1,
-                offset: 2,
-            });
+            let mut buf = encode(&Frame::Fin { vsock: 1, offset: 2 });
             buf[byte] = 0x80;
             assert_eq!(decode(&buf), Err(WireError::Reserved { kind: Kind::Fin }));
         }
@@ -1419,20 +1200,11 @@ mod tests {
     #[test]
     fn rejects_undefined_flags() {
         // The latency flag on a kind that does not define it.
-        let mut buf = encode(&Frame::Fin {
-            vsock: 1,
-            offset: 2,
-        });
+        let mut buf = encode(&Frame::Fin { vsock: 1, offset: 2 });
         buf[field::FLAGS] = FLAG_LATENCY;
         assert_eq!(decode(&buf), Err(WireError::Reserved { kind: Kind::Fin }));
         // Any other bit on OPEN.
-        let open = Frame::Open {
-            src_vsock: 1,
-            src_port: 1,
-            dst_port: 2,
-            class: Class::Latency,
-            credit: 0,
-        };
+        let open = Frame::Open { src_vsock: 1, src_port: 1, dst_port: 2, class: Class::Latency, credit: 0 };
         let mut buf = encode(&open);
         buf[field::FLAGS] |= 0x02;
         assert_eq!(decode(&buf), Err(WireError::Reserved { kind: Kind::Open }));
@@ -1444,51 +1216,25 @@ mod tests {
         let mut buf = encode(&Frame::Hello(hello(Class::Throughput, listen)));
         buf[HEADER_LEN + field::hello::RESERVED.start] = 1;
         assert_eq!(decode(&buf), Err(WireError::Reserved { kind: Kind::Hello }));
-        let mut buf = encode(&Frame::HelloOk(HelloOk {
-            version: 1,
-            host_id: 1,
-            proof: [0; 32],
-        }));
+        let mut buf = encode(&Frame::HelloOk(HelloOk { version: 1, host_id: 1, proof: [0; 32] }));
         buf[HEADER_LEN + field::hello_ok::RESERVED.end - 1] = 1;
-        assert_eq!(
-            decode(&buf),
-            Err(WireError::Reserved {
-                kind: Kind::HelloOk
-            })
-        );
+        assert_eq!(decode(&buf), Err(WireError::Reserved { kind: Kind::HelloOk }));
     }
 
     #[test]
     fn rejects_oversized_data_without_waiting_for_it() {
         let header = header_bytes(Kind::Data, u32::MAX);
-        let expected = Err(WireError::BadLength {
-            kind: Kind::Data,
-            len: u32::MAX,
-            max: MAX_SEGMENT,
-        });
+        let expected = Err(WireError::BadLength { kind: Kind::Data, len: u32::MAX, max: MAX_SEGMENT });
         assert_eq!(Header::decode(&header), expected);
         assert_eq!(decode(&header).map(|_| ()), expected.map(|_| ()));
         let header = header_bytes(Kind::Data, MAX_SEGMENT as u32 + 1);
-        assert!(matches!(
-            decode(&header),
-            Err(WireError::BadLength {
-                kind: Kind::Data,
-                ..
-            })
-        ));
+        assert!(matches!(decode(&header), Err(WireError::BadLength { kind: Kind::Data, .. })));
     }
 
     #[test]
     fn rejects_zero_length_data() {
         let header = header_bytes(Kind::Data, 0);
-        assert_eq!(
-            decode(&header),
-            Err(WireError::BadLength {
-                kind: Kind::Data,
-                len: 0,
-                max: MAX_SEGMENT
-            })
-        );
+        assert_eq!(decode(&header), Err(WireError::BadLength { kind: Kind::Data, len: 0, max: MAX_SEGMENT }));
     }
 
     #[test]
@@ -1502,10 +1248,7 @@ mod tests {
             (Kind::Ping, 8, 0),
         ];
         for (kind, len, max) in cases {
-            assert_eq!(
-                decode(&header_bytes(kind, len)),
-                Err(WireError::BadLength { kind, len, max })
-            );
+            assert_eq!(decode(&header_bytes(kind, len)), Err(WireError::BadLength { kind, len, max }));
         }
     }
 
@@ -1515,45 +1258,28 @@ mod tests {
         let mut buf = encode(&Frame::Hello(hello(Class::Throughput, listen)));
         buf[HEADER_LEN] = b'X';
         assert_eq!(decode(&buf), bad_field(Kind::Hello, "magic"));
-        let mut buf = encode(&Frame::HelloOk(HelloOk {
-            version: 1,
-            host_id: 1,
-            proof: [0; 32],
-        }));
+        let mut buf = encode(&Frame::HelloOk(HelloOk { version: 1, host_id: 1, proof: [0; 32] }));
         buf[HEADER_LEN + 3] ^= 1;
         assert_eq!(decode(&buf), bad_field(Kind::HelloOk, "magic"));
     }
 
     #[test]
     fn rejects_credit_beyond_limit() {
-        let buf = encode(&Frame::Credit {
-            vsock: 1,
-            received: 11,
-            limit: 10,
-        });
+        let buf = encode(&Frame::Credit { vsock: 1, received: 11, limit: 10 });
         assert_eq!(decode(&buf), bad_field(Kind::Credit, "a"));
     }
 
     #[test]
     fn rejects_reset_with_invalid_utf8() {
-        let mut buf = encode(&Frame::Reset {
-            vsock: 1,
-            reason: Reason::Closed,
-            message: "abc",
-        });
+        let mut buf = encode(&Frame::Reset { vsock: 1, reason: Reason::Closed, message: "abc" });
         buf[HEADER_LEN + 1] = 0xff;
         assert_eq!(decode(&buf), bad_field(Kind::Reset, "message"));
     }
 
     #[test]
     fn rejects_open_with_vsock() {
-        let open = Frame::Open {
-            src_vsock: 1,
-            src_port: 1,
-            dst_port: 2,
-            class: Class::Throughput,
-            credit: 0,
-        };
+        let open =
+            Frame::Open { src_vsock: 1, src_port: 1, dst_port: 2, class: Class::Throughput, credit: 0 };
         let mut buf = encode(&open);
         buf[field::VSOCK.end - 1] = 1;
         assert_eq!(decode(&buf), bad_field(Kind::Open, "vsock"));
@@ -1564,87 +1290,20 @@ mod tests {
         // Frames `encode` writes as given but `decode` rejects, with the field it names.
         let cases: [(Frame, &str); 9] = [
             (
-                Frame::Open {
-                    src_vsock: 0,
-                    src_port: 1,
-                    dst_port: 2,
-                    class: Class::Throughput,
-                    credit: 0,
-                },
+                Frame::Open { src_vsock: 0, src_port: 1, dst_port: 2, class: Class::Throughput, credit: 0 },
                 "x",
             ),
-            (
-                Frame::OpenOk {
-                    vsock: 0,
-                    src_vsock: 1,
-                    credit: 0,
-                },
-                "vsock",
-            ),
-            (
-                Frame::OpenOk {
-                    vsock: 1,
-                    src_vsock: 0,
-                    credit: 0,
-                },
-                "x",
-            ),
-            (
-                Frame::Refused {
-                    vsock: 0,
-                    reason: Reason::NoListener,
-                },
-                "vsock",
-            ),
-            (
-                Frame::Data {
-                    vsock: 0,
-                    offset: 0,
-                    payload: b"a",
-                    ack_request: false,
-                },
-                "vsock",
-            ),
-            (
-                Frame::Data {
-                    vsock: 1,
-                    offset: u64::MAX,
-                    payload: b"a",
-                    ack_request: false,
-                },
-                "a",
-            ),
-            (
-                Frame::Credit {
-                    vsock: 0,
-                    received: 0,
-                    limit: 0,
-                },
-                "vsock",
-            ),
-            (
-                Frame::Fin {
-                    vsock: 0,
-                    offset: 0,
-                },
-                "vsock",
-            ),
-            (
-                Frame::Data {
-                    vsock: 1,
-                    offset: u64::MAX - 1,
-                    payload: b"ab",
-                    ack_request: false,
-                },
-                "a",
-            ),
+            (Frame::OpenOk { vsock: 0, src_vsock: 1, credit: 0 }, "vsock"),
+            (Frame::OpenOk { vsock: 1, src_vsock: 0, credit: 0 }, "x"),
+            (Frame::Refused { vsock: 0, reason: Reason::NoListener }, "vsock"),
+            (Frame::Data { vsock: 0, offset: 0, payload: b"a", ack_request: false }, "vsock"),
+            (Frame::Data { vsock: 1, offset: u64::MAX, payload: b"a", ack_request: false }, "a"),
+            (Frame::Credit { vsock: 0, received: 0, limit: 0 }, "vsock"),
+            (Frame::Fin { vsock: 0, offset: 0 }, "vsock"),
+            (Frame::Data { vsock: 1, offset: u64::MAX - 1, payload: b"ab", ack_request: false }, "a"),
         ];
         for (frame, field) in cases {
-            assert_eq!(
-                decode(&encode(&frame)),
-                bad_field(frame.kind(), field),
-                "{frame:?}"
-            );
+            assert_eq!(decode(&encode(&frame)), bad_field(frame.kind(), field), "{frame:?}");
         }
     }
 
@@ -1653,56 +1312,18 @@ mod tests {
         let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 1));
         let frames = [
             Frame::Hello(hello(Class::Throughput, listen)),
-            Frame::HelloOk(HelloOk {
-                version: 1,
-                host_id: 1,
-                proof: [0; 32],
-            }),
-            Frame::Open {
-                src_vsock: 1,
-                src_port: 1,
-                dst_port: 2,
-                class: Class::Throughput,
-                credit: 0,
-            },
-            Frame::OpenOk {
-                vsock: 1,
-                src_vsock: 1,
-                credit: 0,
-            },
-            Frame::Refused {
-                vsock: 1,
-                reason: Reason::BacklogFull,
-            },
-            Frame::Data {
-                vsock: 1,
-                offset: 0,
-                payload: b"a",
-                ack_request: false,
-            },
-            Frame::Credit {
-                vsock: 1,
-                received: 0,
-                limit: 0,
-            },
-            Frame::Fin {
-                vsock: 1,
-                offset: 0,
-            },
-            Frame::Reset {
-                vsock: 0,
-                reason: Reason::Shutdown,
-                message: "bye",
-            },
+            Frame::HelloOk(HelloOk { version: 1, host_id: 1, proof: [0; 32] }),
+            Frame::Open { src_vsock: 1, src_port: 1, dst_port: 2, class: Class::Throughput, credit: 0 },
+            Frame::OpenOk { vsock: 1, src_vsock: 1, credit: 0 },
+            Frame::Refused { vsock: 1, reason: Reason::BacklogFull },
+            Frame::Data { vsock: 1, offset: 0, payload: b"a", ack_request: false },
+            Frame::Credit { vsock: 1, received: 0, limit: 0 },
+            Frame::Fin { vsock: 1, offset: 0 },
+            Frame::Reset { vsock: 0, reason: Reason::Shutdown, message: "bye" },
             Frame::Ping { nonce: 0 },
             Frame::Pong { nonce: 0 },
         ];
-        let fields = [
-            ("vsock", field::VSOCK),
-            ("x", field::X),
-            ("a", field::A),
-            ("b", field::B),
-        ];
+        let fields = [("vsock", field::VSOCK), ("x", field::X), ("a", field::A), ("b", field::B)];
         for frame in frames {
             for (name, range) in fields.clone() {
                 // The fields the frame table marks 0 (for OPEN's `a`: bits 32..64).
@@ -1730,41 +1351,20 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Spec {
         Fixed(Frame<'static>),
-        Data {
-            vsock: u32,
-            offset: u64,
-            payload: Vec<u8>,
-        },
-        Reset {
-            vsock: u32,
-            reason: Reason,
-            message: String,
-        },
+        Data { vsock: u32, offset: u64, payload: Vec<u8> },
+        Reset { vsock: u32, reason: Reason, message: String },
     }
 
     impl Spec {
         fn frame(&self) -> Frame<'_> {
             match self {
                 Spec::Fixed(frame) => frame.clone(),
-                Spec::Data {
-                    vsock,
-                    offset,
-                    payload,
-                } => Frame::Data {
-                    vsock: *vsock,
-                    offset: *offset,
-                    payload,
-                    ack_request: offset % 2 == 1,
-                },
-                Spec::Reset {
-                    vsock,
-                    reason,
-                    message,
-                } => Frame::Reset {
-                    vsock: *vsock,
-                    reason: *reason,
-                    message,
-                },
+                Spec::Data { vsock, offset, payload } => {
+                    Frame::Data { vsock: *vsock, offset: *offset, payload, ack_request: offset % 2 == 1 }
+                }
+                Spec::Reset { vsock, reason, message } => {
+                    Frame::Reset { vsock: *vsock, reason: *reason, message }
+                }
             }
         }
 
@@ -1786,8 +1386,7 @@ mod tests {
     }
 
     fn listen() -> impl Strategy<Value = SocketAddr> {
-        let v4 =
-            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::from((ip, port)));
+        let v4 = (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::from((ip, port)));
         let v6 = (any::<[u8; 16]>(), any::<u16>())
             .prop_map(|(ip, port)| (Ipv6Addr::from(ip), port))
             // A mapped address comes back as IPv4 (tested separately).
@@ -1798,31 +1397,13 @@ mod tests {
 
     fn fixed_frame() -> impl Strategy<Value = Frame<'static>> {
         prop_oneof![
-            (
-                any::<u16>(),
-                class(),
-                any::<u16>(),
-                any::<u64>(),
-                listen(),
-                any::<[u8; 16]>()
-            )
-                .prop_map(|(version, class, index, host_id, listen, nonce)| {
-                    Frame::Hello(Hello {
-                        version,
-                        class,
-                        index,
-                        host_id,
-                        listen,
-                        nonce,
-                    })
-                }),
-            (any::<u16>(), any::<u64>(), any::<[u8; 32]>()).prop_map(
-                |(version, host_id, proof)| Frame::HelloOk(HelloOk {
-                    version,
-                    host_id,
-                    proof
-                })
+            (any::<u16>(), class(), any::<u16>(), any::<u64>(), listen(), any::<[u8; 16]>()).prop_map(
+                |(version, class, index, host_id, listen, nonce)| {
+                    Frame::Hello(Hello { version, class, index, host_id, listen, nonce })
+                }
             ),
+            (any::<u16>(), any::<u64>(), any::<[u8; 32]>())
+                .prop_map(|(version, host_id, proof)| Frame::HelloOk(HelloOk { version, host_id, proof })),
             (id(), any::<u16>(), any::<u16>(), class(), any::<u64>()).prop_map(
                 |(src_vsock, src_port, dst_port, class, credit)| Frame::Open {
                     src_vsock,
@@ -1850,26 +1431,18 @@ mod tests {
     }
 
     fn spec() -> impl Strategy<Value = Spec> {
-        let data =
-            (id(), prop::collection::vec(any::<u8>(), 1..64)).prop_flat_map(|(vsock, payload)| {
-                let last = u64::MAX - payload.len() as u64;
-                let offset = prop_oneof![Just(0), Just(last), 0..=last];
-                (Just(vsock), offset, Just(payload)).prop_map(|(vsock, offset, payload)| {
-                    Spec::Data {
-                        vsock,
-                        offset,
-                        payload,
-                    }
-                })
-            });
-        // At most 200 characters of at most 4 bytes: within MAX_REASON.
-        let reset = (any::<u32>(), reason(), "\\PC{0,200}").prop_map(|(vsock, reason, message)| {
-            Spec::Reset {
+        let data = (id(), prop::collection::vec(any::<u8>(), 1..64)).prop_flat_map(|(vsock, payload)| {
+            let last = u64::MAX - payload.len() as u64;
+            let offset = prop_oneof![Just(0), Just(last), 0..=last];
+            (Just(vsock), offset, Just(payload)).prop_map(|(vsock, offset, payload)| Spec::Data {
                 vsock,
-                reason,
-                message,
-            }
+                offset,
+                payload,
+            })
         });
+        // At most 200 characters of at most 4 bytes: within MAX_REASON.
+        let reset = (any::<u32>(), reason(), "\\PC{0,200}")
+            .prop_map(|(vsock, reason, message)| Spec::Reset { vsock, reason, message });
         prop_oneof![9 => fixed_frame().prop_map(Spec::Fixed), 2 => data, 2 => reset]
     }
 

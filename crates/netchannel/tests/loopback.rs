@@ -213,10 +213,12 @@ fn connecting_to_a_silent_host_times_out_within_the_connect_timeout() {
                 held.push(s);
             }
         });
-        let mut cfg = Config::default();
-        cfg.listen = SocketAddr::new("127.0.0.1".parse().unwrap(), 0);
-        cfg.peer_port = Some(b_addr.port());
-        cfg.connect_timeout = Duration::from_millis(700);
+        let cfg = Config {
+            listen: SocketAddr::new("127.0.0.1".parse().unwrap(), 0),
+            peer_port: Some(b_addr.port()),
+            connect_timeout: Duration::from_millis(700),
+            ..Config::default()
+        };
         let a = Host::start(cfg).unwrap();
         let t = Instant::now();
         let e = a.connect(SocketAddr::new(b_addr.ip(), 80)).unwrap_err();
@@ -253,7 +255,10 @@ fn a_peer_dropping_its_stream_mid_transfer_gives_an_error_not_a_hang() {
         }
         let e = failed.expect("writer never noticed the peer was gone");
         assert!(
-            matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe),
+            matches!(
+                e.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
+            ),
             "{e}"
         );
     });

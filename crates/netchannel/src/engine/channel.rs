@@ -212,7 +212,15 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll) {
                     }
                     conns.insert(
                         token,
-                        Conn { ch, sock, rbuf: vec![0; READ_BUF], rstart: 0, rend: 0, wbuf: Vec::new(), wpos: 0 },
+                        Conn {
+                            ch,
+                            sock,
+                            rbuf: vec![0; READ_BUF],
+                            rstart: 0,
+                            rend: 0,
+                            wbuf: Vec::new(),
+                            wpos: 0,
+                        },
                     );
                     readable.push(token);
                     writable.push(token);

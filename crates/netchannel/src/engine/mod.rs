@@ -396,7 +396,9 @@ impl HostInner {
         loop {
             match &*st {
                 PeerState::Up => return Ok(peer.clone()),
-                PeerState::Dead(m) => return Err(io::Error::new(io::ErrorKind::ConnectionRefused, m.clone())),
+                PeerState::Dead(m) => {
+                    return Err(io::Error::new(io::ErrorKind::ConnectionRefused, m.clone()))
+                }
                 PeerState::Dialing => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
@@ -423,7 +425,8 @@ impl HostInner {
             .map(|i| (Class::Throughput, i as u16))
             .chain((0..self.cfg.latency_channels).map(|i| (Class::Latency, i as u16)));
         for (class, index) in plan {
-            let (s, peer_id) = peer::dial_channel(peer.key, self.local, self.host_id, class, index, deadline)?;
+            let (s, peer_id) =
+                peer::dial_channel(peer.key, self.local, self.host_id, class, index, deadline)?;
             if peer_id == self.host_id {
                 return Err(io::Error::new(io::ErrorKind::InvalidInput, "that address is this host itself"));
             }
@@ -433,7 +436,13 @@ impl HostInner {
         Ok(())
     }
 
-    fn add_channel(self: &Arc<Self>, peer: &Arc<Peer>, s: TcpStream, class: Class, index: u16) -> io::Result<()> {
+    fn add_channel(
+        self: &Arc<Self>,
+        peer: &Arc<Peer>,
+        s: TcpStream,
+        class: Class,
+        index: u16,
+    ) -> io::Result<()> {
         if let Ok(a) = s.local_addr() {
             *peer.local_ip.lock().unwrap() = Some(a.ip());
         }
@@ -479,14 +488,19 @@ impl HostInner {
             return refuse(
                 &mut s,
                 Reason::Version,
-                format!("protocol version {} is not supported (this host speaks {})", hello.version, wire::VERSION),
+                format!(
+                    "protocol version {} is not supported (this host speaks {})",
+                    hello.version,
+                    wire::VERSION
+                ),
             );
         }
         if hello.host_id == self.host_id {
             return refuse(&mut s, Reason::Protocol, "a host cannot open channels to itself".into());
         }
         let mut ok = Vec::new();
-        Frame::HelloOk(HelloOk { version: wire::VERSION, host_id: self.host_id, proof: [0; 32] }).encode(&mut ok);
+        Frame::HelloOk(HelloOk { version: wire::VERSION, host_id: self.host_id, proof: [0; 32] })
+            .encode(&mut ok);
         if s.write_all(&ok).is_err() || s.set_read_timeout(None).is_err() {
             return;
         }
@@ -611,11 +625,21 @@ impl HostInner {
                 Ok(())
             }
             Frame::Pong { .. } => Ok(()),
-            Frame::Hello(_) | Frame::HelloOk(_) => Err(ProtoError("handshake frame on an open channel".into())),
+            Frame::Hello(_) | Frame::HelloOk(_) => {
+                Err(ProtoError("handshake frame on an open channel".into()))
+            }
         }
     }
 
-    fn on_open(self: &Arc<Self>, peer: &Arc<Peer>, src: u32, src_port: u16, dst_port: u16, class: Class, credit: u64) {
+    fn on_open(
+        self: &Arc<Self>,
+        peer: &Arc<Peer>,
+        src: u32,
+        src_port: u16,
+        dst_port: u16,
+        class: Class,
+        credit: u64,
+    ) {
         let listener = self.listeners.lock().unwrap().get(&dst_port).cloned();
         let refuse = |reason| {
             peer.send_control(class, &Frame::Refused { vsock: src, reason });
@@ -638,7 +662,10 @@ impl HostInner {
         vs.set_remote_id(src);
         self.vsocks.write().unwrap().insert(id, vs.clone());
         self.totals.vsockets_opened.fetch_add(1, Ordering::Relaxed);
-        peer.send_control(class, &Frame::OpenOk { vsock: src, src_vsock: id, credit: self.cfg.recv_buffer as u64 });
+        peer.send_control(
+            class,
+            &Frame::OpenOk { vsock: src, src_vsock: id, credit: self.cfg.recv_buffer as u64 },
+        );
         if !l.push(vs.clone()) {
             vs.close();
         }
@@ -693,4 +720,3 @@ fn mio_to_std(s: mio::net::TcpStream) -> io::Result<TcpStream> {
     s.set_nonblocking(false)?;
     Ok(s)
 }
-

@@ -173,14 +173,8 @@ pub(crate) fn dial_channel(
     sock.connect_timeout(&key.into(), remaining()?)?;
     let mut s: TcpStream = sock.into();
     s.set_nodelay(true)?;
-    let hello = Frame::Hello(Hello {
-        version: wire::VERSION,
-        class,
-        index,
-        host_id,
-        listen: local,
-        nonce: [0; 16],
-    });
+    let hello =
+        Frame::Hello(Hello { version: wire::VERSION, class, index, host_id, listen: local, nonce: [0; 16] });
     let mut buf = Vec::new();
     hello.encode(&mut buf);
     s.set_write_timeout(Some(remaining()?))?;

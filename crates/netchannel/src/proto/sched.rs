@@ -53,7 +53,8 @@ mod tests {
     fn round_robin_spreads_and_skips_full_and_down() {
         let mut c = 0;
         let loads = [Queued(0), Queued(0), Queued(0)];
-        let picks: Vec<_> = (0..6).map(|_| pick(Policy::RoundRobin, &mut c, 7, &loads, 100).unwrap()).collect();
+        let picks: Vec<_> =
+            (0..6).map(|_| pick(Policy::RoundRobin, &mut c, 7, &loads, 100).unwrap()).collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
         let loads = [Queued(100), Down, Queued(5)];
         let mut c = 0;

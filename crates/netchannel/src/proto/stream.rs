@@ -369,8 +369,7 @@ mod tests {
             }
             while let Some(seg) = tx.next_segment(64) {
                 assert!(seg.offset + seg.len as u64 <= tx.limit());
-                rx.on_data(seg.offset, seg.len as u64, seg.ack_request, |s, e| delivered += e - s)
-                    .unwrap();
+                rx.on_data(seg.offset, seg.len as u64, seg.ack_request, |s, e| delivered += e - s).unwrap();
             }
             if let Some(f) = tx.take_fin() {
                 rx.on_fin(f).unwrap();

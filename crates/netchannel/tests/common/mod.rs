@@ -24,8 +24,7 @@ pub fn addr_pair() -> (SocketAddr, SocketAddr) {
 /// Two hosts A and B on loopback with `tweak` applied to both configs.
 pub fn two_hosts(tweak: impl Fn(&mut Config)) -> (Host, Host) {
     let (a, b) = addr_pair();
-    let mut ca = Config::default();
-    ca.listen = a;
+    let mut ca = Config { listen: a, ..Config::default() };
     tweak(&mut ca);
     let mut cb = ca.clone();
     cb.listen = b;

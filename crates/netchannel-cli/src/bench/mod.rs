@@ -1,0 +1,536 @@
+//! `netchannel bench`: workloads that measure NetChannel beside Linux TCP in one invocation.
+//!
+//! This module owns what every mode shares: the [`CommonOpts`] flags (backend, engine knobs,
+//! config file, role and addresses, output format), turning them into an engine [`Config`],
+//! the [`Report`] trait and [`emit`] (one JSON object on stdout, or human lines), and
+//! [`watch`], the main thread's loop that collects the worker threads' results while it
+//! prints progress and catches stalls. [`backend`] hides the difference between a vsocket on
+//! an embedded host and a kernel TCP socket.
+//!
+//! Adding a mode: write `bench/<mode>.rs` with an `Args` struct that flattens [`CommonOpts`]
+//! and a `run(&Args) -> Result<()>` that builds one report per [`Stack`] and calls [`emit`];
+//! then add a variant to [`Mode`] and an arm to [`run`].
+
+pub mod backend;
+pub mod stream;
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand, ValueEnum};
+use netchannel::{Config, Policy};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// The benchmark modes.
+#[derive(Subcommand, Debug)]
+pub enum Mode {
+    /// Bulk transfer: one app thread writes a stream of large writes, one app thread reads it
+    /// (experiment 6a/6b: can one app thread use many cores?).
+    Stream(stream::StreamArgs),
+}
+
+/// Run one benchmark mode.
+pub fn run(mode: &Mode) -> Result<()> {
+    match mode {
+        Mode::Stream(args) => stream::run(args),
+    }
+}
+
+/// Which stack(s) a benchmark runs on.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// NetChannel: vsockets on embedded hosts.
+    Netchannel,
+    /// Linux kernel TCP, one connection.
+    Tcp,
+    /// Linux TCP first, then NetChannel, in the same invocation; reports both and the ratio.
+    Both,
+}
+
+impl Backend {
+    /// The stacks to run, in order.
+    pub fn stacks(self) -> Vec<Stack> {
+        match self {
+            Backend::Netchannel => vec![Stack::Netchannel],
+            Backend::Tcp => vec![Stack::Tcp],
+            Backend::Both => vec![Stack::Tcp, Stack::Netchannel],
+        }
+    }
+}
+
+/// One stack a run actually used.
+#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Stack {
+    /// NetChannel vsockets.
+    Netchannel,
+    /// Linux kernel TCP.
+    Tcp,
+}
+
+impl Stack {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stack::Netchannel => "netchannel",
+            Stack::Tcp => "tcp",
+        }
+    }
+}
+
+/// Which end(s) of the workload this process runs.
+#[derive(ValueEnum, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Both ends in this process, over loopback (127.0.0.1 → 127.0.0.2).
+    Both,
+    /// The accepting end: listens on --listen and serves one run.
+    Server,
+    /// The connecting end: connects to --connect.
+    Client,
+}
+
+impl Role {
+    /// Whether this process runs the accepting end.
+    pub fn has_server(self) -> bool {
+        matches!(self, Role::Both | Role::Server)
+    }
+    /// Whether this process runs the connecting end.
+    pub fn has_client(self) -> bool {
+        matches!(self, Role::Both | Role::Client)
+    }
+}
+
+/// Flags every benchmark mode takes: backend, engine knobs, topology and output.
+///
+/// Engine knobs are `Option`s without a clap default so that a value from `--config` is only
+/// overridden by a flag that was actually given.
+#[derive(Args, Debug, Clone)]
+pub struct CommonOpts {
+    /// Stack to measure
+    #[arg(long, value_enum, default_value_t = Backend::Netchannel)]
+    pub backend: Backend,
+
+    /// Throughput channels per peer [default: 4, or throughput_channels from --config]
+    #[arg(long, value_name = "N")]
+    pub channels: Option<usize>,
+
+    /// Channel worker threads per host [default: 2, or channel_workers from --config]
+    #[arg(long, value_name = "N")]
+    pub channel_workers: Option<usize>,
+
+    /// Copy worker threads per host; 0 = app threads copy alone [default: 1, or copy_workers from --config]
+    #[arg(long, value_name = "N")]
+    pub copy_workers: Option<usize>,
+
+    /// Largest DATA segment, e.g. 64KiB [default: 64KiB, or segment_size from --config]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_usize)]
+    pub segment_size: Option<usize>,
+
+    /// Channel choice per segment: round-robin or hash [default: round-robin, or policy from --config]
+    #[arg(long, value_name = "POLICY", value_parser = parse_policy)]
+    pub policy: Option<Policy>,
+
+    /// Engine configuration file (TOML, see docs/config.md); flags override its keys
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Which end(s) to run: both (loopback, one process), server or client
+    #[arg(long, value_enum, default_value_t = Role::Both)]
+    pub role: Role,
+
+    /// Server: address to listen on, IP or IP:PORT. netchannel: the host's channel address
+    /// [default: listen from --config, 0.0.0.0:9000]; tcp: the IP (the TCP port is --port)
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+
+    /// Client: the server's address as given to its --listen, IP or IP:PORT
+    #[arg(long, value_name = "ADDR")]
+    pub connect: Option<String>,
+
+    /// Client, netchannel: this host's own channel address [default: 0.0.0.0 and the server's channel port]
+    #[arg(long, value_name = "ADDR")]
+    pub local: Option<SocketAddr>,
+
+    /// The vsocket port of the stream (netchannel), or the TCP port (tcp); --role both over
+    /// TCP uses an ephemeral port
+    #[arg(long, value_name = "PORT", default_value_t = 5001)]
+    pub port: u16,
+
+    /// Print exactly one JSON object on stdout and no progress
+    #[arg(long)]
+    pub json: bool,
+
+    /// Fail the run when no byte has moved for this many seconds
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = parse_secs)]
+    pub stall_timeout: f64,
+}
+
+impl CommonOpts {
+    /// The engine configuration: `--config` (or the defaults) with the knob flags applied,
+    /// validated. An invalid value is reported with the flag that set it, else its config key.
+    /// Loaded for every backend, so a bad file fails before any run starts.
+    pub fn engine_config(&self) -> Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        let mut flags: Vec<(&str, &str)> = Vec::new();
+        if let Some(n) = self.channels {
+            c.throughput_channels = n;
+            flags.push(("throughput_channels", "--channels"));
+        }
+        if let Some(n) = self.channel_workers {
+            c.channel_workers = n;
+            flags.push(("channel_workers", "--channel-workers"));
+        }
+        if let Some(n) = self.copy_workers {
+            c.copy_workers = n;
+            flags.push(("copy_workers", "--copy-workers"));
+        }
+        if let Some(n) = self.segment_size {
+            c.segment_size = n;
+            flags.push(("segment_size", "--segment-size"));
+        }
+        if let Some(p) = self.policy {
+            c.policy = p;
+            flags.push(("policy", "--policy"));
+        }
+        c.validate().map_err(|e| match flags.iter().find(|(key, _)| *key == e.key) {
+            Some((key, flag)) => Error::from(format!("{flag}: {} (config key `{key}`)", e.message)),
+            None => Error::from(e),
+        })?;
+        Ok(c)
+    }
+}
+
+/// The engine knobs a run used, as reported (all `null` for TCP, which has none of them).
+#[derive(Serialize, Debug, Clone, Default)]
+pub struct Knobs {
+    /// Throughput channels per peer.
+    pub channels: Option<usize>,
+    /// Channel worker threads per host.
+    pub channel_workers: Option<usize>,
+    /// Copy worker threads per host.
+    pub copy_workers: Option<usize>,
+    /// Largest DATA segment in bytes.
+    pub segment_size: Option<usize>,
+    /// Channel choice policy.
+    pub policy: Option<&'static str>,
+}
+
+impl Knobs {
+    /// The knobs of `config` when `stack` is NetChannel; none for TCP.
+    pub fn of(stack: Stack, config: &Config) -> Knobs {
+        match stack {
+            Stack::Tcp => Knobs::default(),
+            Stack::Netchannel => Knobs {
+                channels: Some(config.throughput_channels),
+                channel_workers: Some(config.channel_workers),
+                copy_workers: Some(config.copy_workers),
+                segment_size: Some(config.segment_size),
+                policy: Some(config.policy.name()),
+            },
+        }
+    }
+
+    /// "4 channels, 2 channel workers, …" for human output; empty for TCP.
+    pub fn describe(&self) -> String {
+        let mut s = String::new();
+        if let (Some(ch), Some(cw), Some(cp), Some(seg), Some(pol)) =
+            (self.channels, self.channel_workers, self.copy_workers, self.segment_size, self.policy)
+        {
+            let _ = write!(
+                s,
+                "{ch} channels, {cw} channel workers, {cp} copy workers, {} segments, {pol}",
+                bytes_human(seg as u64)
+            );
+        }
+        s
+    }
+}
+
+/// One run's result, as printed by [`emit`].
+pub trait Report: Serialize {
+    /// The stack the run measured.
+    fn stack(&self) -> Stack;
+    /// The number the stacks are compared by (higher is better), and its unit.
+    fn headline(&self) -> (f64, &'static str);
+    /// The result for people: one or a few lines, no trailing newline.
+    fn human(&self) -> String;
+}
+
+/// Print the reports of one invocation on stdout: one JSON object (the run itself, or
+/// `{"mode", "backend": "both", "runs": [...], "ratio"}` for several), or human lines.
+pub fn emit<R: Report>(mode: &str, json: bool, runs: &[R]) -> Result<()> {
+    let text = if json {
+        let encoded = match runs {
+            [one] => serde_json::to_string(one),
+            _ => serde_json::to_string(&Runs { mode, backend: "both", runs, ratio: ratio(runs) }),
+        };
+        encoded.map_err(|e| format!("cannot encode the report as JSON: {e}"))?
+    } else {
+        let mut text = runs.iter().map(Report::human).collect::<Vec<_>>().join("\n");
+        if let Some(r) = ratio(runs) {
+            let unit = runs[0].headline().1;
+            let _ = write!(text, "\nnetchannel / tcp: {r:.2}x ({unit})");
+        }
+        text
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")
+        .and_then(|_| out.flush())
+        .map_err(|e| Error::from(format!("cannot write the report to stdout: {e}")))
+}
+
+#[derive(Serialize)]
+struct Runs<'a, R> {
+    mode: &'a str,
+    backend: &'a str,
+    runs: &'a [R],
+    /// NetChannel's headline number divided by TCP's.
+    ratio: Option<f64>,
+}
+
+fn ratio<R: Report>(runs: &[R]) -> Option<f64> {
+    let of = |s: Stack| runs.iter().find(|r| r.stack() == s).map(|r| r.headline().0);
+    match (of(Stack::Netchannel), of(Stack::Tcp)) {
+        (Some(nc), Some(tcp)) if runs.len() > 1 && tcp > 0.0 => Some(nc / tcp),
+        _ => None,
+    }
+}
+
+/// Bytes moved so far, shared by a worker thread (which adds) and [`watch`] (which reads).
+#[derive(Debug, Default)]
+pub struct Progress {
+    bytes: AtomicU64,
+    active: AtomicBool,
+}
+
+impl Progress {
+    /// Count `n` more bytes.
+    pub fn add(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+    /// Bytes counted so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+    /// Start the stall clock (a server waiting for its client is not stalled).
+    pub fn activate(&self) {
+        self.active.store(true, Ordering::Relaxed);
+    }
+    fn is_active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+/// How [`watch`] reports on a run.
+pub struct Watch {
+    /// No progress line (`--json`).
+    pub quiet: bool,
+    /// Fail when an active run has not moved a byte for this long.
+    pub stall_timeout: Duration,
+    /// What the counted bytes are: "received" or "sent".
+    pub label: &'static str,
+}
+
+/// Receive the worker threads' events on the calling thread until `on_event` says stop or
+/// every sender is gone. Meanwhile, once a second (sleeping in between), print a progress
+/// line on stderr for runs longer than 2 s, and fail if an active run stalls.
+pub fn watch<E>(
+    events: &Receiver<E>,
+    progress: &Progress,
+    opts: &Watch,
+    mut on_event: impl FnMut(E) -> ControlFlow<()>,
+) -> Result<()> {
+    const TICK: Duration = Duration::from_secs(1);
+    const QUIET_FOR: Duration = Duration::from_secs(2);
+    let start = Instant::now();
+    let mut next_tick = start + TICK;
+    let (mut last_bytes, mut last_tick) = (progress.bytes(), start);
+    let mut last_move: Option<Instant> = None;
+    let mut printed = false;
+    let result = loop {
+        match events.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+            Ok(event) => {
+                if on_event(event).is_break() {
+                    break Ok(());
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => break Ok(()),
+            Err(RecvTimeoutError::Timeout) => {
+                let now = Instant::now();
+                next_tick = now + TICK;
+                let bytes = progress.bytes();
+                if bytes != last_bytes || last_move.is_none() && progress.is_active() {
+                    last_move = Some(now);
+                }
+                if let Some(t) = last_move {
+                    if now - t >= opts.stall_timeout {
+                        break Err(Error::from(format!(
+                            "run stalled: no bytes {} for {:.0} s (--stall-timeout), {} {} so far",
+                            opts.label,
+                            opts.stall_timeout.as_secs_f64(),
+                            bytes_human(bytes),
+                            opts.label
+                        )));
+                    }
+                }
+                if !opts.quiet && now - start > QUIET_FOR {
+                    let secs = (now - last_tick).as_secs_f64();
+                    let rate = (bytes - last_bytes) as f64 * 8.0 / secs / 1e9;
+                    eprint!("\r{:>12} {}, {rate:7.2} Gbit/s   ", bytes_human(bytes), opts.label);
+                    printed = true;
+                }
+                (last_bytes, last_tick) = (bytes, now);
+            }
+        }
+    };
+    if printed {
+        eprint!("\r{:60}\r", "");
+    }
+    result
+}
+
+/// `1.50 GiB`, `64.0 KiB`, `512 B`.
+pub fn bytes_human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else if v >= 100.0 {
+        format!("{v:.0} {}", UNITS[unit])
+    } else if v >= 10.0 {
+        format!("{v:.1} {}", UNITS[unit])
+    } else {
+        format!("{v:.2} {}", UNITS[unit])
+    }
+}
+
+/// clap parser: a size such as `1048576`, `64KiB`, `256MiB`, `1GiB`.
+pub fn parse_size_u64(s: &str) -> std::result::Result<u64, String> {
+    netchannel::config::parse_size(s)
+}
+
+/// clap parser: a size that fits in memory (`usize`).
+pub fn parse_size_usize(s: &str) -> std::result::Result<usize, String> {
+    let n = parse_size_u64(s)?;
+    usize::try_from(n).map_err(|_| format!("{s:?} is too large"))
+}
+
+/// clap parser: a size of at least one byte.
+pub fn parse_nonzero_size(s: &str) -> std::result::Result<u64, String> {
+    match parse_size_u64(s)? {
+        0 => Err("must be at least 1 byte".to_string()),
+        n => Ok(n),
+    }
+}
+
+/// clap parser: a buffer size for one read or write, 1 byte to 1 GiB.
+pub fn parse_io_size(s: &str) -> std::result::Result<usize, String> {
+    match parse_size_usize(s)? {
+        n @ 1..=0x4000_0000 => Ok(n),
+        n => Err(format!("{n} is out of range 1..=1GiB")),
+    }
+}
+
+/// clap parser: a positive number of seconds, e.g. `5` or `0.5`.
+pub fn parse_secs(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v < 1e9 => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
+}
+
+/// clap parser: `round-robin` or `hash`.
+pub fn parse_policy(s: &str) -> std::result::Result<Policy, String> {
+    s.parse()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(args: &[&str]) -> CommonOpts {
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            common: CommonOpts,
+        }
+        let mut argv = vec!["t"];
+        argv.extend_from_slice(args);
+        <T as clap::Parser>::try_parse_from(argv).unwrap().common
+    }
+
+    #[test]
+    fn flags_override_config_defaults() {
+        let c = opts(&["--channels", "8", "--segment-size", "32KiB", "--policy", "hash"])
+            .engine_config()
+            .unwrap();
+        assert_eq!(c.throughput_channels, 8);
+        assert_eq!(c.segment_size, 32 << 10);
+        assert_eq!(c.policy, Policy::Hash);
+        assert_eq!(c.channel_workers, Config::default().channel_workers);
+    }
+
+    #[test]
+    fn invalid_knob_names_the_flag() {
+        let e = opts(&["--channels", "0"]).engine_config().unwrap_err().to_string();
+        assert!(e.starts_with("--channels: "), "{e}");
+        assert!(e.contains("throughput_channels"), "{e}");
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(bytes_human(512), "512 B");
+        assert_eq!(bytes_human(64 << 10), "64.0 KiB");
+        assert_eq!(bytes_human(3 << 29), "1.50 GiB");
+        assert_eq!(bytes_human(300 << 20), "300 MiB");
+    }
+
+    #[test]
+    fn parsers() {
+        assert_eq!(parse_nonzero_size("64KiB"), Ok(65536));
+        assert!(parse_nonzero_size("0").is_err());
+        assert!(parse_io_size("2GiB").is_err());
+        assert_eq!(parse_secs("0.5"), Ok(0.5));
+        assert!(parse_secs("-1").is_err());
+        assert!(parse_secs("soon").is_err());
+    }
+
+    #[test]
+    fn watch_returns_when_workers_finish_and_detects_stalls() {
+        let (tx, rx) = std::sync::mpsc::channel::<u32>();
+        let progress = Progress::default();
+        let opts = Watch { quiet: true, stall_timeout: Duration::from_secs(60), label: "received" };
+        tx.send(1).unwrap();
+        drop(tx);
+        let mut seen = vec![];
+        watch(&rx, &progress, &opts, |e| {
+            seen.push(e);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(seen, [1]);
+
+        let (_tx, rx) = std::sync::mpsc::channel::<u32>();
+        progress.activate();
+        let opts = Watch { quiet: true, stall_timeout: Duration::from_secs(1), label: "received" };
+        let e = watch(&rx, &progress, &opts, |_| ControlFlow::Continue(())).unwrap_err();
+        assert!(e.to_string().contains("stalled"), "{e}");
+    }
+}

@@ -1,0 +1,60 @@
+//! CPU time accounting for benchmarks: seconds of user + system CPU consumed by the whole
+//! process (`getrusage(RUSAGE_SELF)`: app threads, channel workers and copy workers together)
+//! or by the calling thread alone (`getrusage(RUSAGE_THREAD)`).
+//!
+//! Benchmarks report CPU seconds beside throughput, so that "faster" can be told apart from
+//! "faster because it burned more cores".
+
+use std::mem::MaybeUninit;
+
+fn rusage_seconds(who: libc::c_int) -> f64 {
+    let mut ru = MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `ru` points to writable memory of the size of `struct rusage`; getrusage only
+    // writes into it, and `who` is one of the constants the kernel accepts.
+    let rc = unsafe { libc::getrusage(who, ru.as_mut_ptr()) };
+    if rc != 0 {
+        return 0.0;
+    }
+    // SAFETY: getrusage returned 0, so it filled the whole struct (and it was zeroed anyway).
+    let ru = unsafe { ru.assume_init() };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// User + system CPU seconds consumed so far by every thread of this process.
+pub fn process_seconds() -> f64 {
+    rusage_seconds(libc::RUSAGE_SELF)
+}
+
+/// User + system CPU seconds consumed so far by the calling thread.
+pub fn thread_seconds() -> f64 {
+    rusage_seconds(libc::RUSAGE_THREAD)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn burn() -> u64 {
+        let start = std::time::Instant::now();
+        let mut x = 1u64;
+        while start.elapsed() < std::time::Duration::from_millis(50) {
+            for _ in 0..10_000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        }
+        x
+    }
+
+    #[test]
+    fn counters_grow_with_work() {
+        let p0 = process_seconds();
+        let t0 = thread_seconds();
+        burn();
+        let t1 = thread_seconds();
+        let p1 = process_seconds();
+        assert!(t1 > t0, "thread CPU {t0} -> {t1}");
+        assert!(p1 > p0, "process CPU {p0} -> {p1}");
+        assert!(p1 >= t1 - 1e-3);
+    }
+}
