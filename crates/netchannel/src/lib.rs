@@ -35,6 +35,7 @@
 pub mod config;
 pub mod copy;
 pub mod engine;
+pub mod log;
 pub mod proto;
 pub mod ring;
 pub mod vsock;

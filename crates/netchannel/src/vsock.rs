@@ -318,7 +318,7 @@ impl VSock {
 
     /// The peer broke the protocol on this vsocket: reset it, keep the channel.
     fn protocol_error(self: &Arc<Self>, e: ProtoError) {
-        eprintln!("netchannel: vsocket {} <-> {}: protocol error: {e}", self.local, self.remote);
+        crate::log!(Warn, "vsocket {} <-> {}: protocol error: {e}", self.local, self.remote);
         self.reset(Reason::Protocol, &e.0);
     }
 

@@ -27,6 +27,8 @@ const READ_BUDGET: usize = 1 << 20;
 /// Initial size of a channel's read buffer.
 const READ_BUF: usize = 256 << 10;
 const WAKER: Token = Token(usize::MAX);
+/// Why a channel closed when its peer host shut down in an orderly way.
+pub(crate) const PEER_SHUTDOWN: &str = "the peer host shut down";
 
 /// A frame waiting in a channel's queue.
 pub(crate) enum OutFrame {
@@ -179,7 +181,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll) {
         let timeout = if again.is_empty() { None } else { Some(Duration::ZERO) };
         if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() != io::ErrorKind::Interrupted {
-                eprintln!("netchannel: channel worker {me}: poll failed: {e}");
+                crate::log!(Error, "channel worker {me}: poll failed: {e}");
                 return;
             }
         }
@@ -206,7 +208,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll) {
                         Token(token),
                         Interest::READABLE | Interest::WRITABLE,
                     ) {
-                        eprintln!("netchannel: cannot register channel: {e}");
+                        crate::log!(Error, "cannot register channel: {e}");
                         channel_down(&host, &ch, &format!("register failed: {e}"));
                         continue;
                     }
@@ -234,7 +236,15 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll) {
                     }
                 }
                 Command::Stop => {
+                    let mut bye = Vec::new();
+                    let msg = "host shutting down";
+                    Frame::Reset { vsock: 0, reason: wire::Reason::Shutdown, message: msg }.encode(&mut bye);
                     for (_, mut c) in conns.drain() {
+                        // Best effort: tell the peer this is an orderly shutdown. Only when no
+                        // frame is half written, so the RESET starts on a frame boundary.
+                        if c.wpos == c.wbuf.len() {
+                            let _ = c.sock.write(&bye);
+                        }
                         let _ = poll.registry().deregister(&mut c.sock);
                         c.ch.up.store(false, Ordering::Release);
                         c.ch.clear();

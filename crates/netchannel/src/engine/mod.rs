@@ -22,6 +22,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::config::Config;
 use crate::copy::CopyPool;
+use crate::log::Level;
 use crate::proto::ProtoError;
 use crate::vsock::{ListenQueue, VListener, VSock, VStream};
 use crate::wire::{self, Class, Frame, HelloOk, Reason, HEADER_LEN};
@@ -457,7 +458,7 @@ impl HostInner {
     fn handshake(self: &Arc<Self>, mut s: TcpStream, from: SocketAddr) {
         let refuse = |s: &mut TcpStream, reason: Reason, msg: String| {
             self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
-            eprintln!("netchannel: refused channel from {from}: {msg}");
+            crate::log!(Warn, "refused channel from {from}: {msg}");
             let mut buf = Vec::new();
             Frame::Reset { vsock: 0, reason, message: &msg }.encode(&mut buf);
             let _ = s.write_all(&buf);
@@ -467,7 +468,7 @@ impl HostInner {
         let mut buf = vec![0u8; HEADER_LEN + wire::Hello::LEN];
         if let Err(e) = s.read_exact(&mut buf[..HEADER_LEN]) {
             self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
-            eprintln!("netchannel: channel from {from} sent no HELLO: {e}");
+            crate::log!(Warn, "channel from {from} sent no HELLO: {e}");
             return;
         }
         let hello = match wire::Header::decode(&buf[..HEADER_LEN]) {
@@ -531,7 +532,7 @@ impl HostInner {
         };
         peer.host_id.store(hello.host_id, Ordering::Relaxed);
         if let Err(e) = self.add_channel(&peer, s, hello.class, hello.index) {
-            eprintln!("netchannel: cannot add channel from {from}: {e}");
+            crate::log!(Error, "cannot add channel from {from}: {e}");
         }
     }
 
@@ -560,7 +561,9 @@ impl HostInner {
         }
         if left == 0 {
             if !peer.is_dead() {
-                eprintln!("netchannel: every channel to {} is down ({reason})", peer.key);
+                // A peer host that shut down says so; anything else is worth a warning.
+                let level = if reason == channel::PEER_SHUTDOWN { Level::Info } else { Level::Warn };
+                crate::log::line(level, format_args!("every channel to {} is down ({reason})", peer.key));
             }
             self.retire_peer(peer, reason);
             return;
@@ -610,6 +613,9 @@ impl HostInner {
                 Some(v) if Arc::ptr_eq(&v.peer, &peer) => v.on_fin(offset),
                 _ => Ok(()),
             },
+            Frame::Reset { vsock: 0, reason: Reason::Shutdown, .. } => {
+                Err(ProtoError(channel::PEER_SHUTDOWN.into()))
+            }
             Frame::Reset { vsock: 0, reason, message } => {
                 Err(ProtoError(format!("peer reset the channel ({reason}): {message}")))
             }
@@ -682,7 +688,7 @@ fn run_acceptor(host: Arc<HostInner>, mut poll: Poll, listener: TcpListener) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            eprintln!("netchannel: channel acceptor stopped: {e}");
+            crate::log!(Error, "channel acceptor stopped: {e}");
             return;
         }
         if host.is_closing() {
@@ -703,7 +709,7 @@ fn run_acceptor(host: Arc<HostInner>, mut poll: Poll, listener: TcpListener) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    eprintln!("netchannel: accepting a channel failed: {e}");
+                    crate::log!(Warn, "accepting a channel failed: {e}");
                     std::thread::sleep(Duration::from_millis(50));
                     break;
                 }
