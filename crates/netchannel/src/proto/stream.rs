@@ -21,6 +21,8 @@ pub struct TxState {
     acked: u64,
     /// Next offset to hand to a channel.
     sched: u64,
+    /// Highest offset ever handed to a channel (`sched` moves back on a rewind, this does not).
+    sched_max: u64,
     /// The application has written everything below this offset.
     written: u64,
     /// Credit limit granted by the peer.
@@ -51,6 +53,7 @@ impl TxState {
             cap,
             acked: 0,
             sched: 0,
+            sched_max: 0,
             written: 0,
             limit,
             ack_asked: 0,
@@ -105,6 +108,7 @@ impl TxState {
         let len = (end - self.sched).min(max as u64) as u32;
         let offset = self.sched;
         self.sched += len as u64;
+        self.sched_max = self.sched_max.max(self.sched);
         // Ask for an acknowledgement about four times per send buffer.
         let ack_request = self.sched.saturating_sub(self.ack_asked) >= (self.cap / 4).max(1);
         if ack_request {
@@ -130,10 +134,10 @@ impl TxState {
 
     /// A CREDIT arrived. Returns whether buffer space was freed.
     pub fn on_credit(&mut self, received: u64, limit: u64) -> Result<bool, ProtoError> {
-        if received > self.sched.max(self.acked) {
+        if received > self.sched_max {
             return Err(ProtoError(format!(
                 "peer acknowledged offset {received} but only {} was sent",
-                self.sched
+                self.sched_max
             )));
         }
         if received > limit {
@@ -145,6 +149,8 @@ impl TxState {
         self.limit = self.limit.max(limit);
         let freed = received > self.acked;
         self.acked = self.acked.max(received);
+        // After a rewind, bytes the peer acknowledges need not be sent again.
+        self.sched = self.sched.max(self.acked);
         Ok(freed)
     }
 
@@ -447,6 +453,20 @@ mod tests {
         tx.rewind();
         let c = tx.next_segment(1000).unwrap();
         assert_eq!((c.offset, c.len), (150, 150));
+    }
+
+    #[test]
+    fn acks_of_data_sent_before_a_rewind_are_accepted() {
+        let mut tx = TxState::new(1000, 1000);
+        tx.commit(300);
+        tx.next_segment(300).unwrap();
+        tx.rewind();
+        assert_eq!(tx.scheduled(), 0);
+        // The peer had received it all on the channel that later died.
+        assert!(tx.on_credit(300, 1000).unwrap());
+        assert_eq!(tx.scheduled(), 300, "acknowledged bytes are not sent again");
+        assert_eq!(tx.next_segment(100), None);
+        assert!(tx.on_credit(301, 1000).is_err());
     }
 
     #[test]
