@@ -343,3 +343,122 @@ fn backend_both_reports_tcp_then_netchannel_and_the_ratio() {
     assert_stream_report(&runs[1], "netchannel", 64 * MIB);
     assert!(f64_of(&v, "ratio") > 0.0, "{v}");
 }
+
+/// A netchannel server process on 127.0.0.2 and its channel port; waits until it listens.
+fn netchannel_server(
+    port: &str,
+    channel_port: &str,
+    extra: &[&str],
+) -> (KillOnDrop, thread::JoinHandle<String>) {
+    let listen = format!("127.0.0.2:{channel_port}");
+    let mut args = vec![
+        "bench",
+        "stream",
+        "--backend",
+        "netchannel",
+        "--role",
+        "server",
+        "--listen",
+        &listen,
+        "--port",
+        port,
+    ];
+    args.extend_from_slice(extra);
+    let mut server = KillOnDrop(Some(netchannel(&args).spawn().expect("spawn server")));
+    let (tx, rx) = mpsc::channel();
+    let err = BufReader::new(server.0.as_mut().unwrap().stderr.take().unwrap());
+    let stderr = thread::spawn(move || {
+        let mut all = String::new();
+        for line in err.lines().map_while(Result::ok) {
+            let _ = tx.send(line.clone());
+            all += &line;
+            all.push('\n');
+        }
+        all
+    });
+    let first = rx.recv_timeout(Duration::from_secs(30));
+    assert!(
+        first.as_deref().is_ok_and(|l| l.contains("listening")),
+        "server did not announce itself: {first:?}"
+    );
+    (server, stderr)
+}
+
+fn free_port() -> String {
+    let l = TcpListener::bind("127.0.0.2:0").unwrap();
+    let p = l.local_addr().unwrap().port();
+    // The client host binds the same channel port on 127.0.0.1.
+    TcpListener::bind(("127.0.0.1", p)).map(|_| p.to_string()).unwrap_or_else(|_| free_port())
+}
+
+#[test]
+fn netchannel_server_and_client_in_two_processes() {
+    let chan = free_port();
+    let (mut server, stderr) = netchannel_server("5101", &chan, &["--verify", "--json"]);
+    let connect = format!("127.0.0.2:{chan}");
+    let local = format!("127.0.0.1:{chan}");
+    let client = run_json(&[
+        "bench",
+        "stream",
+        "--backend",
+        "netchannel",
+        "--role",
+        "client",
+        "--connect",
+        &connect,
+        "--local",
+        &local,
+        "--port",
+        "5101",
+        "--bytes",
+        "48MiB",
+        "--json",
+    ]);
+    assert_eq!(u64_of(&client, "bytes"), 48 * MIB);
+    let out = finish(server.0.take().unwrap(), "bench stream --role server");
+    let server_err = stderr.join().unwrap();
+    assert!(out.status.success(), "server failed: {server_err}");
+    let v: Value = serde_json::from_str(&out.stdout).expect("server prints one JSON object");
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(u64_of(&v, "bytes"), 48 * MIB);
+}
+
+#[test]
+fn killing_the_server_process_mid_transfer_fails_the_client_promptly() {
+    let chan = free_port();
+    let (mut server, _stderr) = netchannel_server("5102", &chan, &[]);
+    let connect = format!("127.0.0.2:{chan}");
+    let local = format!("127.0.0.1:{chan}");
+    let client = netchannel(&[
+        "bench",
+        "stream",
+        "--backend",
+        "netchannel",
+        "--role",
+        "client",
+        "--connect",
+        &connect,
+        "--local",
+        &local,
+        "--port",
+        "5102",
+        "--duration",
+        "60",
+        "--json",
+    ])
+    .spawn()
+    .expect("spawn client");
+    thread::sleep(Duration::from_millis(1500));
+    let mut s = server.0.take().unwrap();
+    s.kill().expect("SIGKILL the server");
+    let _ = s.wait();
+    let killed_at = Instant::now();
+    let out = finish(client, "bench stream --role client (server killed)");
+    assert!(!out.status.success(), "client succeeded although its peer died: {}", out.stdout);
+    assert!(killed_at.elapsed() < Duration::from_secs(20), "client took {:?} to notice", killed_at.elapsed());
+    assert!(
+        out.stderr.contains("reset") || out.stderr.contains("lost") || out.stderr.contains("down"),
+        "the error says what happened: {}",
+        out.stderr
+    );
+}
