@@ -86,19 +86,6 @@ impl Ring {
             std::ptr::copy_nonoverlapping(b.ptr, dst.as_mut_ptr().add(a.len), b.len);
         }
     }
-
-    /// Append ring bytes at `offset` to `out`.
-    ///
-    /// # Safety
-    /// As for [`Ring::read`].
-    pub unsafe fn extend_vec(&self, offset: u64, len: usize, out: &mut Vec<u8>) {
-        let [a, b] = self.parts(offset, len);
-        // SAFETY: as for `read`.
-        unsafe {
-            out.extend_from_slice(std::slice::from_raw_parts(a.ptr, a.len));
-            out.extend_from_slice(std::slice::from_raw_parts(b.ptr, b.len));
-        }
-    }
 }
 
 impl Drop for Ring {
@@ -129,10 +116,6 @@ mod tests {
             r.read(7, &mut out);
         }
         assert_eq!(out, [1, 2, 3, 4, 5, 6]);
-        let mut v = Vec::new();
-        // SAFETY: single-threaded test.
-        unsafe { r.extend_vec(17, 6, &mut v) };
-        assert_eq!(v, [1, 2, 3, 4, 5, 6]);
         let [a, b] = r.parts(27, 6);
         assert_eq!((a.len, b.len), (3, 3));
     }

@@ -141,21 +141,27 @@ impl VSock {
         self.peer.send_control(self.class, f);
     }
 
-    /// Append the DATA frame for the queued segment `[offset, offset + len)` to `buf`: only
-    /// the part not yet acknowledged. Returns the bytes appended (0: nothing left to send).
-    pub(crate) fn copy_segment(&self, offset: u64, len: u32, ack_request: bool, buf: &mut Vec<u8>) -> usize {
+    /// The DATA header and the send-ring parts of the queued segment `[offset, offset + len)`:
+    /// only the part not yet acknowledged; `None` if nothing is left to send.
+    ///
+    /// The parts stay valid for reading while the caller holds an `Arc` of this vsocket. The
+    /// application rewrites those ring bytes only once `acked` has passed them, that is once
+    /// the peer holds them already: a copy still in flight then is a duplicate that the
+    /// receiver discards by offset, whatever bytes it carries.
+    pub(crate) fn segment_view(
+        &self,
+        offset: u64,
+        len: u32,
+        ack_request: bool,
+    ) -> Option<([u8; HEADER_LEN], [crate::ring::RawPart; 2])> {
         let tx = self.tx.lock().unwrap();
         if tx.error.is_some() {
-            return 0;
+            return None;
         }
-        let Some((o, l)) = tx.st.clip(offset, len) else { return 0 };
+        let (o, l) = tx.st.clip(offset, len)?;
         let mut head = [0u8; HEADER_LEN];
         wire::encode_data_header(&mut head, self.remote_id(), o, l, ack_request);
-        buf.extend_from_slice(&head);
-        // SAFETY: [o, o + l) lies in [acked, written); the writer never touches it and acked
-        // cannot move while we hold the tx lock (module docs).
-        unsafe { self.tx_ring.extend_vec(o, l as usize, buf) };
-        HEADER_LEN + l as usize
+        Some((head, self.tx_ring.parts(o, l as usize)))
     }
 
     /// Hand every segment that data and credit allow to channels; send FIN when due.

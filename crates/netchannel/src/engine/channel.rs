@@ -161,8 +161,7 @@ struct Conn {
     rbuf: Vec<u8>,
     rstart: usize,
     rend: usize,
-    wbuf: Vec<u8>,
-    wpos: usize,
+    out: Output,
 }
 
 /// Create a worker's poll and handle; the thread is started by [`run_worker`].
@@ -220,8 +219,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll) {
                             rbuf: vec![0; READ_BUF],
                             rstart: 0,
                             rend: 0,
-                            wbuf: Vec::new(),
-                            wpos: 0,
+                            out: Output::default(),
                         },
                     );
                     readable.push(token);
@@ -242,7 +240,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll) {
                     for (_, mut c) in conns.drain() {
                         // Best effort: tell the peer this is an orderly shutdown. Only when no
                         // frame is half written, so the RESET starts on a frame boundary.
-                        if c.wpos == c.wbuf.len() {
+                        if c.out.is_empty() {
                             let _ = c.sock.write(&bye);
                         }
                         let _ = poll.registry().deregister(&mut c.sock);
@@ -349,17 +347,14 @@ fn flush(c: &mut Conn) -> io::Result<()> {
     let was_full = ch.queued.load(Ordering::Relaxed) >= cap;
     ch.kicked.store(false, Ordering::Release);
     loop {
-        if c.wpos == c.wbuf.len() {
-            c.wbuf.clear();
-            c.wpos = 0;
-            gather(&ch, &mut c.wbuf);
-            if c.wbuf.is_empty() {
+        if c.out.is_empty() {
+            c.out.gather(&ch);
+            if c.out.is_empty() {
                 break;
             }
         }
-        match c.sock.write(&c.wbuf[c.wpos..]) {
+        match c.out.write_to(&c.sock) {
             Ok(n) => {
-                c.wpos += n;
                 ch.queued.fetch_sub(n, Ordering::Relaxed);
                 ch.counters.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
             }
@@ -376,30 +371,130 @@ fn flush(c: &mut Conn) -> io::Result<()> {
     Ok(())
 }
 
-/// Move frames from the queue into `buf`, up to [`WRITE_BATCH`] bytes: control first.
-fn gather(ch: &Channel, buf: &mut Vec<u8>) {
-    while buf.len() < WRITE_BATCH {
-        let (control, seg) = {
-            let mut q = ch.out.lock().unwrap();
-            match q.control.pop_front() {
-                Some(f) => (Some(f), None),
-                None => (None, q.segments.pop_front()),
+/// Most pieces one `writev` takes.
+const MAX_IOV: usize = 256;
+
+/// One piece of gathered output.
+enum Piece {
+    /// Bytes `start..end` of [`Output::buf`] (headers and control frames).
+    Buf { start: usize, end: usize },
+    /// Payload bytes straight from a vsocket's send ring, which the `Arc` keeps allocated.
+    Ring { _vs: Arc<VSock>, ptr: *const u8, len: usize },
+}
+
+impl Piece {
+    fn len(&self) -> usize {
+        match self {
+            Piece::Buf { start, end } => end - start,
+            Piece::Ring { len, .. } => *len,
+        }
+    }
+}
+
+/// Frames gathered for one channel and not yet written: headers and control frames are
+/// copied into a buffer, segment payloads are written from the send rings without a copy.
+#[derive(Default)]
+pub(crate) struct Output {
+    buf: Vec<u8>,
+    pieces: VecDeque<Piece>,
+    /// Bytes of the first piece already written.
+    head_done: usize,
+}
+
+// SAFETY: the raw pointers in `Piece::Ring` point into rings owned by the `Arc<VSock>` stored
+// beside them; an `Output` is only ever used by the one channel worker that owns it.
+unsafe impl Send for Output {}
+
+impl Output {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.buf.clear();
+        self.pieces.clear();
+        self.head_done = 0;
+    }
+
+    fn push_bytes(&mut self, bytes: &[u8]) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(bytes);
+        let end = self.buf.len();
+        match self.pieces.back_mut() {
+            Some(Piece::Buf { end: e, .. }) if *e == start => *e = end,
+            _ => self.pieces.push_back(Piece::Buf { start, end }),
+        }
+    }
+
+    /// Move frames from the channel's queue, up to [`WRITE_BATCH`] bytes: control first.
+    fn gather(&mut self, ch: &Channel) {
+        self.clear();
+        let mut bytes = 0;
+        while bytes < WRITE_BATCH && self.pieces.len() + 3 <= MAX_IOV {
+            let (control, seg) = {
+                let mut q = ch.out.lock().unwrap();
+                match q.control.pop_front() {
+                    Some(f) => (Some(f), None),
+                    None => (None, q.segments.pop_front()),
+                }
+            };
+            if let Some(f) = control {
+                self.push_bytes(&f);
+                bytes += f.len();
+                ch.counters.frames_sent.fetch_add(1, Ordering::Relaxed);
+                continue;
             }
-        };
-        if let Some(f) = control {
-            buf.extend_from_slice(&f);
+            let Some((vs, offset, len, ack_request)) = seg else { break };
+            let view = vs.segment_view(offset, len, ack_request);
+            let sent = view.as_ref().map_or(0, |(_, parts)| HEADER_LEN + parts[0].len + parts[1].len);
+            let skipped = (HEADER_LEN + len as usize) - sent;
+            if skipped > 0 {
+                ch.queued.fetch_sub(skipped, Ordering::Relaxed);
+            }
+            let Some((header, parts)) = view else { continue };
+            self.push_bytes(&header);
+            for p in parts.into_iter().filter(|p| p.len > 0) {
+                self.pieces.push_back(Piece::Ring { _vs: vs.clone(), ptr: p.ptr, len: p.len });
+            }
+            bytes += sent;
             ch.counters.frames_sent.fetch_add(1, Ordering::Relaxed);
-            continue;
         }
-        let Some((vs, offset, len, ack_request)) = seg else { break };
-        let sent = vs.copy_segment(offset, len, ack_request, buf);
-        let skipped = (HEADER_LEN + len as usize) - sent;
-        if skipped > 0 {
-            ch.queued.fetch_sub(skipped, Ordering::Relaxed);
+    }
+
+    /// One `writev` of the gathered pieces; returns the bytes written.
+    fn write_to(&mut self, sock: &TcpStream) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(self.pieces.len().min(MAX_IOV));
+        for (i, p) in self.pieces.iter().take(MAX_IOV).enumerate() {
+            let skip = if i == 0 { self.head_done } else { 0 };
+            let (base, len) = match p {
+                Piece::Buf { start, end } => (self.buf[*start..*end].as_ptr(), end - start),
+                Piece::Ring { ptr, len, .. } => (*ptr, *len),
+            };
+            // SAFETY: skip < len for the first piece (fully written pieces are popped).
+            iov.push(libc::iovec { iov_base: unsafe { base.add(skip) } as *mut _, iov_len: len - skip });
         }
-        if sent > 0 {
-            ch.counters.frames_sent.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: every iovec points into `self.buf` or into a send ring kept alive by its
+        // `Arc<VSock>`. Ring bytes of a queued segment are only rewritten by the application
+        // after the peer acknowledged them, i.e. when this copy is a duplicate the receiver
+        // discards (see `VSock::segment_view`); the kernel only reads them.
+        let n = unsafe { libc::writev(sock.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
         }
+        let mut left = n as usize;
+        while left > 0 {
+            let first = self.pieces.front().expect("wrote more than gathered").len() - self.head_done;
+            if left >= first {
+                left -= first;
+                self.pieces.pop_front();
+                self.head_done = 0;
+            } else {
+                self.head_done += left;
+                left = 0;
+            }
+        }
+        Ok(n as usize)
     }
 }
 
