@@ -104,6 +104,18 @@ impl Connector {
             }
         }
     }
+
+    /// Open a stream of traffic class `class`: a vsocket of that class for NetChannel; TCP has
+    /// no classes, so there this is [`Connector::connect`].
+    pub fn connect_class(&self, class: Class) -> Result<Box<dyn Conn>> {
+        match &self.host {
+            Some(host) => Ok(Box::new(
+                host.connect_class(self.target, class)
+                    .context(|| format!("cannot connect to {}", self.target))?,
+            )),
+            None => self.connect(),
+        }
+    }
 }
 
 /// The hosts (for NetChannel) and addresses of one run.

@@ -12,6 +12,11 @@
 //! then add a variant to [`Mode`] and an arm to [`run`].
 
 pub mod backend;
+pub mod connect;
+pub mod isolation;
+pub mod pingpong;
+pub mod rpc;
+pub mod short;
 pub mod stream;
 
 use std::fmt::Write as _;
@@ -35,12 +40,26 @@ pub enum Mode {
     /// Bulk transfer: one app thread writes a stream of large writes, one app thread reads it
     /// (experiment 6a/6b: can one app thread use many cores?).
     Stream(stream::StreamArgs),
+    /// Small messages: one app thread sends --size messages back to back, no reply
+    /// (experiment 6c: do small messages scale with channels?).
+    Short(short::ShortArgs),
+    /// Request/response latency: one --size request and its echo at a time (HDR percentiles).
+    Pingpong(pingpong::PingpongArgs),
+    /// Connection rate: open a connection, one request/response, close; again and again.
+    Connect(connect::ConnectArgs),
+    /// Latency isolation: a ping-pong app alone, then beside --bulk-apps bulk streams
+    /// (experiment 6d: is latency isolated from bulk?).
+    Isolation(isolation::IsolationArgs),
 }
 
 /// Run one benchmark mode.
 pub fn run(mode: &Mode) -> Result<()> {
     match mode {
         Mode::Stream(args) => stream::run(args),
+        Mode::Short(args) => short::run(args),
+        Mode::Pingpong(args) => pingpong::run(args),
+        Mode::Connect(args) => connect::run(args),
+        Mode::Isolation(args) => isolation::run(args),
     }
 }
 
@@ -399,6 +418,16 @@ pub fn watch<E>(
         eprint!("\r{:60}\r", "");
     }
     result
+}
+
+/// Start a named worker thread of a benchmark; its result travels over a channel, so the
+/// handle is dropped.
+pub fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<()> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)
+        .map(drop)
+        .map_err(|e| format!("cannot start the {name} thread: {}", crate::error::describe(&e)).into())
 }
 
 /// `1.50 GiB`, `64.0 KiB`, `512 B`.
