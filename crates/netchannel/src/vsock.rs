@@ -29,6 +29,9 @@ use crate::proto::ProtoError;
 use crate::ring::Ring;
 use crate::wire::{self, Class, Frame, Reason, HEADER_LEN};
 
+/// Most segment bytes one `pump` of a latency-class vsocket writes to channels from the
+/// calling thread; beyond this the channel workers write them.
+pub(crate) const INLINE_MAX: usize = 16 << 10;
 /// Largest piece of one write copied into the send ring before segments start to flow.
 const WRITE_PIECE: usize = 1 << 20;
 
@@ -165,12 +168,19 @@ impl VSock {
     }
 
     /// Hand every segment that data and credit allow to channels; send FIN when due.
+    ///
+    /// A latency-class vsocket's small sends (at most [`INLINE_MAX`] bytes) are written to
+    /// the channel from this thread, sparing a hand-off to a channel worker. Everything else
+    /// is left to the channel workers, so that one app thread's bulk spreads over several
+    /// cores and back-to-back small messages are batched into few syscalls.
     pub(crate) fn pump(self: &Arc<Self>) {
         let mut tx = self.tx.lock().unwrap();
         if tx.error.is_some() || !tx.opened {
             return;
         }
         let mut parked = false;
+        let mut used: Vec<Arc<crate::engine::channel::Channel>> = Vec::new();
+        let mut bytes = 0usize;
         while let Some(seg) = tx.st.next_segment(self.seg_size) {
             let ch = match self.peer.pick_segment_channel(self.class, self.id) {
                 Some(ch) => ch,
@@ -191,15 +201,27 @@ impl VSock {
                     break;
                 }
             };
-            ch.push(OutFrame::Segment {
+            ch.enqueue(OutFrame::Segment {
                 vs: self.clone(),
                 offset: seg.offset,
                 len: seg.len,
                 ack_request: seg.ack_request,
             });
+            bytes += seg.len as usize;
+            if !used.iter().any(|c| Arc::ptr_eq(c, &ch)) {
+                used.push(ch);
+            }
         }
-        if let Some(offset) = tx.st.take_fin() {
-            drop(tx);
+        let fin = tx.st.take_fin();
+        drop(tx);
+        for ch in used {
+            if self.class == Class::Latency && bytes <= INLINE_MAX {
+                ch.send_now();
+            } else {
+                ch.kick();
+            }
+        }
+        if let Some(offset) = fin {
             self.send_control(&Frame::Fin { vsock: self.remote_id(), offset });
         }
     }

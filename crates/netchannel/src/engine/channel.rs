@@ -64,13 +64,37 @@ pub(crate) struct Channel {
     /// Unsent bytes: queued frames plus bytes gathered but not yet written to the socket.
     pub queued: AtomicUsize,
     kicked: AtomicBool,
+    /// Whoever holds this writes the channel: an app thread sending a small frame inline, or
+    /// the channel's worker.
+    writer: Mutex<Writer>,
     pub up: AtomicBool,
     pub counters: Counters,
     host: Weak<HostInner>,
 }
 
+/// The writing half of a channel: gathered output and the socket (a duplicate of the
+/// worker's descriptor, so app threads can write without the worker).
+struct Writer {
+    out: Output,
+    sock: Option<std::net::TcpStream>,
+}
+
+/// How a flush ended.
+enum Flushed {
+    /// Everything queued was written.
+    Empty,
+    /// The socket's buffer is full; the worker goes on when it drains.
+    Blocked,
+}
+
 impl Channel {
-    pub(crate) fn new(host: &Arc<HostInner>, peer: &Arc<Peer>, class: Class, index: u16) -> Arc<Channel> {
+    pub(crate) fn new(
+        host: &Arc<HostInner>,
+        peer: &Arc<Peer>,
+        class: Class,
+        index: u16,
+        write_sock: std::net::TcpStream,
+    ) -> Arc<Channel> {
         let token = host.next_token.fetch_add(1, Ordering::Relaxed);
         let worker = token % host.workers.len();
         Arc::new(Channel {
@@ -82,14 +106,15 @@ impl Channel {
             out: Mutex::new(OutQueue::default()),
             queued: AtomicUsize::new(0),
             kicked: AtomicBool::new(false),
+            writer: Mutex::new(Writer { out: Output::default(), sock: Some(write_sock) }),
             up: AtomicBool::new(true),
             counters: Counters::default(),
             host: Arc::downgrade(host),
         })
     }
 
-    /// Queue a frame and make sure the channel's worker will write it.
-    pub(crate) fn push(&self, f: OutFrame) {
+    /// Queue a frame; the caller then calls [`Channel::send_now`] or [`Channel::kick`].
+    pub(crate) fn enqueue(&self, f: OutFrame) {
         {
             let mut q = self.out.lock().unwrap();
             match f {
@@ -103,17 +128,103 @@ impl Channel {
                 }
             }
         }
-        self.kick();
     }
 
-    /// Queue an encoded control frame.
+    /// Queue an encoded control frame and send it now.
+    ///
+    /// Must not be called while holding a vsocket's `tx` lock (writing takes it).
     pub(crate) fn push_frame(&self, frame: &Frame<'_>) {
         let mut bytes = Vec::with_capacity(frame.encoded_len());
         frame.encode(&mut bytes);
-        self.push(OutFrame::Control(bytes));
+        self.enqueue(OutFrame::Control(bytes));
+        self.send_now();
     }
 
-    fn kick(&self) {
+    /// Write what is queued from this thread, saving the hand-off to the channel's worker (a
+    /// latency win for small frames). If another thread is writing the channel it will see
+    /// the new frames; if the socket is full the worker takes over when it drains.
+    ///
+    /// Must not be called while holding a vsocket's `tx` lock (writing takes it).
+    pub(crate) fn send_now(&self) {
+        loop {
+            let Ok(mut w) = self.writer.try_lock() else { return };
+            let res = self.flush_locked(&mut w);
+            drop(w);
+            self.unblock_parked();
+            match res {
+                Ok(Flushed::Empty) if self.has_queued() => continue,
+                Ok(Flushed::Empty) => return,
+                // The worker writes the rest on the writable edge, or meets the error itself.
+                Ok(Flushed::Blocked) | Err(_) => return self.kick(),
+            }
+        }
+    }
+
+    fn has_queued(&self) -> bool {
+        let q = self.out.lock().unwrap();
+        !q.control.is_empty() || !q.segments.is_empty()
+    }
+
+    /// Gather queued frames and write them until the socket would block or nothing is left.
+    fn flush_locked(&self, w: &mut Writer) -> io::Result<Flushed> {
+        let Some(sock) = w.sock.as_ref() else {
+            return Err(io::Error::new(io::ErrorKind::NotConnected, "channel closed"));
+        };
+        loop {
+            if w.out.is_empty() {
+                w.out.gather(self);
+                if w.out.is_empty() {
+                    break Ok(Flushed::Empty);
+                }
+            }
+            match w.out.write_to(sock) {
+                Ok(n) => {
+                    self.queued.fetch_sub(n, Ordering::Relaxed);
+                    self.counters.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(Flushed::Blocked),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        }
+    }
+
+    /// Vsockets parked because every channel was full may go on if this one has room now.
+    /// Called without the writer lock (scheduling takes vsocket locks).
+    fn unblock_parked(&self) {
+        let cap = self.host.upgrade().map_or(usize::MAX, |h| h.cfg.channel_queue);
+        if self.queued.load(Ordering::Relaxed) < cap {
+            if let Some(peer) = self.peer.upgrade() {
+                peer.unblock();
+            }
+        }
+    }
+
+    /// The worker's flush: wait for the writer, write, and repeat while frames keep coming.
+    fn flush_from_worker(&self) -> io::Result<()> {
+        self.kicked.store(false, Ordering::Release);
+        loop {
+            let res = {
+                let mut w = self.writer.lock().unwrap();
+                self.flush_locked(&mut w)?
+            };
+            self.unblock_parked();
+            match res {
+                Flushed::Empty if self.has_queued() => continue,
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// Close the writing half: shut the TCP connection down so the peer sees it.
+    fn close_writer(&self) {
+        if let Some(s) = self.writer.lock().unwrap().sock.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Ask the channel's worker to write what is queued.
+    pub(crate) fn kick(&self) {
         if !self.kicked.swap(true, Ordering::AcqRel) {
             if let Some(host) = self.host.upgrade() {
                 host.workers[self.worker].command(Command::Kick(self.token));
@@ -161,7 +272,6 @@ struct Conn {
     rbuf: Vec<u8>,
     rstart: usize,
     rend: usize,
-    out: Output,
 }
 
 /// Create a worker's poll and handle; the thread is started by [`run_worker`].
@@ -211,17 +321,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll) {
                         channel_down(&host, &ch, &format!("register failed: {e}"));
                         continue;
                     }
-                    conns.insert(
-                        token,
-                        Conn {
-                            ch,
-                            sock,
-                            rbuf: vec![0; READ_BUF],
-                            rstart: 0,
-                            rend: 0,
-                            out: Output::default(),
-                        },
-                    );
+                    conns.insert(token, Conn { ch, sock, rbuf: vec![0; READ_BUF], rstart: 0, rend: 0 });
                     readable.push(token);
                     writable.push(token);
                 }
@@ -240,11 +340,14 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll) {
                     for (_, mut c) in conns.drain() {
                         // Best effort: tell the peer this is an orderly shutdown. Only when no
                         // frame is half written, so the RESET starts on a frame boundary.
-                        if c.out.is_empty() {
-                            let _ = c.sock.write(&bye);
+                        if let Ok(w) = c.ch.writer.lock() {
+                            if let (true, Some(s)) = (w.out.is_empty(), w.sock.as_ref()) {
+                                let _ = (&*s).write(&bye);
+                            }
                         }
                         let _ = poll.registry().deregister(&mut c.sock);
                         c.ch.up.store(false, Ordering::Release);
+                        c.ch.close_writer();
                         c.ch.clear();
                     }
                     return;
@@ -269,7 +372,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll) {
         writable.dedup();
         for t in writable {
             let Some(conn) = conns.get_mut(&t) else { continue };
-            if let Err(e) = flush(conn) {
+            if let Err(e) = conn.ch.flush_from_worker() {
                 if let Some(mut c) = conns.remove(&t) {
                     let _ = poll.registry().deregister(&mut c.sock);
                     channel_down(&host, &c.ch, &format!("write failed: {e}"));
@@ -338,37 +441,6 @@ fn parse(host: &Arc<HostInner>, c: &mut Conn) -> Result<(), String> {
             Err(e) => return Err(format!("malformed frame: {e}")),
         }
     }
-}
-
-/// Gather queued frames and write them until the socket would block or the queue is empty.
-fn flush(c: &mut Conn) -> io::Result<()> {
-    let ch = c.ch.clone();
-    let cap = ch.host.upgrade().map_or(usize::MAX, |h| h.cfg.channel_queue);
-    let was_full = ch.queued.load(Ordering::Relaxed) >= cap;
-    ch.kicked.store(false, Ordering::Release);
-    loop {
-        if c.out.is_empty() {
-            c.out.gather(&ch);
-            if c.out.is_empty() {
-                break;
-            }
-        }
-        match c.out.write_to(&c.sock) {
-            Ok(n) => {
-                ch.queued.fetch_sub(n, Ordering::Relaxed);
-                ch.counters.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    if was_full || ch.queued.load(Ordering::Relaxed) < cap {
-        if let Some(peer) = ch.peer.upgrade() {
-            peer.unblock();
-        }
-    }
-    Ok(())
 }
 
 /// Most pieces one `writev` takes.
@@ -462,7 +534,7 @@ impl Output {
     }
 
     /// One `writev` of the gathered pieces; returns the bytes written.
-    fn write_to(&mut self, sock: &TcpStream) -> io::Result<usize> {
+    fn write_to(&mut self, sock: &std::net::TcpStream) -> io::Result<usize> {
         use std::os::fd::AsRawFd;
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(self.pieces.len().min(MAX_IOV));
         for (i, p) in self.pieces.iter().take(MAX_IOV).enumerate() {
@@ -503,6 +575,7 @@ pub(crate) fn channel_down(host: &Arc<HostInner>, ch: &Arc<Channel>, reason: &st
     if !ch.up.swap(false, Ordering::AcqRel) {
         return;
     }
+    ch.close_writer();
     ch.clear();
     ch.queued.store(0, Ordering::Relaxed);
     if let Some(peer) = ch.peer.upgrade() {

@@ -448,7 +448,8 @@ impl HostInner {
             *peer.local_ip.lock().unwrap() = Some(a.ip());
         }
         s.set_nonblocking(true)?;
-        let ch = Channel::new(self, peer, class, index);
+        let write_half = s.try_clone()?;
+        let ch = Channel::new(self, peer, class, index, write_half);
         peer.channels.write().unwrap().push(ch.clone());
         self.workers[ch.worker].command(Command::Add(ch, mio::net::TcpStream::from_std(s)));
         Ok(())
