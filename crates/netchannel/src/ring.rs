@@ -7,11 +7,66 @@
 //!
 //! Memory is mapped from the kernel, which provides zeroed pages lazily: a vsocket that moves
 //! few bytes costs little resident memory and no set-up time, whatever its buffer size.
+//! A [`RingPool`] recycles the memory of closed vsockets.
+
+use std::sync::{Arc, Mutex, Weak};
 
 /// A fixed-size byte ring.
 pub struct Ring {
     ptr: *mut u8,
     cap: usize,
+    /// Where the memory goes back to when the ring is dropped.
+    pool: Option<Weak<RingPool>>,
+}
+
+/// Recycles ring memory between vsockets, sparing an `mmap`/`munmap` pair (and the page
+/// faults and TLB shootdowns they bring) for each short-lived vsocket. A recycled ring holds
+/// old bytes, which is harmless: no offset is read before it has been written.
+#[derive(Debug)]
+pub struct RingPool {
+    free: Mutex<Vec<(usize, usize)>>,
+    max_bytes: usize,
+}
+
+impl RingPool {
+    /// A pool that keeps at most `max_bytes` of free ring memory.
+    pub fn new(max_bytes: usize) -> Arc<RingPool> {
+        Arc::new(RingPool { free: Mutex::new(Vec::new()), max_bytes })
+    }
+
+    /// A ring of `cap` bytes, recycled if one is free.
+    pub fn take(self: &Arc<Self>, cap: usize) -> Ring {
+        let reused = {
+            let mut free = self.free.lock().unwrap();
+            free.iter().position(|&(_, c)| c == cap).map(|i| free.swap_remove(i))
+        };
+        let mut ring = match reused {
+            Some((addr, cap)) => Ring { ptr: addr as *mut u8, cap, pool: None },
+            None => Ring::new(cap),
+        };
+        ring.pool = Some(Arc::downgrade(self));
+        ring
+    }
+
+    /// Keep `ring`'s memory if there is room; false if the caller must unmap it.
+    fn give_back(&self, ptr: *mut u8, cap: usize) -> bool {
+        let mut free = self.free.lock().unwrap();
+        let held: usize = free.iter().map(|&(_, c)| c).sum();
+        if held + cap > self.max_bytes {
+            return false;
+        }
+        free.push((ptr as usize, cap));
+        true
+    }
+}
+
+impl Drop for RingPool {
+    fn drop(&mut self) {
+        for &(addr, cap) in self.free.get_mut().unwrap().iter() {
+            // SAFETY: mapped by `Ring::new` with this length, owned by the pool alone.
+            unsafe { libc::munmap(addr as *mut libc::c_void, cap) };
+        }
+    }
 }
 
 // SAFETY: the ring is plain memory; concurrent access is coordinated by the vsocket state
@@ -47,7 +102,7 @@ impl Ring {
         if ptr == libc::MAP_FAILED {
             panic!("cannot map a {cap}-byte vsocket buffer: {}", std::io::Error::last_os_error());
         }
-        Ring { ptr: ptr.cast(), cap }
+        Ring { ptr: ptr.cast(), cap, pool: None }
     }
 
     /// Capacity in bytes.
@@ -98,6 +153,11 @@ impl Ring {
 
 impl Drop for Ring {
     fn drop(&mut self) {
+        if let Some(pool) = self.pool.as_ref().and_then(Weak::upgrade) {
+            if pool.give_back(self.ptr, self.cap) {
+                return;
+            }
+        }
         // SAFETY: mapped in `new` with this length and not used after this.
         unsafe { libc::munmap(self.ptr.cast(), self.cap) };
     }
@@ -125,5 +185,22 @@ mod tests {
         assert_eq!(out, [1, 2, 3, 4, 5, 6]);
         let [a, b] = r.parts(27, 6);
         assert_eq!((a.len, b.len), (3, 3));
+    }
+
+    #[test]
+    fn pool_recycles_within_its_bound() {
+        let pool = RingPool::new(3 << 16);
+        let a = pool.take(1 << 16);
+        let addr = a.ptr as usize;
+        drop(a);
+        let b = pool.take(1 << 16);
+        assert_eq!(b.ptr as usize, addr, "memory recycled");
+        let c = pool.take(1 << 17);
+        let d = pool.take(1 << 17);
+        drop(b);
+        drop(c);
+        drop(d); // over the bound: unmapped, not kept
+        let held: usize = pool.free.lock().unwrap().iter().map(|&(_, c)| c).sum();
+        assert!(held <= 3 << 16, "pool holds {held} bytes");
     }
 }

@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::copy::CopyPool;
 use crate::log::Level;
 use crate::proto::ProtoError;
+use crate::ring::RingPool;
 use crate::vsock::{ListenQueue, VListener, VSock, VStream};
 use crate::wire::{self, Class, Frame, HelloOk, Reason, HEADER_LEN};
 use channel::{Channel, Command, WorkerHandle};
@@ -31,6 +32,8 @@ use peer::{Peer, PeerState};
 
 /// First port handed out to connecting vsockets.
 const EPHEMERAL_FIRST: u16 = 32768;
+/// Free ring memory a host keeps for new vsockets.
+const RING_POOL_BYTES: usize = 64 << 20;
 /// How long an accepted channel may take to send its HELLO.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -48,6 +51,8 @@ pub(crate) struct HostInner {
     pub next_token: AtomicUsize,
     pub workers: Vec<WorkerHandle>,
     pub copy: CopyPool,
+    /// Ring memory of closed vsockets, for the next ones.
+    pub rings: Arc<RingPool>,
     closing: AtomicBool,
     acceptor_waker: Waker,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -178,6 +183,7 @@ impl Host {
             next_token: AtomicUsize::new(0),
             workers,
             copy,
+            rings: RingPool::new(RING_POOL_BYTES),
             closing: AtomicBool::new(false),
             acceptor_waker,
             threads: Mutex::new(Vec::new()),
