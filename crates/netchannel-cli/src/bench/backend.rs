@@ -1,17 +1,31 @@
-//! The two stacks a benchmark compares, behind one interface: a [`Net`] sets up the hosts (or
-//! nothing, for TCP) for a [`Role`], hands out the server's [`Listener`] and the client's
-//! [`Connector`], and both yield a boxed [`Conn`] (a `VStream` or a `TcpStream`).
+//! The stacks a benchmark compares, behind one interface: a [`Net`] sets up the hosts (or
+//! nothing, for TCP and MPTCP) for a [`Role`], hands out the server's [`Listener`] and the
+//! client's [`Connector`], and both yield a boxed [`Conn`] (a `VStream`, a `TcpStream` or an
+//! [`MptcpStream`]).
 //!
 //! Topology of `--role both`: two embedded hosts in this process, host A on
 //! `127.0.0.1:P` (the client) and host B on `127.0.0.2:P` (the server). Both use the same
 //! channel port `P` because the engine dials a peer at `peer_ip:config.peer_port()`. Over TCP,
 //! the server listens on `127.0.0.2` (ephemeral port) and the client connects from loopback.
+//! MPTCP does the same, but (as root) inside a private namespace with only `lo`, where the path
+//! manager gets `--subflows - 1` extra `subflow` endpoints 127.0.0.3….
+//!
+//! With `--netns` the same happens between two namespaces joined by a veth pair
+//! ([`Topology::veth_pair`]): the client (host A) on `10.X.Y.1`, the server (host B) on
+//! `10.X.Y.2`. Whatever creates a socket runs in the right namespace: hosts are started and
+//! listeners bound on a thread inside it ([`Ns::run`]), and [`Connector::connect`] moves the
+//! calling thread into the client's namespace first (the engine dials its channels from the
+//! thread that connects). The namespaces are removed when the [`Net`] goes away.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 
+use std::sync::Arc;
+
 use netchannel::{Class, Config, Host, VListener, VStream};
 
+use super::mptcp::{self, MptcpStream, Subflows};
+use super::netns::{self, Ns, Topology};
 use super::{CommonOpts, Role, Stack};
 use crate::error::{describe, Context, Error, Result};
 
@@ -24,11 +38,26 @@ pub const LOOPBACK_SERVER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 pub trait Conn: Read + Write + Send {
     /// Half-close: no more writes; the peer reads EOF after the bytes already written.
     fn shutdown_write(&self) -> io::Result<()>;
+
+    /// MPTCP only: the connection's subflows right now; `None` for the other stacks.
+    fn subflows(&self) -> Option<io::Result<Subflows>> {
+        None
+    }
 }
 
 impl Conn for TcpStream {
     fn shutdown_write(&self) -> io::Result<()> {
         self.shutdown(Shutdown::Write)
+    }
+}
+
+impl Conn for MptcpStream {
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.0.shutdown(Shutdown::Write)
+    }
+
+    fn subflows(&self) -> Option<io::Result<Subflows>> {
+        Some(mptcp::subflows(&self.0))
     }
 }
 
@@ -42,6 +71,8 @@ impl Conn for VStream {
 pub enum Listener {
     /// A kernel TCP listener.
     Tcp(TcpListener),
+    /// A kernel MPTCP listener.
+    Mptcp(TcpListener),
     /// A vsocket listener on an embedded host.
     Vsock(VListener, SocketAddr),
 }
@@ -55,6 +86,12 @@ impl Listener {
                 s.set_nodelay(true)
                     .context(|| format!("cannot set TCP_NODELAY on the stream from {peer}"))?;
                 Ok((Box::new(s), peer))
+            }
+            Listener::Mptcp(l) => {
+                let (s, peer) = l.accept().context(|| format!("cannot accept on {}", self.describe()))?;
+                s.set_nodelay(true)
+                    .context(|| format!("cannot set TCP_NODELAY on the MPTCP stream from {peer}"))?;
+                Ok((Box::new(MptcpStream(s)), peer))
             }
             Listener::Vsock(l, _) => {
                 let (s, peer) = l.accept().context(|| format!("cannot accept on {}", self.describe()))?;
@@ -70,6 +107,10 @@ impl Listener {
                 Ok(a) => format!("TCP {a}"),
                 Err(_) => "TCP".to_string(),
             },
+            Listener::Mptcp(l) => match l.local_addr() {
+                Ok(a) => format!("MPTCP {a}"),
+                Err(_) => "MPTCP".to_string(),
+            },
             Listener::Vsock(l, host) => match l.local_addr() {
                 Ok(a) => format!("vsocket port {} of host {host}", a.port()),
                 Err(_) => format!("a vsocket port of host {host}"),
@@ -83,6 +124,9 @@ impl Listener {
 pub struct Connector {
     host: Option<Host>,
     target: SocketAddr,
+    mptcp: bool,
+    /// `--netns`: the client's namespace, entered by the connecting thread.
+    ns: Option<Arc<Ns>>,
 }
 
 impl Connector {
@@ -91,11 +135,24 @@ impl Connector {
         self.target
     }
 
-    /// Open the stream; TCP streams get `TCP_NODELAY`.
+    /// Open the stream; TCP and MPTCP streams get `TCP_NODELAY`. With `--netns` the calling
+    /// thread first moves into the client's namespace (and stays there).
     pub fn connect(&self) -> Result<Box<dyn Conn>> {
+        if let Some(ns) = &self.ns {
+            ns.enter()?;
+        }
         let what = || format!("cannot connect to {}", self.target);
         match &self.host {
             Some(host) => Ok(Box::new(host.connect(self.target).context(what)?)),
+            None if self.mptcp => {
+                let s = mptcp::connect(self.target).map_err(|e| match mptcp::unavailable(&e) {
+                    Some(msg) => Error::from(msg),
+                    None => Error::from(format!("{}: {}", what(), describe(&e))),
+                })?;
+                s.set_nodelay(true)
+                    .context(|| format!("cannot set TCP_NODELAY on the MPTCP stream to {}", self.target))?;
+                Ok(Box::new(MptcpStream(s)))
+            }
             None => {
                 let s = TcpStream::connect(self.target).context(what)?;
                 s.set_nodelay(true)
@@ -108,6 +165,9 @@ impl Connector {
     /// Open a stream of traffic class `class`: a vsocket of that class for NetChannel; TCP has
     /// no classes, so there this is [`Connector::connect`].
     pub fn connect_class(&self, class: Class) -> Result<Box<dyn Conn>> {
+        if let Some(ns) = &self.ns {
+            ns.enter()?;
+        }
         match &self.host {
             Some(host) => Ok(Box::new(
                 host.connect_class(self.target, class)
@@ -129,11 +189,17 @@ pub struct Net {
     /// Client side: the host that connects (NetChannel) and where it connects.
     client_host: Option<Host>,
     target: Option<SocketAddr>,
+    /// MPTCP with `--role both`: the subflows each connection is set up to have.
+    subflows: Option<usize>,
+    /// `--netns`, or MPTCP's private loopback namespace; removed on drop, so it comes last.
+    topology: Option<Topology>,
 }
 
 impl Net {
     /// Start what `stack` needs for `opts.role`: NetChannel hosts are started here (with the
-    /// role's listen address put into `config`); TCP needs nothing until [`Net::listen`].
+    /// role's listen address put into `config`); TCP needs nothing until [`Net::listen`];
+    /// MPTCP is probed (and, with `--role both` as root, its path manager configured). With
+    /// `--netns` the namespaces are created here.
     pub fn open(stack: Stack, opts: &CommonOpts, config: &Config) -> Result<Net> {
         let mut net = Net {
             stack,
@@ -143,7 +209,14 @@ impl Net {
             server_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             client_host: None,
             target: None,
+            subflows: None,
+            topology: None,
         };
+        if opts.netns && opts.role != Role::Both {
+            return Err(
+                "--netns runs both ends in this process in two namespaces: it needs --role both".into()
+            );
+        }
         if opts.role != Role::Client && opts.connect.is_some() {
             return Err("--connect is for --role client".into());
         }
@@ -156,6 +229,22 @@ impl Net {
             return Err("--local is for --role client with --backend netchannel".into());
         }
         match (opts.role, stack) {
+            (Role::Both, _) if opts.netns => net.open_in(Topology::veth_pair(opts.rate)?, opts, config)?,
+            (Role::Both, Stack::Mptcp) if is_root() => net.open_in(Topology::loopback()?, opts, config)?,
+            (Role::Both, Stack::Mptcp) => {
+                if opts.subflows > 1 {
+                    return Err(format!(
+                        "MPTCP is not available with --subflows {}: the extra subflows need path \
+                         manager endpoints, set in a private network namespace, which needs root \
+                         (run as root, or use --subflows 1)",
+                        opts.subflows
+                    )
+                    .into());
+                }
+                mptcp::probe(IpAddr::V4(LOOPBACK_SERVER))?;
+                net.server_ip = IpAddr::V4(LOOPBACK_SERVER);
+                net.subflows = Some(1);
+            }
             (Role::Both, Stack::Tcp) => net.server_ip = IpAddr::V4(LOOPBACK_SERVER),
             (Role::Both, Stack::Netchannel) => {
                 let (a, b) = loopback_pair(config)?;
@@ -170,6 +259,9 @@ impl Net {
                     None => (config.listen.ip(), None),
                 };
                 net.server_ip = ip;
+                if stack == Stack::Mptcp {
+                    mptcp::probe(ip)?;
+                }
                 if stack == Stack::Netchannel {
                     let mut c = config.clone();
                     c.listen = SocketAddr::new(ip, channel_port.unwrap_or(config.listen.port()));
@@ -183,6 +275,9 @@ impl Net {
                     .ok_or("--role client needs --connect ADDR (the server's --listen)")?;
                 let (ip, channel_port) = parse_host_addr("--connect", s)?;
                 net.target = Some(SocketAddr::new(ip, opts.port));
+                if stack == Stack::Mptcp {
+                    mptcp::probe(ip)?;
+                }
                 if stack == Stack::Netchannel {
                     let mut c = config.clone();
                     let peer_port = channel_port.unwrap_or(config.peer_port());
@@ -195,7 +290,62 @@ impl Net {
         Ok(net)
     }
 
-    /// The server's listener: a vsocket port on the server host, or a TCP listener.
+    /// `--role both` inside `topo`: the client in its client namespace, the server in its
+    /// server namespace (the same one for a loopback topology).
+    fn open_in(&mut self, topo: Topology, opts: &CommonOpts, config: &Config) -> Result<()> {
+        self.server_ip = topo.server_ip();
+        match self.stack {
+            Stack::Tcp => {}
+            Stack::Mptcp => {
+                topo.client_ns().run(|| mptcp::probe(topo.client_ip()))??;
+                topo.configure_mptcp(opts.subflows - 1).map_err(|e| {
+                    Error::from(format!("MPTCP is not available: cannot configure the path manager: {e}"))
+                })?;
+                self.subflows = Some(opts.subflows);
+            }
+            Stack::Netchannel => {
+                // Each namespace has its own ports: the configured one is free in both.
+                let port = match config.listen.port() {
+                    0 => Config::default().listen.port(),
+                    p => p,
+                };
+                let cfg = |ip: IpAddr| Config {
+                    listen: SocketAddr::new(ip, port),
+                    peer_port: Some(port),
+                    ..config.clone()
+                };
+                let (a, b) = (cfg(topo.client_ip()), cfg(topo.server_ip()));
+                // The engine binds its channel listener in the thread that starts the host.
+                let a = topo.client_ns().run(|| start_host(a))??;
+                let b = match topo.server_ns().run(|| start_host(b)) {
+                    Ok(Ok(b)) => b,
+                    Ok(Err(e)) | Err(e) => {
+                        a.shutdown();
+                        return Err(e);
+                    }
+                };
+                self.target = Some(SocketAddr::new(self.server_ip, opts.port));
+                self.client_host = Some(a);
+                self.server_host = Some(b);
+            }
+        }
+        self.topology = Some(topo);
+        Ok(())
+    }
+
+    /// MPTCP with `--role both`: the subflows each connection is set up to have.
+    pub fn subflows(&self) -> Option<usize> {
+        self.subflows
+    }
+
+    /// `--netns`: the two namespaces the ends run in; `None` otherwise (also for MPTCP's
+    /// private loopback namespace).
+    pub fn netns(&self) -> Option<&Topology> {
+        self.topology.as_ref().filter(|t| t.kind() == netns::Kind::Veth)
+    }
+
+    /// The server's listener: a vsocket port on the server host, or a TCP (MPTCP) listener,
+    /// bound inside the server's namespace if there is one.
     pub fn listen(&mut self) -> Result<Listener> {
         if !self.role.has_server() {
             return Err("internal: listen() on a client-only run".into());
@@ -211,12 +361,24 @@ impl Net {
                 // --role both: an ephemeral port, so parallel runs never collide.
                 let port = if self.role == Role::Both { 0 } else { self.port };
                 let addr = SocketAddr::new(self.server_ip, port);
-                let l = TcpListener::bind(addr).context(|| format!("cannot listen on TCP {addr}"))?;
+                let mptcp = self.stack == Stack::Mptcp;
+                let kind = if mptcp { "MPTCP" } else { "TCP" };
+                let bind = || {
+                    let l = if mptcp { mptcp::listen(addr) } else { TcpListener::bind(addr) };
+                    l.map_err(|e| match mptcp::unavailable(&e).filter(|_| mptcp) {
+                        Some(msg) => Error::from(msg),
+                        None => Error::from(format!("cannot listen on {kind} {addr}: {}", describe(&e))),
+                    })
+                };
+                let l = match &self.topology {
+                    Some(t) => t.server_ns().run(bind)??,
+                    None => bind()?,
+                };
                 if self.role == Role::Both {
                     self.target =
-                        Some(l.local_addr().context(|| format!("cannot read the address of TCP {addr}"))?);
+                        Some(l.local_addr().context(|| format!("cannot read the address of {kind} {addr}"))?);
                 }
-                Ok(Listener::Tcp(l))
+                Ok(if mptcp { Listener::Mptcp(l) } else { Listener::Tcp(l) })
             }
         }
     }
@@ -224,15 +386,21 @@ impl Net {
     /// The client's connector. With `--role both` over TCP, call [`Net::listen`] first.
     pub fn connector(&self) -> Result<Connector> {
         let target = self.target.ok_or("internal: connector() before the target is known")?;
-        Ok(Connector { host: self.client_host.clone(), target })
+        Ok(Connector {
+            host: self.client_host.clone(),
+            target,
+            mptcp: self.stack == Stack::Mptcp,
+            ns: self.topology.as_ref().map(|t| t.client_ns().clone()),
+        })
     }
 
     /// Bytes of the client → server direction per throughput channel, in index order: counted
     /// as sent by the client host when it is in this process, else as received by the server
     /// host from `peer_ip` (the client). Empty for TCP. Only channels to/from that peer are
     /// counted; if the engine names peers differently and none match, every throughput channel is.
+    /// Empty for MPTCP too (its per-subflow counts come from the connection, [`Conn::subflows`]).
     pub fn client_to_server_channel_bytes(&self, peer_ip: Option<IpAddr>) -> Vec<u64> {
-        if self.stack == Stack::Tcp {
+        if self.stack != Stack::Netchannel {
             return Vec::new();
         }
         if let Some(host) = &self.client_host {
@@ -244,11 +412,12 @@ impl Net {
         }
     }
 
-    /// Stop the hosts.
+    /// Stop the hosts, then remove the namespaces.
     pub fn shutdown(self) {
         for host in [self.client_host, self.server_host].into_iter().flatten() {
             host.shutdown();
         }
+        drop(self.topology);
     }
 }
 
@@ -326,6 +495,10 @@ fn free_port_pair() -> io::Result<u16> {
         }
     }
     Err(last)
+}
+
+fn is_root() -> bool {
+    netns::require_root("").is_ok()
 }
 
 /// The unspecified address of `ip`'s family.

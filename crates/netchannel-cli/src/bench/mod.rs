@@ -5,7 +5,8 @@
 //! the [`Report`] trait and [`emit`] (one JSON object on stdout, or human lines), and
 //! [`watch`], the main thread's loop that collects the worker threads' results while it
 //! prints progress and catches stalls. [`backend`] hides the difference between a vsocket on
-//! an embedded host and a kernel TCP socket.
+//! an embedded host and a kernel TCP (or MPTCP, [`mptcp`]) socket, and with `--netns` runs the
+//! two ends in two network namespaces ([`netns`]).
 //!
 //! Adding a mode: write `bench/<mode>.rs` with an `Args` struct that flattens [`CommonOpts`]
 //! and a `run(&Args) -> Result<()>` that builds one report per [`Stack`] and calls [`emit`];
@@ -14,6 +15,8 @@
 pub mod backend;
 pub mod connect;
 pub mod isolation;
+pub mod mptcp;
+pub mod netns;
 pub mod pingpong;
 pub mod rpc;
 pub mod short;
@@ -72,6 +75,10 @@ pub enum Backend {
     Tcp,
     /// Linux TCP first, then NetChannel, in the same invocation; reports both and the ratio.
     Both,
+    /// Linux MPTCP, one connection with --subflows subflows.
+    Mptcp,
+    /// Linux TCP, then MPTCP, then NetChannel, in the same invocation; reports all three.
+    All,
 }
 
 impl Backend {
@@ -81,6 +88,19 @@ impl Backend {
             Backend::Netchannel => vec![Stack::Netchannel],
             Backend::Tcp => vec![Stack::Tcp],
             Backend::Both => vec![Stack::Tcp, Stack::Netchannel],
+            Backend::Mptcp => vec![Stack::Mptcp],
+            Backend::All => vec![Stack::Tcp, Stack::Mptcp, Stack::Netchannel],
+        }
+    }
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Netchannel => "netchannel",
+            Backend::Tcp => "tcp",
+            Backend::Both => "both",
+            Backend::Mptcp => "mptcp",
+            Backend::All => "all",
         }
     }
 }
@@ -93,6 +113,8 @@ pub enum Stack {
     Netchannel,
     /// Linux kernel TCP.
     Tcp,
+    /// Linux kernel MPTCP.
+    Mptcp,
 }
 
 impl Stack {
@@ -101,6 +123,7 @@ impl Stack {
         match self {
             Stack::Netchannel => "netchannel",
             Stack::Tcp => "tcp",
+            Stack::Mptcp => "mptcp",
         }
     }
 }
@@ -191,6 +214,18 @@ pub struct CommonOpts {
     /// Fail the run when no byte has moved for this many seconds
     #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = parse_secs)]
     pub stall_timeout: f64,
+
+    /// MPTCP: subflows per connection, the initial one included (1..=9)
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = parse_subflows)]
+    pub subflows: usize,
+
+    /// Run each end in its own network namespace, joined by a veth pair (needs root and iproute2)
+    #[arg(long)]
+    pub netns: bool,
+
+    /// With --netns: limit both veth ends to this rate with a tbf qdisc, e.g. 10gbit, 500mbit
+    #[arg(long, value_name = "RATE", requires = "netns", value_parser = netns::Rate::parse)]
+    pub rate: Option<netns::Rate>,
 }
 
 impl CommonOpts {
@@ -247,10 +282,10 @@ pub struct Knobs {
 }
 
 impl Knobs {
-    /// The knobs of `config` when `stack` is NetChannel; none for TCP.
+    /// The knobs of `config` when `stack` is NetChannel; none for TCP and MPTCP.
     pub fn of(stack: Stack, config: &Config) -> Knobs {
         match stack {
-            Stack::Tcp => Knobs::default(),
+            Stack::Tcp | Stack::Mptcp => Knobs::default(),
             Stack::Netchannel => Knobs {
                 channels: Some(config.throughput_channels),
                 channel_workers: Some(config.channel_workers),
@@ -288,12 +323,19 @@ pub trait Report: Serialize {
 }
 
 /// Print the reports of one invocation on stdout: one JSON object (the run itself, or
-/// `{"mode", "backend": "both", "runs": [...], "ratio"}` for several), or human lines.
+/// `{"mode", "backend": "both", "runs": [...], "ratio"}` for several; `"backend": "all"` and
+/// also `"ratio_mptcp"` when MPTCP ran), or human lines.
 pub fn emit<R: Report>(mode: &str, json: bool, runs: &[R]) -> Result<()> {
     let text = if json {
         let encoded = match runs {
             [one] => serde_json::to_string(one),
-            _ => serde_json::to_string(&Runs { mode, backend: "both", runs, ratio: ratio(runs) }),
+            _ => serde_json::to_string(&Runs {
+                mode,
+                backend: if runs.iter().any(|r| r.stack() == Stack::Mptcp) { "all" } else { "both" },
+                runs,
+                ratio: ratio(runs),
+                ratio_mptcp: ratio_to(runs, Stack::Mptcp),
+            }),
         };
         encoded.map_err(|e| format!("cannot encode the report as JSON: {e}"))?
     } else {
@@ -301,6 +343,9 @@ pub fn emit<R: Report>(mode: &str, json: bool, runs: &[R]) -> Result<()> {
         if let Some(r) = ratio(runs) {
             let unit = runs[0].headline().1;
             let _ = write!(text, "\nnetchannel / tcp: {r:.2}x ({unit})");
+        }
+        if let Some(r) = ratio_to(runs, Stack::Mptcp) {
+            let _ = write!(text, "\nnetchannel / mptcp: {r:.2}x ({})", runs[0].headline().1);
         }
         text
     };
@@ -317,11 +362,19 @@ struct Runs<'a, R> {
     runs: &'a [R],
     /// NetChannel's headline number divided by TCP's.
     ratio: Option<f64>,
+    /// NetChannel's headline number divided by MPTCP's (only when MPTCP ran).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio_mptcp: Option<f64>,
 }
 
 fn ratio<R: Report>(runs: &[R]) -> Option<f64> {
+    ratio_to(runs, Stack::Tcp)
+}
+
+/// NetChannel's headline number divided by `base`'s, when both ran among several runs.
+fn ratio_to<R: Report>(runs: &[R], base: Stack) -> Option<f64> {
     let of = |s: Stack| runs.iter().find(|r| r.stack() == s).map(|r| r.headline().0);
-    match (of(Stack::Netchannel), of(Stack::Tcp)) {
+    match (of(Stack::Netchannel), of(base)) {
         (Some(nc), Some(tcp)) if runs.len() > 1 && tcp > 0.0 => Some(nc / tcp),
         _ => None,
     }
@@ -482,6 +535,15 @@ pub fn parse_secs(s: &str) -> std::result::Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 && v < 1e9 => Ok(v),
         _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
+}
+
+/// clap parser: MPTCP subflows per connection, 1 to 1 + the kernel's limit of extra ones.
+pub fn parse_subflows(s: &str) -> std::result::Result<usize, String> {
+    let max = 1 + netns::MPTCP_MAX_EXTRA_SUBFLOWS;
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a number of subflows in 1..={max}")),
     }
 }
 

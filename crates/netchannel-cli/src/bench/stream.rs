@@ -6,7 +6,9 @@
 //! accepts, reads in `--write-size` reads until EOF and, with `--verify`, checks every byte.
 //! Throughput is the receiver's: bytes received over the time from accept to EOF. CPU is the
 //! whole process's (app threads, channel workers, copy workers) over the transfer, with each
-//! app thread's own share beside it.
+//! app thread's own share beside it. Over MPTCP, each end also samples the connection's
+//! subflows (every 200 ms and at the end) to report how many were established and the bytes
+//! each carried.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -21,6 +23,7 @@ use netchannel::Config;
 use serde::Serialize;
 
 use super::backend::{Conn, Connector, Listener, Net};
+use super::mptcp::Subflows;
 use super::{
     bytes_human, emit, parse_io_size, parse_nonzero_size, parse_secs, watch, CommonOpts, Knobs, Progress,
     Report, Role, Stack, Watch,
@@ -80,7 +83,8 @@ pub struct StreamReport {
     pub seconds: f64,
     /// True only if `--verify` was given and every byte matched.
     pub verified: bool,
-    /// Client → server bytes per throughput channel, index order (see `Net`); empty for TCP.
+    /// Client → server bytes per throughput channel, index order (see `Net`); for MPTCP, per
+    /// subflow (received by the server, or acknowledged to a client-only run); empty for TCP.
     pub channel_bytes: Vec<u64>,
     /// User + system CPU seconds of the whole process during the transfer.
     pub cpu_seconds: f64,
@@ -95,6 +99,16 @@ pub struct StreamReport {
     pub knobs: Knobs,
     /// App write/read size in bytes.
     pub write_size: usize,
+    /// MPTCP: subflows per connection the path manager was set up for (null otherwise, and
+    /// for --role server/client, where the machine's own MPTCP settings apply).
+    pub subflows: Option<usize>,
+    /// MPTCP: the most subflows the connection had at once, the initial one included (1 if it
+    /// fell back to TCP); null for other stacks.
+    pub subflows_established: Option<usize>,
+    /// Whether the ends ran in two network namespaces joined by a veth pair (--netns).
+    pub netns: bool,
+    /// The veth pair's tbf rate limit in bits per second (--rate), or null.
+    pub rate_bps: Option<u64>,
 }
 
 impl Report for StreamReport {
@@ -107,7 +121,18 @@ impl Report for StreamReport {
     }
 
     fn human(&self) -> String {
-        let knobs = self.knobs.describe();
+        let mut knobs = self.knobs.describe();
+        if let Some(est) = self.subflows_established {
+            knobs = match self.subflows {
+                Some(n) => format!("{n} subflow{}, {est} established", if n == 1 { "" } else { "s" }),
+                None => format!("{est} subflow{} established", if est == 1 { "" } else { "s" }),
+            };
+        }
+        if self.netns {
+            let rate =
+                self.rate_bps.map(|r| format!(", tbf {:.3} Gbit/s", r as f64 / 1e9)).unwrap_or_default();
+            knobs += &format!("{}netns veth{rate}", if knobs.is_empty() { "" } else { "; " });
+        }
         let mut s = format!(
             "stream {}{}: {:.2} Gbit/s, {} in {:.2} s{}; CPU {:.2} s ({:.2} cores)",
             self.backend.name(),
@@ -129,7 +154,8 @@ impl Report for StreamReport {
         }
         if !self.channel_bytes.is_empty() {
             let per: Vec<String> = self.channel_bytes.iter().map(|&b| bytes_human(b)).collect();
-            s += &format!("\n  channel bytes: {}", per.join(" | "));
+            let what = if self.backend == Stack::Mptcp { "subflow" } else { "channel" };
+            s += &format!("\n  {what} bytes: {}", per.join(" | "));
         }
         s
     }
@@ -140,7 +166,16 @@ pub fn run(args: &StreamArgs) -> Result<()> {
     let config = args.common.engine_config()?;
     let stacks = args.common.backend.stacks();
     if stacks.len() > 1 && args.common.role != Role::Both {
-        return Err("--backend both needs --role both (run server and client once per backend)".into());
+        let name = args.common.backend.name();
+        return Err(
+            format!("--backend {name} needs --role both (run server and client once per backend)").into()
+        );
+    }
+    if stacks.contains(&Stack::Mptcp) && args.common.role != Role::Both {
+        eprintln!(
+            "netchannel: note: across machines MPTCP uses their own path manager settings \
+             (`ip mptcp endpoint`, `ip mptcp limits`); --subflows applies to --role both only"
+        );
     }
     if args.verify && args.common.role == Role::Client {
         eprintln!("netchannel: note: --verify is checked by the receiver; give it to the server");
@@ -163,6 +198,7 @@ struct Sent {
     thread_cpu: f64,
     process_cpu_at_start: f64,
     seconds: f64,
+    subflows: SubflowLog,
 }
 
 struct Received {
@@ -171,6 +207,47 @@ struct Received {
     thread_cpu: f64,
     process_cpu_at_start: f64,
     peer: SocketAddr,
+    subflows: SubflowLog,
+}
+
+/// What one end saw of its MPTCP connection's subflows (nothing for other stacks).
+#[derive(Default)]
+struct SubflowLog {
+    /// The most subflows seen at once.
+    most: usize,
+    /// The latest sample.
+    last: Option<Subflows>,
+    /// The first sampling error, if any.
+    error: Option<String>,
+    /// When to sample next.
+    next: Option<Instant>,
+}
+
+impl SubflowLog {
+    const EVERY: Duration = Duration::from_millis(200);
+
+    /// Sample now.
+    fn sample(&mut self, conn: &dyn Conn) {
+        match conn.subflows() {
+            None => {}
+            Some(Ok(s)) => {
+                self.most = self.most.max(s.count);
+                self.last = Some(s);
+            }
+            Some(Err(e)) => {
+                self.error.get_or_insert_with(|| describe(&e));
+            }
+        }
+        self.next = Some(Instant::now() + Self::EVERY);
+    }
+
+    /// Sample if the last sample is [`Self::EVERY`] old.
+    fn tick(&mut self, conn: &dyn Conn) {
+        match self.next {
+            Some(t) if Instant::now() < t => {}
+            _ => self.sample(conn),
+        }
+    }
 }
 
 enum Event {
@@ -261,7 +338,35 @@ fn run_one(stack: Stack, args: &StreamArgs, config: &Config, limit: Limit) -> Re
             .flatten()
             .fold(f64::INFINITY, f64::min);
     let cpu_seconds = (process_cpu_at_end - cpu_start).max(0.0);
-    let channel_bytes = net.client_to_server_channel_bytes(received.as_ref().map(|r| r.peer.ip()));
+    let mut channel_bytes = net.client_to_server_channel_bytes(received.as_ref().map(|r| r.peer.ip()));
+    let subflows_established = (stack == Stack::Mptcp).then(|| {
+        let logs = [received.as_ref().map(|r| &r.subflows), sent.as_ref().map(|s| &s.subflows)];
+        let logs: Vec<&SubflowLog> = logs.into_iter().flatten().collect();
+        if let Some(e) = logs.iter().find_map(|l| l.error.as_deref()) {
+            eprintln!("netchannel: warning: cannot read the MPTCP subflows (MPTCP_TCPINFO): {e}");
+        }
+        if logs.iter().any(|l| l.last.as_ref().is_some_and(|s| s.fallback)) {
+            eprintln!("netchannel: warning: the MPTCP connection fell back to plain TCP");
+        }
+        // The receiver's counts of received bytes, else the sender's of acknowledged ones.
+        let per_subflow = match (&received, &sent) {
+            (Some(r), _) => r.subflows.last.as_ref().map(|s| s.bytes_received.clone()),
+            (None, Some(s)) => s.subflows.last.as_ref().map(|s| s.bytes_acked.clone()),
+            (None, None) => None,
+        };
+        channel_bytes = per_subflow.unwrap_or_default();
+        logs.iter().map(|l| l.most).max().unwrap_or(0)
+    });
+    if let (Some(want), Some(got)) = (net.subflows(), subflows_established) {
+        if got < want {
+            eprintln!("netchannel: note: MPTCP established {got} of {want} subflows");
+        }
+    }
+    let (netns, rate_bps) = match net.netns() {
+        Some(t) => (true, t.rate().map(|r| r.bits_per_sec())),
+        None => (false, None),
+    };
+    let subflows = net.subflows();
     net.shutdown();
     let per_sec = |v: f64| if seconds > 0.0 { v / seconds } else { 0.0 };
     Ok(StreamReport {
@@ -279,6 +384,10 @@ fn run_one(stack: Stack, args: &StreamArgs, config: &Config, limit: Limit) -> Re
         receiver_thread_cpu_seconds: received.as_ref().map(|r| r.thread_cpu),
         knobs: Knobs::of(stack, config),
         write_size: args.write_size,
+        subflows,
+        subflows_established,
+        netns,
+        rate_bps,
     })
 }
 
@@ -318,7 +427,9 @@ fn receive(
     let start = Instant::now();
     let mut buf = vec![0u8; size];
     let mut offset = 0u64;
+    let mut subflows = SubflowLog::default();
     loop {
+        subflows.tick(conn);
         let n = match conn.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
@@ -335,12 +446,15 @@ fn receive(
         offset += n as u64;
         progress.add(n as u64);
     }
+    let seconds = start.elapsed().as_secs_f64();
+    subflows.sample(conn);
     Ok(Received {
         bytes: offset,
-        seconds: start.elapsed().as_secs_f64(),
+        seconds,
         thread_cpu: cpu::thread_seconds() - thread_cpu_at_start,
         process_cpu_at_start,
         peer,
+        subflows,
     })
 }
 
@@ -360,7 +474,9 @@ fn sender(
     let mut conn = connector.connect()?;
     let target = connector.target();
     let mut offset = 0u64;
+    let mut subflows = SubflowLog::default();
     loop {
+        subflows.tick(&*conn);
         let len = match limit {
             Limit::Bytes(total) => (total - offset).min(size as u64) as usize,
             Limit::Duration(d) if start.elapsed() < d => size,
@@ -392,6 +508,7 @@ fn sender(
         Error::from(format!("{what} on the stream to {target} failed: {}", describe(&e)))
     };
     conn.flush().map_err(|e| finish("flush", e))?;
+    subflows.sample(&*conn);
     conn.shutdown_write().map_err(|e| finish("shutdown(Write)", e))?;
     // Linger until the receiver has read everything and closed its end.
     let mut scratch = [0u8; 4096];
@@ -413,5 +530,6 @@ fn sender(
         thread_cpu: cpu::thread_seconds() - thread_cpu_at_start,
         process_cpu_at_start,
         seconds: start.elapsed().as_secs_f64(),
+        subflows,
     })
 }
