@@ -54,8 +54,11 @@ pub struct Config {
     pub throughput_channels: usize,
     /// `latency_channels`: latency-class channels per peer. Default 1.
     pub latency_channels: usize,
-    /// `channel_workers`: threads serving channels. Default 2.
+    /// `channel_workers`: threads serving throughput channels. Default 2.
     pub channel_workers: usize,
+    /// `latency_workers`: threads serving only latency channels, so latency frames never wait
+    /// behind bulk in a worker; 0 = latency channels share the channel workers. Default 1.
+    pub latency_workers: usize,
     /// `copy_workers`: threads helping app threads copy large reads/writes; 0 = the app thread copies alone. Default 1.
     pub copy_workers: usize,
     /// `copy_threshold`: bytes from which one read/write is split among copy workers. Default 256 KiB.
@@ -84,6 +87,7 @@ impl Default for Config {
             throughput_channels: 4,
             latency_channels: 1,
             channel_workers: 2,
+            latency_workers: 1,
             copy_workers: 1,
             copy_threshold: 256 << 10,
             segment_size: 64 << 10,
@@ -166,6 +170,7 @@ struct RawConfig {
     throughput_channels: Option<i64>,
     latency_channels: Option<i64>,
     channel_workers: Option<i64>,
+    latency_workers: Option<i64>,
     copy_workers: Option<i64>,
     copy_threshold: Option<SizeValue>,
     segment_size: Option<SizeValue>,
@@ -219,6 +224,9 @@ impl Config {
         }
         if let Some(v) = raw.channel_workers {
             c.channel_workers = count("channel_workers", v)?;
+        }
+        if let Some(v) = raw.latency_workers {
+            c.latency_workers = count("latency_workers", v)?;
         }
         if let Some(v) = raw.copy_workers {
             c.copy_workers = count("copy_workers", v)?;
@@ -279,6 +287,7 @@ impl Config {
         range("throughput_channels", self.throughput_channels, 1, 256)?;
         range("latency_channels", self.latency_channels, 0, 256)?;
         range("channel_workers", self.channel_workers, 1, 1024)?;
+        range("latency_workers", self.latency_workers, 0, 1024)?;
         range("copy_workers", self.copy_workers, 0, 1024)?;
         range("segment_size", self.segment_size, 512, crate::wire::MAX_SEGMENT)?;
         range("copy_threshold", self.copy_threshold, 4096, usize::MAX)?;
@@ -318,6 +327,7 @@ mod tests {
             throughput_channels = 8
             latency_channels = 2
             channel_workers = 3
+            latency_workers = 0
             copy_workers = 0
             copy_threshold = "512KiB"
             segment_size = "32KiB"
@@ -333,6 +343,7 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.2:9100".parse().unwrap());
         assert_eq!(c.peer_port(), 9200);
         assert_eq!(c.throughput_channels, 8);
+        assert_eq!((c.channel_workers, c.latency_workers), (3, 0));
         assert_eq!(c.copy_threshold, 512 << 10);
         assert_eq!(c.segment_size, 32 << 10);
         assert_eq!(c.send_buffer, 1 << 20);

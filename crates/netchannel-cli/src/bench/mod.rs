@@ -169,6 +169,10 @@ pub struct CommonOpts {
     #[arg(long, value_name = "N")]
     pub channel_workers: Option<usize>,
 
+    /// Worker threads serving only latency channels; 0 = they share the channel workers [default: 1, or latency_workers from --config]
+    #[arg(long, value_name = "N")]
+    pub latency_workers: Option<usize>,
+
     /// Copy worker threads per host; 0 = app threads copy alone [default: 1, or copy_workers from --config]
     #[arg(long, value_name = "N")]
     pub copy_workers: Option<usize>,
@@ -245,6 +249,10 @@ impl CommonOpts {
         if let Some(n) = self.channel_workers {
             c.channel_workers = n;
             flags.push(("channel_workers", "--channel-workers"));
+        }
+        if let Some(n) = self.latency_workers {
+            c.latency_workers = n;
+            flags.push(("latency_workers", "--latency-workers"));
         }
         if let Some(n) = self.copy_workers {
             c.copy_workers = n;

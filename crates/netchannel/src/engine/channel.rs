@@ -96,7 +96,12 @@ impl Channel {
         write_sock: std::net::TcpStream,
     ) -> Arc<Channel> {
         let token = host.next_token.fetch_add(1, Ordering::Relaxed);
-        let worker = token % host.workers.len();
+        // Latency channels get the latency workers when there are any.
+        let bulk = host.cfg.channel_workers;
+        let worker = match host.workers.len() - bulk {
+            lat if class == Class::Latency && lat > 0 => bulk + token % lat,
+            _ => token % bulk,
+        };
         Arc::new(Channel {
             token,
             peer: Arc::downgrade(peer),

@@ -163,7 +163,10 @@ impl Host {
         let mut listener = TcpListener::from_std(std_listener);
         let mut polls = Vec::new();
         let mut workers = Vec::new();
-        for _ in 0..config.channel_workers {
+        // Channel workers first, then the latency workers (used only when there are latency
+        // channels to serve).
+        let latency_workers = if config.latency_channels > 0 { config.latency_workers } else { 0 };
+        for _ in 0..config.channel_workers + latency_workers {
             let (p, h) = channel::new_worker()?;
             polls.push(p);
             workers.push(h);
@@ -195,7 +198,11 @@ impl Host {
             let h = inner.clone();
             threads.push(
                 std::thread::Builder::new()
-                    .name(format!("nc-chan-{i}"))
+                    .name(if i < inner.cfg.channel_workers {
+                        format!("nc-chan-{i}")
+                    } else {
+                        format!("nc-lat-{i}")
+                    })
                     .spawn(move || channel::run_worker(h, i, p))?,
             );
         }
