@@ -3,12 +3,16 @@
 //! subcommand, and turns a failure into `netchannel: <reason>` on stderr and exit status 1
 //! (usage errors are clap's, exit status 2).
 //!
-//! Subcommands: `bench <mode>` measures NetChannel beside Linux TCP (see [`bench`]).
+//! Subcommands: `demo` runs the quick benchmark suite and prints its summary (see [`demo`]);
+//! `bench <mode>` measures NetChannel beside Linux TCP (see [`bench`]); `bench suite` runs
+//! every experiment with charts.
 
 mod bench;
 mod cpu;
+mod demo;
 mod error;
 mod pattern;
+mod plot;
 
 use clap::{Parser, Subcommand};
 
@@ -21,7 +25,14 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once per process; boxing buys nothing
 enum Command {
+    /// Start here: NetChannel beside Linux TCP in every experiment, about two minutes
+    ///
+    /// Runs the quick benchmark suite (`bench suite --quick`) on loopback, prints one table
+    /// per experiment and saves the per-run JSON, summary.md and PNG charts under
+    /// netchannel-results/demo-<timestamp>.
+    Demo(demo::DemoArgs),
     /// Measure NetChannel and Linux TCP with the same workload
     #[command(subcommand)]
     Bench(bench::Mode),
@@ -30,6 +41,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
+        Command::Demo(args) => demo::run(args),
         Command::Bench(mode) => bench::run(mode),
     };
     if let Err(e) = result {

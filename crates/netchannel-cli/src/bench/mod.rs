@@ -21,6 +21,7 @@ pub mod pingpong;
 pub mod rpc;
 pub mod short;
 pub mod stream;
+pub mod suite;
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -53,6 +54,9 @@ pub enum Mode {
     /// Latency isolation: a ping-pong app alone, then beside --bulk-apps bulk streams
     /// (experiment 6d: is latency isolated from bulk?).
     Isolation(isolation::IsolationArgs),
+    /// Every experiment, NetChannel beside its baselines, several repetitions: JSON per run,
+    /// summary.md with medians and ratios, and PNG charts (see `netchannel demo`).
+    Suite(suite::SuiteArgs),
 }
 
 /// Run one benchmark mode.
@@ -63,6 +67,7 @@ pub fn run(mode: &Mode) -> Result<()> {
         Mode::Pingpong(args) => pingpong::run(args),
         Mode::Connect(args) => connect::run(args),
         Mode::Isolation(args) => isolation::run(args),
+        Mode::Suite(args) => suite::run(args),
     }
 }
 

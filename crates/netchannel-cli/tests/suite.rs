@@ -1,0 +1,208 @@
+//! End-to-end tests of `netchannel bench suite` and `netchannel demo`, shrunk with the hidden
+//! `--smoke` flag (one repetition of 0.3 s runs, fewer variants): each runs the built command
+//! as a child process (killed after [`TIMEOUT`]) into a temporary directory and checks what it
+//! wrote: one parseable JSON file per run, a summary.md with a table per experiment, and PNG
+//! charts that decode to their intended sizes. They assert behaviour, not speed.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+/// Longest a smoke suite may run.
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The charts and their sizes in pixels.
+const PNGS: [(&str, u32, u32); 5] = [
+    ("stream.png", 1400, 560),
+    ("short.png", 800, 560),
+    ("isolation.png", 1300, 620),
+    ("pingpong.png", 900, 560),
+    ("connect.png", 1400, 560),
+];
+
+/// The runs of the smoke suite (MPTCP's only when the binary has it).
+const RUNS: [&str; 12] = [
+    "stream_tcp_1flow_rep1.json",
+    "stream_netchannel_ch1-cw1_rep1.json",
+    "stream_netchannel_ch4-cw1_rep1.json",
+    "stream_netchannel_ch4-cw0_rep1.json",
+    "short_tcp_1conn_rep1.json",
+    "short_netchannel_ch1_rep1.json",
+    "short_netchannel_ch4_rep1.json",
+    "pingpong_tcp_1conn_rep1.json",
+    "pingpong_netchannel_default_rep1.json",
+    "connect_tcp_1conn_rep1.json",
+    "connect_netchannel_default_rep1.json",
+    "isolation_all_bulk2_rep1.json",
+];
+
+struct Output {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+fn drain(mut r: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        s
+    })
+}
+
+/// Wait for `child` for at most [`TIMEOUT`]; kill it and panic after that.
+fn finish(mut child: Child, what: &str) -> Output {
+    let stdout = drain(child.stdout.take().expect("piped stdout"));
+    let stderr = drain(child.stderr.take().expect("piped stderr"));
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`{what}` did not finish within {TIMEOUT:?} and was killed");
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
+}
+
+fn run(args: &[&str]) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_netchannel"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn netchannel");
+    finish(child, &args.join(" "))
+}
+
+/// A fresh directory path under the system's temp dir (not created), removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+        TempDir(std::env::temp_dir().join(format!("netchannel-{tag}-{}-{nanos}", std::process::id())))
+    }
+    fn path(&self) -> &str {
+        self.0.to_str().expect("a UTF-8 temp path")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn has_mptcp() -> bool {
+    let out = run(&["bench", "stream", "--help"]);
+    out.stdout.contains("mptcp")
+}
+
+fn read_json(dir: &Path, name: &str) -> Value {
+    let path = dir.join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let v: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+    assert!(v.is_object(), "{}: {v}", path.display());
+    v
+}
+
+/// Every run's JSON file, summary.md and the charts are there and well formed; returns the
+/// runs' JSON by file name.
+fn check_results(dir: &Path) -> Vec<(String, Value)> {
+    let mut names: Vec<String> = RUNS.iter().map(|s| s.to_string()).collect();
+    if has_mptcp() {
+        names.push("stream_mptcp_sf4_rep1.json".to_string());
+    }
+    let runs: Vec<(String, Value)> = names.iter().map(|n| (n.clone(), read_json(dir, n))).collect();
+    for (name, v) in &runs {
+        assert_eq!(v["rep"], 1, "{name}: {v}");
+        assert!(v["command"].as_array().is_some_and(|c| c.len() > 3), "{name}: {v}");
+        let status = v["status"].as_str().unwrap_or_else(|| panic!("{name}: no status in {v}"));
+        assert!(["ok", "failed", "skipped"].contains(&status), "{name}: {v}");
+        if status == "ok" {
+            assert!(v["report"]["mode"].is_string(), "{name}: the child's report is missing: {v}");
+        }
+    }
+    let (_, iso) = runs.iter().find(|(n, _)| n.starts_with("isolation")).unwrap();
+    assert_eq!(iso["report"]["runs"].as_array().map(Vec::len), Some(3), "{iso}");
+
+    let md = std::fs::read_to_string(dir.join("summary.md")).expect("summary.md");
+    assert!(md.contains("Machine: ") && md.contains("Suite: smoke"), "{md}");
+    for heading in
+        ["### Stream", "### Short messages", "### Latency isolation", "### Ping-pong", "### Connection rate"]
+    {
+        let at = md.find(heading).unwrap_or_else(|| panic!("no `{heading}` table in summary.md:\n{md}"));
+        let rest = &md[at..];
+        assert!(rest.contains("| backend"), "`{heading}` has no table header:\n{md}");
+        assert!(rest.contains("| tcp "), "`{heading}` has no tcp row:\n{md}");
+        assert!(rest.contains("| netchannel "), "`{heading}` has no netchannel row:\n{md}");
+    }
+
+    for (name, w, h) in PNGS {
+        let bytes = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+        let mut reader = decoder.read_info().unwrap_or_else(|e| panic!("{name} is not a PNG: {e}"));
+        let mut buf = vec![0; reader.output_buffer_size().expect("a buffer size")];
+        let info = reader.next_frame(&mut buf).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!((info.width, info.height), (w, h), "{name}");
+        assert!(md.contains(&format!("]({name})")), "summary.md does not show {name}");
+    }
+    runs
+}
+
+#[test]
+fn smoke_suite_writes_every_run_the_summary_and_the_charts_and_reports_a_failed_run() {
+    let dir = TempDir::new("suite");
+    let args = ["bench", "suite", "--quick", "--smoke", "--fail-one", "--out", dir.path()];
+    let out = run(&args);
+    // The corrupted run fails verification; the suite goes on, records it and exits 1.
+    assert_eq!(out.status.code(), Some(1), "{args:?}\nstdout: {}\nstderr: {}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("1 of "), "{}", out.stderr);
+    let runs = check_results(&dir.0);
+    let (_, failed) = runs.iter().find(|(n, _)| n == "stream_netchannel_ch1-cw1_rep1.json").unwrap();
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(failed["stderr"].as_str().is_some_and(|s| s.contains("verify failed")), "{failed}");
+    assert!(failed["report"].is_null(), "{failed}");
+    for (name, v) in runs.iter().filter(|(n, _)| !n.contains("ch1-cw1") && !n.contains("mptcp")) {
+        assert_eq!(v["status"], "ok", "{name}: {v}");
+    }
+    // One progress line per run when stderr is not a terminal.
+    assert_eq!(out.stderr.lines().filter(|l| l.starts_with('[')).count(), runs.len(), "{}", out.stderr);
+    let md = std::fs::read_to_string(dir.0.join("summary.md")).unwrap();
+    assert!(md.contains("## Failed runs (1 of"), "{md}");
+    assert!(out.stdout.contains("FAILED"), "{}", out.stdout);
+}
+
+#[test]
+fn demo_prints_the_tables_and_where_the_results_are() {
+    let dir = TempDir::new("demo");
+    let out = run(&["demo", "--smoke", "--out", dir.path()]);
+    assert!(
+        out.status.success(),
+        "demo failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+    assert!(out.stdout.starts_with("NetChannel demo"), "{}", out.stdout);
+    for needle in
+        ["### Stream", "### Short messages", "### Latency isolation", "### Ping-pong", "### Connection rate"]
+    {
+        assert!(out.stdout.contains(needle), "no `{needle}` in:\n{}", out.stdout);
+    }
+    assert!(out.stdout.contains(&format!("Results in {}/", dir.path())), "{}", out.stdout);
+    assert!(out.stdout.contains("summary.md") && out.stdout.contains("stream.png"), "{}", out.stdout);
+    let runs = check_results(&dir.0);
+    assert!(runs.iter().all(|(_, v)| v["status"] != "failed"), "{runs:?}");
+}
