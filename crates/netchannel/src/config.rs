@@ -59,6 +59,18 @@ pub struct Config {
     /// `latency_workers`: threads serving only latency channels, so latency frames never wait
     /// behind bulk in a worker; 0 = latency channels share the channel workers. Default 1.
     pub latency_workers: usize,
+    /// `latency_ports`: vsocket ports whose vsockets (connected to or accepted on them) are in
+    /// the latency class. Default none.
+    pub latency_ports: Vec<u16>,
+    /// `latency_nice`: nice value of the latency workers (-20..=19; below 0 needs privilege,
+    /// refused with a warning otherwise). Default -10.
+    pub latency_nice: i32,
+    /// `latency_fifo_priority`: run the latency workers under SCHED_FIFO at this priority
+    /// (1..=99) when permitted; 0 = no real-time policy. Default 0.
+    pub latency_fifo_priority: u32,
+    /// `busy_poll_us`: how long a latency worker polls its channels without sleeping before it
+    /// blocks; 0 = never spin (right for machines with few cores). Default 0 µs.
+    pub busy_poll_us: u64,
     /// `copy_workers`: threads helping app threads copy large reads/writes; 0 = the app thread copies alone. Default 1.
     pub copy_workers: usize,
     /// `copy_threshold`: bytes from which one read/write is split among copy workers. Default 256 KiB.
@@ -88,6 +100,10 @@ impl Default for Config {
             latency_channels: 1,
             channel_workers: 2,
             latency_workers: 1,
+            latency_ports: Vec::new(),
+            latency_nice: -10,
+            latency_fifo_priority: 0,
+            busy_poll_us: 0,
             copy_workers: 1,
             copy_threshold: 256 << 10,
             segment_size: 64 << 10,
@@ -171,6 +187,10 @@ struct RawConfig {
     latency_channels: Option<i64>,
     channel_workers: Option<i64>,
     latency_workers: Option<i64>,
+    latency_ports: Option<Vec<i64>>,
+    latency_nice: Option<i64>,
+    latency_fifo_priority: Option<i64>,
+    busy_poll_us: Option<i64>,
     copy_workers: Option<i64>,
     copy_threshold: Option<SizeValue>,
     segment_size: Option<SizeValue>,
@@ -227,6 +247,23 @@ impl Config {
         }
         if let Some(v) = raw.latency_workers {
             c.latency_workers = count("latency_workers", v)?;
+        }
+        if let Some(ports) = raw.latency_ports {
+            c.latency_ports = ports
+                .into_iter()
+                .map(|p| u16::try_from(p).map_err(|_| err("latency_ports", format!("{p} is not a port"))))
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(v) = raw.latency_nice {
+            c.latency_nice =
+                i32::try_from(v).map_err(|_| err("latency_nice", format!("{v} is out of range")))?;
+        }
+        if let Some(v) = raw.latency_fifo_priority {
+            c.latency_fifo_priority =
+                u32::try_from(v).map_err(|_| err("latency_fifo_priority", format!("{v} is negative")))?;
+        }
+        if let Some(v) = raw.busy_poll_us {
+            c.busy_poll_us = u64::try_from(v).map_err(|_| err("busy_poll_us", format!("{v} is negative")))?;
         }
         if let Some(v) = raw.copy_workers {
             c.copy_workers = count("copy_workers", v)?;
@@ -288,6 +325,18 @@ impl Config {
         range("latency_channels", self.latency_channels, 0, 256)?;
         range("channel_workers", self.channel_workers, 1, 1024)?;
         range("latency_workers", self.latency_workers, 0, 1024)?;
+        if !(-20..=19).contains(&self.latency_nice) {
+            return Err(err("latency_nice", format!("{} is out of range -20..=19", self.latency_nice)));
+        }
+        if self.latency_fifo_priority > 99 {
+            return Err(err(
+                "latency_fifo_priority",
+                format!("{} is out of range 0..=99", self.latency_fifo_priority),
+            ));
+        }
+        if self.busy_poll_us > 1_000_000 {
+            return Err(err("busy_poll_us", format!("{} is out of range 0..=1000000", self.busy_poll_us)));
+        }
         range("copy_workers", self.copy_workers, 0, 1024)?;
         range("segment_size", self.segment_size, 512, crate::wire::MAX_SEGMENT)?;
         range("copy_threshold", self.copy_threshold, 4096, usize::MAX)?;
@@ -328,6 +377,10 @@ mod tests {
             latency_channels = 2
             channel_workers = 3
             latency_workers = 0
+            latency_ports = [6379, 11211]
+            latency_nice = -5
+            latency_fifo_priority = 10
+            busy_poll_us = 50
             copy_workers = 0
             copy_threshold = "512KiB"
             segment_size = "32KiB"
@@ -344,6 +397,8 @@ mod tests {
         assert_eq!(c.peer_port(), 9200);
         assert_eq!(c.throughput_channels, 8);
         assert_eq!((c.channel_workers, c.latency_workers), (3, 0));
+        assert_eq!(c.latency_ports, [6379, 11211]);
+        assert_eq!((c.latency_nice, c.latency_fifo_priority, c.busy_poll_us), (-5, 10, 50));
         assert_eq!(c.copy_threshold, 512 << 10);
         assert_eq!(c.segment_size, 32 << 10);
         assert_eq!(c.send_buffer, 1 << 20);
@@ -362,6 +417,9 @@ mod tests {
             ("recv_buffer = \"1KiB\"", "recv_buffer"),
             ("bogus_key = 1", "bogus_key"),
             ("copy_workers = -1", "copy_workers"),
+            ("latency_nice = -21", "latency_nice"),
+            ("latency_ports = [70000]", "latency_ports"),
+            ("latency_fifo_priority = 100", "latency_fifo_priority"),
             ("segment_size = \"64 furlongs\"", "segment_size"),
         ] {
             let e = Config::from_toml_str(doc).unwrap_err();

@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -57,7 +57,7 @@ struct RxSide {
 pub(crate) struct VSock {
     pub id: u32,
     pub peer: Arc<Peer>,
-    pub class: Class,
+    class: AtomicU8,
     pub local: SocketAddr,
     pub remote: SocketAddr,
     owns_port: bool,
@@ -95,7 +95,7 @@ impl VSock {
         Arc::new(VSock {
             id,
             peer,
-            class,
+            class: AtomicU8::new(class as u8),
             local,
             remote,
             owns_port: false,
@@ -140,8 +140,17 @@ impl VSock {
         self.host.upgrade()
     }
 
+    /// The traffic class: which channels carry this vsocket's frames.
+    pub(crate) fn class(&self) -> Class {
+        if self.class.load(Ordering::Relaxed) == Class::Latency as u8 {
+            Class::Latency
+        } else {
+            Class::Throughput
+        }
+    }
+
     fn send_control(&self, f: &Frame<'_>) {
-        self.peer.send_control(self.class, f);
+        self.peer.send_control(self.class(), f);
     }
 
     /// The DATA header and the send-ring parts of the queued segment `[offset, offset + len)`:
@@ -178,17 +187,18 @@ impl VSock {
         if tx.error.is_some() || !tx.opened {
             return;
         }
+        let class = self.class();
         let mut parked = false;
         let mut used: Vec<Arc<crate::engine::channel::Channel>> = Vec::new();
         let mut bytes = 0usize;
         while let Some(seg) = tx.st.next_segment(self.seg_size) {
-            let ch = match self.peer.pick_segment_channel(self.class, self.id) {
+            let ch = match self.peer.pick_segment_channel(class, self.id) {
                 Some(ch) => ch,
                 None if !parked => {
                     // Park, then look once more so a channel that drained meanwhile is not missed.
                     self.peer.park(self);
                     parked = true;
-                    match self.peer.pick_segment_channel(self.class, self.id) {
+                    match self.peer.pick_segment_channel(class, self.id) {
                         Some(ch) => ch,
                         None => {
                             tx.st.unsend(seg);
@@ -215,7 +225,7 @@ impl VSock {
         let fin = tx.st.take_fin();
         drop(tx);
         for ch in used {
-            if self.class == Class::Latency && bytes <= INLINE_MAX {
+            if class == Class::Latency && bytes <= INLINE_MAX {
                 ch.send_now();
             } else {
                 ch.kick();
@@ -628,6 +638,7 @@ impl VStream {
 
     pub(crate) fn open(host: Host, addr: SocketAddr, class: Class) -> io::Result<VStream> {
         let inner = host.inner().clone();
+        let class = if inner.cfg.latency_ports.contains(&addr.port()) { Class::Latency } else { class };
         let deadline = Instant::now() + inner.cfg.connect_timeout;
         let peer = inner.peer_for(addr.ip(), deadline)?;
         let id = inner.alloc_id();
@@ -685,7 +696,14 @@ impl VStream {
 
     /// The vsocket's traffic class.
     pub fn class(&self) -> Class {
-        self.vs().class
+        self.vs().class()
+    }
+
+    /// Move this end of the vsocket to another traffic class: later segments and control
+    /// frames travel on that class's channels (latency channels are served by their own
+    /// workers and sent without a hand-off). The peer's end keeps its own class.
+    pub fn set_class(&self, class: Class) {
+        self.vs().class.store(class as u8, Ordering::Relaxed);
     }
 
     /// Shut down reading, writing or both. `Shutdown::Write` is a half close: the peer reads

@@ -385,3 +385,72 @@ fn killing_one_channel_mid_transfer_loses_no_byte() {
         sender.join().unwrap();
     });
 }
+
+#[test]
+fn latency_and_bulk_vsockets_coexist_with_verified_data() {
+    within(120, || {
+        let (a, b) = two_hosts(|c| c.latency_channels = 1);
+        let bulk_l = b.bind(9700).unwrap();
+        let lat_l = b.bind(9701).unwrap();
+        let bulk = a.connect(at(&b, 9700)).unwrap();
+        let lat = a.connect_class(at(&b, 9701), Class::Latency).unwrap();
+        assert_eq!(lat.class(), Class::Latency);
+        let (bulk_s, _) = bulk_l.accept().unwrap();
+        let (lat_s, _) = lat_l.accept().unwrap();
+        assert_eq!(lat_s.class(), Class::Latency, "the acceptor's end takes the opener's class");
+        let total: u64 = 32 << 20;
+        let sender = std::thread::spawn(move || {
+            send_pattern(&bulk, 21, total, 21, 1 << 20);
+            bulk.shutdown(Shutdown::Write).unwrap();
+            bulk
+        });
+        let receiver = std::thread::spawn(move || recv_pattern(&bulk_s, 21, 22, 1 << 20));
+        // Ping-pong on the latency vsocket while the bulk transfer runs.
+        for i in 0..200u64 {
+            let mut msg = vec![0u8; 4096];
+            fill(100 + i, 0, &mut msg);
+            (&lat).write_all(&msg).unwrap();
+            let mut got = vec![0u8; 4096];
+            (&lat_s).read_exact(&mut got).unwrap();
+            assert_eq!(check(100 + i, 0, &got), None);
+            (&lat_s).write_all(&got).unwrap();
+            let mut back = vec![0u8; 4096];
+            (&lat).read_exact(&mut back).unwrap();
+            assert_eq!(back, msg);
+        }
+        assert_eq!(receiver.join().unwrap(), total);
+        drop(sender.join().unwrap());
+        // The latency vsocket's bytes went over the latency channel, the bulk over the others.
+        let st = a.stats();
+        let lat_ch: Vec<_> = st.channels.iter().filter(|c| c.class == Class::Latency).collect();
+        assert_eq!(lat_ch.len(), 1);
+        assert!(lat_ch[0].bytes_sent >= 200 * 4096, "{:?}", lat_ch[0]);
+        assert!(lat_ch[0].bytes_sent < total / 4, "bulk leaked onto the latency channel: {:?}", lat_ch[0]);
+    });
+}
+
+#[test]
+fn latency_ports_and_set_class_choose_the_class() {
+    within(60, || {
+        let (a, b) = two_hosts(|c| c.latency_ports = vec![9800]);
+        let l = b.bind(9800).unwrap();
+        let c = a.connect(at(&b, 9800)).unwrap();
+        let (s, _) = l.accept().unwrap();
+        assert_eq!(c.class(), Class::Latency, "a configured latency port makes the connector latency class");
+        assert_eq!(s.class(), Class::Latency, "and the acceptor");
+        let l2 = b.bind(9801).unwrap();
+        let c2 = a.connect(at(&b, 9801)).unwrap();
+        let (s2, _) = l2.accept().unwrap();
+        assert_eq!(c2.class(), Class::Throughput);
+        c2.set_class(Class::Latency);
+        assert_eq!(c2.class(), Class::Latency);
+        let before = a.stats().channels.iter().find(|c| c.class == Class::Latency).unwrap().bytes_sent;
+        (&c2).write_all(&[7u8; 8000]).unwrap();
+        let mut got = [0u8; 8000];
+        (&s2).read_exact(&mut got).unwrap();
+        assert!(got.iter().all(|&x| x == 7));
+        let after = a.stats().channels.iter().find(|c| c.class == Class::Latency).unwrap().bytes_sent;
+        assert!(after - before >= 8000, "the moved vsocket's bytes used the latency channel");
+        drop((c, s));
+    });
+}

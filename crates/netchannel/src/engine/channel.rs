@@ -287,17 +287,17 @@ pub(crate) fn new_worker() -> io::Result<(Poll, WorkerHandle)> {
 }
 
 /// The channel worker loop.
-pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll) {
+///
+/// `busy_poll`: how long to keep polling without sleeping once idle (latency workers only).
+pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_poll: Duration) {
     let mut events = Events::with_capacity(256);
     let mut conns: HashMap<usize, Conn> = HashMap::new();
     let mut again: Vec<usize> = Vec::new(); // channels with reading left over
     loop {
         let timeout = if again.is_empty() { None } else { Some(Duration::ZERO) };
-        if let Err(e) = poll.poll(&mut events, timeout) {
-            if e.kind() != io::ErrorKind::Interrupted {
-                crate::log!(Error, "channel worker {me}: poll failed: {e}");
-                return;
-            }
+        if let Err(e) = poll_spinning(&mut poll, &mut events, timeout, busy_poll) {
+            crate::log!(Error, "channel worker {me}: poll failed: {e}");
+            return;
         }
         let mut readable: Vec<usize> = std::mem::take(&mut again);
         let mut writable: Vec<usize> = Vec::new();
@@ -383,6 +383,27 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll) {
                     channel_down(&host, &c.ch, &format!("write failed: {e}"));
                 }
             }
+        }
+    }
+}
+
+/// Poll for events; with a `spin` budget, poll without sleeping for up to that long first.
+fn poll_spinning(
+    poll: &mut Poll,
+    events: &mut Events,
+    timeout: Option<Duration>,
+    spin: Duration,
+) -> io::Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        let t = if spin.is_zero() || start.elapsed() >= spin { timeout } else { Some(Duration::ZERO) };
+        match poll.poll(events, t) {
+            Ok(()) if events.is_empty() && t == Some(Duration::ZERO) && timeout != Some(Duration::ZERO) => {
+                std::hint::spin_loop();
+            }
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
 }

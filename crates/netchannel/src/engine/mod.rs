@@ -196,6 +196,8 @@ impl Host {
         let mut threads = Vec::new();
         for (i, p) in polls.into_iter().enumerate() {
             let h = inner.clone();
+            let latency = i >= inner.cfg.channel_workers;
+            let spin = if latency { Duration::from_micros(inner.cfg.busy_poll_us) } else { Duration::ZERO };
             threads.push(
                 std::thread::Builder::new()
                     .name(if i < inner.cfg.channel_workers {
@@ -203,7 +205,12 @@ impl Host {
                     } else {
                         format!("nc-lat-{i}")
                     })
-                    .spawn(move || channel::run_worker(h, i, p))?,
+                    .spawn(move || {
+                        if latency {
+                            raise_priority(&h.cfg);
+                        }
+                        channel::run_worker(h, i, p, spin)
+                    })?,
             );
         }
         let h = inner.clone();
@@ -670,6 +677,7 @@ impl HostInner {
         }
         let id = self.alloc_id();
         let local_ip = peer.local_ip.lock().unwrap().unwrap_or(self.local.ip());
+        let class = if self.cfg.latency_ports.contains(&dst_port) { Class::Latency } else { class };
         let vs = VSock::new(
             self,
             id,
@@ -728,6 +736,39 @@ fn run_acceptor(host: Arc<HostInner>, mut poll: Poll, listener: TcpListener) {
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Give the calling (latency worker) thread the configured nice value and real-time policy.
+/// Failures (no privilege) are logged once per process and otherwise ignored: the worker
+/// still runs, at normal priority.
+fn raise_priority(cfg: &Config) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    let warn = |what: String| {
+        if !WARNED.swap(true, Ordering::Relaxed) {
+            crate::log!(Warn, "latency workers run at normal priority: {what}");
+        }
+    };
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    if cfg.latency_nice != 0 {
+        // SAFETY: setpriority on our own thread id; no memory is passed.
+        let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, cfg.latency_nice) };
+        if r != 0 {
+            warn(format!("cannot set nice {} ({})", cfg.latency_nice, io::Error::last_os_error()));
+        }
+    }
+    if cfg.latency_fifo_priority > 0 {
+        let param = libc::sched_param { sched_priority: cfg.latency_fifo_priority as i32 };
+        // SAFETY: param is a valid sched_param for the duration of the call.
+        let r = unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &param) };
+        if r != 0 {
+            warn(format!(
+                "cannot use SCHED_FIFO priority {} ({})",
+                cfg.latency_fifo_priority,
+                io::Error::last_os_error()
+            ));
         }
     }
 }
