@@ -260,12 +260,23 @@ pub(crate) enum Command {
 /// How other threads reach a worker.
 pub(crate) struct WorkerHandle {
     waker: Waker,
-    commands: Mutex<Vec<Command>>,
+    /// Pending commands, and whether the worker has stopped (then nobody will run them).
+    commands: Mutex<(Vec<Command>, bool)>,
 }
 
 impl WorkerHandle {
     pub(crate) fn command(&self, c: Command) {
-        self.commands.lock().unwrap().push(c);
+        let mut q = self.commands.lock().unwrap();
+        if q.1 {
+            // The worker is gone: a channel handed to it now must not linger half open.
+            if let Command::Add(ch, _) = c {
+                ch.up.store(false, Ordering::Release);
+                ch.close_writer();
+            }
+            return;
+        }
+        q.0.push(c);
+        drop(q);
         let _ = self.waker.wake();
     }
 }
@@ -283,7 +294,7 @@ struct Conn {
 pub(crate) fn new_worker() -> io::Result<(Poll, WorkerHandle)> {
     let poll = Poll::new()?;
     let waker = Waker::new(poll.registry(), WAKER)?;
-    Ok((poll, WorkerHandle { waker, commands: Mutex::new(Vec::new()) }))
+    Ok((poll, WorkerHandle { waker, commands: Mutex::new((Vec::new(), false)) }))
 }
 
 /// The channel worker loop.
@@ -312,7 +323,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
                 writable.push(ev.token().0);
             }
         }
-        let commands = std::mem::take(&mut *host.workers[me].commands.lock().unwrap());
+        let commands = std::mem::take(&mut host.workers[me].commands.lock().unwrap().0);
         for c in commands {
             match c {
                 Command::Add(ch, mut sock) => {
@@ -354,6 +365,18 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
                         c.ch.up.store(false, Ordering::Release);
                         c.ch.close_writer();
                         c.ch.clear();
+                    }
+                    // Channels handed over after the stop are closed, not left half open.
+                    let late = {
+                        let mut q = host.workers[me].commands.lock().unwrap();
+                        q.1 = true;
+                        std::mem::take(&mut q.0)
+                    };
+                    for c in late {
+                        if let Command::Add(ch, _) = c {
+                            ch.up.store(false, Ordering::Release);
+                            ch.close_writer();
+                        }
                     }
                     return;
                 }

@@ -464,6 +464,13 @@ impl HostInner {
         class: Class,
         index: u16,
     ) -> io::Result<()> {
+        if self.is_closing() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the NetChannel host is shutting down",
+            ));
+        }
         if let Ok(a) = s.local_addr() {
             *peer.local_ip.lock().unwrap() = Some(a.ip());
         }
