@@ -24,7 +24,7 @@ use crate::copy::CopyTask;
 use crate::engine::channel::OutFrame;
 use crate::engine::peer::Peer;
 use crate::engine::{Host, HostInner};
-use crate::proto::stream::{RxState, TxState};
+use crate::proto::stream::{Credit, RxState, TxState};
 use crate::proto::ProtoError;
 use crate::ring::Ring;
 use crate::wire::{self, Class, Frame, Reason, HEADER_LEN};
@@ -153,6 +153,17 @@ impl VSock {
         self.peer.send_control(self.class(), f);
     }
 
+    /// Send a CREDIT computed by [`RxState::credit_due`], if one is due.
+    fn send_credit(&self, credit: Option<Credit>) {
+        if let Some(c) = credit {
+            self.send_control(&Frame::Credit {
+                vsock: self.remote_id(),
+                received: c.received,
+                limit: c.limit,
+            });
+        }
+    }
+
     /// The DATA header and the send-ring parts of the queued segment `[offset, offset + len)`:
     /// only the part not yet acknowledged; `None` if nothing is left to send.
     ///
@@ -236,21 +247,17 @@ impl VSock {
         }
     }
 
-    pub(crate) fn on_data(
-        self: &Arc<Self>,
-        offset: u64,
-        payload: &[u8],
-        ack_request: bool,
-    ) -> Result<(), ProtoError> {
+    /// A DATA segment arrived (protocol errors reset the vsocket, not the channel).
+    pub(crate) fn on_data(self: &Arc<Self>, offset: u64, payload: &[u8], ack_request: bool) {
         let mut rx = self.rx.lock().unwrap();
         if rx.error.is_some() {
-            return Ok(());
+            return;
         }
         if rx.closed {
             // The application closed this vsocket; data still arriving is refused as TCP does.
             drop(rx);
             self.reset(Reason::Closed, "data arrived after the vsocket was closed");
-            return Ok(());
+            return;
         }
         let before = rx.st.in_order();
         let ring = &self.rx_ring;
@@ -264,30 +271,24 @@ impl VSock {
         if let Err(e) = res {
             drop(rx);
             self.protocol_error(e);
-            return Ok(());
+            return;
         }
         if rx.st.in_order() > before && rx.waiting {
             self.rx_cv.notify_all();
         }
         let credit = rx.st.credit_due();
         drop(rx);
-        if let Some(c) = credit {
-            self.send_control(&Frame::Credit {
-                vsock: self.remote_id(),
-                received: c.received,
-                limit: c.limit,
-            });
-        }
-        Ok(())
+        self.send_credit(credit);
     }
 
-    pub(crate) fn on_credit(self: &Arc<Self>, received: u64, limit: u64) -> Result<(), ProtoError> {
+    /// A CREDIT arrived.
+    pub(crate) fn on_credit(self: &Arc<Self>, received: u64, limit: u64) {
         let mut tx = self.tx.lock().unwrap();
         match tx.st.on_credit(received, limit) {
             Err(e) => {
                 drop(tx);
                 self.protocol_error(e);
-                return Ok(());
+                return;
             }
             Ok(freed) => {
                 if freed && tx.waiting {
@@ -298,7 +299,6 @@ impl VSock {
         drop(tx);
         self.pump();
         self.maybe_retire();
-        Ok(())
     }
 
     pub(crate) fn on_open_ok(self: &Arc<Self>, remote: u32, credit: u64) {
@@ -324,25 +324,19 @@ impl VSock {
         self.fail(ErrorKind::ConnectionRefused, msg);
     }
 
-    pub(crate) fn on_fin(self: &Arc<Self>, offset: u64) -> Result<(), ProtoError> {
+    /// The peer's FIN arrived.
+    pub(crate) fn on_fin(self: &Arc<Self>, offset: u64) {
         let mut rx = self.rx.lock().unwrap();
         if let Err(e) = rx.st.on_fin(offset) {
             drop(rx);
             self.protocol_error(e);
-            return Ok(());
+            return;
         }
         self.rx_cv.notify_all();
         let credit = rx.st.credit_due();
         drop(rx);
-        if let Some(c) = credit {
-            self.send_control(&Frame::Credit {
-                vsock: self.remote_id(),
-                received: c.received,
-                limit: c.limit,
-            });
-        }
+        self.send_credit(credit);
         self.maybe_retire();
-        Ok(())
     }
 
     pub(crate) fn on_reset(&self, reason: Reason, message: &str) {
@@ -521,13 +515,7 @@ impl VSock {
         rx.st.consume(n as u64);
         let credit = if rx.error.is_none() { rx.st.credit_due() } else { None };
         drop(rx);
-        if let Some(c) = credit {
-            self.send_control(&Frame::Credit {
-                vsock: self.remote_id(),
-                received: c.received,
-                limit: c.limit,
-            });
-        }
+        self.send_credit(credit);
         Ok(n)
     }
 

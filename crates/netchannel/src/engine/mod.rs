@@ -608,61 +608,58 @@ impl HostInner {
     /// Handle one frame read from `ch`.
     pub(crate) fn dispatch(self: &Arc<Self>, ch: &Arc<Channel>, frame: Frame<'_>) -> Result<(), ProtoError> {
         let peer = ch.peer.upgrade().ok_or_else(|| ProtoError("channel without a peer".into()))?;
+        // A vsocket frame is only taken from a channel of the vsocket's own peer.
+        let mine = |id: u32| self.vsock(id).filter(|v| Arc::ptr_eq(&v.peer, &peer));
         match frame {
-            Frame::Data { vsock, offset, payload, ack_request } => match self.vsock(vsock) {
-                Some(v) if Arc::ptr_eq(&v.peer, &peer) => v.on_data(offset, payload, ack_request),
-                _ => {
+            Frame::Data { vsock, offset, payload, ack_request } => match mine(vsock) {
+                Some(v) => v.on_data(offset, payload, ack_request),
+                None => {
                     self.totals.frames_dropped.fetch_add(1, Ordering::Relaxed);
-                    Ok(())
                 }
             },
-            Frame::Credit { vsock, received, limit } => match self.vsock(vsock) {
-                Some(v) if Arc::ptr_eq(&v.peer, &peer) => v.on_credit(received, limit),
-                _ => Ok(()),
-            },
+            Frame::Credit { vsock, received, limit } => {
+                if let Some(v) = mine(vsock) {
+                    v.on_credit(received, limit);
+                }
+            }
             Frame::Open { src_vsock, src_port, dst_port, class, credit } => {
                 self.on_open(&peer, src_vsock, src_port, dst_port, class, credit);
-                Ok(())
             }
             Frame::OpenOk { vsock, src_vsock, credit } => {
-                if let Some(v) = self.vsock(vsock).filter(|v| Arc::ptr_eq(&v.peer, &peer)) {
+                if let Some(v) = mine(vsock) {
                     v.on_open_ok(src_vsock, credit);
                 }
-                Ok(())
             }
             Frame::Refused { vsock, reason } => {
-                if let Some(v) = self.vsock(vsock).filter(|v| Arc::ptr_eq(&v.peer, &peer)) {
+                if let Some(v) = mine(vsock) {
                     v.on_refused(reason);
                     self.remove_vsock(vsock);
                 }
-                Ok(())
             }
-            Frame::Fin { vsock, offset } => match self.vsock(vsock) {
-                Some(v) if Arc::ptr_eq(&v.peer, &peer) => v.on_fin(offset),
-                _ => Ok(()),
-            },
+            Frame::Fin { vsock, offset } => {
+                if let Some(v) = mine(vsock) {
+                    v.on_fin(offset);
+                }
+            }
             Frame::Reset { vsock: 0, reason: Reason::Shutdown, .. } => {
-                Err(ProtoError(channel::PEER_SHUTDOWN.into()))
+                return Err(ProtoError(channel::PEER_SHUTDOWN.into()));
             }
             Frame::Reset { vsock: 0, reason, message } => {
-                Err(ProtoError(format!("peer reset the channel ({reason}): {message}")))
+                return Err(ProtoError(format!("peer reset the channel ({reason}): {message}")));
             }
             Frame::Reset { vsock, reason, message } => {
-                if let Some(v) = self.vsock(vsock).filter(|v| Arc::ptr_eq(&v.peer, &peer)) {
+                if let Some(v) = mine(vsock) {
                     v.on_reset(reason, message);
                     self.remove_vsock(vsock);
                 }
-                Ok(())
             }
-            Frame::Ping { nonce } => {
-                ch.push_frame(&Frame::Pong { nonce });
-                Ok(())
-            }
-            Frame::Pong { .. } => Ok(()),
+            Frame::Ping { nonce } => ch.push_frame(&Frame::Pong { nonce }),
+            Frame::Pong { .. } => {}
             Frame::Hello(_) | Frame::HelloOk(_) => {
-                Err(ProtoError("handshake frame on an open channel".into()))
+                return Err(ProtoError("handshake frame on an open channel".into()));
             }
         }
+        Ok(())
     }
 
     fn on_open(
