@@ -273,7 +273,7 @@ impl Host {
         let mut channels = Vec::new();
         let peers: Vec<_> = inner.peers.lock().unwrap().values().cloned().collect();
         for p in peers {
-            for c in p.channels.read().unwrap().iter() {
+            for c in p.channels().iter() {
                 channels.push(ChannelStats {
                     peer: p.key,
                     class: c.class,
@@ -302,7 +302,7 @@ impl Host {
         let inner = &self.guard.inner;
         let p = inner.peers.lock().unwrap().get(&peer).cloned();
         let Some(p) = p else { return false };
-        let ch = p.channels.read().unwrap().iter().find(|c| c.class == class && c.index == index).cloned();
+        let ch = p.channels().into_iter().find(|c| c.class == class && c.index == index);
         match ch {
             Some(c) => {
                 inner.workers[c.worker].command(Command::Close(c.token));
@@ -345,7 +345,7 @@ impl HostInner {
             l.close();
         }
         for (_, p) in self.peers.lock().unwrap().drain() {
-            p.channels.write().unwrap().clear();
+            p.take_channels();
             p.set_state(PeerState::Dead("the NetChannel host shut down".into()));
             p.take_parked();
         }
@@ -477,7 +477,7 @@ impl HostInner {
         s.set_nonblocking(true)?;
         let write_half = s.try_clone()?;
         let ch = Channel::new(self, peer, class, index, write_half);
-        peer.channels.write().unwrap().push(ch.clone());
+        peer.add_channel(ch.clone());
         self.workers[ch.worker].command(Command::Add(ch, mio::net::TcpStream::from_std(s)));
         Ok(())
     }
@@ -568,7 +568,7 @@ impl HostInner {
     fn retire_peer(&self, peer: &Arc<Peer>, why: &str) {
         peer.set_state(PeerState::Dead(why.to_string()));
         self.forget_peer(peer);
-        let chans: Vec<_> = peer.channels.write().unwrap().drain(..).collect();
+        let chans = peer.take_channels();
         for c in chans {
             self.workers[c.worker].command(Command::Close(c.token));
         }

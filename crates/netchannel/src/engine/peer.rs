@@ -32,8 +32,8 @@ pub(crate) struct Peer {
     pub local_ip: Mutex<Option<IpAddr>>,
     /// The peer's host id (changes when it restarts); 0 until known.
     pub host_id: AtomicU64,
-    /// Live channels.
-    pub channels: RwLock<Vec<Arc<Channel>>>,
+    /// Live channels, kept per class so that choosing one allocates nothing.
+    mesh: RwLock<[Vec<Arc<Channel>>; 2]>,
     cursors: [AtomicUsize; 2],
     control_rr: AtomicUsize,
     blocked: Mutex<Vec<Arc<VSock>>>,
@@ -49,7 +49,7 @@ impl Peer {
             key,
             local_ip: Mutex::new(None),
             host_id: AtomicU64::new(0),
-            channels: RwLock::new(Vec::new()),
+            mesh: RwLock::new([Vec::new(), Vec::new()]),
             cursors: [AtomicUsize::new(0), AtomicUsize::new(0)],
             control_rr: AtomicUsize::new(0),
             blocked: Mutex::new(Vec::new()),
@@ -69,47 +69,55 @@ impl Peer {
         matches!(*self.state.lock().unwrap(), PeerState::Dead(_))
     }
 
-    /// Channels of `class`, or of the other class if it has none.
-    fn class_channels(&self, class: Class) -> Vec<Arc<Channel>> {
-        let all = self.channels.read().unwrap();
-        let of = |c: Class| -> Vec<Arc<Channel>> { all.iter().filter(|ch| ch.class == c).cloned().collect() };
-        let mine = of(class);
-        if !mine.is_empty() {
-            return mine;
-        }
-        all.iter().cloned().collect()
+    /// A new channel joins the mesh.
+    pub(crate) fn add_channel(&self, ch: Arc<Channel>) {
+        self.mesh.write().unwrap()[ch.class as usize].push(ch);
+    }
+
+    /// Every channel (a snapshot), throughput first.
+    pub(crate) fn channels(&self) -> Vec<Arc<Channel>> {
+        self.mesh.read().unwrap().iter().flatten().cloned().collect()
+    }
+
+    /// Take every channel out of the mesh.
+    pub(crate) fn take_channels(&self) -> Vec<Arc<Channel>> {
+        self.mesh.write().unwrap().iter_mut().flat_map(std::mem::take).collect()
+    }
+
+    /// Run `f` on the channels of `class`, or of the other class if it has none.
+    fn with_class<T>(&self, class: Class, f: impl FnOnce(&[Arc<Channel>]) -> T) -> T {
+        let mesh = self.mesh.read().unwrap();
+        let mine = &mesh[class as usize];
+        f(if mine.is_empty() { &mesh[1 - class as usize] } else { mine })
     }
 
     /// The channel for the next segment of `vs`, or `None` if every channel is full.
     pub(crate) fn pick_segment_channel(&self, class: Class, vsock: u32) -> Option<Arc<Channel>> {
-        let chans = self.class_channels(class);
-        let loads: Vec<Load> = chans
-            .iter()
-            .map(|c| {
+        self.with_class(class, |chans| {
+            let load = |i: usize| {
+                let c = &chans[i];
                 if c.up.load(Ordering::Acquire) {
                     Load::Queued(c.queued.load(Ordering::Relaxed))
                 } else {
                     Load::Down
                 }
-            })
-            .collect();
-        let cursor = &self.cursors[class as usize];
-        let mut pos = cursor.load(Ordering::Relaxed);
-        let i = sched::pick(self.policy, &mut pos, vsock, &loads, self.cap)?;
-        cursor.store(pos, Ordering::Relaxed);
-        Some(chans[i].clone())
+            };
+            let cursor = &self.cursors[class as usize];
+            let mut pos = cursor.load(Ordering::Relaxed);
+            let i = sched::pick_with(self.policy, &mut pos, vsock, chans.len(), load, self.cap)?;
+            cursor.store(pos, Ordering::Relaxed);
+            Some(chans[i].clone())
+        })
     }
 
     /// A channel for a control frame of a vsocket in `class`: control frames go ahead of
     /// segments in a channel's queue, so any live channel of the class will do; spread them.
     pub(crate) fn control_channel(&self, class: Class) -> Option<Arc<Channel>> {
-        let chans = self.class_channels(class);
-        let live: Vec<_> = chans.into_iter().filter(|c| c.up.load(Ordering::Acquire)).collect();
-        if live.is_empty() {
-            return None;
-        }
-        let i = self.control_rr.fetch_add(1, Ordering::Relaxed) % live.len();
-        live.into_iter().nth(i)
+        self.with_class(class, |chans| {
+            let n = chans.len();
+            let start = self.control_rr.fetch_add(1, Ordering::Relaxed);
+            (0..n).map(|k| &chans[(start + k) % n]).find(|c| c.up.load(Ordering::Acquire)).cloned()
+        })
     }
 
     /// Queue a control frame to this peer; false if no channel is up.
@@ -139,10 +147,11 @@ impl Peer {
         }
     }
 
+    /// Take `ch` out of the mesh; returns how many channels are left.
     pub(crate) fn remove_channel(&self, ch: &Arc<Channel>) -> usize {
-        let mut chans = self.channels.write().unwrap();
-        chans.retain(|c| !Arc::ptr_eq(c, ch));
-        chans.len()
+        let mut mesh = self.mesh.write().unwrap();
+        mesh[ch.class as usize].retain(|c| !Arc::ptr_eq(c, ch));
+        mesh.iter().map(Vec::len).sum()
     }
 
     pub(crate) fn take_parked(&self) -> Vec<Arc<VSock>> {

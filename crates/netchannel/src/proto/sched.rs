@@ -22,11 +22,23 @@ pub enum Load {
 /// `cursor` is the round-robin position shared by every vsocket of the peer and class; it is
 /// advanced past the chosen channel. `cap` is the per-channel queue cap in bytes.
 pub fn pick(policy: Policy, cursor: &mut usize, vsock: u32, loads: &[Load], cap: usize) -> Option<usize> {
-    let n = loads.len();
+    pick_with(policy, cursor, vsock, loads.len(), |i| loads[i], cap)
+}
+
+/// [`pick`] over `n` channels whose loads `load(i)` reads on demand (no allocation: this
+/// runs once per segment).
+pub fn pick_with(
+    policy: Policy,
+    cursor: &mut usize,
+    vsock: u32,
+    n: usize,
+    load: impl Fn(usize) -> Load,
+    cap: usize,
+) -> Option<usize> {
     if n == 0 {
         return None;
     }
-    let fits = |i: usize| matches!(loads[i], Load::Queued(q) if q < cap);
+    let fits = |i: usize| matches!(load(i), Load::Queued(q) if q < cap);
     match policy {
         Policy::RoundRobin => {
             let start = *cursor % n;
@@ -38,7 +50,7 @@ pub fn pick(policy: Policy, cursor: &mut usize, vsock: u32, loads: &[Load], cap:
             // Fibonacci hashing spreads consecutive ids.
             let home = ((vsock as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % n;
             // The first live channel from home on; the vsocket waits if it is full.
-            let i = (0..n).map(|k| (home + k) % n).find(|&i| loads[i] != Load::Down)?;
+            let i = (0..n).map(|k| (home + k) % n).find(|&i| load(i) != Load::Down)?;
             fits(i).then_some(i)
         }
     }
