@@ -2,120 +2,24 @@
 //! process (killed after [`TIMEOUT`], so nothing can hang) and checks its exit status, its
 //! stdout (one JSON object with `--json`) and its stderr. They assert behaviour, not speed.
 
-use std::io::{BufRead, BufReader, Read};
+mod common;
+
 use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use common::{
+    assert_verified_stream, channel_bytes, f64_of, finish, free_tcp_port, netchannel, run, run_json, runs,
+    tcp_client_args, tcp_server, temp_file, u64_of, Output, Server, MIB,
+};
+
 /// Longest any child process may run.
 const TIMEOUT: Duration = Duration::from_secs(120);
-const MIB: u64 = 1 << 20;
-
-struct Output {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-fn netchannel(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_netchannel"));
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd
-}
-
-fn drain(mut r: impl Read + Send + 'static) -> thread::JoinHandle<String> {
-    thread::spawn(move || {
-        let mut s = String::new();
-        let _ = r.read_to_string(&mut s);
-        s
-    })
-}
-
-/// Wait for `child` (whose stdout/stderr are still piped) for at most [`TIMEOUT`]; kill it
-/// and panic after that.
-fn finish(mut child: Child, what: &str) -> Output {
-    let stdout = drain(child.stdout.take().expect("piped stdout"));
-    let stderr = child.stderr.take().map(drain);
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("`{what}` did not finish within {TIMEOUT:?} and was killed");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.map(|h| h.join().unwrap()).unwrap_or_default(),
-    }
-}
-
-/// Kills a background child (a server) if the test panics before [`finish`] takes it.
-struct KillOnDrop(Option<Child>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn run(args: &[&str]) -> Output {
-    let child = netchannel(args).spawn().expect("spawn netchannel");
-    finish(child, &args.join(" "))
-}
-
-/// Run, require success, and parse stdout as exactly one JSON object.
-fn run_json(args: &[&str]) -> Value {
-    let out = run(args);
-    assert!(out.status.success(), "{args:?} failed: {}\nstderr: {}", out.status, out.stderr);
-    let v: Value = serde_json::from_str(&out.stdout)
-        .unwrap_or_else(|e| panic!("stdout is not one JSON value ({e}): {:?}", out.stdout));
-    assert!(v.is_object(), "{v}");
-    v
-}
-
-fn u64_of(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("{key} is not a u64 in {v}"))
-}
-
-fn f64_of(v: &Value, key: &str) -> f64 {
-    v[key].as_f64().unwrap_or_else(|| panic!("{key} is not a number in {v}"))
-}
-
-fn channel_bytes(v: &Value) -> Vec<u64> {
-    v["channel_bytes"]
-        .as_array()
-        .unwrap_or_else(|| panic!("channel_bytes is not an array in {v}"))
-        .iter()
-        .map(|b| b.as_u64().expect("channel_bytes entries are u64"))
-        .collect()
-}
-
-fn temp_file(name: &str, text: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 fn assert_stream_report(v: &Value, backend: &str, bytes: u64) {
-    assert_eq!(v["mode"], "stream", "{v}");
-    assert_eq!(v["backend"], backend, "{v}");
-    assert_eq!(v["verified"], true, "{v}");
-    assert_eq!(u64_of(v, "bytes"), bytes, "{v}");
-    assert!(f64_of(v, "gbps") > 0.0, "{v}");
+    assert_verified_stream(v, backend, bytes);
     assert!(f64_of(v, "seconds") > 0.0, "{v}");
     assert!(f64_of(v, "cpu_seconds") > 0.0, "{v}");
     assert_eq!(u64_of(v, "write_size"), 10 * MIB, "{v}");
@@ -191,22 +95,26 @@ fn bad_size_fails_naming_the_flag() {
     assert_eq!(out.stdout, "");
 }
 
-#[test]
-fn config_with_an_unknown_key_fails_naming_the_key() {
-    let path = temp_file("unknown-key.toml", "throughput_channels = 2\nbogus_knob = 7\n");
+/// `bench stream --backend tcp --bytes 1MiB --config FILE`, with the temporary file `name`
+/// holding `toml`: it fails with status 1.
+fn run_with_bad_config(name: &str, toml: &str) -> Output {
+    let path = temp_file(name, toml);
     let out =
         run(&["bench", "stream", "--backend", "tcp", "--bytes", "1MiB", "--config", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "stderr: {}", out.stderr);
+    out
+}
+
+#[test]
+fn config_with_an_unknown_key_fails_naming_the_key() {
+    let out = run_with_bad_config("unknown-key.toml", "throughput_channels = 2\nbogus_knob = 7\n");
     assert!(out.stderr.contains("bogus_knob"), "stderr: {}", out.stderr);
     assert!(out.stderr.starts_with("netchannel: "), "stderr: {}", out.stderr);
 }
 
 #[test]
 fn config_with_a_bad_value_fails_naming_the_key() {
-    let path = temp_file("bad-value.toml", "segment_size = \"64 furlongs\"\n");
-    let out =
-        run(&["bench", "stream", "--backend", "tcp", "--bytes", "1MiB", "--config", path.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1), "stderr: {}", out.stderr);
+    let out = run_with_bad_config("bad-value.toml", "segment_size = \"64 furlongs\"\n");
     assert!(out.stderr.contains("segment_size"), "stderr: {}", out.stderr);
 }
 
@@ -219,25 +127,8 @@ fn invalid_knob_flag_fails_naming_the_flag() {
 
 #[test]
 fn connect_refused_names_the_address() {
-    let port = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let port = port.to_string();
-    let out = run(&[
-        "bench",
-        "stream",
-        "--backend",
-        "tcp",
-        "--role",
-        "client",
-        "--connect",
-        "127.0.0.1",
-        "--port",
-        &port,
-        "--bytes",
-        "1MiB",
-    ]);
+    let port = free_tcp_port();
+    let out = run(&tcp_client_args("stream", &port, &["--bytes", "1MiB"]));
     assert_eq!(out.status.code(), Some(1), "stderr: {}", out.stderr);
     let want = format!("netchannel: cannot connect to 127.0.0.1:{port}: connection refused");
     assert!(out.stderr.contains(&want), "stderr: {}", out.stderr);
@@ -245,67 +136,15 @@ fn connect_refused_names_the_address() {
 
 #[test]
 fn tcp_server_and_client_in_two_processes() {
-    let port = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    }
-    .to_string();
-    let server_args = [
-        "bench",
-        "stream",
-        "--backend",
-        "tcp",
-        "--role",
-        "server",
-        "--listen",
-        "127.0.0.1",
-        "--port",
-        &port,
-        "--verify",
-        "--json",
-    ];
-    let mut server = KillOnDrop(Some(netchannel(&server_args).spawn().expect("spawn server")));
+    let port = free_tcp_port();
     // Wait until the server says it listens (its stderr), then keep draining stderr.
-    let (tx, rx) = mpsc::channel();
-    let err = BufReader::new(server.0.as_mut().unwrap().stderr.take().unwrap());
-    let stderr = thread::spawn(move || {
-        let mut all = String::new();
-        for line in err.lines().map_while(Result::ok) {
-            let _ = tx.send(line.clone());
-            all += &line;
-            all.push('\n');
-        }
-        all
-    });
-    let listening = rx.recv_timeout(Duration::from_secs(30));
-    assert!(
-        listening.as_deref().is_ok_and(|l| l.contains("listening on TCP 127.0.0.1:")),
-        "server did not announce itself: {listening:?}"
-    );
-
-    let client = run_json(&[
-        "bench",
-        "stream",
-        "--backend",
-        "tcp",
-        "--role",
-        "client",
-        "--connect",
-        "127.0.0.1",
-        "--port",
-        &port,
-        "--bytes",
-        "32MiB",
-        "--json",
-    ]);
+    let server = tcp_server("stream", &port, &["--verify", "--json"]);
+    let client = run_json(&tcp_client_args("stream", &port, &["--bytes", "32MiB", "--json"]));
     assert_eq!(client["role"], "client");
     assert_eq!(u64_of(&client, "bytes"), 32 * MIB);
     assert_eq!(client["verified"], false, "the client does not verify: {client}");
 
-    let out = finish(server.0.take().unwrap(), "bench stream --role server");
-    let server_err = stderr.join().unwrap();
-    assert!(out.status.success(), "server failed: {server_err}");
-    let v: Value = serde_json::from_str(&out.stdout).expect("server prints one JSON object");
+    let v = server.finish_json("bench stream --role server");
     assert_eq!(v["role"], "server");
     assert_eq!(v["verified"], true, "{v}");
     assert_eq!(u64_of(&v, "bytes"), 32 * MIB);
@@ -335,53 +174,27 @@ fn netchannel_stream_of_64mib_is_verified_and_striped() {
 
 fn backend_both_reports_tcp_then_netchannel_and_the_ratio() {
     let v = run_json(&["bench", "stream", "--backend", "both", "--bytes", "64MiB", "--verify", "--json"]);
-    assert_eq!(v["mode"], "stream");
-    assert_eq!(v["backend"], "both");
-    let runs = v["runs"].as_array().expect("runs array");
-    assert_eq!(runs.len(), 2);
+    let runs = runs(&v, "stream", "both", 2);
     assert_stream_report(&runs[0], "tcp", 64 * MIB);
     assert_stream_report(&runs[1], "netchannel", 64 * MIB);
     assert!(f64_of(&v, "ratio") > 0.0, "{v}");
 }
 
+/// `bench stream --backend netchannel --role ROLE ADDRESSES… --port PORT EXTRA…`.
+fn netchannel_args<'a>(
+    role: &'a str,
+    addresses: &[&'a str],
+    port: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    [&["bench", "stream", "--backend", "netchannel", "--role", role], addresses, &["--port", port], extra]
+        .concat()
+}
+
 /// A netchannel server process on 127.0.0.2 and its channel port; waits until it listens.
-fn netchannel_server(
-    port: &str,
-    channel_port: &str,
-    extra: &[&str],
-) -> (KillOnDrop, thread::JoinHandle<String>) {
+fn netchannel_server(port: &str, channel_port: &str, extra: &[&str]) -> Server {
     let listen = format!("127.0.0.2:{channel_port}");
-    let mut args = vec![
-        "bench",
-        "stream",
-        "--backend",
-        "netchannel",
-        "--role",
-        "server",
-        "--listen",
-        &listen,
-        "--port",
-        port,
-    ];
-    args.extend_from_slice(extra);
-    let mut server = KillOnDrop(Some(netchannel(&args).spawn().expect("spawn server")));
-    let (tx, rx) = mpsc::channel();
-    let err = BufReader::new(server.0.as_mut().unwrap().stderr.take().unwrap());
-    let stderr = thread::spawn(move || {
-        let mut all = String::new();
-        for line in err.lines().map_while(Result::ok) {
-            let _ = tx.send(line.clone());
-            all += &line;
-            all.push('\n');
-        }
-        all
-    });
-    let first = rx.recv_timeout(Duration::from_secs(30));
-    assert!(
-        first.as_deref().is_ok_and(|l| l.contains("listening")),
-        "server did not announce itself: {first:?}"
-    );
-    (server, stderr)
+    Server::start(&netchannel_args("server", &["--listen", &listen], port, extra), "listening")
 }
 
 fn free_port() -> String {
@@ -394,31 +207,13 @@ fn free_port() -> String {
 #[test]
 fn netchannel_server_and_client_in_two_processes() {
     let chan = free_port();
-    let (mut server, stderr) = netchannel_server("5101", &chan, &["--verify", "--json"]);
+    let server = netchannel_server("5101", &chan, &["--verify", "--json"]);
     let connect = format!("127.0.0.2:{chan}");
     let local = format!("127.0.0.1:{chan}");
-    let client = run_json(&[
-        "bench",
-        "stream",
-        "--backend",
-        "netchannel",
-        "--role",
-        "client",
-        "--connect",
-        &connect,
-        "--local",
-        &local,
-        "--port",
-        "5101",
-        "--bytes",
-        "48MiB",
-        "--json",
-    ]);
+    let addresses = ["--connect", &connect, "--local", &local];
+    let client = run_json(&netchannel_args("client", &addresses, "5101", &["--bytes", "48MiB", "--json"]));
     assert_eq!(u64_of(&client, "bytes"), 48 * MIB);
-    let out = finish(server.0.take().unwrap(), "bench stream --role server");
-    let server_err = stderr.join().unwrap();
-    assert!(out.status.success(), "server failed: {server_err}");
-    let v: Value = serde_json::from_str(&out.stdout).expect("server prints one JSON object");
+    let v = server.finish_json("bench stream --role server");
     assert_eq!(v["verified"], true, "{v}");
     assert_eq!(u64_of(&v, "bytes"), 48 * MIB);
 }
@@ -426,32 +221,15 @@ fn netchannel_server_and_client_in_two_processes() {
 #[test]
 fn killing_the_server_process_mid_transfer_fails_the_client_promptly() {
     let chan = free_port();
-    let (mut server, _stderr) = netchannel_server("5102", &chan, &[]);
+    let server = netchannel_server("5102", &chan, &[]);
     let connect = format!("127.0.0.2:{chan}");
     let local = format!("127.0.0.1:{chan}");
-    let client = netchannel(&[
-        "bench",
-        "stream",
-        "--backend",
-        "netchannel",
-        "--role",
-        "client",
-        "--connect",
-        &connect,
-        "--local",
-        &local,
-        "--port",
-        "5102",
-        "--duration",
-        "60",
-        "--json",
-    ])
-    .spawn()
-    .expect("spawn client");
+    let addresses = ["--connect", &connect, "--local", &local];
+    let client = netchannel(&netchannel_args("client", &addresses, "5102", &["--duration", "60", "--json"]))
+        .spawn()
+        .expect("spawn client");
     thread::sleep(Duration::from_millis(1500));
-    let mut s = server.0.take().unwrap();
-    s.kill().expect("SIGKILL the server");
-    let _ = s.wait();
+    server.kill();
     let killed_at = Instant::now();
     let out = finish(client, "bench stream --role client (server killed)");
     assert!(!out.status.success(), "client succeeded although its peer died: {}", out.stdout);

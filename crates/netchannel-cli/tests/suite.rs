@@ -4,13 +4,14 @@
 //! wrote: one parseable JSON file per run, a summary.md with a table per experiment, and PNG
 //! charts that decode to their intended sizes. They assert behaviour, not speed.
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
 
 use serde_json::Value;
+
+use common::{run, TempDir};
 
 /// Longest a smoke suite may run.
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -39,69 +40,6 @@ const RUNS: [&str; 12] = [
     "connect_netchannel_default_rep1.json",
     "isolation_all_bulk2_rep1.json",
 ];
-
-struct Output {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-fn drain(mut r: impl Read + Send + 'static) -> thread::JoinHandle<String> {
-    thread::spawn(move || {
-        let mut s = String::new();
-        let _ = r.read_to_string(&mut s);
-        s
-    })
-}
-
-/// Wait for `child` for at most [`TIMEOUT`]; kill it and panic after that.
-fn finish(mut child: Child, what: &str) -> Output {
-    let stdout = drain(child.stdout.take().expect("piped stdout"));
-    let stderr = drain(child.stderr.take().expect("piped stderr"));
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("`{what}` did not finish within {TIMEOUT:?} and was killed");
-        }
-        thread::sleep(Duration::from_millis(50));
-    };
-    Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
-}
-
-fn run(args: &[&str]) -> Output {
-    let child = Command::new(env!("CARGO_BIN_EXE_netchannel"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn netchannel");
-    finish(child, &args.join(" "))
-}
-
-/// A fresh directory path under the system's temp dir (not created), removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
-        TempDir(std::env::temp_dir().join(format!("netchannel-{tag}-{}-{nanos}", std::process::id())))
-    }
-    fn path(&self) -> &str {
-        self.0.to_str().expect("a UTF-8 temp path")
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn has_mptcp() -> bool {
     let out = run(&["bench", "stream", "--help"]);

@@ -8,22 +8,21 @@
 //! They need root and iproute2 (`ip`, `tc`), as CI has (.ci/run installs iproute2), and an
 //! MPTCP-capable kernel for the MPTCP tests; without them they fail saying what is missing.
 
-use std::io::Read;
-use std::process::{Child, Command, ExitStatus, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use common::{
+    assert_success, assert_verified_stream, channel_bytes, f64_of, finish, json_object, netchannel, u64_of,
+    Output, MIB,
+};
+
 /// Longest any child process may run.
 const TIMEOUT: Duration = Duration::from_secs(60);
-const MIB: u64 = 1 << 20;
-
-struct Output {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
 
 /// Fail the test with a clear message unless it can create namespaces: root and iproute2.
 fn require_root_and_iproute2() {
@@ -39,39 +38,6 @@ fn require_root_and_iproute2() {
             .is_ok_and(|s| s.success());
         assert!(ok, "this test needs iproute2 (`{tool}` not found or failing): apt-get install iproute2");
     }
-}
-
-fn netchannel(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_netchannel"));
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd
-}
-
-fn drain(mut r: impl Read + Send + 'static) -> thread::JoinHandle<String> {
-    thread::spawn(move || {
-        let mut s = String::new();
-        let _ = r.read_to_string(&mut s);
-        s
-    })
-}
-
-/// Wait for `child` for at most [`TIMEOUT`]; kill it and panic after that.
-fn finish(mut child: Child, what: &str) -> Output {
-    let stdout = drain(child.stdout.take().expect("piped stdout"));
-    let stderr = drain(child.stderr.take().expect("piped stderr"));
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("`{what}` did not finish within {TIMEOUT:?} and was killed");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
 }
 
 /// Run to the end; return the child's pid with its output.
@@ -97,45 +63,21 @@ fn namespaces_of(pid: u32) -> Vec<String> {
 /// object.
 fn run_json(args: &[&str]) -> Value {
     let (pid, out) = run(args);
-    assert!(out.status.success(), "{args:?} failed: {}\nstderr: {}", out.status, out.stderr);
+    assert_success(&out, args);
     assert_eq!(namespaces_of(pid), Vec::<String>::new(), "namespaces left behind by {args:?}");
-    let v: Value = serde_json::from_str(&out.stdout)
-        .unwrap_or_else(|e| panic!("stdout is not one JSON value ({e}): {:?}", out.stdout));
-    assert!(v.is_object(), "{v}");
-    v
+    json_object(&out.stdout)
 }
 
-fn f64_of(v: &Value, key: &str) -> f64 {
-    v[key].as_f64().unwrap_or_else(|| panic!("{key} is not a number in {v}"))
-}
-
-fn u64_of(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("{key} is not a u64 in {v}"))
-}
-
-fn assert_verified(v: &Value, backend: &str, bytes: u64) {
-    assert_eq!(v["mode"], "stream", "{v}");
-    assert_eq!(v["backend"], backend, "{v}");
-    assert_eq!(v["verified"], true, "{v}");
-    assert_eq!(u64_of(v, "bytes"), bytes, "{v}");
-    assert!(f64_of(v, "gbps") > 0.0, "{v}");
+/// `bench stream ARGS --verify --json`, run to its report (see [`run_json`]).
+fn run_verified_stream(args: &[&str]) -> Value {
+    run_json(&[&["bench", "stream"], args, &["--verify", "--json"]].concat())
 }
 
 #[test]
 fn netns_tcp_stream_is_verified_and_cleaned_up() {
     require_root_and_iproute2();
-    let v = run_json(&[
-        "bench",
-        "stream",
-        "--netns",
-        "--backend",
-        "tcp",
-        "--bytes",
-        "32MiB",
-        "--verify",
-        "--json",
-    ]);
-    assert_verified(&v, "tcp", 32 * MIB);
+    let v = run_verified_stream(&["--netns", "--backend", "tcp", "--bytes", "32MiB"]);
+    assert_verified_stream(&v, "tcp", 32 * MIB);
     assert_eq!(v["netns"], true, "{v}");
     assert_eq!(v["rate_bps"], Value::Null, "{v}");
 }
@@ -143,21 +85,10 @@ fn netns_tcp_stream_is_verified_and_cleaned_up() {
 #[test]
 fn netns_netchannel_stream_is_verified_striped_and_cleaned_up() {
     require_root_and_iproute2();
-    let v = run_json(&[
-        "bench",
-        "stream",
-        "--netns",
-        "--backend",
-        "netchannel",
-        "--bytes",
-        "32MiB",
-        "--verify",
-        "--json",
-    ]);
-    assert_verified(&v, "netchannel", 32 * MIB);
+    let v = run_verified_stream(&["--netns", "--backend", "netchannel", "--bytes", "32MiB"]);
+    assert_verified_stream(&v, "netchannel", 32 * MIB);
     assert_eq!(v["netns"], true, "{v}");
-    let per_channel: Vec<u64> =
-        v["channel_bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap()).collect();
+    let per_channel = channel_bytes(&v);
     assert_eq!(per_channel.len(), 4, "{v}");
     assert!(per_channel.iter().all(|&b| b > 0), "a channel carried nothing: {v}");
 }
@@ -165,20 +96,8 @@ fn netns_netchannel_stream_is_verified_striped_and_cleaned_up() {
 #[test]
 fn netns_rate_limit_caps_the_throughput() {
     require_root_and_iproute2();
-    let v = run_json(&[
-        "bench",
-        "stream",
-        "--netns",
-        "--rate",
-        "1gbit",
-        "--backend",
-        "tcp",
-        "--bytes",
-        "64MiB",
-        "--verify",
-        "--json",
-    ]);
-    assert_verified(&v, "tcp", 64 * MIB);
+    let v = run_verified_stream(&["--netns", "--rate", "1gbit", "--backend", "tcp", "--bytes", "64MiB"]);
+    assert_verified_stream(&v, "tcp", 64 * MIB);
     assert_eq!(u64_of(&v, "rate_bps"), 1_000_000_000, "{v}");
     let gbps = f64_of(&v, "gbps");
     assert!(gbps < 1.2, "a 1gbit tbf let {gbps:.2} Gbit/s through: {v}");
@@ -187,19 +106,8 @@ fn netns_rate_limit_caps_the_throughput() {
 #[test]
 fn mptcp_on_loopback_is_verified_over_several_subflows() {
     require_root_and_iproute2();
-    let v = run_json(&[
-        "bench",
-        "stream",
-        "--backend",
-        "mptcp",
-        "--subflows",
-        "4",
-        "--bytes",
-        "32MiB",
-        "--verify",
-        "--json",
-    ]);
-    assert_verified(&v, "mptcp", 32 * MIB);
+    let v = run_verified_stream(&["--backend", "mptcp", "--subflows", "4", "--bytes", "32MiB"]);
+    assert_verified_stream(&v, "mptcp", 32 * MIB);
     assert_eq!(u64_of(&v, "subflows"), 4, "{v}");
     let established = u64_of(&v, "subflows_established");
     assert!(established >= 1, "{v}");
@@ -211,20 +119,8 @@ fn mptcp_on_loopback_is_verified_over_several_subflows() {
 #[test]
 fn mptcp_in_netns_is_verified() {
     require_root_and_iproute2();
-    let v = run_json(&[
-        "bench",
-        "stream",
-        "--netns",
-        "--backend",
-        "mptcp",
-        "--subflows",
-        "3",
-        "--bytes",
-        "32MiB",
-        "--verify",
-        "--json",
-    ]);
-    assert_verified(&v, "mptcp", 32 * MIB);
+    let v = run_verified_stream(&["--netns", "--backend", "mptcp", "--subflows", "3", "--bytes", "32MiB"]);
+    assert_verified_stream(&v, "mptcp", 32 * MIB);
     assert_eq!(v["netns"], true, "{v}");
     assert!(u64_of(&v, "subflows_established") >= 1, "{v}");
 }
@@ -232,7 +128,7 @@ fn mptcp_in_netns_is_verified() {
 #[test]
 fn backend_all_reports_tcp_mptcp_and_netchannel() {
     require_root_and_iproute2();
-    let v = run_json(&["bench", "stream", "--backend", "all", "--bytes", "16MiB", "--verify", "--json"]);
+    let v = run_verified_stream(&["--backend", "all", "--bytes", "16MiB"]);
     assert_eq!(v["backend"], "all", "{v}");
     let runs = v["runs"].as_array().expect("runs array");
     let backends: Vec<&str> = runs.iter().map(|r| r["backend"].as_str().unwrap()).collect();

@@ -29,8 +29,8 @@ use serde::Serialize;
 use super::backend::{Conn, Connector, Listener, Net};
 use super::rpc::{self, parse_warmup, Percentiles, Recorder, TrafficClass, WindowClock};
 use super::{
-    bytes_human, parse_io_size, parse_secs, spawn, watch, Backend, CommonOpts, Knobs, Progress, Role, Stack,
-    Watch,
+    bytes_human, parse_io_size, parse_secs, per_second, print_report, spawn, to_json, watch, Backend,
+    CommonOpts, Knobs, Progress, Role, Stack, Watch,
 };
 use crate::cpu;
 use crate::error::{describe, Context, Error, Result};
@@ -257,11 +257,10 @@ pub fn run(args: &IsolationArgs) -> Result<()> {
 /// One JSON object (the run, or `{"mode", "backend": "all", "runs"}`), or human lines.
 fn print(json: bool, runs: &[IsolationReport]) -> Result<()> {
     let text = if json {
-        let encoded = match runs {
-            [one] => serde_json::to_string(one),
-            _ => serde_json::to_string(&Runs { mode: "isolation", backend: "all", runs }),
-        };
-        encoded.map_err(|e| format!("cannot encode the report as JSON: {e}"))?
+        match runs {
+            [one] => to_json(one)?,
+            _ => to_json(&Runs { mode: "isolation", backend: "all", runs })?,
+        }
     } else {
         let mut text = runs.iter().map(IsolationReport::human).collect::<Vec<_>>().join("\n");
         if runs.len() > 1 {
@@ -273,10 +272,7 @@ fn print(json: bool, runs: &[IsolationReport]) -> Result<()> {
         }
         text
     };
-    let mut out = io::stdout().lock();
-    writeln!(out, "{text}")
-        .and_then(|_| out.flush())
-        .map_err(|e| Error::from(format!("cannot write the report to stdout: {e}")))
+    print_report(&text)
 }
 
 /// Bulk senders wait here until the L-app opens the loaded phase, and stop when told.
@@ -466,11 +462,10 @@ fn run_one(setup: Setup, args: &IsolationArgs, config: &Config) -> Result<Isolat
     let phase = |p: &PhaseResult| PhaseReport {
         samples: p.latencies.samples(),
         latency: p.latencies.percentiles(),
-        round_trips_per_sec: if p.seconds > 0.0 { p.latencies.samples() as f64 / p.seconds } else { 0.0 },
+        round_trips_per_sec: per_second(p.latencies.samples() as f64, p.seconds),
         seconds: p.seconds,
         cpu_seconds: p.process_cpu,
     };
-    let loaded_secs = lapp.loaded.seconds;
     Ok(IsolationReport {
         mode: "isolation",
         backend: setup,
@@ -481,11 +476,7 @@ fn run_one(setup: Setup, args: &IsolationArgs, config: &Config) -> Result<Isolat
         lapp_priority: (setup == Setup::TcpPrio).then_some(args.priority),
         isolated: phase(&lapp.isolated),
         loaded: phase(&lapp.loaded),
-        bulk_gbps: if loaded_secs > 0.0 {
-            lapp.loaded.bulk_bytes as f64 * 8.0 / loaded_secs / 1e9
-        } else {
-            0.0
-        },
+        bulk_gbps: per_second(lapp.loaded.bulk_bytes as f64 * 8.0, lapp.loaded.seconds) / 1e9,
         bulk_bytes: lapp.loaded.bulk_bytes,
         cpu_seconds: lapp.process_cpu,
         seconds: lapp.seconds,

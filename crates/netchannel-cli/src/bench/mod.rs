@@ -6,22 +6,27 @@
 //! [`watch`], the main thread's loop that collects the worker threads' results while it
 //! prints progress and catches stalls. [`backend`] hides the difference between a vsocket on
 //! an embedded host and a kernel TCP (or MPTCP, [`mptcp`]) socket, and with `--netns` runs the
-//! two ends in two network namespaces ([`netns`]).
+//! two ends in two network namespaces ([`netns`]). [`pair`] runs a mode's server and client
+//! ends on their threads; [`transfer`] (one-way modes) and [`rpc`] (request/response modes)
+//! hold what those modes share.
 //!
 //! Adding a mode: write `bench/<mode>.rs` with an `Args` struct that flattens [`CommonOpts`]
-//! and a `run(&Args) -> Result<()>` that builds one report per [`Stack`] and calls [`emit`];
-//! then add a variant to [`Mode`] and an arm to [`run`].
+//! and a `run(&Args) -> Result<()>` that builds one report per [`Stack`] and calls [`emit`]
+//! (a server/client mode: [`pair::Pair::run_stacks`] and [`pair::Pair::run`]); then add a
+//! variant to [`Mode`] and an arm to [`run`].
 
 pub mod backend;
 pub mod connect;
 pub mod isolation;
 pub mod mptcp;
 pub mod netns;
+pub mod pair;
 pub mod pingpong;
 pub mod rpc;
 pub mod short;
 pub mod stream;
 pub mod suite;
+pub mod transfer;
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -340,17 +345,16 @@ pub trait Report: Serialize {
 /// also `"ratio_mptcp"` when MPTCP ran), or human lines.
 pub fn emit<R: Report>(mode: &str, json: bool, runs: &[R]) -> Result<()> {
     let text = if json {
-        let encoded = match runs {
-            [one] => serde_json::to_string(one),
-            _ => serde_json::to_string(&Runs {
+        match runs {
+            [one] => to_json(one)?,
+            _ => to_json(&Runs {
                 mode,
                 backend: if runs.iter().any(|r| r.stack() == Stack::Mptcp) { "all" } else { "both" },
                 runs,
                 ratio: ratio(runs),
                 ratio_mptcp: ratio_to(runs, Stack::Mptcp),
-            }),
-        };
-        encoded.map_err(|e| format!("cannot encode the report as JSON: {e}"))?
+            })?,
+        }
     } else {
         let mut text = runs.iter().map(Report::human).collect::<Vec<_>>().join("\n");
         if let Some(r) = ratio(runs) {
@@ -362,10 +366,46 @@ pub fn emit<R: Report>(mode: &str, json: bool, runs: &[R]) -> Result<()> {
         }
         text
     };
+    print_report(&text)
+}
+
+/// A report as one line of JSON.
+pub fn to_json(report: &impl Serialize) -> Result<String> {
+    serde_json::to_string(report).map_err(|e| format!("cannot encode the report as JSON: {e}").into())
+}
+
+/// Write the report `text` and a newline on stdout.
+pub fn print_report(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{text}")
         .and_then(|_| out.flush())
         .map_err(|e| Error::from(format!("cannot write the report to stdout: {e}")))
+}
+
+/// `v / seconds`, or 0 for a run that took no time.
+pub fn per_second(v: f64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        v / seconds
+    } else {
+        0.0
+    }
+}
+
+/// `CPU 1.23 s (0.98 cores)`.
+pub fn cpu_human(cpu_seconds: f64, cpu_cores: f64) -> String {
+    format!("CPU {cpu_seconds:.2} s ({cpu_cores:.2} cores)")
+}
+
+/// `, app threads: sender 0.50 s, receiver 0.40 s` for the app threads that ran in this
+/// process (their CPU seconds); empty when none did.
+pub fn app_threads(threads: [(&str, Option<f64>); 2]) -> String {
+    let threads: Vec<String> =
+        threads.iter().filter_map(|(name, v)| v.map(|v| format!("{name} {v:.2} s"))).collect();
+    if threads.is_empty() {
+        String::new()
+    } else {
+        format!(", app threads: {}", threads.join(", "))
+    }
 }
 
 #[derive(Serialize)]

@@ -3,7 +3,8 @@
 //! the same way: the client writes a `--size` request (pattern bytes), reads the whole
 //! `--size` response, and records the time in an HDR histogram; the server reads the whole
 //! request and writes it back. A warm-up at the start of every measured phase is discarded.
-//! [`TrafficClass`] is the `--class` flag of the NetChannel vsocket.
+//! [`TrafficClass`] is the `--class` flag of the NetChannel vsocket. [`LatencyRun`] is what the
+//! reports of `bench pingpong` and `bench connect` share.
 
 use std::io::{self, Read};
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use netchannel::Class;
 use serde::Serialize;
 
 use super::backend::Conn;
+use super::{app_threads, cpu_human, per_second, Knobs, Progress};
 use crate::cpu;
 use crate::error::{describe, Error, Result};
 use crate::pattern::{self, Source};
@@ -174,6 +176,130 @@ impl WindowClock {
             },
             None => Window { seconds: 0.0, thread_cpu: 0.0, process_cpu: 0.0 },
         }
+    }
+}
+
+/// What the client end of a latency run measured.
+pub struct ClientResult {
+    /// Its latencies after the warm-up.
+    pub latencies: Recorder,
+    /// Its measured window.
+    pub window: Window,
+}
+
+/// What the server end of a latency run counted.
+pub struct ServerResult {
+    /// Requests (or connections) served in its measured window.
+    pub served: u64,
+    /// Its measured window, which starts when its warm-up after the first accept ends.
+    pub window: Window,
+}
+
+/// The client's measuring loop: `round_trip` back to back for `warmup + duration`, the time of
+/// each after the warm-up recorded; `progress` counts `size` bytes a round trip.
+pub fn measure(
+    warmup: Duration,
+    duration: Duration,
+    size: usize,
+    progress: Option<&Progress>,
+    mut round_trip: impl FnMut() -> Result<()>,
+) -> Result<ClientResult> {
+    let mut latencies = Recorder::new();
+    let mut clock = WindowClock::new(warmup);
+    let end = clock.from + duration;
+    loop {
+        let t0 = Instant::now();
+        let measuring = clock.check(t0);
+        if t0 >= end {
+            break;
+        }
+        round_trip()?;
+        if measuring {
+            latencies.record(t0.elapsed());
+        }
+        if let Some(p) = progress {
+            p.add(size as u64);
+        }
+    }
+    Ok(ClientResult { latencies, window: clock.finish() })
+}
+
+/// What the reports of `bench pingpong` and `bench connect` share, after their rate: the
+/// latencies, the measured window and its CPU.
+#[derive(Serialize, Debug)]
+pub struct LatencyRun {
+    /// Latency percentiles: of a round trip (pingpong), of connect + request/response + close
+    /// (connect); absent in a server-only run, which times nothing.
+    #[serde(flatten)]
+    pub latency: Option<Percentiles>,
+    /// Length of the measured window (the warm-up excluded).
+    pub seconds: f64,
+    /// Warm-up discarded before the measured window.
+    pub warmup_seconds: f64,
+    /// User + system CPU seconds of the whole process during the measured window.
+    pub cpu_seconds: f64,
+    /// `cpu_seconds / seconds`: cores kept busy.
+    pub cpu_cores: f64,
+    /// CPU seconds of the client app thread in its measured window (null when not in this process).
+    pub client_thread_cpu_seconds: Option<f64>,
+    /// CPU seconds of the server app thread after its warm-up (null when not in this process).
+    pub server_thread_cpu_seconds: Option<f64>,
+    /// True only if `--verify` was given and every response matched (checked by the client).
+    pub verified: bool,
+    /// Engine knobs (null for TCP).
+    #[serde(flatten)]
+    pub knobs: Knobs,
+}
+
+impl LatencyRun {
+    /// The samples and the run's numbers, from the ends that ran in this process: the
+    /// client's latencies and window, else (a server-only run) the server's count and window.
+    pub fn of(
+        client: Option<&ClientResult>,
+        server: Option<&ServerResult>,
+        warmup: Duration,
+        verify: bool,
+        knobs: Knobs,
+    ) -> (u64, LatencyRun) {
+        let (samples, latency, window) = match (client, server) {
+            (Some(c), _) => (c.latencies.samples(), c.latencies.percentiles(), &c.window),
+            (None, Some(s)) => (s.served, None, &s.window),
+            (None, None) => unreachable!("a role has at least one end"),
+        };
+        let run = LatencyRun {
+            latency,
+            seconds: window.seconds,
+            warmup_seconds: warmup.as_secs_f64(),
+            cpu_seconds: window.process_cpu,
+            cpu_cores: per_second(window.process_cpu, window.seconds),
+            client_thread_cpu_seconds: client.map(|c| c.window.thread_cpu),
+            server_thread_cpu_seconds: server.map(|s| s.window.thread_cpu),
+            verified: verify && client.is_some(),
+            knobs,
+        };
+        (samples, run)
+    }
+
+    /// `v / seconds` (0 for an empty window).
+    pub fn per_sec(&self, v: f64) -> f64 {
+        per_second(v, self.seconds)
+    }
+
+    /// `p50 … µs; CPU 1.23 s (0.98 cores), verified, app threads: client 0.50 s, server 0.40 s`.
+    pub fn human(&self) -> String {
+        let latency = match &self.latency {
+            Some(p) => format!("{}; ", p.human()),
+            None => String::new(),
+        };
+        format!(
+            "{latency}{}{}{}",
+            cpu_human(self.cpu_seconds, self.cpu_cores),
+            if self.verified { ", verified" } else { "" },
+            app_threads([
+                ("client", self.client_thread_cpu_seconds),
+                ("server", self.server_thread_cpu_seconds)
+            ])
+        )
     }
 }
 

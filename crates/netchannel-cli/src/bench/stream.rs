@@ -12,21 +12,19 @@
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::ops::ControlFlow;
-use std::sync::mpsc::{self, Sender};
-use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use netchannel::Config;
 use serde::Serialize;
 
-use super::backend::{Conn, Connector, Listener, Net};
+use super::backend::{Conn, Connector, Net};
 use super::mptcp::Subflows;
+use super::pair::Pair;
+use super::transfer::{self, Meter, Transfer, TransferCpu};
 use super::{
-    bytes_human, emit, parse_io_size, parse_nonzero_size, parse_secs, watch, CommonOpts, Knobs, Progress,
-    Report, Role, Stack, Watch,
+    bytes_human, emit, parse_io_size, parse_nonzero_size, parse_secs, CommonOpts, Knobs, Progress, Report,
+    Role, Stack,
 };
 use crate::cpu;
 use crate::error::{describe, Error, Result};
@@ -86,14 +84,9 @@ pub struct StreamReport {
     /// Client → server bytes per throughput channel, index order (see `Net`); for MPTCP, per
     /// subflow (received by the server, or acknowledged to a client-only run); empty for TCP.
     pub channel_bytes: Vec<u64>,
-    /// User + system CPU seconds of the whole process during the transfer.
-    pub cpu_seconds: f64,
-    /// `cpu_seconds / seconds`: cores kept busy.
-    pub cpu_cores: f64,
-    /// CPU seconds of the sending app thread (null when not in this process).
-    pub sender_thread_cpu_seconds: Option<f64>,
-    /// CPU seconds of the receiving app thread (null when not in this process).
-    pub receiver_thread_cpu_seconds: Option<f64>,
+    /// CPU of the process and of each app thread.
+    #[serde(flatten)]
+    pub cpu: TransferCpu,
     /// Engine knobs (null for TCP).
     #[serde(flatten)]
     pub knobs: Knobs,
@@ -133,33 +126,25 @@ impl Report for StreamReport {
                 self.rate_bps.map(|r| format!(", tbf {:.3} Gbit/s", r as f64 / 1e9)).unwrap_or_default();
             knobs += &format!("{}netns veth{rate}", if knobs.is_empty() { "" } else { "; " });
         }
-        let mut s = format!(
-            "stream {}{}: {:.2} Gbit/s, {} in {:.2} s{}; CPU {:.2} s ({:.2} cores)",
+        format!(
+            "stream {}{}: {:.2} Gbit/s, {} in {:.2} s{}; {}{}",
             self.backend.name(),
             if knobs.is_empty() { String::new() } else { format!(" ({knobs})") },
             self.gbps,
             bytes_human(self.bytes),
             self.seconds,
             if self.verified { ", verified" } else { "" },
-            self.cpu_seconds,
-            self.cpu_cores,
-        );
-        let threads: Vec<String> =
-            [("sender", self.sender_thread_cpu_seconds), ("receiver", self.receiver_thread_cpu_seconds)]
-                .iter()
-                .filter_map(|(name, v)| v.map(|v| format!("{name} {v:.2} s")))
-                .collect();
-        if !threads.is_empty() {
-            s += &format!(", app threads: {}", threads.join(", "));
-        }
-        if !self.channel_bytes.is_empty() {
-            let per: Vec<String> = self.channel_bytes.iter().map(|&b| bytes_human(b)).collect();
-            let what = if self.backend == Stack::Mptcp { "subflow" } else { "channel" };
-            s += &format!("\n  {what} bytes: {}", per.join(" | "));
-        }
-        s
+            self.cpu.human(),
+            transfer::per_channel_human(
+                if self.backend == Stack::Mptcp { "subflow" } else { "channel" },
+                &self.channel_bytes
+            ),
+        )
     }
 }
+
+/// The two ends of `bench stream`.
+const PAIR: Pair = Pair::one_way("stream", "waiting for one stream");
 
 /// Run `bench stream` on every stack of `--backend` and print the reports.
 pub fn run(args: &StreamArgs) -> Result<()> {
@@ -177,9 +162,7 @@ pub fn run(args: &StreamArgs) -> Result<()> {
              (`ip mptcp endpoint`, `ip mptcp limits`); --subflows applies to --role both only"
         );
     }
-    if args.verify && args.common.role == Role::Client {
-        eprintln!("netchannel: note: --verify is checked by the receiver; give it to the server");
-    }
+    PAIR.note_verify(args.common.role, args.verify);
     let limit = match (args.bytes, args.duration) {
         (Some(b), _) => Limit::Bytes(b),
         (None, Some(d)) => Limit::Duration(Duration::from_secs_f64(d)),
@@ -193,19 +176,15 @@ pub fn run(args: &StreamArgs) -> Result<()> {
     emit("stream", args.common.json, &reports)
 }
 
+/// What the sender wrote, and its subflows.
 struct Sent {
-    bytes: u64,
-    thread_cpu: f64,
-    process_cpu_at_start: f64,
-    seconds: f64,
+    transfer: Transfer,
     subflows: SubflowLog,
 }
 
+/// What the receiver got, from where, and its subflows.
 struct Received {
-    bytes: u64,
-    seconds: f64,
-    thread_cpu: f64,
-    process_cpu_at_start: f64,
+    transfer: Transfer,
     peer: SocketAddr,
     subflows: SubflowLog,
 }
@@ -250,94 +229,34 @@ impl SubflowLog {
     }
 }
 
-enum Event {
-    Sent(Result<Sent>),
-    Received(Result<Received>),
-}
-
 fn run_one(stack: Stack, args: &StreamArgs, config: &Config, limit: Limit) -> Result<StreamReport> {
     let common = &args.common;
-    let role = common.role;
     let mut net = Net::open(stack, common, config)?;
-    let progress = Arc::new(Progress::default());
-    let (tx, rx) = mpsc::channel();
-    let mut expected = 0;
-    if role.has_server() {
-        let listener = net.listen()?;
-        if role == Role::Server {
-            eprintln!("netchannel: listening on {}; waiting for one stream", listener.describe());
-        }
-        let (progress, tx, verify, size) = (progress.clone(), tx.clone(), args.verify, args.write_size);
-        spawn("stream-receiver", move || receiver(listener, verify, size, &progress, &tx))?;
-        expected += 1;
-    }
-    if role.has_client() {
-        let connector = net.connector()?;
-        let counted = (role == Role::Client).then(|| progress.clone());
-        let (tx, size, corrupt_at) = (tx.clone(), args.write_size, args.corrupt_at);
-        spawn("stream-sender", move || {
-            let result = sender(&connector, limit, size, corrupt_at, counted.as_deref());
-            let _ = tx.send(Event::Sent(result));
-        })?;
-        expected += 1;
-    }
-    drop(tx);
-    if role != Role::Server {
-        progress.activate();
-    }
-
-    let (mut sent, mut received) = (None, None);
-    let opts = Watch {
-        quiet: common.json,
-        stall_timeout: Duration::from_secs_f64(common.stall_timeout),
-        label: if role == Role::Client { "sent" } else { "received" },
-    };
-    watch(&rx, &progress, &opts, |event| {
-        let failed = match event {
-            Event::Sent(r) => sent.insert(r).is_err(),
-            Event::Received(r) => received.insert(r).is_err(),
-        };
-        let done = sent.iter().count() + received.iter().count() == expected;
-        if failed || done {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    })?;
+    let (verify, size, corrupt_at) = (args.verify, args.write_size, args.corrupt_at);
+    let (received, sent) = PAIR.run(
+        &mut net,
+        common,
+        move |listener, progress, done| {
+            transfer::receiver(listener, progress, done, |conn, peer| {
+                receive(conn, peer, verify, size, progress)
+            })
+        },
+        move |connector, progress| sender(connector, limit, size, corrupt_at, progress),
+    )?;
     let process_cpu_at_end = cpu::process_seconds();
-    // The receiver's error explains a sender's (e.g. a verify failure closes the stream).
-    let received = received.transpose()?;
-    let sent = sent.transpose()?;
-    let lost =
-        |side: &str| Error::from(format!("the {side} thread stopped without a result (see the panic above)"));
-    if role.has_server() && received.is_none() {
-        return Err(lost("receiver"));
-    }
-    if role.has_client() && sent.is_none() {
-        return Err(lost("sender"));
-    }
-    if let (Some(r), Some(s)) = (&received, &sent) {
-        if r.bytes != s.bytes {
-            return Err(format!("the receiver got {} bytes but the sender wrote {}", r.bytes, s.bytes).into());
-        }
-    }
+    let totals = transfer::totals(
+        received.as_ref().map(|r| &r.transfer),
+        sent.as_ref().map(|s| &s.transfer),
+        process_cpu_at_end,
+    )?;
     if let (Limit::Bytes(want), Some(r)) = (limit, &received) {
-        if r.bytes != want {
-            return Err(format!("the stream ended early: received {} of {want} bytes", r.bytes).into());
+        if r.transfer.bytes != want {
+            return Err(
+                format!("the stream ended early: received {} of {want} bytes", r.transfer.bytes).into()
+            );
         }
     }
 
-    let (bytes, seconds) = match (&received, &sent) {
-        (Some(r), _) => (r.bytes, r.seconds),
-        (None, Some(s)) => (s.bytes, s.seconds),
-        (None, None) => unreachable!("a role has at least one end"),
-    };
-    let cpu_start =
-        [received.as_ref().map(|r| r.process_cpu_at_start), sent.as_ref().map(|s| s.process_cpu_at_start)]
-            .into_iter()
-            .flatten()
-            .fold(f64::INFINITY, f64::min);
-    let cpu_seconds = (process_cpu_at_end - cpu_start).max(0.0);
     let mut channel_bytes = net.client_to_server_channel_bytes(received.as_ref().map(|r| r.peer.ip()));
     let subflows_established = (stack == Stack::Mptcp).then(|| {
         let logs = [received.as_ref().map(|r| &r.subflows), sent.as_ref().map(|s| &s.subflows)];
@@ -368,20 +287,16 @@ fn run_one(stack: Stack, args: &StreamArgs, config: &Config, limit: Limit) -> Re
     };
     let subflows = net.subflows();
     net.shutdown();
-    let per_sec = |v: f64| if seconds > 0.0 { v / seconds } else { 0.0 };
     Ok(StreamReport {
         mode: "stream",
         backend: stack,
-        role,
-        gbps: per_sec(bytes as f64 * 8.0 / 1e9),
-        bytes,
-        seconds,
+        role: common.role,
+        gbps: totals.per_sec(totals.bytes as f64 * 8.0 / 1e9),
+        bytes: totals.bytes,
+        seconds: totals.seconds,
         verified: args.verify && received.is_some(),
         channel_bytes,
-        cpu_seconds,
-        cpu_cores: per_sec(cpu_seconds),
-        sender_thread_cpu_seconds: sent.as_ref().map(|s| s.thread_cpu),
-        receiver_thread_cpu_seconds: received.as_ref().map(|r| r.thread_cpu),
+        cpu: totals.cpu,
         knobs: Knobs::of(stack, config),
         write_size: args.write_size,
         subflows,
@@ -391,30 +306,7 @@ fn run_one(stack: Stack, args: &StreamArgs, config: &Config, limit: Limit) -> Re
     })
 }
 
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<()> {
-    thread::Builder::new()
-        .name(name.to_string())
-        .spawn(f)
-        .map(drop)
-        .map_err(|e| format!("cannot start the {name} thread: {}", describe(&e)).into())
-}
-
-/// The receiving app thread. Its result is sent while the stream is still open, so a verify
-/// failure reaches the main thread before the sender sees the stream close.
-fn receiver(listener: Listener, verify: bool, size: usize, progress: &Progress, tx: &Sender<Event>) {
-    let (mut conn, peer) = match listener.accept() {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = tx.send(Event::Received(Err(e)));
-            return;
-        }
-    };
-    progress.activate();
-    let result = receive(&mut *conn, peer, verify, size, progress);
-    let _ = tx.send(Event::Received(result));
-    drop(conn);
-}
-
+/// The receiving app thread's work: [`transfer::receive`], sampling the MPTCP subflows.
 fn receive(
     conn: &mut dyn Conn,
     peer: SocketAddr,
@@ -422,40 +314,10 @@ fn receive(
     size: usize,
     progress: &Progress,
 ) -> Result<Received> {
-    let process_cpu_at_start = cpu::process_seconds();
-    let thread_cpu_at_start = cpu::thread_seconds();
-    let start = Instant::now();
-    let mut buf = vec![0u8; size];
-    let mut offset = 0u64;
     let mut subflows = SubflowLog::default();
-    loop {
-        subflows.tick(conn);
-        let n = match conn.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return Err(
-                    format!("read from {peer} failed at stream offset {offset}: {}", describe(&e)).into()
-                );
-            }
-        };
-        if verify {
-            pattern::check(offset, &buf[..n]).map_err(|m| Error::from(format!("verify failed at {m}")))?;
-        }
-        offset += n as u64;
-        progress.add(n as u64);
-    }
-    let seconds = start.elapsed().as_secs_f64();
+    let transfer = transfer::receive(conn, peer, verify, size, progress, |c| subflows.tick(c))?;
     subflows.sample(conn);
-    Ok(Received {
-        bytes: offset,
-        seconds,
-        thread_cpu: cpu::thread_seconds() - thread_cpu_at_start,
-        process_cpu_at_start,
-        peer,
-        subflows,
-    })
+    Ok(Received { transfer, peer, subflows })
 }
 
 /// The sending app thread's work: connect, write the pattern, half-close, wait for the
@@ -468,9 +330,7 @@ fn sender(
     progress: Option<&Progress>,
 ) -> Result<Sent> {
     let source = Source::new(size);
-    let process_cpu_at_start = cpu::process_seconds();
-    let thread_cpu_at_start = cpu::thread_seconds();
-    let start = Instant::now();
+    let meter = Meter::start();
     let mut conn = connector.connect()?;
     let target = connector.target();
     let mut offset = 0u64;
@@ -479,7 +339,7 @@ fn sender(
         subflows.tick(&*conn);
         let len = match limit {
             Limit::Bytes(total) => (total - offset).min(size as u64) as usize,
-            Limit::Duration(d) if start.elapsed() < d => size,
+            Limit::Duration(d) if meter.elapsed() < d => size,
             Limit::Duration(_) => 0,
         };
         if len == 0 {
@@ -525,11 +385,5 @@ fn sender(
             Err(e) => return Err(finish("waiting for the receiver to close", e)),
         }
     }
-    Ok(Sent {
-        bytes: offset,
-        thread_cpu: cpu::thread_seconds() - thread_cpu_at_start,
-        process_cpu_at_start,
-        seconds: start.elapsed().as_secs_f64(),
-        subflows,
-    })
+    Ok(Sent { transfer: meter.finish(offset), subflows })
 }

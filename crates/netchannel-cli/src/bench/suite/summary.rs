@@ -156,6 +156,17 @@ pub struct Table {
 }
 
 impl Table {
+    /// A table of `experiment` with these column names.
+    fn new(
+        experiment: Experiment,
+        title: String,
+        note: String,
+        header: &[&str],
+        rows: Vec<Vec<String>>,
+    ) -> Table {
+        Table { experiment, title, note, header: header.iter().map(|h| h.to_string()).collect(), rows }
+    }
+
     /// Heading, note and the table, columns padded to line up (numbers right-aligned).
     pub fn markdown(&self) -> String {
         let cols = self.header.len();
@@ -232,6 +243,44 @@ fn median(s: Option<Stat>) -> Option<f64> {
     s.map(|s| s.median)
 }
 
+/// The statistics over `rs` of the number at `key`.
+fn stat_of(rs: &[&Value], key: &str) -> Option<Stat> {
+    Stat::over(rs, |r| num(r, &[key]))
+}
+
+/// The median over `rs` of the number at `key`.
+fn median_of(rs: &[&Value], key: &str) -> Option<f64> {
+    median(stat_of(rs, key))
+}
+
+/// The median over `rs` of the number at `key` per CPU core.
+fn per_core(rs: &[&Value], key: &str) -> Option<f64> {
+    median(Stat::over(rs, |r| per(num(r, &[key]), cores(r))))
+}
+
+/// One row per variant of `e`, in plan order: its backend and label, then `cells` of its
+/// reports over the repetitions, or why it has none.
+fn variant_rows(
+    plan: &Plan,
+    records: &[Record],
+    e: Experiment,
+    cells: impl Fn(&[&Value]) -> Vec<String>,
+) -> Vec<Vec<String>> {
+    variants(plan, e)
+        .iter()
+        .map(|v| {
+            let rs = reports(records, e, v.backend, &v.variant);
+            let mut row = vec![v.backend.to_string(), v.label.clone()];
+            if rs.is_empty() {
+                row.push(missing(records, e, v).to_string());
+            } else {
+                row.extend(cells(&rs));
+            }
+            row
+        })
+        .collect()
+}
+
 /// One table per experiment, in the order of the summary.
 pub fn tables(plan: &Plan, records: &[Record]) -> Vec<Table> {
     let reps = plan.reps;
@@ -240,38 +289,28 @@ pub fn tables(plan: &Plan, records: &[Record]) -> Vec<Table> {
 
     // 6a/6b, 8a: stream.
     let e = Experiment::Stream;
-    let vs = variants(plan, e);
     let tcp = reports(records, e, "tcp", "1flow");
-    let tcp_gbps = median(Stat::over(&tcp, |v| num(v, &["gbps"])));
-    let tcp_per_core = median(Stat::over(&tcp, |v| per(num(v, &["gbps"]), cores(v))));
-    let mut rows = Vec::new();
-    for v in &vs {
-        let rs = reports(records, e, v.backend, &v.variant);
-        if rs.is_empty() {
-            rows.push(vec![v.backend.to_string(), v.label.clone(), missing(records, e, v).to_string()]);
-            continue;
-        }
-        let g = Stat::over(&rs, |r| num(r, &["gbps"]));
-        let pc = median(Stat::over(&rs, |r| per(num(r, &["gbps"]), cores(r))));
-        rows.push(vec![
-            v.backend.to_string(),
-            v.label.clone(),
+    let (tcp_gbps, tcp_per_core) = (median_of(&tcp, "gbps"), per_core(&tcp, "gbps"));
+    let rows = variant_rows(plan, records, e, |rs| {
+        let g = stat_of(rs, "gbps");
+        let pc = per_core(rs, "gbps");
+        vec![
             f2(median(g)),
             range_of(g, f2),
-            f2(median(Stat::over(&rs, cores))),
+            f2(median(Stat::over(rs, cores))),
             f2(pc),
             ratio(median(g), tcp_gbps),
             ratio(pc, tcp_per_core),
-        ]);
-    }
-    out.push(Table {
-        experiment: e,
-        title: "Stream: one app thread per end, 10 MiB writes, verified (6a/6b; cost: 8a)".to_string(),
-        note: format!(
+        ]
+    });
+    out.push(Table::new(
+        e,
+        "Stream: one app thread per end, 10 MiB writes, verified (6a/6b; cost: 8a)".to_string(),
+        format!(
             "Throughput at the receiver, {med} (min–max beside it). CPU cores = CPU seconds of the whole \
              process (both ends, all threads) / seconds. Higher is better."
         ),
-        header: [
+        &[
             "backend",
             "variant",
             "Gbit/s",
@@ -280,43 +319,32 @@ pub fn tables(plan: &Plan, records: &[Record]) -> Vec<Table> {
             "Gbit/s per core",
             "vs tcp",
             "per core vs tcp",
-        ]
-        .map(String::from)
-        .to_vec(),
+        ],
         rows,
-    });
+    ));
 
     // 6c, 8b: short messages.
     let e = Experiment::Short;
     let tcp = reports(records, e, "tcp", "1conn");
-    let tcp_rate = median(Stat::over(&tcp, |v| num(v, &["msgs_per_sec"])));
-    let tcp_per_core = median(Stat::over(&tcp, |v| per(num(v, &["msgs_per_sec"]), cores(v))));
-    let mut rows = Vec::new();
-    for v in &variants(plan, e) {
-        let rs = reports(records, e, v.backend, &v.variant);
-        if rs.is_empty() {
-            rows.push(vec![v.backend.to_string(), v.label.clone(), missing(records, e, v).to_string()]);
-            continue;
-        }
-        let m = Stat::over(&rs, |r| num(r, &["msgs_per_sec"]));
-        let pc = median(Stat::over(&rs, |r| per(num(r, &["msgs_per_sec"]), cores(r))));
-        rows.push(vec![
-            v.backend.to_string(),
-            v.label.clone(),
+    let (tcp_rate, tcp_per_core) = (median_of(&tcp, "msgs_per_sec"), per_core(&tcp, "msgs_per_sec"));
+    let rows = variant_rows(plan, records, e, |rs| {
+        let m = stat_of(rs, "msgs_per_sec");
+        let pc = per_core(rs, "msgs_per_sec");
+        vec![
             rate(median(m)),
             range_of(m, rate),
-            f2(median(Stat::over(&rs, |r| num(r, &["gbps"])))),
-            f2(median(Stat::over(&rs, cores))),
+            f2(median_of(rs, "gbps")),
+            f2(median(Stat::over(rs, cores))),
             rate(pc),
             ratio(median(m), tcp_rate),
             ratio(pc, tcp_per_core),
-        ]);
-    }
-    out.push(Table {
-        experiment: e,
-        title: "Short messages: 4 KiB back to back, no reply, verified (6c; cost: 8b)".to_string(),
-        note: format!("Complete messages per second at the receiver, {med}. Higher is better."),
-        header: [
+        ]
+    });
+    out.push(Table::new(
+        e,
+        "Short messages: 4 KiB back to back, no reply, verified (6c; cost: 8b)".to_string(),
+        format!("Complete messages per second at the receiver, {med}. Higher is better."),
+        &[
             "backend",
             "variant",
             "messages/s",
@@ -326,11 +354,9 @@ pub fn tables(plan: &Plan, records: &[Record]) -> Vec<Table> {
             "messages/s per core",
             "vs tcp",
             "per core vs tcp",
-        ]
-        .map(String::from)
-        .to_vec(),
+        ],
         rows,
-    });
+    ));
 
     // 6d, 8c: isolation.
     let e = Experiment::Isolation;
@@ -355,24 +381,24 @@ pub fn tables(plan: &Plan, records: &[Record]) -> Vec<Table> {
             p("isolated"),
             p("loaded"),
             range_of(loaded_p99, us),
-            f2(median(Stat::over(&rs, |r| num(r, &["bulk_gbps"])))),
+            f2(median_of(&rs, "bulk_gbps")),
             f2(median(Stat::over(&rs, loaded_cores))),
             f2(median(Stat::over(&rs, |r| per(num(r, &["bulk_gbps"]), loaded_cores(r))))),
             ratio(median(loaded_p99), tcp_p99),
         ]);
     }
-    out.push(Table {
-        experiment: e,
-        title: format!(
+    out.push(Table::new(
+        e,
+        format!(
             "Latency isolation: 4 KiB ping-pong L-app alone, then beside {} bulk apps (6d; cost: 8c)",
             plan.bulk_apps
         ),
-        note: format!(
+        format!(
             "L-app round-trip percentiles in µs, {med}; bulk Gbit/s and CPU cores during the loaded \
              phase. netchannel: L-app in the latency class; tcp-prio: L-app sockets with SO_PRIORITY 6. \
              Lower latency is better (the ratio is loaded p99 / tcp's)."
         ),
-        header: [
+        &[
             "backend",
             "isolated p50 / p99 / p99.9",
             "loaded p50 / p99 / p99.9",
@@ -381,41 +407,30 @@ pub fn tables(plan: &Plan, records: &[Record]) -> Vec<Table> {
             "CPU cores (loaded)",
             "bulk Gbit/s per core",
             "loaded p99 vs tcp",
-        ]
-        .map(String::from)
-        .to_vec(),
+        ],
         rows,
-    });
+    ));
 
     // Pingpong.
     let e = Experiment::Pingpong;
-    let tcp = reports(records, e, "tcp", "1conn");
-    let tcp_p99 = median(Stat::over(&tcp, |v| num(v, &["p99_us"])));
-    let mut rows = Vec::new();
-    for v in &variants(plan, e) {
-        let rs = reports(records, e, v.backend, &v.variant);
-        if rs.is_empty() {
-            rows.push(vec![v.backend.to_string(), v.label.clone(), missing(records, e, v).to_string()]);
-            continue;
-        }
-        let p99 = Stat::over(&rs, |r| num(r, &["p99_us"]));
-        rows.push(vec![
-            v.backend.to_string(),
-            v.label.clone(),
-            us(median(Stat::over(&rs, |r| num(r, &["p50_us"])))),
+    let tcp_p99 = median_of(&reports(records, e, "tcp", "1conn"), "p99_us");
+    let rows = variant_rows(plan, records, e, |rs| {
+        let p99 = stat_of(rs, "p99_us");
+        vec![
+            us(median_of(rs, "p50_us")),
             us(median(p99)),
-            us(median(Stat::over(&rs, |r| num(r, &["p999_us"])))),
+            us(median_of(rs, "p999_us")),
             range_of(p99, us),
-            rate(median(Stat::over(&rs, |r| num(r, &["round_trips_per_sec"])))),
-            f2(median(Stat::over(&rs, cores))),
+            rate(median_of(rs, "round_trips_per_sec")),
+            f2(median(Stat::over(rs, cores))),
             ratio(median(p99), tcp_p99),
-        ]);
-    }
-    out.push(Table {
-        experiment: e,
-        title: "Ping-pong: 4 KiB request and response, one in flight".to_string(),
-        note: format!("Round-trip percentiles in µs, {med}. Lower is better (the ratio is p99 / tcp's)."),
-        header: [
+        ]
+    });
+    out.push(Table::new(
+        e,
+        "Ping-pong: 4 KiB request and response, one in flight".to_string(),
+        format!("Round-trip percentiles in µs, {med}. Lower is better (the ratio is p99 / tcp's)."),
+        &[
             "backend",
             "variant",
             "p50",
@@ -425,46 +440,33 @@ pub fn tables(plan: &Plan, records: &[Record]) -> Vec<Table> {
             "round trips/s",
             "CPU cores",
             "p99 vs tcp",
-        ]
-        .map(String::from)
-        .to_vec(),
+        ],
         rows,
-    });
+    ));
 
     // Connect.
     let e = Experiment::Connect;
-    let tcp = reports(records, e, "tcp", "1conn");
-    let tcp_rate = median(Stat::over(&tcp, |v| num(v, &["connects_per_sec"])));
-    let mut rows = Vec::new();
-    for v in &variants(plan, e) {
-        let rs = reports(records, e, v.backend, &v.variant);
-        if rs.is_empty() {
-            rows.push(vec![v.backend.to_string(), v.label.clone(), missing(records, e, v).to_string()]);
-            continue;
-        }
-        let c = Stat::over(&rs, |r| num(r, &["connects_per_sec"]));
-        rows.push(vec![
-            v.backend.to_string(),
-            v.label.clone(),
+    let tcp_rate = median_of(&reports(records, e, "tcp", "1conn"), "connects_per_sec");
+    let rows = variant_rows(plan, records, e, |rs| {
+        let c = stat_of(rs, "connects_per_sec");
+        vec![
             rate(median(c)),
             range_of(c, rate),
-            us(median(Stat::over(&rs, |r| num(r, &["p50_us"])))),
-            us(median(Stat::over(&rs, |r| num(r, &["p99_us"])))),
-            f2(median(Stat::over(&rs, cores))),
+            us(median_of(rs, "p50_us")),
+            us(median_of(rs, "p99_us")),
+            f2(median(Stat::over(rs, cores))),
             ratio(median(c), tcp_rate),
-        ]);
-    }
-    out.push(Table {
-        experiment: e,
-        title: "Connection rate: connect, one 4 KiB request/response, close".to_string(),
-        note: format!(
+        ]
+    });
+    out.push(Table::new(
+        e,
+        "Connection rate: connect, one 4 KiB request/response, close".to_string(),
+        format!(
             "Connections per second, {med}; p50/p99 of one connect+RPC+close in µs. Higher rate is better."
         ),
-        header: ["backend", "variant", "connects/s", "min–max", "p50", "p99", "CPU cores", "vs tcp"]
-            .map(String::from)
-            .to_vec(),
+        &["backend", "variant", "connects/s", "min–max", "p50", "p99", "CPU cores", "vs tcp"],
         rows,
-    });
+    ));
     out
 }
 
