@@ -17,6 +17,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::engine::peer::Peer;
 use crate::engine::HostInner;
+use crate::proto::sched::{FrameQueue, Next};
 use crate::vsock::VSock;
 use crate::wire::{self, Class, Frame, HEADER_LEN};
 
@@ -38,11 +39,9 @@ pub(crate) enum OutFrame {
     Segment { vs: Arc<VSock>, offset: u64, len: u32, ack_request: bool },
 }
 
-#[derive(Default)]
-struct OutQueue {
-    control: VecDeque<Vec<u8>>,
-    segments: VecDeque<(Arc<VSock>, u64, u32, bool)>,
-}
+/// A queued segment: the vsocket, offset, length and ack request.
+type QueuedSegment = (Arc<VSock>, u64, u32, bool);
+type OutQueue = FrameQueue<Vec<u8>, QueuedSegment>;
 
 /// Per-channel counters.
 #[derive(Default, Debug)]
@@ -125,11 +124,11 @@ impl Channel {
             match f {
                 OutFrame::Control(bytes) => {
                     self.queued.fetch_add(bytes.len(), Ordering::Relaxed);
-                    q.control.push_back(bytes);
+                    q.push_control(bytes);
                 }
                 OutFrame::Segment { vs, offset, len, ack_request } => {
                     self.queued.fetch_add(HEADER_LEN + len as usize, Ordering::Relaxed);
-                    q.segments.push_back((vs, offset, len, ack_request));
+                    q.push_segment((vs, offset, len, ack_request));
                 }
             }
         }
@@ -167,7 +166,7 @@ impl Channel {
 
     fn has_queued(&self) -> bool {
         let q = self.out.lock().unwrap();
-        !q.control.is_empty() || !q.segments.is_empty()
+        !q.is_empty()
     }
 
     /// Gather queued frames and write them until the socket would block or nothing is left.
@@ -240,8 +239,7 @@ impl Channel {
     /// Drop everything queued (the channel is down).
     fn clear(&self) {
         let mut q = self.out.lock().unwrap();
-        q.control.clear();
-        q.segments.clear();
+        q.clear();
     }
 }
 
@@ -552,20 +550,17 @@ impl Output {
         self.clear();
         let mut bytes = 0;
         while bytes < WRITE_BATCH && self.pieces.len() + 3 <= MAX_IOV {
-            let (control, seg) = {
-                let mut q = ch.out.lock().unwrap();
-                match q.control.pop_front() {
-                    Some(f) => (Some(f), None),
-                    None => (None, q.segments.pop_front()),
+            let next = ch.out.lock().unwrap().pop();
+            let (vs, offset, len, ack_request) = match next {
+                None => break,
+                Some(Next::Control(f)) => {
+                    self.push_bytes(&f);
+                    bytes += f.len();
+                    ch.counters.frames_sent.fetch_add(1, Ordering::Relaxed);
+                    continue;
                 }
+                Some(Next::Segment(s)) => s,
             };
-            if let Some(f) = control {
-                self.push_bytes(&f);
-                bytes += f.len();
-                ch.counters.frames_sent.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let Some((vs, offset, len, ack_request)) = seg else { break };
             let view = vs.segment_view(offset, len, ack_request);
             let sent = view.as_ref().map_or(0, |(_, parts)| HEADER_LEN + parts[0].len + parts[1].len);
             let skipped = (HEADER_LEN + len as usize) - sent;

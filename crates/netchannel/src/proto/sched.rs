@@ -6,6 +6,8 @@
 //! channel whose queue of unsent bytes is at the cap is skipped; if none qualifies the
 //! segment waits (the caller parks the vsocket until a channel drains).
 
+use std::collections::VecDeque;
+
 use crate::config::Policy;
 
 /// The load of one channel as the scheduler sees it.
@@ -56,6 +58,61 @@ pub fn pick_with(
     }
 }
 
+/// What leaves a channel's queue next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next<C, S> {
+    /// A control frame (CREDIT, OPEN, FIN, RESET…).
+    Control(C),
+    /// A DATA segment.
+    Segment(S),
+}
+
+/// A channel's queue of frames waiting to be written. Control frames always leave before
+/// queued segments, so credit, open and close never wait behind bulk in our own queue; each
+/// kind leaves in the order it came.
+#[derive(Debug, Clone)]
+pub struct FrameQueue<C, S> {
+    control: VecDeque<C>,
+    segments: VecDeque<S>,
+}
+
+impl<C, S> Default for FrameQueue<C, S> {
+    fn default() -> Self {
+        FrameQueue { control: VecDeque::new(), segments: VecDeque::new() }
+    }
+}
+
+impl<C, S> FrameQueue<C, S> {
+    /// Queue a control frame.
+    pub fn push_control(&mut self, c: C) {
+        self.control.push_back(c);
+    }
+
+    /// Queue a segment.
+    pub fn push_segment(&mut self, s: S) {
+        self.segments.push_back(s);
+    }
+
+    /// The next frame to write: the oldest control frame, else the oldest segment.
+    pub fn pop(&mut self) -> Option<Next<C, S>> {
+        match self.control.pop_front() {
+            Some(c) => Some(Next::Control(c)),
+            None => self.segments.pop_front().map(Next::Segment),
+        }
+    }
+
+    /// Nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.control.is_empty() && self.segments.is_empty()
+    }
+
+    /// Drop everything queued.
+    pub fn clear(&mut self) {
+        self.control.clear();
+        self.segments.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,6 +132,24 @@ mod tests {
         let loads = [Queued(100), Down, Queued(100)];
         assert_eq!(pick(Policy::RoundRobin, &mut c, 7, &loads, 100), None);
         assert_eq!(pick(Policy::RoundRobin, &mut c, 7, &[], 100), None);
+    }
+
+    #[test]
+    fn control_frames_overtake_queued_segments() {
+        let mut q: FrameQueue<&str, u32> = FrameQueue::default();
+        for s in 0..100 {
+            q.push_segment(s);
+        }
+        q.push_control("credit");
+        q.push_segment(100);
+        q.push_control("fin");
+        assert_eq!(q.pop(), Some(Next::Control("credit")));
+        assert_eq!(q.pop(), Some(Next::Control("fin")));
+        for s in 0..=100 {
+            assert_eq!(q.pop(), Some(Next::Segment(s)), "segments keep their order");
+        }
+        assert_eq!(q.pop(), None);
+        assert!(q.is_empty());
     }
 
     #[test]
