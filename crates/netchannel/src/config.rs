@@ -71,6 +71,10 @@ pub struct Config {
     /// `busy_poll_us`: how long a latency worker polls its channels without sleeping before it
     /// blocks; 0 = never spin (right for machines with few cores). Default 0 µs.
     pub busy_poll_us: u64,
+    /// `auth_key_file`: file holding the pre-shared key that authenticates channels (both
+    /// hosts need the same key; at least 16 bytes; one trailing newline is ignored). Default
+    /// none: channels are not authenticated.
+    pub auth_key_file: Option<std::path::PathBuf>,
     /// `copy_workers`: threads helping app threads copy large reads/writes; 0 = the app thread copies alone. Default 1.
     pub copy_workers: usize,
     /// `copy_threshold`: bytes from which one read/write is split among copy workers. Default 256 KiB.
@@ -101,6 +105,7 @@ impl Default for Config {
             channel_workers: 2,
             latency_workers: 1,
             latency_ports: Vec::new(),
+            auth_key_file: None,
             latency_nice: -10,
             latency_fifo_priority: 0,
             busy_poll_us: 0,
@@ -188,6 +193,7 @@ struct RawConfig {
     channel_workers: Option<i64>,
     latency_workers: Option<i64>,
     latency_ports: Option<Vec<i64>>,
+    auth_key_file: Option<String>,
     latency_nice: Option<i64>,
     latency_fifo_priority: Option<i64>,
     busy_poll_us: Option<i64>,
@@ -254,6 +260,9 @@ impl Config {
                 .map(|p| u16::try_from(p).map_err(|_| err("latency_ports", format!("{p} is not a port"))))
                 .collect::<Result<_, _>>()?;
         }
+        if let Some(f) = raw.auth_key_file {
+            c.auth_key_file = Some(f.into());
+        }
         if let Some(v) = raw.latency_nice {
             c.latency_nice =
                 i32::try_from(v).map_err(|_| err("latency_nice", format!("{v} is out of range")))?;
@@ -305,6 +314,28 @@ impl Config {
             key: e.key,
             message: format!("{} (in {})", e.message, path.display()),
         })
+    }
+
+    /// Read the pre-shared channel key named by `auth_key_file`, if any.
+    pub fn auth_key(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        let Some(path) = &self.auth_key_file else { return Ok(None) };
+        let mut key = std::fs::read(path)
+            .map_err(|e| err("auth_key_file", format!("cannot read {}: {e}", path.display())))?;
+        if key.last() == Some(&b'\n') {
+            key.pop();
+        }
+        if key.len() < crate::engine::auth::MIN_KEY_LEN {
+            return Err(err(
+                "auth_key_file",
+                format!(
+                    "the key in {} has {} bytes; use at least {}",
+                    path.display(),
+                    key.len(),
+                    crate::engine::auth::MIN_KEY_LEN
+                ),
+            ));
+        }
+        Ok(Some(key))
     }
 
     /// The TCP port dialed on peers.

@@ -34,10 +34,18 @@
 //! | 9    | RESET    | receiver id or 0 (whole channel) | reason code | 0           | 0               | UTF-8 reason text  |
 //! | 10   | PING     | 0            | 0               | 0                          | nonce           | none               |
 //! | 11   | PONG     | 0            | 0               | 0                          | echoed nonce    | none               |
+//! | 12   | AUTH     | 0            | 0               | 0                          | 0               | 32-byte proof      |
+//! | 13   | AUTH_OK  | 0            | 0               | 0                          | 0               | none               |
 //!
 //! * HELLO is the first frame a dialing host sends on a new channel; the accepting host
 //!   answers HELLO_OK, or RESET (vsock 0) with a reason — for instance a protocol version it
 //!   does not speak — and closes the channel.
+//! * Authentication (both hosts hold the same pre-shared key; the key never crosses the
+//!   wire): HELLO carries the dialer's random nonce `Nd`; HELLO_OK carries the acceptor's
+//!   nonce `Na` and its proof `HMAC(key, "netchannel acceptor" ‖ Nd ‖ Na)`; the dialer checks
+//!   it and answers AUTH with `HMAC(key, "netchannel dialer" ‖ Na ‖ Nd)`; the acceptor checks
+//!   that and answers AUTH_OK (or RESET with reason `Auth`). Without a key the nonces and
+//!   proofs are zero and there is no AUTH exchange; a host with a key refuses one without.
 //! * OPEN's `a` packs the opener's vsocket port (bits 16..32) and the destination port
 //!   (bits 0..16); bits 32..64 must be 0. Its `flags` bit 0 is the vsocket's class.
 //! * CREDIT: `a` is how far the receiver has the stream in order (the sender may free its
@@ -58,6 +66,8 @@ pub const MAX_REASON: usize = 1024;
 pub const MAGIC: u32 = 0x4E43_484E;
 /// Protocol version this build speaks.
 pub const VERSION: u16 = 1;
+/// Length of an authentication proof (HMAC-SHA256) in HELLO_OK and AUTH.
+pub const AUTH_PROOF_LEN: usize = 32;
 /// Flag bit: the channel (HELLO) or vsocket (OPEN) is in the latency class.
 pub const FLAG_LATENCY: u8 = 0x01;
 /// Flag bit on DATA: the sender's buffer is filling; acknowledge (CREDIT) as soon as the
@@ -101,13 +111,14 @@ mod field {
         pub const RESERVED: Field = 6..8;
         pub const HOST_ID: Field = 8..16;
         pub const PROOF: Field = 16..48;
+        pub const NONCE: Field = 48..64;
     }
 }
 
 // The offset tables and the length constants must agree.
 const _: () = assert!(field::B.end == HEADER_LEN);
 const _: () = assert!(field::hello::NONCE.end == Hello::LEN);
-const _: () = assert!(field::hello_ok::PROOF.end == HelloOk::LEN);
+const _: () = assert!(field::hello_ok::NONCE.end == HelloOk::LEN);
 // Every valid frame length fits the 32-bit `len` field.
 const _: () = assert!(MAX_SEGMENT <= u32::MAX as usize && MAX_REASON <= MAX_SEGMENT);
 
@@ -191,6 +202,8 @@ pub enum Kind {
     Ping = 10,
     /// 11: answer to PING.
     Pong = 11,
+    Auth = 12,
+    AuthOk = 13,
 }
 
 impl Kind {
@@ -208,6 +221,8 @@ impl Kind {
             9 => Kind::Reset,
             10 => Kind::Ping,
             11 => Kind::Pong,
+            12 => Kind::Auth,
+            13 => Kind::AuthOk,
             _ => return None,
         })
     }
@@ -226,6 +241,8 @@ impl Kind {
             Kind::Reset => "RESET",
             Kind::Ping => "PING",
             Kind::Pong => "PONG",
+            Kind::Auth => "AUTH",
+            Kind::AuthOk => "AUTH_OK",
         }
     }
 
@@ -243,6 +260,7 @@ impl Kind {
         match self {
             Kind::Hello => (Hello::LEN, Hello::LEN),
             Kind::HelloOk => (HelloOk::LEN, HelloOk::LEN),
+            Kind::Auth => (AUTH_PROOF_LEN, AUTH_PROOF_LEN),
             Kind::Data => (1, MAX_SEGMENT),
             Kind::Reset => (0, MAX_REASON),
             _ => (0, 0),
@@ -415,6 +433,7 @@ impl Hello {
 /// | 6   | 2    | reserved, must be 0 |
 /// | 8   | 8    | host id of the accepting host |
 /// | 16  | 32   | authentication proof (zero when unauthenticated) |
+/// | 48  | 16   | nonce: the accepting host's challenge (zero when unauthenticated) |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HelloOk {
     /// Protocol version the accepting host speaks on this channel.
@@ -423,11 +442,13 @@ pub struct HelloOk {
     pub host_id: u64,
     /// Authentication proof; zero when unauthenticated.
     pub proof: [u8; 32],
+    /// The accepting host's challenge to the dialing host; zero when unauthenticated.
+    pub nonce: [u8; 16],
 }
 
 impl HelloOk {
     /// Size of a HELLO_OK body.
-    pub const LEN: usize = 48;
+    pub const LEN: usize = 64;
 
     /// Writes the body.
     pub fn encode(&self, out: &mut [u8; HelloOk::LEN]) {
@@ -437,6 +458,7 @@ impl HelloOk {
         put(out, hello_ok::RESERVED, &[0; 2]);
         put(out, hello_ok::HOST_ID, &self.host_id.to_be_bytes());
         put(out, hello_ok::PROOF, &self.proof);
+        put(out, hello_ok::NONCE, &self.nonce);
     }
 
     /// Reads a body.
@@ -455,6 +477,7 @@ impl HelloOk {
             version: get_u16(body, hello_ok::VERSION),
             host_id: get_u64(body, hello_ok::HOST_ID),
             proof: array(&body[hello_ok::PROOF]),
+            nonce: array(&body[hello_ok::NONCE]),
         })
     }
 }
@@ -543,6 +566,13 @@ pub enum Frame<'a> {
         /// The PING's nonce (`b`).
         nonce: u64,
     },
+    /// AUTH: the dialing host's answer to the accepting host's challenge.
+    Auth {
+        /// The proof (payload).
+        proof: [u8; AUTH_PROOF_LEN],
+    },
+    /// AUTH_OK: the accepting host verified AUTH; the channel is open.
+    AuthOk,
 }
 
 impl Frame<'_> {
@@ -560,6 +590,8 @@ impl Frame<'_> {
             Frame::Reset { .. } => Kind::Reset,
             Frame::Ping { .. } => Kind::Ping,
             Frame::Pong { .. } => Kind::Pong,
+            Frame::Auth { .. } => Kind::Auth,
+            Frame::AuthOk => Kind::AuthOk,
         }
     }
 
@@ -598,6 +630,7 @@ impl Frame<'_> {
             }
             Frame::Data { payload, .. } => out.extend_from_slice(payload),
             Frame::Reset { message, .. } => out.extend_from_slice(truncate_reason(message).as_bytes()),
+            Frame::Auth { proof } => out.extend_from_slice(proof),
             _ => {}
         }
     }
@@ -609,6 +642,7 @@ impl Frame<'_> {
             Frame::HelloOk(_) => HelloOk::LEN,
             Frame::Data { payload, .. } => payload.len(),
             Frame::Reset { message, .. } => truncate_reason(message).len(),
+            Frame::Auth { .. } => AUTH_PROOF_LEN,
             _ => 0,
         }
     }
@@ -640,6 +674,7 @@ impl Frame<'_> {
             Frame::Fin { vsock, offset } => Header { vsock, a: offset, ..header },
             Frame::Reset { vsock, reason, .. } => Header { vsock, x: reason.code(), ..header },
             Frame::Ping { nonce } | Frame::Pong { nonce } => Header { b: nonce, ..header },
+            Frame::Auth { .. } | Frame::AuthOk => header,
         }
     }
 }
@@ -878,6 +913,17 @@ fn parse<'a>(h: &Header, payload: &'a [u8]) -> Result<Frame<'a>, WireError> {
                 Frame::Pong { nonce: h.b }
             }
         }
+        Kind::Auth | Kind::AuthOk => {
+            zero_vsock()?;
+            zero_x()?;
+            zero_a()?;
+            zero_b()?;
+            if h.kind == Kind::Auth {
+                Frame::Auth { proof: *fixed_body::<AUTH_PROOF_LEN>(h, payload)? }
+            } else {
+                Frame::AuthOk
+            }
+        }
     };
     Ok(frame)
 }
@@ -1009,7 +1055,18 @@ mod tests {
 
     #[test]
     fn round_trip_hello_ok() {
-        round_trip(&Frame::HelloOk(HelloOk { version: VERSION, host_id: 42, proof: [0xa5; 32] }));
+        round_trip(&Frame::HelloOk(HelloOk {
+            version: VERSION,
+            host_id: 42,
+            proof: [0xa5; 32],
+            nonce: [0x5a; 16],
+        }));
+    }
+
+    #[test]
+    fn round_trip_auth() {
+        round_trip(&Frame::Auth { proof: [7; 32] });
+        round_trip(&Frame::AuthOk);
     }
 
     #[test]
@@ -1136,7 +1193,7 @@ mod tests {
         for b in 0..=u8::MAX {
             match Kind::from_u8(b) {
                 Some(kind) => assert_eq!(kind as u8, b),
-                None => assert!(b == 0 || b > 11, "{b}"),
+                None => assert!(b == 0 || b > 13, "{b}"),
             }
         }
     }
@@ -1181,7 +1238,7 @@ mod tests {
 
     #[test]
     fn rejects_unknown_kind() {
-        for kind in [0, 12, 0xff] {
+        for kind in [0, 14, 0xff] {
             let mut buf = encode(&Frame::Ping { nonce: 1 });
             buf[field::KIND] = kind;
             assert_eq!(decode(&buf), Err(WireError::UnknownKind(kind)));
@@ -1216,7 +1273,8 @@ mod tests {
         let mut buf = encode(&Frame::Hello(hello(Class::Throughput, listen)));
         buf[HEADER_LEN + field::hello::RESERVED.start] = 1;
         assert_eq!(decode(&buf), Err(WireError::Reserved { kind: Kind::Hello }));
-        let mut buf = encode(&Frame::HelloOk(HelloOk { version: 1, host_id: 1, proof: [0; 32] }));
+        let mut buf =
+            encode(&Frame::HelloOk(HelloOk { version: 1, host_id: 1, proof: [0; 32], nonce: [0; 16] }));
         buf[HEADER_LEN + field::hello_ok::RESERVED.end - 1] = 1;
         assert_eq!(decode(&buf), Err(WireError::Reserved { kind: Kind::HelloOk }));
     }
@@ -1258,7 +1316,8 @@ mod tests {
         let mut buf = encode(&Frame::Hello(hello(Class::Throughput, listen)));
         buf[HEADER_LEN] = b'X';
         assert_eq!(decode(&buf), bad_field(Kind::Hello, "magic"));
-        let mut buf = encode(&Frame::HelloOk(HelloOk { version: 1, host_id: 1, proof: [0; 32] }));
+        let mut buf =
+            encode(&Frame::HelloOk(HelloOk { version: 1, host_id: 1, proof: [0; 32], nonce: [0; 16] }));
         buf[HEADER_LEN + 3] ^= 1;
         assert_eq!(decode(&buf), bad_field(Kind::HelloOk, "magic"));
     }
@@ -1312,7 +1371,7 @@ mod tests {
         let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 1));
         let frames = [
             Frame::Hello(hello(Class::Throughput, listen)),
-            Frame::HelloOk(HelloOk { version: 1, host_id: 1, proof: [0; 32] }),
+            Frame::HelloOk(HelloOk { version: 1, host_id: 1, proof: [0; 32], nonce: [0; 16] }),
             Frame::Open { src_vsock: 1, src_port: 1, dst_port: 2, class: Class::Throughput, credit: 0 },
             Frame::OpenOk { vsock: 1, src_vsock: 1, credit: 0 },
             Frame::Refused { vsock: 1, reason: Reason::BacklogFull },
@@ -1402,8 +1461,11 @@ mod tests {
                     Frame::Hello(Hello { version, class, index, host_id, listen, nonce })
                 }
             ),
-            (any::<u16>(), any::<u64>(), any::<[u8; 32]>())
-                .prop_map(|(version, host_id, proof)| Frame::HelloOk(HelloOk { version, host_id, proof })),
+            (any::<u16>(), any::<u64>(), any::<[u8; 32]>(), any::<[u8; 16]>()).prop_map(
+                |(version, host_id, proof, nonce)| Frame::HelloOk(HelloOk { version, host_id, proof, nonce })
+            ),
+            any::<[u8; 32]>().prop_map(|proof| Frame::Auth { proof }),
+            Just(Frame::AuthOk),
             (id(), any::<u16>(), any::<u16>(), class(), any::<u64>()).prop_map(
                 |(src_vsock, src_port, dst_port, class, credit)| Frame::Open {
                     src_vsock,

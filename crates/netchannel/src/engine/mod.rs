@@ -6,6 +6,7 @@
 //! engine stops when the last handle — a `Host` clone, a `VStream` or a `VListener` — is
 //! dropped, or at [`Host::shutdown`].
 
+pub(crate) mod auth;
 pub(crate) mod channel;
 pub(crate) mod peer;
 
@@ -41,6 +42,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 pub(crate) struct HostInner {
     pub cfg: Config,
     pub host_id: u64,
+    /// Pre-shared key authenticating channels, if configured.
+    auth_key: Option<Vec<u8>>,
     /// The bound channel address.
     pub local: SocketAddr,
     pub peers: Mutex<HashMap<SocketAddr, Arc<Peer>>>,
@@ -139,7 +142,7 @@ impl std::fmt::Debug for Host {
     }
 }
 
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     // SAFETY: getrandom writes at most b.len() bytes into b.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
@@ -155,6 +158,14 @@ impl Host {
     /// channel workers, the copy workers and the acceptor.
     pub fn start(config: Config) -> io::Result<Host> {
         config.validate()?;
+        let auth_key = config.auth_key()?;
+        if auth_key.is_none() {
+            crate::log!(
+                Info,
+                "channels of the host on {} are not authenticated (no auth_key_file)",
+                config.listen
+            );
+        }
         let std_listener = std::net::TcpListener::bind(config.listen).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot listen for channels on {}: {e}", config.listen))
         })?;
@@ -177,6 +188,7 @@ impl Host {
         let copy = CopyPool::new(config.copy_workers, config.copy_threshold)?;
         let inner = Arc::new(HostInner {
             host_id: random_u64() | 1,
+            auth_key,
             local,
             peers: Mutex::new(HashMap::new()),
             vsocks: RwLock::new(HashMap::new()),
@@ -406,7 +418,15 @@ impl HostInner {
             match self.dial_mesh(&peer, deadline) {
                 Ok(()) => peer.set_state(PeerState::Up),
                 Err(e) => {
-                    let msg = format!("no NetChannel host answers at {key}: {e}");
+                    // A host that answered and refused (authentication, version) is named as
+                    // the subject; one that did not answer is "no host".
+                    let msg = if e.kind() == io::ErrorKind::PermissionDenied
+                        || e.to_string().starts_with("refused the channel")
+                    {
+                        format!("the NetChannel host at {key} {e}")
+                    } else {
+                        format!("no NetChannel host answers at {key}: {e}")
+                    };
                     peer.set_state(PeerState::Dead(msg.clone()));
                     self.forget_peer(&peer);
                     return Err(io::Error::new(e.kind(), msg));
@@ -446,8 +466,15 @@ impl HostInner {
             .map(|i| (Class::Throughput, i as u16))
             .chain((0..self.cfg.latency_channels).map(|i| (Class::Latency, i as u16)));
         for (class, index) in plan {
-            let (s, peer_id) =
-                peer::dial_channel(peer.key, self.local, self.host_id, class, index, deadline)?;
+            let (s, peer_id) = peer::dial_channel(
+                peer.key,
+                self.local,
+                self.host_id,
+                class,
+                index,
+                self.auth_key.as_deref(),
+                deadline,
+            )?;
             if peer_id == self.host_id {
                 return Err(io::Error::new(io::ErrorKind::InvalidInput, "that address is this host itself"));
             }
@@ -528,9 +555,65 @@ impl HostInner {
             return refuse(&mut s, Reason::Protocol, "a host cannot open channels to itself".into());
         }
         let mut ok = Vec::new();
-        Frame::HelloOk(HelloOk { version: wire::VERSION, host_id: self.host_id, proof: [0; 32] })
-            .encode(&mut ok);
-        if s.write_all(&ok).is_err() || s.set_read_timeout(None).is_err() {
+        match &self.auth_key {
+            None => {
+                Frame::HelloOk(HelloOk {
+                    version: wire::VERSION,
+                    host_id: self.host_id,
+                    proof: [0; 32],
+                    nonce: [0; 16],
+                })
+                .encode(&mut ok);
+                if s.write_all(&ok).is_err() {
+                    return;
+                }
+            }
+            Some(key) => {
+                if hello.nonce == [0; 16] {
+                    return refuse(
+                        &mut s,
+                        Reason::Auth,
+                        "this host requires authenticated channels: configure the same auth_key_file".into(),
+                    );
+                }
+                let na = auth::nonce();
+                let proof = auth::acceptor_proof(key, &hello.nonce, &na);
+                Frame::HelloOk(HelloOk { version: wire::VERSION, host_id: self.host_id, proof, nonce: na })
+                    .encode(&mut ok);
+                if s.write_all(&ok).is_err() {
+                    return;
+                }
+                let mut frame = Vec::new();
+                match peer::read_frame(&mut s, &mut frame) {
+                    Ok(Frame::Auth { proof }) if auth::check_dialer(key, &na, &hello.nonce, &proof) => {}
+                    Ok(Frame::Auth { .. }) => {
+                        return refuse(
+                            &mut s,
+                            Reason::Auth,
+                            "authentication failed: the dialing host does not hold this host's key".into(),
+                        )
+                    }
+                    Ok(other) => {
+                        return refuse(
+                            &mut s,
+                            Reason::Protocol,
+                            format!("expected AUTH, got {}", other.kind()),
+                        )
+                    }
+                    Err(e) => {
+                        self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
+                        crate::log!(Warn, "channel from {from} did not complete authentication: {e}");
+                        return;
+                    }
+                }
+                ok.clear();
+                Frame::AuthOk.encode(&mut ok);
+                if s.write_all(&ok).is_err() {
+                    return;
+                }
+            }
+        }
+        if s.set_read_timeout(None).is_err() {
             return;
         }
         let key = SocketAddr::new(from.ip(), hello.listen.port());
@@ -655,7 +738,7 @@ impl HostInner {
             }
             Frame::Ping { nonce } => ch.push_frame(&Frame::Pong { nonce }),
             Frame::Pong { .. } => {}
-            Frame::Hello(_) | Frame::HelloOk(_) => {
+            Frame::Hello(_) | Frame::HelloOk(_) | Frame::Auth { .. } | Frame::AuthOk => {
                 return Err(ProtoError("handshake frame on an open channel".into()));
             }
         }

@@ -23,11 +23,16 @@ pub fn addr_pair() -> (SocketAddr, SocketAddr) {
 
 /// Two hosts A and B on loopback with `tweak` applied to both configs.
 pub fn two_hosts(tweak: impl Fn(&mut Config)) -> (Host, Host) {
+    two_hosts_with(&tweak, &tweak)
+}
+
+/// Two hosts A and B on loopback, each config with its own tweak.
+pub fn two_hosts_with(tweak_a: impl Fn(&mut Config), tweak_b: impl Fn(&mut Config)) -> (Host, Host) {
     let (a, b) = addr_pair();
     let mut ca = Config { listen: a, ..Config::default() };
-    tweak(&mut ca);
-    let mut cb = ca.clone();
-    cb.listen = b;
+    tweak_a(&mut ca);
+    let mut cb = Config { listen: b, ..Config::default() };
+    tweak_b(&mut cb);
     (Host::start(ca).expect("start host A"), Host::start(cb).expect("start host B"))
 }
 
