@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -238,8 +238,11 @@ impl Host {
     /// The process-wide host used by [`VStream::connect`] and [`VListener::bind`]: started
     /// on first use from the TOML file named by `NETCHANNEL_CONFIG`, or with defaults.
     pub fn global() -> io::Result<Host> {
-        static GLOBAL: OnceLock<Host> = OnceLock::new();
-        if let Some(h) = GLOBAL.get() {
+        // A mutex, not a OnceLock: two threads starting it at once would both bind the
+        // channel port, and one would fail.
+        static GLOBAL: Mutex<Option<Host>> = Mutex::new(None);
+        let mut g = GLOBAL.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = g.as_ref() {
             return Ok(h.clone());
         }
         let cfg = match std::env::var_os("NETCHANNEL_CONFIG") {
@@ -247,7 +250,8 @@ impl Host {
             None => Config::default(),
         };
         let h = Host::start(cfg)?;
-        Ok(GLOBAL.get_or_init(|| h).clone())
+        *g = Some(h.clone());
+        Ok(h)
     }
 
     pub(crate) fn inner(&self) -> &Arc<HostInner> {
