@@ -554,10 +554,8 @@ impl VSock {
                 tx.waiting = true;
                 tx = match Self::wait(&self.tx_cv, tx, deadline) {
                     Ok(g) => g,
-                    Err(e) if done > 0 => {
-                        let _ = e;
-                        return Ok(done);
-                    }
+                    // A timeout after a partial write reports what was written.
+                    Err(_) if done > 0 => return Ok(done),
                     Err(e) => return Err(e),
                 };
                 tx.waiting = false;
