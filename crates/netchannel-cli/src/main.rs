@@ -9,6 +9,7 @@
 
 mod bench;
 mod cpu;
+mod daemon;
 mod demo;
 mod error;
 mod pattern;
@@ -36,6 +37,14 @@ enum Command {
     /// Measure NetChannel and Linux TCP with the same workload
     #[command(subcommand)]
     Bench(bench::Mode),
+    /// Run the per-host daemon in the foreground: one engine for every local process
+    ///
+    /// Apps reach it through a Unix socket (`[daemon] socket`, NETCHANNEL_SOCKET, default
+    /// /run/netchannel/netchannel.sock for root); their vsockets' data moves through shared
+    /// memory. Stops on SIGINT or SIGTERM.
+    Up(daemon::UpArgs),
+    /// Show the daemon's peers, channels, vsockets and counters
+    Status(daemon::StatusArgs),
 }
 
 fn main() {
@@ -43,6 +52,8 @@ fn main() {
     let result = match &cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Bench(mode) => bench::run(mode),
+        Command::Up(args) => daemon::up(args),
+        Command::Status(args) => daemon::status(args),
     };
     if let Err(e) = result {
         eprintln!("netchannel: {e}");

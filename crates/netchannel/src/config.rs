@@ -43,6 +43,64 @@ impl std::str::FromStr for Policy {
     }
 }
 
+/// Where the engine that serves an application's vsockets runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Deployment {
+    /// In the application's own process (a `Host` started on first use).
+    #[default]
+    Embedded,
+    /// In the host's daemon (`netchannel up`), reached over its Unix socket.
+    Daemon,
+}
+
+/// The `[daemon]` table: the per-host daemon and how apps reach it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DaemonConfig {
+    /// `socket`: the Unix socket apps reach the daemon on. Default `/run/netchannel/netchannel.sock`
+    /// for root, `$XDG_RUNTIME_DIR/netchannel/netchannel.sock` otherwise; the environment
+    /// variable `NETCHANNEL_SOCKET` overrides both.
+    pub socket: Option<std::path::PathBuf>,
+    /// `allowed_uids`: user ids (besides the daemon's own and root) whose processes may use
+    /// the daemon. Default none.
+    pub allowed_uids: Vec<u32>,
+    /// `allowed_gids`: group ids whose processes may use the daemon. Default none.
+    pub allowed_gids: Vec<u32>,
+    /// `poll_spin_us`: how long the daemon's doorbell poller keeps polling busy vsockets
+    /// before it sleeps (apps then ring its eventfd). Default 50 µs.
+    pub poll_spin_us: u64,
+    /// `app_spin_us`: how long an app thread polls its vsocket before it sleeps on the futex.
+    /// Default 20 µs.
+    pub app_spin_us: u64,
+}
+
+impl DaemonConfig {
+    fn defaults() -> DaemonConfig {
+        DaemonConfig { poll_spin_us: 50, app_spin_us: 20, ..Default::default() }
+    }
+
+    /// The socket path: `NETCHANNEL_SOCKET`, else `socket`, else the default for this user.
+    pub fn socket_path(&self) -> std::io::Result<std::path::PathBuf> {
+        if let Some(p) = std::env::var_os("NETCHANNEL_SOCKET") {
+            return Ok(p.into());
+        }
+        if let Some(p) = &self.socket {
+            return Ok(p.clone());
+        }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            return Ok("/run/netchannel/netchannel.sock".into());
+        }
+        match std::env::var_os("XDG_RUNTIME_DIR") {
+            Some(d) => Ok(std::path::Path::new(&d).join("netchannel/netchannel.sock")),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no daemon socket: set `socket` in the [daemon] table of the config, or NETCHANNEL_SOCKET \
+                 (XDG_RUNTIME_DIR is not set)",
+            )),
+        }
+    }
+}
+
 /// Engine configuration. See `docs/config.md` for the reference.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -93,6 +151,11 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// `accept_backlog`: pending vsockets a listener holds before refusing. Default 1024.
     pub accept_backlog: usize,
+    /// `deployment`: `"embedded"` (the engine runs in each app process) or `"daemon"` (apps
+    /// use the host's daemon). Chooses what `VStream::connect`/`VListener::bind` use. Default embedded.
+    pub deployment: Deployment,
+    /// The `[daemon]` table.
+    pub daemon: DaemonConfig,
 }
 
 impl Default for Config {
@@ -118,6 +181,8 @@ impl Default for Config {
             policy: Policy::RoundRobin,
             connect_timeout: Duration::from_millis(3000),
             accept_backlog: 1024,
+            deployment: Deployment::Embedded,
+            daemon: DaemonConfig::defaults(),
         }
     }
 }
@@ -206,6 +271,31 @@ struct RawConfig {
     policy: Option<String>,
     connect_timeout_ms: Option<i64>,
     accept_backlog: Option<i64>,
+    deployment: Option<String>,
+    daemon: Option<RawDaemon>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    socket: Option<String>,
+    allowed_uids: Option<Vec<i64>>,
+    allowed_gids: Option<Vec<i64>>,
+    poll_spin_us: Option<i64>,
+    app_spin_us: Option<i64>,
+}
+
+fn ids(key: &str, v: Vec<i64>) -> Result<Vec<u32>, ConfigError> {
+    v.into_iter()
+        .map(|i| u32::try_from(i).map_err(|_| err(key, format!("{i} is not a user or group id"))))
+        .collect()
+}
+
+fn micros(key: &str, v: i64) -> Result<u64, ConfigError> {
+    match u64::try_from(v) {
+        Ok(us) if us <= 1_000_000 => Ok(us),
+        _ => Err(err(key, format!("{v} is out of range 0..=1000000"))),
+    }
 }
 
 fn size(key: &str, v: SizeValue) -> Result<usize, ConfigError> {
@@ -301,6 +391,38 @@ impl Config {
         }
         if let Some(v) = raw.accept_backlog {
             c.accept_backlog = count("accept_backlog", v)?;
+        }
+        if let Some(d) = raw.deployment {
+            c.deployment = match d.as_str() {
+                "embedded" => Deployment::Embedded,
+                "daemon" => Deployment::Daemon,
+                other => {
+                    return Err(err(
+                        "deployment",
+                        format!("unknown deployment {other:?} (expected \"embedded\" or \"daemon\")"),
+                    ))
+                }
+            };
+        }
+        if let Some(d) = raw.daemon {
+            if let Some(p) = d.socket {
+                if p.is_empty() {
+                    return Err(err("daemon.socket", "is empty; give the path of a Unix socket"));
+                }
+                c.daemon.socket = Some(p.into());
+            }
+            if let Some(v) = d.allowed_uids {
+                c.daemon.allowed_uids = ids("daemon.allowed_uids", v)?;
+            }
+            if let Some(v) = d.allowed_gids {
+                c.daemon.allowed_gids = ids("daemon.allowed_gids", v)?;
+            }
+            if let Some(v) = d.poll_spin_us {
+                c.daemon.poll_spin_us = micros("daemon.poll_spin_us", v)?;
+            }
+            if let Some(v) = d.app_spin_us {
+                c.daemon.app_spin_us = micros("daemon.app_spin_us", v)?;
+            }
         }
         c.validate()?;
         Ok(c)
@@ -421,6 +543,14 @@ mod tests {
             policy = "hash"
             connect_timeout_ms = 500
             accept_backlog = 16
+            deployment = "daemon"
+
+            [daemon]
+            socket = "/tmp/nc.sock"
+            allowed_uids = [1000]
+            allowed_gids = [27, 100]
+            poll_spin_us = 0
+            app_spin_us = 5
             "#,
         )
         .unwrap();
@@ -436,6 +566,13 @@ mod tests {
         assert_eq!(c.recv_buffer, 2 << 20);
         assert_eq!(c.policy, Policy::Hash);
         assert_eq!(c.connect_timeout, Duration::from_millis(500));
+        assert_eq!(c.deployment, Deployment::Daemon);
+        assert_eq!(c.daemon.socket.as_deref(), Some(Path::new("/tmp/nc.sock")));
+        assert_eq!(
+            (c.daemon.allowed_uids.clone(), c.daemon.allowed_gids.clone()),
+            (vec![1000], vec![27, 100])
+        );
+        assert_eq!((c.daemon.poll_spin_us, c.daemon.app_spin_us), (0, 5));
     }
 
     #[test]
@@ -452,6 +589,9 @@ mod tests {
             ("latency_ports = [70000]", "latency_ports"),
             ("latency_fifo_priority = 100", "latency_fifo_priority"),
             ("segment_size = \"64 furlongs\"", "segment_size"),
+            ("deployment = \"cloud\"", "deployment"),
+            ("[daemon]\nallowed_uids = [-1]", "daemon.allowed_uids"),
+            ("[daemon]\npoll_spin_us = 2000000", "daemon.poll_spin_us"),
         ] {
             let e = Config::from_toml_str(doc).unwrap_err();
             assert_eq!(e.key, key, "{doc}: {e}");

@@ -34,14 +34,16 @@
 
 pub mod config;
 pub mod copy;
+pub mod daemon;
 pub mod engine;
 pub mod log;
 pub mod proto;
 pub mod ring;
+pub mod shm;
 pub mod vsock;
 pub mod wire;
 
-pub use config::{Config, ConfigError, Policy};
+pub use config::{Config, ConfigError, DaemonConfig, Deployment, Policy};
 pub use engine::{ChannelStats, Host, HostStats};
 pub use vsock::{VListener, VStream};
 pub use wire::Class;

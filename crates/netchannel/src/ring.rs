@@ -17,6 +17,9 @@ pub struct Ring {
     cap: usize,
     /// Where the memory goes back to when the ring is dropped.
     pool: Option<Weak<RingPool>>,
+    /// Shared memory the ring lives in (a daemon-served vsocket), kept mapped while the ring
+    /// lives; such a ring is neither pooled nor unmapped by itself.
+    region: Option<Arc<crate::shm::Region>>,
 }
 
 /// Recycles ring memory between vsockets, sparing an `mmap`/`munmap` pair (and the page
@@ -41,7 +44,7 @@ impl RingPool {
             free.iter().position(|&(_, c)| c == cap).map(|i| free.swap_remove(i))
         };
         let mut ring = match reused {
-            Some((addr, cap)) => Ring { ptr: addr as *mut u8, cap, pool: None },
+            Some((addr, cap)) => Ring { ptr: addr as *mut u8, cap, pool: None, region: None },
             None => Ring::new(cap),
         };
         ring.pool = Some(Arc::downgrade(self));
@@ -102,7 +105,14 @@ impl Ring {
         if ptr == libc::MAP_FAILED {
             panic!("cannot map a {cap}-byte vsocket buffer: {}", std::io::Error::last_os_error());
         }
-        Ring { ptr: ptr.cast(), cap, pool: None }
+        Ring { ptr: ptr.cast(), cap, pool: None, region: None }
+    }
+
+    /// The send ring (`tx`) or the receive ring of a vsocket's shared memory.
+    pub fn in_region(region: &Arc<crate::shm::Region>, tx: bool) -> Ring {
+        let (ptr, cap) = if tx { region.tx_area() } else { region.rx_area() };
+        assert!(cap > 0, "ring capacity must be positive");
+        Ring { ptr, cap, pool: None, region: Some(region.clone()) }
     }
 
     /// Capacity in bytes.
@@ -153,6 +163,9 @@ impl Ring {
 
 impl Drop for Ring {
     fn drop(&mut self) {
+        if self.region.is_some() {
+            return; // the region unmaps its memory when its last user goes
+        }
         if let Some(pool) = self.pool.as_ref().and_then(Weak::upgrade) {
             if pool.give_back(self.ptr, self.cap) {
                 return;

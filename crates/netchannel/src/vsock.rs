@@ -75,6 +75,32 @@ pub(crate) struct VSock {
     nonblocking: AtomicBool,
     timeouts: Mutex<(Option<Duration>, Option<Duration>)>,
     retired: AtomicBool,
+    /// Shared memory of a vsocket served to an app process by the daemon: the rings live in
+    /// it, and the stream positions are mirrored in its header (`crate::shm`).
+    shm: Option<Arc<crate::shm::Region>>,
+}
+
+/// A snapshot of one vsocket, for `netchannel status`.
+#[derive(Debug, Clone)]
+pub struct VsockInfo {
+    /// The engine's id of the vsocket.
+    pub id: u32,
+    /// This end's address.
+    pub local: SocketAddr,
+    /// The peer's address.
+    pub remote: SocketAddr,
+    /// Traffic class.
+    pub class: Class,
+    /// Bytes the application wrote.
+    pub bytes_sent: u64,
+    /// Bytes the peer acknowledged.
+    pub bytes_acked: u64,
+    /// Bytes received in order.
+    pub bytes_received: u64,
+    /// Bytes the application read.
+    pub bytes_read: u64,
+    /// `connecting`, `open`, `fin-sent`, `fin-received`, `closing`, `failed: …`.
+    pub state: String,
 }
 
 fn err(kind: ErrorKind, msg: impl Into<String>) -> io::Error {
@@ -90,9 +116,18 @@ impl VSock {
         local: SocketAddr,
         remote: SocketAddr,
         peer_credit: u64,
-    ) -> Arc<VSock> {
+    ) -> io::Result<Arc<VSock>> {
         let cfg = &host.cfg;
-        Arc::new(VSock {
+        let shm = if host.shm_rings {
+            Some(Arc::new(crate::shm::Region::create(cfg.send_buffer, cfg.recv_buffer)?))
+        } else {
+            None
+        };
+        let (tx_ring, rx_ring) = match &shm {
+            Some(r) => (Ring::in_region(r, true), Ring::in_region(r, false)),
+            None => (host.rings.take(cfg.send_buffer), host.rings.take(cfg.recv_buffer)),
+        };
+        Ok(Arc::new(VSock {
             id,
             peer,
             class: AtomicU8::new(class as u8),
@@ -118,14 +153,117 @@ impl VSock {
                 waiting: false,
             }),
             rx_cv: Condvar::new(),
-            tx_ring: host.rings.take(cfg.send_buffer),
-            rx_ring: host.rings.take(cfg.recv_buffer),
+            tx_ring,
+            rx_ring,
             write_lock: Mutex::new(()),
             read_lock: Mutex::new(()),
             nonblocking: AtomicBool::new(false),
             timeouts: Mutex::new((None, None)),
             retired: AtomicBool::new(false),
-        })
+            shm,
+        }))
+    }
+
+    /// The shared memory of a daemon-served vsocket.
+    pub(crate) fn region(&self) -> Option<&Arc<crate::shm::Region>> {
+        self.shm.as_ref()
+    }
+
+    /// A snapshot for status reports.
+    pub(crate) fn info(&self) -> VsockInfo {
+        let tx = self.tx.lock().unwrap();
+        let rx = self.rx.lock().unwrap();
+        let state = if let Some((_, m)) = tx.error.as_ref().or(rx.error.as_ref()) {
+            format!("failed: {m}")
+        } else if !tx.opened {
+            "connecting".into()
+        } else if tx.closed && rx.closed {
+            "closing".into()
+        } else if tx.st.is_shutdown() {
+            "fin-sent".into()
+        } else if rx.st.fin().is_some() {
+            "fin-received".into()
+        } else {
+            "open".into()
+        };
+        VsockInfo {
+            id: self.id,
+            local: self.local,
+            remote: self.remote,
+            class: self.class(),
+            bytes_sent: tx.st.written(),
+            bytes_acked: tx.st.acked(),
+            bytes_received: rx.st.in_order(),
+            bytes_read: rx.st.consumed(),
+            state,
+        }
+    }
+
+    /// Take in what the app of a daemon-served vsocket did through the shared header: bytes
+    /// written (segments then flow), bytes read (credit may then be due), half close.
+    /// Returns whether the app has closed the vsocket. An impossible position (the app
+    /// claims to have written past its buffer, or read what never arrived) is an error that
+    /// names it: the daemon then disconnects that app.
+    pub(crate) fn sync_app(self: &Arc<Self>) -> Result<(bool, bool), String> {
+        let Some(shm) = &self.shm else { return Ok((false, false)) };
+        let h = shm.header();
+        let flags = h.app_flags.load(Ordering::Acquire);
+        let written = h.tx_written.load(Ordering::Acquire);
+        let consumed = h.rx_consumed.load(Ordering::Acquire);
+        let mut pump = false;
+        {
+            let mut tx = self.tx.lock().unwrap();
+            let cur = tx.st.written();
+            if written < cur || written - tx.st.acked() > self.tx_ring.capacity() as u64 {
+                return Err(format!(
+                    "the app moved its write position to {written} (was {cur}, acknowledged {}, buffer {})",
+                    tx.st.acked(),
+                    self.tx_ring.capacity()
+                ));
+            }
+            if written > cur {
+                if tx.st.is_shutdown() {
+                    return Err("the app wrote after shutting down writing".into());
+                }
+                tx.st.commit(written - cur);
+                if let Some(h) = self.host() {
+                    h.totals.bytes_sent.fetch_add(written - cur, Ordering::Relaxed);
+                }
+                pump = true;
+            }
+            if flags & (crate::shm::SHUT_WR | crate::shm::CLOSED) != 0 && !tx.st.is_shutdown() {
+                tx.st.shutdown();
+                pump = true;
+            }
+        }
+        if pump {
+            self.pump();
+        }
+        let moved_tx = pump;
+        let mut moved_rx = false;
+        let credit = {
+            let mut rx = self.rx.lock().unwrap();
+            let cur = rx.st.consumed();
+            if consumed < cur || consumed > rx.st.in_order() {
+                return Err(format!(
+                    "the app moved its read position to {consumed} (was {cur}, received {})",
+                    rx.st.in_order()
+                ));
+            }
+            if consumed > cur {
+                moved_rx = true;
+                rx.st.consume(consumed - cur);
+                if rx.error.is_none() {
+                    rx.st.credit_due()
+                } else {
+                    None
+                }
+            } else {
+                None
+            }
+        };
+        self.send_credit(credit);
+        Ok((flags & crate::shm::CLOSED != 0, moved_tx || moved_rx))
     }
 
     pub(crate) fn set_remote_id(&self, id: u32) {
@@ -273,8 +411,18 @@ impl VSock {
             self.protocol_error(e);
             return;
         }
-        if rx.st.in_order() > before && rx.waiting {
-            self.rx_cv.notify_all();
+        let after = rx.st.in_order();
+        if after > before {
+            if let Some(h) = self.host() {
+                h.totals.bytes_received.fetch_add(after - before, Ordering::Relaxed);
+            }
+            if let Some(shm) = &self.shm {
+                shm.header().rx_in_order.store(after, Ordering::Release);
+                shm.header().ring_app();
+            }
+            if rx.waiting {
+                self.rx_cv.notify_all();
+            }
         }
         let credit = rx.st.credit_due();
         drop(rx);
@@ -291,8 +439,14 @@ impl VSock {
                 return;
             }
             Ok(freed) => {
-                if freed && tx.waiting {
-                    self.tx_cv.notify_all();
+                if freed {
+                    if let Some(shm) = &self.shm {
+                        shm.header().tx_acked.store(tx.st.acked(), Ordering::Release);
+                        shm.header().ring_app();
+                    }
+                    if tx.waiting {
+                        self.tx_cv.notify_all();
+                    }
                 }
             }
         }
@@ -333,6 +487,11 @@ impl VSock {
             return;
         }
         self.rx_cv.notify_all();
+        if let Some(shm) = &self.shm {
+            shm.header().rx_fin.store(offset, Ordering::Relaxed);
+            shm.header().state.fetch_or(crate::shm::FIN, Ordering::Release);
+            shm.header().ring_app();
+        }
         let credit = rx.st.credit_due();
         drop(rx);
         self.send_credit(credit);
@@ -375,6 +534,10 @@ impl VSock {
         {
             let mut rx = self.rx.lock().unwrap();
             if rx.error.is_none() {
+                if let Some(shm) = &self.shm {
+                    shm.header().set_error(kind, &msg);
+                    shm.header().ring_app();
+                }
                 rx.error = Some((kind, msg));
             }
         }
@@ -574,6 +737,7 @@ impl VSock {
             // (the write lock is held) until commit() below (module docs).
             unsafe { host.copy.run(&tasks) };
             self.tx.lock().unwrap().st.commit(n as u64);
+            host.totals.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
             self.pump();
             done += n;
         }
@@ -587,7 +751,15 @@ impl VSock {
 /// peer reads end-of-stream. Closing with unread received data resets the connection, as
 /// TCP does.
 pub struct VStream {
-    handle: Arc<Handle>,
+    imp: StreamImp,
+}
+
+#[derive(Clone)]
+enum StreamImp {
+    /// Served by a host engine in this process.
+    Embedded(Arc<Handle>),
+    /// Served by the host's daemon through shared memory.
+    Daemon(Arc<crate::daemon::client::DStream>),
 }
 
 struct Handle {
@@ -603,18 +775,45 @@ impl Drop for Handle {
 
 impl std::fmt::Debug for VStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "VStream({} -> {})", self.handle.vs.local, self.handle.vs.remote)
+        let (l, r) = match &self.imp {
+            StreamImp::Embedded(h) => (h.vs.local, h.vs.remote),
+            StreamImp::Daemon(d) => (d.local(), d.remote()),
+        };
+        write!(f, "VStream({l} -> {r})")
+    }
+}
+
+/// What `VStream::connect`/`VListener::bind` use, by the configuration named by
+/// `NETCHANNEL_CONFIG` (`deployment`).
+enum Deployed {
+    Embedded(Host),
+    Daemon(crate::daemon::Client),
+}
+
+fn deployed() -> io::Result<Deployed> {
+    let cfg = match std::env::var_os("NETCHANNEL_CONFIG") {
+        Some(p) => crate::Config::load(std::path::Path::new(&p))?,
+        None => crate::Config::default(),
+    };
+    match cfg.deployment {
+        crate::Deployment::Embedded => Host::global().map(Deployed::Embedded),
+        crate::Deployment::Daemon => crate::daemon::Client::global(&cfg).map(Deployed::Daemon),
     }
 }
 
 impl VStream {
-    /// Connect through the process-wide host ([`Host::global`]) to `addr`: the peer host's
-    /// IP and a vsocket port.
+    /// Connect to `addr` (the peer host's IP and a vsocket port) through the process-wide
+    /// host ([`Host::global`]) or, if the configuration named by `NETCHANNEL_CONFIG` says
+    /// `deployment = "daemon"`, through the host's daemon.
     pub fn connect(addr: impl ToSocketAddrs) -> io::Result<VStream> {
-        let host = Host::global()?;
+        let via = deployed()?;
         let mut last = err(ErrorKind::InvalidInput, "no address to connect to");
         for a in addr.to_socket_addrs()? {
-            match host.connect(a) {
+            let r = match &via {
+                Deployed::Embedded(h) => h.connect(a),
+                Deployed::Daemon(c) => c.connect_stream(a),
+            };
+            match r {
                 Ok(s) => return Ok(s),
                 Err(e) => last = e,
             }
@@ -630,10 +829,10 @@ impl VStream {
         let id = inner.alloc_id();
         let port = inner.alloc_port()?;
         let local_ip = peer.local_ip.lock().unwrap().unwrap_or(inner.local.ip());
-        let mut vs = VSock::new(&inner, id, peer.clone(), class, SocketAddr::new(local_ip, port), addr, 0);
+        let mut vs = VSock::new(&inner, id, peer.clone(), class, SocketAddr::new(local_ip, port), addr, 0)?;
         Arc::get_mut(&mut vs).expect("fresh vsocket").owns_port = true;
         inner.vsocks.write().unwrap().insert(id, vs.clone());
-        let stream = VStream { handle: Arc::new(Handle { vs: vs.clone(), _host: host }) };
+        let stream = VStream { imp: StreamImp::Embedded(Arc::new(Handle { vs: vs.clone(), _host: host })) };
         let open = Frame::Open {
             src_vsock: id,
             src_port: port,
@@ -666,36 +865,68 @@ impl VStream {
         Ok(stream)
     }
 
-    fn vs(&self) -> &Arc<VSock> {
-        &self.handle.vs
+    pub(crate) fn from_daemon(d: crate::daemon::client::DStream) -> VStream {
+        VStream { imp: StreamImp::Daemon(Arc::new(d)) }
+    }
+
+    /// The engine's vsocket behind an embedded stream.
+    pub(crate) fn engine_vsock(&self) -> Option<&Arc<VSock>> {
+        match &self.imp {
+            StreamImp::Embedded(h) => Some(&h.vs),
+            StreamImp::Daemon(_) => None,
+        }
+    }
+
+    /// Whether the host's daemon serves this vsocket (else an engine in this process does).
+    pub fn is_daemon(&self) -> bool {
+        matches!(self.imp, StreamImp::Daemon(_))
     }
 
     /// The peer's address: its host IP and its vsocket port.
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
-        Ok(self.vs().remote)
+        Ok(match &self.imp {
+            StreamImp::Embedded(h) => h.vs.remote,
+            StreamImp::Daemon(d) => d.remote(),
+        })
     }
 
     /// This end's address: this host's IP and the vsocket port.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        Ok(self.vs().local)
+        Ok(match &self.imp {
+            StreamImp::Embedded(h) => h.vs.local,
+            StreamImp::Daemon(d) => d.local(),
+        })
     }
 
     /// The vsocket's traffic class.
     pub fn class(&self) -> Class {
-        self.vs().class()
+        match &self.imp {
+            StreamImp::Embedded(h) => h.vs.class(),
+            StreamImp::Daemon(d) => d.class(),
+        }
     }
 
     /// Move this end of the vsocket to another traffic class: later segments and control
     /// frames travel on that class's channels (latency channels are served by their own
     /// workers and sent without a hand-off). The peer's end keeps its own class.
     pub fn set_class(&self, class: Class) {
-        self.vs().class.store(class as u8, Ordering::Relaxed);
+        match &self.imp {
+            StreamImp::Embedded(h) => h.vs.class.store(class as u8, Ordering::Relaxed),
+            StreamImp::Daemon(d) => {
+                if let Err(e) = d.set_class(class) {
+                    crate::log!(Warn, "cannot move the vsocket to the {} class: {e}", class.name());
+                }
+            }
+        }
     }
 
     /// Shut down reading, writing or both. `Shutdown::Write` is a half close: the peer reads
     /// everything written so far, then end-of-stream.
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        let vs = self.vs();
+        let vs = match &self.imp {
+            StreamImp::Embedded(h) => &h.vs,
+            StreamImp::Daemon(d) => return d.shutdown(how),
+        };
         if matches!(how, Shutdown::Write | Shutdown::Both) {
             {
                 let mut tx = vs.tx.lock().unwrap();
@@ -715,8 +946,32 @@ impl VStream {
 
     /// In non-blocking mode reads and writes that cannot proceed fail with `WouldBlock`.
     pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
-        self.vs().nonblocking.store(nonblocking, Ordering::Relaxed);
+        match &self.imp {
+            StreamImp::Embedded(h) => h.vs.nonblocking.store(nonblocking, Ordering::Relaxed),
+            StreamImp::Daemon(d) => d.nonblocking.store(nonblocking, Ordering::Relaxed),
+        }
         Ok(())
+    }
+
+    fn timeouts(&self) -> &Mutex<(Option<Duration>, Option<Duration>)> {
+        match &self.imp {
+            StreamImp::Embedded(h) => &h.vs.timeouts,
+            StreamImp::Daemon(d) => &d.timeouts,
+        }
+    }
+
+    fn do_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match &self.imp {
+            StreamImp::Embedded(h) => h.vs.read(buf),
+            StreamImp::Daemon(d) => d.read(buf),
+        }
+    }
+
+    fn do_write(&self, buf: &[u8]) -> io::Result<usize> {
+        match &self.imp {
+            StreamImp::Embedded(h) => h.vs.write(buf),
+            StreamImp::Daemon(d) => d.write(buf),
+        }
     }
 
     /// Like [`std::net::TcpStream::set_read_timeout`]: a read that waits longer fails with `WouldBlock`.
@@ -724,7 +979,7 @@ impl VStream {
         if t == Some(Duration::ZERO) {
             return Err(err(ErrorKind::InvalidInput, "cannot set a 0 duration timeout"));
         }
-        self.vs().timeouts.lock().unwrap().0 = t;
+        self.timeouts().lock().unwrap().0 = t;
         Ok(())
     }
 
@@ -733,31 +988,31 @@ impl VStream {
         if t == Some(Duration::ZERO) {
             return Err(err(ErrorKind::InvalidInput, "cannot set a 0 duration timeout"));
         }
-        self.vs().timeouts.lock().unwrap().1 = t;
+        self.timeouts().lock().unwrap().1 = t;
         Ok(())
     }
 
     /// A second handle to the same vsocket (it closes when the last handle is dropped).
     pub fn try_clone(&self) -> io::Result<VStream> {
-        Ok(VStream { handle: self.handle.clone() })
+        Ok(VStream { imp: self.imp.clone() })
     }
 }
 
 impl Read for VStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.vs().read(buf)
+        self.do_read(buf)
     }
 }
 
 impl Read for &VStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.vs().read(buf)
+        self.do_read(buf)
     }
 }
 
 impl Write for VStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.vs().write(buf)
+        self.do_write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -766,7 +1021,7 @@ impl Write for VStream {
 
 impl Write for &VStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.vs().write(buf)
+        self.do_write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -813,6 +1068,15 @@ impl ListenQueue {
 
 /// A vsocket listener, used like [`std::net::TcpListener`].
 pub struct VListener {
+    imp: ListenerImp,
+}
+
+enum ListenerImp {
+    Embedded(EmbeddedListener),
+    Daemon(crate::daemon::client::DListener),
+}
+
+struct EmbeddedListener {
     q: Arc<ListenQueue>,
     host: Host,
     nonblocking: AtomicBool,
@@ -820,18 +1084,54 @@ pub struct VListener {
 
 impl std::fmt::Debug for VListener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "VListener(port {})", self.q.port)
+        match &self.imp {
+            ListenerImp::Embedded(l) => write!(f, "VListener(port {})", l.q.port),
+            ListenerImp::Daemon(d) => write!(f, "VListener({}, daemon)", d.local()),
+        }
     }
 }
 
 impl VListener {
-    /// Listen on the port of `addr` through the process-wide host ([`Host::global`]).
+    /// Listen on the port of `addr` through the process-wide host ([`Host::global`]) or,
+    /// if the configuration named by `NETCHANNEL_CONFIG` says `deployment = "daemon"`,
+    /// through the host's daemon.
     pub fn bind(addr: impl ToSocketAddrs) -> io::Result<VListener> {
         let a = addr
             .to_socket_addrs()?
             .next()
             .ok_or_else(|| err(ErrorKind::InvalidInput, "no address to bind"))?;
-        Host::global()?.bind(a.port())
+        match deployed()? {
+            Deployed::Embedded(h) => h.bind(a.port()),
+            Deployed::Daemon(c) => c.bind(a.port()),
+        }
+    }
+
+    pub(crate) fn from_daemon(d: crate::daemon::client::DListener) -> VListener {
+        VListener { imp: ListenerImp::Daemon(d) }
+    }
+
+    /// Wait at most `t` for the next vsocket (daemon side of an app's accept).
+    pub(crate) fn accept_timeout(&self, t: Duration) -> io::Result<Option<(VStream, SocketAddr)>> {
+        let ListenerImp::Embedded(l) = &self.imp else {
+            return Err(err(ErrorKind::Unsupported, "accept_timeout on a daemon listener"));
+        };
+        let deadline = Instant::now() + t;
+        let mut q = l.q.q.lock().unwrap();
+        loop {
+            if let Some(vs) = q.0.pop_front() {
+                let addr = vs.remote;
+                let h = Handle { vs, _host: l.host.clone() };
+                return Ok(Some((VStream { imp: StreamImp::Embedded(Arc::new(h)) }, addr)));
+            }
+            if q.1 {
+                return Err(err(ErrorKind::ConnectionAborted, "the listener was closed"));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            q = l.q.cv.wait_timeout(q, left).unwrap().0;
+        }
     }
 
     pub(crate) fn open(host: Host, port: u16) -> io::Result<VListener> {
@@ -852,35 +1152,48 @@ impl VListener {
         });
         ls.insert(port, q.clone());
         drop(ls);
-        Ok(VListener { q, host, nonblocking: AtomicBool::new(false) })
+        Ok(VListener {
+            imp: ListenerImp::Embedded(EmbeddedListener { q, host, nonblocking: AtomicBool::new(false) }),
+        })
     }
 
     /// Wait for the next vsocket and return it with the peer's address.
     pub fn accept(&self) -> io::Result<(VStream, SocketAddr)> {
-        let mut q = self.q.q.lock().unwrap();
+        let l = match &self.imp {
+            ListenerImp::Embedded(l) => l,
+            ListenerImp::Daemon(d) => return d.accept(),
+        };
+        let mut q = l.q.q.lock().unwrap();
         loop {
             if let Some(vs) = q.0.pop_front() {
                 let addr = vs.remote;
-                return Ok((VStream { handle: Arc::new(Handle { vs, _host: self.host.clone() }) }, addr));
+                let h = Handle { vs, _host: l.host.clone() };
+                return Ok((VStream { imp: StreamImp::Embedded(Arc::new(h)) }, addr));
             }
             if q.1 {
                 return Err(err(ErrorKind::ConnectionAborted, "the listener was closed"));
             }
-            if self.nonblocking.load(Ordering::Relaxed) {
+            if l.nonblocking.load(Ordering::Relaxed) {
                 return Err(err(ErrorKind::WouldBlock, "no vsocket waiting"));
             }
-            q = self.q.cv.wait(q).unwrap();
+            q = l.q.cv.wait(q).unwrap();
         }
     }
 
     /// This listener's address: the host's IP and the port.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        Ok(SocketAddr::new(self.host.local_addr().ip(), self.q.port))
+        Ok(match &self.imp {
+            ListenerImp::Embedded(l) => SocketAddr::new(l.host.local_addr().ip(), l.q.port),
+            ListenerImp::Daemon(d) => d.local(),
+        })
     }
 
     /// In non-blocking mode `accept` fails with `WouldBlock` when nothing is waiting.
     pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
-        self.nonblocking.store(nonblocking, Ordering::Relaxed);
+        match &self.imp {
+            ListenerImp::Embedded(l) => l.nonblocking.store(nonblocking, Ordering::Relaxed),
+            ListenerImp::Daemon(d) => d.nonblocking.store(nonblocking, Ordering::Relaxed),
+        }
         Ok(())
     }
 
@@ -890,7 +1203,7 @@ impl VListener {
     }
 }
 
-impl Drop for VListener {
+impl Drop for EmbeddedListener {
     fn drop(&mut self) {
         let inner = self.host.inner();
         let mut ls = inner.listeners.lock().unwrap();

@@ -158,6 +158,14 @@ pub enum Class {
 }
 
 impl Class {
+    /// `"throughput"` or `"latency"`, as in config files, status and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Throughput => "throughput",
+            Class::Latency => "latency",
+        }
+    }
+
     /// The class carried in a header's `flags`.
     fn from_flags(flags: u8) -> Class {
         if flags & FLAG_LATENCY != 0 {

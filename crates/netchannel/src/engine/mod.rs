@@ -60,6 +60,8 @@ pub(crate) struct HostInner {
     acceptor_waker: Waker,
     threads: Mutex<Vec<JoinHandle<()>>>,
     pub totals: Totals,
+    /// Vsocket rings live in shared memory (the daemon serves them to app processes).
+    pub shm_rings: bool,
 }
 
 /// Host-wide counters.
@@ -67,6 +69,10 @@ pub(crate) struct HostInner {
 pub(crate) struct Totals {
     pub vsockets_opened: AtomicU64,
     pub channels_refused: AtomicU64,
+    /// Payload bytes written by applications into vsockets.
+    pub bytes_sent: AtomicU64,
+    /// Payload bytes received in order on vsockets.
+    pub bytes_received: AtomicU64,
     pub frames_dropped: AtomicU64,
 }
 
@@ -104,6 +110,10 @@ pub struct HostStats {
     pub vsockets_opened: u64,
     /// Channels refused at handshake (bad HELLO, wrong version).
     pub channels_refused: u64,
+    /// Payload bytes applications wrote into vsockets.
+    pub bytes_sent: u64,
+    /// Payload bytes vsockets received in order.
+    pub bytes_received: u64,
 }
 
 /// An embedded NetChannel host: the whole engine inside this process.
@@ -157,6 +167,16 @@ impl Host {
     /// Start a host: validate `config`, bind `config.listen` for channels, start the
     /// channel workers, the copy workers and the acceptor.
     pub fn start(config: Config) -> io::Result<Host> {
+        Host::start_inner(config, false)
+    }
+
+    /// Start a host whose vsocket rings live in shared memory, so that the daemon can hand
+    /// them to application processes.
+    pub(crate) fn start_shared(config: Config) -> io::Result<Host> {
+        Host::start_inner(config, true)
+    }
+
+    fn start_inner(config: Config, shm_rings: bool) -> io::Result<Host> {
         config.validate()?;
         let auth_key = config.auth_key()?;
         if auth_key.is_none() {
@@ -203,6 +223,7 @@ impl Host {
             acceptor_waker,
             threads: Mutex::new(Vec::new()),
             totals: Totals::default(),
+            shm_rings,
             cfg: config,
         });
         let mut threads = Vec::new();
@@ -309,7 +330,17 @@ impl Host {
             vsockets: inner.vsocks.read().unwrap().len(),
             vsockets_opened: inner.totals.vsockets_opened.load(Ordering::Relaxed),
             channels_refused: inner.totals.channels_refused.load(Ordering::Relaxed),
+            bytes_sent: inner.totals.bytes_sent.load(Ordering::Relaxed),
+            bytes_received: inner.totals.bytes_received.load(Ordering::Relaxed),
         }
+    }
+
+    /// A snapshot of every vsocket in the table.
+    pub fn vsock_infos(&self) -> Vec<crate::vsock::VsockInfo> {
+        let vs: Vec<_> = self.guard.inner.vsocks.read().unwrap().values().cloned().collect();
+        let mut v: Vec<_> = vs.iter().map(|v| v.info()).collect();
+        v.sort_by_key(|i| i.id);
+        v
     }
 
     /// Abort one channel to `peer` (its TCP connection is shut down), as a fault would.
@@ -769,7 +800,7 @@ impl HostInner {
         let id = self.alloc_id();
         let local_ip = peer.local_ip.lock().unwrap().unwrap_or(self.local.ip());
         let class = if self.cfg.latency_ports.contains(&dst_port) { Class::Latency } else { class };
-        let vs = VSock::new(
+        let vs = match VSock::new(
             self,
             id,
             peer.clone(),
@@ -777,7 +808,13 @@ impl HostInner {
             SocketAddr::new(local_ip, dst_port),
             SocketAddr::new(peer.key.ip(), src_port),
             credit,
-        );
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                crate::log!(Error, "cannot create a vsocket for port {dst_port}: {e}");
+                return refuse(Reason::BacklogFull);
+            }
+        };
         vs.set_remote_id(src);
         self.vsocks.write().unwrap().insert(id, vs.clone());
         self.totals.vsockets_opened.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,223 @@
+//! `netchannel up` (the per-host daemon, in the foreground) and `netchannel status`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::Args;
+use netchannel::daemon::{Client, Server};
+use netchannel::Config;
+use serde_json::Value;
+
+use crate::error::{Context, Result};
+
+/// `netchannel up`.
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// TOML configuration file (docs/config.md); the `[daemon]` table configures the daemon
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Unix socket for apps (overrides `[daemon] socket` and NETCHANNEL_SOCKET)
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Address to accept channels on (overrides `listen`)
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+}
+
+/// `netchannel status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// TOML configuration file naming the daemon's socket
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The daemon's Unix socket (overrides the config and NETCHANNEL_SOCKET)
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Print the daemon's state as one JSON object
+    #[arg(long)]
+    json: bool,
+}
+
+fn load(config: &Option<PathBuf>) -> Result<Config> {
+    Ok(match config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    })
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop(_sig: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Run the daemon until SIGINT or SIGTERM.
+pub fn up(args: &UpArgs) -> Result<()> {
+    let mut cfg = load(&args.config)?;
+    if let Some(s) = &args.socket {
+        cfg.daemon.socket = Some(s.clone());
+        // The flag wins over the environment too.
+        std::env::remove_var("NETCHANNEL_SOCKET");
+    }
+    if let Some(l) = args.listen {
+        cfg.listen = l;
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_stop as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let server = Server::start(cfg).context(|| "cannot start the daemon".to_string())?;
+    eprintln!(
+        "netchannel INFO: daemon up: apps on {}, channels on {} (pid {})",
+        server.socket().display(),
+        server.channel_addr(),
+        std::process::id()
+    );
+    server.run(&STOP).context(|| "daemon".to_string())?;
+    eprintln!("netchannel INFO: daemon stopped");
+    Ok(())
+}
+
+/// Print the daemon's state.
+pub fn status(args: &StatusArgs) -> Result<()> {
+    let mut cfg = load(&args.config)?;
+    if let Some(s) = &args.socket {
+        cfg.daemon.socket = Some(s.clone());
+        std::env::remove_var("NETCHANNEL_SOCKET");
+    }
+    let client = Client::from_config(&cfg).context(|| "status".to_string())?;
+    let st = client.status().context(|| "status".to_string())?;
+    if args.json {
+        println!("{st}");
+    } else {
+        print!("{}", render(&st));
+    }
+    Ok(())
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The human form of a status object.
+fn render(st: &Value) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let d = &st["daemon"];
+    let _ = writeln!(
+        o,
+        "daemon pid {}  socket {}  channels on {}  up {:.0} s  {}",
+        s(&d["pid"]),
+        s(&d["socket"]),
+        s(&d["listen"]),
+        d["uptime_s"].as_f64().unwrap_or(0.0),
+        if d["authenticated"].as_bool() == Some(true) { "authenticated" } else { "unauthenticated channels" }
+    );
+    let w = &st["workers"];
+    let _ = writeln!(
+        o,
+        "workers: {} channel, {} latency, {} copy",
+        s(&w["channel_workers"]),
+        s(&w["latency_workers"]),
+        s(&w["copy_workers"])
+    );
+    let t = &st["totals"];
+    let _ = writeln!(
+        o,
+        "totals: {} vsockets opened ({} open), {} bytes sent, {} bytes received, {} channels refused, {} clients refused, {} disconnected",
+        s(&t["vsockets_opened"]),
+        s(&t["vsockets_open"]),
+        s(&t["bytes_sent"]),
+        s(&t["bytes_received"]),
+        s(&t["channels_refused"]),
+        s(&t["clients_refused"]),
+        s(&t["clients_disconnected"])
+    );
+    let _ = writeln!(o, "\npeers:");
+    for p in st["peers"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "  {:<22} {} throughput + {} latency channels",
+            s(&p["address"]),
+            s(&p["throughput_channels"]),
+            s(&p["latency_channels"])
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\nchannels:\n  {:<22} {:<10} {:>3} {:>6} {:>14} {:>14} {:>10} {:>10} {:>8}",
+        "peer", "class", "idx", "worker", "bytes out", "bytes in", "frames out", "frames in", "queued"
+    );
+    for c in st["channels"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "  {:<22} {:<10} {:>3} {:>6} {:>14} {:>14} {:>10} {:>10} {:>8}",
+            s(&c["peer"]),
+            s(&c["class"]),
+            s(&c["index"]),
+            s(&c["worker"]),
+            s(&c["bytes_sent"]),
+            s(&c["bytes_received"]),
+            s(&c["frames_sent"]),
+            s(&c["frames_received"]),
+            s(&c["queued_bytes"])
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\nvsockets:\n  {:>6} {:>7} {:<22} {:<22} {:<10} {:>14} {:>14}  state",
+        "id", "pid", "local", "remote", "class", "bytes out", "bytes in"
+    );
+    for v in st["vsockets"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "  {:>6} {:>7} {:<22} {:<22} {:<10} {:>14} {:>14}  {}",
+            s(&v["id"]),
+            s(&v["pid"]),
+            s(&v["local"]),
+            s(&v["remote"]),
+            s(&v["class"]),
+            s(&v["bytes_sent"]),
+            s(&v["bytes_received"]),
+            s(&v["state"])
+        );
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_section() {
+        let st = serde_json::json!({
+            "daemon": {"pid": 7, "socket": "/tmp/s", "listen": "127.0.0.1:9000", "uptime_s": 3.0, "authenticated": false},
+            "workers": {"channel_workers": 2, "latency_workers": 1, "copy_workers": 1},
+            "peers": [{"address": "127.0.0.2:9000", "throughput_channels": 4, "latency_channels": 1}],
+            "channels": [{"peer": "127.0.0.2:9000", "class": "throughput", "index": 0, "worker": 1,
+                          "bytes_sent": 10, "bytes_received": 20, "frames_sent": 1, "frames_received": 2, "queued_bytes": 0}],
+            "vsockets": [{"id": 3, "pid": 42, "local": "127.0.0.1:32768", "remote": "127.0.0.2:7000",
+                          "class": "latency", "bytes_sent": 5, "bytes_received": 6, "state": "open"}],
+            "totals": {"vsockets_opened": 1, "vsockets_open": 1, "bytes_sent": 5, "bytes_received": 6,
+                       "channels_refused": 0, "clients_refused": 0, "clients_disconnected": 0}
+        });
+        let out = render(&st);
+        for needle in [
+            "unauthenticated",
+            "127.0.0.2:9000",
+            "4 throughput + 1 latency",
+            "127.0.0.2:7000",
+            "latency",
+            "open",
+        ] {
+            assert!(out.contains(needle), "{needle} missing from\n{out}");
+        }
+    }
+}

@@ -1,0 +1,489 @@
+//! The app side of the daemon: a [`Client`] connection to `netchannel up`, and the vsockets
+//! and listeners it serves, which `VStream`/`VListener` wrap.
+//!
+//! Data never crosses the Unix socket: a stream's bytes go through its shared rings, and
+//! its positions through the shared header (`crate::shm`), so a busy stream costs no
+//! syscall per message. Control requests (connect, bind, accept, status) each take a
+//! connection from a pool (opened on demand, kept for the life of the process), so a blocked
+//! accept does not hold up another thread's connect. A separate *lifeline* connection tells
+//! the process, through a watcher thread, that the daemon is gone: every blocked or later
+//! call then fails with `ConnectionReset` naming the daemon, and a later
+//! [`Client::global`] reconnects to a restarted one.
+
+use std::io::{self, ErrorKind};
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{error_of, recv_msg, send_msg, ClassName, Request, Response, MAX_MESSAGE};
+use crate::config::Config;
+use crate::ring::Ring;
+use crate::shm::{self, Region};
+use crate::wire::Class;
+
+/// Longest single futex sleep: how soon a waiter notices that the daemon is gone.
+const WAIT_SLICE: Duration = Duration::from_millis(100);
+
+/// A connection to the host's daemon.
+///
+/// ```no_run
+/// use std::io::Write;
+/// let daemon = netchannel::daemon::Client::connect("/run/netchannel/netchannel.sock")?;
+/// let mut s = daemon.connect_stream("10.0.0.2:7000".parse().unwrap())?;
+/// s.write_all(b"hello")?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<ClientInner>,
+}
+
+struct ClientInner {
+    path: PathBuf,
+    pool: Mutex<Vec<UnixStream>>,
+    dead: Arc<AtomicBool>,
+    spin: Duration,
+    lifeline: UnixStream,
+}
+
+impl Drop for ClientInner {
+    fn drop(&mut self) {
+        let _ = self.lifeline.shutdown(Shutdown::Both);
+    }
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Client({})", self.inner.path.display())
+    }
+}
+
+fn gone(path: &Path) -> io::Error {
+    io::Error::new(
+        ErrorKind::ConnectionReset,
+        format!("the NetChannel daemon at {} is gone (it stopped or was killed)", path.display()),
+    )
+}
+
+impl Client {
+    /// Connect to the daemon listening on `path`; fails if it is not running or refuses
+    /// this process's user.
+    pub fn connect(path: impl AsRef<Path>) -> io::Result<Client> {
+        Client::connect_with(path.as_ref(), Duration::from_micros(Config::default().daemon.app_spin_us))
+    }
+
+    /// Connect to the daemon named by `cfg` (`[daemon] socket`, or `NETCHANNEL_SOCKET`).
+    pub fn from_config(cfg: &Config) -> io::Result<Client> {
+        Client::connect_with(&cfg.daemon.socket_path()?, Duration::from_micros(cfg.daemon.app_spin_us))
+    }
+
+    fn connect_with(path: &Path, spin: Duration) -> io::Result<Client> {
+        let lifeline = open(path)?;
+        // The first answer says whether this process may use the daemon at all.
+        match exchange(&lifeline, &Request::Hello, path)? {
+            (Response::Ok, _) => {}
+            (Response::Error { kind, message }, _) => return Err(error_of(&kind, message)),
+            (other, _) => return Err(unexpected(&other)),
+        }
+        let dead = Arc::new(AtomicBool::new(false));
+        let (watch, flag) = (lifeline.try_clone()?, dead.clone());
+        std::thread::Builder::new().name("nc-daemon-watch".into()).spawn(move || {
+            let mut b = [0u8; 64];
+            // The daemon never writes on the lifeline: any return is its end.
+            // SAFETY: reads into a live local buffer.
+            while unsafe { libc::read(watch.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) } > 0 {}
+            flag.store(true, Ordering::SeqCst);
+        })?;
+        Ok(Client {
+            inner: Arc::new(ClientInner {
+                path: path.to_owned(),
+                pool: Mutex::new(Vec::new()),
+                dead,
+                spin,
+                lifeline,
+            }),
+        })
+    }
+
+    /// The process-wide client used by `VStream::connect`/`VListener::bind` when the
+    /// configuration says `deployment = "daemon"`; reconnects if the daemon restarted.
+    pub fn global(cfg: &Config) -> io::Result<Client> {
+        static GLOBAL: Mutex<Option<Client>> = Mutex::new(None);
+        let mut g = GLOBAL.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = g.as_ref() {
+            if !c.is_dead() {
+                return Ok(c.clone());
+            }
+        }
+        let c = Client::from_config(cfg)?;
+        *g = Some(c.clone());
+        Ok(c)
+    }
+
+    /// The daemon's socket.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Whether the daemon went away.
+    pub fn is_dead(&self) -> bool {
+        self.inner.dead.load(Ordering::SeqCst)
+    }
+
+    fn gone(&self) -> io::Error {
+        gone(&self.inner.path)
+    }
+
+    fn request(&self, req: &Request) -> io::Result<(Response, Vec<OwnedFd>)> {
+        if self.is_dead() {
+            return Err(self.gone());
+        }
+        let conn = match self.inner.pool.lock().unwrap().pop() {
+            Some(c) => c,
+            None => open(&self.inner.path)?,
+        };
+        let (resp, fds) = exchange(&conn, req, &self.inner.path)?;
+        self.inner.pool.lock().unwrap().push(conn);
+        if let Response::Error { kind, message } = resp {
+            return Err(error_of(&kind, message));
+        }
+        Ok((resp, fds))
+    }
+
+    /// Open a throughput-class vsocket to `addr` (the peer host's IP and a vsocket port).
+    pub fn connect_stream(&self, addr: SocketAddr) -> io::Result<crate::VStream> {
+        self.connect_class(addr, Class::Throughput)
+    }
+
+    /// Open a vsocket of `class` to `addr`.
+    pub fn connect_class(&self, addr: SocketAddr, class: Class) -> io::Result<crate::VStream> {
+        let (resp, fds) = self.request(&Request::Connect { addr, class: class.into() })?;
+        Ok(crate::VStream::from_daemon(DStream::from_response(self, resp, fds)?))
+    }
+
+    /// Listen on vsocket `port` of this host (0: any free port).
+    pub fn bind(&self, port: u16) -> io::Result<crate::VListener> {
+        match self.request(&Request::Bind { port })?.0 {
+            Response::Listener { listener, local } => Ok(crate::VListener::from_daemon(DListener {
+                client: self.clone(),
+                id: listener,
+                local,
+                nonblocking: AtomicBool::new(false),
+            })),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The daemon's state: peers, channels, vsockets, totals (`netchannel status --json`).
+    pub fn status(&self) -> io::Result<serde_json::Value> {
+        match self.request(&Request::Status)?.0 {
+            Response::Status { status } => Ok(status),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Ask the daemon to abort one channel to `peer` (fault injection).
+    pub fn kill_channel(&self, peer: SocketAddr, class: Class, index: u16) -> io::Result<()> {
+        self.request(&Request::KillChannel { peer, class: class.into(), index }).map(|_| ())
+    }
+}
+
+fn open(path: &Path) -> io::Result<UnixStream> {
+    UnixStream::connect(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot reach the NetChannel daemon at {}: {e} (is `netchannel up` running?)",
+                path.display()
+            ),
+        )
+    })
+}
+
+fn exchange(conn: &UnixStream, req: &Request, path: &Path) -> io::Result<(Response, Vec<OwnedFd>)> {
+    send_msg(conn.as_raw_fd(), req, &[]).map_err(|_| gone(path))?;
+    let (body, fds) = match recv_msg(conn.as_raw_fd(), MAX_MESSAGE) {
+        Ok(Some(m)) => m,
+        _ => return Err(gone(path)),
+    };
+    let resp = serde_json::from_slice(&body).map_err(|e| {
+        io::Error::new(
+            ErrorKind::InvalidData,
+            format!("the daemon at {} answered garbage: {e}", path.display()),
+        )
+    })?;
+    Ok((resp, fds))
+}
+
+fn unexpected(r: &Response) -> io::Error {
+    io::Error::new(ErrorKind::InvalidData, format!("unexpected answer from the daemon: {r:?}"))
+}
+
+/// A daemon-served vsocket: the app's view of its shared memory.
+pub(crate) struct DStream {
+    client: Client,
+    handle: u64,
+    region: Arc<Region>,
+    tx: Ring,
+    rx: Ring,
+    kick: OwnedFd,
+    local: SocketAddr,
+    remote: SocketAddr,
+    class: AtomicU8,
+    write_lock: Mutex<()>,
+    read_lock: Mutex<()>,
+    shut_rd: AtomicBool,
+    pub(crate) nonblocking: AtomicBool,
+    pub(crate) timeouts: Mutex<(Option<Duration>, Option<Duration>)>,
+}
+
+impl DStream {
+    fn from_response(client: &Client, resp: Response, fds: Vec<OwnedFd>) -> io::Result<DStream> {
+        let Response::Stream { handle, local, remote, class } = resp else { return Err(unexpected(&resp)) };
+        let mut fds = fds.into_iter();
+        let (Some(mem), Some(kick)) = (fds.next(), fds.next()) else {
+            return Err(io::Error::new(
+                ErrorKind::InvalidData,
+                "the daemon sent a vsocket without its memory",
+            ));
+        };
+        let region = Arc::new(Region::open(mem)?);
+        Ok(DStream {
+            client: client.clone(),
+            handle,
+            tx: Ring::in_region(&region, true),
+            rx: Ring::in_region(&region, false),
+            region,
+            kick,
+            local,
+            remote,
+            class: AtomicU8::new(Class::from(class) as u8),
+            write_lock: Mutex::new(()),
+            read_lock: Mutex::new(()),
+            shut_rd: AtomicBool::new(false),
+            nonblocking: AtomicBool::new(false),
+            timeouts: Mutex::new((None, None)),
+        })
+    }
+
+    pub(crate) fn local(&self) -> SocketAddr {
+        self.local
+    }
+
+    pub(crate) fn remote(&self) -> SocketAddr {
+        self.remote
+    }
+
+    pub(crate) fn class(&self) -> Class {
+        if self.class.load(Ordering::Relaxed) == Class::Latency as u8 {
+            Class::Latency
+        } else {
+            Class::Throughput
+        }
+    }
+
+    pub(crate) fn set_class(&self, class: Class) -> io::Result<()> {
+        self.client.request(&Request::SetClass { handle: self.handle, class: ClassName::from(class) })?;
+        self.class.store(class as u8, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Tell the daemon's poller that a position moved, if it is not polling already.
+    fn kick(&self) {
+        if self.region.header().need_kick.swap(0, Ordering::SeqCst) == 1 {
+            shm::eventfd_ring(self.kick.as_raw_fd());
+        }
+    }
+
+    /// Spin briefly, then sleep on the header's futex until `ready`, the deadline, or the
+    /// daemon's end.
+    fn wait(&self, ready: impl Fn() -> bool, deadline: Option<Instant>) -> io::Result<()> {
+        let h = self.region.header();
+        let spin_end = Instant::now() + self.client.inner.spin;
+        while Instant::now() < spin_end {
+            if ready() {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+        loop {
+            if ready() {
+                return Ok(());
+            }
+            if self.client.is_dead() {
+                return Err(self.client.gone());
+            }
+            let mut slice = WAIT_SLICE;
+            if let Some(d) = deadline {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(ErrorKind::WouldBlock, "timed out"));
+                }
+                slice = slice.min(left);
+            }
+            let s = h.seq.load(Ordering::SeqCst);
+            h.app_waiters.fetch_add(1, Ordering::SeqCst);
+            if !ready() {
+                shm::futex_wait(&h.seq, s, slice);
+            }
+            h.app_waiters.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let _one_reader = self.read_lock.lock().unwrap();
+        let h = self.region.header();
+        let deadline = self.timeouts.lock().unwrap().0.map(|t| Instant::now() + t);
+        loop {
+            let consumed = h.rx_consumed.load(Ordering::Relaxed);
+            let in_order = h.rx_in_order.load(Ordering::Acquire);
+            if in_order > consumed {
+                let n = ((in_order - consumed) as usize).min(buf.len());
+                // SAFETY: [consumed, consumed + n) is below rx_in_order: the engine wrote it
+                // and does not touch it until rx_consumed passes it (module docs of shm).
+                unsafe { self.rx.read(consumed, &mut buf[..n]) };
+                h.rx_consumed.store(consumed + n as u64, Ordering::Release);
+                self.kick();
+                return Ok(n);
+            }
+            let state = h.state.load(Ordering::Acquire);
+            if state & shm::FIN != 0 && h.rx_fin.load(Ordering::Relaxed) == consumed {
+                return Ok(0);
+            }
+            if let Some(e) = h.error() {
+                return Err(e);
+            }
+            if self.shut_rd.load(Ordering::Relaxed) {
+                return Ok(0);
+            }
+            if self.client.is_dead() {
+                return Err(self.client.gone());
+            }
+            if self.nonblocking.load(Ordering::Relaxed) {
+                return Err(io::Error::new(ErrorKind::WouldBlock, "no data available"));
+            }
+            self.wait(
+                || {
+                    h.rx_in_order.load(Ordering::Acquire) > consumed
+                        || h.state.load(Ordering::Acquire) != state
+                        || self.shut_rd.load(Ordering::Relaxed)
+                },
+                deadline,
+            )?;
+        }
+    }
+
+    pub(crate) fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let _one_writer = self.write_lock.lock().unwrap();
+        let h = self.region.header();
+        let cap = self.tx.capacity() as u64;
+        let deadline = self.timeouts.lock().unwrap().1.map(|t| Instant::now() + t);
+        let mut done = 0;
+        while done < buf.len() {
+            if let Some(e) = h.error() {
+                return if done > 0 { Ok(done) } else { Err(e) };
+            }
+            if self.client.is_dead() {
+                return if done > 0 { Ok(done) } else { Err(self.client.gone()) };
+            }
+            if h.app_flags.load(Ordering::Relaxed) & shm::SHUT_WR != 0 {
+                return Err(io::Error::new(ErrorKind::BrokenPipe, "the vsocket was shut down for writing"));
+            }
+            let written = h.tx_written.load(Ordering::Relaxed);
+            let acked = h.tx_acked.load(Ordering::Acquire);
+            let space = cap - (written - acked);
+            if space == 0 {
+                if self.nonblocking.load(Ordering::Relaxed) {
+                    return if done > 0 {
+                        Ok(done)
+                    } else {
+                        Err(io::Error::new(ErrorKind::WouldBlock, "send buffer full"))
+                    };
+                }
+                let r = self.wait(
+                    || {
+                        h.tx_acked.load(Ordering::Acquire) != acked
+                            || h.state.load(Ordering::Acquire) & shm::ERROR != 0
+                    },
+                    deadline,
+                );
+                match r {
+                    Ok(()) => continue,
+                    Err(_) if done > 0 => return Ok(done),
+                    Err(e) => return Err(e),
+                }
+            }
+            let n = (space as usize).min(buf.len() - done);
+            // SAFETY: [written, written + n) is inside [written, acked + cap): the app's own
+            // region of the send ring until tx_written passes it (module docs of shm).
+            unsafe { self.tx.write(written, &buf[done..done + n]) };
+            h.tx_written.store(written + n as u64, Ordering::Release);
+            self.kick();
+            done += n;
+        }
+        Ok(done)
+    }
+
+    pub(crate) fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        let h = self.region.header();
+        if matches!(how, Shutdown::Write | Shutdown::Both) {
+            if let Some(e) = h.error() {
+                return Err(e);
+            }
+            h.app_flags.fetch_or(shm::SHUT_WR, Ordering::Release);
+            h.need_kick.store(0, Ordering::SeqCst);
+            shm::eventfd_ring(self.kick.as_raw_fd());
+        }
+        if matches!(how, Shutdown::Read | Shutdown::Both) {
+            self.shut_rd.store(true, Ordering::Relaxed);
+            h.ring_app();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DStream {
+    fn drop(&mut self) {
+        // The daemon takes in the last positions, then closes the vsocket as TCP would.
+        self.region.header().app_flags.fetch_or(shm::CLOSED, Ordering::Release);
+        shm::eventfd_ring(self.kick.as_raw_fd());
+    }
+}
+
+/// A daemon-served listener.
+pub(crate) struct DListener {
+    client: Client,
+    id: u64,
+    local: SocketAddr,
+    pub(crate) nonblocking: AtomicBool,
+}
+
+impl DListener {
+    pub(crate) fn local(&self) -> SocketAddr {
+        self.local
+    }
+
+    pub(crate) fn accept(&self) -> io::Result<(crate::VStream, SocketAddr)> {
+        let wait = !self.nonblocking.load(Ordering::Relaxed);
+        let (resp, fds) = self.client.request(&Request::Accept { listener: self.id, wait })?;
+        let s = DStream::from_response(&self.client, resp, fds)?;
+        let remote = s.remote;
+        Ok((crate::VStream::from_daemon(s), remote))
+    }
+}
+
+impl Drop for DListener {
+    fn drop(&mut self) {
+        let _ = self.client.request(&Request::CloseListener { listener: self.id });
+    }
+}

@@ -1,0 +1,659 @@
+//! The daemon side: the Unix socket, one thread per client connection, the doorbell poller.
+//!
+//! Every vsocket served to an app has an entry ([`Served`]) owned by the client connection
+//! that opened or accepted it. The connection's end — the app closed it, exited or was
+//! killed — closes every vsocket it owns (FIN after the data already written, or RESET if
+//! data was left unread, as TCP does) and frees their memory. The poller thread sleeps on
+//! the vsockets' eventfds and, while vsockets are busy, polls their headers for a short
+//! while (`poll_spin_us`) so that busy apps need not ring.
+
+use std::collections::HashMap;
+use std::io::{self, ErrorKind};
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::{hung_up, recv_msg, send_msg, Request, Response, MAX_REQUEST};
+use crate::config::Config;
+use crate::engine::Host;
+use crate::shm;
+use crate::vsock::{VListener, VSock, VStream};
+use crate::wire::Class;
+
+/// How often a blocked accept checks that its client is still there.
+const ACCEPT_SLICE: Duration = Duration::from_millis(100);
+
+/// A running daemon.
+pub struct Server {
+    st: Arc<State>,
+    listener: UnixListener,
+}
+
+struct State {
+    host: Host,
+    cfg: Config,
+    socket: PathBuf,
+    started: Instant,
+    next: AtomicU64,
+    streams: Mutex<HashMap<u64, Arc<Served>>>,
+    listeners: Mutex<HashMap<u64, Arc<ServedListener>>>,
+    conns: Mutex<HashMap<u64, Conn>>,
+    poller: Poller,
+    stopping: AtomicBool,
+    clients_refused: AtomicU64,
+    clients_disconnected: AtomicU64,
+}
+
+/// A vsocket served to an app.
+struct Served {
+    handle: u64,
+    stream: VStream,
+    vs: Arc<VSock>,
+    kick: OwnedFd,
+    conn: u64,
+    pid: i32,
+}
+
+struct ServedListener {
+    l: VListener,
+    conn: u64,
+}
+
+struct Conn {
+    pid: i32,
+    uid: u32,
+    sock: UnixStream,
+}
+
+/// The credentials of the process at the other end of a Unix socket.
+fn peer_cred(s: &UnixStream) -> io::Result<libc::ucred> {
+    let mut c = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: c and len are live and sized for SO_PEERCRED.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut c as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(c)
+}
+
+impl Server {
+    /// Bind the daemon's Unix socket and start its engine. Fails if another daemon serves
+    /// the socket already.
+    pub fn start(cfg: Config) -> io::Result<Server> {
+        let socket = cfg.daemon.socket_path()?;
+        if let Some(dir) = socket.parent() {
+            if !dir.as_os_str().is_empty() && !dir.exists() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("cannot create the socket directory {}: {e}", dir.display()),
+                    )
+                })?;
+                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+            }
+        }
+        if socket.exists() {
+            if UnixStream::connect(&socket).is_ok() {
+                return Err(io::Error::new(
+                    ErrorKind::AddrInUse,
+                    format!("a NetChannel daemon already serves {}", socket.display()),
+                ));
+            }
+            std::fs::remove_file(&socket).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot remove the stale socket {}: {e}", socket.display()))
+            })?;
+        }
+        let listener = UnixListener::bind(&socket)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", socket.display())))?;
+        // Owner only, unless the policy admits other users (their credentials are then
+        // checked on every connection).
+        let open = !cfg.daemon.allowed_uids.is_empty() || !cfg.daemon.allowed_gids.is_empty();
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(if open { 0o666 } else { 0o600 }))?;
+        if cfg.auth_key_file.is_none() {
+            crate::log!(
+                Warn,
+                "channels of this daemon ({}) are not authenticated: any host can open them; set auth_key_file",
+                cfg.listen
+            );
+        }
+        let host = match Host::start_shared(cfg.clone()) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = std::fs::remove_file(&socket);
+                return Err(e);
+            }
+        };
+        let st = Arc::new(State {
+            host,
+            socket,
+            started: Instant::now(),
+            next: AtomicU64::new(1),
+            streams: Mutex::new(HashMap::new()),
+            listeners: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            poller: Poller::new()?,
+            stopping: AtomicBool::new(false),
+            clients_refused: AtomicU64::new(0),
+            clients_disconnected: AtomicU64::new(0),
+            cfg,
+        });
+        let p = st.clone();
+        std::thread::Builder::new().name("nc-doorbell".into()).spawn(move || p.run_poller())?;
+        crate::log!(Info, "daemon serving {} (channels on {})", st.socket.display(), st.host.local_addr());
+        Ok(Server { st, listener })
+    }
+
+    /// The Unix socket apps connect to.
+    pub fn socket(&self) -> &Path {
+        &self.st.socket
+    }
+
+    /// The engine's channel address.
+    pub fn channel_addr(&self) -> SocketAddr {
+        self.st.host.local_addr()
+    }
+
+    /// Serve clients until `stop` becomes true (checked every 200 ms), then shut down.
+    pub fn run(self, stop: &AtomicBool) -> io::Result<()> {
+        self.listener.set_nonblocking(true)?;
+        while !stop.load(Ordering::SeqCst) {
+            match self.listener.accept() {
+                Ok((s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    self.st.clone().admit(s);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    let mut p =
+                        libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut p, 1, 200) };
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    crate::log!(Warn, "accepting a client on {} failed: {e}", self.st.socket.display());
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        self.shutdown();
+        Ok(())
+    }
+
+    fn shutdown(&self) {
+        let st = &self.st;
+        st.stopping.store(true, Ordering::SeqCst);
+        let _ = std::fs::remove_file(&st.socket);
+        for c in st.conns.lock().unwrap().values() {
+            let _ = c.sock.shutdown(Shutdown::Both);
+        }
+        st.poller.wake();
+        let served: Vec<_> = st.streams.lock().unwrap().drain().map(|(_, s)| s).collect();
+        drop(served);
+        st.listeners.lock().unwrap().clear();
+        st.host.shutdown();
+        crate::log!(Info, "daemon on {} stopped", st.socket.display());
+    }
+}
+
+impl State {
+    /// Check a new client's credentials and serve it on its own thread.
+    fn admit(self: Arc<Self>, s: UnixStream) {
+        let cred = match peer_cred(&s) {
+            Ok(c) => c,
+            Err(e) => {
+                crate::log!(Warn, "cannot read a client's credentials: {e}");
+                return;
+            }
+        };
+        let d = &self.cfg.daemon;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let allowed = cred.uid == 0
+            || cred.uid == me
+            || d.allowed_uids.contains(&cred.uid)
+            || d.allowed_gids.contains(&cred.gid);
+        if !allowed {
+            self.clients_refused.fetch_add(1, Ordering::Relaxed);
+            let why = format!(
+                "uid {} (gid {}, pid {}) may not use the NetChannel daemon at {}: it serves root, uid {me}, \
+                 allowed_uids {:?} and allowed_gids {:?} (the [daemon] table of its config)",
+                cred.uid,
+                cred.gid,
+                cred.pid,
+                self.socket.display(),
+                d.allowed_uids,
+                d.allowed_gids
+            );
+            crate::log!(Warn, "refused a client: {why}");
+            let e = io::Error::new(ErrorKind::PermissionDenied, why);
+            let _ = send_msg(s.as_raw_fd(), &Response::error(&e), &[]);
+            return;
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let sock = match s.try_clone() {
+            Ok(c) => c,
+            Err(_) => return,
+        };
+        self.conns.lock().unwrap().insert(id, Conn { pid: cred.pid, uid: cred.uid, sock });
+        let st = self.clone();
+        let r = std::thread::Builder::new().name("nc-client".into()).spawn(move || st.serve(s, id, cred.pid));
+        if r.is_err() {
+            self.conns.lock().unwrap().remove(&id);
+        }
+    }
+
+    fn serve(self: Arc<Self>, s: UnixStream, conn: u64, pid: i32) {
+        loop {
+            let (body, _fds) = match recv_msg(s.as_raw_fd(), MAX_REQUEST) {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) => {
+                    if !self.stopping.load(Ordering::SeqCst) && e.kind() != ErrorKind::ConnectionReset {
+                        self.clients_disconnected.fetch_add(1, Ordering::Relaxed);
+                        crate::log!(Warn, "client pid {pid} sent a bad control message, disconnected: {e}");
+                    }
+                    break;
+                }
+            };
+            let req: Request = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.clients_disconnected.fetch_add(1, Ordering::Relaxed);
+                    crate::log!(Warn, "client pid {pid} sent an invalid request, disconnected: {e}");
+                    let e = io::Error::new(ErrorKind::InvalidData, format!("invalid request: {e}"));
+                    let _ = send_msg(s.as_raw_fd(), &Response::error(&e), &[]);
+                    break;
+                }
+            };
+            let (resp, served) = match self.handle(req, conn, pid, &s) {
+                Ok(r) => r,
+                Err(e) => (Response::error(&e), None),
+            };
+            let fds: Vec<RawFd> = match &served {
+                Some(sv) => vec![
+                    sv.vs.region().expect("daemon vsockets are shared").fd().as_raw_fd(),
+                    sv.kick.as_raw_fd(),
+                ],
+                None => Vec::new(),
+            };
+            if send_msg(s.as_raw_fd(), &resp, &fds).is_err() {
+                break;
+            }
+        }
+        self.cleanup(conn);
+    }
+
+    fn handle(
+        &self,
+        req: Request,
+        conn: u64,
+        pid: i32,
+        s: &UnixStream,
+    ) -> io::Result<(Response, Option<Arc<Served>>)> {
+        match req {
+            Request::Hello => Ok((Response::Ok, None)),
+            Request::Connect { addr, class } => {
+                let stream = self.host.connect_class(addr, class.into())?;
+                let sv = self.register(stream, conn, pid)?;
+                Ok((stream_response(&sv), Some(sv)))
+            }
+            Request::Bind { port } => {
+                let l = self.host.bind(port)?;
+                let local = l.local_addr()?;
+                let id = self.next.fetch_add(1, Ordering::Relaxed);
+                self.listeners.lock().unwrap().insert(id, Arc::new(ServedListener { l, conn }));
+                Ok((Response::Listener { listener: id, local }, None))
+            }
+            Request::Accept { listener, wait } => {
+                let unknown = || io::Error::new(ErrorKind::InvalidInput, format!("no listener {listener}"));
+                let l = self.listeners.lock().unwrap().get(&listener).cloned().ok_or_else(unknown)?;
+                loop {
+                    match l.l.accept_timeout(if wait { ACCEPT_SLICE } else { Duration::ZERO })? {
+                        Some((stream, _)) => {
+                            let sv = self.register(stream, conn, pid)?;
+                            return Ok((stream_response(&sv), Some(sv)));
+                        }
+                        None if !wait => {
+                            return Err(io::Error::new(ErrorKind::WouldBlock, "no vsocket waiting"));
+                        }
+                        None => {
+                            if hung_up(s) || self.stopping.load(Ordering::SeqCst) {
+                                return Err(io::Error::new(
+                                    ErrorKind::ConnectionAborted,
+                                    "the client went away",
+                                ));
+                            }
+                            if !self.listeners.lock().unwrap().contains_key(&listener) {
+                                return Err(io::Error::new(
+                                    ErrorKind::ConnectionAborted,
+                                    "the listener was closed",
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+            Request::CloseListener { listener } => {
+                let l = self.listeners.lock().unwrap().remove(&listener);
+                drop(l);
+                Ok((Response::Ok, None))
+            }
+            Request::SetClass { handle, class } => {
+                let sv = self.streams.lock().unwrap().get(&handle).cloned();
+                let sv = sv
+                    .ok_or_else(|| io::Error::new(ErrorKind::InvalidInput, format!("no vsocket {handle}")))?;
+                sv.stream.set_class(class.into());
+                Ok((Response::Ok, None))
+            }
+            Request::Status => Ok((Response::Status { status: self.status() }, None)),
+            Request::KillChannel { peer, class, index } => {
+                if self.host.kill_channel(peer, class.into(), index) {
+                    Ok((Response::Ok, None))
+                } else {
+                    Err(io::Error::new(
+                        ErrorKind::NotFound,
+                        format!("no {} channel {index} to {peer}", Class::from(class).name()),
+                    ))
+                }
+            }
+        }
+    }
+
+    fn register(&self, stream: VStream, conn: u64, pid: i32) -> io::Result<Arc<Served>> {
+        let vs = stream.engine_vsock().expect("the daemon's host is embedded").clone();
+        let kick = shm::eventfd()?;
+        let handle = self.next.fetch_add(1, Ordering::Relaxed);
+        let sv = Arc::new(Served { handle, stream, vs, kick, conn, pid });
+        self.streams.lock().unwrap().insert(handle, sv.clone());
+        self.poller.add(handle, sv.kick.as_raw_fd())?;
+        Ok(sv)
+    }
+
+    /// The connection `conn` ended: close everything it owned.
+    fn cleanup(&self, conn: u64) {
+        self.conns.lock().unwrap().remove(&conn);
+        let mine: Vec<Arc<Served>> = {
+            let mut m = self.streams.lock().unwrap();
+            let ids: Vec<u64> = m.values().filter(|s| s.conn == conn).map(|s| s.handle).collect();
+            ids.iter().filter_map(|h| m.remove(h)).collect()
+        };
+        for s in mine {
+            // What the app wrote before it went is still delivered.
+            let _ = s.vs.sync_app();
+            self.poller.remove(s.kick.as_raw_fd());
+        }
+        self.listeners.lock().unwrap().retain(|_, l| l.conn != conn);
+    }
+
+    /// Close a vsocket its app let go of.
+    fn close_stream(&self, handle: u64) {
+        let s = self.streams.lock().unwrap().remove(&handle);
+        if let Some(s) = s {
+            self.poller.remove(s.kick.as_raw_fd());
+        }
+    }
+
+    /// An app broke the shared-memory contract: disconnect its connection.
+    fn disconnect(&self, conn: u64, why: &str) {
+        self.clients_disconnected.fetch_add(1, Ordering::Relaxed);
+        let c = self.conns.lock().unwrap().get(&conn).map(|c| (c.pid, c.sock.try_clone()));
+        if let Some((pid, sock)) = c {
+            crate::log!(Warn, "client pid {pid} disconnected: {why}");
+            if let Ok(s) = sock {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+        self.cleanup(conn);
+    }
+
+    /// Take in one vsocket's header; whether anything moved.
+    fn sync(&self, handle: u64) -> bool {
+        let s = self.streams.lock().unwrap().get(&handle).cloned();
+        let Some(s) = s else { return false };
+        match s.vs.sync_app() {
+            Ok((closed, moved)) => {
+                if closed {
+                    self.close_stream(handle);
+                }
+                moved
+            }
+            Err(why) => {
+                self.disconnect(s.conn, &format!("vsocket {} -> {}: {why}", s.vs.local, s.vs.remote));
+                false
+            }
+        }
+    }
+
+    fn run_poller(self: Arc<Self>) {
+        let spin = Duration::from_micros(self.cfg.daemon.poll_spin_us);
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+        let mut active: Vec<u64> = Vec::new();
+        let mut last_move = Instant::now();
+        loop {
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let timeout = if !active.is_empty() && last_move.elapsed() < spin {
+                0
+            } else {
+                // Going to sleep: ask the apps to ring, then look once more so that a move
+                // made just before is not missed.
+                let mut moved = false;
+                for &h in &active {
+                    if let Some(s) = self.streams.lock().unwrap().get(&h) {
+                        s.vs.region().expect("shared").header().need_kick.store(1, Ordering::SeqCst);
+                    }
+                }
+                for h in std::mem::take(&mut active) {
+                    moved |= self.sync(h);
+                }
+                if moved {
+                    last_move = Instant::now();
+                }
+                1000
+            };
+            let n = self.poller.wait(&mut events, timeout);
+            for ev in &events[..n] {
+                let h = ev.u64;
+                if h == 0 {
+                    shm::eventfd_clear(self.poller.waker.as_raw_fd());
+                    continue;
+                }
+                if let Some(s) = self.streams.lock().unwrap().get(&h) {
+                    shm::eventfd_clear(s.kick.as_raw_fd());
+                }
+                if !active.contains(&h) {
+                    active.push(h);
+                }
+            }
+            let mut moved = false;
+            for &h in &active {
+                moved |= self.sync(h);
+            }
+            let streams = self.streams.lock().unwrap();
+            active.retain(|h| streams.contains_key(h));
+            drop(streams);
+            if moved {
+                last_move = Instant::now();
+            }
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let stats = self.host.stats();
+        let owners: HashMap<u32, i32> =
+            self.streams.lock().unwrap().values().map(|s| (s.vs.id, s.pid)).collect();
+        let vsockets: Vec<_> = self
+            .host
+            .vsock_infos()
+            .into_iter()
+            .map(|v| {
+                json!({
+                    "id": v.id,
+                    "pid": owners.get(&v.id),
+                    "local": v.local.to_string(),
+                    "remote": v.remote.to_string(),
+                    "class": v.class.name(),
+                    "bytes_sent": v.bytes_sent,
+                    "bytes_acked": v.bytes_acked,
+                    "bytes_received": v.bytes_received,
+                    "bytes_read": v.bytes_read,
+                    "state": v.state,
+                })
+            })
+            .collect();
+        let mut peers: Vec<serde_json::Value> = Vec::new();
+        let mut by_peer: HashMap<SocketAddr, (usize, usize)> = HashMap::new();
+        for c in &stats.channels {
+            let e = by_peer.entry(c.peer).or_default();
+            match c.class {
+                Class::Throughput => e.0 += 1,
+                Class::Latency => e.1 += 1,
+            }
+        }
+        let mut keys: Vec<_> = by_peer.keys().copied().collect();
+        keys.sort();
+        for k in keys {
+            let (t, l) = by_peer[&k];
+            peers.push(json!({"address": k.to_string(), "throughput_channels": t, "latency_channels": l}));
+        }
+        let channels: Vec<_> = stats
+            .channels
+            .iter()
+            .map(|c| {
+                json!({
+                    "peer": c.peer.to_string(),
+                    "class": c.class.name(),
+                    "index": c.index,
+                    "worker": c.worker,
+                    "bytes_sent": c.bytes_sent,
+                    "bytes_received": c.bytes_received,
+                    "frames_sent": c.frames_sent,
+                    "frames_received": c.frames_received,
+                    "queued_bytes": c.queued,
+                    "state": "up",
+                })
+            })
+            .collect();
+        let clients: Vec<_> = {
+            let conns = self.conns.lock().unwrap();
+            let streams = self.streams.lock().unwrap();
+            let mut v: Vec<_> = conns
+                .iter()
+                .map(|(id, c)| {
+                    json!({
+                        "connection": id,
+                        "pid": c.pid,
+                        "uid": c.uid,
+                        "vsockets": streams.values().filter(|s| s.conn == *id).count(),
+                    })
+                })
+                .collect();
+            v.sort_by_key(|c| c["connection"].as_u64());
+            v
+        };
+        let cfg = &self.cfg;
+        json!({
+            "daemon": {
+                "pid": std::process::id(),
+                "socket": self.socket.display().to_string(),
+                "listen": self.host.local_addr().to_string(),
+                "uptime_s": self.started.elapsed().as_secs_f64(),
+                "authenticated": cfg.auth_key_file.is_some(),
+            },
+            "workers": {
+                "channel_workers": cfg.channel_workers,
+                "latency_workers": if cfg.latency_channels > 0 { cfg.latency_workers } else { 0 },
+                "copy_workers": cfg.copy_workers,
+            },
+            "peers": peers,
+            "channels": channels,
+            "vsockets": vsockets,
+            "clients": clients,
+            "totals": {
+                "vsockets_opened": stats.vsockets_opened,
+                "vsockets_open": stats.vsockets,
+                "bytes_sent": stats.bytes_sent,
+                "bytes_received": stats.bytes_received,
+                "channels_refused": stats.channels_refused,
+                "clients_refused": self.clients_refused.load(Ordering::Relaxed),
+                "clients_disconnected": self.clients_disconnected.load(Ordering::Relaxed),
+            },
+        })
+    }
+}
+
+fn stream_response(sv: &Served) -> Response {
+    Response::Stream {
+        handle: sv.handle,
+        local: sv.vs.local,
+        remote: sv.vs.remote,
+        class: sv.stream.class().into(),
+    }
+}
+
+/// An epoll set of vsocket doorbells plus a waker (token 0).
+struct Poller {
+    ep: OwnedFd,
+    waker: OwnedFd,
+}
+
+impl Poller {
+    fn new() -> io::Result<Poller> {
+        // SAFETY: epoll_create1 has no memory arguments.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd owned here.
+        let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+        let p = Poller { ep, waker: shm::eventfd()? };
+        p.ctl(libc::EPOLL_CTL_ADD, p.waker.as_raw_fd(), 0)?;
+        Ok(p)
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+        // SAFETY: ev is live for the call; fds are ours.
+        if unsafe { libc::epoll_ctl(self.ep.as_raw_fd(), op, fd, &mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn add(&self, handle: u64, fd: RawFd) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, handle)
+    }
+
+    fn remove(&self, fd: RawFd) {
+        let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0);
+    }
+
+    fn wake(&self) {
+        shm::eventfd_ring(self.waker.as_raw_fd());
+    }
+
+    fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: i32) -> usize {
+        // SAFETY: events is a live buffer of the stated length.
+        let n = unsafe {
+            libc::epoll_wait(self.ep.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, timeout_ms)
+        };
+        n.max(0) as usize
+    }
+}

@@ -1,0 +1,394 @@
+//! Virtual socket layer: a vsocket's memory shared between the daemon and one application
+//! process, and the doorbells that tell each side the other moved.
+//!
+//! One sealed memfd per vsocket holds a one-page [`Header`] followed by the send ring and the
+//! receive ring (`crate::ring::Ring`, the same ring type the embedded host uses with private
+//! memory). The header carries each side's stream positions as atomics; only one side ever
+//! writes a given field:
+//!
+//! | field | written by | meaning |
+//! |---|---|---|
+//! | `tx_written` | app | the app has put every send byte below this offset in the send ring |
+//! | `rx_consumed` | app | the app has read every receive byte below this offset |
+//! | `app_flags` | app | `SHUT_WR` (half close), `CLOSED` (the app let go of the vsocket) |
+//! | `tx_acked` | engine | the peer holds every send byte below this: the ring below it is free |
+//! | `rx_in_order` | engine | every receive byte below this offset is in the receive ring |
+//! | `rx_fin`, `state` | engine | `FIN` (end of stream at `rx_fin`), `ERROR` (`error_kind`, `error_msg`) |
+//!
+//! Doorbells, each one-sided so that a busy stream costs no syscall per message:
+//! * app → engine: after moving a position the app swaps `need_kick` to 0 and writes the
+//!   vsocket's eventfd only if it was 1. The daemon's poller sets `need_kick` back to 1 only
+//!   when it has spun idle for a while and is about to sleep (and re-reads the positions after
+//!   setting it, so no update is missed).
+//! * engine → app: the engine bumps `seq` after every change and issues a futex wake only if
+//!   `app_waiters` is non-zero. A waiting app thread spins briefly, then registers in
+//!   `app_waiters`, re-checks and sleeps on `seq` (a shared futex on the mapping).
+//!
+//! The daemon validates everything the app writes (positions only move forward and within
+//! the buffers); a lie disconnects that app and harms no other. The memfd is sealed against
+//! shrinking, so an app cannot make the daemon fault on the mapping.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::time::Duration;
+
+/// `Header::magic`: "NCSHM" and a layout version.
+pub const MAGIC: u64 = 0x4e43_5348_4d00_0001;
+/// Bytes before the send ring.
+pub const HEADER_BYTES: usize = 4096;
+/// Longest error message carried in the header.
+pub const ERROR_MSG_MAX: usize = 480;
+
+/// `app_flags`: the app shut down writing (FIN after the last written byte).
+pub const SHUT_WR: u32 = 1;
+/// `app_flags`: the app closed the vsocket (dropped its last handle).
+pub const CLOSED: u32 = 2;
+/// `state`: the peer's FIN arrived; the stream ends at `rx_fin`.
+pub const FIN: u32 = 1;
+/// `state`: the vsocket failed; `error_kind` and `error_msg` say how.
+pub const ERROR: u32 = 2;
+
+/// The shared header of one vsocket (see the module docs for who writes what).
+#[repr(C)]
+pub struct Header {
+    pub magic: AtomicU64,
+    pub tx_cap: AtomicU64,
+    pub rx_cap: AtomicU64,
+    _p0: [u64; 5],
+    // App-written.
+    pub tx_written: AtomicU64,
+    pub rx_consumed: AtomicU64,
+    pub app_flags: AtomicU32,
+    _p1: [u32; 11],
+    // Engine-written.
+    pub tx_acked: AtomicU64,
+    pub rx_in_order: AtomicU64,
+    pub rx_fin: AtomicU64,
+    pub state: AtomicU32,
+    pub error_kind: AtomicU32,
+    _p2: [u64; 4],
+    // Doorbells.
+    pub seq: AtomicU32,
+    pub app_waiters: AtomicU32,
+    pub need_kick: AtomicU32,
+    _p3: [u32; 13],
+    pub error_len: AtomicU32,
+    pub error_msg: [AtomicU8; ERROR_MSG_MAX],
+}
+
+const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_BYTES);
+
+/// `io::ErrorKind` carried in `error_kind`.
+pub fn kind_code(kind: io::ErrorKind) -> u32 {
+    use io::ErrorKind::*;
+    match kind {
+        ConnectionReset => 1,
+        ConnectionAborted => 2,
+        ConnectionRefused => 3,
+        TimedOut => 4,
+        BrokenPipe => 5,
+        PermissionDenied => 6,
+        _ => 7,
+    }
+}
+
+/// The `io::ErrorKind` of an `error_kind` code.
+pub fn code_kind(code: u32) -> io::ErrorKind {
+    use io::ErrorKind::*;
+    match code {
+        1 => ConnectionReset,
+        2 => ConnectionAborted,
+        3 => ConnectionRefused,
+        4 => TimedOut,
+        5 => BrokenPipe,
+        6 => PermissionDenied,
+        _ => Other,
+    }
+}
+
+impl Header {
+    /// The error stored by the engine, if the `ERROR` state bit is set.
+    pub fn error(&self) -> Option<io::Error> {
+        if self.state.load(Ordering::Acquire) & ERROR == 0 {
+            return None;
+        }
+        let len = (self.error_len.load(Ordering::Relaxed) as usize).min(ERROR_MSG_MAX);
+        let bytes: Vec<u8> = self.error_msg[..len].iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let kind = code_kind(self.error_kind.load(Ordering::Relaxed));
+        Some(io::Error::new(kind, String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
+    /// Store an error and set the `ERROR` bit (first error wins). Engine side.
+    pub fn set_error(&self, kind: io::ErrorKind, msg: &str) {
+        if self.state.load(Ordering::Acquire) & ERROR != 0 {
+            return;
+        }
+        let mut end = msg.len().min(ERROR_MSG_MAX);
+        while !msg.is_char_boundary(end) {
+            end -= 1;
+        }
+        for (slot, b) in self.error_msg.iter().zip(&msg.as_bytes()[..end]) {
+            slot.store(*b, Ordering::Relaxed);
+        }
+        self.error_len.store(end as u32, Ordering::Relaxed);
+        self.error_kind.store(kind_code(kind), Ordering::Relaxed);
+        self.state.fetch_or(ERROR, Ordering::Release);
+    }
+
+    /// Tell the app something changed: bump `seq`, wake sleepers if any. Engine side.
+    pub fn ring_app(&self) {
+        self.seq.fetch_add(1, Ordering::SeqCst);
+        if self.app_waiters.load(Ordering::SeqCst) != 0 {
+            futex_wake(&self.seq);
+        }
+    }
+}
+
+/// A vsocket's shared memory: the sealed memfd and its mapping.
+pub struct Region {
+    fd: OwnedFd,
+    ptr: *mut u8,
+    len: usize,
+    tx_cap: usize,
+    rx_cap: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; the header is atomics and the rings follow the
+// ownership rules of the vsocket state machines (module docs of `crate::vsock`).
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
+
+fn cvt(r: libc::c_int, what: &str) -> io::Result<libc::c_int> {
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        Err(io::Error::new(e.kind(), format!("{what}: {e}")))
+    } else {
+        Ok(r)
+    }
+}
+
+impl Region {
+    /// Create a sealed memfd for a vsocket with the given ring sizes, and map it. Daemon side.
+    pub fn create(tx_cap: usize, rx_cap: usize) -> io::Result<Region> {
+        let len = HEADER_BYTES + tx_cap + rx_cap;
+        // SAFETY: the name is a NUL-terminated literal.
+        let fd = cvt(
+            unsafe {
+                libc::memfd_create(
+                    c"netchannel-vsocket".as_ptr(),
+                    libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+                )
+            },
+            "memfd_create",
+        )?;
+        // SAFETY: fd was just created and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: ftruncate and fcntl on our own fd.
+        unsafe {
+            cvt(libc::ftruncate(fd.as_raw_fd(), len as libc::off_t), "sizing the vsocket memory")?;
+            cvt(
+                libc::fcntl(
+                    fd.as_raw_fd(),
+                    libc::F_ADD_SEALS,
+                    libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+                ),
+                "sealing the vsocket memory",
+            )?;
+        }
+        let r = Region::map_fd(fd, len, tx_cap, rx_cap)?;
+        let h = r.header();
+        h.tx_cap.store(tx_cap as u64, Ordering::Relaxed);
+        h.rx_cap.store(rx_cap as u64, Ordering::Relaxed);
+        h.need_kick.store(1, Ordering::Relaxed);
+        h.magic.store(MAGIC, Ordering::Release);
+        Ok(r)
+    }
+
+    /// Map a vsocket memfd received from the daemon, checking its size and header. App side.
+    pub fn open(fd: OwnedFd) -> io::Result<Region> {
+        // SAFETY: fstat into a zeroed stat buffer.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }, "fstat of the vsocket memory")?;
+        let len = st.st_size as usize;
+        let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+        if len < HEADER_BYTES {
+            return Err(bad(format!("vsocket memory of {len} bytes is smaller than its header")));
+        }
+        let mut r = Region::map_fd(fd, len, 0, 0)?;
+        let h = r.header();
+        if h.magic.load(Ordering::Acquire) != MAGIC {
+            return Err(bad("vsocket memory has a bad magic number (daemon of another version?)".into()));
+        }
+        let (tx, rx) = (h.tx_cap.load(Ordering::Relaxed), h.rx_cap.load(Ordering::Relaxed));
+        if tx == 0 || rx == 0 || HEADER_BYTES as u64 + tx + rx != len as u64 {
+            return Err(bad(format!("vsocket memory of {len} bytes does not hold rings of {tx} + {rx}")));
+        }
+        r.tx_cap = tx as usize;
+        r.rx_cap = rx as usize;
+        Ok(r)
+    }
+
+    fn map_fd(fd: OwnedFd, len: usize, tx_cap: usize, rx_cap: usize) -> io::Result<Region> {
+        // SAFETY: a shared mapping of the whole memfd, no address hint; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(e.kind(), format!("cannot map {len} bytes of vsocket memory: {e}")));
+        }
+        Ok(Region { fd, ptr: ptr.cast(), len, tx_cap, rx_cap })
+    }
+
+    /// The shared header.
+    pub fn header(&self) -> &Header {
+        // SAFETY: the mapping is at least HEADER_BYTES long, page aligned, and Header is
+        // made of atomics only, valid for any bit pattern.
+        unsafe { &*(self.ptr as *const Header) }
+    }
+
+    /// The memfd (to hand to the app).
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    /// Start of the send ring and its capacity.
+    pub fn tx_area(&self) -> (*mut u8, usize) {
+        // SAFETY: HEADER_BYTES < len.
+        (unsafe { self.ptr.add(HEADER_BYTES) }, self.tx_cap)
+    }
+
+    /// Start of the receive ring and its capacity.
+    pub fn rx_area(&self) -> (*mut u8, usize) {
+        // SAFETY: HEADER_BYTES + tx_cap < len.
+        (unsafe { self.ptr.add(HEADER_BYTES + self.tx_cap) }, self.rx_cap)
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: mapped in map_fd with this length; no reference outlives the Region.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Sleep on a shared futex word while it holds `expected`, at most `timeout`.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts =
+        libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as _ };
+    // SAFETY: word is a valid aligned u32 in (possibly shared) memory; ts lives across the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        );
+    }
+}
+
+/// Wake every thread (of any process) sleeping on `word`.
+pub fn futex_wake(word: &AtomicU32) {
+    // SAFETY: as for futex_wait; FUTEX_WAKE reads no memory besides the word's address.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
+    }
+}
+
+/// A new non-blocking eventfd (the app → daemon doorbell of one vsocket).
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd has no memory arguments.
+    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) }, "eventfd")?;
+    // SAFETY: fresh fd, owned here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Ring an eventfd doorbell.
+pub fn eventfd_ring(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64; a full counter (EAGAIN) already means "rung".
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+/// Clear an eventfd doorbell.
+pub fn eventfd_clear(fd: RawFd) {
+    let mut v: u64 = 0;
+    // SAFETY: reads 8 bytes into a live u64; EAGAIN (not rung) is fine.
+    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn region_round_trip_through_the_fd() {
+        let a = Region::create(8192, 4096).unwrap();
+        a.header().tx_written.store(77, Ordering::Release);
+        // SAFETY: writing inside the send area of our own mapping.
+        unsafe { *a.tx_area().0 = 42 };
+        // SAFETY: dup of a valid fd.
+        let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(a.fd().as_raw_fd())) };
+        let b = Region::open(dup).unwrap();
+        assert_eq!(b.header().tx_written.load(Ordering::Acquire), 77);
+        assert_eq!(b.tx_area().1, 8192);
+        assert_eq!(b.rx_area().1, 4096);
+        // SAFETY: reading inside the send area of the second mapping.
+        assert_eq!(unsafe { *b.tx_area().0 }, 42, "both mappings see the same memory");
+        // Sealed: the app side cannot shrink the memory under the daemon.
+        // SAFETY: ftruncate on our fd; expected to fail.
+        let r = unsafe { libc::ftruncate(b.fd().as_raw_fd(), 10) };
+        assert!(r < 0, "sealed memfd must not shrink");
+    }
+
+    #[test]
+    fn error_is_carried_once() {
+        let a = Region::create(4096, 4096).unwrap();
+        let h = a.header();
+        assert!(h.error().is_none());
+        h.set_error(io::ErrorKind::ConnectionReset, "connection reset by 127.0.0.2:7000");
+        h.set_error(io::ErrorKind::TimedOut, "second");
+        let e = h.error().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(e.to_string(), "connection reset by 127.0.0.2:7000");
+    }
+
+    #[test]
+    fn a_forged_header_is_refused() {
+        let a = Region::create(4096, 4096).unwrap();
+        a.header().rx_cap.store(1 << 40, Ordering::Relaxed);
+        // SAFETY: dup of a valid fd.
+        let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(a.fd().as_raw_fd())) };
+        let e = Region::open(dup).err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn futex_wakes_a_sleeper() {
+        let a = std::sync::Arc::new(Region::create(4096, 4096).unwrap());
+        let b = a.clone();
+        let t = std::thread::spawn(move || {
+            let h = b.header();
+            let s = h.seq.load(Ordering::SeqCst);
+            h.app_waiters.fetch_add(1, Ordering::SeqCst);
+            let start = std::time::Instant::now();
+            while h.seq.load(Ordering::SeqCst) == s && start.elapsed() < Duration::from_secs(10) {
+                futex_wait(&h.seq, s, Duration::from_secs(10));
+            }
+            start.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        a.header().ring_app();
+        assert!(t.join().unwrap() < Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,201 @@
+//! The daemon's data path in one process: two daemons (`Server`) on loopback, apps as
+//! `Client`s of them. Everything between an app and its daemon goes through the Unix socket
+//! and shared memory exactly as across processes; the multi-process cases (kills, other
+//! users) are in the CLI's tests.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use common::{addr_pair, check, fill, within};
+use netchannel::daemon::{Client, Server};
+use netchannel::{Class, Config};
+
+struct Daemon {
+    socket: PathBuf,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn tmp_dir() -> PathBuf {
+    use std::sync::atomic::AtomicU32;
+    static N: AtomicU32 = AtomicU32::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "nc-daemon-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn daemon(listen: SocketAddr, tweak: &dyn Fn(&mut Config)) -> Daemon {
+    let socket = tmp_dir().join("nc.sock");
+    let mut cfg = Config { listen, ..Config::default() };
+    cfg.daemon.socket = Some(socket.clone());
+    tweak(&mut cfg);
+    let server = Server::start(cfg).expect("start daemon");
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let thread = std::thread::spawn(move || server.run(&s2).unwrap());
+    Daemon { socket, addr: listen, stop, thread: Some(thread) }
+}
+
+fn pair(tweak: &dyn Fn(&mut Config)) -> (Daemon, Daemon) {
+    let (a, b) = addr_pair();
+    (daemon(a, tweak), daemon(b, tweak))
+}
+
+fn at(d: &Daemon, port: u16) -> SocketAddr {
+    SocketAddr::new(d.addr.ip(), port)
+}
+
+/// Write `len` pattern bytes of stream `seed` in writes of `chunk`, then half close.
+fn send_pattern(s: &mut netchannel::VStream, seed: u64, len: u64, chunk: usize) {
+    let mut buf = vec![0u8; chunk];
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(chunk as u64) as usize;
+        fill(seed, off, &mut buf[..n]);
+        s.write_all(&buf[..n]).unwrap();
+        off += n as u64;
+    }
+    s.shutdown(Shutdown::Write).unwrap();
+}
+
+/// Read to EOF, checking the pattern; the byte count.
+fn recv_pattern(s: &mut netchannel::VStream, seed: u64) -> u64 {
+    let mut buf = vec![0u8; 100_000];
+    let mut off = 0;
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        if n == 0 {
+            return off;
+        }
+        assert_eq!(check(seed, off, &buf[..n]), None, "stream {seed}: corrupt byte");
+        off += n as u64;
+    }
+}
+
+#[test]
+fn verified_streams_through_two_daemons() {
+    within(60, || {
+        let (da, db) = pair(&|_| {});
+        let (ca, cb) = (Client::connect(&da.socket).unwrap(), Client::connect(&db.socket).unwrap());
+        let l = cb.bind(7000).unwrap();
+        assert_eq!(l.local_addr().unwrap().port(), 7000);
+        let server = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                let (mut s, _) = l.accept().unwrap();
+                assert!(s.is_daemon());
+                let mut seed = [0u8; 8];
+                s.read_exact(&mut seed).unwrap();
+                let seed = u64::from_be_bytes(seed);
+                let n = recv_pattern(&mut s, seed);
+                s.write_all(&n.to_be_bytes()).unwrap();
+                got.push(n);
+            }
+            got
+        });
+        let mut clients = Vec::new();
+        for seed in 1..=3u64 {
+            let ca = ca.clone();
+            let target = at(&db, 7000);
+            clients.push(std::thread::spawn(move || {
+                let mut s = ca.connect_stream(target).unwrap();
+                s.write_all(&seed.to_be_bytes()).unwrap();
+                let len = seed * 7 * 1_000_003;
+                send_pattern(&mut s, seed, len, 65_537 * seed as usize);
+                let mut n = [0u8; 8];
+                s.read_exact(&mut n).unwrap();
+                assert_eq!(u64::from_be_bytes(n), len);
+                let mut rest = Vec::new();
+                assert_eq!(s.read_to_end(&mut rest).unwrap(), 0, "EOF after the count");
+                len
+            }));
+        }
+        let sent: u64 = clients.into_iter().map(|c| c.join().unwrap()).sum();
+        let got: u64 = server.join().unwrap().into_iter().sum();
+        assert_eq!(sent, got);
+        let st = ca.status().unwrap();
+        assert!(st["totals"]["bytes_sent"].as_u64().unwrap() >= sent, "{st}");
+        assert!(st["totals"]["vsockets_opened"].as_u64().unwrap() >= 3, "{st}");
+        assert!(!st["peers"].as_array().unwrap().is_empty(), "{st}");
+        let stb = cb.status().unwrap();
+        assert!(stb["totals"]["bytes_received"].as_u64().unwrap() >= sent, "{stb}");
+    });
+}
+
+#[test]
+fn errors_are_typed_through_the_daemon() {
+    within(30, || {
+        let (da, db) = pair(&|_| {});
+        let ca = Client::connect(&da.socket).unwrap();
+        let e = ca.connect_stream(at(&db, 7001)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
+        assert!(e.to_string().contains("7001"), "{e}");
+        let cb = Client::connect(&db.socket).unwrap();
+        let _l = cb.bind(7002).unwrap();
+        let e = cb.bind(7002).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AddrInUse, "{e}");
+        let l = cb.bind(7003).unwrap();
+        l.set_nonblocking(true).unwrap();
+        assert_eq!(l.accept().unwrap_err().kind(), ErrorKind::WouldBlock);
+    });
+}
+
+#[test]
+fn reset_and_timeouts_and_nonblocking() {
+    within(30, || {
+        let (da, db) = pair(&|_| {});
+        let (ca, cb) = (Client::connect(&da.socket).unwrap(), Client::connect(&db.socket).unwrap());
+        let l = cb.bind(7010).unwrap();
+        let s = ca.connect_class(at(&db, 7010), Class::Latency).unwrap();
+        assert_eq!(s.class(), Class::Latency);
+        let (peer, _) = l.accept().unwrap();
+        s.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!((&s).read(&mut buf).unwrap_err().kind(), ErrorKind::WouldBlock);
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        assert_eq!((&s).read(&mut buf).unwrap_err().kind(), ErrorKind::WouldBlock);
+        // Closing with unread data resets the connection, as TCP does.
+        (&peer).write_all(b"left unread").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        drop(s);
+        let mut b = [0u8; 8];
+        let mut errs = 0;
+        for _ in 0..50 {
+            match (&peer).write_all(&[0u8; 4096]) {
+                Err(e) => {
+                    assert!(
+                        matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted),
+                        "{e}"
+                    );
+                    errs += 1;
+                    break;
+                }
+                Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        assert_eq!(errs, 1, "the peer sees the reset");
+        let _ = (&peer).read(&mut b);
+    });
+}
