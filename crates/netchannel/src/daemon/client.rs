@@ -205,11 +205,15 @@ fn open(path: &Path) -> io::Result<UnixStream> {
 }
 
 fn exchange(conn: &UnixStream, req: &Request, path: &Path) -> io::Result<(Response, Vec<OwnedFd>)> {
-    send_msg(conn.as_raw_fd(), req, &[]).map_err(|_| gone(path))?;
+    // A refused client finds the daemon's reason waiting even if its own send failed.
+    let sent = send_msg(conn.as_raw_fd(), req, &[]);
     let (body, fds) = match recv_msg(conn.as_raw_fd(), MAX_MESSAGE) {
         Ok(Some(m)) => m,
         _ => return Err(gone(path)),
     };
+    if sent.is_err() && !body.starts_with(b"{\"r\":\"error\"") {
+        return Err(gone(path));
+    }
     let resp = serde_json::from_slice(&body).map_err(|e| {
         io::Error::new(
             ErrorKind::InvalidData,
