@@ -21,9 +21,36 @@ fn rusage_seconds(who: libc::c_int) -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// User + system CPU seconds consumed so far by every thread of this process.
+/// Child processes (benchmark daemons) whose CPU counts as this process's while registered.
+static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Count `pid`'s CPU in [`process_seconds`] from now on.
+pub fn add_child(pid: u32) {
+    CHILDREN.lock().unwrap().push(pid);
+}
+
+/// Stop counting `pid`'s CPU.
+pub fn remove_child(pid: u32) {
+    CHILDREN.lock().unwrap().retain(|&p| p != pid);
+}
+
+/// User + system CPU seconds of a live process, from `/proc/PID/stat`; 0 if unreadable.
+fn proc_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no memory arguments.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// User + system CPU seconds consumed so far by every thread of this process, plus those of
+/// the registered child processes ([`add_child`]: the daemons of `--backend daemon`).
 pub fn process_seconds() -> f64 {
-    rusage_seconds(libc::RUSAGE_SELF)
+    let children: f64 = CHILDREN.lock().unwrap().iter().map(|&p| proc_seconds(p)).sum();
+    rusage_seconds(libc::RUSAGE_SELF) + children
 }
 
 /// User + system CPU seconds consumed so far by the calling thread.
@@ -56,5 +83,13 @@ mod tests {
         assert!(t1 > t0, "thread CPU {t0} -> {t1}");
         assert!(p1 > p0, "process CPU {p0} -> {p1}");
         assert!(p1 >= t1 - 1e-3);
+    }
+
+    #[test]
+    fn proc_stat_of_this_process_counts() {
+        burn();
+        let own = proc_seconds(std::process::id());
+        assert!(own > 0.0 && own <= process_seconds() + 0.05, "{own}");
+        assert_eq!(proc_seconds(u32::MAX), 0.0);
     }
 }

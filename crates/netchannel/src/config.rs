@@ -460,6 +460,52 @@ impl Config {
         Ok(Some(key))
     }
 
+    /// The configuration as a TOML document that [`Config::from_toml_str`] reads back to
+    /// an equal value (e.g. to hand a benchmark's knobs to a daemon process).
+    pub fn to_toml(&self) -> String {
+        use std::fmt::Write;
+        let mut t = String::new();
+        let q = |p: &Path| format!("{:?}", p.display().to_string());
+        let _ = writeln!(t, "listen = \"{}\"", self.listen);
+        if let Some(p) = self.peer_port {
+            let _ = writeln!(t, "peer_port = {p}");
+        }
+        let _ = writeln!(t, "throughput_channels = {}", self.throughput_channels);
+        let _ = writeln!(t, "latency_channels = {}", self.latency_channels);
+        let _ = writeln!(t, "channel_workers = {}", self.channel_workers);
+        let _ = writeln!(t, "latency_workers = {}", self.latency_workers);
+        let _ = writeln!(t, "latency_ports = {:?}", self.latency_ports);
+        let _ = writeln!(t, "latency_nice = {}", self.latency_nice);
+        let _ = writeln!(t, "latency_fifo_priority = {}", self.latency_fifo_priority);
+        let _ = writeln!(t, "busy_poll_us = {}", self.busy_poll_us);
+        if let Some(f) = &self.auth_key_file {
+            let _ = writeln!(t, "auth_key_file = {}", q(f));
+        }
+        let _ = writeln!(t, "copy_workers = {}", self.copy_workers);
+        let _ = writeln!(t, "copy_threshold = {}", self.copy_threshold);
+        let _ = writeln!(t, "segment_size = {}", self.segment_size);
+        let _ = writeln!(t, "send_buffer = {}", self.send_buffer);
+        let _ = writeln!(t, "recv_buffer = {}", self.recv_buffer);
+        let _ = writeln!(t, "channel_queue = {}", self.channel_queue);
+        let _ = writeln!(t, "policy = \"{}\"", self.policy.name());
+        let _ = writeln!(t, "connect_timeout_ms = {}", self.connect_timeout.as_millis());
+        let _ = writeln!(t, "accept_backlog = {}", self.accept_backlog);
+        let dep = match self.deployment {
+            Deployment::Embedded => "embedded",
+            Deployment::Daemon => "daemon",
+        };
+        let _ = writeln!(t, "deployment = \"{dep}\"");
+        let _ = writeln!(t, "\n[daemon]");
+        if let Some(s) = &self.daemon.socket {
+            let _ = writeln!(t, "socket = {}", q(s));
+        }
+        let _ = writeln!(t, "allowed_uids = {:?}", self.daemon.allowed_uids);
+        let _ = writeln!(t, "allowed_gids = {:?}", self.daemon.allowed_gids);
+        let _ = writeln!(t, "poll_spin_us = {}", self.daemon.poll_spin_us);
+        let _ = writeln!(t, "app_spin_us = {}", self.daemon.app_spin_us);
+        t
+    }
+
     /// The TCP port dialed on peers.
     pub fn peer_port(&self) -> u16 {
         self.peer_port.unwrap_or(self.listen.port())
@@ -597,6 +643,20 @@ mod tests {
             assert_eq!(e.key, key, "{doc}: {e}");
             assert!(e.to_string().contains(key));
         }
+    }
+
+    #[test]
+    fn to_toml_reads_back_equal() {
+        let mut c = Config::default();
+        c.peer_port = Some(9100);
+        c.latency_ports = vec![6379];
+        c.auth_key_file = Some("/etc/netchannel/key".into());
+        c.policy = Policy::Hash;
+        c.deployment = Deployment::Daemon;
+        c.daemon.socket = Some("/tmp/a b.sock".into());
+        c.daemon.allowed_gids = vec![27];
+        assert_eq!(Config::from_toml_str(&c.to_toml()).unwrap(), c);
+        assert_eq!(Config::from_toml_str(&Config::default().to_toml()).unwrap(), Config::default());
     }
 
     #[test]

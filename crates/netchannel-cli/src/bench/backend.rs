@@ -22,8 +22,10 @@ use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 
 use std::sync::Arc;
 
+use netchannel::daemon::Client;
 use netchannel::{Class, Config, Host, VListener, VStream};
 
+use super::daemons::Daemon;
 use super::mptcp::{self, MptcpStream, Subflows};
 use super::netns::{self, Ns, Topology};
 use super::{CommonOpts, Role, Stack};
@@ -123,6 +125,8 @@ impl Listener {
 #[derive(Clone)]
 pub struct Connector {
     host: Option<Host>,
+    /// `--backend daemon`: the client host's daemon.
+    daemon: Option<Client>,
     target: SocketAddr,
     mptcp: bool,
     /// `--netns`: the client's namespace, entered by the connecting thread.
@@ -142,6 +146,9 @@ impl Connector {
             ns.enter()?;
         }
         let what = || format!("cannot connect to {}", self.target);
+        if let Some(d) = &self.daemon {
+            return Ok(Box::new(d.connect_stream(self.target).context(what)?));
+        }
         match &self.host {
             Some(host) => Ok(Box::new(host.connect(self.target).context(what)?)),
             None if self.mptcp => {
@@ -168,6 +175,12 @@ impl Connector {
         if let Some(ns) = &self.ns {
             ns.enter()?;
         }
+        if let Some(d) = &self.daemon {
+            return Ok(Box::new(
+                d.connect_class(self.target, class)
+                    .context(|| format!("cannot connect to {}", self.target))?,
+            ));
+        }
         match &self.host {
             Some(host) => Ok(Box::new(
                 host.connect_class(self.target, class)
@@ -191,6 +204,11 @@ pub struct Net {
     target: Option<SocketAddr>,
     /// MPTCP with `--role both`: the subflows each connection is set up to have.
     subflows: Option<usize>,
+    /// `--backend daemon`: the daemons' clients (server side, client side) and, with
+    /// `--role both`, the daemon processes this run started.
+    server_daemon: Option<Client>,
+    client_daemon: Option<Client>,
+    daemons: Vec<Daemon>,
     /// `--netns`, or MPTCP's private loopback namespace; removed on drop, so it comes last.
     topology: Option<Topology>,
 }
@@ -210,6 +228,9 @@ impl Net {
             client_host: None,
             target: None,
             subflows: None,
+            server_daemon: None,
+            client_daemon: None,
+            daemons: Vec::new(),
             topology: None,
         };
         if opts.netns && opts.role != Role::Both {
@@ -246,6 +267,33 @@ impl Net {
                 net.subflows = Some(1);
             }
             (Role::Both, Stack::Tcp) => net.server_ip = IpAddr::V4(LOOPBACK_SERVER),
+            (Role::Both, Stack::Daemon) => {
+                let port = free_port_pair().context(|| "cannot find a free loopback port".to_string())?;
+                let a = Daemon::start(config, SocketAddr::new(IpAddr::V4(LOOPBACK_CLIENT), port), None)?;
+                let b = Daemon::start(config, SocketAddr::new(IpAddr::V4(LOOPBACK_SERVER), port), None)?;
+                net.server_ip = IpAddr::V4(LOOPBACK_SERVER);
+                net.target = Some(SocketAddr::new(net.server_ip, opts.port));
+                net.client_daemon = Some(a.client.clone());
+                net.server_daemon = Some(b.client.clone());
+                net.daemons = vec![a, b];
+            }
+            (Role::Server | Role::Client, Stack::Daemon) => {
+                // The host's own daemon (`[daemon] socket` of --config, or NETCHANNEL_SOCKET).
+                let c = Client::from_config(config).map_err(|e| {
+                    Error::from(format!("--backend daemon needs a running daemon: {}", describe(&e)))
+                })?;
+                if opts.role == Role::Server {
+                    net.server_daemon = Some(c);
+                } else {
+                    let s = opts
+                        .connect
+                        .as_deref()
+                        .ok_or("--role client needs --connect ADDR (the server's --listen)")?;
+                    let (ip, _) = parse_host_addr("--connect", s)?;
+                    net.target = Some(SocketAddr::new(ip, opts.port));
+                    net.client_daemon = Some(c);
+                }
+            }
             (Role::Both, Stack::Netchannel) => {
                 let (a, b) = loopback_pair(config)?;
                 net.server_ip = IpAddr::V4(LOOPBACK_SERVER);
@@ -296,6 +344,26 @@ impl Net {
         self.server_ip = topo.server_ip();
         match self.stack {
             Stack::Tcp => {}
+            Stack::Daemon => {
+                let port = match config.listen.port() {
+                    0 => Config::default().listen.port(),
+                    p => p,
+                };
+                let a = Daemon::start(
+                    config,
+                    SocketAddr::new(topo.client_ip(), port),
+                    Some(topo.client_ns().name()),
+                )?;
+                let b = Daemon::start(
+                    config,
+                    SocketAddr::new(topo.server_ip(), port),
+                    Some(topo.server_ns().name()),
+                )?;
+                self.target = Some(SocketAddr::new(self.server_ip, opts.port));
+                self.client_daemon = Some(a.client.clone());
+                self.server_daemon = Some(b.client.clone());
+                self.daemons = vec![a, b];
+            }
             Stack::Mptcp => {
                 topo.client_ns().run(|| mptcp::probe(topo.client_ip()))??;
                 topo.configure_mptcp(opts.subflows - 1).map_err(|e| {
@@ -350,6 +418,17 @@ impl Net {
         if !self.role.has_server() {
             return Err("internal: listen() on a client-only run".into());
         }
+        if let Some(d) = &self.server_daemon {
+            let l = d.bind(self.port).context(|| {
+                format!(
+                    "cannot listen on vsocket port {} through the daemon at {}",
+                    self.port,
+                    d.path().display()
+                )
+            })?;
+            let addr = l.local_addr().context(|| "cannot read the listener's address".to_string())?;
+            return Ok(Listener::Vsock(l, addr));
+        }
         match &self.server_host {
             Some(host) => {
                 let l = host.bind(self.port).context(|| {
@@ -388,6 +467,7 @@ impl Net {
         let target = self.target.ok_or("internal: connector() before the target is known")?;
         Ok(Connector {
             host: self.client_host.clone(),
+            daemon: self.client_daemon.clone(),
             target,
             mptcp: self.stack == Stack::Mptcp,
             ns: self.topology.as_ref().map(|t| t.client_ns().clone()),
@@ -400,6 +480,14 @@ impl Net {
     /// counted; if the engine names peers differently and none match, every throughput channel is.
     /// Empty for MPTCP too (its per-subflow counts come from the connection, [`Conn::subflows`]).
     pub fn client_to_server_channel_bytes(&self, peer_ip: Option<IpAddr>) -> Vec<u64> {
+        if self.stack == Stack::Daemon {
+            let (daemon, sent, ip) = match (&self.client_daemon, &self.server_daemon) {
+                (Some(c), _) => (c, true, self.target.map(|t| t.ip())),
+                (None, Some(s)) => (s, false, peer_ip),
+                _ => return Vec::new(),
+            };
+            return daemon_throughput_counts(daemon, ip, sent);
+        }
         if self.stack != Stack::Netchannel {
             return Vec::new();
         }
@@ -417,6 +505,7 @@ impl Net {
         for host in [self.client_host, self.server_host].into_iter().flatten() {
             host.shutdown();
         }
+        drop(self.daemons);
         drop(self.topology);
     }
 }
@@ -431,6 +520,33 @@ fn throughput_counts(host: &Host, peer_ip: Option<IpAddr>, sent: bool) -> Vec<u6
     }
     chans.sort_by_key(|c| c.index);
     chans.iter().map(|c| if sent { c.bytes_sent } else { c.bytes_received }).collect()
+}
+
+/// [`throughput_counts`] from a daemon's status.
+fn daemon_throughput_counts(daemon: &Client, peer_ip: Option<IpAddr>, sent: bool) -> Vec<u64> {
+    let Ok(st) = daemon.status() else { return Vec::new() };
+    let mut chans: Vec<(String, u64, u64)> = st["channels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["class"] == "throughput")
+        .map(|c| {
+            let key = if sent { "bytes_sent" } else { "bytes_received" };
+            (
+                c["peer"].as_str().unwrap_or("").to_string(),
+                c["index"].as_u64().unwrap_or(0),
+                c[key].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    if let Some(ip) = peer_ip {
+        let of_ip = |p: &str| p.parse::<SocketAddr>().is_ok_and(|a| a.ip() == ip);
+        if chans.iter().any(|c| of_ip(&c.0)) {
+            chans.retain(|c| of_ip(&c.0));
+        }
+    }
+    chans.sort_by_key(|c| c.1);
+    chans.iter().map(|c| c.2).collect()
 }
 
 fn start_host(config: Config) -> Result<Host> {

@@ -17,6 +17,7 @@
 
 pub mod backend;
 pub mod connect;
+pub mod daemons;
 pub mod isolation;
 pub mod mptcp;
 pub mod netns;
@@ -89,6 +90,11 @@ pub enum Backend {
     Mptcp,
     /// Linux TCP, then MPTCP, then NetChannel, in the same invocation; reports all three.
     All,
+    /// NetChannel through two `netchannel up` daemons (child processes): the apps reach
+    /// them over Unix sockets and shared memory, as unmodified programs do.
+    Daemon,
+    /// Linux TCP, then NetChannel embedded, then NetChannel through daemons, in one invocation.
+    Deployments,
 }
 
 impl Backend {
@@ -100,6 +106,8 @@ impl Backend {
             Backend::Both => vec![Stack::Tcp, Stack::Netchannel],
             Backend::Mptcp => vec![Stack::Mptcp],
             Backend::All => vec![Stack::Tcp, Stack::Mptcp, Stack::Netchannel],
+            Backend::Daemon => vec![Stack::Daemon],
+            Backend::Deployments => vec![Stack::Tcp, Stack::Netchannel, Stack::Daemon],
         }
     }
 
@@ -111,6 +119,8 @@ impl Backend {
             Backend::Both => "both",
             Backend::Mptcp => "mptcp",
             Backend::All => "all",
+            Backend::Daemon => "daemon",
+            Backend::Deployments => "deployments",
         }
     }
 }
@@ -125,6 +135,8 @@ pub enum Stack {
     Tcp,
     /// Linux kernel MPTCP.
     Mptcp,
+    /// NetChannel vsockets served by per-host daemons.
+    Daemon,
 }
 
 impl Stack {
@@ -134,6 +146,7 @@ impl Stack {
             Stack::Netchannel => "netchannel",
             Stack::Tcp => "tcp",
             Stack::Mptcp => "mptcp",
+            Stack::Daemon => "daemon",
         }
     }
 }
@@ -304,7 +317,7 @@ impl Knobs {
     pub fn of(stack: Stack, config: &Config) -> Knobs {
         match stack {
             Stack::Tcp | Stack::Mptcp => Knobs::default(),
-            Stack::Netchannel => Knobs {
+            Stack::Netchannel | Stack::Daemon => Knobs {
                 channels: Some(config.throughput_channels),
                 channel_workers: Some(config.channel_workers),
                 copy_workers: Some(config.copy_workers),
@@ -349,7 +362,13 @@ pub fn emit<R: Report>(mode: &str, json: bool, runs: &[R]) -> Result<()> {
             [one] => to_json(one)?,
             _ => to_json(&Runs {
                 mode,
-                backend: if runs.iter().any(|r| r.stack() == Stack::Mptcp) { "all" } else { "both" },
+                backend: if runs.iter().any(|r| r.stack() == Stack::Mptcp) {
+                    "all"
+                } else if runs.iter().any(|r| r.stack() == Stack::Daemon) {
+                    "deployments"
+                } else {
+                    "both"
+                },
                 runs,
                 ratio: ratio(runs),
                 ratio_mptcp: ratio_to(runs, Stack::Mptcp),
@@ -363,6 +382,12 @@ pub fn emit<R: Report>(mode: &str, json: bool, runs: &[R]) -> Result<()> {
         }
         if let Some(r) = ratio_to(runs, Stack::Mptcp) {
             let _ = write!(text, "\nnetchannel / mptcp: {r:.2}x ({})", runs[0].headline().1);
+        }
+        let of = |s: Stack| runs.iter().find(|r| r.stack() == s).map(|r| r.headline().0);
+        if let (Some(d), Some(e)) = (of(Stack::Daemon), of(Stack::Netchannel)) {
+            if e > 0.0 {
+                let _ = write!(text, "\ndaemon / embedded: {:.2}x ({})", d / e, runs[0].headline().1);
+            }
         }
         text
     };

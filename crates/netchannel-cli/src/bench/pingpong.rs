@@ -127,7 +127,7 @@ fn run_one(stack: Stack, args: &PingpongArgs, config: &Config) -> Result<Pingpon
         mode: "pingpong",
         backend: stack,
         role: common.role,
-        class: (stack == Stack::Netchannel).then_some(args.class),
+        class: matches!(stack, Stack::Netchannel | Stack::Daemon).then_some(args.class),
         size,
         samples,
         round_trips_per_sec: run.per_sec(samples as f64),
