@@ -42,6 +42,7 @@ pub mod vsock;
 pub mod wire;
 
 pub use config::{Config, ConfigError, Policy};
-pub use engine::{ChannelStats, Host, HostStats};
+pub use engine::{ChannelStats, ClassQueue, Host, HostStats, LaneDepths};
+pub use proto::sched::Depth;
 pub use vsock::{VListener, VStream};
 pub use wire::Class;
