@@ -488,7 +488,7 @@ impl VSock {
         while self.rx_events.load(Ordering::Acquire) == seen {
             std::hint::spin_loop();
             n = n.wrapping_add(1);
-            if n % 64 == 0 && start.elapsed() >= spin {
+            if n.is_multiple_of(64) && start.elapsed() >= spin {
                 return;
             }
         }
