@@ -129,6 +129,9 @@ pub struct Config {
     /// `busy_poll_us`: how long a latency worker polls its channels without sleeping before it
     /// blocks; 0 = never spin (right for machines with few cores). Default 0 µs.
     pub busy_poll_us: u64,
+    /// `latency_spin_us`: how long an app thread reading a latency-class vsocket polls for
+    /// data before it sleeps, sparing the wake-up when the answer comes soon. Default 0 µs.
+    pub latency_spin_us: u64,
     /// `auth_key_file`: file holding the pre-shared key that authenticates channels (both
     /// hosts need the same key; at least 16 bytes; one trailing newline is ignored). Default
     /// none: channels are not authenticated.
@@ -145,6 +148,15 @@ pub struct Config {
     pub recv_buffer: usize,
     /// `channel_queue`: unsent bytes the NetDriver queues on one channel before choosing another. Default 512 KiB.
     pub channel_queue: usize,
+    /// `bulk_sndbuf`: `SO_SNDBUF` of throughput-class channels, bytes: caps the bulk the kernel
+    /// holds unsent in each bulk channel (the kernel doubles the value for its bookkeeping);
+    /// 0 = the kernel's default and autotuning. Default 0.
+    pub bulk_sndbuf: usize,
+    /// `write_batch`: most bytes one channel write (`writev`) gathers; a frame queued behind
+    /// a batch in progress waits for at most this much. Default 256 KiB.
+    pub write_batch: usize,
+    /// `write_batch_frames`: most frames one channel write gathers. Default 256.
+    pub write_batch_frames: usize,
     /// `policy`: `"round-robin"` or `"hash"`. Default round-robin.
     pub policy: Policy,
     /// `connect_timeout_ms`: how long a vsocket connect (including channel setup) may take. Default 3000 ms.
@@ -172,12 +184,16 @@ impl Default for Config {
             latency_nice: -10,
             latency_fifo_priority: 0,
             busy_poll_us: 0,
+            latency_spin_us: 0,
             copy_workers: 1,
             copy_threshold: 256 << 10,
             segment_size: 64 << 10,
             send_buffer: 4 << 20,
             recv_buffer: 4 << 20,
             channel_queue: 512 << 10,
+            bulk_sndbuf: 0,
+            write_batch: 256 << 10,
+            write_batch_frames: 256,
             policy: Policy::RoundRobin,
             connect_timeout: Duration::from_millis(3000),
             accept_backlog: 1024,
@@ -262,12 +278,16 @@ struct RawConfig {
     latency_nice: Option<i64>,
     latency_fifo_priority: Option<i64>,
     busy_poll_us: Option<i64>,
+    latency_spin_us: Option<i64>,
     copy_workers: Option<i64>,
     copy_threshold: Option<SizeValue>,
     segment_size: Option<SizeValue>,
     send_buffer: Option<SizeValue>,
     recv_buffer: Option<SizeValue>,
     channel_queue: Option<SizeValue>,
+    bulk_sndbuf: Option<SizeValue>,
+    write_batch: Option<SizeValue>,
+    write_batch_frames: Option<i64>,
     policy: Option<String>,
     connect_timeout_ms: Option<i64>,
     accept_backlog: Option<i64>,
@@ -364,6 +384,10 @@ impl Config {
         if let Some(v) = raw.busy_poll_us {
             c.busy_poll_us = u64::try_from(v).map_err(|_| err("busy_poll_us", format!("{v} is negative")))?;
         }
+        if let Some(v) = raw.latency_spin_us {
+            c.latency_spin_us =
+                u64::try_from(v).map_err(|_| err("latency_spin_us", format!("{v} is negative")))?;
+        }
         if let Some(v) = raw.copy_workers {
             c.copy_workers = count("copy_workers", v)?;
         }
@@ -381,6 +405,15 @@ impl Config {
         }
         if let Some(v) = raw.channel_queue {
             c.channel_queue = size("channel_queue", v)?;
+        }
+        if let Some(v) = raw.bulk_sndbuf {
+            c.bulk_sndbuf = size("bulk_sndbuf", v)?;
+        }
+        if let Some(v) = raw.write_batch {
+            c.write_batch = size("write_batch", v)?;
+        }
+        if let Some(v) = raw.write_batch_frames {
+            c.write_batch_frames = count("write_batch_frames", v)?;
         }
         if let Some(p) = raw.policy {
             c.policy = p.parse().map_err(|m| err("policy", m))?;
@@ -487,6 +520,10 @@ impl Config {
         let _ = writeln!(t, "send_buffer = {}", self.send_buffer);
         let _ = writeln!(t, "recv_buffer = {}", self.recv_buffer);
         let _ = writeln!(t, "channel_queue = {}", self.channel_queue);
+        let _ = writeln!(t, "bulk_sndbuf = {}", self.bulk_sndbuf);
+        let _ = writeln!(t, "write_batch = {}", self.write_batch);
+        let _ = writeln!(t, "write_batch_frames = {}", self.write_batch_frames);
+        let _ = writeln!(t, "latency_spin_us = {}", self.latency_spin_us);
         let _ = writeln!(t, "policy = \"{}\"", self.policy.name());
         let _ = writeln!(t, "connect_timeout_ms = {}", self.connect_timeout.as_millis());
         let _ = writeln!(t, "accept_backlog = {}", self.accept_backlog);
@@ -536,6 +573,12 @@ impl Config {
         if self.busy_poll_us > 1_000_000 {
             return Err(err("busy_poll_us", format!("{} is out of range 0..=1000000", self.busy_poll_us)));
         }
+        if self.latency_spin_us > 1_000_000 {
+            return Err(err(
+                "latency_spin_us",
+                format!("{} is out of range 0..=1000000", self.latency_spin_us),
+            ));
+        }
         range("copy_workers", self.copy_workers, 0, 1024)?;
         range("segment_size", self.segment_size, 512, crate::wire::MAX_SEGMENT)?;
         range("copy_threshold", self.copy_threshold, 4096, usize::MAX)?;
@@ -545,6 +588,12 @@ impl Config {
             .map_err(|e| err("recv_buffer", format!("{} (must be at least segment_size)", e.message)))?;
         range("channel_queue", self.channel_queue, self.segment_size, usize::MAX)
             .map_err(|e| err("channel_queue", format!("{} (must be at least segment_size)", e.message)))?;
+        if self.bulk_sndbuf != 0 {
+            range("bulk_sndbuf", self.bulk_sndbuf, 4096, 1 << 30)
+                .map_err(|e| err("bulk_sndbuf", format!("{} (or 0 for the kernel's default)", e.message)))?;
+        }
+        range("write_batch", self.write_batch, 4096, 64 << 20)?;
+        range("write_batch_frames", self.write_batch_frames, 1, 1024)?;
         range("accept_backlog", self.accept_backlog, 1, 1 << 20)?;
         if self.connect_timeout.is_zero() {
             return Err(err("connect_timeout_ms", "must be greater than 0"));
@@ -586,6 +635,10 @@ mod tests {
             send_buffer = 1048576
             recv_buffer = "2MiB"
             channel_queue = "1MiB"
+            bulk_sndbuf = "128KiB"
+            write_batch = "64KiB"
+            write_batch_frames = 32
+            latency_spin_us = 20
             policy = "hash"
             connect_timeout_ms = 500
             accept_backlog = 16
@@ -611,6 +664,8 @@ mod tests {
         assert_eq!(c.send_buffer, 1 << 20);
         assert_eq!(c.recv_buffer, 2 << 20);
         assert_eq!(c.policy, Policy::Hash);
+        assert_eq!((c.bulk_sndbuf, c.write_batch, c.write_batch_frames), (128 << 10, 64 << 10, 32));
+        assert_eq!(c.latency_spin_us, 20);
         assert_eq!(c.connect_timeout, Duration::from_millis(500));
         assert_eq!(c.deployment, Deployment::Daemon);
         assert_eq!(c.daemon.socket.as_deref(), Some(Path::new("/tmp/nc.sock")));
@@ -638,6 +693,11 @@ mod tests {
             ("deployment = \"cloud\"", "deployment"),
             ("[daemon]\nallowed_uids = [-1]", "daemon.allowed_uids"),
             ("[daemon]\npoll_spin_us = 2000000", "daemon.poll_spin_us"),
+            ("bulk_sndbuf = 100", "bulk_sndbuf"),
+            ("write_batch = 0", "write_batch"),
+            ("write_batch_frames = 0", "write_batch_frames"),
+            ("write_batch_frames = 5000", "write_batch_frames"),
+            ("latency_spin_us = 2000000", "latency_spin_us"),
         ] {
             let e = Config::from_toml_str(doc).unwrap_err();
             assert_eq!(e.key, key, "{doc}: {e}");
@@ -655,6 +715,9 @@ mod tests {
         c.deployment = Deployment::Daemon;
         c.daemon.socket = Some("/tmp/a b.sock".into());
         c.daemon.allowed_gids = vec![27];
+        c.bulk_sndbuf = 256 << 10;
+        c.write_batch_frames = 17;
+        c.latency_spin_us = 3;
         assert_eq!(Config::from_toml_str(&c.to_toml()).unwrap(), c);
         assert_eq!(Config::from_toml_str(&Config::default().to_toml()).unwrap(), Config::default());
     }

@@ -44,6 +44,7 @@ pub mod vsock;
 pub mod wire;
 
 pub use config::{Config, ConfigError, DaemonConfig, Deployment, Policy};
-pub use engine::{ChannelStats, Host, HostStats};
+pub use engine::{ChannelStats, ClassQueue, Host, HostStats, LaneDepths};
+pub use proto::sched::Depth;
 pub use vsock::{VListener, VStream};
 pub use wire::Class;

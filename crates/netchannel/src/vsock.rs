@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -68,6 +68,9 @@ pub(crate) struct VSock {
     tx_cv: Condvar,
     rx: Mutex<RxSide>,
     rx_cv: Condvar,
+    /// Bumped whenever a reader may have something new to see (data in order, FIN, error):
+    /// what a latency-class reader spins on before it sleeps.
+    rx_events: AtomicU64,
     tx_ring: Ring,
     rx_ring: Ring,
     write_lock: Mutex<()>,
@@ -153,6 +156,7 @@ impl VSock {
                 waiting: false,
             }),
             rx_cv: Condvar::new(),
+            rx_events: AtomicU64::new(0),
             tx_ring,
             rx_ring,
             write_lock: Mutex::new(()),
@@ -413,6 +417,7 @@ impl VSock {
         }
         let after = rx.st.in_order();
         if after > before {
+            self.rx_events.fetch_add(1, Ordering::Release);
             if let Some(h) = self.host() {
                 h.totals.bytes_received.fetch_add(after - before, Ordering::Relaxed);
             }
@@ -486,6 +491,7 @@ impl VSock {
             self.protocol_error(e);
             return;
         }
+        self.rx_events.fetch_add(1, Ordering::Release);
         self.rx_cv.notify_all();
         if let Some(shm) = &self.shm {
             shm.header().rx_fin.store(offset, Ordering::Relaxed);
@@ -541,6 +547,7 @@ impl VSock {
                 rx.error = Some((kind, msg));
             }
         }
+        self.rx_events.fetch_add(1, Ordering::Release);
         self.tx_cv.notify_all();
         self.rx_cv.notify_all();
     }
@@ -629,12 +636,32 @@ impl VSock {
         }
     }
 
+    /// How long a latency-class reader spins before it sleeps (`latency_spin_us`).
+    fn read_spin(&self) -> Duration {
+        self.host().map_or(Duration::ZERO, |h| Duration::from_micros(h.cfg.latency_spin_us))
+    }
+
+    /// Spin until `rx_events` moves past `seen` or `latency_spin_us` has passed.
+    fn spin_until_event(&self, seen: u64) {
+        let spin = self.read_spin();
+        let start = Instant::now();
+        let mut n = 0u32;
+        while self.rx_events.load(Ordering::Acquire) == seen {
+            std::hint::spin_loop();
+            n = n.wrapping_add(1);
+            if n.is_multiple_of(64) && start.elapsed() >= spin {
+                return;
+            }
+        }
+    }
+
     fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
         }
         let _one_reader = self.read_lock.lock().unwrap();
         let deadline = self.timeouts.lock().unwrap().0.map(|t| Instant::now() + t);
+        let mut spin_left = self.class() == Class::Latency && !self.read_spin().is_zero();
         let mut rx = self.rx.lock().unwrap();
         let avail = loop {
             // A stream that arrived whole stays readable even if the peer vanished afterwards.
@@ -653,6 +680,16 @@ impl VSock {
             }
             if self.nonblocking.load(Ordering::Relaxed) {
                 return Err(err(ErrorKind::WouldBlock, "no data available"));
+            }
+            if spin_left {
+                // A latency-class reader polls briefly before it sleeps: the answer to a
+                // request usually comes within a few tens of µs, and a wake-up costs more.
+                spin_left = false;
+                let seen = self.rx_events.load(Ordering::Acquire);
+                drop(rx);
+                self.spin_until_event(seen);
+                rx = self.rx.lock().unwrap();
+                continue;
             }
             rx.waiting = true;
             rx = Self::wait(&self.rx_cv, rx, deadline)?;
@@ -939,6 +976,7 @@ impl VStream {
         }
         if matches!(how, Shutdown::Read | Shutdown::Both) {
             vs.rx.lock().unwrap().shut_read = true;
+            vs.rx_events.fetch_add(1, Ordering::Release);
             vs.rx_cv.notify_all();
         }
         Ok(())

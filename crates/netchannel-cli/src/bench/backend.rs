@@ -500,6 +500,11 @@ impl Net {
         }
     }
 
+    /// The NetChannel hosts this process runs (client, then server); none for TCP.
+    pub fn hosts(&self) -> Vec<Host> {
+        [&self.client_host, &self.server_host].into_iter().flatten().cloned().collect()
+    }
+
     /// Stop the hosts, then remove the namespaces.
     pub fn shutdown(self) {
         for host in [self.client_host, self.server_host].into_iter().flatten() {

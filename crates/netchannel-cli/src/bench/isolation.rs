@@ -189,6 +189,9 @@ pub struct IsolationReport {
     pub bulk_threads_cpu_seconds: f64,
     /// True only if `--verify` was given and every echo and bulk byte matched.
     pub verified: bool,
+    /// NetChannel: what waited to be sent on each class's channels during the loaded phase
+    /// (both hosts together, sampled every few milliseconds); null for TCP.
+    pub queues: Option<QueueReport>,
     /// Engine knobs (null for TCP).
     #[serde(flatten)]
     pub knobs: Knobs,
@@ -227,6 +230,84 @@ impl IsolationReport {
             if self.verified { "; verified" } else { "" },
         )
     }
+}
+
+/// Queue depths sampled during the loaded phase, per channel class.
+#[derive(Serialize, Debug, Default)]
+pub struct QueueReport {
+    /// Samples taken.
+    pub samples: u64,
+    /// Throughput (bulk) channels.
+    pub throughput: ClassDepths,
+    /// Latency channels.
+    pub latency: ClassDepths,
+}
+
+/// Mean and largest depths of one class's channels over the samples.
+#[derive(Serialize, Debug, Default)]
+pub struct ClassDepths {
+    /// Unsent bytes in our queues (gathered writes included).
+    pub mean_queued_bytes: f64,
+    /// Largest of those.
+    pub max_queued_bytes: u64,
+    /// Frames waiting in the channels' lanes.
+    pub mean_queued_frames: f64,
+    /// Largest of those.
+    pub max_queued_frames: u64,
+    /// Bytes the kernel sockets held unsent.
+    pub mean_kernel_unsent_bytes: f64,
+    /// Largest of those.
+    pub max_kernel_unsent_bytes: u64,
+}
+
+impl ClassDepths {
+    fn add(&mut self, q: &netchannel::ClassQueue) {
+        self.mean_queued_bytes += q.queued as f64;
+        self.max_queued_bytes = self.max_queued_bytes.max(q.queued as u64);
+        let frames = q.queue.total().frames;
+        self.mean_queued_frames += frames as f64;
+        self.max_queued_frames = self.max_queued_frames.max(frames as u64);
+        self.mean_kernel_unsent_bytes += q.kernel_unsent as f64;
+        self.max_kernel_unsent_bytes = self.max_kernel_unsent_bytes.max(q.kernel_unsent as u64);
+    }
+
+    fn finish(&mut self, samples: u64) {
+        let n = samples.max(1) as f64;
+        self.mean_queued_bytes /= n;
+        self.mean_queued_frames /= n;
+        self.mean_kernel_unsent_bytes /= n;
+    }
+}
+
+/// Sample the hosts' queue depths while the loaded phase runs (until the gate stops).
+fn sample_queues(hosts: &[netchannel::Host], gate: &Gate) -> QueueReport {
+    let mut r = QueueReport::default();
+    while !gate.stopped() {
+        std::thread::sleep(Duration::from_millis(5));
+        if !gate.is_open() || gate.stopped() {
+            continue;
+        }
+        let mut per_class = [netchannel::ClassQueue {
+            class: Class::Throughput,
+            channels: 0,
+            queue: Default::default(),
+            queued: 0,
+            kernel_unsent: 0,
+        }; 2];
+        for h in hosts {
+            for (sum, q) in per_class.iter_mut().zip(h.stats().class_queues()) {
+                sum.queued += q.queued;
+                sum.kernel_unsent += q.kernel_unsent;
+                sum.queue.bulk += q.queue.total();
+            }
+        }
+        r.throughput.add(&per_class[0]);
+        r.latency.add(&per_class[1]);
+        r.samples += 1;
+    }
+    r.throughput.finish(r.samples);
+    r.latency.finish(r.samples);
+    r
 }
 
 #[derive(Serialize)]
@@ -307,6 +388,11 @@ impl Gate {
     fn open(&self) {
         self.state.lock().unwrap().go = true;
         self.cv.notify_all();
+    }
+
+    /// Whether the loaded phase has begun.
+    fn is_open(&self) -> bool {
+        self.state.lock().unwrap().go
     }
 
     /// Wait for [`Gate::open`]; false if stopped first.
@@ -420,6 +506,18 @@ fn run_one(setup: Setup, args: &IsolationArgs, config: &Config) -> Result<Isolat
         })?;
     }
     drop(tx);
+    let sampler = match net.hosts() {
+        hosts if hosts.is_empty() => None,
+        hosts => {
+            let gate = shared.gate.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("isolation-queues".into())
+                    .spawn(move || sample_queues(&hosts, &gate))
+                    .map_err(|e| Error::from(format!("cannot start the queue sampler thread: {e}")))?,
+            )
+        }
+    };
     shared.progress.activate();
     // The L-app, its server, the acceptor, and a sender and a receiver per bulk app.
     let expected = 3 + 2 * shared.bulk_apps;
@@ -451,6 +549,8 @@ fn run_one(setup: Setup, args: &IsolationArgs, config: &Config) -> Result<Isolat
             ControlFlow::Continue(())
         }
     })?;
+    shared.gate.stop();
+    let queues = sampler.and_then(|t| t.join().ok());
     if let Some(e) = failure {
         return Err(e);
     }
@@ -483,6 +583,7 @@ fn run_one(setup: Setup, args: &IsolationArgs, config: &Config) -> Result<Isolat
         lapp_thread_cpu_seconds: lapp.thread_cpu,
         bulk_threads_cpu_seconds: bulk_cpu,
         verified: args.verify,
+        queues,
         knobs: Knobs::of(stack, config),
     })
 }

@@ -208,6 +208,34 @@ pub struct CommonOpts {
     #[arg(long, value_name = "POLICY", value_parser = parse_policy)]
     pub policy: Option<Policy>,
 
+    /// Latency-class channels per peer [default: 1, or latency_channels from --config]
+    #[arg(long, value_name = "N")]
+    pub latency_channels: Option<usize>,
+
+    /// Unsent bytes queued on one channel before the NetDriver chooses another, e.g. 512KiB [default: 512KiB, or channel_queue from --config]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_usize)]
+    pub channel_queue: Option<usize>,
+
+    /// SO_SNDBUF of throughput (bulk) channels, e.g. 256KiB; 0 = kernel default [default: 0, or bulk_sndbuf from --config]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_usize)]
+    pub bulk_sndbuf: Option<usize>,
+
+    /// Most bytes one channel write gathers, e.g. 256KiB [default: 256KiB, or write_batch from --config]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_usize)]
+    pub write_batch: Option<usize>,
+
+    /// Most frames one channel write gathers [default: 256, or write_batch_frames from --config]
+    #[arg(long, value_name = "N")]
+    pub write_batch_frames: Option<usize>,
+
+    /// Microseconds an app thread reading a latency-class vsocket polls before it sleeps [default: 0, or latency_spin_us from --config]
+    #[arg(long, value_name = "US")]
+    pub latency_spin_us: Option<u64>,
+
+    /// Microseconds a latency worker polls its channels before it sleeps [default: 0, or busy_poll_us from --config]
+    #[arg(long, value_name = "US")]
+    pub busy_poll_us: Option<u64>,
+
     /// Engine configuration file (TOML, see docs/config.md); flags override its keys
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -289,6 +317,34 @@ impl CommonOpts {
             c.policy = p;
             flags.push(("policy", "--policy"));
         }
+        if let Some(n) = self.latency_channels {
+            c.latency_channels = n;
+            flags.push(("latency_channels", "--latency-channels"));
+        }
+        if let Some(n) = self.channel_queue {
+            c.channel_queue = n;
+            flags.push(("channel_queue", "--channel-queue"));
+        }
+        if let Some(n) = self.bulk_sndbuf {
+            c.bulk_sndbuf = n;
+            flags.push(("bulk_sndbuf", "--bulk-sndbuf"));
+        }
+        if let Some(n) = self.write_batch {
+            c.write_batch = n;
+            flags.push(("write_batch", "--write-batch"));
+        }
+        if let Some(n) = self.write_batch_frames {
+            c.write_batch_frames = n;
+            flags.push(("write_batch_frames", "--write-batch-frames"));
+        }
+        if let Some(n) = self.latency_spin_us {
+            c.latency_spin_us = n;
+            flags.push(("latency_spin_us", "--latency-spin-us"));
+        }
+        if let Some(n) = self.busy_poll_us {
+            c.busy_poll_us = n;
+            flags.push(("busy_poll_us", "--busy-poll-us"));
+        }
         c.validate().map_err(|e| match flags.iter().find(|(key, _)| *key == e.key) {
             Some((key, flag)) => Error::from(format!("{flag}: {} (config key `{key}`)", e.message)),
             None => Error::from(e),
@@ -310,6 +366,18 @@ pub struct Knobs {
     pub segment_size: Option<usize>,
     /// Channel choice policy.
     pub policy: Option<&'static str>,
+    /// Latency channels per peer.
+    pub latency_channels: Option<usize>,
+    /// Per-channel queue cap in bytes.
+    pub channel_queue: Option<usize>,
+    /// SO_SNDBUF of bulk channels in bytes (0: the kernel's default).
+    pub bulk_sndbuf: Option<usize>,
+    /// Most bytes per channel write.
+    pub write_batch: Option<usize>,
+    /// Most frames per channel write.
+    pub write_batch_frames: Option<usize>,
+    /// Latency-class readers' spin before sleeping, µs.
+    pub latency_spin_us: Option<u64>,
 }
 
 impl Knobs {
@@ -323,6 +391,12 @@ impl Knobs {
                 copy_workers: Some(config.copy_workers),
                 segment_size: Some(config.segment_size),
                 policy: Some(config.policy.name()),
+                latency_channels: Some(config.latency_channels),
+                channel_queue: Some(config.channel_queue),
+                bulk_sndbuf: Some(config.bulk_sndbuf),
+                write_batch: Some(config.write_batch),
+                write_batch_frames: Some(config.write_batch_frames),
+                latency_spin_us: Some(config.latency_spin_us),
             },
         }
     }

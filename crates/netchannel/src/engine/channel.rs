@@ -17,12 +17,10 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::engine::peer::Peer;
 use crate::engine::HostInner;
-use crate::proto::sched::{FrameQueue, Next};
+use crate::proto::sched::{Batch, Depth, FrameQueue, Lane, Next};
 use crate::vsock::VSock;
 use crate::wire::{self, Class, Frame, HEADER_LEN};
 
-/// Bytes a worker gathers into one write.
-const WRITE_BATCH: usize = 256 << 10;
 /// Bytes a worker reads from one channel before turning to the others.
 const READ_BUDGET: usize = 1 << 20;
 /// Initial size of a channel's read buffer.
@@ -50,6 +48,8 @@ pub(crate) struct Counters {
     pub bytes_received: AtomicU64,
     pub frames_sent: AtomicU64,
     pub frames_received: AtomicU64,
+    /// Write syscalls (each carries one batch of frames, or the rest of one).
+    pub writes: AtomicU64,
 }
 
 /// The shared face of one channel.
@@ -69,6 +69,11 @@ pub(crate) struct Channel {
     pub up: AtomicBool,
     pub counters: Counters,
     host: Weak<HostInner>,
+    /// Caps of one write: bytes and frames (`write_batch`, `write_batch_frames`).
+    batch: (usize, usize),
+    /// Another descriptor of the socket, for reading its send queue depth without taking the
+    /// writer (whoever holds the writer must flush).
+    stat_sock: Option<std::net::TcpStream>,
 }
 
 /// The writing half of a channel: gathered output and the socket (a duplicate of the
@@ -95,6 +100,7 @@ impl Channel {
         write_sock: std::net::TcpStream,
     ) -> Arc<Channel> {
         let token = host.next_token.fetch_add(1, Ordering::Relaxed);
+        let stat_sock = write_sock.try_clone().ok();
         // Latency channels get the latency workers when there are any.
         let bulk = host.cfg.channel_workers;
         let worker = match host.workers.len() - bulk {
@@ -114,23 +120,53 @@ impl Channel {
             up: AtomicBool::new(true),
             counters: Counters::default(),
             host: Arc::downgrade(host),
+            batch: (host.cfg.write_batch, host.cfg.write_batch_frames),
+            stat_sock,
         })
     }
 
     /// Queue a frame; the caller then calls [`Channel::send_now`] or [`Channel::kick`].
+    ///
+    /// A segment waits in the lane of its vsocket's class: latency-class segments leave ahead
+    /// of bulk ones even on a throughput channel (when a latency vsocket falls back to one).
     pub(crate) fn enqueue(&self, f: OutFrame) {
-        {
-            let mut q = self.out.lock().unwrap();
-            match f {
-                OutFrame::Control(bytes) => {
-                    self.queued.fetch_add(bytes.len(), Ordering::Relaxed);
-                    q.push_control(bytes);
-                }
-                OutFrame::Segment { vs, offset, len, ack_request } => {
-                    self.queued.fetch_add(HEADER_LEN + len as usize, Ordering::Relaxed);
-                    q.push_segment((vs, offset, len, ack_request));
-                }
+        let mut q = self.out.lock().unwrap();
+        match f {
+            OutFrame::Control(bytes) => {
+                self.queued.fetch_add(bytes.len(), Ordering::Relaxed);
+                let n = bytes.len();
+                q.push_control(bytes, n);
             }
+            OutFrame::Segment { vs, offset, len, ack_request } => {
+                let n = HEADER_LEN + len as usize;
+                self.queued.fetch_add(n, Ordering::Relaxed);
+                let class = vs.class();
+                q.push_segment((vs, offset, len, ack_request), n, class);
+            }
+        }
+    }
+
+    /// What waits in this channel's queue, per lane (control, latency, bulk).
+    pub(crate) fn depths(&self) -> [Depth; 3] {
+        let q = self.out.lock().unwrap();
+        [q.depth(Lane::Control), q.depth(Lane::Latency), q.depth(Lane::Bulk)]
+    }
+
+    /// Bytes handed to the kernel socket and not yet sent (`SIOCOUTQNSD`); 0 if unknown.
+    pub(crate) fn kernel_unsent(&self) -> usize {
+        use std::os::fd::AsRawFd;
+        let Some(sock) = self.stat_sock.as_ref() else { return 0 };
+        if !self.up.load(Ordering::Acquire) {
+            return 0;
+        }
+        let mut n: libc::c_int = 0;
+        // SAFETY: the fd is an open socket owned by `sock` (open as long as the channel);
+        // SIOCOUTQNSD writes one c_int into `n`.
+        let rc = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCOUTQNSD, &mut n as *mut libc::c_int) };
+        if rc == 0 {
+            n.max(0) as usize
+        } else {
+            0
         }
     }
 
@@ -144,39 +180,47 @@ impl Channel {
         self.send_now();
     }
 
-    /// Write what is queued from this thread, saving the hand-off to the channel's worker (a
-    /// latency win for small frames). If another thread is writing the channel it will see
-    /// the new frames; if the socket is full the worker takes over when it drains.
+    /// Write the queued control frames and latency segments from this thread, saving the
+    /// hand-off to the channel's worker (a latency win for small frames). Bulk segments are
+    /// left to the worker (only the rest of a batch already begun goes first, as it must), so
+    /// an app thread never ends up writing other vsockets' bulk. If another thread is writing
+    /// the channel it will see the new frames; if the socket is full the worker takes over
+    /// when it drains.
     ///
     /// Must not be called while holding a vsocket's `tx` lock (writing takes it).
     pub(crate) fn send_now(&self) {
         loop {
             let Ok(mut w) = self.writer.try_lock() else { return };
-            let res = self.flush_locked(&mut w);
+            let res = self.flush_locked(&mut w, true);
             drop(w);
             self.unblock_parked();
             match res {
-                Ok(Flushed::Empty) if self.has_queued() => continue,
-                Ok(Flushed::Empty) => return,
+                Ok(Flushed::Empty) => match self.pending() {
+                    (true, _) => continue,
+                    (false, true) => return self.kick(),
+                    (false, false) => return,
+                },
                 // The worker writes the rest on the writable edge, or meets the error itself.
                 Ok(Flushed::Blocked) | Err(_) => return self.kick(),
             }
         }
     }
 
-    fn has_queued(&self) -> bool {
+    /// Whether urgent frames (control, latency segments), and any frames, are queued.
+    fn pending(&self) -> (bool, bool) {
         let q = self.out.lock().unwrap();
-        !q.is_empty()
+        (q.has_urgent(), !q.is_empty())
     }
 
-    /// Gather queued frames and write them until the socket would block or nothing is left.
-    fn flush_locked(&self, w: &mut Writer) -> io::Result<Flushed> {
+    /// Gather queued frames (only urgent ones with `urgent_only`) and write them until the
+    /// socket would block or nothing is left.
+    fn flush_locked(&self, w: &mut Writer, urgent_only: bool) -> io::Result<Flushed> {
         let Some(sock) = w.sock.as_ref() else {
             return Err(io::Error::new(io::ErrorKind::NotConnected, "channel closed"));
         };
         loop {
             if w.out.is_empty() {
-                w.out.gather(self);
+                w.out.gather(self, urgent_only);
                 if w.out.is_empty() {
                     break Ok(Flushed::Empty);
                 }
@@ -185,6 +229,7 @@ impl Channel {
                 Ok(n) => {
                     self.queued.fetch_sub(n, Ordering::Relaxed);
                     self.counters.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+                    self.counters.writes.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(Flushed::Blocked),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -193,13 +238,13 @@ impl Channel {
         }
     }
 
-    /// Vsockets parked because every channel was full may go on if this one has room now.
-    /// Called without the writer lock (scheduling takes vsocket locks).
+    /// Vsockets parked because every channel of this one's class was full may go on if this
+    /// one has room now. Called without the writer lock (scheduling takes vsocket locks).
     fn unblock_parked(&self) {
         let cap = self.host.upgrade().map_or(usize::MAX, |h| h.cfg.channel_queue);
         if self.queued.load(Ordering::Relaxed) < cap {
             if let Some(peer) = self.peer.upgrade() {
-                peer.unblock();
+                peer.unblock(self.class);
             }
         }
     }
@@ -210,11 +255,11 @@ impl Channel {
         loop {
             let res = {
                 let mut w = self.writer.lock().unwrap();
-                self.flush_locked(&mut w)?
+                self.flush_locked(&mut w, false)?
             };
             self.unblock_parked();
             match res {
-                Flushed::Empty if self.has_queued() => continue,
+                Flushed::Empty if self.pending().1 => continue,
                 _ => return Ok(()),
             }
         }
@@ -490,8 +535,11 @@ fn parse(host: &Arc<HostInner>, c: &mut Conn) -> Result<(), String> {
     }
 }
 
-/// Most pieces one `writev` takes.
-const MAX_IOV: usize = 256;
+/// Most pieces one `writev` takes (the kernel's `IOV_MAX`); a batch needing more is written
+/// in several calls.
+const MAX_IOV: usize = 1024;
+/// `ioctl` request: bytes in a TCP socket's send queue not yet sent (`linux/sockios.h`).
+const SIOCOUTQNSD: libc::c_ulong = 0x894B;
 
 /// One piece of gathered output.
 enum Piece {
@@ -545,17 +593,18 @@ impl Output {
         }
     }
 
-    /// Move frames from the channel's queue, up to [`WRITE_BATCH`] bytes: control first.
-    fn gather(&mut self, ch: &Channel) {
+    /// Move one batch of frames from the channel's queue (at most `write_batch` bytes and
+    /// `write_batch_frames` frames): control first, then latency segments, then bulk ones
+    /// unless `urgent_only`. The queue lock is taken per frame, never while a vsocket's is.
+    fn gather(&mut self, ch: &Channel, urgent_only: bool) {
         self.clear();
-        let mut bytes = 0;
-        while bytes < WRITE_BATCH && self.pieces.len() + 3 <= MAX_IOV {
-            let next = ch.out.lock().unwrap().pop();
+        let mut batch = Batch::new(ch.batch.0, ch.batch.1);
+        loop {
+            let next = ch.out.lock().unwrap().pop_within(&mut batch, urgent_only);
             let (vs, offset, len, ack_request) = match next {
                 None => break,
                 Some(Next::Control(f)) => {
                     self.push_bytes(&f);
-                    bytes += f.len();
                     ch.counters.frames_sent.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
@@ -572,7 +621,6 @@ impl Output {
             for p in parts.into_iter().filter(|p| p.len > 0) {
                 self.pieces.push_back(Piece::Ring { _vs: vs.clone(), ptr: p.ptr, len: p.len });
             }
-            bytes += sent;
             ch.counters.frames_sent.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -24,6 +24,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::config::Config;
 use crate::copy::CopyPool;
 use crate::log::Level;
+use crate::proto::sched::Depth;
 use crate::proto::ProtoError;
 use crate::ring::RingPool;
 use crate::vsock::{ListenQueue, VListener, VSock, VStream};
@@ -95,8 +96,52 @@ pub struct ChannelStats {
     pub frames_sent: u64,
     /// Frames read.
     pub frames_received: u64,
-    /// Unsent bytes queued.
+    /// Unsent bytes queued: in the channel's queue plus gathered into a write and not yet
+    /// handed to the kernel.
     pub queued: usize,
+    /// What waits in the channel's queue, per lane: control frames, latency-class segments
+    /// (which leave first) and bulk segments.
+    pub queue: LaneDepths,
+    /// Bytes handed to the kernel socket and not yet sent (`SIOCOUTQNSD`).
+    pub kernel_unsent: usize,
+    /// Write syscalls made (`frames_sent / writes` is the mean batch).
+    pub writes: u64,
+}
+
+/// Queue depths of one channel's lanes, or of a whole class's channels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LaneDepths {
+    /// Control frames (CREDIT, OPEN, FIN…).
+    pub control: Depth,
+    /// Segments of latency-class vsockets.
+    pub latency: Depth,
+    /// Segments of throughput-class vsockets.
+    pub bulk: Depth,
+}
+
+impl LaneDepths {
+    /// Every lane together.
+    pub fn total(&self) -> Depth {
+        let mut d = self.control;
+        d += self.latency;
+        d += self.bulk;
+        d
+    }
+}
+
+/// What waits to be sent on the channels of one class (summed over peers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClassQueue {
+    /// The channels' class.
+    pub class: Class,
+    /// Live channels of the class.
+    pub channels: usize,
+    /// Queued in their lanes.
+    pub queue: LaneDepths,
+    /// Unsent bytes in our queues, gathered writes included (sum of [`ChannelStats::queued`]).
+    pub queued: usize,
+    /// Unsent bytes in their kernel sockets.
+    pub kernel_unsent: usize,
 }
 
 /// A snapshot of a host's counters.
@@ -161,6 +206,29 @@ pub(crate) fn random_u64() -> u64 {
         return t.as_nanos() as u64 ^ ((std::process::id() as u64) << 32);
     }
     u64::from_ne_bytes(b)
+}
+
+impl HostStats {
+    /// Queue depths per channel class (throughput, then latency), summed over channels.
+    pub fn class_queues(&self) -> [ClassQueue; 2] {
+        let mut out = [Class::Throughput, Class::Latency].map(|class| ClassQueue {
+            class,
+            channels: 0,
+            queue: LaneDepths::default(),
+            queued: 0,
+            kernel_unsent: 0,
+        });
+        for c in &self.channels {
+            let q = &mut out[c.class as usize];
+            q.channels += 1;
+            q.queue.control += c.queue.control;
+            q.queue.latency += c.queue.latency;
+            q.queue.bulk += c.queue.bulk;
+            q.queued += c.queued;
+            q.kernel_unsent += c.kernel_unsent;
+        }
+        out
+    }
 }
 
 impl Host {
@@ -311,6 +379,7 @@ impl Host {
         let peers: Vec<_> = inner.peers.lock().unwrap().values().cloned().collect();
         for p in peers {
             for c in p.channels().iter() {
+                let [control, latency, bulk] = c.depths();
                 channels.push(ChannelStats {
                     peer: p.key,
                     class: c.class,
@@ -321,6 +390,9 @@ impl Host {
                     frames_sent: c.counters.frames_sent.load(Ordering::Relaxed),
                     frames_received: c.counters.frames_received.load(Ordering::Relaxed),
                     queued: c.queued.load(Ordering::Relaxed),
+                    queue: LaneDepths { control, latency, bulk },
+                    kernel_unsent: c.kernel_unsent(),
+                    writes: c.counters.writes.load(Ordering::Relaxed),
                 });
             }
         }
@@ -535,6 +607,10 @@ impl HostInner {
         }
         if let Ok(a) = s.local_addr() {
             *peer.local_ip.lock().unwrap() = Some(a.ip());
+        }
+        if class == Class::Throughput && self.cfg.bulk_sndbuf > 0 {
+            // Bound the bulk the kernel holds unsent on this channel (see `bulk_sndbuf`).
+            socket2::SockRef::from(&s).set_send_buffer_size(self.cfg.bulk_sndbuf)?;
         }
         s.set_nonblocking(true)?;
         let write_half = s.try_clone()?;

@@ -36,7 +36,8 @@ pub(crate) struct Peer {
     mesh: RwLock<[Vec<Arc<Channel>>; 2]>,
     cursors: [AtomicUsize; 2],
     control_rr: AtomicUsize,
-    blocked: Mutex<Vec<Arc<VSock>>>,
+    /// Vsockets waiting for a channel with room, with the class whose channels they wait for.
+    blocked: Mutex<Vec<(Class, Arc<VSock>)>>,
     pub state: Mutex<PeerState>,
     pub state_cv: Condvar,
     cap: usize,
@@ -131,17 +132,30 @@ impl Peer {
         }
     }
 
-    /// Park a vsocket until some channel drains below its cap.
+    /// Park a vsocket until some channel of the class it waits for drains below its cap.
     pub(crate) fn park(&self, vs: &Arc<VSock>) {
         let mut b = self.blocked.lock().unwrap();
-        if !b.iter().any(|x| Arc::ptr_eq(x, vs)) {
-            b.push(vs.clone());
+        if !b.iter().any(|(_, x)| Arc::ptr_eq(x, vs)) {
+            b.push((vs.class(), vs.clone()));
         }
     }
 
-    /// A channel drained: let every parked vsocket schedule again.
-    pub(crate) fn unblock(&self) {
-        let parked = std::mem::take(&mut *self.blocked.lock().unwrap());
+    /// A channel of `class` drained: let the vsockets parked waiting for that class's
+    /// channels (or for the other class, when it has no channels and borrows these) schedule
+    /// again. A latency channel draining so leaves parked bulk vsockets alone: the thread that
+    /// wrote a latency frame does not go on to schedule bulk.
+    pub(crate) fn unblock(&self, class: Class) {
+        let parked: Vec<Arc<VSock>> = {
+            let mut b = self.blocked.lock().unwrap();
+            if b.is_empty() {
+                return;
+            }
+            let mesh = self.mesh.read().unwrap();
+            let wakes = |c: Class| c == class || mesh[c as usize].is_empty();
+            let (go, stay) = std::mem::take(&mut *b).into_iter().partition(|(c, _)| wakes(*c));
+            *b = stay;
+            go.into_iter().map(|(_, v)| v).collect()
+        };
         for vs in parked {
             vs.pump();
         }
@@ -155,7 +169,7 @@ impl Peer {
     }
 
     pub(crate) fn take_parked(&self) -> Vec<Arc<VSock>> {
-        std::mem::take(&mut *self.blocked.lock().unwrap())
+        std::mem::take(&mut *self.blocked.lock().unwrap()).into_iter().map(|(_, v)| v).collect()
     }
 }
 

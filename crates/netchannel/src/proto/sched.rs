@@ -5,10 +5,16 @@
 //! `hash` pins a vsocket to one channel (the next live one if that channel is down). A
 //! channel whose queue of unsent bytes is at the cap is skipped; if none qualifies the
 //! segment waits (the caller parks the vsocket until a channel drains).
+//!
+//! Within a channel, [`FrameQueue`] orders what leaves: control frames, then latency-class
+//! segments, then bulk segments; and [`Batch`] caps how many frames and bytes one write
+//! takes, which bounds the bulk a latency frame can find already handed to the socket ahead
+//! of it.
 
 use std::collections::VecDeque;
 
 use crate::config::Policy;
+use crate::wire::Class;
 
 /// The load of one channel as the scheduler sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,49 +73,212 @@ pub enum Next<C, S> {
     Segment(S),
 }
 
-/// A channel's queue of frames waiting to be written. Control frames always leave before
-/// queued segments, so credit, open and close never wait behind bulk in our own queue; each
-/// kind leaves in the order it came.
+/// The lanes of a channel's queue, in the order they leave: control frames, then segments of
+/// latency-class vsockets, then segments of throughput-class (bulk) vsockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// CREDIT, OPEN, FIN, RESET… of either class.
+    Control = 0,
+    /// DATA of latency-class vsockets.
+    Latency = 1,
+    /// DATA of throughput-class vsockets.
+    Bulk = 2,
+}
+
+impl Lane {
+    /// The lane of a segment of a vsocket in `class`.
+    pub fn of(class: Class) -> Lane {
+        match class {
+            Class::Latency => Lane::Latency,
+            Class::Throughput => Lane::Bulk,
+        }
+    }
+}
+
+/// How much waits in one lane (or one whole queue).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Depth {
+    /// Bytes on the wire the queued frames take (headers included).
+    pub bytes: usize,
+    /// Frames queued.
+    pub frames: usize,
+}
+
+impl Depth {
+    fn add(&mut self, len: usize) {
+        self.bytes += len;
+        self.frames += 1;
+    }
+
+    fn sub(&mut self, len: usize) {
+        self.bytes -= len;
+        self.frames -= 1;
+    }
+}
+
+impl std::ops::AddAssign for Depth {
+    fn add_assign(&mut self, o: Depth) {
+        self.bytes += o.bytes;
+        self.frames += o.frames;
+    }
+}
+
+/// The caps on one batch of frames written to a channel in one syscall.
+///
+/// A frame is admitted while the batch holds fewer than `max_frames` frames and the batch's
+/// bytes stay within `max_bytes`; a frame larger than `max_bytes` is admitted only into an
+/// empty batch (it goes alone), so no batch ever exceeds either cap by more than that one
+/// frame's own size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batch {
+    max_bytes: usize,
+    max_frames: usize,
+    bytes: usize,
+    frames: usize,
+}
+
+impl Batch {
+    /// An empty batch with these caps (`max_frames` of 0 is taken as 1).
+    pub fn new(max_bytes: usize, max_frames: usize) -> Batch {
+        Batch { max_bytes, max_frames: max_frames.max(1), bytes: 0, frames: 0 }
+    }
+
+    /// Whether a frame of `len` bytes fits.
+    pub fn admits(&self, len: usize) -> bool {
+        self.frames < self.max_frames && (self.frames == 0 || self.bytes + len <= self.max_bytes)
+    }
+
+    fn add(&mut self, len: usize) {
+        self.bytes += len;
+        self.frames += 1;
+    }
+
+    /// Bytes admitted so far.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Frames admitted so far.
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+}
+
+/// A channel's queue of frames waiting to be written, in three [`Lane`]s. Control frames
+/// leave first, then latency-class segments, then bulk segments: credit, open and close
+/// never wait behind segments, and a latency-class segment never waits behind a bulk one
+/// in our own queue (only behind what was already handed to the socket). Each lane keeps
+/// the order its frames came in. Every frame is queued with its size on the wire, so the
+/// queue knows its depth per lane and can fill a [`Batch`].
 #[derive(Debug, Clone)]
 pub struct FrameQueue<C, S> {
-    control: VecDeque<C>,
-    segments: VecDeque<S>,
+    control: VecDeque<(C, usize)>,
+    /// Latency-class segments, then bulk segments.
+    segments: [VecDeque<(S, usize)>; 2],
+    depth: [Depth; 3],
 }
 
 impl<C, S> Default for FrameQueue<C, S> {
     fn default() -> Self {
-        FrameQueue { control: VecDeque::new(), segments: VecDeque::new() }
+        FrameQueue {
+            control: VecDeque::new(),
+            segments: [VecDeque::new(), VecDeque::new()],
+            depth: [Depth::default(); 3],
+        }
     }
 }
 
 impl<C, S> FrameQueue<C, S> {
-    /// Queue a control frame.
-    pub fn push_control(&mut self, c: C) {
-        self.control.push_back(c);
+    /// Queue a control frame of `len` bytes.
+    pub fn push_control(&mut self, c: C, len: usize) {
+        self.control.push_back((c, len));
+        self.depth[Lane::Control as usize].add(len);
     }
 
-    /// Queue a segment.
-    pub fn push_segment(&mut self, s: S) {
-        self.segments.push_back(s);
+    /// Queue a segment of `len` bytes on the wire of a vsocket in `class`.
+    pub fn push_segment(&mut self, s: S, len: usize, class: Class) {
+        let lane = Lane::of(class);
+        self.segments[lane as usize - 1].push_back((s, len));
+        self.depth[lane as usize].add(len);
     }
 
-    /// The next frame to write: the oldest control frame, else the oldest segment.
-    pub fn pop(&mut self) -> Option<Next<C, S>> {
-        match self.control.pop_front() {
-            Some(c) => Some(Next::Control(c)),
-            None => self.segments.pop_front().map(Next::Segment),
+    /// The lane the next frame leaves from, and its size; `urgent_only` looks at the control
+    /// and latency lanes only.
+    fn head(&self, urgent_only: bool) -> Option<(Lane, usize)> {
+        if let Some((_, len)) = self.control.front() {
+            return Some((Lane::Control, *len));
         }
+        if let Some((_, len)) = self.segments[0].front() {
+            return Some((Lane::Latency, *len));
+        }
+        match self.segments[1].front() {
+            Some((_, len)) if !urgent_only => Some((Lane::Bulk, *len)),
+            _ => None,
+        }
+    }
+
+    fn take(&mut self, lane: Lane) -> Option<Next<C, S>> {
+        let next = match lane {
+            Lane::Control => self.control.pop_front().map(|(c, len)| (Next::Control(c), len)),
+            Lane::Latency | Lane::Bulk => {
+                self.segments[lane as usize - 1].pop_front().map(|(s, len)| (Next::Segment(s), len))
+            }
+        };
+        next.map(|(n, len)| {
+            self.depth[lane as usize].sub(len);
+            n
+        })
+    }
+
+    /// The next frame to write: the oldest control frame, else the oldest latency segment,
+    /// else the oldest bulk segment.
+    pub fn pop(&mut self) -> Option<Next<C, S>> {
+        let (lane, _) = self.head(false)?;
+        self.take(lane)
+    }
+
+    /// The next frame, if `batch` admits it (it is then counted in the batch). With
+    /// `urgent_only`, bulk segments stay queued.
+    pub fn pop_within(&mut self, batch: &mut Batch, urgent_only: bool) -> Option<Next<C, S>> {
+        let (lane, len) = self.head(urgent_only)?;
+        if !batch.admits(len) {
+            return None;
+        }
+        batch.add(len);
+        self.take(lane)
+    }
+
+    /// What waits in `lane`.
+    pub fn depth(&self, lane: Lane) -> Depth {
+        self.depth[lane as usize]
+    }
+
+    /// What waits in every lane together.
+    pub fn total(&self) -> Depth {
+        let mut d = Depth::default();
+        for l in self.depth {
+            d += l;
+        }
+        d
+    }
+
+    /// Control frames or latency segments are queued.
+    pub fn has_urgent(&self) -> bool {
+        !self.control.is_empty() || !self.segments[0].is_empty()
     }
 
     /// Nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.control.is_empty() && self.segments.is_empty()
+        self.control.is_empty() && self.segments.iter().all(VecDeque::is_empty)
     }
 
     /// Drop everything queued.
     pub fn clear(&mut self) {
         self.control.clear();
-        self.segments.clear();
+        for s in &mut self.segments {
+            s.clear();
+        }
+        self.depth = [Depth::default(); 3];
     }
 }
 
@@ -138,11 +307,11 @@ mod tests {
     fn control_frames_overtake_queued_segments() {
         let mut q: FrameQueue<&str, u32> = FrameQueue::default();
         for s in 0..100 {
-            q.push_segment(s);
+            q.push_segment(s, 1000, Class::Throughput);
         }
-        q.push_control("credit");
-        q.push_segment(100);
-        q.push_control("fin");
+        q.push_control("credit", 30);
+        q.push_segment(100, 1000, Class::Throughput);
+        q.push_control("fin", 20);
         assert_eq!(q.pop(), Some(Next::Control("credit")));
         assert_eq!(q.pop(), Some(Next::Control("fin")));
         for s in 0..=100 {
@@ -179,5 +348,110 @@ mod tests {
         loads[home] = Down;
         let moved = pick(Policy::Hash, &mut c, v, &loads, 100).unwrap();
         assert_eq!(moved, (home + 1) % 4);
+    }
+
+    #[test]
+    fn a_latency_segment_behind_n_bulk_units_leaves_before_them() {
+        for n in [1usize, 7, 100, 1000] {
+            let mut q: FrameQueue<&str, (char, usize)> = FrameQueue::default();
+            for i in 0..n {
+                q.push_segment(('b', i), 64 << 10, Class::Throughput);
+            }
+            q.push_segment(('l', 0), 4096, Class::Latency);
+            q.push_control("credit", 40);
+            q.push_segment(('l', 1), 4096, Class::Latency);
+            assert_eq!(q.pop(), Some(Next::Control("credit")));
+            assert_eq!(q.pop(), Some(Next::Segment(('l', 0))), "behind {n} bulk units");
+            assert_eq!(q.pop(), Some(Next::Segment(('l', 1))));
+            for i in 0..n {
+                assert_eq!(q.pop(), Some(Next::Segment(('b', i))), "bulk keeps its order");
+            }
+            assert!(q.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_latency_segment_waits_behind_at_most_one_batch_of_bulk() {
+        // The writer took a batch of bulk; a latency segment queued now leads the next batch.
+        let (cap, frames) = (256 << 10, 256);
+        let mut q: FrameQueue<(), (char, usize)> = FrameQueue::default();
+        for i in 0..100 {
+            q.push_segment(('b', i), (64 << 10) + 32, Class::Throughput);
+        }
+        let mut first = Batch::new(cap, frames);
+        while q.pop_within(&mut first, false).is_some() {}
+        assert!(first.bytes() <= cap && first.frames() > 0);
+        q.push_segment(('l', 0), 4096 + 32, Class::Latency);
+        let mut second = Batch::new(cap, frames);
+        assert_eq!(q.pop_within(&mut second, false), Some(Next::Segment(('l', 0))));
+    }
+
+    #[test]
+    fn batches_never_exceed_their_caps() {
+        // A deterministic mix of frame sizes and lanes, drained batch by batch under many caps.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = move |m: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % m as u64) as usize
+        };
+        for (max_bytes, max_frames) in [(4096, 1), (16 << 10, 4), (256 << 10, 256), (64 << 10, 1000), (1, 8)]
+        {
+            let mut q: FrameQueue<usize, usize> = FrameQueue::default();
+            let mut sizes = Vec::new();
+            for i in 0..2000 {
+                let len = 16 + rand(70_000);
+                sizes.push(len);
+                match rand(3) {
+                    0 => q.push_control(i, len),
+                    1 => q.push_segment(i, len, Class::Latency),
+                    _ => q.push_segment(i, len, Class::Throughput),
+                }
+            }
+            let mut seen = 0;
+            while !q.is_empty() {
+                let mut b = Batch::new(max_bytes, max_frames);
+                let mut bytes = 0;
+                let mut frames = 0;
+                while let Some(n) = q.pop_within(&mut b, false) {
+                    let id = match n {
+                        Next::Control(i) | Next::Segment(i) => i,
+                    };
+                    bytes += sizes[id];
+                    frames += 1;
+                }
+                assert!(frames >= 1, "a batch always takes at least one frame");
+                assert!(frames <= max_frames);
+                assert!(bytes <= max_bytes || frames == 1, "{bytes} > {max_bytes} in {frames} frames");
+                assert_eq!((b.bytes(), b.frames()), (bytes, frames));
+                seen += frames;
+            }
+            assert_eq!(seen, 2000);
+        }
+    }
+
+    #[test]
+    fn urgent_batches_leave_bulk_queued_and_depths_add_up() {
+        let mut q: FrameQueue<&str, u32> = FrameQueue::default();
+        q.push_segment(1, 1000, Class::Throughput);
+        q.push_segment(2, 500, Class::Latency);
+        q.push_control("open", 50);
+        assert_eq!(q.depth(Lane::Bulk), Depth { bytes: 1000, frames: 1 });
+        assert_eq!(q.depth(Lane::Latency), Depth { bytes: 500, frames: 1 });
+        assert_eq!(q.depth(Lane::Control), Depth { bytes: 50, frames: 1 });
+        assert_eq!(q.total(), Depth { bytes: 1550, frames: 3 });
+        assert!(q.has_urgent());
+        let mut b = Batch::new(1 << 20, 100);
+        assert_eq!(q.pop_within(&mut b, true), Some(Next::Control("open")));
+        assert_eq!(q.pop_within(&mut b, true), Some(Next::Segment(2)));
+        assert_eq!(q.pop_within(&mut b, true), None, "bulk waits for the worker");
+        assert!(!q.has_urgent() && !q.is_empty());
+        assert_eq!(q.total(), Depth { bytes: 1000, frames: 1 });
+        assert_eq!(q.pop_within(&mut b, false), Some(Next::Segment(1)));
+        assert_eq!(q.total(), Depth::default());
+        q.push_segment(3, 10, Class::Latency);
+        q.clear();
+        assert!(q.is_empty() && q.total() == Depth::default());
     }
 }
