@@ -707,12 +707,14 @@ mod tests {
 
     #[test]
     fn to_toml_reads_back_equal() {
-        let mut c = Config::default();
-        c.peer_port = Some(9100);
-        c.latency_ports = vec![6379];
-        c.auth_key_file = Some("/etc/netchannel/key".into());
-        c.policy = Policy::Hash;
-        c.deployment = Deployment::Daemon;
+        let mut c = Config {
+            peer_port: Some(9100),
+            latency_ports: vec![6379],
+            auth_key_file: Some("/etc/netchannel/key".into()),
+            policy: Policy::Hash,
+            deployment: Deployment::Daemon,
+            ..Config::default()
+        };
         c.daemon.socket = Some("/tmp/a b.sock".into());
         c.daemon.allowed_gids = vec![27];
         c.bulk_sndbuf = 256 << 10;
