@@ -169,6 +169,20 @@ fn render(st: &Value) -> String {
             s(&c["queued_bytes"])
         );
     }
+    let _ = writeln!(o, "\nqueues per class (bytes/frames waiting in our queues; kernel unsent bytes):");
+    for q in st["class_queues"].as_array().into_iter().flatten() {
+        let lane = |l: &str| format!("{}/{}", s(&q["queue"][l]["bytes"]), s(&q["queue"][l]["frames"]));
+        let _ = writeln!(
+            o,
+            "  {:<10} {} channels  control {}  latency {}  bulk {}  kernel {}",
+            s(&q["class"]),
+            s(&q["channels"]),
+            lane("control"),
+            lane("latency"),
+            lane("bulk"),
+            s(&q["kernel_unsent_bytes"])
+        );
+    }
     let _ = writeln!(
         o,
         "\nvsockets:\n  {:>6} {:>7} {:<22} {:<22} {:<10} {:>14} {:>14}  state",
@@ -205,6 +219,9 @@ mod tests {
                           "bytes_sent": 10, "bytes_received": 20, "frames_sent": 1, "frames_received": 2, "queued_bytes": 0}],
             "vsockets": [{"id": 3, "pid": 42, "local": "127.0.0.1:32768", "remote": "127.0.0.2:7000",
                           "class": "latency", "bytes_sent": 5, "bytes_received": 6, "state": "open"}],
+            "class_queues": [{"class": "latency", "channels": 1, "kernel_unsent_bytes": 0,
+                              "queue": {"control": {"bytes": 0, "frames": 0}, "latency": {"bytes": 96, "frames": 2},
+                                        "bulk": {"bytes": 0, "frames": 0}}}],
             "totals": {"vsockets_opened": 1, "vsockets_open": 1, "bytes_sent": 5, "bytes_received": 6,
                        "channels_refused": 0, "clients_refused": 0, "clients_disconnected": 0}
         });

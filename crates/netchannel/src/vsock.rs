@@ -520,7 +520,7 @@ impl VSock {
     }
 
     /// Send RESET to the peer, fail locally and leave the table.
-    fn reset(self: &Arc<Self>, reason: Reason, why: &str) {
+    pub(crate) fn reset(self: &Arc<Self>, reason: Reason, why: &str) {
         let rid = self.remote_id();
         if rid != 0 {
             self.send_control(&Frame::Reset { vsock: rid, reason, message: why });
@@ -788,18 +788,18 @@ impl VSock {
 /// peer reads end-of-stream. Closing with unread received data resets the connection, as
 /// TCP does.
 pub struct VStream {
-    imp: StreamImp,
+    pub(crate) imp: StreamImp,
 }
 
 #[derive(Clone)]
-enum StreamImp {
+pub(crate) enum StreamImp {
     /// Served by a host engine in this process.
     Embedded(Arc<Handle>),
     /// Served by the host's daemon through shared memory.
     Daemon(Arc<crate::daemon::client::DStream>),
 }
 
-struct Handle {
+pub(crate) struct Handle {
     vs: Arc<VSock>,
     _host: Host,
 }

@@ -296,6 +296,18 @@ impl DStream {
         Ok(())
     }
 
+    /// The vsocket's shared memory.
+    #[cfg(test)]
+    pub(crate) fn region(&self) -> &Region {
+        &self.region
+    }
+
+    /// Ring the daemon's doorbell for this vsocket unconditionally.
+    #[cfg(test)]
+    pub(crate) fn ring_doorbell(&self) {
+        shm::eventfd_ring(self.kick.as_raw_fd());
+    }
+
     /// Tell the daemon's poller that a position moved, if it is not polling already.
     fn kick(&self) {
         if self.region.header().need_kick.swap(0, Ordering::SeqCst) == 1 {

@@ -413,6 +413,15 @@ impl State {
     fn disconnect(&self, conn: u64, why: &str) {
         self.clients_disconnected.fetch_add(1, Ordering::Relaxed);
         let c = self.conns.lock().unwrap().get(&conn).map(|c| (c.pid, c.sock.try_clone()));
+        // Its vsockets fail with the reason (their peers get a reset), then close.
+        let mine: Vec<Arc<Served>> =
+            self.streams.lock().unwrap().values().filter(|s| s.conn == conn).cloned().collect();
+        for s in mine {
+            s.vs.reset(
+                crate::wire::Reason::Closed,
+                &format!("the daemon disconnected the owning process: {why}"),
+            );
+        }
         if let Some((pid, sock)) = c {
             crate::log!(Warn, "client pid {pid} disconnected: {why}");
             if let Ok(s) = sock {
@@ -547,7 +556,23 @@ impl State {
                     "frames_sent": c.frames_sent,
                     "frames_received": c.frames_received,
                     "queued_bytes": c.queued,
+                    "queue": lanes(&c.queue),
+                    "kernel_unsent_bytes": c.kernel_unsent,
+                    "writes": c.writes,
                     "state": "up",
+                })
+            })
+            .collect();
+        let class_queues: Vec<_> = stats
+            .class_queues()
+            .iter()
+            .map(|q| {
+                json!({
+                    "class": q.class.name(),
+                    "channels": q.channels,
+                    "queue": lanes(&q.queue),
+                    "queued_bytes": q.queued,
+                    "kernel_unsent_bytes": q.kernel_unsent,
                 })
             })
             .collect();
@@ -584,6 +609,7 @@ impl State {
             },
             "peers": peers,
             "channels": channels,
+            "class_queues": class_queues,
             "vsockets": vsockets,
             "clients": clients,
             "totals": {
@@ -597,6 +623,12 @@ impl State {
             },
         })
     }
+}
+
+/// A channel's (or class's) queue depths per lane.
+fn lanes(q: &crate::engine::LaneDepths) -> serde_json::Value {
+    let d = |d: &crate::proto::sched::Depth| json!({"bytes": d.bytes, "frames": d.frames});
+    json!({"control": d(&q.control), "latency": d(&q.latency), "bulk": d(&q.bulk)})
 }
 
 fn stream_response(sv: &Served) -> Response {
@@ -655,5 +687,60 @@ impl Poller {
             libc::epoll_wait(self.ep.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, timeout_ms)
         };
         n.max(0) as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::Client;
+    use std::io::{Read, Write};
+
+    fn start(listen: &str, dir: &Path) -> (PathBuf, Arc<AtomicBool>) {
+        let socket = dir.join(format!("{listen}.sock"));
+        let mut cfg = Config { listen: listen.parse().unwrap(), ..Config::default() };
+        cfg.daemon.socket = Some(socket.clone());
+        let server = Server::start(cfg).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        std::thread::spawn(move || server.run(&s2));
+        (socket, stop)
+    }
+
+    #[test]
+    fn a_client_that_lies_in_its_header_is_disconnected_alone() {
+        let dir = std::env::temp_dir().join(format!("nc-lie-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (sa, stop_a) = start("127.61.0.1:9000", &dir);
+        let (sb, stop_b) = start("127.61.0.2:9000", &dir);
+        let (liar, honest, server) =
+            (Client::connect(&sa).unwrap(), Client::connect(&sa).unwrap(), Client::connect(&sb).unwrap());
+        let l = server.bind(7000).unwrap();
+        let target: SocketAddr = "127.61.0.2:7000".parse().unwrap();
+        let bad = liar.connect_stream(target).unwrap();
+        let (mut bad_peer, _) = l.accept().unwrap();
+        let mut good = honest.connect_stream(target).unwrap();
+        let (mut good_peer, _) = l.accept().unwrap();
+        // The liar claims to have written far past its send buffer.
+        let crate::vsock::StreamImp::Daemon(d) = &bad.imp else { panic!("a daemon stream") };
+        let h = d.region().header();
+        h.tx_written.store(u64::MAX / 2, Ordering::Release);
+        d.ring_doorbell();
+        let mut b = [0u8; 8];
+        let e = (&bad).read(&mut b).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConnectionAborted, "{e}");
+        assert!(e.to_string().contains("write position"), "{e}");
+        // Its peer is reset; the honest client of the same daemon is untouched.
+        bad_peer.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert!(bad_peer.read(&mut b).is_err(), "the liar's peer sees a reset");
+        good.write_all(b"still fine").unwrap();
+        let mut got = [0u8; 10];
+        good_peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"still fine");
+        let st = honest.status().unwrap();
+        assert_eq!(st["totals"]["clients_disconnected"], 1, "{st}");
+        stop_a.store(true, Ordering::SeqCst);
+        stop_b.store(true, Ordering::SeqCst);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
