@@ -38,6 +38,55 @@ pub struct StatusArgs {
     json: bool,
 }
 
+/// `netchannel fault`.
+#[derive(clap::Subcommand, Debug)]
+pub enum Fault {
+    /// Ask the daemon to abort one channel to a peer (its TCP connection is shut down), as a
+    /// failure would: no vsocket may lose or duplicate a byte
+    KillChannel(KillChannelArgs),
+}
+
+/// `netchannel fault kill-channel`.
+#[derive(Args, Debug)]
+pub struct KillChannelArgs {
+    /// The peer host's channel address (IP:PORT, as `netchannel status` lists it)
+    #[arg(long)]
+    peer: std::net::SocketAddr,
+    /// Index of the channel within its class
+    #[arg(long, default_value_t = 0)]
+    index: u16,
+    /// Class of the channel: throughput or latency
+    #[arg(long, default_value = "throughput", value_parser = ["throughput", "latency"])]
+    class: String,
+    /// TOML configuration file naming the daemon's socket
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The daemon's Unix socket (overrides the config and NETCHANNEL_SOCKET)
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+/// Inject a fault through the daemon.
+pub fn fault(f: &Fault) -> Result<()> {
+    match f {
+        Fault::KillChannel(a) => {
+            let mut cfg = load(&a.config)?;
+            if let Some(s) = &a.socket {
+                cfg.daemon.socket = Some(s.clone());
+                std::env::remove_var("NETCHANNEL_SOCKET");
+            }
+            let class =
+                if a.class == "latency" { netchannel::Class::Latency } else { netchannel::Class::Throughput };
+            let client = Client::from_config(&cfg).context(|| "fault kill-channel".to_string())?;
+            client
+                .kill_channel(a.peer, class, a.index)
+                .context(|| format!("cannot kill {} channel {} to {}", a.class, a.index, a.peer))?;
+            eprintln!("netchannel: killed {} channel {} to {}", a.class, a.index, a.peer);
+            Ok(())
+        }
+    }
+}
+
 fn load(config: &Option<PathBuf>) -> Result<Config> {
     Ok(match config {
         Some(p) => Config::load(p)?,

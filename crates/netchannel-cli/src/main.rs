@@ -45,6 +45,9 @@ enum Command {
     Up(daemon::UpArgs),
     /// Show the daemon's peers, channels, vsockets and counters
     Status(daemon::StatusArgs),
+    /// Inject faults through the daemon (for testing recovery)
+    #[command(subcommand)]
+    Fault(daemon::Fault),
 }
 
 fn main() {
@@ -54,6 +57,7 @@ fn main() {
         Command::Bench(mode) => bench::run(mode),
         Command::Up(args) => daemon::up(args),
         Command::Status(args) => daemon::status(args),
+        Command::Fault(f) => daemon::fault(f),
     };
     if let Err(e) = result {
         eprintln!("netchannel: {e}");

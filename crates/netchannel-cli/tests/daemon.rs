@@ -528,3 +528,49 @@ fn another_user_is_refused_with_a_reason() {
     };
     assert!(e.is_none_or(|e| e.kind() != ErrorKind::PermissionDenied));
 }
+
+#[test]
+fn a_channel_killed_through_the_daemon_loses_no_byte() {
+    let (_d, da, db) = pair("fault");
+    let port = 7500;
+    let mut server =
+        app("server", db.sock(), &[("NC_APP_PORT", port.to_string()), ("NC_APP_STREAMS", "2".into())]);
+    server.wait_line("listening");
+    let bytes: u64 = 48 << 20;
+    let client = app(
+        "client",
+        da.sock(),
+        &[
+            ("NC_APP_TARGET", target(&db, port)),
+            ("NC_APP_STREAMS", "2".into()),
+            ("NC_APP_BYTES", bytes.to_string()),
+            ("NC_APP_SEED", "77".into()),
+        ],
+    );
+    // Wait until data flows, then kill channel 1 to the peer.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while da.status()["totals"]["bytes_sent"].as_u64().unwrap() < (1 << 20) {
+        assert!(Instant::now() < deadline, "no data flowed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let peer = db.addr.to_string();
+    let out = finish(
+        netchannel(&["fault", "kill-channel", "--peer", &peer, "--index", "1", "--socket", da.sock()])
+            .spawn()
+            .unwrap(),
+        "fault kill-channel",
+    );
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.stderr.contains("killed throughput channel 1"), "{}", out.stderr);
+    assert!(finish_ok(client, "client app").contains(&format!("sent {}", 2 * bytes)));
+    assert!(server.finish("server app").1.contains(&format!("verified {}", 2 * bytes)));
+    // A channel that does not exist is named in the error.
+    let out = finish(
+        netchannel(&["fault", "kill-channel", "--peer", "127.0.0.9:1", "--socket", da.sock()])
+            .spawn()
+            .unwrap(),
+        "fault kill-channel (no such peer)",
+    );
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("no throughput channel 0 to 127.0.0.9:1"), "{}", out.stderr);
+}
