@@ -828,13 +828,17 @@ enum Deployed {
 }
 
 fn deployed() -> io::Result<Deployed> {
-    let cfg = match std::env::var_os("NETCHANNEL_CONFIG") {
-        Some(p) => crate::Config::load(std::path::Path::new(&p))?,
-        None => crate::Config::default(),
-    };
+    // The file is read once per process, like the global host it configures.
+    static CONFIG: std::sync::OnceLock<Result<crate::Config, crate::ConfigError>> =
+        std::sync::OnceLock::new();
+    let cfg = CONFIG.get_or_init(|| match std::env::var_os("NETCHANNEL_CONFIG") {
+        Some(p) => crate::Config::load(std::path::Path::new(&p)),
+        None => Ok(crate::Config::default()),
+    });
+    let cfg = cfg.as_ref().map_err(|e| io::Error::from(e.clone()))?;
     match cfg.deployment {
         crate::Deployment::Embedded => Host::global().map(Deployed::Embedded),
-        crate::Deployment::Daemon => crate::daemon::Client::global(&cfg).map(Deployed::Daemon),
+        crate::Deployment::Daemon => crate::daemon::Client::global(cfg).map(Deployed::Daemon),
     }
 }
 

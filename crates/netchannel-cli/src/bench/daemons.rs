@@ -55,8 +55,11 @@ impl Daemon {
             None => Command::new(&exe),
         };
         cmd.arg("up").arg("--config").arg(&conf).stdin(Stdio::null()).stdout(Stdio::null());
-        // The daemon's warnings (unauthenticated channels) are expected here; errors are not.
-        cmd.env("NETCHANNEL_LOG", "error").env_remove("NETCHANNEL_SOCKET");
+        // The daemon's log goes to a file, quoted if it fails to come up.
+        let log_path = dir.join("daemon.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| format!("cannot create {}: {}", log_path.display(), describe(&e)))?;
+        cmd.stderr(log).env_remove("NETCHANNEL_SOCKET");
         let mut child = cmd.spawn().map_err(|e| format!("cannot start a daemon: {}", describe(&e)))?;
         let deadline = Instant::now() + Duration::from_secs(20);
         let client = loop {
@@ -64,7 +67,12 @@ impl Daemon {
                 Ok(c) => break c,
                 Err(e) => {
                     let why = if let Ok(Some(st)) = child.try_wait() {
-                        format!("the daemon for {listen} exited ({st}) before it served {}", socket.display())
+                        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                        format!(
+                            "the daemon for {listen} exited ({st}) before it served {}: {}",
+                            socket.display(),
+                            log.trim()
+                        )
                     } else if Instant::now() > deadline {
                         format!(
                             "the daemon for {listen} did not come up on {}: {}",
