@@ -73,12 +73,12 @@ impl Client {
     /// Connect to the daemon listening on `path`; fails if it is not running or refuses
     /// this process's user.
     pub fn connect(path: impl AsRef<Path>) -> io::Result<Client> {
-        Client::connect_with(path.as_ref(), Duration::from_micros(Config::default().daemon.app_spin_us))
+        Client::connect_with(path.as_ref(), Config::default().daemon.app_spin())
     }
 
     /// Connect to the daemon named by `cfg` (`[daemon] socket`, or `NETCHANNEL_SOCKET`).
     pub fn from_config(cfg: &Config) -> io::Result<Client> {
-        Client::connect_with(&cfg.daemon.socket_path()?, Duration::from_micros(cfg.daemon.app_spin_us))
+        Client::connect_with(&cfg.daemon.socket_path()?, cfg.daemon.app_spin())
     }
 
     fn connect_with(path: &Path, spin: Duration) -> io::Result<Client> {

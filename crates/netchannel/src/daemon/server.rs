@@ -450,7 +450,7 @@ impl State {
     }
 
     fn run_poller(self: Arc<Self>) {
-        let spin = Duration::from_micros(self.cfg.daemon.poll_spin_us);
+        let spin = self.cfg.daemon.poll_spin();
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         let mut active: Vec<u64> = Vec::new();
         let mut last_move = Instant::now();
