@@ -49,6 +49,8 @@ struct State {
     stopping: AtomicBool,
     clients_refused: AtomicU64,
     clients_disconnected: AtomicU64,
+    /// App → daemon doorbells taken (eventfd wake-ups of the poller).
+    doorbells: AtomicU64,
 }
 
 /// A vsocket served to an app.
@@ -151,6 +153,7 @@ impl Server {
             stopping: AtomicBool::new(false),
             clients_refused: AtomicU64::new(0),
             clients_disconnected: AtomicU64::new(0),
+            doorbells: AtomicU64::new(0),
             cfg,
         });
         let p = st.clone();
@@ -487,6 +490,7 @@ impl State {
                 if let Some(s) = self.streams.lock().unwrap().get(&h) {
                     shm::eventfd_clear(s.kick.as_raw_fd());
                 }
+                self.doorbells.fetch_add(1, Ordering::Relaxed);
                 if !active.contains(&h) {
                     active.push(h);
                 }
@@ -620,6 +624,7 @@ impl State {
                 "channels_refused": stats.channels_refused,
                 "clients_refused": self.clients_refused.load(Ordering::Relaxed),
                 "clients_disconnected": self.clients_disconnected.load(Ordering::Relaxed),
+                "doorbells": self.doorbells.load(Ordering::Relaxed),
             },
         })
     }
