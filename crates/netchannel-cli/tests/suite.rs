@@ -26,18 +26,22 @@ const PNGS: [(&str, u32, u32); 5] = [
 ];
 
 /// The runs of the smoke suite (MPTCP's only when the binary has it).
-const RUNS: [&str; 12] = [
+const RUNS: [&str; 16] = [
     "stream_tcp_1flow_rep1.json",
     "stream_netchannel_ch1-cw1_rep1.json",
     "stream_netchannel_ch4-cw1_rep1.json",
     "stream_netchannel_ch4-cw0_rep1.json",
+    "stream_daemon_ch4-cw1_rep1.json",
     "short_tcp_1conn_rep1.json",
     "short_netchannel_ch1_rep1.json",
     "short_netchannel_ch4_rep1.json",
+    "short_daemon_ch4_rep1.json",
     "pingpong_tcp_1conn_rep1.json",
     "pingpong_netchannel_default_rep1.json",
+    "pingpong_daemon_default_rep1.json",
     "connect_tcp_1conn_rep1.json",
     "connect_netchannel_default_rep1.json",
+    "connect_daemon_default_rep1.json",
     "isolation_all_bulk2_rep1.json",
 ];
 
@@ -85,6 +89,9 @@ fn check_results(dir: &Path) -> Vec<(String, Value)> {
         assert!(rest.contains("| backend"), "`{heading}` has no table header:\n{md}");
         assert!(rest.contains("| tcp "), "`{heading}` has no tcp row:\n{md}");
         assert!(rest.contains("| netchannel "), "`{heading}` has no netchannel row:\n{md}");
+        if heading != "### Latency isolation" {
+            assert!(rest.contains("| daemon "), "`{heading}` has no daemon row:\n{md}");
+        }
     }
 
     for (name, w, h) in PNGS {

@@ -289,6 +289,11 @@ impl Plan {
                     (j.channels, j.copy_workers) = (Some(c), Some(w));
                     self.jobs.push(j);
                 }
+                // The same stream through two `netchannel up` daemons (default knobs).
+                let label = "through daemons, 4 channels";
+                let mut j = job("daemon", "ch4-cw1", label, base("stream", "daemon", d), d + start + 0.5);
+                (j.channels, j.copy_workers) = (Some(4), Some(1));
+                self.jobs.push(j);
             }
             Experiment::Short => {
                 let with_size = |mut a: Vec<String>| {
@@ -310,6 +315,10 @@ impl Plan {
                     j.channels = Some(c);
                     self.jobs.push(j);
                 }
+                let args = with_size(base("short", "daemon", d));
+                let mut j = job("daemon", "ch4", "through daemons, 4 channels", args, d + start + 0.5);
+                j.channels = Some(4);
+                self.jobs.push(j);
             }
             Experiment::Pingpong | Experiment::Connect => {
                 let mode = e.id();
@@ -317,6 +326,12 @@ impl Plan {
                 self.jobs.push(job("tcp", "1conn", "1 connection", base(mode, "tcp", d), expected));
                 let label = if e == Experiment::Pingpong { "latency class" } else { "a vsocket each" };
                 self.jobs.push(job("netchannel", "default", label, base(mode, "netchannel", d), expected));
+                let label = if e == Experiment::Pingpong {
+                    "through daemons, latency class"
+                } else {
+                    "through daemons, a vsocket each"
+                };
+                self.jobs.push(job("daemon", "default", label, base(mode, "daemon", d), expected + 0.5));
             }
             Experiment::Isolation => {
                 let d = self.isolation_duration;
@@ -855,7 +870,10 @@ mod tests {
         assert!(names.contains(&"short_netchannel_ch4_rep1.json".to_string()));
         // 4 channels with 1 copy worker is in both sweeps but runs once.
         assert_eq!(names.iter().filter(|n| *n == "stream_netchannel_ch4-cw1_rep1.json").count(), 1);
-        assert_eq!(names.len(), 2 * (1 + 5 + 1 + 3 + 2 + 2 + 1));
+        assert!(names.contains(&"pingpong_daemon_default_rep2.json".to_string()));
+        // stream: tcp, 5 netchannel, daemon; short: tcp, 3 netchannel, daemon; ping-pong and
+        // connect: tcp, netchannel, daemon; isolation.
+        assert_eq!(names.len(), 2 * ((1 + 5 + 1) + (1 + 3 + 1) + 3 + 3 + 1));
         let total = plan.expected_secs();
         assert!(total > 60.0 && total < 120.0, "{total}");
     }
