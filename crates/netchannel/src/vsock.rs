@@ -160,6 +160,7 @@ impl VSock {
                 vsock: self.remote_id(),
                 received: c.received,
                 limit: c.limit,
+                fin_received: c.fin_received,
             });
         }
     }
@@ -282,9 +283,14 @@ impl VSock {
     }
 
     /// A CREDIT arrived.
-    pub(crate) fn on_credit(self: &Arc<Self>, received: u64, limit: u64) {
+    pub(crate) fn on_credit(self: &Arc<Self>, received: u64, limit: u64, fin_received: bool) {
         let mut tx = self.tx.lock().unwrap();
-        match tx.st.on_credit(received, limit) {
+        let res = tx.st.on_credit(received, limit);
+        let res = match res {
+            Ok(freed) if fin_received => tx.st.on_fin_received(received).map(|()| freed),
+            other => other,
+        };
+        match res {
             Err(e) => {
                 drop(tx);
                 self.protocol_error(e);
@@ -394,7 +400,9 @@ impl VSock {
         let rid = self.remote_id();
         if rid != 0 {
             let rx = self.rx.lock().unwrap();
-            let f = Frame::Credit { vsock: rid, received: rx.st.in_order(), limit: rx.st.granted() };
+            let received = rx.st.in_order();
+            let fin_received = rx.st.fin() == Some(received);
+            let f = Frame::Credit { vsock: rid, received, limit: rx.st.granted(), fin_received };
             drop(rx);
             self.send_control(&f);
         }

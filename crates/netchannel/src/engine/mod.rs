@@ -704,9 +704,9 @@ impl HostInner {
                     self.totals.frames_dropped.fetch_add(1, Ordering::Relaxed);
                 }
             },
-            Frame::Credit { vsock, received, limit } => {
+            Frame::Credit { vsock, received, limit, fin_received } => {
                 if let Some(v) = mine(vsock) {
-                    v.on_credit(received, limit);
+                    v.on_credit(received, limit, fin_received);
                 }
             }
             Frame::Open { src_vsock, src_port, dst_port, class, credit } => {

@@ -33,6 +33,8 @@ pub struct TxState {
     fin_wanted: bool,
     /// FIN has been handed to a channel.
     fin_sent: bool,
+    /// The peer said it has the FIN (CREDIT with `FLAG_FIN_RECEIVED`).
+    fin_acked: bool,
 }
 
 /// One segment handed out by [`TxState::next_segment`].
@@ -59,6 +61,7 @@ impl TxState {
             ack_asked: 0,
             fin_wanted: false,
             fin_sent: false,
+            fin_acked: false,
         }
     }
 
@@ -170,9 +173,26 @@ impl TxState {
         self.fin_wanted
     }
 
+    /// The peer acknowledged the FIN at `offset` (a CREDIT with the FIN flag; it may arrive
+    /// after a rewind made the FIN due again).
+    pub fn on_fin_received(&mut self, offset: u64) -> Result<(), ProtoError> {
+        if !self.fin_wanted || offset != self.written {
+            return Err(ProtoError(format!(
+                "peer acknowledged a FIN at offset {offset}, but {}",
+                if self.fin_wanted {
+                    format!("the stream ends at {}", self.written)
+                } else {
+                    "no FIN was sent".to_string()
+                }
+            )));
+        }
+        self.fin_acked = true;
+        Ok(())
+    }
+
     /// If the FIN is due now, its final offset; marks it sent.
     pub fn take_fin(&mut self) -> Option<u64> {
-        if self.fin_wanted && !self.fin_sent && self.sched == self.written {
+        if self.fin_wanted && !self.fin_sent && !self.fin_acked && self.sched == self.written {
             self.fin_sent = true;
             Some(self.written)
         } else {
@@ -180,14 +200,15 @@ impl TxState {
         }
     }
 
-    /// FIN sent and every byte acknowledged: the sending half is finished.
+    /// Every byte and the FIN acknowledged: the sending half is finished.
     pub fn finished(&self) -> bool {
-        self.fin_sent && self.acked == self.written
+        self.fin_acked && self.acked == self.written
     }
 
-    /// Forget that FIN was sent (it must be sent again after a rewind).
+    /// Forget that FIN was sent unless the peer acknowledged it: the channel that carried it
+    /// may have died, so it must be sent again.
     pub fn rewind_fin(&mut self) {
-        if self.fin_sent && self.acked < self.written {
+        if !self.fin_acked {
             self.fin_sent = false;
         }
     }
@@ -217,6 +238,8 @@ pub struct RxState {
 pub struct Credit {
     pub received: u64,
     pub limit: u64,
+    /// The FIN arrived and `received` is the final offset (the stream is complete).
+    pub fin_received: bool,
 }
 
 impl RxState {
@@ -345,7 +368,7 @@ impl RxState {
             }
             self.granted = self.granted.max(limit);
             self.acked_sent = in_order;
-            Some(Credit { received: in_order, limit: self.granted })
+            Some(Credit { received: in_order, limit: self.granted, fin_received: self.fin == Some(in_order) })
         } else {
             None
         }
@@ -387,6 +410,9 @@ mod tests {
             }
             if let Some(c) = rx.credit_due() {
                 tx.on_credit(c.received, c.limit).unwrap();
+                if c.fin_received {
+                    tx.on_fin_received(c.received).unwrap();
+                }
             }
             if rx.eof() && tx.finished() {
                 assert_eq!(delivered, total);
@@ -480,7 +506,17 @@ mod tests {
         assert_eq!(tx.take_fin(), None);
         assert!(!tx.finished());
         tx.on_credit(10, 1000).unwrap();
+        assert!(!tx.finished(), "the FIN itself is not acknowledged yet");
+        // The channel that carried the FIN died: it is due again.
+        tx.rewind();
+        tx.rewind_fin();
+        assert_eq!(tx.take_fin(), Some(10));
+        assert!(tx.on_fin_received(9).is_err());
+        tx.on_fin_received(10).unwrap();
         assert!(tx.finished());
+        tx.rewind();
+        tx.rewind_fin();
+        assert_eq!(tx.take_fin(), None, "an acknowledged FIN is never sent again");
     }
 
     #[test]
@@ -490,7 +526,7 @@ mod tests {
         rx.on_fin(100).unwrap();
         assert_eq!(rx.credit_due(), None, "stream not complete yet");
         rx.on_data(0, 50, false, |_, _| {}).unwrap();
-        assert_eq!(rx.credit_due(), Some(Credit { received: 100, limit: 1 << 20 }));
+        assert_eq!(rx.credit_due(), Some(Credit { received: 100, limit: 1 << 20, fin_received: true }));
         assert_eq!(rx.credit_due(), None);
         rx.consume(100);
         assert!(rx.eof());
