@@ -255,7 +255,11 @@ impl VSock {
             return;
         }
         if rx.closed {
-            // The application closed this vsocket; data still arriving is refused as TCP does.
+            // A copy of bytes already received, re-sent after a channel died: nothing new.
+            if offset.saturating_add(payload.len() as u64) <= rx.st.in_order() {
+                return;
+            }
+            // The application closed this vsocket; new data still arriving is refused as TCP does.
             drop(rx);
             self.reset(Reason::Closed, "data arrived after the vsocket was closed");
             return;
