@@ -478,12 +478,18 @@ mod tests {
         assert_eq!(c.latency_ports, [6379, 11211]);
         assert_eq!((c.latency_nice, c.latency_fifo_priority, c.busy_poll_us), (-5, 10, 50));
         assert_eq!(c.peer_down_timeout, Duration::from_millis(2500));
-        assert_eq!((c.reconnect_backoff, c.reconnect_backoff_max), (Duration::from_millis(20), Duration::from_millis(400)));
+        assert_eq!(
+            (c.reconnect_backoff, c.reconnect_backoff_max),
+            (Duration::from_millis(20), Duration::from_millis(400))
+        );
         assert!(Config::from_toml_str("reconnect_backoff_ms = 500\nreconnect_backoff_max_ms = 100")
             .unwrap_err()
             .to_string()
             .contains("reconnect_backoff_max_ms"));
-        assert_eq!(Config::from_toml_str("peer_down_timeout_ms = 0").unwrap_err().key, "peer_down_timeout_ms");
+        assert_eq!(
+            Config::from_toml_str("peer_down_timeout_ms = 0").unwrap_err().key,
+            "peer_down_timeout_ms"
+        );
         assert_eq!(c.copy_threshold, 512 << 10);
         assert_eq!(c.segment_size, 32 << 10);
         assert_eq!(c.send_buffer, 1 << 20);

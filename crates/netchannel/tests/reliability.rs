@@ -445,7 +445,8 @@ fn a_peer_gone_longer_than_the_timeout_fails_its_vsockets_naming_it() {
 fn a_restarted_peer_fails_old_vsockets_at_once_and_serves_new_ones() {
     within(120, || {
         // The timeout is long: only recognising the restart can fail the old vsocket soon.
-        let (a, mut child, a_addr, b_addr) = host_and_child(|c| c.peer_down_timeout = Duration::from_secs(600));
+        let (a, mut child, a_addr, b_addr) =
+            host_and_child(|c| c.peer_down_timeout = Duration::from_secs(600));
         let dst = SocketAddr::new(b_addr.ip(), 7000);
         let old = a.connect(dst).unwrap();
         echo_once(&old, b"before the restart");

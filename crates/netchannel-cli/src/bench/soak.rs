@@ -176,7 +176,13 @@ fn read_full(s: &VStream, buf: &mut [u8]) -> std::result::Result<(), String> {
 }
 
 /// One throughput-class stream from the client side; returns the bytes verified.
-fn bulk_client(host: &Host, dst: SocketAddr, id: u64, rng: &mut Rng, sh: &Shared) -> std::result::Result<u64, String> {
+fn bulk_client(
+    host: &Host,
+    dst: SocketAddr,
+    id: u64,
+    rng: &mut Rng,
+    sh: &Shared,
+) -> std::result::Result<u64, String> {
     let size = rng.stream_size();
     let s = host.connect(dst).map_err(|e| format!("connect to {dst}: {e}"))?;
     sh.vsockets.fetch_add(1, Ordering::Relaxed);
@@ -236,7 +242,13 @@ fn bulk_server(s: VStream, sh: &Shared) -> std::result::Result<u64, String> {
 }
 
 /// One latency-class vsocket: a few dozen verified round trips; returns the bytes verified.
-fn latency_client(host: &Host, dst: SocketAddr, id: u64, rng: &mut Rng, sh: &Shared) -> std::result::Result<u64, String> {
+fn latency_client(
+    host: &Host,
+    dst: SocketAddr,
+    id: u64,
+    rng: &mut Rng,
+    sh: &Shared,
+) -> std::result::Result<u64, String> {
     let s = host.connect_class(dst, Class::Latency).map_err(|e| format!("connect to {dst}: {e}"))?;
     sh.vsockets.fetch_add(1, Ordering::Relaxed);
     timeouts(&s, sh.stall).map_err(|e| e.to_string())?;
@@ -277,7 +289,11 @@ fn echo_server(s: VStream, sh: &Shared) -> std::result::Result<u64, String> {
 
 /// Run the soak.
 pub fn run(args: &SoakArgs) -> Result<()> {
-    if !(args.duration > 0.0) || args.kill_channel_every < 0.0 || !(args.stall_timeout > 0.0) {
+    let valid = |v: f64, zero_ok: bool| v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0));
+    let ok = valid(args.duration, false)
+        && valid(args.stall_timeout, false)
+        && valid(args.kill_channel_every, true);
+    if !ok {
         return Err("--duration and --stall-timeout must be positive, --kill-channel-every 0 or more".into());
     }
     let base = match &args.config {
@@ -389,7 +405,7 @@ pub fn run(args: &SoakArgs) -> Result<()> {
                     continue;
                 }
                 next_kill = every.map(|e| t + e);
-                let host = if rng.next() % 2 == 0 { &a } else { &b };
+                let host = if rng.next() & 1 == 0 { &a } else { &b };
                 let chans = host.stats().channels;
                 if chans.is_empty() {
                     continue;
@@ -404,7 +420,9 @@ pub fn run(args: &SoakArgs) -> Result<()> {
 
     // Progress, then wait for the apps (they finish their current vsocket after the deadline).
     while Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now())));
+        std::thread::sleep(
+            Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now())),
+        );
         if !args.json {
             eprint!(
                 "\rsoak: {:5.1} s  {} MiB verified  {} kills  {} errors ",

@@ -83,7 +83,10 @@ impl HostInner {
         if reason == channel::PEER_SHUTDOWN {
             // The peer host said it is going away: its vsockets cannot come back.
             if left == 0 {
-                crate::log::line(Level::Info, format_args!("every channel to {} is down ({reason})", peer.key));
+                crate::log::line(
+                    Level::Info,
+                    format_args!("every channel to {} is down ({reason})", peer.key),
+                );
             }
             self.retire_peer(peer, reason);
             return;
@@ -212,7 +215,8 @@ impl HostInner {
             }
             _ => Duration::MAX,
         };
-        let next = backoff.map_or(self.cfg.reconnect_backoff, |b| (b * 2).min(self.cfg.reconnect_backoff_max));
+        let next =
+            backoff.map_or(self.cfg.reconnect_backoff, |b| (b * 2).min(self.cfg.reconnect_backoff_max));
         *backoff = Some(next);
         Some(next.min(left))
     }
@@ -232,7 +236,11 @@ impl HostInner {
         let known = peer.host_id.load(Ordering::Relaxed);
         if known != 0 && id != known {
             let _ = s.shutdown(std::net::Shutdown::Both);
-            crate::log!(Warn, "the peer host at {} restarted (new host id): its vsockets are reset", peer.key);
+            crate::log!(
+                Warn,
+                "the peer host at {} restarted (new host id): its vsockets are reset",
+                peer.key
+            );
             self.retire_peer(peer, "the peer host restarted");
             return Ok(false);
         }
@@ -301,7 +309,11 @@ fn watch(host: Weak<HostInner>, peer: Arc<Peer>) {
                 let until = Instant::now() + d;
                 loop {
                     let now = Instant::now();
-                    if now >= until || host.upgrade().map_or(true, |h| h.is_closing()) {
+                    let closing = match host.upgrade() {
+                        Some(h) => h.is_closing(),
+                        None => true,
+                    };
+                    if now >= until || closing {
                         break;
                     }
                     std::thread::sleep((until - now).min(WATCH_TICK));
