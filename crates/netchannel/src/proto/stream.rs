@@ -231,6 +231,9 @@ pub struct RxState {
     ack_wanted: Option<u64>,
     /// Final offset, once the peer's FIN arrived.
     fin: Option<u64>,
+    /// A FIN arrived (the first, or a copy sent again after a channel died) and has not been
+    /// acknowledged since: acknowledge it as soon as the stream is complete.
+    fin_ack_due: bool,
 }
 
 /// A CREDIT to send: `received` in order so far and the new `limit`.
@@ -253,6 +256,7 @@ impl RxState {
             acked_sent: 0,
             ack_wanted: None,
             fin: None,
+            fin_ack_due: false,
         }
     }
 
@@ -336,8 +340,9 @@ impl RxState {
             }
             _ => {
                 self.fin = Some(offset);
-                // Acknowledge the end of the stream as soon as it is all here.
-                self.ack_wanted = Some(offset);
+                // Acknowledge the end of the stream as soon as it is all here (again for a
+                // copy: the sender re-sends FIN when its acknowledgement may have been lost).
+                self.fin_ack_due = true;
                 Ok(())
             }
         }
@@ -351,24 +356,33 @@ impl RxState {
 
     /// A CREDIT is due if the window moved by a quarter of the buffer, the in-order point
     /// moved by a quarter of the buffer since the last acknowledgement, the window is full,
-    /// or the peer asked for an acknowledgement that the in-order point now covers. Marks it
-    /// sent.
+    /// the peer asked for an acknowledgement that the in-order point now covers, or the stream
+    /// is complete and its FIN not acknowledged since it (or a copy) arrived. Marks it sent.
     pub fn credit_due(&mut self) -> Option<Credit> {
         let quarter = (self.cap / 4).max(1);
         let limit = self.consumed + self.cap;
         let in_order = self.reasm.in_order();
-        let asked = self.ack_wanted.is_some_and(|w| in_order >= w && in_order > self.acked_sent)
-            || self.ack_wanted.is_some_and(|w| self.fin == Some(w) && in_order >= w);
+        let asked = self.ack_wanted.is_some_and(|w| in_order >= w && in_order > self.acked_sent);
+        let complete = self.fin == Some(in_order);
+        let fin_due = complete && self.fin_ack_due;
         // A full window will not move until the application reads: acknowledge what is here
         // so the sender can free its buffer meanwhile.
         let window_full = in_order == self.granted && in_order > self.acked_sent;
-        if limit - self.granted >= quarter || in_order - self.acked_sent >= quarter || asked || window_full {
+        if limit - self.granted >= quarter
+            || in_order - self.acked_sent >= quarter
+            || asked
+            || window_full
+            || fin_due
+        {
             if self.ack_wanted.is_some_and(|w| in_order >= w) {
                 self.ack_wanted = None;
             }
+            if complete {
+                self.fin_ack_due = false;
+            }
             self.granted = self.granted.max(limit);
             self.acked_sent = in_order;
-            Some(Credit { received: in_order, limit: self.granted, fin_received: self.fin == Some(in_order) })
+            Some(Credit { received: in_order, limit: self.granted, fin_received: complete })
         } else {
             None
         }
@@ -517,6 +531,23 @@ mod tests {
         tx.rewind();
         tx.rewind_fin();
         assert_eq!(tx.take_fin(), None, "an acknowledged FIN is never sent again");
+    }
+
+    #[test]
+    fn a_fin_that_overtakes_the_data_is_still_acknowledged() {
+        // Found by the stream_state fuzz target: FIN first, then segments asking for an
+        // acknowledgement of an earlier offset must not cancel the FIN's acknowledgement.
+        let mut rx = RxState::new(4000);
+        rx.on_fin(280).unwrap();
+        assert_eq!(rx.credit_due(), None);
+        rx.on_data(0, 106, true, |_, _| {}).unwrap();
+        assert_eq!(rx.credit_due().map(|c| (c.received, c.fin_received)), Some((106, false)));
+        rx.on_data(106, 174, false, |_, _| {}).unwrap();
+        assert_eq!(rx.credit_due().map(|c| (c.received, c.fin_received)), Some((280, true)));
+        assert_eq!(rx.credit_due(), None);
+        // A copy of the FIN (its acknowledgement may have been lost) is acknowledged again.
+        rx.on_fin(280).unwrap();
+        assert_eq!(rx.credit_due().map(|c| (c.received, c.fin_received)), Some((280, true)));
     }
 
     #[test]
