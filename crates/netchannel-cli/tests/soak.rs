@@ -46,6 +46,7 @@ fn a_short_soak_with_channel_kills_verifies_everything() {
     assert!(u64_of(&v, "channels_redialed") >= 1, "{v}");
     assert_eq!(u64_of(&v, "peers_lost"), 0, "{v}");
     assert_eq!(v["channels_end"], serde_json::json!([5, 5]), "the mesh came back whole: {v}");
+    assert_eq!(v["vsockets_end"], serde_json::json!([0, 0]), "every vsocket closed: {v}");
     for key in ["rss_start_kib", "rss_end_kib", "rss_max_kib"] {
         assert!(u64_of(&v, key) > 0, "{key} in {v}");
     }

@@ -92,6 +92,9 @@ pub struct SoakReport {
     pub peers_lost: u64,
     /// Channels each host had at the end (after waiting briefly for re-dials).
     pub channels_end: [usize; 2],
+    /// Vsockets still in each host's table at the end (after waiting briefly for the last
+    /// ones to finish closing); anything but 0 is a leak.
+    pub vsockets_end: [usize; 2],
     pub rss_start_kib: u64,
     pub rss_end_kib: u64,
     pub rss_max_kib: u64,
@@ -448,7 +451,12 @@ pub fn run(args: &SoakArgs) -> Result<()> {
     // Let the last killed channel come back before counting.
     let want = base.throughput_channels + base.latency_channels;
     let settle = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < settle && [&a, &b].iter().any(|h| h.stats().channels.len() < want) {
+    while Instant::now() < settle
+        && [&a, &b].iter().any(|h| {
+            let st = h.stats();
+            st.channels.len() < want || st.vsockets > 0
+        })
+    {
         std::thread::sleep(Duration::from_millis(20));
     }
     let (sa, sb) = (a.stats(), b.stats());
@@ -466,6 +474,7 @@ pub fn run(args: &SoakArgs) -> Result<()> {
         channels_redialed: sa.channels_redialed + sb.channels_redialed,
         peers_lost: sa.peers_lost + sb.peers_lost,
         channels_end: [sa.channels.len(), sb.channels.len()],
+        vsockets_end: [sa.vsockets, sb.vsockets],
         rss_start_kib: rss_start,
         rss_end_kib: rss_end,
         rss_max_kib: rss_max.load(Ordering::Relaxed).max(rss_end),
