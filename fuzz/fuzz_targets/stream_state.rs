@@ -13,6 +13,8 @@
 //! A second, independent `Reassembly` is checked against a bitmap model.
 #![no_main]
 
+use std::collections::VecDeque;
+
 use libfuzzer_sys::fuzz_target;
 use netchannel::proto::reasm::Reassembly;
 use netchannel::proto::stream::{Credit, RxState, TxState};
@@ -48,7 +50,8 @@ struct Sim {
     tx: TxState,
     rx: RxState,
     seg_max: u32,
-    net: Vec<(u8, Msg)>,
+    /// Frames in flight (a deque: the settle phase takes them from the front).
+    net: VecDeque<(u8, Msg)>,
     next_ch: u8,
     /// Receive buffer by absolute offset, and which bytes were written.
     buf: Vec<u8>,
@@ -66,23 +69,23 @@ impl Sim {
             assert!(end <= self.tx.written());
             let ch = self.next_ch;
             self.next_ch = (self.next_ch + 1) % CHANNELS;
-            self.net.push((ch, Msg::Data { offset: seg.offset, len: seg.len, ack: seg.ack_request }));
+            self.net.push_back((ch, Msg::Data { offset: seg.offset, len: seg.len, ack: seg.ack_request }));
         }
         if let Some(f) = self.tx.take_fin() {
             assert_eq!(f, self.tx.written());
-            self.net.push((self.next_ch, Msg::Fin(f)));
+            self.net.push_back((self.next_ch, Msg::Fin(f)));
         }
     }
 
     fn credit(&mut self, ch: u8) {
         if let Some(c) = self.rx.credit_due() {
             assert!(c.received <= c.limit);
-            self.net.push((ch, Msg::Credit(c)));
+            self.net.push_back((ch, Msg::Credit(c)));
         }
     }
 
     fn deliver(&mut self, i: usize) {
-        let (ch, msg) = self.net.remove(i);
+        let (ch, msg) = self.net.remove(i).expect("index within the frames in flight");
         match msg {
             Msg::Data { offset, len, ack } => {
                 let before = self.rx.in_order();
@@ -141,7 +144,7 @@ impl Sim {
         let received = self.rx.in_order();
         let c = Credit { received, limit: self.rx.granted(), fin_received: self.rx.fin() == Some(received) };
         let alive = (ch + 1) % CHANNELS;
-        self.net.push((alive, Msg::Credit(c)));
+        self.net.push_back((alive, Msg::Credit(c)));
         self.pump();
     }
 }
@@ -190,7 +193,7 @@ fuzz_target!(|data: &[u8]| {
         tx: TxState::new(tx_cap, rx_cap),
         rx: RxState::new(rx_cap),
         seg_max: 1 + u32::from(sm) * 4,
-        net: Vec::new(),
+        net: VecDeque::new(),
         next_ch: 0,
         buf: Vec::new(),
         have: Vec::new(),
@@ -216,7 +219,7 @@ fuzz_target!(|data: &[u8]| {
                     Msg::Credit(c) => Msg::Credit(*c),
                     Msg::Fin(f) => Msg::Fin(*f),
                 };
-                sim.net.push(((sim.net[i].0 + 1) % CHANNELS, copy));
+                sim.net.push_back(((sim.net[i].0 + 1) % CHANNELS, copy));
             }
             5 => sim.read(u64::from(arg) * 4),
             6 => sim.kill(arg % CHANNELS),
