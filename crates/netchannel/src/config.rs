@@ -189,6 +189,16 @@ pub struct Config {
     pub deployment: Deployment,
     /// The `[daemon]` table.
     pub daemon: DaemonConfig,
+    /// `peer_down_timeout_ms`: how long every channel to a peer may stay down before its
+    /// vsockets fail (ConnectionReset naming the peer); meanwhile channels are dialed again
+    /// and vsockets wait. Default 5000 ms.
+    pub peer_down_timeout: Duration,
+    /// `reconnect_backoff_ms`: first pause before dialing a lost channel again; it doubles
+    /// after each failed attempt up to `reconnect_backoff_max_ms`. Default 50 ms.
+    pub reconnect_backoff: Duration,
+    /// `reconnect_backoff_max_ms`: longest pause between attempts to dial a lost channel.
+    /// Default 1000 ms.
+    pub reconnect_backoff_max: Duration,
 }
 
 impl Default for Config {
@@ -220,6 +230,9 @@ impl Default for Config {
             accept_backlog: 1024,
             deployment: Deployment::Embedded,
             daemon: DaemonConfig::defaults(),
+            peer_down_timeout: Duration::from_millis(5000),
+            reconnect_backoff: Duration::from_millis(50),
+            reconnect_backoff_max: Duration::from_millis(1000),
         }
     }
 }
@@ -312,6 +325,9 @@ struct RawConfig {
     policy: Option<String>,
     connect_timeout_ms: Option<i64>,
     accept_backlog: Option<i64>,
+    peer_down_timeout_ms: Option<i64>,
+    reconnect_backoff_ms: Option<i64>,
+    reconnect_backoff_max_ms: Option<i64>,
     deployment: Option<String>,
     daemon: Option<RawDaemon>,
 }
@@ -445,6 +461,18 @@ impl Config {
         }
         if let Some(v) = raw.accept_backlog {
             c.accept_backlog = count("accept_backlog", v)?;
+        }
+        let millis = |key: &str, v: i64| {
+            u64::try_from(v).map(Duration::from_millis).map_err(|_| err(key, format!("{v} is negative")))
+        };
+        if let Some(v) = raw.peer_down_timeout_ms {
+            c.peer_down_timeout = millis("peer_down_timeout_ms", v)?;
+        }
+        if let Some(v) = raw.reconnect_backoff_ms {
+            c.reconnect_backoff = millis("reconnect_backoff_ms", v)?;
+        }
+        if let Some(v) = raw.reconnect_backoff_max_ms {
+            c.reconnect_backoff_max = millis("reconnect_backoff_max_ms", v)?;
         }
         if let Some(d) = raw.deployment {
             c.deployment = match d.as_str() {
@@ -620,6 +648,22 @@ impl Config {
         range("write_batch", self.write_batch, 4096, 64 << 20)?;
         range("write_batch_frames", self.write_batch_frames, 1, 1024)?;
         range("accept_backlog", self.accept_backlog, 1, 1 << 20)?;
+        if self.peer_down_timeout.is_zero() {
+            return Err(err("peer_down_timeout_ms", "must be greater than 0"));
+        }
+        if self.reconnect_backoff.is_zero() {
+            return Err(err("reconnect_backoff_ms", "must be greater than 0"));
+        }
+        if self.reconnect_backoff_max < self.reconnect_backoff {
+            return Err(err(
+                "reconnect_backoff_max_ms",
+                format!(
+                    "{} is below reconnect_backoff_ms ({})",
+                    self.reconnect_backoff_max.as_millis(),
+                    self.reconnect_backoff.as_millis()
+                ),
+            ));
+        }
         if self.connect_timeout.is_zero() {
             return Err(err("connect_timeout_ms", "must be greater than 0"));
         }
@@ -667,6 +711,9 @@ mod tests {
             policy = "hash"
             connect_timeout_ms = 500
             accept_backlog = 16
+            peer_down_timeout_ms = 2500
+            reconnect_backoff_ms = 20
+            reconnect_backoff_max_ms = 400
             deployment = "daemon"
 
             [daemon]
@@ -684,6 +731,19 @@ mod tests {
         assert_eq!((c.channel_workers, c.latency_workers), (3, 0));
         assert_eq!(c.latency_ports, [6379, 11211]);
         assert_eq!((c.latency_nice, c.latency_fifo_priority, c.busy_poll_us), (-5, 10, 50));
+        assert_eq!(c.peer_down_timeout, Duration::from_millis(2500));
+        assert_eq!(
+            (c.reconnect_backoff, c.reconnect_backoff_max),
+            (Duration::from_millis(20), Duration::from_millis(400))
+        );
+        assert!(Config::from_toml_str("reconnect_backoff_ms = 500\nreconnect_backoff_max_ms = 100")
+            .unwrap_err()
+            .to_string()
+            .contains("reconnect_backoff_max_ms"));
+        assert_eq!(
+            Config::from_toml_str("peer_down_timeout_ms = 0").unwrap_err().key,
+            "peer_down_timeout_ms"
+        );
         assert_eq!(c.copy_threshold, 512 << 10);
         assert_eq!(c.segment_size, 32 << 10);
         assert_eq!(c.send_buffer, 1 << 20);

@@ -274,7 +274,7 @@ impl VSock {
         self.remote_id.store(id, Ordering::Release);
     }
 
-    fn remote_id(&self) -> u32 {
+    pub(crate) fn remote_id(&self) -> u32 {
         self.remote_id.load(Ordering::Acquire)
     }
 
@@ -302,6 +302,7 @@ impl VSock {
                 vsock: self.remote_id(),
                 received: c.received,
                 limit: c.limit,
+                fin_received: c.fin_received,
             });
         }
     }
@@ -396,7 +397,11 @@ impl VSock {
             return;
         }
         if rx.closed {
-            // The application closed this vsocket; data still arriving is refused as TCP does.
+            // A copy of bytes already received, re-sent after a channel died: nothing new.
+            if offset.saturating_add(payload.len() as u64) <= rx.st.in_order() {
+                return;
+            }
+            // The application closed this vsocket; new data still arriving is refused as TCP does.
             drop(rx);
             self.reset(Reason::Closed, "data arrived after the vsocket was closed");
             return;
@@ -435,9 +440,14 @@ impl VSock {
     }
 
     /// A CREDIT arrived.
-    pub(crate) fn on_credit(self: &Arc<Self>, received: u64, limit: u64) {
+    pub(crate) fn on_credit(self: &Arc<Self>, received: u64, limit: u64, fin_received: bool) {
         let mut tx = self.tx.lock().unwrap();
-        match tx.st.on_credit(received, limit) {
+        let res = tx.st.on_credit(received, limit);
+        let res = match res {
+            Ok(freed) if fin_received => tx.st.on_fin_received(received).map(|()| freed),
+            other => other,
+        };
+        match res {
             Err(e) => {
                 drop(tx);
                 self.protocol_error(e);
@@ -552,19 +562,51 @@ impl VSock {
         self.rx_cv.notify_all();
     }
 
+    /// The OPEN frame that opens this (connecting) vsocket.
+    fn open_frame(&self, recv_buffer: usize) -> Frame<'static> {
+        Frame::Open {
+            src_vsock: self.id,
+            src_port: self.local.port(),
+            dst_port: self.remote.port(),
+            class: self.class(),
+            credit: recv_buffer as u64,
+        }
+    }
+
+    /// The stream's final offset received, if the vsocket ended cleanly: no error, its own
+    /// FIN acknowledged, the peer's FIN and every byte before it received.
+    pub(crate) fn clean_end(&self) -> Option<u64> {
+        let tx = self.tx.lock().unwrap();
+        let rx = self.rx.lock().unwrap();
+        if tx.error.is_some() || rx.error.is_some() || !tx.st.finished() {
+            return None;
+        }
+        rx.st.fin().filter(|&f| f == rx.st.in_order())
+    }
+
     /// A channel to the peer died: send every unacknowledged byte again, re-send FIN if it
-    /// may have been lost, and re-announce credit in case a CREDIT was lost.
+    /// may have been lost, re-announce credit in case a CREDIT was lost, and send OPEN again
+    /// if a connect is still waiting for its answer.
     pub(crate) fn recover(self: &Arc<Self>) {
-        {
+        let reopen = {
             let mut tx = self.tx.lock().unwrap();
             tx.st.rewind();
             tx.st.rewind_fin();
+            self.owns_port && !tx.opened && tx.error.is_none()
+        };
+        if reopen {
+            if let Some(h) = self.host() {
+                self.send_control(&self.open_frame(h.cfg.recv_buffer));
+            }
+            return;
         }
         self.pump();
         let rid = self.remote_id();
         if rid != 0 {
             let rx = self.rx.lock().unwrap();
-            let f = Frame::Credit { vsock: rid, received: rx.st.in_order(), limit: rx.st.granted() };
+            let received = rx.st.in_order();
+            let fin_received = rx.st.fin() == Some(received);
+            let f = Frame::Credit { vsock: rid, received, limit: rx.st.granted(), fin_received };
             drop(rx);
             self.send_control(&f);
         }
@@ -874,16 +916,9 @@ impl VStream {
         Arc::get_mut(&mut vs).expect("fresh vsocket").owns_port = true;
         inner.vsocks.write().unwrap().insert(id, vs.clone());
         let stream = VStream { imp: StreamImp::Embedded(Arc::new(Handle { vs: vs.clone(), _host: host })) };
-        let open = Frame::Open {
-            src_vsock: id,
-            src_port: port,
-            dst_port: addr.port(),
-            class,
-            credit: inner.cfg.recv_buffer as u64,
-        };
-        if !peer.send_control(class, &open) {
-            vs.fail(ErrorKind::ConnectionReset, format!("no channel to {} is up", peer.key));
-        }
+        // With no channel up (all being dialed again), OPEN goes out when one is back
+        // (`VSock::recover`); the peer's loss fails this vsocket, and the deadline bounds it.
+        peer.send_control(class, &vs.open_frame(inner.cfg.recv_buffer));
         let mut tx = vs.tx.lock().unwrap();
         loop {
             if let Some((kind, msg)) = &tx.error {

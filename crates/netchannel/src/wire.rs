@@ -11,7 +11,7 @@
 //! | off | size | field      | meaning                                                        |
 //! |-----|------|------------|----------------------------------------------------------------|
 //! | 0   | 1    | `kind`     | frame kind, see [`Kind`]                                       |
-//! | 1   | 1    | `flags`    | bit 0: latency class (HELLO, OPEN); bit 1: ack request (DATA); every other bit must be 0 |
+//! | 1   | 1    | `flags`    | bit 0: latency class (HELLO, OPEN); bit 1: ack request (DATA); bit 2: FIN received (CREDIT); every other bit must be 0 |
 //! | 2   | 2    | reserved   | must be 0                                                      |
 //! | 4   | 4    | `len`      | payload bytes that follow the header                           |
 //! | 8   | 4    | `vsock`    | the *receiver's* vsocket id the frame is for; 0 = none         |
@@ -50,7 +50,10 @@
 //!   (bits 0..16); bits 32..64 must be 0. Its `flags` bit 0 is the vsocket's class.
 //! * CREDIT: `a` is how far the receiver has the stream in order (the sender may free its
 //!   copy of everything below it); `b` is the absolute offset up to which the sender may
-//!   send. A sender never sends a byte at or beyond `b`.
+//!   send. A sender never sends a byte at or beyond `b`. With [`FLAG_FIN_RECEIVED`] the
+//!   receiver also has the sender's FIN at `a`: the stream is complete, and the sender need
+//!   never send FIN again (until then it re-sends FIN when a channel that may have carried it
+//!   dies).
 //! * DATA carries at most [`MAX_SEGMENT`] bytes; RESET text at most [`MAX_REASON`] bytes.
 
 use std::fmt;
@@ -73,6 +76,8 @@ pub const FLAG_LATENCY: u8 = 0x01;
 /// Flag bit on DATA: the sender's buffer is filling; acknowledge (CREDIT) as soon as the
 /// stream is in order up to the end of this segment.
 pub const FLAG_ACK_REQUEST: u8 = 0x02;
+/// Flag bit on CREDIT: the receiver has the FIN, and `received` is the final offset.
+pub const FLAG_FIN_RECEIVED: u8 = 0x04;
 
 /// Byte offsets of every field on the wire, in the order of the tables above.
 mod field {
@@ -259,6 +264,7 @@ impl Kind {
         match self {
             Kind::Hello | Kind::Open => FLAG_LATENCY,
             Kind::Data => FLAG_ACK_REQUEST,
+            Kind::Credit => FLAG_FIN_RECEIVED,
             _ => 0,
         }
     }
@@ -547,6 +553,8 @@ pub enum Frame<'a> {
         received: u64,
         /// Offset up to which the sender may send (`b`, at least `received`).
         limit: u64,
+        /// [`FLAG_FIN_RECEIVED`]: the FIN arrived and `received` is the final offset.
+        fin_received: bool,
     },
     /// FIN: the stream ends at `offset`.
     Fin {
@@ -678,7 +686,13 @@ impl Frame<'_> {
                 flags: if ack_request { FLAG_ACK_REQUEST } else { 0 },
                 ..header
             },
-            Frame::Credit { vsock, received, limit } => Header { vsock, a: received, b: limit, ..header },
+            Frame::Credit { vsock, received, limit, fin_received } => Header {
+                vsock,
+                a: received,
+                b: limit,
+                flags: if fin_received { FLAG_FIN_RECEIVED } else { 0 },
+                ..header
+            },
             Frame::Fin { vsock, offset } => Header { vsock, a: offset, ..header },
             Frame::Reset { vsock, reason, .. } => Header { vsock, x: reason.code(), ..header },
             Frame::Ping { nonce } | Frame::Pong { nonce } => Header { b: nonce, ..header },
@@ -896,7 +910,12 @@ fn parse<'a>(h: &Header, payload: &'a [u8]) -> Result<Frame<'a>, WireError> {
             some_vsock()?;
             zero_x()?;
             h.check(h.a <= h.b, "a")?;
-            Frame::Credit { vsock: h.vsock, received: h.a, limit: h.b }
+            Frame::Credit {
+                vsock: h.vsock,
+                received: h.a,
+                limit: h.b,
+                fin_received: h.flags & FLAG_FIN_RECEIVED != 0,
+            }
         }
         Kind::Fin => {
             some_vsock()?;
@@ -1124,8 +1143,11 @@ mod tests {
 
     #[test]
     fn round_trip_credit() {
-        round_trip(&Frame::Credit { vsock: 5, received: 100, limit: 100 });
-        round_trip(&Frame::Credit { vsock: 5, received: 0, limit: u64::MAX });
+        round_trip(&Frame::Credit { vsock: 5, received: 100, limit: 100, fin_received: false });
+        round_trip(&Frame::Credit { vsock: 5, received: 0, limit: u64::MAX, fin_received: false });
+        round_trip(&Frame::Credit { vsock: 5, received: 7, limit: 9, fin_received: true });
+        let buf = encode(&Frame::Credit { vsock: 5, received: 7, limit: 9, fin_received: true });
+        assert_eq!(buf[field::FLAGS], FLAG_FIN_RECEIVED);
     }
 
     #[test]
@@ -1332,7 +1354,7 @@ mod tests {
 
     #[test]
     fn rejects_credit_beyond_limit() {
-        let buf = encode(&Frame::Credit { vsock: 1, received: 11, limit: 10 });
+        let buf = encode(&Frame::Credit { vsock: 1, received: 11, limit: 10, fin_received: false });
         assert_eq!(decode(&buf), bad_field(Kind::Credit, "a"));
     }
 
@@ -1365,7 +1387,7 @@ mod tests {
             (Frame::Refused { vsock: 0, reason: Reason::NoListener }, "vsock"),
             (Frame::Data { vsock: 0, offset: 0, payload: b"a", ack_request: false }, "vsock"),
             (Frame::Data { vsock: 1, offset: u64::MAX, payload: b"a", ack_request: false }, "a"),
-            (Frame::Credit { vsock: 0, received: 0, limit: 0 }, "vsock"),
+            (Frame::Credit { vsock: 0, received: 0, limit: 0, fin_received: false }, "vsock"),
             (Frame::Fin { vsock: 0, offset: 0 }, "vsock"),
             (Frame::Data { vsock: 1, offset: u64::MAX - 1, payload: b"ab", ack_request: false }, "a"),
         ];
@@ -1384,7 +1406,7 @@ mod tests {
             Frame::OpenOk { vsock: 1, src_vsock: 1, credit: 0 },
             Frame::Refused { vsock: 1, reason: Reason::BacklogFull },
             Frame::Data { vsock: 1, offset: 0, payload: b"a", ack_request: false },
-            Frame::Credit { vsock: 1, received: 0, limit: 0 },
+            Frame::Credit { vsock: 1, received: 0, limit: 0, fin_received: false },
             Frame::Fin { vsock: 1, offset: 0 },
             Frame::Reset { vsock: 0, reason: Reason::Shutdown, message: "bye" },
             Frame::Ping { nonce: 0 },
@@ -1489,10 +1511,8 @@ mod tests {
                 credit
             }),
             (id(), reason()).prop_map(|(vsock, reason)| Frame::Refused { vsock, reason }),
-            (id(), any::<u64>(), any::<u64>()).prop_map(|(vsock, p, q)| Frame::Credit {
-                vsock,
-                received: p.min(q),
-                limit: p.max(q)
+            (id(), any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(vsock, p, q, fin_received)| {
+                Frame::Credit { vsock, received: p.min(q), limit: p.max(q), fin_received }
             }),
             (id(), any::<u64>()).prop_map(|(vsock, offset)| Frame::Fin { vsock, offset }),
             any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),

@@ -25,6 +25,7 @@ pub mod pair;
 pub mod pingpong;
 pub mod rpc;
 pub mod short;
+pub mod soak;
 pub mod stream;
 pub mod suite;
 pub mod transfer;
@@ -60,6 +61,9 @@ pub enum Mode {
     /// Latency isolation: a ping-pong app alone, then beside --bulk-apps bulk streams
     /// (experiment 6d: is latency isolated from bulk?).
     Isolation(isolation::IsolationArgs),
+    /// Reliability: many verified vsockets of mixed sizes and classes while channels are
+    /// killed at random; reports bytes verified, errors (must be 0), kills and memory.
+    Soak(soak::SoakArgs),
     /// Every experiment, NetChannel beside its baselines, several repetitions: JSON per run,
     /// summary.md with medians and ratios, and PNG charts (see `netchannel demo`).
     Suite(suite::SuiteArgs),
@@ -73,6 +77,7 @@ pub fn run(mode: &Mode) -> Result<()> {
         Mode::Pingpong(args) => pingpong::run(args),
         Mode::Connect(args) => connect::run(args),
         Mode::Isolation(args) => isolation::run(args),
+        Mode::Soak(args) => soak::run(args),
         Mode::Suite(args) => suite::run(args),
     }
 }

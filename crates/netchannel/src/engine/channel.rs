@@ -530,7 +530,12 @@ fn parse(host: &Arc<HostInner>, c: &mut Conn) -> Result<(), String> {
                 }
                 return Ok(());
             }
-            Err(e) => return Err(format!("malformed frame: {e}")),
+            Err(e) => {
+                host.totals.bad_frames.fetch_add(1, Ordering::Relaxed);
+                let from = c.sock.peer_addr().map_or_else(|_| "an unknown address".into(), |a| a.to_string());
+                crate::log!(Warn, "closing the channel from {from}: it sent a malformed frame ({e})");
+                return Err(format!("malformed frame: {e}"));
+            }
         }
     }
 }

@@ -9,6 +9,7 @@
 pub(crate) mod auth;
 pub(crate) mod channel;
 pub(crate) mod peer;
+pub(crate) mod recovery;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
@@ -23,7 +24,6 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::config::Config;
 use crate::copy::CopyPool;
-use crate::log::Level;
 use crate::proto::sched::Depth;
 use crate::proto::ProtoError;
 use crate::ring::RingPool;
@@ -31,6 +31,7 @@ use crate::vsock::{ListenQueue, VListener, VSock, VStream};
 use crate::wire::{self, Class, Frame, HelloOk, Reason, HEADER_LEN};
 use channel::{Channel, Command, WorkerHandle};
 use peer::{Peer, PeerState};
+use recovery::Stale;
 
 /// First port handed out to connecting vsockets.
 const EPHEMERAL_FIRST: u16 = 32768;
@@ -63,6 +64,8 @@ pub(crate) struct HostInner {
     pub totals: Totals,
     /// Vsocket rings live in shared memory (the daemon serves them to app processes).
     pub shm_rings: bool,
+    /// Vsockets that recently left the table (answers to their peers' late frames).
+    tombstones: Mutex<recovery::Tombstones>,
 }
 
 /// Host-wide counters.
@@ -75,6 +78,9 @@ pub(crate) struct Totals {
     /// Payload bytes received in order on vsockets.
     pub bytes_received: AtomicU64,
     pub frames_dropped: AtomicU64,
+    pub bad_frames: AtomicU64,
+    pub channels_redialed: AtomicU64,
+    pub peers_lost: AtomicU64,
 }
 
 /// Counters of one channel.
@@ -159,6 +165,14 @@ pub struct HostStats {
     pub bytes_sent: u64,
     /// Payload bytes vsockets received in order.
     pub bytes_received: u64,
+    /// Open channels closed because the peer sent a malformed frame (or a handshake frame
+    /// after the handshake). Each is logged with the peer's address.
+    pub bad_frames: u64,
+    /// Lost channels dialed again successfully.
+    pub channels_redialed: u64,
+    /// Peers given up (every channel down too long, orderly shutdown, or restart): their
+    /// vsockets failed with `ConnectionReset`.
+    pub peers_lost: u64,
 }
 
 /// An embedded NetChannel host: the whole engine inside this process.
@@ -292,6 +306,7 @@ impl Host {
             threads: Mutex::new(Vec::new()),
             totals: Totals::default(),
             shm_rings,
+            tombstones: Mutex::new(recovery::Tombstones::default()),
             cfg: config,
         });
         let mut threads = Vec::new();
@@ -404,6 +419,9 @@ impl Host {
             channels_refused: inner.totals.channels_refused.load(Ordering::Relaxed),
             bytes_sent: inner.totals.bytes_sent.load(Ordering::Relaxed),
             bytes_received: inner.totals.bytes_received.load(Ordering::Relaxed),
+            bad_frames: inner.totals.bad_frames.load(Ordering::Relaxed),
+            channels_redialed: inner.totals.channels_redialed.load(Ordering::Relaxed),
+            peers_lost: inner.totals.peers_lost.load(Ordering::Relaxed),
         }
     }
 
@@ -500,7 +518,10 @@ impl HostInner {
     }
 
     pub(crate) fn remove_vsock(&self, id: u32) {
-        self.vsocks.write().unwrap().remove(&id);
+        let gone = self.vsocks.write().unwrap().remove(&id);
+        if let Some(vs) = gone {
+            self.bury(&vs);
+        }
     }
 
     fn vsock(&self, id: u32) -> Option<Arc<VSock>> {
@@ -522,6 +543,7 @@ impl HostInner {
             }
         };
         if dial {
+            peer.recovery.dialer.store(true, Ordering::Release);
             match self.dial_mesh(&peer, deadline) {
                 Ok(()) => peer.set_state(PeerState::Up),
                 Err(e) => {
@@ -569,9 +591,7 @@ impl HostInner {
     }
 
     fn dial_mesh(self: &Arc<Self>, peer: &Arc<Peer>, deadline: Instant) -> io::Result<()> {
-        let plan = (0..self.cfg.throughput_channels)
-            .map(|i| (Class::Throughput, i as u16))
-            .chain((0..self.cfg.latency_channels).map(|i| (Class::Latency, i as u16)));
+        let plan: Vec<_> = self.channel_plan().collect();
         for (class, index) in plan {
             let (s, peer_id) = peer::dial_channel(
                 peer.key,
@@ -617,6 +637,7 @@ impl HostInner {
         let ch = Channel::new(self, peer, class, index, write_half);
         peer.add_channel(ch.clone());
         self.workers[ch.worker].command(Command::Add(ch, mio::net::TcpStream::from_std(s)));
+        self.on_channel_up(peer);
         Ok(())
     }
 
@@ -760,6 +781,10 @@ impl HostInner {
 
     /// Fail every vsocket of `peer` and close its channels.
     fn retire_peer(&self, peer: &Arc<Peer>, why: &str) {
+        if peer.is_dead() {
+            return;
+        }
+        self.totals.peers_lost.fetch_add(1, Ordering::Relaxed);
         peer.set_state(PeerState::Dead(why.to_string()));
         self.forget_peer(peer);
         let chans = peer.take_channels();
@@ -775,30 +800,6 @@ impl HostInner {
         }
     }
 
-    /// A channel to `peer` died.
-    pub(crate) fn on_channel_down(&self, peer: &Arc<Peer>, ch: &Arc<Channel>, reason: &str) {
-        let left = peer.remove_channel(ch);
-        if self.is_closing() {
-            return;
-        }
-        if left == 0 {
-            if !peer.is_dead() {
-                // A peer host that shut down says so; anything else is worth a warning.
-                let level = if reason == channel::PEER_SHUTDOWN { Level::Info } else { Level::Warn };
-                crate::log::line(level, format_args!("every channel to {} is down ({reason})", peer.key));
-            }
-            self.retire_peer(peer, reason);
-            return;
-        }
-        // Segments and control frames queued on the dead channel are lost: send every
-        // unacknowledged byte again on the others, and re-announce credit.
-        let mine: Vec<_> =
-            self.vsocks.read().unwrap().values().filter(|v| Arc::ptr_eq(&v.peer, peer)).cloned().collect();
-        for v in mine {
-            v.recover();
-        }
-    }
-
     /// Handle one frame read from `ch`.
     pub(crate) fn dispatch(self: &Arc<Self>, ch: &Arc<Channel>, frame: Frame<'_>) -> Result<(), ProtoError> {
         let peer = ch.peer.upgrade().ok_or_else(|| ProtoError("channel without a peer".into()))?;
@@ -809,13 +810,13 @@ impl HostInner {
                 Some(v) => v.on_data(offset, payload, ack_request),
                 None => {
                     self.totals.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                    self.on_stale_frame(&peer, vsock, Stale::Data(offset + payload.len() as u64));
                 }
             },
-            Frame::Credit { vsock, received, limit } => {
-                if let Some(v) = mine(vsock) {
-                    v.on_credit(received, limit);
-                }
-            }
+            Frame::Credit { vsock, received, limit, fin_received } => match mine(vsock) {
+                Some(v) => v.on_credit(received, limit, fin_received),
+                None => self.on_stale_frame(&peer, vsock, Stale::Credit),
+            },
             Frame::Open { src_vsock, src_port, dst_port, class, credit } => {
                 self.on_open(&peer, src_vsock, src_port, dst_port, class, credit);
             }
@@ -830,11 +831,10 @@ impl HostInner {
                     self.remove_vsock(vsock);
                 }
             }
-            Frame::Fin { vsock, offset } => {
-                if let Some(v) = mine(vsock) {
-                    v.on_fin(offset);
-                }
-            }
+            Frame::Fin { vsock, offset } => match mine(vsock) {
+                Some(v) => v.on_fin(offset),
+                None => self.on_stale_frame(&peer, vsock, Stale::Fin(offset)),
+            },
             Frame::Reset { vsock: 0, reason: Reason::Shutdown, .. } => {
                 return Err(ProtoError(channel::PEER_SHUTDOWN.into()));
             }
@@ -850,6 +850,7 @@ impl HostInner {
             Frame::Ping { nonce } => ch.push_frame(&Frame::Pong { nonce }),
             Frame::Pong { .. } => {}
             Frame::Hello(_) | Frame::HelloOk(_) | Frame::Auth { .. } | Frame::AuthOk => {
+                self.totals.bad_frames.fetch_add(1, Ordering::Relaxed);
                 return Err(ProtoError("handshake frame on an open channel".into()));
             }
         }
@@ -869,6 +870,22 @@ impl HostInner {
         let refuse = |reason| {
             peer.send_control(class, &Frame::Refused { vsock: src, reason });
         };
+        // An OPEN sent again after a channel died (its OPEN_OK may have been lost): answer
+        // for the vsocket it opened already. Held until the new vsocket is in the table, so
+        // two copies arriving on two channels at once open one vsocket.
+        let _one_open = peer.recovery.opening.lock().unwrap();
+        let existing = self
+            .vsocks
+            .read()
+            .unwrap()
+            .values()
+            .find(|v| Arc::ptr_eq(&v.peer, peer) && v.remote_id() == src && v.remote.port() == src_port)
+            .cloned();
+        if let Some(v) = existing {
+            let ok = Frame::OpenOk { vsock: src, src_vsock: v.id, credit: self.cfg.recv_buffer as u64 };
+            peer.send_control(v.class(), &ok);
+            return;
+        }
         let Some(l) = listener else { return refuse(Reason::NoListener) };
         if l.is_full() {
             return refuse(Reason::BacklogFull);

@@ -3,7 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Instant;
 
@@ -42,6 +42,24 @@ pub(crate) struct Peer {
     pub state_cv: Condvar,
     cap: usize,
     policy: crate::Policy,
+    /// Channel loss and recovery (see `engine::recovery`).
+    pub recovery: Recovery,
+}
+
+/// What the NetDriver tracks to bring a peer's channels back after they die.
+#[derive(Default)]
+pub(crate) struct Recovery {
+    /// This host dialed the mesh, so it is the one that dials lost channels again.
+    pub dialer: AtomicBool,
+    /// Since when every channel has been down; `None` while one is up.
+    pub down_since: Mutex<Option<Instant>>,
+    /// Every channel went down: frames may have been lost with them, so the peer's vsockets
+    /// recover as soon as one is back.
+    pub needs_recover: AtomicBool,
+    /// A watcher thread is dialing lost channels or timing the peer out.
+    pub watching: AtomicBool,
+    /// Held while an OPEN is handled, so a re-sent copy never opens a second vsocket.
+    pub opening: Mutex<()>,
 }
 
 impl Peer {
@@ -58,6 +76,7 @@ impl Peer {
             state_cv: Condvar::new(),
             cap: cfg.channel_queue,
             policy: cfg.policy,
+            recovery: Recovery::default(),
         })
     }
 
@@ -73,6 +92,16 @@ impl Peer {
     /// A new channel joins the mesh.
     pub(crate) fn add_channel(&self, ch: Arc<Channel>) {
         self.mesh.write().unwrap()[ch.class as usize].push(ch);
+    }
+
+    /// How many channels are in the mesh.
+    pub(crate) fn channel_count(&self) -> usize {
+        self.mesh.read().unwrap().iter().map(Vec::len).sum()
+    }
+
+    /// Whether a channel of `class` with `index` is in the mesh.
+    pub(crate) fn has_channel(&self, class: Class, index: u16) -> bool {
+        self.mesh.read().unwrap()[class as usize].iter().any(|c| c.index == index)
     }
 
     /// Every channel (a snapshot), throughput first.

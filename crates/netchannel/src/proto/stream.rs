@@ -33,6 +33,8 @@ pub struct TxState {
     fin_wanted: bool,
     /// FIN has been handed to a channel.
     fin_sent: bool,
+    /// The peer said it has the FIN (CREDIT with `FLAG_FIN_RECEIVED`).
+    fin_acked: bool,
 }
 
 /// One segment handed out by [`TxState::next_segment`].
@@ -59,6 +61,7 @@ impl TxState {
             ack_asked: 0,
             fin_wanted: false,
             fin_sent: false,
+            fin_acked: false,
         }
     }
 
@@ -170,9 +173,26 @@ impl TxState {
         self.fin_wanted
     }
 
+    /// The peer acknowledged the FIN at `offset` (a CREDIT with the FIN flag; it may arrive
+    /// after a rewind made the FIN due again).
+    pub fn on_fin_received(&mut self, offset: u64) -> Result<(), ProtoError> {
+        if !self.fin_wanted || offset != self.written {
+            return Err(ProtoError(format!(
+                "peer acknowledged a FIN at offset {offset}, but {}",
+                if self.fin_wanted {
+                    format!("the stream ends at {}", self.written)
+                } else {
+                    "no FIN was sent".to_string()
+                }
+            )));
+        }
+        self.fin_acked = true;
+        Ok(())
+    }
+
     /// If the FIN is due now, its final offset; marks it sent.
     pub fn take_fin(&mut self) -> Option<u64> {
-        if self.fin_wanted && !self.fin_sent && self.sched == self.written {
+        if self.fin_wanted && !self.fin_sent && !self.fin_acked && self.sched == self.written {
             self.fin_sent = true;
             Some(self.written)
         } else {
@@ -180,14 +200,15 @@ impl TxState {
         }
     }
 
-    /// FIN sent and every byte acknowledged: the sending half is finished.
+    /// Every byte and the FIN acknowledged: the sending half is finished.
     pub fn finished(&self) -> bool {
-        self.fin_sent && self.acked == self.written
+        self.fin_acked && self.acked == self.written
     }
 
-    /// Forget that FIN was sent (it must be sent again after a rewind).
+    /// Forget that FIN was sent unless the peer acknowledged it: the channel that carried it
+    /// may have died, so it must be sent again.
     pub fn rewind_fin(&mut self) {
-        if self.fin_sent && self.acked < self.written {
+        if !self.fin_acked {
             self.fin_sent = false;
         }
     }
@@ -210,6 +231,9 @@ pub struct RxState {
     ack_wanted: Option<u64>,
     /// Final offset, once the peer's FIN arrived.
     fin: Option<u64>,
+    /// A FIN arrived (the first, or a copy sent again after a channel died) and has not been
+    /// acknowledged since: acknowledge it as soon as the stream is complete.
+    fin_ack_due: bool,
 }
 
 /// A CREDIT to send: `received` in order so far and the new `limit`.
@@ -217,6 +241,8 @@ pub struct RxState {
 pub struct Credit {
     pub received: u64,
     pub limit: u64,
+    /// The FIN arrived and `received` is the final offset (the stream is complete).
+    pub fin_received: bool,
 }
 
 impl RxState {
@@ -230,6 +256,7 @@ impl RxState {
             acked_sent: 0,
             ack_wanted: None,
             fin: None,
+            fin_ack_due: false,
         }
     }
 
@@ -313,8 +340,9 @@ impl RxState {
             }
             _ => {
                 self.fin = Some(offset);
-                // Acknowledge the end of the stream as soon as it is all here.
-                self.ack_wanted = Some(offset);
+                // Acknowledge the end of the stream as soon as it is all here (again for a
+                // copy: the sender re-sends FIN when its acknowledgement may have been lost).
+                self.fin_ack_due = true;
                 Ok(())
             }
         }
@@ -328,24 +356,33 @@ impl RxState {
 
     /// A CREDIT is due if the window moved by a quarter of the buffer, the in-order point
     /// moved by a quarter of the buffer since the last acknowledgement, the window is full,
-    /// or the peer asked for an acknowledgement that the in-order point now covers. Marks it
-    /// sent.
+    /// the peer asked for an acknowledgement that the in-order point now covers, or the stream
+    /// is complete and its FIN not acknowledged since it (or a copy) arrived. Marks it sent.
     pub fn credit_due(&mut self) -> Option<Credit> {
         let quarter = (self.cap / 4).max(1);
         let limit = self.consumed + self.cap;
         let in_order = self.reasm.in_order();
-        let asked = self.ack_wanted.is_some_and(|w| in_order >= w && in_order > self.acked_sent)
-            || self.ack_wanted.is_some_and(|w| self.fin == Some(w) && in_order >= w);
+        let asked = self.ack_wanted.is_some_and(|w| in_order >= w && in_order > self.acked_sent);
+        let complete = self.fin == Some(in_order);
+        let fin_due = complete && self.fin_ack_due;
         // A full window will not move until the application reads: acknowledge what is here
         // so the sender can free its buffer meanwhile.
         let window_full = in_order == self.granted && in_order > self.acked_sent;
-        if limit - self.granted >= quarter || in_order - self.acked_sent >= quarter || asked || window_full {
+        if limit - self.granted >= quarter
+            || in_order - self.acked_sent >= quarter
+            || asked
+            || window_full
+            || fin_due
+        {
             if self.ack_wanted.is_some_and(|w| in_order >= w) {
                 self.ack_wanted = None;
             }
+            if complete {
+                self.fin_ack_due = false;
+            }
             self.granted = self.granted.max(limit);
             self.acked_sent = in_order;
-            Some(Credit { received: in_order, limit: self.granted })
+            Some(Credit { received: in_order, limit: self.granted, fin_received: complete })
         } else {
             None
         }
@@ -387,6 +424,9 @@ mod tests {
             }
             if let Some(c) = rx.credit_due() {
                 tx.on_credit(c.received, c.limit).unwrap();
+                if c.fin_received {
+                    tx.on_fin_received(c.received).unwrap();
+                }
             }
             if rx.eof() && tx.finished() {
                 assert_eq!(delivered, total);
@@ -480,7 +520,34 @@ mod tests {
         assert_eq!(tx.take_fin(), None);
         assert!(!tx.finished());
         tx.on_credit(10, 1000).unwrap();
+        assert!(!tx.finished(), "the FIN itself is not acknowledged yet");
+        // The channel that carried the FIN died: it is due again.
+        tx.rewind();
+        tx.rewind_fin();
+        assert_eq!(tx.take_fin(), Some(10));
+        assert!(tx.on_fin_received(9).is_err());
+        tx.on_fin_received(10).unwrap();
         assert!(tx.finished());
+        tx.rewind();
+        tx.rewind_fin();
+        assert_eq!(tx.take_fin(), None, "an acknowledged FIN is never sent again");
+    }
+
+    #[test]
+    fn a_fin_that_overtakes_the_data_is_still_acknowledged() {
+        // Found by the stream_state fuzz target: FIN first, then segments asking for an
+        // acknowledgement of an earlier offset must not cancel the FIN's acknowledgement.
+        let mut rx = RxState::new(4000);
+        rx.on_fin(280).unwrap();
+        assert_eq!(rx.credit_due(), None);
+        rx.on_data(0, 106, true, |_, _| {}).unwrap();
+        assert_eq!(rx.credit_due().map(|c| (c.received, c.fin_received)), Some((106, false)));
+        rx.on_data(106, 174, false, |_, _| {}).unwrap();
+        assert_eq!(rx.credit_due().map(|c| (c.received, c.fin_received)), Some((280, true)));
+        assert_eq!(rx.credit_due(), None);
+        // A copy of the FIN (its acknowledgement may have been lost) is acknowledged again.
+        rx.on_fin(280).unwrap();
+        assert_eq!(rx.credit_due().map(|c| (c.received, c.fin_received)), Some((280, true)));
     }
 
     #[test]
@@ -490,7 +557,7 @@ mod tests {
         rx.on_fin(100).unwrap();
         assert_eq!(rx.credit_due(), None, "stream not complete yet");
         rx.on_data(0, 50, false, |_, _| {}).unwrap();
-        assert_eq!(rx.credit_due(), Some(Credit { received: 100, limit: 1 << 20 }));
+        assert_eq!(rx.credit_due(), Some(Credit { received: 100, limit: 1 << 20, fin_received: true }));
         assert_eq!(rx.credit_due(), None);
         rx.consume(100);
         assert!(rx.eof());

@@ -1,0 +1,334 @@
+//! NetDriver, channel loss and recovery: what happens when a channel to a peer dies.
+//!
+//! * One channel dies, others live: every vsocket of the peer sends its unacknowledged bytes
+//!   (and an unacknowledged FIN) again on the others and re-announces its credit
+//!   ([`VSock::recover`]); nothing is lost, because the receiver acknowledges by offset.
+//! * The host that dialed the mesh dials every lost channel again, with exponential backoff
+//!   (`reconnect_backoff_ms` doubling up to `reconnect_backoff_max_ms`), from a watcher thread
+//!   per peer. The accepting host waits for it.
+//! * Every channel down: vsockets wait; when the first channel is back they recover. Only
+//!   when every channel has been down longer than `peer_down_timeout_ms` does the peer fail,
+//!   its vsockets with `ConnectionReset` naming it. A peer that announced an orderly shutdown
+//!   fails at once; one that answers a re-dial with a new host id has restarted, and its old
+//!   vsockets fail at once too.
+//! * Frames that arrive for a vsocket this host no longer has (a RESET or a FIN
+//!   acknowledgement was lost with a channel, or this host gave the peer up while the peer
+//!   kept waiting) are answered from a bounded table of *tombstones*: a FIN of a stream that
+//!   ended cleanly is acknowledged again, anything else of a vsocket that ended badly gets a
+//!   RESET, so the peer's vsocket fails instead of waiting forever.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use crate::engine::channel::{self, Channel};
+use crate::engine::peer::{self, Peer};
+use crate::engine::HostInner;
+use crate::log::Level;
+use crate::vsock::VSock;
+use crate::wire::{Class, Frame, Reason};
+
+/// Longest one attempt to dial a lost channel may take.
+const REDIAL_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest a watcher sleeps at once, so that it sees the host shut down promptly.
+const WATCH_TICK: Duration = Duration::from_millis(50);
+/// Vsockets remembered after they left the table.
+const TOMBSTONES: usize = 16 << 10;
+
+fn class_name(c: Class) -> &'static str {
+    match c {
+        Class::Throughput => "throughput",
+        Class::Latency => "latency",
+    }
+}
+
+/// A vsocket that left the table, as much as is needed to answer its peer's late frames.
+#[derive(Debug, Clone, Copy)]
+struct Tomb {
+    peer: SocketAddr,
+    /// The peer's id for the vsocket.
+    remote: u32,
+    /// The final offset of the stream received, if the vsocket ended cleanly (both FINs
+    /// exchanged and acknowledged, no error).
+    clean_end: Option<u64>,
+}
+
+/// Recently retired vsockets, by local id (bounded: oldest forgotten first).
+#[derive(Default)]
+pub(crate) struct Tombstones {
+    map: HashMap<u32, Tomb>,
+    order: VecDeque<u32>,
+}
+
+/// A frame for a vsocket that is not in the table.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Stale {
+    /// DATA ending at this offset.
+    Data(u64),
+    Credit,
+    /// FIN at this offset.
+    Fin(u64),
+}
+
+impl HostInner {
+    /// A channel to `peer` died and its worker let go of it.
+    pub(crate) fn on_channel_down(self: &Arc<Self>, peer: &Arc<Peer>, ch: &Arc<Channel>, reason: &str) {
+        let left = peer.remove_channel(ch);
+        if self.is_closing() || peer.is_dead() {
+            return;
+        }
+        if reason == channel::PEER_SHUTDOWN {
+            // The peer host said it is going away: its vsockets cannot come back.
+            if left == 0 {
+                crate::log::line(
+                    Level::Info,
+                    format_args!("every channel to {} is down ({reason})", peer.key),
+                );
+            }
+            self.retire_peer(peer, reason);
+            return;
+        }
+        if left == 0 {
+            {
+                let mut since = peer.recovery.down_since.lock().unwrap();
+                since.get_or_insert_with(Instant::now);
+            }
+            peer.recovery.needs_recover.store(true, Ordering::Release);
+            crate::log!(
+                Warn,
+                "every channel to {} is down ({reason}); its vsockets wait up to {} ms for one to come back",
+                peer.key,
+                self.cfg.peer_down_timeout.as_millis()
+            );
+            // A channel added meanwhile may have missed the flag: recover now if one is up.
+            if peer.channel_count() > 0 && peer.recovery.needs_recover.swap(false, Ordering::AcqRel) {
+                self.recover_vsockets(peer);
+            }
+        } else {
+            crate::log!(
+                Info,
+                "{} channel {} to {} is down ({reason}); {left} left carry its unacknowledged segments",
+                class_name(ch.class),
+                ch.index,
+                peer.key
+            );
+            self.recover_vsockets(peer);
+        }
+        self.watch_peer(peer);
+    }
+
+    /// A channel joined `peer`'s mesh: if every channel had been down, frames may have been
+    /// lost with them, so the peer's vsockets recover on it.
+    pub(crate) fn on_channel_up(self: &Arc<Self>, peer: &Arc<Peer>) {
+        *peer.recovery.down_since.lock().unwrap() = None;
+        if peer.recovery.needs_recover.swap(false, Ordering::AcqRel) {
+            crate::log!(Info, "a channel to {} is back: its vsockets go on", peer.key);
+            self.recover_vsockets(peer);
+        }
+    }
+
+    /// Every vsocket of `peer` sends again what a dead channel may have lost.
+    fn recover_vsockets(&self, peer: &Arc<Peer>) {
+        let mine: Vec<_> =
+            self.vsocks.read().unwrap().values().filter(|v| Arc::ptr_eq(&v.peer, peer)).cloned().collect();
+        for v in mine {
+            v.recover();
+        }
+    }
+
+    /// Start the peer's watcher thread unless one runs: it dials lost channels again (if this
+    /// host dialed them) and gives the peer up after `peer_down_timeout_ms` without channels.
+    pub(crate) fn watch_peer(self: &Arc<Self>, peer: &Arc<Peer>) {
+        if peer.recovery.watching.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let host = Arc::downgrade(self);
+        let p = peer.clone();
+        let spawned = std::thread::Builder::new().name("nc-peer-watch".into()).spawn(move || watch(host, p));
+        if let Err(e) = spawned {
+            peer.recovery.watching.store(false, Ordering::Release);
+            crate::log!(Error, "cannot start the watcher of the channels to {}: {e}", peer.key);
+        }
+    }
+
+    /// Whether `peer` lacks channels that a watcher should bring back or time out.
+    fn peer_needs_watch(&self, peer: &Peer) -> bool {
+        if self.is_closing() || peer.is_dead() {
+            return false;
+        }
+        peer.channel_count() == 0
+            || (peer.recovery.dialer.load(Ordering::Acquire)
+                && self.channel_plan().any(|(c, i)| !peer.has_channel(c, i)))
+    }
+
+    /// Every channel of a mesh this host dials: throughput first, then latency.
+    pub(crate) fn channel_plan(&self) -> impl Iterator<Item = (Class, u16)> {
+        (0..self.cfg.throughput_channels as u16)
+            .map(|i| (Class::Throughput, i))
+            .chain((0..self.cfg.latency_channels as u16).map(|i| (Class::Latency, i)))
+    }
+
+    /// One round of the watcher: the pause before the next, or `None` when it is done.
+    fn watch_step(self: &Arc<Self>, peer: &Arc<Peer>, backoff: &mut Option<Duration>) -> Option<Duration> {
+        if !self.peer_needs_watch(peer) {
+            return None;
+        }
+        if peer.recovery.dialer.load(Ordering::Acquire) {
+            let missing: Vec<_> = self.channel_plan().filter(|&(c, i)| !peer.has_channel(c, i)).collect();
+            for (class, index) in missing {
+                match self.redial(peer, class, index) {
+                    Ok(true) => *backoff = None,
+                    Ok(false) => return None,
+                    Err(e) => {
+                        crate::log!(
+                            Debug,
+                            "dialing {} channel {index} to {} again failed: {e}",
+                            class_name(class),
+                            peer.key
+                        );
+                        break;
+                    }
+                }
+            }
+            if !self.peer_needs_watch(peer) {
+                return None;
+            }
+        }
+        let since = *peer.recovery.down_since.lock().unwrap();
+        let timeout = self.cfg.peer_down_timeout;
+        let left = match since {
+            Some(t) if peer.channel_count() == 0 => {
+                let left = timeout.saturating_sub(t.elapsed());
+                if left.is_zero() {
+                    let why = format!(
+                        "every channel has been down for more than {} ms (peer_down_timeout_ms)",
+                        timeout.as_millis()
+                    );
+                    crate::log!(Warn, "giving up the peer host at {}: {why}", peer.key);
+                    self.retire_peer(peer, &why);
+                    return None;
+                }
+                left
+            }
+            _ => Duration::MAX,
+        };
+        let next =
+            backoff.map_or(self.cfg.reconnect_backoff, |b| (b * 2).min(self.cfg.reconnect_backoff_max));
+        *backoff = Some(next);
+        Some(next.min(left))
+    }
+
+    /// Dial one lost channel. `Ok(false)`: the peer restarted meanwhile and was given up.
+    fn redial(self: &Arc<Self>, peer: &Arc<Peer>, class: Class, index: u16) -> io::Result<bool> {
+        let deadline = Instant::now() + self.cfg.connect_timeout.min(REDIAL_TIMEOUT);
+        let (s, id) = peer::dial_channel(
+            peer.key,
+            self.local,
+            self.host_id,
+            class,
+            index,
+            self.auth_key.as_deref(),
+            deadline,
+        )?;
+        let known = peer.host_id.load(Ordering::Relaxed);
+        if known != 0 && id != known {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+            crate::log!(
+                Warn,
+                "the peer host at {} restarted (new host id): its vsockets are reset",
+                peer.key
+            );
+            self.retire_peer(peer, "the peer host restarted");
+            return Ok(false);
+        }
+        self.add_channel(peer, s, class, index)?;
+        self.totals.channels_redialed.fetch_add(1, Ordering::Relaxed);
+        crate::log!(Info, "{} channel {index} to {} is back", class_name(class), peer.key);
+        Ok(true)
+    }
+
+    /// Remember a vsocket that left the table, to answer its peer's late frames.
+    pub(crate) fn bury(&self, vs: &VSock) {
+        let remote = vs.remote_id();
+        if remote == 0 {
+            return;
+        }
+        let tomb = Tomb { peer: vs.peer.key, remote, clean_end: vs.clean_end() };
+        let mut t = self.tombstones.lock().unwrap();
+        if t.map.insert(vs.id, tomb).is_none() {
+            t.order.push_back(vs.id);
+        }
+        while t.order.len() > TOMBSTONES {
+            if let Some(old) = t.order.pop_front() {
+                t.map.remove(&old);
+            }
+        }
+    }
+
+    /// A frame arrived from `peer` for vsocket `id`, which is not in the table.
+    pub(crate) fn on_stale_frame(&self, peer: &Peer, id: u32, what: Stale) {
+        let tomb = {
+            let t = self.tombstones.lock().unwrap();
+            match t.map.get(&id) {
+                Some(tomb) if tomb.peer == peer.key => *tomb,
+                _ => return,
+            }
+        };
+        match (what, tomb.clean_end) {
+            (Stale::Fin(off), Some(end)) if off == end => {
+                // Our acknowledgement of its FIN was lost: say it again.
+                let f = Frame::Credit { vsock: tomb.remote, received: end, limit: end, fin_received: true };
+                peer.send_control(Class::Latency, &f);
+            }
+            // Late copies of a stream that ended cleanly: nothing to say.
+            (Stale::Data(e), Some(end)) if e <= end => {}
+            (Stale::Credit, Some(_)) => {}
+            _ => {
+                self.tombstones.lock().unwrap().map.remove(&id);
+                let f = Frame::Reset {
+                    vsock: tomb.remote,
+                    reason: Reason::Closed,
+                    message: "the vsocket no longer exists on this host",
+                };
+                peer.send_control(Class::Latency, &f);
+            }
+        }
+    }
+}
+
+/// The watcher thread of one peer.
+fn watch(host: Weak<HostInner>, peer: Arc<Peer>) {
+    let mut backoff = None;
+    loop {
+        let pause = host.upgrade().and_then(|h| h.watch_step(&peer, &mut backoff));
+        match pause {
+            Some(d) => {
+                let until = Instant::now() + d;
+                loop {
+                    let now = Instant::now();
+                    let closing = match host.upgrade() {
+                        Some(h) => h.is_closing(),
+                        None => true,
+                    };
+                    if now >= until || closing {
+                        break;
+                    }
+                    std::thread::sleep((until - now).min(WATCH_TICK));
+                }
+            }
+            None => {
+                peer.recovery.watching.store(false, Ordering::Release);
+                // A channel may have died after the last look, while this thread still held
+                // the flag: look once more.
+                let again = host.upgrade().is_some_and(|h| h.peer_needs_watch(&peer));
+                if again && !peer.recovery.watching.swap(true, Ordering::AcqRel) {
+                    continue;
+                }
+                return;
+            }
+        }
+    }
+}
