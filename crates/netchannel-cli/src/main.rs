@@ -14,6 +14,7 @@ mod demo;
 mod error;
 mod pattern;
 mod plot;
+mod run;
 
 use clap::{Parser, Subcommand};
 
@@ -45,6 +46,12 @@ enum Command {
     Up(daemon::UpArgs),
     /// Show the daemon's peers, channels, vsockets and counters
     Status(daemon::StatusArgs),
+    /// Run an unmodified program with its TCP sockets on NetChannel vsockets (LD_PRELOAD)
+    ///
+    /// `netchannel run [--config FILE] -- PROGRAM ARGS…`: connections to NetChannel hosts and
+    /// listening sockets become vsockets served by the local daemon (`[preload]` in the
+    /// config says which); everything else stays on kernel TCP.
+    Run(run::RunArgs),
 }
 
 fn main() {
@@ -54,6 +61,7 @@ fn main() {
         Command::Bench(mode) => bench::run(mode),
         Command::Up(args) => daemon::up(args),
         Command::Status(args) => daemon::status(args),
+        Command::Run(args) => run::run(args),
     };
     if let Err(e) = result {
         eprintln!("netchannel: {e}");
