@@ -365,7 +365,18 @@ fn vlisten(fd: c_int) {
         return;
     }
     let Some(c) = client() else { return };
-    let vl = match c.bind(bound.port()) {
+    // A listener the program just closed on this port may take the daemon a moment to let go.
+    let mut tries = 0;
+    let vl = loop {
+        match c.bind(bound.port()) {
+            Err(e) if e.kind() == ErrorKind::AddrInUse && tries < 20 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            r => break r,
+        }
+    };
+    let vl = match vl {
         Ok(l) => Arc::new(l),
         Err(e) => {
             sys::say(&format!("port {} stays kernel TCP only: {e}", bound.port()));
