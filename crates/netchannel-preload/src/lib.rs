@@ -250,7 +250,10 @@ fn selected(ip: IpAddr) -> bool {
         return hosts.contains(&ip);
     }
     let s = SHIM.lock();
-    !s.negative.as_ref().and_then(|n| n.get(&ip)).is_some_and(|until| Instant::now() < *until)
+    match s.negative.as_ref().and_then(|n| n.get(&ip)) {
+        Some(until) => Instant::now() >= *until,
+        None => true,
+    }
 }
 
 fn not_netchannel(ip: IpAddr) {
