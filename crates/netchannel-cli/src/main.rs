@@ -14,6 +14,7 @@ mod demo;
 mod error;
 mod pattern;
 mod plot;
+mod run;
 
 use clap::{Parser, Subcommand};
 
@@ -48,6 +49,12 @@ enum Command {
     /// Inject faults through the daemon (for testing recovery)
     #[command(subcommand)]
     Fault(daemon::Fault),
+    /// Run an unmodified program with its TCP sockets on NetChannel vsockets (LD_PRELOAD)
+    ///
+    /// `netchannel run [--config FILE] -- PROGRAM ARGS…`: connections to NetChannel hosts and
+    /// listening sockets become vsockets served by the local daemon (`[preload]` in the
+    /// config says which); everything else stays on kernel TCP.
+    Run(run::RunArgs),
 }
 
 fn main() {
@@ -58,6 +65,7 @@ fn main() {
         Command::Up(args) => daemon::up(args),
         Command::Status(args) => daemon::status(args),
         Command::Fault(f) => daemon::fault(f),
+        Command::Run(args) => run::run(args),
     };
     if let Err(e) = result {
         eprintln!("netchannel: {e}");

@@ -199,6 +199,25 @@ pub struct Config {
     /// `reconnect_backoff_max_ms`: longest pause between attempts to dial a lost channel.
     /// Default 1000 ms.
     pub reconnect_backoff_max: Duration,
+    /// The `[preload]` table: what `netchannel run` (the preload shim) moves onto vsockets.
+    pub preload: PreloadConfig,
+}
+
+/// The `[preload]` table: which TCP sockets of a program run under `netchannel run` become
+/// vsockets.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PreloadConfig {
+    /// `hosts`: peer IPs whose connections become vsockets. Default empty: every connection
+    /// is offered to the daemon first and stays on kernel TCP where no NetChannel host answers.
+    pub hosts: Vec<std::net::IpAddr>,
+    /// `ports`: listening ports also served as vsocket ports. Default empty: every port.
+    pub ports: Vec<u16>,
+    /// `require_daemon`: without a reachable daemon, `netchannel run` fails instead of running
+    /// the program on plain TCP. Default false.
+    pub require_daemon: bool,
+    /// `library`: the preload library. Default: `libnetchannel_preload.so` next to the
+    /// `netchannel` binary.
+    pub library: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -233,6 +252,7 @@ impl Default for Config {
             peer_down_timeout: Duration::from_millis(5000),
             reconnect_backoff: Duration::from_millis(50),
             reconnect_backoff_max: Duration::from_millis(1000),
+            preload: PreloadConfig::default(),
         }
     }
 }
@@ -330,6 +350,16 @@ struct RawConfig {
     reconnect_backoff_max_ms: Option<i64>,
     deployment: Option<String>,
     daemon: Option<RawDaemon>,
+    preload: Option<RawPreload>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPreload {
+    hosts: Option<Vec<String>>,
+    ports: Option<Vec<i64>>,
+    require_daemon: Option<bool>,
+    library: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -506,6 +536,28 @@ impl Config {
                 c.daemon.app_spin_us = Some(micros("daemon.app_spin_us", v)?);
             }
         }
+        if let Some(p) = raw.preload {
+            if let Some(hosts) = p.hosts {
+                c.preload.hosts = hosts
+                    .iter()
+                    .map(|h| {
+                        h.parse().map_err(|_| err("preload.hosts", format!("{h:?} is not an IP address")))
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            if let Some(ports) = p.ports {
+                c.preload.ports = ports
+                    .into_iter()
+                    .map(|v| u16::try_from(v).map_err(|_| err("preload.ports", format!("{v} is not a port"))))
+                    .collect::<Result<_, _>>()?;
+            }
+            if let Some(v) = p.require_daemon {
+                c.preload.require_daemon = v;
+            }
+            if let Some(l) = p.library {
+                c.preload.library = Some(l.into());
+            }
+        }
         c.validate()?;
         Ok(c)
     }
@@ -592,6 +644,14 @@ impl Config {
         }
         if let Some(us) = self.daemon.app_spin_us {
             let _ = writeln!(t, "app_spin_us = {us}");
+        }
+        let _ = writeln!(t, "\n[preload]");
+        let hosts: Vec<String> = self.preload.hosts.iter().map(|h| h.to_string()).collect();
+        let _ = writeln!(t, "hosts = {hosts:?}");
+        let _ = writeln!(t, "ports = {:?}", self.preload.ports);
+        let _ = writeln!(t, "require_daemon = {}", self.preload.require_daemon);
+        if let Some(l) = &self.preload.library {
+            let _ = writeln!(t, "library = {}", q(l));
         }
         t
     }

@@ -1274,6 +1274,15 @@ impl VListener {
         Ok(())
     }
 
+    /// Stop listening now: vsockets not yet accepted are refused, and an `accept` blocked in
+    /// another thread fails with `ConnectionAborted`.
+    pub fn close(&self) {
+        match &self.imp {
+            ListenerImp::Embedded(l) => l.q.close(),
+            ListenerImp::Daemon(d) => d.close(),
+        }
+    }
+
     /// An iterator over accepted vsockets, like [`std::net::TcpListener::incoming`].
     pub fn incoming(&self) -> impl Iterator<Item = io::Result<VStream>> + '_ {
         std::iter::from_fn(move || Some(self.accept().map(|(s, _)| s)))

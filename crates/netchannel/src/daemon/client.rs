@@ -173,6 +173,7 @@ impl Client {
                 id: listener,
                 local,
                 nonblocking: AtomicBool::new(false),
+                closed: AtomicBool::new(false),
             })),
             other => Err(unexpected(&other)),
         }
@@ -482,6 +483,7 @@ pub(crate) struct DListener {
     id: u64,
     local: SocketAddr,
     pub(crate) nonblocking: AtomicBool,
+    closed: AtomicBool,
 }
 
 impl DListener {
@@ -498,8 +500,17 @@ impl DListener {
     }
 }
 
+impl DListener {
+    /// Stop listening (a blocked `accept` of another thread then fails).
+    pub(crate) fn close(&self) {
+        if !self.closed.swap(true, Ordering::SeqCst) {
+            let _ = self.client.request(&Request::CloseListener { listener: self.id });
+        }
+    }
+}
+
 impl Drop for DListener {
     fn drop(&mut self) {
-        let _ = self.client.request(&Request::CloseListener { listener: self.id });
+        self.close();
     }
 }

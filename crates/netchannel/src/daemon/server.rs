@@ -354,7 +354,10 @@ impl State {
             }
             Request::CloseListener { listener } => {
                 let l = self.listeners.lock().unwrap().remove(&listener);
-                drop(l);
+                // Wake a blocked accept at once, so the port is free again right away.
+                if let Some(l) = l {
+                    l.l.close();
+                }
                 Ok((Response::Ok, None))
             }
             Request::SetClass { handle, class } => {

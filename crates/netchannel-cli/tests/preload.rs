@@ -1,0 +1,278 @@
+//! Unmodified programs under `netchannel run` (the preload shim), with two `netchannel up`
+//! daemons on loopback (127.x.y.1 serves the server program, 127.x.y.2 the client program):
+//! a C program exercising the socket surface (tests/preload/sockets.c), Debian's
+//! redis-server with redis-benchmark and redis-cli, iperf3 and sockperf. A test whose tool
+//! is not installed says so and passes (`.ci/run` installs them); the C test needs `cc`.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{finish, netchannel, KillOnDrop, TempDir};
+use netchannel::daemon::Client;
+use serde_json::Value;
+
+const TIMEOUT: Duration = Duration::from_secs(540);
+
+struct Daemon {
+    _child: KillOnDrop,
+    socket: PathBuf,
+    config: PathBuf,
+    ip: IpAddr,
+}
+
+impl Daemon {
+    fn start(dir: &Path, name: &str, listen: SocketAddr) -> Daemon {
+        let socket = dir.join(format!("{name}.sock"));
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!("listen = \"{listen}\"\n[daemon]\nsocket = \"{}\"\n", socket.display()),
+        )
+        .unwrap();
+        let mut cmd = netchannel(&["up", "--config", config.to_str().unwrap()]);
+        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+        let mut child = KillOnDrop(Some(cmd.spawn().expect("spawn netchannel up")));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Client::connect(&socket).is_err() {
+            if let Some(st) = child.0.as_mut().unwrap().try_wait().unwrap() {
+                panic!("netchannel up exited: {st}");
+            }
+            assert!(Instant::now() < deadline, "the daemon did not come up on {}", socket.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon { _child: child, socket, config, ip: listen.ip() }
+    }
+
+    fn status(&self) -> Value {
+        Client::connect(&self.socket).unwrap().status().unwrap()
+    }
+
+    /// `netchannel run --config <this daemon> -- args…`
+    fn run(&self, args: &[&str]) -> Command {
+        let mut v = vec!["run", "--config", self.config.to_str().unwrap(), "--"];
+        v.extend_from_slice(args);
+        netchannel(&v)
+    }
+
+    fn ip(&self) -> String {
+        self.ip.to_string()
+    }
+}
+
+/// A temporary directory and two daemons on 127.b.c.1 / 127.b.c.2, plus a free port number
+/// for the programs.
+fn setup(tag: &str) -> (TempDir, Daemon, Daemon, u16) {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    let (b, c) = ((pid % 100) as u8 + 20, (n % 250) as u8 + 1);
+    let port = 42000 + (pid % 15000) as u16;
+    let d = TempDir::new(tag);
+    std::fs::create_dir_all(&d.0).unwrap();
+    let a = Daemon::start(&d.0, "a", SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, b, c, 1)), port));
+    let bd = Daemon::start(&d.0, "b", SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, b, c, 2)), port));
+    (d, a, bd, port + 1)
+}
+
+fn have(tool: &str) -> bool {
+    let found =
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).any(|d| d.join(tool).is_file());
+    if !found {
+        eprintln!("skipped: `{tool}` is not installed (.ci/run installs it)");
+    }
+    found
+}
+
+/// Start a server program in the background and wait until `addr` accepts.
+fn background(mut cmd: Command, addr: &str) -> KillOnDrop {
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut child = KillOnDrop(Some(cmd.spawn().expect("spawn server")));
+    let a: SocketAddr = addr.parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_err() {
+        if let Some(st) = child.0.as_mut().unwrap().try_wait().unwrap() {
+            panic!("server for {addr} exited: {st}");
+        }
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The probe above went over kernel TCP; give the vsocket listener its moment too.
+    std::thread::sleep(Duration::from_millis(200));
+    child
+}
+
+fn ok(cmd: Command, what: &str) -> common::Output {
+    let child = { cmd }.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let out = finish(child, what);
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+    out
+}
+
+fn total(d: &Daemon, key: &str) -> u64 {
+    d.status()["totals"][key].as_u64().unwrap()
+}
+
+#[test]
+fn c_program_socket_surface_over_vsockets() {
+    if !have("cc") {
+        return;
+    }
+    let (dir, a, b, port) = setup("preload-c");
+    let exe = dir.0.join("sockets");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/preload/sockets.c");
+    let st = Command::new("cc").args(["-O1", "-Wall", "-o"]).arg(&exe).arg(&src).status().unwrap();
+    assert!(st.success(), "cc {}", src.display());
+    let exe = exe.to_str().unwrap();
+    let port_s = port.to_string();
+    let _server = background(a.run(&[exe, "server", &a.ip(), &port_s]), &format!("{}:{port}", a.ip()));
+    let opened = total(&b, "vsockets_opened");
+    let out = ok(b.run(&[exe, "client", &a.ip(), &port_s]), "sockets client");
+    assert_eq!(out.stdout.trim(), "ok", "stderr:\n{}", out.stderr);
+    // The client's two connections (one from a forked child) were vsockets.
+    assert!(total(&b, "vsockets_opened") >= opened + 2, "{}", b.status());
+    assert!(total(&b, "bytes_sent") >= 1 << 20);
+}
+
+#[test]
+fn redis_benchmark_and_a_1mib_value_over_vsockets() {
+    if !have("redis-server") || !have("redis-benchmark") || !have("redis-cli") {
+        return;
+    }
+    let (dir, a, b, port) = setup("preload-redis");
+    let port_s = port.to_string();
+    let ip = a.ip();
+    let _server = background(
+        a.run(&[
+            "redis-server",
+            "--bind",
+            &ip,
+            "--port",
+            &port_s,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--dir",
+            dir.0.to_str().unwrap(),
+        ]),
+        &format!("{ip}:{port}"),
+    );
+    let before = total(&a, "bytes_received");
+    for pipeline in ["1", "32"] {
+        let out = ok(
+            b.run(&[
+                "redis-benchmark",
+                "-h",
+                &ip,
+                "-p",
+                &port_s,
+                "-t",
+                "set,get,lpush,lpop,mset",
+                "-n",
+                "100000",
+                "-P",
+                pipeline,
+                "-q",
+            ]),
+            "redis-benchmark",
+        );
+        let text = out.stdout.replace('\r', "\n");
+        for t in ["SET", "GET", "LPUSH", "LPOP", "MSET"] {
+            assert!(
+                text.lines().any(|l| l.starts_with(t) && l.contains("requests per second")),
+                "no {t} result at -P {pipeline}:\n{text}"
+            );
+        }
+        assert!(!text.contains("Error") && !out.stderr.contains("Error"), "{text}\n{}", out.stderr);
+    }
+    // A 1 MiB value in and out through redis-cli.
+    let value: String = (0..(1 << 20)).map(|i| (b'a' + (i * 7 % 26) as u8) as char).collect();
+    let file = dir.0.join("value");
+    std::fs::write(&file, &value).unwrap();
+    let mut set = b.run(&["redis-cli", "-h", &ip, "-p", &port_s, "-x", "set", "big"]);
+    set.stdin(std::fs::File::open(&file).unwrap());
+    assert_eq!(ok(set, "redis-cli set").stdout.trim(), "OK");
+    let got = ok(b.run(&["redis-cli", "-h", &ip, "-p", &port_s, "--raw", "get", "big"]), "redis-cli get");
+    assert!(got.stdout.trim_end_matches('\n') == value, "the 1 MiB value came back changed");
+    // The bytes went through vsockets: the server's daemon received them.
+    assert!(total(&a, "bytes_received") >= before + (2 << 20), "{}", a.status());
+    let json = ok(netchannel(&["status", "--config", a.config.to_str().unwrap(), "--json"]), "status");
+    let v: Value = serde_json::from_str(json.stdout.trim()).unwrap();
+    assert!(v["totals"]["vsockets_opened"].as_u64().unwrap() >= 100);
+}
+
+#[test]
+fn iperf3_parallel_and_reverse_over_vsockets() {
+    if !have("iperf3") {
+        return;
+    }
+    let (_dir, a, b, port) = setup("preload-iperf");
+    let port_s = port.to_string();
+    let ip = a.ip();
+    // No `-1`: the readiness probe of `background` is a session of its own.
+    let _server = background(a.run(&["iperf3", "-s", "-B", &ip, "-p", &port_s]), &format!("{ip}:{port}"));
+    for extra in [["-P", "4"], ["-R", "-J"]] {
+        let before = total(&b, "bytes_sent") + total(&b, "bytes_received");
+        let mut args = vec!["iperf3", "-c", &ip, "-p", &port_s, "-t", "2"];
+        args.extend_from_slice(&extra);
+        ok(b.run(&args), "iperf3 client");
+        let after = total(&b, "bytes_sent") + total(&b, "bytes_received");
+        assert!(
+            after - before >= 10 << 20,
+            "iperf3 {extra:?} moved only {} bytes through vsockets",
+            after - before
+        );
+    }
+}
+
+#[test]
+fn sockperf_ping_pong_over_vsockets() {
+    if !have("sockperf") {
+        return;
+    }
+    let (_dir, a, b, port) = setup("preload-sockperf");
+    let port_s = port.to_string();
+    let ip = a.ip();
+    let _server =
+        background(a.run(&["sockperf", "sr", "--tcp", "-i", &ip, "-p", &port_s]), &format!("{ip}:{port}"));
+    let opened = total(&b, "vsockets_opened");
+    let out = ok(b.run(&["sockperf", "pp", "--tcp", "-i", &ip, "-p", &port_s, "-t", "2"]), "sockperf pp");
+    assert!(out.stdout.contains("Summary: Latency is") || out.stderr.contains("Summary: Latency is"));
+    assert!(total(&b, "vsockets_opened") > opened);
+}
+
+#[test]
+fn without_a_daemon_the_program_runs_on_plain_tcp_after_one_warning() {
+    let d = TempDir::new("preload-nodaemon");
+    std::fs::create_dir_all(&d.0).unwrap();
+    let cfg = d.0.join("c.toml");
+    std::fs::write(&cfg, format!("[daemon]\nsocket = \"{}\"\n", d.0.join("none.sock").display())).unwrap();
+    let out = ok(netchannel(&["run", "--config", cfg.to_str().unwrap(), "--", "true"]), "run true");
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains("plain TCP"), "{}", out.stderr);
+    std::fs::write(
+        &cfg,
+        format!(
+            "[daemon]\nsocket = \"{}\"\n[preload]\nrequire_daemon = true\n",
+            d.0.join("none.sock").display()
+        ),
+    )
+    .unwrap();
+    let child = netchannel(&["run", "--config", cfg.to_str().unwrap(), "--", "true"]).spawn().unwrap();
+    let out = finish(child, "run true (require_daemon)");
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("require_daemon"), "{}", out.stderr);
+}

@@ -1,0 +1,255 @@
+/* A plain C program for the preload shim tests (tests/preload.rs): it uses the socket
+ * surface the way unmodified programs do, and checks what the kernel would answer.
+ *
+ *   sockets server IP PORT   accept with an edge-triggered epoll on the listener; fork one
+ *                            child per connection, which echoes until EOF, then writes
+ *                            "bye" and closes (half close seen from the other side).
+ *   sockets client IP PORT   non-blocking connect (EINPROGRESS, then SO_ERROR), flags kept,
+ *                            edge- and level-triggered epoll, poll, select, FIONREAD,
+ *                            MSG_PEEK, half close with EPOLLRDHUP, fork with an inherited
+ *                            socket. Prints "ok" and exits 0, or names the failed check.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define CHECK(c, what)                                                          \
+    do {                                                                        \
+        if (!(c)) {                                                             \
+            fprintf(stderr, "FAILED: %s (line %d, errno %d %s)\n", what,        \
+                    __LINE__, errno, strerror(errno));                          \
+            exit(1);                                                            \
+        }                                                                       \
+    } while (0)
+
+static struct sockaddr_in addr_of(const char *ip, int port) {
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    inet_pton(AF_INET, ip, &a.sin_addr);
+    return a;
+}
+
+static void write_all(int fd, const char *p, size_t n) {
+    while (n > 0) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w < 0 && (errno == EAGAIN || errno == EINTR)) {
+            struct pollfd pf = {fd, POLLOUT, 0};
+            poll(&pf, 1, 1000);
+            continue;
+        }
+        CHECK(w > 0, "send");
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+/* Read exactly n bytes (blocking on poll between non-blocking reads). */
+static void read_exact(int fd, char *p, size_t n) {
+    while (n > 0) {
+        ssize_t r = recv(fd, p, n, 0);
+        if (r < 0 && (errno == EAGAIN || errno == EINTR)) {
+            struct pollfd pf = {fd, POLLIN, 0};
+            CHECK(poll(&pf, 1, 10000) == 1, "poll for data within 10 s");
+            continue;
+        }
+        CHECK(r > 0, "recv of expected bytes");
+        p += r;
+        n -= (size_t)r;
+    }
+}
+
+static void echo(int fd) {
+    char buf[65536];
+    for (;;) {
+        ssize_t r = read(fd, buf, sizeof buf);
+        if (r == 0)
+            break;
+        if (r < 0 && errno == EINTR)
+            continue;
+        CHECK(r > 0, "server read");
+        write_all(fd, buf, (size_t)r);
+    }
+    write_all(fd, "bye", 3);
+    close(fd);
+}
+
+static int server(const char *ip, int port) {
+    signal(SIGCHLD, SIG_IGN);
+    int l = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    CHECK(l >= 0, "socket");
+    int one = 1;
+    CHECK(setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) == 0, "SO_REUSEADDR");
+    struct sockaddr_in a = addr_of(ip, port);
+    CHECK(bind(l, (struct sockaddr *)&a, sizeof a) == 0, "bind");
+    CHECK(listen(l, 64) == 0, "listen");
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.fd = l};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, l, &ev) == 0, "epoll_ctl listener");
+    printf("listening\n");
+    fflush(stdout);
+    for (;;) {
+        struct epoll_event got;
+        int n = epoll_wait(ep, &got, 1, -1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        CHECK(n == 1, "epoll_wait on the listener");
+        for (;;) { /* edge triggered: drain the queue */
+            struct sockaddr_in peer;
+            socklen_t pl = sizeof peer;
+            int c = accept4(l, (struct sockaddr *)&peer, &pl, SOCK_CLOEXEC);
+            if (c < 0 && errno == EAGAIN)
+                break;
+            CHECK(c >= 0, "accept4");
+            CHECK(pl == sizeof peer && peer.sin_family == AF_INET, "accept4 peer address");
+            int fdfl = fcntl(c, F_GETFD);
+            CHECK(fdfl & FD_CLOEXEC, "SOCK_CLOEXEC of accept4 kept");
+            CHECK(!(fcntl(c, F_GETFL) & O_NONBLOCK), "accepted socket blocking");
+            pid_t p = fork();
+            CHECK(p >= 0, "fork");
+            if (p == 0) {
+                close(l);
+                echo(c);
+                _exit(0);
+            }
+            close(c);
+        }
+    }
+}
+
+static int connect_nb(const char *ip, int port) {
+    int s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    CHECK(s >= 0, "socket");
+    int one = 1;
+    CHECK(setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) == 0, "TCP_NODELAY");
+    struct sockaddr_in a = addr_of(ip, port);
+    int r = connect(s, (struct sockaddr *)&a, sizeof a);
+    CHECK(r == 0 || errno == EINPROGRESS, "non-blocking connect: 0 or EINPROGRESS");
+    struct pollfd pf = {s, POLLOUT, 0};
+    CHECK(poll(&pf, 1, 10000) == 1 && (pf.revents & POLLOUT), "writable after connect");
+    int err = -1;
+    socklen_t el = sizeof err;
+    CHECK(getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &el) == 0 && err == 0, "SO_ERROR 0");
+    CHECK(fcntl(s, F_GETFL) & O_NONBLOCK, "SOCK_NONBLOCK kept");
+    CHECK(fcntl(s, F_GETFD) & FD_CLOEXEC, "SOCK_CLOEXEC kept");
+    struct sockaddr_in peer;
+    socklen_t pl = sizeof peer;
+    CHECK(getpeername(s, (struct sockaddr *)&peer, &pl) == 0, "getpeername");
+    CHECK(peer.sin_port == a.sin_port && peer.sin_addr.s_addr == a.sin_addr.s_addr,
+          "getpeername is the address connected to");
+    return s;
+}
+
+static int client(const char *ip, int port) {
+    int s = connect_nb(ip, port);
+
+    /* Edge triggered: one event per arrival, none again until more arrives. */
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.fd = s};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev) == 0, "epoll_ctl ET");
+    struct epoll_event got;
+    CHECK(epoll_wait(ep, &got, 1, 5000) == 1 && (got.events & EPOLLOUT) && !(got.events & EPOLLIN),
+          "ET: writable, nothing to read yet");
+    CHECK(epoll_wait(ep, &got, 1, 100) == 0, "ET: no second event without a change");
+    write_all(s, "ping", 4);
+    CHECK(epoll_wait(ep, &got, 1, 10000) == 1 && (got.events & EPOLLIN), "ET: EPOLLIN on arrival");
+    usleep(50000);
+    int n = epoll_wait(ep, &got, 1, 100);
+    CHECK(n == 0 || !(got.events & EPOLLIN), "ET: EPOLLIN not repeated while unread");
+
+    /* Level triggered, poll, select, FIONREAD and MSG_PEEK all see the unread 4 bytes. */
+    int lt = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event lev = {.events = EPOLLIN, .data.fd = s};
+    CHECK(epoll_ctl(lt, EPOLL_CTL_ADD, s, &lev) == 0, "epoll_ctl LT");
+    CHECK(epoll_wait(lt, &got, 1, 1000) == 1 && (got.events & EPOLLIN), "LT: EPOLLIN");
+    CHECK(epoll_wait(lt, &got, 1, 1000) == 1 && (got.events & EPOLLIN), "LT: EPOLLIN again");
+    struct pollfd pf = {s, POLLIN, 0};
+    CHECK(poll(&pf, 1, 1000) == 1 && (pf.revents & POLLIN), "poll POLLIN");
+    fd_set rd;
+    FD_ZERO(&rd);
+    FD_SET(s, &rd);
+    struct timeval tv = {1, 0};
+    CHECK(select(s + 1, &rd, NULL, NULL, &tv) == 1 && FD_ISSET(s, &rd), "select readable");
+    int avail = 0;
+    CHECK(ioctl(s, FIONREAD, &avail) == 0 && avail == 4, "FIONREAD 4");
+    char buf[64];
+    CHECK(recv(s, buf, sizeof buf, MSG_PEEK) == 4 && memcmp(buf, "ping", 4) == 0, "MSG_PEEK");
+    CHECK(recv(s, buf, sizeof buf, MSG_DONTWAIT) == 4 && memcmp(buf, "ping", 4) == 0, "recv");
+    CHECK(recv(s, buf, sizeof buf, MSG_DONTWAIT) < 0 && errno == EAGAIN, "EAGAIN when drained");
+    CHECK(epoll_wait(lt, &got, 1, 100) == 0, "LT: quiet when drained");
+
+    /* fork: the child uses the inherited vsocket, then the parent goes on with it. */
+    pid_t p = fork();
+    CHECK(p >= 0, "fork");
+    if (p == 0) {
+        write_all(s, "child", 5);
+        char b[5];
+        read_exact(s, b, 5);
+        _exit(memcmp(b, "child", 5) == 0 ? 0 : 3);
+    }
+    int st = 0;
+    CHECK(waitpid(p, &st, 0) == p && WIFEXITED(st) && WEXITSTATUS(st) == 0, "forked child's echo");
+    /* A second vsocket opened in a child of its own. */
+    p = fork();
+    CHECK(p >= 0, "fork 2");
+    if (p == 0) {
+        int c = connect_nb(ip, port);
+        write_all(c, "new", 3);
+        char b[3];
+        read_exact(c, b, 3);
+        _exit(memcmp(b, "new", 3) == 0 ? 0 : 4);
+    }
+    CHECK(waitpid(p, &st, 0) == p && WIFEXITED(st) && WEXITSTATUS(st) == 0, "child's own vsocket");
+
+    /* A larger exchange through writev/readv-sized buffers. */
+    static char big[1 << 20], back[1 << 20];
+    for (size_t i = 0; i < sizeof big; i++)
+        big[i] = (char)(i * 7 + 3);
+    pid_t w = fork();
+    if (w == 0) {
+        write_all(s, big, sizeof big);
+        _exit(0);
+    }
+    read_exact(s, back, sizeof back);
+    CHECK(waitpid(w, &st, 0) == w && WIFEXITED(st) && WEXITSTATUS(st) == 0, "writer child");
+    CHECK(memcmp(big, back, sizeof big) == 0, "1 MiB echoed intact");
+
+    /* Half close: our FIN reaches the server, whose "bye" and FIN come back. */
+    CHECK(shutdown(s, SHUT_WR) == 0, "shutdown(SHUT_WR)");
+    read_exact(s, buf, 3);
+    CHECK(memcmp(buf, "bye", 3) == 0, "bye after half close");
+    struct epoll_event rh = {.events = EPOLLIN | EPOLLRDHUP, .data.fd = s};
+    int ep2 = epoll_create1(EPOLL_CLOEXEC);
+    CHECK(epoll_ctl(ep2, EPOLL_CTL_ADD, s, &rh) == 0, "epoll_ctl RDHUP");
+    CHECK(epoll_wait(ep2, &got, 1, 10000) == 1 && (got.events & EPOLLRDHUP), "EPOLLRDHUP on peer FIN");
+    CHECK(recv(s, buf, sizeof buf, 0) == 0, "EOF after the peer's FIN");
+    close(s);
+    printf("ok\n");
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 4) {
+        fprintf(stderr, "usage: sockets server|client IP PORT\n");
+        return 2;
+    }
+    int port = atoi(argv[3]);
+    if (strcmp(argv[1], "server") == 0)
+        return server(argv[2], port);
+    return client(argv[2], port);
+}

@@ -1,0 +1,609 @@
+//! The preload shim (`netchannel run -- PROGRAM`): an unmodified, dynamically linked
+//! program's TCP sockets become NetChannel vsockets served by the host's daemon.
+//!
+//! Deployment layer, app side. The shim interposes only where a socket is born as a
+//! connection — `connect`, `listen`, `accept`/`accept4` — and where an address is asked for
+//! or an fd goes away (`getsockname`, `getpeername`, `setsockopt` for `SO_PRIORITY`, `close`,
+//! `dup`/`dup2`/`dup3`/`fcntl(F_DUPFD)`). Everything else is left to the kernel, because the
+//! descriptor the program holds stays a real kernel TCP socket: a loopback connection whose
+//! other end the shim relays to the vsocket (see [`relay`]). That is the design's crux:
+//! readiness for poll/select/epoll (level and edge triggered, EPOLLIN/OUT/RDHUP/HUP/ERR),
+//! non-blocking connect (EINPROGRESS, then SO_ERROR), MSG_PEEK, FIONREAD, SOCK_NONBLOCK,
+//! SOCK_CLOEXEC, fork, exec and sendfile are the kernel's own, exactly, at the cost of one
+//! loopback hop and two relay threads per vsocket.
+//!
+//! * `connect(fd, A)` to a selected destination: the daemon opens a vsocket to A first; if it
+//!   cannot (no NetChannel host at A, A is this host itself, no daemon) the real connect to A
+//!   runs and the socket stays kernel TCP. Otherwise `fd` connects to the process's relay
+//!   listener and is paired with the vsocket; `getpeername` says A.
+//! * `listen(fd)` on a selected port: the kernel listener stays (kernel TCP clients still
+//!   reach it), and the daemon listens on the same vsocket port; each vsocket that arrives is
+//!   connected into `fd`'s accept queue over loopback, so `accept` returns it with the
+//!   vsocket peer's address.
+//! * fork: the child inherits the descriptors, and the relay threads of the parent keep
+//!   serving them while the parent lives. The child's own new vsockets use a connection to
+//!   the daemon of its own (the inherited one is abandoned, never shut down, in the child).
+//!
+//! Hooks never panic across the FFI boundary (each body runs under `catch_unwind`, falling
+//! back to the real call), never log through a hooked call (stderr lines are single
+//! `write(2)`s), and the shim's own threads pass the hooks untouched.
+
+mod relay;
+mod sys;
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::net::{IpAddr, SocketAddr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use libc::{c_int, c_ulong, sockaddr, socklen_t};
+use netchannel::daemon::Client;
+use netchannel::{Class, Config, VListener, VStream};
+
+use relay::{Arrivals, RelayListener};
+use sys::{real, ForkLock};
+
+thread_local! {
+    /// Set on the shim's own threads and while a hook runs: socket calls pass untouched.
+    static BUSY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// How long "no NetChannel host at this IP" is remembered.
+const NEGATIVE_TTL: Duration = Duration::from_secs(10);
+/// How long after a failed attempt the daemon is tried again.
+const DAEMON_RETRY: Duration = Duration::from_secs(5);
+/// Descriptors below this can be vsockets in the table.
+const MAX_FD: usize = 1 << 16;
+
+/// Which descriptors have an entry in the table: checked without a lock by every hook.
+static MARK: [AtomicBool; MAX_FD] = [const { AtomicBool::new(false) }; MAX_FD];
+/// This process's id, refreshed in the child after fork.
+static PID: AtomicI32 = AtomicI32::new(0);
+
+#[derive(Clone)]
+enum Kind {
+    Stream(Arc<VStream>),
+    Listener(Arc<VListener>),
+}
+
+#[derive(Clone)]
+struct Entry {
+    /// The process that opened it: only it may talk to the daemon about it.
+    pid: i32,
+    kind: Kind,
+    v6: bool,
+    local: SocketAddr,
+    remote: SocketAddr,
+}
+
+#[derive(Default)]
+struct Shim {
+    table: Option<HashMap<c_int, Entry>>,
+    client: Option<Client>,
+    retry_at: Option<Instant>,
+    warned: bool,
+    negative: Option<HashMap<IpAddr, Instant>>,
+    relay: Option<Arc<RelayListener>>,
+    arrivals: Option<Arrivals>,
+}
+
+static SHIM: ForkLock<Shim> = ForkLock::new(Shim {
+    table: None,
+    client: None,
+    retry_at: None,
+    warned: false,
+    negative: None,
+    relay: None,
+    arrivals: None,
+});
+
+fn config() -> &'static Config {
+    static CFG: OnceLock<Config> = OnceLock::new();
+    CFG.get_or_init(|| match std::env::var_os("NETCHANNEL_CONFIG") {
+        Some(p) => Config::load(std::path::Path::new(&p)).unwrap_or_else(|e| {
+            sys::say(&format!("{e}; using the default configuration"));
+            Config::default()
+        }),
+        None => Config::default(),
+    })
+}
+
+fn pid() -> i32 {
+    PID.load(Ordering::Relaxed)
+}
+
+extern "C" fn fork_prepare() {
+    SHIM.acquire();
+}
+
+extern "C" fn fork_parent() {
+    // SAFETY: taken in fork_prepare by this thread.
+    unsafe { SHIM.release() };
+}
+
+extern "C" fn fork_child() {
+    // SAFETY: getpid has no preconditions.
+    PID.store(unsafe { libc::getpid() }, Ordering::Relaxed);
+    // SAFETY: taken in fork_prepare; the child has one thread.
+    let s = unsafe { SHIM.get() };
+    // The parent's daemon connections and relay threads are the parent's: never use, drop or
+    // shut them down here (a shutdown would cut the parent's); the child makes its own.
+    std::mem::forget(s.client.take());
+    std::mem::forget(s.relay.take());
+    std::mem::forget(s.arrivals.take());
+    s.retry_at = None;
+    // SAFETY: as above.
+    unsafe { SHIM.release() };
+}
+
+extern "C" fn init() {
+    // SAFETY: getpid and pthread_atfork take no memory we do not own.
+    unsafe {
+        PID.store(libc::getpid(), Ordering::Relaxed);
+        libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child));
+    }
+}
+
+#[used]
+#[link_section = ".init_array"]
+static INIT: extern "C" fn() = init;
+
+/// Run a hook body with the shim marked busy; a panic falls back to `fallback`.
+fn shield<R>(fallback: impl FnOnce() -> R, body: impl FnOnce() -> R) -> R {
+    let was = BUSY.try_with(|b| b.replace(true)).unwrap_or(true);
+    let r = catch_unwind(AssertUnwindSafe(body));
+    let _ = BUSY.try_with(|b| b.set(was));
+    match r {
+        Ok(r) => r,
+        Err(_) => fallback(),
+    }
+}
+
+fn busy() -> bool {
+    BUSY.try_with(|b| b.get()).unwrap_or(true)
+}
+
+fn marked(fd: c_int) -> bool {
+    fd >= 0 && (fd as usize) < MAX_FD && MARK[fd as usize].load(Ordering::Acquire)
+}
+
+fn entry(fd: c_int) -> Option<Entry> {
+    if !marked(fd) {
+        return None;
+    }
+    SHIM.lock().table.as_ref()?.get(&fd).cloned()
+}
+
+fn insert(fd: c_int, e: Entry) {
+    if fd < 0 || fd as usize >= MAX_FD {
+        return;
+    }
+    SHIM.lock().table.get_or_insert_with(HashMap::new).insert(fd, e);
+    MARK[fd as usize].store(true, Ordering::Release);
+}
+
+/// Forget `fd`'s entry; a listener this process opened stops taking vsockets.
+fn remove(fd: c_int) {
+    if !marked(fd) {
+        return;
+    }
+    MARK[fd as usize].store(false, Ordering::Release);
+    let e = SHIM.lock().table.as_mut().and_then(|t| t.remove(&fd));
+    let Some(e) = e else { return };
+    if e.pid != pid() {
+        // Inherited across fork: the parent still owns it.
+        std::mem::forget(e);
+        return;
+    }
+    if let Kind::Listener(l) = &e.kind {
+        let still_open =
+            SHIM.lock().table.as_ref().is_some_and(|t| {
+                t.values().any(|o| matches!(&o.kind, Kind::Listener(x) if Arc::ptr_eq(x, l)))
+            });
+        if !still_open {
+            l.close();
+        }
+    }
+}
+
+/// The daemon client of this process, connecting (again) if need be.
+fn client() -> Option<Client> {
+    {
+        let mut s = SHIM.lock();
+        if let Some(c) = &s.client {
+            if !c.is_dead() {
+                return Some(c.clone());
+            }
+            s.client = None;
+        }
+        if s.retry_at.is_some_and(|t| Instant::now() < t) {
+            return None;
+        }
+    }
+    match Client::from_config(config()) {
+        Ok(c) => {
+            let mut s = SHIM.lock();
+            s.client = Some(c.clone());
+            s.retry_at = None;
+            Some(c)
+        }
+        Err(e) => {
+            let mut s = SHIM.lock();
+            s.retry_at = Some(Instant::now() + DAEMON_RETRY);
+            if !std::mem::replace(&mut s.warned, true) {
+                drop(s);
+                sys::say(&format!("{e}; TCP sockets of this program stay on kernel TCP"));
+            }
+            None
+        }
+    }
+}
+
+/// Whether a connection to `ip` should be offered to the daemon.
+fn selected(ip: IpAddr) -> bool {
+    let hosts = &config().preload.hosts;
+    if !hosts.is_empty() {
+        return hosts.contains(&ip);
+    }
+    let s = SHIM.lock();
+    match s.negative.as_ref().and_then(|n| n.get(&ip)) {
+        Some(until) => Instant::now() >= *until,
+        None => true,
+    }
+}
+
+fn not_netchannel(ip: IpAddr) {
+    SHIM.lock().negative.get_or_insert_with(HashMap::new).insert(ip, Instant::now() + NEGATIVE_TTL);
+}
+
+fn relay_listener() -> Option<Arc<RelayListener>> {
+    let mut s = SHIM.lock();
+    if let Some(r) = &s.relay {
+        return Some(r.clone());
+    }
+    let r = RelayListener::start().ok()?;
+    s.relay = Some(r.clone());
+    Some(r)
+}
+
+fn arrivals() -> Arrivals {
+    SHIM.lock().arrivals.get_or_insert_with(Default::default).clone()
+}
+
+type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
+
+fn real_connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    let f: ConnectFn = real!(connect: fn(c_int, *const sockaddr, socklen_t) -> c_int);
+    // SAFETY: the caller's arguments, passed on.
+    unsafe { f(fd, addr, len) }
+}
+
+fn connect_sock(fd: c_int, to: SocketAddr, v6: bool) -> c_int {
+    match sys::to_raw(to, v6) {
+        Some((st, l)) => real_connect(fd, (&st as *const libc::sockaddr_storage).cast(), l),
+        None => {
+            sys::set_errno(libc::EAFNOSUPPORT);
+            -1
+        }
+    }
+}
+
+/// `connect` onto a vsocket: `None` means "not ours, do the real connect".
+fn vconnect(fd: c_int, dst: SocketAddr) -> Option<c_int> {
+    if marked(fd) {
+        // Connecting again (after EINPROGRESS): the kernel socket answers for itself.
+        let e = entry(fd)?;
+        let target = SHIM.lock().relay.as_ref().map(|r| r.addr)?;
+        return Some(connect_sock(fd, target, e.v6));
+    }
+    let family = sys::tcp_family(fd)?;
+    if !selected(dst.ip()) || dst.ip().is_unspecified() {
+        return None;
+    }
+    let c = client()?;
+    let class = if sys::priority(fd) > 0 { Class::Latency } else { Class::Throughput };
+    let vs = match c.connect_class(dst, class) {
+        Ok(vs) => Arc::new(vs),
+        Err(e) => {
+            // A NetChannel host without a vsocket listener on that port may still have a
+            // kernel TCP one: try the kernel, but keep asking the daemon for that host.
+            if !(e.kind() == ErrorKind::ConnectionRefused && e.to_string().contains("no vsocket listener")) {
+                not_netchannel(dst.ip());
+            }
+            return None;
+        }
+    };
+    let relay = relay_listener()?;
+    let v6 = family == libc::AF_INET6;
+    // Bind first (if the program did not) so the relay listener can tell this socket by its
+    // port the moment it arrives.
+    let mut local = sys::local_addr(fd)?;
+    if local.port() == 0 {
+        let any: SocketAddr = if v6 { "[::]:0".parse().unwrap() } else { "0.0.0.0:0".parse().unwrap() };
+        let (st, l) = sys::to_raw(any, v6)?;
+        // SAFETY: a live sockaddr of the stated length.
+        if unsafe { libc::bind(fd, (&st as *const libc::sockaddr_storage).cast(), l) } != 0 {
+            return None;
+        }
+        local = sys::local_addr(fd)?;
+    }
+    relay.register(local.port(), vs.clone());
+    let rc = connect_sock(fd, relay.addr, v6);
+    let err = sys::errno();
+    if rc == 0 || err == libc::EINPROGRESS {
+        let vlocal = vs.local_addr().unwrap_or(local);
+        insert(fd, Entry { pid: pid(), kind: Kind::Stream(vs), v6, local: vlocal, remote: dst });
+    }
+    sys::set_errno(err);
+    Some(rc)
+}
+
+/// # Safety
+/// The C `connect` contract.
+#[no_mangle]
+pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    if busy() {
+        return real_connect(fd, addr, len);
+    }
+    let Some(dst) = sys::read_addr(addr, len) else { return real_connect(fd, addr, len) };
+    let r = shield(|| None, || vconnect(fd, dst));
+    match r {
+        Some(rc) => rc,
+        None => real_connect(fd, addr, len),
+    }
+}
+
+fn vlisten(fd: c_int) {
+    if marked(fd) {
+        return;
+    }
+    let Some(family) = sys::tcp_family(fd) else { return };
+    let Some(bound) = sys::local_addr(fd) else { return };
+    let ports = &config().preload.ports;
+    if !ports.is_empty() && !ports.contains(&bound.port()) {
+        return;
+    }
+    let Some(c) = client() else { return };
+    // A listener the program just closed on this port may take the daemon a moment to let go.
+    let mut tries = 0;
+    let vl = loop {
+        match c.bind(bound.port()) {
+            Err(e) if e.kind() == ErrorKind::AddrInUse && tries < 20 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            r => break r,
+        }
+    };
+    let vl = match vl {
+        Ok(l) => Arc::new(l),
+        Err(e) => {
+            sys::say(&format!("port {} stays kernel TCP only: {e}", bound.port()));
+            return;
+        }
+    };
+    let local = vl.local_addr().unwrap_or(bound);
+    if relay::serve_listener(vl.clone(), relay::listener_target(bound), arrivals()) {
+        insert(
+            fd,
+            Entry {
+                pid: pid(),
+                kind: Kind::Listener(vl),
+                v6: family == libc::AF_INET6,
+                local,
+                remote: local,
+            },
+        );
+    }
+}
+
+/// # Safety
+/// The C `listen` contract.
+#[no_mangle]
+pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
+    let f = real!(listen: fn(c_int, c_int) -> c_int);
+    let rc = f(fd, backlog);
+    if rc == 0 && !busy() {
+        let err = sys::errno();
+        shield(|| (), || vlisten(fd));
+        sys::set_errno(err);
+    }
+    rc
+}
+
+/// After the kernel's accept of `nfd` on `fd`: a vsocket arrival gets its table entry and
+/// the vsocket peer's address.
+fn vaccept(fd: c_int, nfd: c_int, addr: *mut sockaddr, len: *mut socklen_t) {
+    let Some(l) = entry(fd) else { return };
+    let Some(from) = sys::peer_addr(nfd) else { return };
+    let Some(arr) = SHIM.lock().arrivals.clone() else { return };
+    let Some(a) = arr.lock().unwrap().remove(&from) else { return };
+    let local = a.vs.local_addr().unwrap_or(l.local);
+    // SAFETY: the caller's addr/len, as accept(2) fills them.
+    unsafe { sys::write_addr(a.remote, l.v6, addr, len) };
+    insert(nfd, Entry { pid: pid(), kind: Kind::Stream(a.vs), v6: l.v6, local, remote: a.remote });
+}
+
+/// # Safety
+/// The C `accept4` contract.
+#[no_mangle]
+pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
+    let f = real!(accept4: fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int);
+    let nfd = f(fd, addr, len, flags);
+    if nfd >= 0 && marked(fd) && !busy() {
+        shield(|| (), || vaccept(fd, nfd, addr, len));
+    }
+    nfd
+}
+
+/// # Safety
+/// The C `accept` contract.
+#[no_mangle]
+pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    let f = real!(accept: fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int);
+    let nfd = f(fd, addr, len);
+    if nfd >= 0 && marked(fd) && !busy() {
+        shield(|| (), || vaccept(fd, nfd, addr, len));
+    }
+    nfd
+}
+
+/// # Safety
+/// The C `getpeername` contract.
+#[no_mangle]
+pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    if let Some(Entry { kind: Kind::Stream(_), remote, v6, .. }) = shield(|| None, || entry(fd)) {
+        sys::write_addr(remote, v6, addr, len);
+        return 0;
+    }
+    let f = real!(getpeername: fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int);
+    f(fd, addr, len)
+}
+
+/// # Safety
+/// The C `getsockname` contract.
+#[no_mangle]
+pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    if let Some(Entry { kind: Kind::Stream(_), local, v6, .. }) = shield(|| None, || entry(fd)) {
+        sys::write_addr(local, v6, addr, len);
+        return 0;
+    }
+    let f = real!(getsockname: fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int);
+    f(fd, addr, len)
+}
+
+/// # Safety
+/// The C `setsockopt` contract.
+#[no_mangle]
+pub unsafe extern "C" fn setsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    val: *const libc::c_void,
+    len: socklen_t,
+) -> c_int {
+    let f = real!(setsockopt: fn(c_int, c_int, c_int, *const libc::c_void, socklen_t) -> c_int);
+    let rc = f(fd, level, name, val, len);
+    if rc == 0
+        && level == libc::SOL_SOCKET
+        && name == libc::SO_PRIORITY
+        && marked(fd)
+        && !val.is_null()
+        && len as usize >= std::mem::size_of::<c_int>()
+    {
+        let prio = std::ptr::read_unaligned(val.cast::<c_int>());
+        let err = sys::errno();
+        shield(
+            || (),
+            || {
+                if let Some(Entry { kind: Kind::Stream(vs), pid: p, .. }) = entry(fd) {
+                    if p == pid() {
+                        vs.set_class(if prio > 0 { Class::Latency } else { Class::Throughput });
+                    }
+                }
+            },
+        );
+        sys::set_errno(err);
+    }
+    rc
+}
+
+/// # Safety
+/// The C `close` contract.
+#[no_mangle]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    if marked(fd) {
+        let err = sys::errno();
+        shield(|| (), || remove(fd));
+        sys::set_errno(err);
+    }
+    let f = real!(close: fn(c_int) -> c_int);
+    f(fd)
+}
+
+/// `newfd` now names what `oldfd` names.
+fn copied(oldfd: c_int, newfd: c_int) {
+    if newfd < 0 || newfd == oldfd {
+        return;
+    }
+    let err = sys::errno();
+    shield(
+        || (),
+        || {
+            remove(newfd);
+            if let Some(e) = entry(oldfd) {
+                insert(newfd, e);
+            }
+        },
+    );
+    sys::set_errno(err);
+}
+
+/// # Safety
+/// The C `dup` contract.
+#[no_mangle]
+pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
+    let f = real!(dup: fn(c_int) -> c_int);
+    let n = f(fd);
+    if marked(fd) {
+        copied(fd, n);
+    }
+    n
+}
+
+/// # Safety
+/// The C `dup2` contract.
+#[no_mangle]
+pub unsafe extern "C" fn dup2(fd: c_int, newfd: c_int) -> c_int {
+    let f = real!(dup2: fn(c_int, c_int) -> c_int);
+    let n = f(fd, newfd);
+    if n >= 0 && (marked(fd) || marked(newfd)) {
+        copied(fd, n);
+    }
+    n
+}
+
+/// # Safety
+/// The C `dup3` contract.
+#[no_mangle]
+pub unsafe extern "C" fn dup3(fd: c_int, newfd: c_int, flags: c_int) -> c_int {
+    let f = real!(dup3: fn(c_int, c_int, c_int) -> c_int);
+    let n = f(fd, newfd, flags);
+    if n >= 0 && (marked(fd) || marked(newfd)) {
+        copied(fd, n);
+    }
+    n
+}
+
+fn after_fcntl(fd: c_int, cmd: c_int, rc: c_int) {
+    if rc >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) && marked(fd) {
+        copied(fd, rc);
+    }
+}
+
+/// `fcntl` is variadic in C; its one optional argument is an int or a pointer, passed in
+/// the same register as a fixed third argument on the Linux ABIs this builds for.
+///
+/// # Safety
+/// The C `fcntl` contract.
+#[no_mangle]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
+    let f = real!(fcntl: fn(c_int, c_int, c_ulong) -> c_int);
+    let rc = f(fd, cmd, arg);
+    after_fcntl(fd, cmd, rc);
+    rc
+}
+
+/// # Safety
+/// The C `fcntl64` contract (see [`fcntl`]).
+#[no_mangle]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
+    let f = real!(fcntl64: fn(c_int, c_int, c_ulong) -> c_int);
+    let rc = f(fd, cmd, arg);
+    after_fcntl(fd, cmd, rc);
+    rc
+}
