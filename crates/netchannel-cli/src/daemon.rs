@@ -179,12 +179,15 @@ fn render(st: &Value) -> String {
     let t = &st["totals"];
     let _ = writeln!(
         o,
-        "totals: {} vsockets opened ({} open), {} bytes sent, {} bytes received, {} channels refused, {} clients refused, {} disconnected",
+        "totals: {} vsockets opened ({} open), {} bytes sent, {} bytes received, {} channels refused, {} bad frames, {} channels redialed, {} peers lost, {} clients refused, {} disconnected",
         s(&t["vsockets_opened"]),
         s(&t["vsockets_open"]),
         s(&t["bytes_sent"]),
         s(&t["bytes_received"]),
         s(&t["channels_refused"]),
+        s(&t["bad_frames"]),
+        s(&t["channels_redialed"]),
+        s(&t["peers_lost"]),
         s(&t["clients_refused"]),
         s(&t["clients_disconnected"])
     );

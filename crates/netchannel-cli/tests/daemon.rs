@@ -499,10 +499,19 @@ fn garbage_on_the_control_socket_disconnects_only_that_client() {
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).unwrap(); // the daemon hangs up (after an error answer, if any)
     }
+    // Random bytes on the daemon's channel port: that connection is closed and counted.
+    let mut t = std::net::TcpStream::connect(da.addr).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = t.write_all(&[0x5a; 4096]);
+    let mut rest = Vec::new();
+    let _ = t.read_to_end(&mut rest);
     assert!(finish_ok(client, "client app").contains("sent 8388608"));
     server.finish("server app");
     let st = da.status();
     assert!(st["totals"]["clients_disconnected"].as_u64().unwrap() >= 3, "{st}");
+    let bad =
+        st["totals"]["channels_refused"].as_u64().unwrap() + st["totals"]["bad_frames"].as_u64().unwrap();
+    assert!(bad >= 1, "garbage on the channel port is counted: {st}");
 }
 
 #[test]
