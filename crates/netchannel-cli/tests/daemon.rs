@@ -583,3 +583,40 @@ fn a_channel_killed_through_the_daemon_loses_no_byte() {
     assert!(!out.status.success());
     assert!(out.stderr.contains("no throughput channel 0 to 127.0.0.9:1"), "{}", out.stderr);
 }
+
+/// One request on a fresh control connection, raw; the answer's JSON.
+fn raw_request(socket: &Path, body: &str) -> Value {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&(body.len() as u32).to_be_bytes()).unwrap();
+    s.write_all(body.as_bytes()).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).unwrap();
+    serde_json::from_slice(&buf).unwrap()
+}
+
+#[test]
+fn another_process_cannot_use_or_close_a_listener() {
+    let (_d, _da, db) = pair("owner");
+    let mut server =
+        app("server", db.sock(), &[("NC_APP_PORT", "7600".into()), ("NC_APP_STREAMS", "1".into())]);
+    server.wait_line("listening");
+    let st = db.status();
+    let l = st["listeners"].as_array().unwrap().iter().find(|l| l["pid"] == server.pid() as u64).cloned();
+    let id = l.unwrap_or_else(|| panic!("the app's listener is listed with its pid: {st}"))["id"]
+        .as_u64()
+        .unwrap();
+    for op in
+        ["{\"op\":\"accept\",\"listener\":ID,\"wait\":false}", "{\"op\":\"close_listener\",\"listener\":ID}"]
+    {
+        let answer = raw_request(&db.socket, &op.replace("ID", &id.to_string()));
+        assert_eq!(answer["r"], "error", "{op}: {answer}");
+        assert_eq!(answer["kind"], "permission_denied", "{op}: {answer}");
+        assert!(answer["message"].as_str().unwrap().contains("belongs to process"), "{answer}");
+    }
+    // Still listening: the owner's listener was not closed.
+    let st = db.status();
+    assert!(st["listeners"].as_array().unwrap().iter().any(|l| l["id"] == id), "{st}");
+}

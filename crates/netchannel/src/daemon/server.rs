@@ -66,6 +66,8 @@ struct Served {
 struct ServedListener {
     l: VListener,
     conn: u64,
+    /// The process that bound it: only it may accept on it or close it.
+    pid: i32,
 }
 
 struct Conn {
@@ -320,12 +322,15 @@ impl State {
                 let l = self.host.bind(port)?;
                 let local = l.local_addr()?;
                 let id = self.next.fetch_add(1, Ordering::Relaxed);
-                self.listeners.lock().unwrap().insert(id, Arc::new(ServedListener { l, conn }));
+                self.listeners.lock().unwrap().insert(id, Arc::new(ServedListener { l, conn, pid }));
                 Ok((Response::Listener { listener: id, local }, None))
             }
             Request::Accept { listener, wait } => {
                 let unknown = || io::Error::new(ErrorKind::InvalidInput, format!("no listener {listener}"));
                 let l = self.listeners.lock().unwrap().get(&listener).cloned().ok_or_else(unknown)?;
+                if l.pid != pid {
+                    return Err(not_yours("listener", listener, l.pid));
+                }
                 loop {
                     match l.l.accept_timeout(if wait { ACCEPT_SLICE } else { Duration::ZERO })? {
                         Some((stream, _)) => {
@@ -353,7 +358,13 @@ impl State {
                 }
             }
             Request::CloseListener { listener } => {
-                let l = self.listeners.lock().unwrap().remove(&listener);
+                let l = {
+                    let mut ls = self.listeners.lock().unwrap();
+                    match ls.get(&listener) {
+                        Some(l) if l.pid != pid => return Err(not_yours("listener", listener, l.pid)),
+                        _ => ls.remove(&listener),
+                    }
+                };
                 // Wake a blocked accept at once, so the port is free again right away.
                 if let Some(l) = l {
                     l.l.close();
@@ -364,11 +375,24 @@ impl State {
                 let sv = self.streams.lock().unwrap().get(&handle).cloned();
                 let sv = sv
                     .ok_or_else(|| io::Error::new(ErrorKind::InvalidInput, format!("no vsocket {handle}")))?;
+                if sv.pid != pid {
+                    return Err(not_yours("vsocket", handle, sv.pid));
+                }
                 sv.stream.set_class(class.into());
                 Ok((Response::Ok, None))
             }
             Request::Status => Ok((Response::Status { status: self.status() }, None)),
             Request::KillChannel { peer, class, index } => {
+                // Fault injection is for the daemon's own user and root, not every client.
+                let uid = self.conns.lock().unwrap().get(&conn).map(|c| c.uid);
+                // SAFETY: geteuid has no preconditions.
+                let me = unsafe { libc::geteuid() };
+                if !matches!(uid, Some(u) if u == 0 || u == me) {
+                    return Err(io::Error::new(
+                        ErrorKind::PermissionDenied,
+                        format!("only root and uid {me} (the daemon's user) may kill channels"),
+                    ));
+                }
                 if self.host.kill_channel(peer, class.into(), index) {
                     Ok((Response::Ok, None))
                 } else {
@@ -600,6 +624,14 @@ impl State {
             v.sort_by_key(|c| c["connection"].as_u64());
             v
         };
+        let mut listeners: Vec<_> = self
+            .listeners
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, l)| json!({"id": id, "pid": l.pid, "local": l.l.local_addr().ok().map(|a| a.to_string())}))
+            .collect();
+        listeners.sort_by_key(|l| l["id"].as_u64());
         let cfg = &self.cfg;
         json!({
             "daemon": {
@@ -618,6 +650,7 @@ impl State {
             "channels": channels,
             "class_queues": class_queues,
             "vsockets": vsockets,
+            "listeners": listeners,
             "clients": clients,
             "totals": {
                 "vsockets_opened": stats.vsockets_opened,
@@ -640,6 +673,11 @@ impl State {
 fn lanes(q: &crate::engine::LaneDepths) -> serde_json::Value {
     let d = |d: &crate::proto::sched::Depth| json!({"bytes": d.bytes, "frames": d.frames});
     json!({"control": d(&q.control), "latency": d(&q.latency), "bulk": d(&q.bulk)})
+}
+
+/// A request about another process's vsocket or listener.
+fn not_yours(what: &str, id: u64, owner: i32) -> io::Error {
+    io::Error::new(ErrorKind::PermissionDenied, format!("{what} {id} belongs to process {owner}"))
 }
 
 fn stream_response(sv: &Served) -> Response {
