@@ -94,6 +94,17 @@ fn netns_netchannel_stream_is_verified_striped_and_cleaned_up() {
 }
 
 #[test]
+fn netns_daemon_stream_is_verified_through_a_daemon_in_each_namespace() {
+    require_root_and_iproute2();
+    let v = run_verified_stream(&["--netns", "--backend", "daemon", "--bytes", "32MiB"]);
+    assert_verified_stream(&v, "daemon", 32 * MIB);
+    assert_eq!(v["netns"], true, "{v}");
+    let per_channel = channel_bytes(&v);
+    assert_eq!(per_channel.len(), 4, "{v}");
+    assert!(per_channel.iter().all(|&b| b > 0), "a channel carried nothing: {v}");
+}
+
+#[test]
 fn netns_rate_limit_caps_the_throughput() {
     require_root_and_iproute2();
     let v = run_verified_stream(&["--netns", "--rate", "1gbit", "--backend", "tcp", "--bytes", "64MiB"]);
