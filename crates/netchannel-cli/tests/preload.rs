@@ -67,6 +67,12 @@ impl Daemon {
 /// A temporary directory and two daemons on 127.b.c.1 / 127.b.c.2, plus a free port number
 /// for the programs.
 fn setup(tag: &str) -> (TempDir, Daemon, Daemon, u16) {
+    let lib = Path::new(env!("CARGO_BIN_EXE_netchannel")).with_file_name("libnetchannel_preload.so");
+    assert!(
+        lib.is_file(),
+        "{} is not built: run `cargo build --workspace` before the tests (.ci/run does)",
+        lib.display()
+    );
     static N: AtomicU32 = AtomicU32::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id();
