@@ -241,7 +241,7 @@ impl VSock {
             }
         }
         if pump {
-            self.pump();
+            self.pump_from(true);
         }
         let moved_tx = pump;
         let mut moved_rx = false;
@@ -337,6 +337,12 @@ impl VSock {
     /// is left to the channel workers, so that one app thread's bulk spreads over several
     /// cores and back-to-back small messages are batched into few syscalls.
     pub(crate) fn pump(self: &Arc<Self>) {
+        self.pump_from(false)
+    }
+
+    /// [`VSock::pump`]; `poller` says the daemon's doorbell poller calls it (taking in an
+    /// app's writes), which then sends small messages itself instead of waking a worker.
+    fn pump_from(self: &Arc<Self>, poller: bool) {
         let mut tx = self.tx.lock().unwrap();
         if tx.error.is_some() || !tx.opened {
             return;
@@ -381,6 +387,10 @@ impl VSock {
         for ch in used {
             if class == Class::Latency && bytes <= INLINE_MAX {
                 ch.send_now();
+            } else if poller && bytes <= INLINE_MAX {
+                // The daemon's poller (not an app thread) is pumping: a small message goes
+                // out at once instead of waking a channel worker.
+                ch.send_small_now();
             } else {
                 ch.kick();
             }

@@ -26,6 +26,8 @@ const READ_BUDGET: usize = 1 << 20;
 /// Initial size of a channel's read buffer.
 const READ_BUF: usize = 256 << 10;
 const WAKER: Token = Token(usize::MAX);
+/// Most queued bytes [`Channel::send_small_now`] writes from the calling thread.
+const SMALL_QUEUE: usize = 64 << 10;
 /// Why a channel closed when its peer host shut down in an orderly way.
 pub(crate) const PEER_SHUTDOWN: &str = "the peer host shut down";
 
@@ -203,6 +205,23 @@ impl Channel {
                 // The worker writes the rest on the writable edge, or meets the error itself.
                 Ok(Flushed::Blocked) | Err(_) => return self.kick(),
             }
+        }
+    }
+
+    /// Write what is queued from the calling thread (bulk included) if that is little — at
+    /// most [`SMALL_QUEUE`] bytes — else leave it to the worker. The daemon's doorbell poller
+    /// sends an app's small messages this way, sparing the hand-off to a channel worker.
+    pub(crate) fn send_small_now(&self) {
+        if self.queued.load(Ordering::Relaxed) > SMALL_QUEUE {
+            return self.kick();
+        }
+        let Ok(mut w) = self.writer.try_lock() else { return self.kick() };
+        let res = self.flush_locked(&mut w, false);
+        drop(w);
+        self.unblock_parked();
+        match res {
+            Ok(Flushed::Empty) if !self.pending().1 => {}
+            _ => self.kick(),
         }
     }
 
