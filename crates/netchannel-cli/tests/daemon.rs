@@ -620,3 +620,33 @@ fn another_process_cannot_use_or_close_a_listener() {
     let st = db.status();
     assert!(st["listeners"].as_array().unwrap().iter().any(|l| l["id"] == id), "{st}");
 }
+
+#[test]
+fn clear_errors_without_a_daemon_and_for_a_second_one() {
+    let d = dir("errors");
+    let socket = d.0.join("none.sock");
+    let out =
+        finish(netchannel(&["status", "--socket", socket.to_str().unwrap()]).spawn().unwrap(), "status");
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains("cannot reach the NetChannel daemon at") && out.stderr.contains("netchannel up"),
+        "{}",
+        out.stderr
+    );
+    let (a, b) = addr_pair();
+    let da = Daemon::start(&d.0, "a", a, "");
+    // A second daemon on the same socket (another channel address) refuses to start.
+    let cfg = d.0.join("second.toml");
+    std::fs::write(&cfg, format!("listen = \"{b}\"\n[daemon]\nsocket = \"{}\"\n", da.socket.display()))
+        .unwrap();
+    let out = finish(netchannel(&["up", "--config", cfg.to_str().unwrap()]).spawn().unwrap(), "second up");
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("already serves"), "{}", out.stderr);
+    // The first one still serves.
+    assert!(da.status()["daemon"]["pid"].is_u64());
+    // A bad key in the daemon's table is named.
+    std::fs::write(&cfg, "[daemon]\nallowed_uids = [\"root\"]\n").unwrap();
+    let out = finish(netchannel(&["up", "--config", cfg.to_str().unwrap()]).spawn().unwrap(), "bad config");
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("allowed_uids"), "{}", out.stderr);
+}

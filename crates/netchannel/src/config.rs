@@ -385,6 +385,27 @@ fn micros(key: &str, v: i64) -> Result<u64, ConfigError> {
     }
 }
 
+/// The dotted key (`table.key`) of the `key = value` line holding byte `offset` of `text`.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line.split_once('=')?.0.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('[') {
+        return None;
+    }
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_string(),
+    })
+}
+
 fn size(key: &str, v: SizeValue) -> Result<usize, ConfigError> {
     let n = match v {
         SizeValue::Int(i) if i >= 0 => i as u64,
@@ -403,12 +424,18 @@ impl Config {
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let msg = e.message().to_string();
-            // serde names the unknown key in its message; surface it as the key.
+            // serde names an unknown key in its message; otherwise the key is the one on the
+            // line the error points at, within its table.
+            let table_key = e.span().and_then(|sp| key_at(text, sp.start));
             let key = msg
                 .strip_prefix("unknown field `")
                 .and_then(|r| r.split('`').next())
-                .unwrap_or("<toml>")
-                .to_string();
+                .map(|k| match table_key.as_deref().and_then(|t| t.rsplit_once('.')) {
+                    Some((table, _)) => format!("{table}.{k}"),
+                    None => k.to_string(),
+                })
+                .or(table_key)
+                .unwrap_or_else(|| "<toml>".to_string());
             err(&key, msg)
         })?;
         let mut c = Config::default();
@@ -837,6 +864,9 @@ mod tests {
             ("latency_fifo_priority = 100", "latency_fifo_priority"),
             ("segment_size = \"64 furlongs\"", "segment_size"),
             ("deployment = \"cloud\"", "deployment"),
+            ("[daemon]\nallowed_uids = [\"root\"]", "daemon.allowed_uids"),
+            ("[daemon]\nbogus = 1", "daemon.bogus"),
+            ("segment_size = true", "segment_size"),
             ("[daemon]\nallowed_uids = [-1]", "daemon.allowed_uids"),
             ("[daemon]\npoll_spin_us = 2000000", "daemon.poll_spin_us"),
             ("bulk_sndbuf = 100", "bulk_sndbuf"),
