@@ -27,6 +27,9 @@ use crate::shm;
 use crate::vsock::{VListener, VSock, VStream};
 use crate::wire::Class;
 
+/// Control connections one process may hold (each is served by a daemon thread; an app
+/// holds one per concurrent blocking call, plus its lifeline).
+const MAX_CONNS_PER_PROCESS: usize = 256;
 /// How often a blocked accept checks that its client is still there.
 const ACCEPT_SLICE: Duration = Duration::from_millis(100);
 
@@ -248,6 +251,21 @@ impl State {
             crate::log!(Warn, "refused a client: {why}");
             let e = io::Error::new(ErrorKind::PermissionDenied, why);
             let _ = send_msg(s.as_raw_fd(), &Response::error(&e), &[]);
+            return;
+        }
+        let held = self.conns.lock().unwrap().values().filter(|c| c.pid == cred.pid).count();
+        if held >= MAX_CONNS_PER_PROCESS {
+            self.clients_refused.fetch_add(1, Ordering::Relaxed);
+            let why = format!(
+                "process {} already holds {held} connections to the NetChannel daemon (the most one process may hold)",
+                cred.pid
+            );
+            crate::log!(Warn, "refused a client: {why}");
+            let _ = send_msg(
+                s.as_raw_fd(),
+                &Response::error(&io::Error::new(ErrorKind::PermissionDenied, why)),
+                &[],
+            );
             return;
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
@@ -754,6 +772,34 @@ mod tests {
         let s2 = stop.clone();
         std::thread::spawn(move || server.run(&s2));
         (socket, stop)
+    }
+
+    #[test]
+    fn one_process_cannot_hold_unbounded_connections() {
+        let dir = std::env::temp_dir().join(format!("nc-conns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (sa, stop) = start("127.61.1.1:9000", &dir);
+        let held: Vec<UnixStream> = (0..MAX_CONNS_PER_PROCESS)
+            .map(|_| {
+                let c = UnixStream::connect(&sa).unwrap();
+                super::super::send_msg(c.as_raw_fd(), &Request::Hello, &[]).unwrap();
+                let (body, _) = super::super::recv_msg(c.as_raw_fd(), 1 << 16).unwrap().unwrap();
+                assert!(matches!(serde_json::from_slice(&body).unwrap(), Response::Ok));
+                c
+            })
+            .collect();
+        let e = Client::connect(&sa).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+        assert!(e.to_string().contains("connections"), "{e}");
+        drop(held);
+        // Once they are gone the process is served again.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Client::connect(&sa).is_err() {
+            assert!(Instant::now() < deadline, "connections were not released");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, Ordering::SeqCst);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
