@@ -70,11 +70,7 @@ pub struct KillChannelArgs {
 pub fn fault(f: &Fault) -> Result<()> {
     match f {
         Fault::KillChannel(a) => {
-            let mut cfg = load(&a.config)?;
-            if let Some(s) = &a.socket {
-                cfg.daemon.socket = Some(s.clone());
-                std::env::remove_var("NETCHANNEL_SOCKET");
-            }
+            let cfg = load(&a.config, &a.socket)?;
             let class =
                 if a.class == "latency" { netchannel::Class::Latency } else { netchannel::Class::Throughput };
             let client = Client::from_config(&cfg).context(|| "fault kill-channel".to_string())?;
@@ -87,11 +83,18 @@ pub fn fault(f: &Fault) -> Result<()> {
     }
 }
 
-fn load(config: &Option<PathBuf>) -> Result<Config> {
-    Ok(match config {
+/// The configuration of `--config` (or the defaults), with `--socket` applied: the flag wins
+/// over the file and over `NETCHANNEL_SOCKET`.
+fn load(config: &Option<PathBuf>, socket: &Option<PathBuf>) -> Result<Config> {
+    let mut cfg = match config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
-    })
+    };
+    if let Some(s) = socket {
+        cfg.daemon.socket = Some(s.clone());
+        std::env::remove_var("NETCHANNEL_SOCKET");
+    }
+    Ok(cfg)
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -102,12 +105,7 @@ extern "C" fn on_stop(_sig: libc::c_int) {
 
 /// Run the daemon until SIGINT or SIGTERM.
 pub fn up(args: &UpArgs) -> Result<()> {
-    let mut cfg = load(&args.config)?;
-    if let Some(s) = &args.socket {
-        cfg.daemon.socket = Some(s.clone());
-        // The flag wins over the environment too.
-        std::env::remove_var("NETCHANNEL_SOCKET");
-    }
+    let mut cfg = load(&args.config, &args.socket)?;
     if let Some(l) = args.listen {
         cfg.listen = l;
     }
@@ -131,11 +129,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
 
 /// Print the daemon's state.
 pub fn status(args: &StatusArgs) -> Result<()> {
-    let mut cfg = load(&args.config)?;
-    if let Some(s) = &args.socket {
-        cfg.daemon.socket = Some(s.clone());
-        std::env::remove_var("NETCHANNEL_SOCKET");
-    }
+    let cfg = load(&args.config, &args.socket)?;
     let client = Client::from_config(&cfg).context(|| "status".to_string())?;
     let st = client.status().context(|| "status".to_string())?;
     if args.json {

@@ -347,6 +347,21 @@ fn target(d: &Daemon, port: u16) -> String {
     SocketAddr::new(d.addr.ip(), port).to_string()
 }
 
+/// A client app: `streams` vsockets of `bytes` each to vsocket `port` of daemon `to`, through
+/// daemon `via`, seeds from `seed`.
+fn client_app(via: &Daemon, to: &Daemon, port: u16, streams: u64, bytes: u64, seed: u64) -> App {
+    app(
+        "client",
+        via.sock(),
+        &[
+            ("NC_APP_TARGET", target(to, port)),
+            ("NC_APP_STREAMS", streams.to_string()),
+            ("NC_APP_BYTES", bytes.to_string()),
+            ("NC_APP_SEED", seed.to_string()),
+        ],
+    )
+}
+
 fn finish_ok(app: App, what: &str) -> String {
     app.finish(what).1
 }
@@ -360,20 +375,7 @@ fn several_processes_share_the_daemons_channels() {
     let line = server.wait_line("listening");
     assert_eq!(line, "listening");
     let bytes = 3 << 20;
-    let clients: Vec<App> = (0..3)
-        .map(|i| {
-            app(
-                "client",
-                da.sock(),
-                &[
-                    ("NC_APP_TARGET", target(&db, port)),
-                    ("NC_APP_STREAMS", "2".into()),
-                    ("NC_APP_BYTES", bytes.to_string()),
-                    ("NC_APP_SEED", (10 * i + 1).to_string()),
-                ],
-            )
-        })
-        .collect();
+    let clients: Vec<App> = (0..3).map(|i| client_app(&da, &db, port, 2, bytes, 10 * i + 1)).collect();
     for (i, c) in clients.into_iter().enumerate() {
         let out = finish_ok(c, &format!("client app {i}"));
         assert!(out.contains(&format!("sent {}", 2 * bytes)), "{out}");
@@ -458,16 +460,7 @@ fn a_killed_daemon_fails_its_apps_and_a_restarted_one_serves() {
     let mut server =
         app("server", db.sock(), &[("NC_APP_PORT", port.to_string()), ("NC_APP_STREAMS", "1".into())]);
     server.wait_line("listening");
-    let client = app(
-        "client",
-        da.sock(),
-        &[
-            ("NC_APP_TARGET", target(&db, port)),
-            ("NC_APP_STREAMS", "1".into()),
-            ("NC_APP_BYTES", (1 << 20).to_string()),
-            ("NC_APP_SEED", "5".into()),
-        ],
-    );
+    let client = client_app(&da, &db, port, 1, 1 << 20, 5);
     assert!(finish_ok(client, "client after restart").contains("sent 1048576"));
     server.finish("server app");
 }
@@ -479,16 +472,7 @@ fn garbage_on_the_control_socket_disconnects_only_that_client() {
     let mut server =
         app("server", db.sock(), &[("NC_APP_PORT", port.to_string()), ("NC_APP_STREAMS", "1".into())]);
     server.wait_line("listening");
-    let client = app(
-        "client",
-        da.sock(),
-        &[
-            ("NC_APP_TARGET", target(&db, port)),
-            ("NC_APP_STREAMS", "1".into()),
-            ("NC_APP_BYTES", (8 << 20).to_string()),
-            ("NC_APP_SEED", "9".into()),
-        ],
-    );
+    let client = client_app(&da, &db, port, 1, 8 << 20, 9);
     // Not JSON; an absurd length; a valid frame with an unknown operation.
     let junk: [&[u8]; 3] =
         [b"\x00\x00\x00\x05hello", b"\xff\xff\xff\xff", b"\x00\x00\x00\x0d{\"op\":\"boom\"}"];
@@ -546,16 +530,7 @@ fn a_channel_killed_through_the_daemon_loses_no_byte() {
         app("server", db.sock(), &[("NC_APP_PORT", port.to_string()), ("NC_APP_STREAMS", "2".into())]);
     server.wait_line("listening");
     let bytes: u64 = 48 << 20;
-    let client = app(
-        "client",
-        da.sock(),
-        &[
-            ("NC_APP_TARGET", target(&db, port)),
-            ("NC_APP_STREAMS", "2".into()),
-            ("NC_APP_BYTES", bytes.to_string()),
-            ("NC_APP_SEED", "77".into()),
-        ],
-    );
+    let client = client_app(&da, &db, port, 2, bytes, 77);
     // Wait until data flows, then kill channel 1 to the peer.
     let deadline = Instant::now() + Duration::from_secs(20);
     while da.status()["totals"]["bytes_sent"].as_u64().unwrap() < (1 << 20) {
