@@ -147,22 +147,20 @@ pub fn priority(fd: i32) -> i32 {
 
 /// The kernel's local address of `fd`.
 pub fn local_addr(fd: i32) -> Option<SocketAddr> {
-    let f = real!(getsockname: fn(i32, *mut libc::sockaddr, *mut libc::socklen_t) -> i32);
-    // SAFETY: st is a live sockaddr_storage of the stated length.
-    unsafe {
-        let mut st: libc::sockaddr_storage = std::mem::zeroed();
-        let mut l = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        if f(fd, (&mut st as *mut libc::sockaddr_storage).cast(), &mut l) != 0 {
-            return None;
-        }
-        read_addr((&st as *const libc::sockaddr_storage).cast(), l)
-    }
+    sock_name(fd, real!(getsockname: fn(i32, *mut libc::sockaddr, *mut libc::socklen_t) -> i32))
 }
 
 /// The kernel's peer address of `fd`.
 pub fn peer_addr(fd: i32) -> Option<SocketAddr> {
-    let f = real!(getpeername: fn(i32, *mut libc::sockaddr, *mut libc::socklen_t) -> i32);
-    // SAFETY: as in local_addr.
+    sock_name(fd, real!(getpeername: fn(i32, *mut libc::sockaddr, *mut libc::socklen_t) -> i32))
+}
+
+/// An address of `fd` read by `f` (the real getsockname or getpeername).
+fn sock_name(
+    fd: i32,
+    f: unsafe extern "C" fn(i32, *mut libc::sockaddr, *mut libc::socklen_t) -> i32,
+) -> Option<SocketAddr> {
+    // SAFETY: st is a live sockaddr_storage of the stated length.
     unsafe {
         let mut st: libc::sockaddr_storage = std::mem::zeroed();
         let mut l = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;

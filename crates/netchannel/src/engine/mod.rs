@@ -583,6 +583,25 @@ impl HostInner {
         }
     }
 
+    /// Dial channel `index` of `class` to `peer` and run the handshake as this host.
+    pub(crate) fn dial(
+        &self,
+        peer: &Arc<Peer>,
+        class: Class,
+        index: u16,
+        deadline: Instant,
+    ) -> io::Result<(TcpStream, u64)> {
+        peer::dial_channel(
+            peer.key,
+            self.local,
+            self.host_id,
+            class,
+            index,
+            self.auth_key.as_deref(),
+            deadline,
+        )
+    }
+
     fn forget_peer(&self, peer: &Arc<Peer>) {
         let mut peers = self.peers.lock().unwrap();
         if peers.get(&peer.key).is_some_and(|p| Arc::ptr_eq(p, peer)) {
@@ -593,15 +612,7 @@ impl HostInner {
     fn dial_mesh(self: &Arc<Self>, peer: &Arc<Peer>, deadline: Instant) -> io::Result<()> {
         let plan: Vec<_> = self.channel_plan().collect();
         for (class, index) in plan {
-            let (s, peer_id) = peer::dial_channel(
-                peer.key,
-                self.local,
-                self.host_id,
-                class,
-                index,
-                self.auth_key.as_deref(),
-                deadline,
-            )?;
+            let (s, peer_id) = self.dial(peer, class, index, deadline)?;
             if peer_id == self.host_id {
                 return Err(io::Error::new(io::ErrorKind::InvalidInput, "that address is this host itself"));
             }

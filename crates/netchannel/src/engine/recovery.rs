@@ -25,7 +25,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crate::engine::channel::{self, Channel};
-use crate::engine::peer::{self, Peer};
+use crate::engine::peer::Peer;
 use crate::engine::HostInner;
 use crate::log::Level;
 use crate::vsock::VSock;
@@ -224,15 +224,7 @@ impl HostInner {
     /// Dial one lost channel. `Ok(false)`: the peer restarted meanwhile and was given up.
     fn redial(self: &Arc<Self>, peer: &Arc<Peer>, class: Class, index: u16) -> io::Result<bool> {
         let deadline = Instant::now() + self.cfg.connect_timeout.min(REDIAL_TIMEOUT);
-        let (s, id) = peer::dial_channel(
-            peer.key,
-            self.local,
-            self.host_id,
-            class,
-            index,
-            self.auth_key.as_deref(),
-            deadline,
-        )?;
+        let (s, id) = self.dial(peer, class, index, deadline)?;
         let known = peer.host_id.load(Ordering::Relaxed);
         if known != 0 && id != known {
             let _ = s.shutdown(std::net::Shutdown::Both);
