@@ -81,6 +81,8 @@ pub(crate) struct VSock {
     /// Shared memory of a vsocket served to an app process by the daemon: the rings live in
     /// it, and the stream positions are mirrored in its header (`crate::shm`).
     shm: Option<Arc<crate::shm::Region>>,
+    /// The host's counters, held directly so the data path never upgrades `host`.
+    totals: Arc<crate::engine::Totals>,
 }
 
 /// A snapshot of one vsocket, for `netchannel status`.
@@ -165,6 +167,7 @@ impl VSock {
             timeouts: Mutex::new((None, None)),
             retired: AtomicBool::new(false),
             shm,
+            totals: host.totals.clone(),
         }))
     }
 
@@ -230,9 +233,7 @@ impl VSock {
                     return Err("the app wrote after shutting down writing".into());
                 }
                 tx.st.commit(written - cur);
-                if let Some(h) = self.host() {
-                    h.totals.bytes_sent.fetch_add(written - cur, Ordering::Relaxed);
-                }
+                self.totals.bytes_sent.fetch_add(written - cur, Ordering::Relaxed);
                 pump = true;
             }
             if flags & (crate::shm::SHUT_WR | crate::shm::CLOSED) != 0 && !tx.st.is_shutdown() {
@@ -433,9 +434,7 @@ impl VSock {
         let after = rx.st.in_order();
         if after > before {
             self.rx_events.fetch_add(1, Ordering::Release);
-            if let Some(h) = self.host() {
-                h.totals.bytes_received.fetch_add(after - before, Ordering::Relaxed);
-            }
+            self.totals.bytes_received.fetch_add(after - before, Ordering::Relaxed);
             if let Some(shm) = &self.shm {
                 shm.header().rx_in_order.store(after, Ordering::Release);
                 shm.header().ring_app();
@@ -826,7 +825,7 @@ impl VSock {
             // (the write lock is held) until commit() below (module docs).
             unsafe { host.copy.run(&tasks) };
             self.tx.lock().unwrap().st.commit(n as u64);
-            host.totals.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+            self.totals.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
             self.pump();
             done += n;
         }

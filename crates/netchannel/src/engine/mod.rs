@@ -61,7 +61,7 @@ pub(crate) struct HostInner {
     closing: AtomicBool,
     acceptor_waker: Waker,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    pub totals: Totals,
+    pub totals: Arc<Totals>,
     /// Vsocket rings live in shared memory (the daemon serves them to app processes).
     pub shm_rings: bool,
     /// Vsockets that recently left the table (answers to their peers' late frames).
@@ -304,7 +304,7 @@ impl Host {
             closing: AtomicBool::new(false),
             acceptor_waker,
             threads: Mutex::new(Vec::new()),
-            totals: Totals::default(),
+            totals: Arc::new(Totals::default()),
             shm_rings,
             tombstones: Mutex::new(recovery::Tombstones::default()),
             cfg: config,
