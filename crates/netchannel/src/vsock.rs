@@ -571,6 +571,22 @@ impl VSock {
         self.rx_cv.notify_all();
     }
 
+    /// If this vsocket is still connecting (no OPEN_OK yet), send its OPEN again: the OPEN
+    /// or its answer may have been lost with a channel. The peer answers a repeated OPEN with
+    /// the same OPEN_OK. Returns whether it was connecting.
+    pub(crate) fn reopen_if_connecting(&self) -> bool {
+        let connecting = {
+            let tx = self.tx.lock().unwrap();
+            self.owns_port && !tx.opened && tx.error.is_none()
+        };
+        if connecting {
+            if let Some(h) = self.host() {
+                self.send_control(&self.open_frame(h.cfg.recv_buffer));
+            }
+        }
+        connecting
+    }
+
     /// The OPEN frame that opens this (connecting) vsocket.
     fn open_frame(&self, recv_buffer: usize) -> Frame<'static> {
         Frame::Open {
@@ -597,16 +613,12 @@ impl VSock {
     /// may have been lost, re-announce credit in case a CREDIT was lost, and send OPEN again
     /// if a connect is still waiting for its answer.
     pub(crate) fn recover(self: &Arc<Self>) {
-        let reopen = {
+        {
             let mut tx = self.tx.lock().unwrap();
             tx.st.rewind();
             tx.st.rewind_fin();
-            self.owns_port && !tx.opened && tx.error.is_none()
-        };
-        if reopen {
-            if let Some(h) = self.host() {
-                self.send_control(&self.open_frame(h.cfg.recv_buffer));
-            }
+        }
+        if self.reopen_if_connecting() {
             return;
         }
         self.pump();

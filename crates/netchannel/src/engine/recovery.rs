@@ -127,6 +127,20 @@ impl HostInner {
         if peer.recovery.needs_recover.swap(false, Ordering::AcqRel) {
             crate::log!(Info, "a channel to {} is back: its vsockets go on", peer.key);
             self.recover_vsockets(peer);
+        } else {
+            // The answer to an OPEN can be lost on a channel the peer has not yet seen die,
+            // after this host already sent its last OPEN: connects still waiting ask again.
+            let mine: Vec<_> = self
+                .vsocks
+                .read()
+                .unwrap()
+                .values()
+                .filter(|v| Arc::ptr_eq(&v.peer, peer))
+                .cloned()
+                .collect();
+            for v in mine {
+                v.reopen_if_connecting();
+            }
         }
     }
 
