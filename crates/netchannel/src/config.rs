@@ -85,10 +85,6 @@ fn auto_spin(v: Option<u64>, many_cores: u64) -> std::time::Duration {
 }
 
 impl DaemonConfig {
-    fn defaults() -> DaemonConfig {
-        DaemonConfig::default()
-    }
-
     /// The poller's spin (`poll_spin_us`, or its default for this machine).
     pub fn poll_spin(&self) -> Duration {
         auto_spin(self.poll_spin_us, 50)
@@ -248,7 +244,7 @@ impl Default for Config {
             connect_timeout: Duration::from_millis(3000),
             accept_backlog: 1024,
             deployment: Deployment::Embedded,
-            daemon: DaemonConfig::defaults(),
+            daemon: DaemonConfig::default(),
             peer_down_timeout: Duration::from_millis(5000),
             reconnect_backoff: Duration::from_millis(50),
             reconnect_backoff_max: Duration::from_millis(1000),

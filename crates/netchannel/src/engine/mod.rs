@@ -524,6 +524,11 @@ impl HostInner {
         }
     }
 
+    /// The vsockets of `peer` in the table (a snapshot).
+    pub(crate) fn peer_vsocks(&self, peer: &Arc<Peer>) -> Vec<Arc<VSock>> {
+        self.vsocks.read().unwrap().values().filter(|v| Arc::ptr_eq(&v.peer, peer)).cloned().collect()
+    }
+
     fn vsock(&self, id: u32) -> Option<Arc<VSock>> {
         self.vsocks.read().unwrap().get(&id).cloned()
     }
@@ -803,9 +808,7 @@ impl HostInner {
             self.workers[c.worker].command(Command::Close(c.token));
         }
         peer.take_parked();
-        let doomed: Vec<_> =
-            self.vsocks.read().unwrap().values().filter(|v| Arc::ptr_eq(&v.peer, peer)).cloned().collect();
-        for v in doomed {
+        for v in self.peer_vsocks(peer) {
             v.fail(io::ErrorKind::ConnectionReset, format!("connection to {} lost: {why}", peer.key));
             self.remove_vsock(v.id);
         }

@@ -130,15 +130,7 @@ impl HostInner {
         } else {
             // The answer to an OPEN can be lost on a channel the peer has not yet seen die,
             // after this host already sent its last OPEN: connects still waiting ask again.
-            let mine: Vec<_> = self
-                .vsocks
-                .read()
-                .unwrap()
-                .values()
-                .filter(|v| Arc::ptr_eq(&v.peer, peer))
-                .cloned()
-                .collect();
-            for v in mine {
+            for v in self.peer_vsocks(peer) {
                 v.reopen_if_connecting();
             }
         }
@@ -146,9 +138,7 @@ impl HostInner {
 
     /// Every vsocket of `peer` sends again what a dead channel may have lost.
     fn recover_vsockets(&self, peer: &Arc<Peer>) {
-        let mine: Vec<_> =
-            self.vsocks.read().unwrap().values().filter(|v| Arc::ptr_eq(&v.peer, peer)).cloned().collect();
-        for v in mine {
+        for v in self.peer_vsocks(peer) {
             v.recover();
         }
     }
