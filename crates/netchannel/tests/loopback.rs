@@ -489,10 +489,12 @@ fn channels_run_the_configured_congestion_control() {
                 }
             }
         }
-        let mut c = Config::default();
-        c.listen = "127.0.0.1:0".parse().unwrap();
-        c.peer_port = Some(9);
-        c.channel_congestion = "nosuchcc".into();
+        let c = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            peer_port: Some(9),
+            channel_congestion: "nosuchcc".into(),
+            ..Config::default()
+        };
         let e = Host::start(c).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidInput);
         assert!(e.to_string().contains("channel_congestion") && e.to_string().contains("nosuchcc"), "{e}");
@@ -530,12 +532,14 @@ fn worker_cpu_lists_pin_the_workers() {
             .unwrap()
             .parse::<usize>()
             .unwrap();
-        let mut c = Config::default();
-        c.listen = "127.0.0.1:0".parse().unwrap();
-        c.peer_port = Some(9);
-        c.channel_worker_cpus = vec![first];
-        c.copy_worker_cpus = vec![first];
-        c.latency_worker_cpus = vec![first];
+        let mut c = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            peer_port: Some(9),
+            channel_worker_cpus: vec![first],
+            copy_worker_cpus: vec![first],
+            latency_worker_cpus: vec![first],
+            ..Config::default()
+        };
         let h = Host::start(c.clone()).unwrap();
         for prefix in ["nc-chan-", "nc-lat-", "nc-copy-"] {
             // A thread names and pins itself first thing; give it a moment to start.
