@@ -187,8 +187,8 @@ impl Server {
 fn command(daemon: Option<&Daemon>, program: &Path) -> Result<Command> {
     Ok(match daemon {
         Some(d) => {
-            let exe = std::env::current_exe()
-                .map_err(|e| format!("cannot find this program: {}", describe(&e)))?;
+            let exe =
+                std::env::current_exe().map_err(|e| format!("cannot find this program: {}", describe(&e)))?;
             let mut c = Command::new(exe);
             c.arg("run").arg("--config").arg(d.config_path()).arg("--").arg(program);
             c
@@ -204,12 +204,11 @@ fn start_server(
     port: u16,
     dir: &Path,
 ) -> Result<Server> {
-    let what = format!(
-        "redis-server on {ip}:{port}{}",
-        if daemon.is_some() { " (netchannel run)" } else { "" }
-    );
+    let what =
+        format!("redis-server on {ip}:{port}{}", if daemon.is_some() { " (netchannel run)" } else { "" });
     let log = dir.join(format!("redis-{port}.log"));
-    let logf = std::fs::File::create(&log).map_err(|e| format!("cannot create {}: {}", log.display(), describe(&e)))?;
+    let logf = std::fs::File::create(&log)
+        .map_err(|e| format!("cannot create {}: {}", log.display(), describe(&e)))?;
     let mut c = command(daemon, program)?;
     c.args(["--bind", &ip.to_string(), "--port", &port.to_string()])
         .args(["--save", "", "--appendonly", "no", "--protected-mode", "no", "--io-threads", "1"])
@@ -229,9 +228,9 @@ fn start_server(
         let vsock_up = match daemon {
             None => true,
             Some(d) => d.client.status().ok().is_some_and(|st| {
-                st["listeners"]
-                    .as_array()
-                    .is_some_and(|ls| ls.iter().any(|l| l["local"].as_str().is_some_and(|a| a.ends_with(&format!(":{port}")))))
+                st["listeners"].as_array().is_some_and(|ls| {
+                    ls.iter().any(|l| l["local"].as_str().is_some_and(|a| a.ends_with(&format!(":{port}"))))
+                })
             }),
         };
         if tcp_up && vsock_up {
@@ -312,7 +311,12 @@ fn bench_once(
         return Err(format!("redis-benchmark -P {depth} {stack} failed ({st}): {}", err.trim()).into());
     }
     if out.contains("Error") || err.contains("Error") {
-        return Err(format!("redis-benchmark -P {depth} {stack} reported errors: {} {}", out.trim(), err.trim()).into());
+        return Err(format!(
+            "redis-benchmark -P {depth} {stack} reported errors: {} {}",
+            out.trim(),
+            err.trim()
+        )
+        .into());
     }
     parse_csv(&out)
 }
@@ -328,7 +332,8 @@ fn median(v: &[f64]) -> f64 {
 }
 
 fn daemon_totals(d: &Daemon) -> Result<(u64, u64)> {
-    let st = d.client.status().map_err(|e| format!("cannot read the client daemon's status: {}", describe(&e)))?;
+    let st =
+        d.client.status().map_err(|e| format!("cannot read the client daemon's status: {}", describe(&e)))?;
     let t = &st["totals"];
     let n = |k: &str| t[k].as_u64().unwrap_or(0);
     Ok((n("vsockets_opened"), n("bytes_sent") + n("bytes_received")))
@@ -348,7 +353,8 @@ pub fn run(args: &RedisArgs) -> Result<()> {
         .unwrap_or_default();
     let config = args.common.engine_config()?;
     let dir = std::env::temp_dir().join(format!("netchannel-bench-redis-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {}", dir.display(), describe(&e)))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("cannot create {}: {}", dir.display(), describe(&e)))?;
     let result = run_in(args, &stacks, &server_bin, &bench_bin, &config, &dir, version);
     let _ = std::fs::remove_dir_all(&dir);
     let report = result?;
@@ -404,7 +410,8 @@ fn run_in(
                 let rows = bench_once(d, bench_bin, *port, args, depth, requests)?;
                 seconds[si] += t.elapsed().as_secs_f64();
                 if !quiet {
-                    let line: Vec<String> = rows.iter().map(|r| format!("{} {:.0}/s", r.test, r.rps)).collect();
+                    let line: Vec<String> =
+                        rows.iter().map(|r| format!("{} {:.0}/s", r.test, r.rps)).collect();
                     eprintln!("rep {rep} -P {depth:<3} {stack:<6}: {}", line.join(", "));
                 }
                 samples[si][di].push(rows);
@@ -420,7 +427,8 @@ fn run_in(
         let mut points = Vec::new();
         for (di, &depth) in args.depths.iter().enumerate() {
             let reps = &samples[si][di];
-            let tests: Vec<String> = reps.first().map(|r| r.iter().map(|x| x.test.clone()).collect()).unwrap_or_default();
+            let tests: Vec<String> =
+                reps.first().map(|r| r.iter().map(|x| x.test.clone()).collect()).unwrap_or_default();
             for t in tests {
                 let of = |f: fn(&CsvRow) -> f64| -> Vec<f64> {
                     reps.iter().filter_map(|rows| rows.iter().find(|r| r.test == t).map(f)).collect()
@@ -483,7 +491,10 @@ fn human(r: &RedisReport) -> String {
         if r.reps == 1 { "" } else { "s" },
         r.redis_version
     );
-    s += &format!("{:<6} {:>4} {:>14} {:>9} {:>14} {:>9} {:>8} {:>8}\n", "test", "-P", "tcp req/s", "tcp p50", "daemon req/s", "p50", "rps x", "p50 x");
+    s += &format!(
+        "{:<6} {:>4} {:>14} {:>9} {:>14} {:>9} {:>8} {:>8}\n",
+        "test", "-P", "tcp req/s", "tcp p50", "daemon req/s", "p50", "rps x", "p50 x"
+    );
     let of = |stack: &str| r.runs.iter().find(|x| x.stack == stack);
     let (tcp, nc) = (of("tcp"), of("daemon"));
     let base = nc.or(tcp).map(|x| x.points.clone()).unwrap_or_default();
