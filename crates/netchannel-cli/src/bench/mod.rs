@@ -23,6 +23,7 @@ pub mod mptcp;
 pub mod netns;
 pub mod pair;
 pub mod pingpong;
+pub mod redis;
 pub mod rpc;
 pub mod short;
 pub mod soak;
@@ -64,6 +65,9 @@ pub enum Mode {
     /// Reliability: many verified vsockets of mixed sizes and classes while channels are
     /// killed at random; reports bytes verified, errors (must be 0), kills and memory.
     Soak(soak::SoakArgs),
+    /// Experiment 7: an unmodified single-threaded redis-server and redis-benchmark at queue
+    /// depths 1…64, under `netchannel run` through two daemons and over plain TCP (needs Redis).
+    Redis(redis::RedisArgs),
     /// Every experiment, NetChannel beside its baselines, several repetitions: JSON per run,
     /// summary.md with medians and ratios, and PNG charts (see `netchannel demo`).
     Suite(suite::SuiteArgs),
@@ -78,6 +82,7 @@ pub fn run(mode: &Mode) -> Result<()> {
         Mode::Connect(args) => connect::run(args),
         Mode::Isolation(args) => isolation::run(args),
         Mode::Soak(args) => soak::run(args),
+        Mode::Redis(args) => redis::run(args),
         Mode::Suite(args) => suite::run(args),
     }
 }
