@@ -564,3 +564,65 @@ fn worker_cpu_lists_pin_the_workers() {
         assert!(e.to_string().contains("copy_worker_cpus") && e.to_string().contains("1023"), "{e}");
     });
 }
+
+/// A short-lived vsocket (connect, a small request and response, close) keeps every frame
+/// of it (OPEN, OPEN_OK, DATA, CREDIT, FIN) on one channel on each host, the same channel
+/// index on both, instead of spreading them over the mesh.
+#[test]
+fn a_small_vsocket_stays_on_one_channel() {
+    within(60, || {
+        let (a, b) = two_hosts(|c| {
+            c.throughput_channels = 4;
+            c.latency_channels = 0;
+        });
+        let l = b.bind(5001).unwrap();
+        let dst = at(&b, 5001);
+        let sent = |h: &Host| -> Vec<(u16, u64)> {
+            h.stats().channels.iter().map(|c| (c.index, c.frames_sent)).collect()
+        };
+        let idle = |h: &Host| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while h.stats().vsockets > 0 {
+                assert!(Instant::now() < deadline, "vsockets left on {}", h.local_addr());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        const ROUNDS: usize = 4;
+        let server = std::thread::spawn(move || {
+            for _ in 0..ROUNDS {
+                let (mut s, _) = l.accept().unwrap();
+                let mut req = [0u8; 4096];
+                s.read_exact(&mut req).unwrap();
+                s.write_all(&req).unwrap();
+                let mut end = [0u8; 1];
+                assert_eq!(s.read(&mut end).unwrap(), 0);
+            }
+        });
+        // The first connect sets the mesh up; measure the ones after.
+        for round in 0..ROUNDS {
+            let (before_a, before_b) = (sent(&a), sent(&b));
+            let mut s = a.connect(dst).unwrap();
+            s.write_all(&[round as u8; 4096]).unwrap();
+            let mut resp = [0u8; 4096];
+            s.read_exact(&mut resp).unwrap();
+            assert_eq!(resp, [round as u8; 4096]);
+            drop(s);
+            idle(&a);
+            idle(&b);
+            if round == 0 {
+                continue;
+            }
+            let moved = |before: &[(u16, u64)], after: &[(u16, u64)]| -> Vec<u16> {
+                after
+                    .iter()
+                    .filter(|(i, n)| before.iter().any(|(j, m)| i == j && n > m))
+                    .map(|(i, _)| *i)
+                    .collect()
+            };
+            let (ma, mb) = (moved(&before_a, &sent(&a)), moved(&before_b, &sent(&b)));
+            assert_eq!(ma.len(), 1, "round {round}: host A sent on channels {ma:?}");
+            assert_eq!(ma, mb, "round {round}: the hosts used different channels");
+        }
+        server.join().unwrap();
+    });
+}

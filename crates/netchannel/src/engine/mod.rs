@@ -728,7 +728,7 @@ impl HostInner {
     ) {
         let listener = self.listeners.lock().unwrap().get(&dst_port).cloned();
         let refuse = |reason| {
-            peer.send_control(class, &Frame::Refused { vsock: src, reason });
+            peer.send_control(class, src, &Frame::Refused { vsock: src, reason });
         };
         // An OPEN sent again after a channel died (its OPEN_OK may have been lost): answer
         // for the vsocket it opened already. Held until the new vsocket is in the table, so
@@ -743,7 +743,7 @@ impl HostInner {
             .cloned();
         if let Some(v) = existing {
             let ok = Frame::OpenOk { vsock: src, src_vsock: v.id, credit: self.cfg.recv_buffer as u64 };
-            peer.send_control(v.class(), &ok);
+            peer.send_control(v.class(), src, &ok);
             return;
         }
         let Some(l) = listener else { return refuse(Reason::NoListener) };
@@ -762,7 +762,11 @@ impl HostInner {
             SocketAddr::new(peer.key.ip(), src_port),
             credit,
         ) {
-            Ok(v) => v,
+            Ok(mut v) => {
+                // Both hosts key the vsocket's home channel on the connecting end's id.
+                Arc::get_mut(&mut v).expect("fresh vsocket").home = src;
+                v
+            }
             Err(e) => {
                 crate::log!(Error, "cannot create a vsocket for port {dst_port}: {e}");
                 return refuse(Reason::BacklogFull);
@@ -773,6 +777,7 @@ impl HostInner {
         self.totals.vsockets_opened.fetch_add(1, Ordering::Relaxed);
         peer.send_control(
             class,
+            src,
             &Frame::OpenOk { vsock: src, src_vsock: id, credit: self.cfg.recv_buffer as u64 },
         );
         if !l.push(vs.clone()) {

@@ -34,7 +34,6 @@ pub(crate) struct Peer {
     /// Live channels, kept per class so that choosing one allocates nothing.
     mesh: RwLock<[Vec<Arc<Channel>>; 2]>,
     cursors: [AtomicUsize; 2],
-    control_rr: AtomicUsize,
     /// Vsockets waiting for a channel with room, with the class whose channels they wait for.
     blocked: Mutex<Vec<(Class, Arc<VSock>)>>,
     pub state: Mutex<PeerState>,
@@ -69,7 +68,6 @@ impl Peer {
             host_id: AtomicU64::new(0),
             mesh: RwLock::new([Vec::new(), Vec::new()]),
             cursors: [AtomicUsize::new(0), AtomicUsize::new(0)],
-            control_rr: AtomicUsize::new(0),
             blocked: Mutex::new(Vec::new()),
             state: Mutex::new(state),
             state_cv: Condvar::new(),
@@ -120,8 +118,10 @@ impl Peer {
         f(if mine.is_empty() { &mesh[1 - class as usize] } else { mine })
     }
 
-    /// The channel for the next segment of `vs`, or `None` if every channel is full.
-    pub(crate) fn pick_segment_channel(&self, class: Class, vsock: u32) -> Option<Arc<Channel>> {
+    /// The channel for the next segment of a vsocket whose home key is `home` (see
+    /// [`sched::home`]), or `None` if every channel is full. A `small` segment goes to the
+    /// home channel while it has room, so that a small vsocket's frames stay on one channel.
+    pub(crate) fn pick_segment_channel(&self, class: Class, home: u32, small: bool) -> Option<Arc<Channel>> {
         self.with_class(class, |chans| {
             let load = |i: usize| {
                 let c = &chans[i];
@@ -131,6 +131,12 @@ impl Peer {
                     Load::Down
                 }
             };
+            if small {
+                if let Some(i) = sched::pick_small(home, chans.len(), load, self.cap) {
+                    return Some(chans[i].clone());
+                }
+            }
+            let vsock = home;
             let cursor = &self.cursors[class as usize];
             let mut pos = cursor.load(Ordering::Relaxed);
             let i = sched::pick_with(self.policy, &mut pos, vsock, chans.len(), load, self.cap)?;
@@ -139,19 +145,21 @@ impl Peer {
         })
     }
 
-    /// A channel for a control frame of a vsocket in `class`: control frames go ahead of
-    /// segments in a channel's queue, so any live channel of the class will do; spread them.
-    pub(crate) fn control_channel(&self, class: Class) -> Option<Arc<Channel>> {
+    /// A channel for a control frame of a vsocket in `class` whose home key is `home`:
+    /// control frames go ahead of segments in a channel's queue, so the vsocket's home
+    /// channel (or the next live one) carries them, beside its small segments.
+    pub(crate) fn control_channel(&self, class: Class, home: u32) -> Option<Arc<Channel>> {
         self.with_class(class, |chans| {
-            let n = chans.len();
-            let start = self.control_rr.fetch_add(1, Ordering::Relaxed);
-            (0..n).map(|k| &chans[(start + k) % n]).find(|c| c.up.load(Ordering::Acquire)).cloned()
+            let up =
+                |i: usize| if chans[i].up.load(Ordering::Acquire) { Load::Queued(0) } else { Load::Down };
+            sched::pick_small(home, chans.len(), up, usize::MAX).map(|i| chans[i].clone())
         })
     }
 
-    /// Queue a control frame to this peer; false if no channel is up.
-    pub(crate) fn send_control(&self, class: Class, frame: &Frame<'_>) -> bool {
-        match self.control_channel(class) {
+    /// Queue a control frame of the vsocket with home key `home` to this peer; false if no
+    /// channel is up.
+    pub(crate) fn send_control(&self, class: Class, home: u32, frame: &Frame<'_>) -> bool {
+        match self.control_channel(class, home) {
             Some(ch) => {
                 ch.push_frame(frame);
                 true

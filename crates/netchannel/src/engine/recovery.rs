@@ -277,7 +277,7 @@ impl HostInner {
             (Stale::Fin(off), Some(end)) if off == end => {
                 // Our acknowledgement of its FIN was lost: say it again.
                 let f = Frame::Credit { vsock: tomb.remote, received: end, limit: end, fin_received: true };
-                peer.send_control(Class::Latency, &f);
+                peer.send_control(Class::Latency, tomb.remote, &f);
             }
             // Late copies of a stream that ended cleanly: nothing to say.
             (Stale::Data(e), Some(end)) if e <= end => {}
@@ -289,7 +289,7 @@ impl HostInner {
                     reason: Reason::Closed,
                     message: "the vsocket no longer exists on this host",
                 };
-                peer.send_control(Class::Latency, &f);
+                peer.send_control(Class::Latency, tomb.remote, &f);
             }
         }
     }

@@ -6,6 +6,12 @@
 //! channel whose queue of unsent bytes is at the cap is skipped; if none qualifies the
 //! segment waits (the caller parks the vsocket until a channel drains).
 //!
+//! A vsocket also has a *home* channel ([`home`], by hashing the id of the vsocket's
+//! connecting end, so that both hosts agree on it): its control frames (OPEN, OPEN_OK,
+//! CREDIT, FIN) and its small segments ([`pick_small`]) go there, so that a short-lived
+//! vsocket's frames stay on one channel and are read by one worker, instead of being spread
+//! over every channel and woken on every worker.
+//!
 //! Within a channel, [`FrameQueue`] orders what leaves: control frames, then latency-class
 //! segments, then bulk segments; and [`Batch`] caps how many frames and bytes one write
 //! takes, which bounds the bulk a latency frame can find already handed to the socket ahead
@@ -54,14 +60,27 @@ pub fn pick_with(
             *cursor = i + 1;
             Some(i)
         }
-        Policy::Hash => {
-            // Fibonacci hashing spreads consecutive ids.
-            let home = ((vsock as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % n;
-            // The first live channel from home on; the vsocket waits if it is full.
-            let i = (0..n).map(|k| (home + k) % n).find(|&i| load(i) != Load::Down)?;
-            fits(i).then_some(i)
-        }
+        // The first live channel from home on; the vsocket waits if it is full.
+        Policy::Hash => pick_small(vsock, n, load, cap),
     }
+}
+
+/// The home channel of a vsocket among `n` (`n` > 0): `key` is the id of the vsocket's
+/// connecting end. Fibonacci hashing spreads consecutive ids.
+pub fn home(key: u32, n: usize) -> usize {
+    ((key as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % n
+}
+
+/// The channel for a small segment (or a control frame, with `cap` = `usize::MAX`): the
+/// first live channel from the home one on, if its queue is below `cap`; `None` when it is
+/// full (the caller then picks as for any segment) or every channel is down.
+pub fn pick_small(key: u32, n: usize, load: impl Fn(usize) -> Load, cap: usize) -> Option<usize> {
+    if n == 0 {
+        return None;
+    }
+    let h = home(key, n);
+    let i = (0..n).map(|k| (h + k) % n).find(|&i| load(i) != Load::Down)?;
+    matches!(load(i), Load::Queued(q) if q < cap).then_some(i)
 }
 
 /// What leaves a channel's queue next.
@@ -284,6 +303,32 @@ impl<C, S> FrameQueue<C, S> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn small_segments_go_home_unless_it_is_full_or_down() {
+        let n = 4;
+        for key in [1u32, 2, 3, 77, u32::MAX] {
+            let h = home(key, n);
+            let loads = [Load::Queued(0); 4];
+            assert_eq!(pick_small(key, n, |i| loads[i], 100), Some(h));
+            // Home is down: the next live one.
+            let mut l = loads;
+            l[h] = Load::Down;
+            assert_eq!(pick_small(key, n, |i| l[i], 100), Some((h + 1) % n));
+            // Home is full: none (the caller picks as for bulk).
+            let mut l = loads;
+            l[h] = Load::Queued(100);
+            assert_eq!(pick_small(key, n, |i| l[i], 100), None);
+            // Control frames (no cap) stay home however full.
+            assert_eq!(pick_small(key, n, |i| l[i], usize::MAX), Some(h));
+            assert_eq!(pick_small(key, n, |_| Load::Down, usize::MAX), None);
+        }
+        assert_eq!(pick_small(1, 0, |_| Load::Queued(0), 100), None);
+        // Consecutive ids spread over the channels.
+        let homes: std::collections::HashSet<usize> = (1..=16).map(|k| home(k, n)).collect();
+        assert_eq!(homes.len(), n);
+    }
+
     use super::*;
     use Load::*;
 
