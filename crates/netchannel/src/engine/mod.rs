@@ -262,11 +262,7 @@ impl Host {
         config.validate()?;
         let auth_key = config.auth_key()?;
         if auth_key.is_none() {
-            crate::log!(
-                Info,
-                "channels of the host on {} are not authenticated (no auth_key_file)",
-                config.listen
-            );
+            tracing::info!(listen = %config.listen, "the host's channels are not authenticated (no auth_key_file)");
         }
         let std_listener = std::net::TcpListener::bind(config.listen).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot listen for channels on {}: {e}", config.listen))
@@ -659,9 +655,10 @@ impl HostInner {
 
     /// Accept side of the channel handshake (runs on its own short-lived thread).
     fn handshake(self: &Arc<Self>, mut s: TcpStream, from: SocketAddr) {
+        let _span = tracing::error_span!("channel", from = %from).entered();
         let refuse = |s: &mut TcpStream, reason: Reason, msg: String| {
             self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
-            crate::log!(Warn, "refused channel from {from}: {msg}");
+            tracing::warn!(why = %msg, "refused a channel");
             let mut buf = Vec::new();
             Frame::Reset { vsock: 0, reason, message: &msg }.encode(&mut buf);
             let _ = s.write_all(&buf);
@@ -671,7 +668,7 @@ impl HostInner {
         let mut buf = vec![0u8; HEADER_LEN + wire::Hello::LEN];
         if let Err(e) = s.read_exact(&mut buf[..HEADER_LEN]) {
             self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
-            crate::log!(Warn, "channel from {from} sent no HELLO: {e}");
+            tracing::warn!(error = %e, "a channel sent no HELLO");
             return;
         }
         let hello = match wire::Header::decode(&buf[..HEADER_LEN]) {
@@ -750,7 +747,7 @@ impl HostInner {
                     }
                     Err(e) => {
                         self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
-                        crate::log!(Warn, "channel from {from} did not complete authentication: {e}");
+                        tracing::warn!(error = %e, "a channel did not complete authentication");
                         return;
                     }
                 }
@@ -791,7 +788,7 @@ impl HostInner {
         };
         peer.host_id.store(hello.host_id, Ordering::Relaxed);
         if let Err(e) = self.add_channel(&peer, s, hello.class, hello.index) {
-            crate::log!(Error, "cannot add channel from {from}: {e}");
+            tracing::error!(error = %e, "cannot add a channel");
         }
     }
 
@@ -918,7 +915,7 @@ impl HostInner {
         ) {
             Ok(v) => v,
             Err(e) => {
-                crate::log!(Error, "cannot create a vsocket for port {dst_port}: {e}");
+                tracing::error!(peer = %peer.key, port = dst_port, error = %e, "cannot create a vsocket");
                 return refuse(Reason::BacklogFull);
             }
         };
@@ -945,7 +942,7 @@ fn run_acceptor(host: Arc<HostInner>, mut poll: Poll, listener: TcpListener) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            crate::log!(Error, "channel acceptor stopped: {e}");
+            tracing::error!(error = %e, "channel acceptor stopped");
             return;
         }
         if host.is_closing() {
@@ -966,7 +963,7 @@ fn run_acceptor(host: Arc<HostInner>, mut poll: Poll, listener: TcpListener) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    crate::log!(Warn, "accepting a channel failed: {e}");
+                    tracing::warn!(error = %e, "accepting a channel failed");
                     std::thread::sleep(Duration::from_millis(50));
                     break;
                 }
@@ -982,7 +979,7 @@ fn raise_priority(cfg: &Config) {
     static WARNED: AtomicBool = AtomicBool::new(false);
     let warn = |what: String| {
         if !WARNED.swap(true, Ordering::Relaxed) {
-            crate::log!(Warn, "latency workers run at normal priority: {what}");
+            tracing::warn!(why = %what, "latency workers run at normal priority");
         }
     };
     // SAFETY: gettid has no preconditions.
