@@ -45,6 +45,7 @@ pub mod config;
 pub mod copy;
 pub mod daemon;
 pub mod engine;
+pub(crate) mod placement;
 pub mod proto;
 pub mod ring;
 pub mod shm;
