@@ -298,7 +298,7 @@ fn a_keyless_hello_with_a_new_host_id_from_a_live_peer_resets_nothing() {
         // The impostor: A's IP, A's channel port, another host id.
         let a_chan = a.local_addr();
         let mut imp = dial_from(a_chan.ip(), b.local_addr());
-        imp.write_all(&hello_from(a_chan, 0xBAD_1D)).unwrap();
+        imp.write_all(&hello_from(a_chan, 0x0BAD_1D00)).unwrap();
         let answer = read_raw(&mut imp);
         assert!(closed_within(&mut imp, 6), "the impostor's channel was kept");
         if let Ok(raw) = answer {
