@@ -230,7 +230,7 @@ impl Acceptor {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                crate::log!(Error, "channel acceptor stopped: {e}");
+                tracing::error!("channel acceptor stopped: {e}");
                 return;
             }
             if host.is_closing() {
@@ -312,8 +312,7 @@ impl HostInner {
             match listener.accept() {
                 Ok((mut stream, from)) => {
                     if OUT_OF_FDS.swap(false, Ordering::Relaxed) {
-                        crate::log!(
-                            Warn,
+                        tracing::warn!(
                             "file descriptors are free again: accepting channels on {}",
                             self.local
                         );
@@ -323,9 +322,7 @@ impl HostInner {
                     if hs.map.len() >= MAX_PENDING || from_ip >= MAX_PENDING_PER_IP {
                         self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
                         if let Some(n) = REFUSALS.allow() {
-                            crate::log!(
-                                Warn,
-                                "closed a channel connection from {from} at once: {} handshakes pending ({} from {ip}; at most {MAX_PENDING}, {MAX_PENDING_PER_IP} per IP){}",
+                            tracing::warn!("closed a channel connection from {from} at once: {} handshakes pending ({} from {ip}; at most {MAX_PENDING}, {MAX_PENDING_PER_IP} per IP){}",
                                 hs.map.len(),
                                 from_ip,
                                 suppressed_note(n)
@@ -335,7 +332,7 @@ impl HostInner {
                     }
                     let t = hs.token();
                     if let Err(e) = poll.registry().register(&mut stream, t, Interest::READABLE) {
-                        crate::log!(Warn, "cannot poll the channel connection from {from}: {e}");
+                        tracing::warn!("cannot poll the channel connection from {from}: {e}");
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
@@ -359,9 +356,7 @@ impl HostInner {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
                     if !OUT_OF_FDS.swap(true, Ordering::Relaxed) {
-                        crate::log!(
-                            Error,
-                            "out of file descriptors accepting channels on {} ({e}): shedding connections and trying again every {} ms; raise the descriptor limit (ulimit -n) or lower the load",
+                        tracing::error!("out of file descriptors accepting channels on {} ({e}): shedding connections and trying again every {} ms; raise the descriptor limit (ulimit -n) or lower the load",
                             self.local,
                             FD_BACKOFF.as_millis()
                         );
@@ -374,8 +369,7 @@ impl HostInner {
                 }
                 Err(e) => {
                     if let Some(n) = REFUSALS.allow() {
-                        crate::log!(
-                            Warn,
+                        tracing::warn!(
                             "accepting a channel on {} failed: {e}{}",
                             self.local,
                             suppressed_note(n)
@@ -392,7 +386,7 @@ impl HostInner {
     fn refuse(&self, p: &mut Pending, reason: Reason, msg: &str) {
         self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
         if let Some(n) = REFUSALS.allow() {
-            crate::log!(Warn, "refused channel from {}: {msg}{}", p.from, suppressed_note(n));
+            tracing::warn!("refused channel from {}: {msg}{}", p.from, suppressed_note(n));
         }
         let mut buf = Vec::new();
         Frame::Reset { vsock: 0, reason, message: msg }.encode(&mut buf);
@@ -414,8 +408,7 @@ impl HostInner {
         };
         self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
         if let Some(n) = REFUSALS.allow() {
-            crate::log!(
-                Warn,
+            tracing::warn!(
                 "closed the channel connection from {}: {what} within the handshake's {} ms{}",
                 p.from,
                 HANDSHAKE_TIMEOUT.as_millis(),
@@ -430,7 +423,7 @@ impl HostInner {
         if let Progress::Admit { peer, class, index } = outcome {
             let s = mio_to_std(p.stream);
             if let Err(e) = self.add_channel(&peer, s, class, index) {
-                crate::log!(Error, "cannot add channel from {}: {e}", p.from);
+                tracing::error!("cannot add channel from {}: {e}", p.from);
             }
         }
     }
@@ -488,12 +481,7 @@ impl HostInner {
                                 Step::Hello => "sent a truncated HELLO",
                                 _ => "closed the connection before authenticating",
                             };
-                            crate::log!(
-                                Warn,
-                                "channel connection from {} {what}{}",
-                                p.from,
-                                suppressed_note(n)
-                            );
+                            tracing::warn!("channel connection from {} {what}{}", p.from, suppressed_note(n));
                         }
                         return Progress::Gone;
                     }
@@ -505,8 +493,7 @@ impl HostInner {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => p.buf.truncate(have),
                     Err(e) => {
                         self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
-                        crate::log!(
-                            Debug,
+                        tracing::debug!(
                             "channel connection from {} failed during the handshake: {e}",
                             p.from
                         );
@@ -558,9 +545,7 @@ impl HostInner {
                         Frame::Reset { reason: Reason::Auth, message, .. } => {
                             self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
                             if let Some(n) = REFUSALS.allow() {
-                                crate::log!(
-                                    Warn,
-                                    "channel from {} failed authentication: this host's proof did not match at the dialing host ({message}); do both hosts hold the same auth_key_file?{}",
+                                tracing::warn!("channel from {} failed authentication: this host's proof did not match at the dialing host ({message}); do both hosts hold the same auth_key_file?{}",
                                     p.from,
                                     suppressed_note(n)
                                 );
@@ -678,9 +663,7 @@ impl HostInner {
                         }
                         // The peer restarted: its old vsockets are gone with it.
                         drop(peers);
-                        crate::log!(
-                            Warn,
-                            "the peer host at {key} restarted (new host id, no channel of the old one left): its vsockets are reset"
+                        tracing::warn!("the peer host at {key} restarted (new host id, no channel of the old one left): its vsockets are reset"
                         );
                         self.retire_peer(&old, "the peer host restarted");
                         let fresh = Peer::new(key, &self.cfg, PeerState::Up);
