@@ -386,7 +386,8 @@ impl HostInner {
     fn refuse(&self, p: &mut Pending, reason: Reason, msg: &str) {
         self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
         if let Some(n) = REFUSALS.allow() {
-            tracing::warn!("refused channel from {}: {msg}{}", p.from, suppressed_note(n));
+            let _span = tracing::error_span!("channel", from = %p.from).entered();
+            tracing::warn!(why = %msg, suppressed = n, "refused a channel");
         }
         let mut buf = Vec::new();
         Frame::Reset { vsock: 0, reason, message: msg }.encode(&mut buf);
@@ -431,6 +432,7 @@ impl HostInner {
     /// Read what a pending connection sent (never past the frame expected) and act on each
     /// complete frame.
     fn progress(self: &Arc<Self>, p: &mut Pending) -> Progress {
+        let _span = tracing::error_span!("channel", from = %p.from).entered();
         loop {
             if let Step::Verdict { .. } = p.step {
                 return Progress::Wait;
