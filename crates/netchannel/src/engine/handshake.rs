@@ -164,22 +164,41 @@ impl HostInner {
                         "this host requires authenticated channels: configure the same auth_key_file".into(),
                     );
                 }
-                let na = auth::nonce();
-                let proof = auth::acceptor_proof(key, &hello.nonce, &na);
-                Frame::HelloOk(HelloOk { version: wire::VERSION, host_id: self.host_id, proof, nonce: na })
+                let Ok(acceptor) = s.local_addr() else { return };
+                let t = auth::Transcript {
+                    hello,
+                    acceptor_version: wire::VERSION,
+                    acceptor_id: self.host_id,
+                    na: auth::nonce(),
+                    dialer: from,
+                    acceptor,
+                };
+                let proof = auth::acceptor_proof(key, &t);
+                Frame::HelloOk(HelloOk { version: wire::VERSION, host_id: self.host_id, proof, nonce: t.na })
                     .encode(&mut ok);
                 if s.write_all(&ok).is_err() {
                     return;
                 }
                 let mut frame = Vec::new();
                 match read_frame(&mut s, &mut frame) {
-                    Ok(Frame::Auth { proof }) if auth::check_dialer(key, &na, &hello.nonce, &proof) => {}
+                    Ok(Frame::Auth { proof }) if auth::check_dialer(key, &t, &proof) => {}
                     Ok(Frame::Auth { .. }) => {
                         return refuse(
                             &mut s,
                             Reason::Auth,
-                            "authentication failed: the dialing host does not hold this host's key".into(),
+                            "authentication failed: the dialing host's proof did not match (it holds \
+                             another key, or the handshake was relayed or reflected)"
+                                .into(),
                         )
+                    }
+                    Ok(Frame::Reset { reason: Reason::Auth, message, .. }) => {
+                        self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
+                        crate::log!(
+                            Warn,
+                            "channel from {from} failed authentication: this host's proof did not match \
+                             at the dialing host ({message}); do both hosts hold the same auth_key_file?"
+                        );
+                        return;
                     }
                     Ok(other) => {
                         return refuse(
@@ -263,10 +282,9 @@ pub(crate) fn dial_channel(
     let mut s: TcpStream = sock.into();
     s.set_nodelay(true)?;
     let nd = if auth.is_some() { auth::nonce() } else { [0; 16] };
-    let hello =
-        Frame::Hello(Hello { version: wire::VERSION, class, index, host_id, listen: local, nonce: nd });
+    let hello = Hello { version: wire::VERSION, class, index, host_id, listen: local, nonce: nd };
     let mut buf = Vec::new();
-    hello.encode(&mut buf);
+    Frame::Hello(hello).encode(&mut buf);
     s.set_write_timeout(Some(remaining()?))?;
     s.write_all(&buf)?;
     let mut frame = Vec::new();
@@ -276,6 +294,9 @@ pub(crate) fn dial_channel(
         Frame::Reset { reason, message, .. } => return Err(refused(reason, message)),
         other => return Err(invalid(format!("answered HELLO with {}", other.kind()))),
     };
+    if ok.host_id == host_id {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "that address is this host itself"));
+    }
     if let Some(k) = auth {
         if ok.nonce == [0; 16] {
             return Err(io::Error::new(
@@ -283,13 +304,27 @@ pub(crate) fn dial_channel(
                 "does not authenticate its channels, and this host requires it (auth_key_file)",
             ));
         }
-        if !auth::check_acceptor(k, &nd, &ok.nonce, &ok.proof) {
+        let t = auth::Transcript {
+            hello,
+            acceptor_version: ok.version,
+            acceptor_id: ok.host_id,
+            na: ok.nonce,
+            dialer: s.local_addr()?,
+            acceptor: s.peer_addr()?,
+        };
+        if !auth::check_acceptor(k, &t, &ok.proof) {
+            // Tell the acceptor why, so that its log says so too.
+            buf.clear();
+            let message = "the accepting host's proof did not match this host's key";
+            Frame::Reset { vsock: 0, reason: Reason::Auth, message }.encode(&mut buf);
+            let _ = s.write_all(&buf);
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
-                "failed authentication: it does not hold this host's pre-shared key",
+                "failed authentication: its proof does not match this host's pre-shared key (it holds \
+                 another key, or the handshake was relayed)",
             ));
         }
-        let proof = auth::dialer_proof(k, &ok.nonce, &nd);
+        let proof = auth::dialer_proof(k, &t);
         buf.clear();
         Frame::Auth { proof }.encode(&mut buf);
         s.set_write_timeout(Some(remaining()?))?;

@@ -110,6 +110,9 @@ pub struct ChannelStats {
     pub kernel_unsent: usize,
     /// Write syscalls made (`frames_sent / writes` is the mean batch).
     pub writes: u64,
+    /// The TCP congestion control the kernel runs on it (`TCP_CONGESTION`, see
+    /// `channel_congestion`); empty once the channel is down.
+    pub congestion: String,
 }
 
 /// Queue depths of one channel's lanes, or of a whole class's channels.
@@ -258,6 +261,10 @@ impl Host {
 
     fn start_inner(config: Config, shm_rings: bool) -> io::Result<Host> {
         config.validate()?;
+        check_congestion(&config.channel_congestion)?;
+        crate::placement::check("channel_worker_cpus", &config.channel_worker_cpus)?;
+        crate::placement::check("latency_worker_cpus", &config.latency_worker_cpus)?;
+        crate::placement::check("copy_worker_cpus", &config.copy_worker_cpus)?;
         let auth_key = config.auth_key()?;
         if auth_key.is_none() {
             crate::log!(
@@ -282,7 +289,7 @@ impl Host {
             workers.push(h);
         }
         let (acceptor, acceptor_waker) = handshake::Acceptor::new(std_listener)?;
-        let copy = CopyPool::new(config.copy_workers, config.copy_threshold)?;
+        let copy = CopyPool::new(config.copy_workers, config.copy_threshold, &config.copy_worker_cpus)?;
         let inner = Arc::new(HostInner {
             host_id: random_u64() | 1,
             auth_key,
@@ -318,7 +325,10 @@ impl Host {
                     })
                     .spawn(move || {
                         if latency {
+                            crate::placement::pin_or_warn("a latency worker", &h.cfg.latency_worker_cpus);
                             raise_priority(&h.cfg);
+                        } else {
+                            crate::placement::pin_or_warn("a channel worker", &h.cfg.channel_worker_cpus);
                         }
                         channel::run_worker(h, i, p, spin)
                     })?,
@@ -399,6 +409,7 @@ impl Host {
                     queue: LaneDepths { control, latency, bulk },
                     kernel_unsent: c.kernel_unsent(),
                     writes: c.counters.writes.load(Ordering::Relaxed),
+                    congestion: c.congestion(),
                 });
             }
         }
@@ -616,6 +627,7 @@ impl HostInner {
         if let Ok(a) = s.local_addr() {
             *peer.local_ip.lock().unwrap() = Some(a.ip());
         }
+        set_congestion(&s, &self.cfg.channel_congestion)?;
         if class == Class::Throughput && self.cfg.bulk_sndbuf > 0 {
             // Bound the bulk the kernel holds unsent on this channel (see `bulk_sndbuf`).
             socket2::SockRef::from(&s).set_send_buffer_size(self.cfg.bulk_sndbuf)?;
@@ -800,4 +812,42 @@ fn raise_priority(cfg: &Config) {
             ));
         }
     }
+}
+
+/// Give channel socket `s` the congestion control `name` (`channel_congestion`); nothing for
+/// an empty name (the system default).
+fn set_congestion(s: &TcpStream, name: &str) -> io::Result<()> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    socket2::SockRef::from(s).set_tcp_congestion(name.as_bytes()).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "config key `channel_congestion`: cannot give a channel the congestion control {name:?}: {e}"
+            ),
+        )
+    })
+}
+
+/// Check at start that this kernel lets channels use `name`, so that a missing algorithm is
+/// reported with its key before any channel is set up (and not as a failed connect).
+fn check_congestion(name: &str) -> io::Result<()> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    probe.set_tcp_congestion(name.as_bytes()).map_err(|e| {
+        let read = |f: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/{f}")).unwrap_or_default();
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "config key `channel_congestion`: this kernel refuses congestion control {name:?} ({e}); \
+                 available: {}; allowed without privilege: {} (load its module, or set another name, \
+                 or \"\" for the system default)",
+                read("tcp_available_congestion_control").trim(),
+                read("tcp_allowed_congestion_control").trim()
+            ),
+        )
+    })
 }

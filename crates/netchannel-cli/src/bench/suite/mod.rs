@@ -48,6 +48,11 @@ pub struct SuiteArgs {
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub duration: Option<f64>,
 
+    /// TCP congestion control of every run: the channels and the TCP/MPTCP baselines alike
+    /// (each run gets `--congestion NAME`); "" = the system default [default: cubic]
+    #[arg(long, value_name = "NAME")]
+    pub congestion: Option<String>,
+
     /// Test hook: a tiny suite (one repetition, 0.3 s runs, 2 bulk apps, fewer variants)
     #[arg(long, hide = true)]
     pub smoke: bool,
@@ -134,6 +139,8 @@ pub struct Plan {
     pub subflows_flag: bool,
     /// Why MPTCP is not in the plan, if it is not.
     pub mptcp_note: Option<String>,
+    /// The congestion control every run uses (`--congestion`; "" = the system default).
+    pub congestion: String,
     /// The jobs, in run order.
     pub jobs: Vec<Job>,
 }
@@ -228,6 +235,10 @@ impl Plan {
             subflows_flag: stream_help.contains("--subflows"),
             mptcp_note: (!has_mptcp)
                 .then(|| "MPTCP: skipped, this build's `bench stream` has no `--backend mptcp`".to_string()),
+            congestion: args
+                .congestion
+                .clone()
+                .unwrap_or_else(|| netchannel::config::DEFAULT_CONGESTION.into()),
             jobs: Vec::new(),
         };
         for rep in 1..=reps {
@@ -259,11 +270,22 @@ impl Plan {
     fn add_jobs(&mut self, e: Experiment, rep: u32) {
         let d = self.duration;
         let secs = |d: f64| format!("{d}");
+        let congestion = self.congestion.clone();
         let base = |mode: &str, backend: &str, d: f64| -> Vec<String> {
-            [mode, "--backend", backend, "--duration", &secs(d), "--verify", "--json"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
+            [
+                mode,
+                "--backend",
+                backend,
+                "--duration",
+                &secs(d),
+                "--verify",
+                "--json",
+                "--congestion",
+                &congestion,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
         };
         let job = |backend: &'static str, variant: &str, label: &str, args: Vec<String>, expected: f64| Job {
             experiment: e,
@@ -393,13 +415,15 @@ impl Plan {
     /// One line describing the sizes, for the summary.
     pub fn describe(&self) -> String {
         format!(
-            "{} ({} repetition{}, {} s per run, isolation {} s per phase with {} bulk apps)",
+            "{} ({} repetition{}, {} s per run, isolation {} s per phase with {} bulk apps); congestion \
+             control {} on every channel and every TCP/MPTCP baseline",
             self.flavor,
             self.reps,
             plural(self.reps as usize),
             self.duration,
             self.isolation_duration,
-            self.bulk_apps
+            self.bulk_apps,
+            super::congestion_name(&self.congestion)
         )
     }
 }
