@@ -81,7 +81,7 @@ fn a_flipped_byte_fails_the_run_with_its_offset() {
 fn duration_mode_prints_progress_and_a_summary() {
     let out = run(&["bench", "stream", "--backend", "tcp", "--duration", "3", "--write-size", "1MiB"]);
     assert!(out.status.success(), "stderr: {}", out.stderr);
-    assert!(out.stdout.starts_with("stream tcp: "), "stdout: {}", out.stdout);
+    assert!(out.stdout.starts_with("stream tcp (cubic congestion control): "), "stdout: {}", out.stdout);
     assert!(out.stdout.contains("Gbit/s"), "stdout: {}", out.stdout);
     assert!(out.stderr.contains("received") && out.stderr.contains("Gbit/s"), "stderr: {:?}", out.stderr);
 }

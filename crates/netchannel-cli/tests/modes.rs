@@ -87,7 +87,7 @@ fn short_messages_straddling_reads_are_counted_whole() {
 fn short_prints_a_human_summary() {
     let out = run(&["bench", "short", "--backend", "tcp", "--duration", "0.3"]);
     assert!(out.status.success(), "stderr: {}", out.stderr);
-    assert!(out.stdout.starts_with("short tcp: "), "stdout: {}", out.stdout);
+    assert!(out.stdout.starts_with("short tcp (cubic congestion control): "), "stdout: {}", out.stdout);
     assert!(out.stdout.contains("messages/s"), "stdout: {}", out.stdout);
 }
 

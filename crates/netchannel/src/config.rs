@@ -169,6 +169,18 @@ pub struct Config {
     /// holds unsent in each bulk channel (the kernel doubles the value for its bookkeeping);
     /// 0 = the kernel's default and autotuning. Default 0.
     pub bulk_sndbuf: usize,
+    /// `channel_congestion`: the TCP congestion control of every channel (`TCP_CONGESTION`,
+    /// set on both the dialing and the accepting end), e.g. `"cubic"`, `"bbr"`, `"reno"`;
+    /// empty = the system default (`net.ipv4.tcp_congestion_control`). Default `"cubic"`: BBR's
+    /// pacing arms a timer per burst, which costs a VM exit each on virtual machines.
+    pub channel_congestion: String,
+    /// `channel_worker_cpus`: CPUs the channel workers may run on (`sched_setaffinity`);
+    /// empty = wherever the scheduler puts them. Default empty.
+    pub channel_worker_cpus: Vec<usize>,
+    /// `latency_worker_cpus`: CPUs the latency workers may run on; empty = anywhere. Default empty.
+    pub latency_worker_cpus: Vec<usize>,
+    /// `copy_worker_cpus`: CPUs the copy workers may run on; empty = anywhere. Default empty.
+    pub copy_worker_cpus: Vec<usize>,
     /// `write_batch`: most bytes one channel write (`writev`) gathers; a frame queued behind
     /// a batch in progress waits for at most this much. Default 256 KiB.
     pub write_batch: usize,
@@ -238,6 +250,10 @@ impl Default for Config {
             recv_buffer: 4 << 20,
             channel_queue: 512 << 10,
             bulk_sndbuf: 0,
+            channel_congestion: DEFAULT_CONGESTION.to_string(),
+            channel_worker_cpus: Vec::new(),
+            latency_worker_cpus: Vec::new(),
+            copy_worker_cpus: Vec::new(),
             write_batch: 256 << 10,
             write_batch_frames: 256,
             policy: Policy::RoundRobin,
@@ -336,6 +352,10 @@ struct RawConfig {
     recv_buffer: Option<SizeValue>,
     channel_queue: Option<SizeValue>,
     bulk_sndbuf: Option<SizeValue>,
+    channel_congestion: Option<String>,
+    channel_worker_cpus: Option<Vec<i64>>,
+    latency_worker_cpus: Option<Vec<i64>>,
+    copy_worker_cpus: Option<Vec<i64>>,
     write_batch: Option<SizeValue>,
     write_batch_frames: Option<i64>,
     policy: Option<String>,
@@ -372,6 +392,40 @@ fn ids(key: &str, v: Vec<i64>) -> Result<Vec<u32>, ConfigError> {
     v.into_iter()
         .map(|i| u32::try_from(i).map_err(|_| err(key, format!("{i} is not a user or group id"))))
         .collect()
+}
+
+/// The congestion control channels get when the config names none: cubic (see
+/// [`Config::channel_congestion`]).
+pub const DEFAULT_CONGESTION: &str = "cubic";
+
+/// CPUs a CPU list may name (`CPU_SETSIZE`).
+pub const MAX_CPUS: usize = 1024;
+
+/// Longest congestion control name the kernel accepts (`TCP_CA_NAME_MAX` less the NUL).
+const MAX_CONGESTION_NAME: usize = 15;
+
+fn cpus(key: &str, v: Vec<i64>) -> Result<Vec<usize>, ConfigError> {
+    v.into_iter()
+        .map(|i| usize::try_from(i).map_err(|_| err(key, format!("{i} is not a CPU number"))))
+        .collect()
+}
+
+/// A congestion control name as `TCP_CONGESTION` takes it: empty (the system default) or up
+/// to 15 ASCII letters, digits, `_` or `-`. Whether the kernel has it is known only when a
+/// channel is set up (that error names the key too).
+fn check_congestion(name: &str) -> Result<(), ConfigError> {
+    if name.len() > MAX_CONGESTION_NAME
+        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(err(
+            "channel_congestion",
+            format!(
+                "{name:?} is not a congestion control name (at most {MAX_CONGESTION_NAME} letters, \
+                 digits, `_` or `-`, e.g. \"cubic\"; empty for the system default)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn micros(key: &str, v: i64) -> Result<u64, ConfigError> {
@@ -498,6 +552,18 @@ impl Config {
         }
         if let Some(v) = raw.bulk_sndbuf {
             c.bulk_sndbuf = size("bulk_sndbuf", v)?;
+        }
+        if let Some(v) = raw.channel_congestion {
+            c.channel_congestion = v;
+        }
+        if let Some(v) = raw.channel_worker_cpus {
+            c.channel_worker_cpus = cpus("channel_worker_cpus", v)?;
+        }
+        if let Some(v) = raw.latency_worker_cpus {
+            c.latency_worker_cpus = cpus("latency_worker_cpus", v)?;
+        }
+        if let Some(v) = raw.copy_worker_cpus {
+            c.copy_worker_cpus = cpus("copy_worker_cpus", v)?;
         }
         if let Some(v) = raw.write_batch {
             c.write_batch = size("write_batch", v)?;
@@ -645,6 +711,10 @@ impl Config {
         let _ = writeln!(t, "recv_buffer = {}", self.recv_buffer);
         let _ = writeln!(t, "channel_queue = {}", self.channel_queue);
         let _ = writeln!(t, "bulk_sndbuf = {}", self.bulk_sndbuf);
+        let _ = writeln!(t, "channel_congestion = {:?}", self.channel_congestion);
+        let _ = writeln!(t, "channel_worker_cpus = {:?}", self.channel_worker_cpus);
+        let _ = writeln!(t, "latency_worker_cpus = {:?}", self.latency_worker_cpus);
+        let _ = writeln!(t, "copy_worker_cpus = {:?}", self.copy_worker_cpus);
         let _ = writeln!(t, "write_batch = {}", self.write_batch);
         let _ = writeln!(t, "write_batch_frames = {}", self.write_batch_frames);
         let _ = writeln!(t, "latency_spin_us = {}", self.latency_spin_us);
@@ -728,6 +798,16 @@ impl Config {
             range("bulk_sndbuf", self.bulk_sndbuf, 4096, 1 << 30)
                 .map_err(|e| err("bulk_sndbuf", format!("{} (or 0 for the kernel's default)", e.message)))?;
         }
+        check_congestion(&self.channel_congestion)?;
+        for (key, list) in [
+            ("channel_worker_cpus", &self.channel_worker_cpus),
+            ("latency_worker_cpus", &self.latency_worker_cpus),
+            ("copy_worker_cpus", &self.copy_worker_cpus),
+        ] {
+            if let Some(&cpu) = list.iter().find(|&&c| c >= MAX_CPUS) {
+                return Err(err(key, format!("CPU {cpu} is out of range 0..{MAX_CPUS}")));
+            }
+        }
         range("write_batch", self.write_batch, 4096, 64 << 20)?;
         range("write_batch_frames", self.write_batch_frames, 1, 1024)?;
         range("accept_backlog", self.accept_backlog, 1, 1 << 20)?;
@@ -788,6 +868,10 @@ mod tests {
             recv_buffer = "2MiB"
             channel_queue = "1MiB"
             bulk_sndbuf = "128KiB"
+            channel_congestion = "reno"
+            channel_worker_cpus = [0, 1]
+            latency_worker_cpus = [2]
+            copy_worker_cpus = []
             write_batch = "64KiB"
             write_batch_frames = 32
             latency_spin_us = 20
@@ -834,6 +918,13 @@ mod tests {
         assert_eq!(c.policy, Policy::Hash);
         assert_eq!((c.bulk_sndbuf, c.write_batch, c.write_batch_frames), (128 << 10, 64 << 10, 32));
         assert_eq!(c.latency_spin_us, 20);
+        assert_eq!(c.channel_congestion, "reno");
+        assert_eq!(
+            (c.channel_worker_cpus.as_slice(), c.latency_worker_cpus.as_slice()),
+            (&[0, 1][..], &[2][..])
+        );
+        assert!(c.copy_worker_cpus.is_empty());
+        assert_eq!(Config::from_toml_str("channel_congestion = \"\"").unwrap().channel_congestion, "");
         assert_eq!(c.connect_timeout, Duration::from_millis(500));
         assert_eq!(c.deployment, Deployment::Daemon);
         assert_eq!(c.daemon.socket.as_deref(), Some(Path::new("/tmp/nc.sock")));
@@ -870,6 +961,11 @@ mod tests {
             ("write_batch_frames = 0", "write_batch_frames"),
             ("write_batch_frames = 5000", "write_batch_frames"),
             ("latency_spin_us = 2000000", "latency_spin_us"),
+            ("channel_congestion = \"cu bic\"", "channel_congestion"),
+            ("channel_congestion = \"averyveryverylongname\"", "channel_congestion"),
+            ("channel_worker_cpus = [-1]", "channel_worker_cpus"),
+            ("latency_worker_cpus = [4096]", "latency_worker_cpus"),
+            ("copy_worker_cpus = [\"all\"]", "copy_worker_cpus"),
         ] {
             let e = Config::from_toml_str(doc).unwrap_err();
             assert_eq!(e.key, key, "{doc}: {e}");
@@ -893,6 +989,8 @@ mod tests {
         c.bulk_sndbuf = 256 << 10;
         c.write_batch_frames = 17;
         c.latency_spin_us = 3;
+        c.channel_congestion = String::new();
+        c.copy_worker_cpus = vec![1, 3];
         assert_eq!(Config::from_toml_str(&c.to_toml()).unwrap(), c);
         assert_eq!(Config::from_toml_str(&Config::default().to_toml()).unwrap(), Config::default());
     }

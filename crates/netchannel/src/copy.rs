@@ -45,13 +45,18 @@ pub struct CopyPool {
 }
 
 impl CopyPool {
-    /// Start `workers` copy threads; copies of at least `threshold` bytes are split.
-    pub fn new(workers: usize, threshold: usize) -> std::io::Result<CopyPool> {
+    /// Start `workers` copy threads, each allowed only on `cpus` (empty: anywhere); copies of
+    /// at least `threshold` bytes are split.
+    pub fn new(workers: usize, threshold: usize, cpus: &[usize]) -> std::io::Result<CopyPool> {
         let queue = Arc::new(Queue { jobs: Mutex::new((VecDeque::new(), false)), ready: Condvar::new() });
         let mut handles = Vec::new();
         for i in 0..workers {
             let q = queue.clone();
-            handles.push(std::thread::Builder::new().name(format!("nc-copy-{i}")).spawn(move || worker(&q))?);
+            let cpus = cpus.to_vec();
+            handles.push(std::thread::Builder::new().name(format!("nc-copy-{i}")).spawn(move || {
+                crate::placement::pin_or_warn("a copy worker", &cpus);
+                worker(&q)
+            })?);
         }
         Ok(CopyPool { queue, workers: handles, threshold })
     }
@@ -165,7 +170,7 @@ mod tests {
     #[test]
     fn parallel_copy_is_exact() {
         for workers in [0, 1, 3] {
-            let pool = CopyPool::new(workers, 256 << 10).unwrap();
+            let pool = CopyPool::new(workers, 256 << 10, &[]).unwrap();
             let src: Vec<u8> = (0..3_000_001u32).map(|i| (i * 7 + i / 255) as u8).collect();
             let mut dst = vec![0u8; src.len()];
             let (a, b) = src.split_at(1_000_000);

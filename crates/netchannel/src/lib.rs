@@ -37,6 +37,7 @@ pub mod copy;
 pub mod daemon;
 pub mod engine;
 pub mod log;
+pub(crate) mod placement;
 pub mod proto;
 pub(crate) mod readiness;
 pub mod ring;

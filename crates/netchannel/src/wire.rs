@@ -42,10 +42,17 @@
 //!   does not speak — and closes the channel.
 //! * Authentication (both hosts hold the same pre-shared key; the key never crosses the
 //!   wire): HELLO carries the dialer's random nonce `Nd`; HELLO_OK carries the acceptor's
-//!   nonce `Na` and its proof `HMAC(key, "netchannel acceptor" ‖ Nd ‖ Na)`; the dialer checks
-//!   it and answers AUTH with `HMAC(key, "netchannel dialer" ‖ Na ‖ Nd)`; the acceptor checks
-//!   that and answers AUTH_OK (or RESET with reason `Auth`). Without a key the nonces and
-//!   proofs are zero and there is no AUTH exchange; a host with a key refuses one without.
+//!   nonce `Na` and its proof `HMAC(key, T ‖ 1)`; the dialer checks it and answers AUTH with
+//!   `HMAC(key, T ‖ 2)`; the acceptor checks that and answers AUTH_OK (or RESET with reason
+//!   `Auth`; a dialer that finds the acceptor's proof wrong says so with RESET `Auth` in
+//!   place of AUTH). `T` is the transcript (`engine::auth`): the 52-byte HELLO body as sent
+//!   and the channel class; HELLO_OK's version, host id and `Na`; and both ends of the TCP
+//!   connection (dialer IP and port, acceptor IP and port, each 16 + 2 bytes, IPv4 as
+//!   IPv4-mapped), prefixed by the label `"netchannel channel handshake v2"` — so a proof is
+//!   valid for one role, one pair of hosts, one pair of nonces and one connection only (no
+//!   reflection, replay or relay). Without a key the nonces and proofs are zero and there is
+//!   no AUTH exchange; a host with a key refuses one without. Version 1 hosts, whose proofs
+//!   covered only the nonces, are refused by version.
 //! * OPEN's `a` packs the opener's vsocket port (bits 16..32) and the destination port
 //!   (bits 0..16); bits 32..64 must be 0. Its `flags` bit 0 is the vsocket's class.
 //! * CREDIT: `a` is how far the receiver has the stream in order (the sender may free its
@@ -68,7 +75,8 @@ pub const MAX_REASON: usize = 1024;
 /// `"NCHN"`: first four bytes of a HELLO body.
 pub const MAGIC: u32 = 0x4E43_484E;
 /// Protocol version this build speaks.
-pub const VERSION: u16 = 1;
+/// Version 2: the authentication proofs cover the whole handshake transcript (see above).
+pub const VERSION: u16 = 2;
 /// Length of an authentication proof (HMAC-SHA256) in HELLO_OK and AUTH.
 pub const AUTH_PROOF_LEN: usize = 32;
 /// Flag bit: the channel (HELLO) or vsocket (OPEN) is in the latency class.

@@ -454,3 +454,113 @@ fn latency_ports_and_set_class_choose_the_class() {
         drop((c, s));
     });
 }
+
+/// Every channel, dialed or accepted, runs the configured congestion control; an empty name
+/// leaves the system default; a name the kernel does not have fails `Host::start`, naming
+/// the key.
+#[test]
+fn channels_run_the_configured_congestion_control() {
+    within(60, || {
+        let system = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").unwrap();
+        // reno is built into every kernel, and allowed without privilege.
+        for (name, expect) in [("reno", "reno"), ("", system.trim())] {
+            let (a, b) = two_hosts(|c| {
+                c.throughput_channels = 2;
+                c.channel_congestion = name.to_string();
+            });
+            let l = b.bind(5001).unwrap();
+            let mut s = a.connect(at(&b, 5001)).unwrap();
+            let (mut r, _) = l.accept().unwrap();
+            s.write_all(b"x").unwrap();
+            let mut one = [0u8; 1];
+            r.read_exact(&mut one).unwrap();
+            for h in [&a, &b] {
+                let channels = h.stats().channels;
+                assert_eq!(channels.len(), 3, "{channels:?}");
+                for c in channels {
+                    assert_eq!(
+                        c.congestion,
+                        expect,
+                        "channel {:?} {} of {}",
+                        c.class,
+                        c.index,
+                        h.local_addr()
+                    );
+                }
+            }
+        }
+        let c = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            peer_port: Some(9),
+            channel_congestion: "nosuchcc".into(),
+            ..Config::default()
+        };
+        let e = Host::start(c).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("channel_congestion") && e.to_string().contains("nosuchcc"), "{e}");
+    });
+}
+
+/// The CPU lists pin the engine's threads (read back from /proc), and a CPU this process may
+/// not use fails `Host::start`, naming the key.
+#[test]
+fn worker_cpu_lists_pin_the_workers() {
+    within(60, || {
+        let allowed_in = |status_file: &str| -> String {
+            let status = std::fs::read_to_string(status_file).unwrap_or_default();
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let allowed_list = |tid: &str| allowed_in(&format!("/proc/self/task/{tid}/status"));
+        // (nextest runs each test in a process of its own: these are this host's threads.)
+        let threads_named = |prefix: &str| -> Vec<String> {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(|e| {
+                    let tid = e.ok()?.file_name().into_string().ok()?;
+                    let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).ok()?;
+                    comm.starts_with(prefix).then_some(tid)
+                })
+                .collect()
+        };
+        let first = allowed_in("/proc/thread-self/status")
+            .split([',', '-'])
+            .next()
+            .unwrap()
+            .parse::<usize>()
+            .unwrap();
+        let mut c = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            peer_port: Some(9),
+            channel_worker_cpus: vec![first],
+            copy_worker_cpus: vec![first],
+            latency_worker_cpus: vec![first],
+            ..Config::default()
+        };
+        let h = Host::start(c.clone()).unwrap();
+        for prefix in ["nc-chan-", "nc-lat-", "nc-copy-"] {
+            // A thread names and pins itself first thing; give it a moment to start.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut tids = threads_named(prefix);
+            while tids.is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+                tids = threads_named(prefix);
+            }
+            assert!(!tids.is_empty(), "no {prefix} thread");
+            for tid in tids {
+                while allowed_list(&tid) != first.to_string() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                assert_eq!(allowed_list(&tid), first.to_string(), "{prefix} thread {tid}");
+            }
+        }
+        h.shutdown();
+        c.copy_worker_cpus = vec![1023];
+        let e = Host::start(c).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("copy_worker_cpus") && e.to_string().contains("1023"), "{e}");
+    });
+}

@@ -16,6 +16,10 @@
 //! listeners bound on a thread inside it ([`Ns::run`]), and [`Connector::connect`] moves the
 //! calling thread into the client's namespace first (the engine dials its channels from the
 //! thread that connects). The namespaces are removed when the [`Net`] goes away.
+//!
+//! TCP and MPTCP baselines run the congestion control of the channels (`channel_congestion`,
+//! `--congestion`): the listener gets it (accepted connections inherit it) and so does every
+//! connecting socket, so that a comparison is never BBR against cubic.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -131,12 +135,21 @@ pub struct Connector {
     mptcp: bool,
     /// `--netns`: the client's namespace, entered by the connecting thread.
     ns: Option<Arc<Ns>>,
+    /// TCP/MPTCP: the congestion control to give each stream ("" = the system default).
+    congestion: String,
 }
 
 impl Connector {
     /// Where the client connects: the server host's IP and the vsocket (or TCP) port.
     pub fn target(&self) -> SocketAddr {
         self.target
+    }
+
+    /// Give a TCP (or MPTCP) stream this run opened itself the run's congestion control.
+    pub fn tune(&self, s: &TcpStream) -> Result<()> {
+        set_congestion(s, &self.congestion).context(|| {
+            format!("cannot set congestion control {:?} on the stream to {}", self.congestion, self.target)
+        })
     }
 
     /// Open the stream; TCP and MPTCP streams get `TCP_NODELAY`. With `--netns` the calling
@@ -158,12 +171,14 @@ impl Connector {
                 })?;
                 s.set_nodelay(true)
                     .context(|| format!("cannot set TCP_NODELAY on the MPTCP stream to {}", self.target))?;
+                self.tune(&s)?;
                 Ok(Box::new(MptcpStream(s)))
             }
             None => {
                 let s = TcpStream::connect(self.target).context(what)?;
                 s.set_nodelay(true)
                     .context(|| format!("cannot set TCP_NODELAY on the stream to {}", self.target))?;
+                self.tune(&s)?;
                 Ok(Box::new(s))
             }
         }
@@ -191,6 +206,29 @@ impl Connector {
     }
 }
 
+/// Give TCP (or MPTCP) socket `s` the congestion control `name` (`TCP_CONGESTION`); nothing
+/// for an empty name (the system default).
+pub fn set_congestion(s: &impl std::os::fd::AsRawFd, name: &str) -> io::Result<()> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: setsockopt reads `name.len()` bytes from a live buffer; the fd is open (borrowed).
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// The hosts (for NetChannel) and addresses of one run.
 pub struct Net {
     stack: Stack,
@@ -209,6 +247,8 @@ pub struct Net {
     server_daemon: Option<Client>,
     client_daemon: Option<Client>,
     daemons: Vec<Daemon>,
+    /// TCP/MPTCP: the congestion control of the baseline's sockets (the channels' one).
+    congestion: String,
     /// `--netns`, or MPTCP's private loopback namespace; removed on drop, so it comes last.
     topology: Option<Topology>,
 }
@@ -231,6 +271,7 @@ impl Net {
             server_daemon: None,
             client_daemon: None,
             daemons: Vec::new(),
+            congestion: config.channel_congestion.clone(),
             topology: None,
         };
         if opts.netns && opts.role != Role::Both {
@@ -442,12 +483,18 @@ impl Net {
                 let addr = SocketAddr::new(self.server_ip, port);
                 let mptcp = self.stack == Stack::Mptcp;
                 let kind = if mptcp { "MPTCP" } else { "TCP" };
+                let congestion = &self.congestion;
                 let bind = || {
                     let l = if mptcp { mptcp::listen(addr) } else { TcpListener::bind(addr) };
-                    l.map_err(|e| match mptcp::unavailable(&e).filter(|_| mptcp) {
+                    let l = l.map_err(|e| match mptcp::unavailable(&e).filter(|_| mptcp) {
                         Some(msg) => Error::from(msg),
                         None => Error::from(format!("cannot listen on {kind} {addr}: {}", describe(&e))),
-                    })
+                    })?;
+                    // Accepted streams inherit the listener's congestion control.
+                    set_congestion(&l, congestion).context(|| {
+                        format!("cannot set congestion control {congestion:?} on {kind} listener {addr}")
+                    })?;
+                    Ok::<_, Error>(l)
                 };
                 let l = match &self.topology {
                     Some(t) => t.server_ns().run(bind)??,
@@ -471,6 +518,7 @@ impl Net {
             target,
             mptcp: self.stack == Stack::Mptcp,
             ns: self.topology.as_ref().map(|t| t.client_ns().clone()),
+            congestion: self.congestion.clone(),
         })
     }
 

@@ -95,6 +95,11 @@ impl Daemon {
         Ok(d)
     }
 
+    /// The daemon's configuration file (what `netchannel run --config` takes to use it).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("daemon.toml")
+    }
+
     fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, |c| c.id())
     }

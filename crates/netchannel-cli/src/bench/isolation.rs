@@ -736,6 +736,7 @@ fn connect_lapp(connector: &Connector, shared: &Shared) -> Result<Box<dyn Conn>>
         Setup::TcpPrio => {
             let s = TcpStream::connect(target).context(|| format!("cannot connect to {target}"))?;
             s.set_nodelay(true).context(|| format!("cannot set TCP_NODELAY on the stream to {target}"))?;
+            connector.tune(&s)?;
             set_priority(&s, shared.priority).context(|| {
                 format!("cannot set SO_PRIORITY {} on the stream to {target}", shared.priority)
             })?;

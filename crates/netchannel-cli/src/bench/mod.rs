@@ -25,6 +25,7 @@ pub mod mptcp;
 pub mod netns;
 pub mod pair;
 pub mod pingpong;
+pub mod redis;
 pub mod rpc;
 pub mod short;
 pub mod soak;
@@ -70,6 +71,9 @@ pub enum Mode {
     /// p50/p99 with 1 and 64 connections, hyper requests/s under many clients).
     #[cfg(feature = "tokio")]
     Tokio(asyncio::TokioArgs),
+    /// Experiment 7: an unmodified single-threaded redis-server and redis-benchmark at queue
+    /// depths 1…64, under `netchannel run` through two daemons and over plain TCP (needs Redis).
+    Redis(redis::RedisArgs),
     /// Every experiment, NetChannel beside its baselines, several repetitions: JSON per run,
     /// summary.md with medians and ratios, and PNG charts (see `netchannel demo`).
     Suite(suite::SuiteArgs),
@@ -86,6 +90,7 @@ pub fn run(mode: &Mode) -> Result<()> {
         Mode::Soak(args) => soak::run(args),
         #[cfg(feature = "tokio")]
         Mode::Tokio(args) => asyncio::run(args),
+        Mode::Redis(args) => redis::run(args),
         Mode::Suite(args) => suite::run(args),
     }
 }
@@ -233,6 +238,11 @@ pub struct CommonOpts {
     #[arg(long, value_name = "SIZE", value_parser = parse_size_usize)]
     pub bulk_sndbuf: Option<usize>,
 
+    /// TCP congestion control of every channel AND of the TCP/MPTCP baselines, so that they
+    /// compare like with like, e.g. cubic, bbr, reno; "" = the system default [default: cubic, or channel_congestion from --config]
+    #[arg(long, value_name = "NAME")]
+    pub congestion: Option<String>,
+
     /// Most bytes one channel write gathers, e.g. 256KiB [default: 256KiB, or write_batch from --config]
     #[arg(long, value_name = "SIZE", value_parser = parse_size_usize)]
     pub write_batch: Option<usize>,
@@ -342,6 +352,10 @@ impl CommonOpts {
             c.bulk_sndbuf = n;
             flags.push(("bulk_sndbuf", "--bulk-sndbuf"));
         }
+        if let Some(name) = &self.congestion {
+            c.channel_congestion = name.clone();
+            flags.push(("channel_congestion", "--congestion"));
+        }
         if let Some(n) = self.write_batch {
             c.write_batch = n;
             flags.push(("write_batch", "--write-batch"));
@@ -391,13 +405,17 @@ pub struct Knobs {
     pub write_batch_frames: Option<usize>,
     /// Latency-class readers' spin before sleeping, µs.
     pub latency_spin_us: Option<u64>,
+    /// The TCP congestion control of the channels, and of the TCP and MPTCP baselines (one
+    /// setting for every stack, so this is set for TCP too); "" = the system default's.
+    pub congestion: String,
 }
 
 impl Knobs {
     /// The knobs of `config` when `stack` is NetChannel; none for TCP and MPTCP.
     pub fn of(stack: Stack, config: &Config) -> Knobs {
+        let congestion = congestion_name(&config.channel_congestion);
         match stack {
-            Stack::Tcp | Stack::Mptcp => Knobs::default(),
+            Stack::Tcp | Stack::Mptcp => Knobs { congestion, ..Knobs::default() },
             Stack::Netchannel | Stack::Daemon => Knobs {
                 channels: Some(config.throughput_channels),
                 channel_workers: Some(config.channel_workers),
@@ -410,6 +428,7 @@ impl Knobs {
                 write_batch: Some(config.write_batch),
                 write_batch_frames: Some(config.write_batch_frames),
                 latency_spin_us: Some(config.latency_spin_us),
+                congestion,
             },
         }
     }
@@ -426,7 +445,23 @@ impl Knobs {
                 bytes_human(seg as u64)
             );
         }
+        if !self.congestion.is_empty() {
+            let _ =
+                write!(s, "{}{} congestion control", if s.is_empty() { "" } else { ", " }, self.congestion);
+        }
         s
+    }
+}
+
+/// The congestion control `name` (a `channel_congestion` value) stands for: itself, or for an
+/// empty name the system default's, as `"bbr (system default)"`.
+pub fn congestion_name(name: &str) -> String {
+    if !name.is_empty() {
+        return name.to_string();
+    }
+    match std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control") {
+        Ok(s) => format!("{} (system default)", s.trim()),
+        Err(_) => "system default".to_string(),
     }
 }
 

@@ -155,6 +155,18 @@ impl Channel {
     }
 
     /// Bytes handed to the kernel socket and not yet sent (`SIOCOUTQNSD`); 0 if unknown.
+    /// The congestion control of the channel's socket; empty when it is down.
+    pub(crate) fn congestion(&self) -> String {
+        let Some(sock) = self.stat_sock.as_ref() else { return String::new() };
+        if !self.up.load(Ordering::Acquire) {
+            return String::new();
+        }
+        socket2::SockRef::from(sock)
+            .tcp_congestion()
+            .map(|name| String::from_utf8_lossy(&name).trim_end_matches('\0').to_string())
+            .unwrap_or_default()
+    }
+
     pub(crate) fn kernel_unsent(&self) -> usize {
         use std::os::fd::AsRawFd;
         let Some(sock) = self.stat_sock.as_ref() else { return 0 };

@@ -8,19 +8,19 @@
 
 pub(crate) mod auth;
 pub(crate) mod channel;
+pub(crate) mod handshake;
 pub(crate) mod peer;
 pub(crate) mod recovery;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mio::net::TcpListener;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::Waker;
 
 use crate::config::Config;
 use crate::copy::CopyPool;
@@ -28,7 +28,7 @@ use crate::proto::sched::Depth;
 use crate::proto::ProtoError;
 use crate::ring::RingPool;
 use crate::vsock::{ListenQueue, VListener, VSock, VStream};
-use crate::wire::{self, Class, Frame, HelloOk, Reason, HEADER_LEN};
+use crate::wire::{Class, Frame, Reason};
 use channel::{Channel, Command, WorkerHandle};
 use peer::{Peer, PeerState};
 use recovery::Stale;
@@ -37,8 +37,6 @@ use recovery::Stale;
 const EPHEMERAL_FIRST: u16 = 32768;
 /// Free ring memory a host keeps for new vsockets.
 const RING_POOL_BYTES: usize = 64 << 20;
-/// How long an accepted channel may take to send its HELLO.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The engine's shared state.
 pub(crate) struct HostInner {
@@ -112,6 +110,9 @@ pub struct ChannelStats {
     pub kernel_unsent: usize,
     /// Write syscalls made (`frames_sent / writes` is the mean batch).
     pub writes: u64,
+    /// The TCP congestion control the kernel runs on it (`TCP_CONGESTION`, see
+    /// `channel_congestion`); empty once the channel is down.
+    pub congestion: String,
 }
 
 /// Queue depths of one channel's lanes, or of a whole class's channels.
@@ -260,6 +261,10 @@ impl Host {
 
     fn start_inner(config: Config, shm_rings: bool) -> io::Result<Host> {
         config.validate()?;
+        check_congestion(&config.channel_congestion)?;
+        crate::placement::check("channel_worker_cpus", &config.channel_worker_cpus)?;
+        crate::placement::check("latency_worker_cpus", &config.latency_worker_cpus)?;
+        crate::placement::check("copy_worker_cpus", &config.copy_worker_cpus)?;
         let auth_key = config.auth_key()?;
         if auth_key.is_none() {
             crate::log!(
@@ -273,7 +278,6 @@ impl Host {
         })?;
         std_listener.set_nonblocking(true)?;
         let local = std_listener.local_addr()?;
-        let mut listener = TcpListener::from_std(std_listener);
         let mut polls = Vec::new();
         let mut workers = Vec::new();
         // Channel workers first, then the latency workers (used only when there are latency
@@ -284,10 +288,8 @@ impl Host {
             polls.push(p);
             workers.push(h);
         }
-        let accept_poll = Poll::new()?;
-        accept_poll.registry().register(&mut listener, Token(0), Interest::READABLE)?;
-        let acceptor_waker = Waker::new(accept_poll.registry(), Token(1))?;
-        let copy = CopyPool::new(config.copy_workers, config.copy_threshold)?;
+        let (acceptor, acceptor_waker) = handshake::Acceptor::new(std_listener)?;
+        let copy = CopyPool::new(config.copy_workers, config.copy_threshold, &config.copy_worker_cpus)?;
         let inner = Arc::new(HostInner {
             host_id: random_u64() | 1,
             auth_key,
@@ -323,18 +325,17 @@ impl Host {
                     })
                     .spawn(move || {
                         if latency {
+                            crate::placement::pin_or_warn("a latency worker", &h.cfg.latency_worker_cpus);
                             raise_priority(&h.cfg);
+                        } else {
+                            crate::placement::pin_or_warn("a channel worker", &h.cfg.channel_worker_cpus);
                         }
                         channel::run_worker(h, i, p, spin)
                     })?,
             );
         }
         let h = inner.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("nc-accept".into())
-                .spawn(move || run_acceptor(h, accept_poll, listener))?,
-        );
+        threads.push(std::thread::Builder::new().name("nc-accept".into()).spawn(move || acceptor.run(h))?);
         *inner.threads.lock().unwrap() = threads;
         Ok(Host { guard: Arc::new(Guard { inner }) })
     }
@@ -408,6 +409,7 @@ impl Host {
                     queue: LaneDepths { control, latency, bulk },
                     kernel_unsent: c.kernel_unsent(),
                     writes: c.counters.writes.load(Ordering::Relaxed),
+                    congestion: c.congestion(),
                 });
             }
         }
@@ -588,25 +590,6 @@ impl HostInner {
         }
     }
 
-    /// Dial channel `index` of `class` to `peer` and run the handshake as this host.
-    pub(crate) fn dial(
-        &self,
-        peer: &Arc<Peer>,
-        class: Class,
-        index: u16,
-        deadline: Instant,
-    ) -> io::Result<(TcpStream, u64)> {
-        peer::dial_channel(
-            peer.key,
-            self.local,
-            self.host_id,
-            class,
-            index,
-            self.auth_key.as_deref(),
-            deadline,
-        )
-    }
-
     fn forget_peer(&self, peer: &Arc<Peer>) {
         let mut peers = self.peers.lock().unwrap();
         if peers.get(&peer.key).is_some_and(|p| Arc::ptr_eq(p, peer)) {
@@ -644,6 +627,7 @@ impl HostInner {
         if let Ok(a) = s.local_addr() {
             *peer.local_ip.lock().unwrap() = Some(a.ip());
         }
+        set_congestion(&s, &self.cfg.channel_congestion)?;
         if class == Class::Throughput && self.cfg.bulk_sndbuf > 0 {
             // Bound the bulk the kernel holds unsent on this channel (see `bulk_sndbuf`).
             socket2::SockRef::from(&s).set_send_buffer_size(self.cfg.bulk_sndbuf)?;
@@ -655,144 +639,6 @@ impl HostInner {
         self.workers[ch.worker].command(Command::Add(ch, mio::net::TcpStream::from_std(s)));
         self.on_channel_up(peer);
         Ok(())
-    }
-
-    /// Accept side of the channel handshake (runs on its own short-lived thread).
-    fn handshake(self: &Arc<Self>, mut s: TcpStream, from: SocketAddr) {
-        let refuse = |s: &mut TcpStream, reason: Reason, msg: String| {
-            self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
-            crate::log!(Warn, "refused channel from {from}: {msg}");
-            let mut buf = Vec::new();
-            Frame::Reset { vsock: 0, reason, message: &msg }.encode(&mut buf);
-            let _ = s.write_all(&buf);
-        };
-        let _ = s.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-        let _ = s.set_nodelay(true);
-        let mut buf = vec![0u8; HEADER_LEN + wire::Hello::LEN];
-        if let Err(e) = s.read_exact(&mut buf[..HEADER_LEN]) {
-            self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
-            crate::log!(Warn, "channel from {from} sent no HELLO: {e}");
-            return;
-        }
-        let hello = match wire::Header::decode(&buf[..HEADER_LEN]) {
-            Ok(h) if h.kind == wire::Kind::Hello => {
-                if s.read_exact(&mut buf[HEADER_LEN..]).is_err() {
-                    return refuse(&mut s, Reason::Protocol, "truncated HELLO".into());
-                }
-                match wire::decode(&buf) {
-                    Ok((Frame::Hello(h), _)) => h,
-                    Ok(_) => unreachable!("header said HELLO"),
-                    Err(e) => return refuse(&mut s, Reason::Protocol, format!("bad HELLO: {e}")),
-                }
-            }
-            Ok(h) => return refuse(&mut s, Reason::Protocol, format!("expected HELLO, got {}", h.kind)),
-            Err(e) => return refuse(&mut s, Reason::Protocol, format!("expected HELLO: {e}")),
-        };
-        if hello.version != wire::VERSION {
-            return refuse(
-                &mut s,
-                Reason::Version,
-                format!(
-                    "protocol version {} is not supported (this host speaks {})",
-                    hello.version,
-                    wire::VERSION
-                ),
-            );
-        }
-        if hello.host_id == self.host_id {
-            return refuse(&mut s, Reason::Protocol, "a host cannot open channels to itself".into());
-        }
-        let mut ok = Vec::new();
-        match &self.auth_key {
-            None => {
-                Frame::HelloOk(HelloOk {
-                    version: wire::VERSION,
-                    host_id: self.host_id,
-                    proof: [0; 32],
-                    nonce: [0; 16],
-                })
-                .encode(&mut ok);
-                if s.write_all(&ok).is_err() {
-                    return;
-                }
-            }
-            Some(key) => {
-                if hello.nonce == [0; 16] {
-                    return refuse(
-                        &mut s,
-                        Reason::Auth,
-                        "this host requires authenticated channels: configure the same auth_key_file".into(),
-                    );
-                }
-                let na = auth::nonce();
-                let proof = auth::acceptor_proof(key, &hello.nonce, &na);
-                Frame::HelloOk(HelloOk { version: wire::VERSION, host_id: self.host_id, proof, nonce: na })
-                    .encode(&mut ok);
-                if s.write_all(&ok).is_err() {
-                    return;
-                }
-                let mut frame = Vec::new();
-                match peer::read_frame(&mut s, &mut frame) {
-                    Ok(Frame::Auth { proof }) if auth::check_dialer(key, &na, &hello.nonce, &proof) => {}
-                    Ok(Frame::Auth { .. }) => {
-                        return refuse(
-                            &mut s,
-                            Reason::Auth,
-                            "authentication failed: the dialing host does not hold this host's key".into(),
-                        )
-                    }
-                    Ok(other) => {
-                        return refuse(
-                            &mut s,
-                            Reason::Protocol,
-                            format!("expected AUTH, got {}", other.kind()),
-                        )
-                    }
-                    Err(e) => {
-                        self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
-                        crate::log!(Warn, "channel from {from} did not complete authentication: {e}");
-                        return;
-                    }
-                }
-                ok.clear();
-                Frame::AuthOk.encode(&mut ok);
-                if s.write_all(&ok).is_err() {
-                    return;
-                }
-            }
-        }
-        if s.set_read_timeout(None).is_err() {
-            return;
-        }
-        let key = SocketAddr::new(from.ip(), hello.listen.port());
-        let peer = {
-            let mut peers = self.peers.lock().unwrap();
-            let existing = peers.get(&key).cloned();
-            match existing {
-                Some(p) if !p.is_dead() => {
-                    let known = p.host_id.load(Ordering::Relaxed);
-                    if known != 0 && known != hello.host_id {
-                        // The peer restarted: its old vsockets are gone with it.
-                        drop(peers);
-                        self.retire_peer(&p, "the peer host restarted");
-                        let fresh = Peer::new(key, &self.cfg, PeerState::Up);
-                        self.peers.lock().unwrap().insert(key, fresh.clone());
-                        fresh
-                    } else {
-                        p
-                    }
-                }
-                _ => {
-                    let p = Peer::new(key, &self.cfg, PeerState::Up);
-                    peers.insert(key, p.clone());
-                    p
-                }
-            }
-        };
-        peer.host_id.store(hello.host_id, Ordering::Relaxed);
-        if let Err(e) = self.add_channel(&peer, s, hello.class, hello.index) {
-            crate::log!(Error, "cannot add channel from {from}: {e}");
-        }
     }
 
     /// Fail every vsocket of `peer` and close its channels.
@@ -935,46 +781,6 @@ impl HostInner {
     }
 }
 
-fn run_acceptor(host: Arc<HostInner>, mut poll: Poll, listener: TcpListener) {
-    let mut events = Events::with_capacity(16);
-    loop {
-        if host.is_closing() {
-            return;
-        }
-        if let Err(e) = poll.poll(&mut events, None) {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            crate::log!(Error, "channel acceptor stopped: {e}");
-            return;
-        }
-        if host.is_closing() {
-            return;
-        }
-        loop {
-            match listener.accept() {
-                Ok((s, from)) => {
-                    let h = host.clone();
-                    let std_s: TcpStream = match mio_to_std(s) {
-                        Ok(s) => s,
-                        Err(_) => continue,
-                    };
-                    let _ = std::thread::Builder::new()
-                        .name("nc-handshake".into())
-                        .spawn(move || h.handshake(std_s, from));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    crate::log!(Warn, "accepting a channel failed: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                    break;
-                }
-            }
-        }
-    }
-}
-
 /// Give the calling (latency worker) thread the configured nice value and real-time policy.
 /// Failures (no privilege) are logged once per process and otherwise ignored: the worker
 /// still runs, at normal priority.
@@ -1008,11 +814,40 @@ fn raise_priority(cfg: &Config) {
     }
 }
 
-fn mio_to_std(s: mio::net::TcpStream) -> io::Result<TcpStream> {
-    use std::os::fd::{FromRawFd, IntoRawFd};
-    let fd = s.into_raw_fd();
-    // SAFETY: fd was just released by the mio stream, which owned it.
-    let s = unsafe { TcpStream::from_raw_fd(fd) };
-    s.set_nonblocking(false)?;
-    Ok(s)
+/// Give channel socket `s` the congestion control `name` (`channel_congestion`); nothing for
+/// an empty name (the system default).
+fn set_congestion(s: &TcpStream, name: &str) -> io::Result<()> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    socket2::SockRef::from(s).set_tcp_congestion(name.as_bytes()).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "config key `channel_congestion`: cannot give a channel the congestion control {name:?}: {e}"
+            ),
+        )
+    })
+}
+
+/// Check at start that this kernel lets channels use `name`, so that a missing algorithm is
+/// reported with its key before any channel is set up (and not as a failed connect).
+fn check_congestion(name: &str) -> io::Result<()> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    probe.set_tcp_congestion(name.as_bytes()).map_err(|e| {
+        let read = |f: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/{f}")).unwrap_or_default();
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "config key `channel_congestion`: this kernel refuses congestion control {name:?} ({e}); \
+                 available: {}; allowed without privilege: {} (load its module, or set another name, \
+                 or \"\" for the system default)",
+                read("tcp_available_congestion_control").trim(),
+                read("tcp_allowed_congestion_control").trim()
+            ),
+        )
+    })
 }

@@ -1,8 +1,7 @@
 //! NetDriver, per peer host: the channel mesh to one peer, channel choice for segments and
 //! control frames, and the vsockets parked until a channel has room.
 
-use std::io::{self, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Instant;
@@ -11,7 +10,7 @@ use crate::config::Config;
 use crate::engine::channel::Channel;
 use crate::proto::sched::{self, Load};
 use crate::vsock::VSock;
-use crate::wire::{self, Class, Frame, Hello, HEADER_LEN};
+use crate::wire::{Class, Frame};
 
 /// Where a peer's mesh stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,115 +199,4 @@ impl Peer {
     pub(crate) fn take_parked(&self) -> Vec<Arc<VSock>> {
         std::mem::take(&mut *self.blocked.lock().unwrap()).into_iter().map(|(_, v)| v).collect()
     }
-}
-
-/// Dial one channel: TCP connect from our IP, HELLO, wait for HELLO_OK.
-/// Returns the stream (blocking mode) and the peer's host id.
-/// Dial one channel: TCP connect from our IP, HELLO, HELLO_OK, and with a pre-shared `auth`
-/// key the AUTH / AUTH_OK exchange (both sides prove they hold the key).
-/// Returns the stream (blocking mode) and the peer's host id.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn dial_channel(
-    key: SocketAddr,
-    local: SocketAddr,
-    host_id: u64,
-    class: Class,
-    index: u16,
-    auth: Option<&[u8]>,
-    deadline: Instant,
-) -> io::Result<(TcpStream, u64)> {
-    let remaining = || {
-        deadline
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "timed out"))
-    };
-    let sock = socket2::Socket::new(socket2::Domain::for_address(key), socket2::Type::STREAM, None)?;
-    if !local.ip().is_unspecified() && local.is_ipv4() == key.is_ipv4() {
-        sock.bind(&SocketAddr::new(local.ip(), 0).into())?;
-    }
-    sock.connect_timeout(&key.into(), remaining()?)?;
-    let mut s: TcpStream = sock.into();
-    s.set_nodelay(true)?;
-    let nd = if auth.is_some() { super::auth::nonce() } else { [0; 16] };
-    let hello =
-        Frame::Hello(Hello { version: wire::VERSION, class, index, host_id, listen: local, nonce: nd });
-    let mut buf = Vec::new();
-    hello.encode(&mut buf);
-    s.set_write_timeout(Some(remaining()?))?;
-    s.write_all(&buf)?;
-    let mut frame = Vec::new();
-    s.set_read_timeout(Some(remaining()?))?;
-    let ok = match read_frame(&mut s, &mut frame)? {
-        Frame::HelloOk(ok) => ok,
-        Frame::Reset { reason, message, .. } => return Err(refused(reason, message)),
-        other => return Err(invalid(format!("answered HELLO with {}", other.kind()))),
-    };
-    if let Some(k) = auth {
-        if ok.nonce == [0; 16] {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "does not authenticate its channels, and this host requires it (auth_key_file)",
-            ));
-        }
-        if !super::auth::check_acceptor(k, &nd, &ok.nonce, &ok.proof) {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "failed authentication: it does not hold this host's pre-shared key",
-            ));
-        }
-        let proof = super::auth::dialer_proof(k, &ok.nonce, &nd);
-        buf.clear();
-        Frame::Auth { proof }.encode(&mut buf);
-        s.set_write_timeout(Some(remaining()?))?;
-        s.write_all(&buf)?;
-        s.set_read_timeout(Some(remaining()?))?;
-        match read_frame(&mut s, &mut frame)? {
-            Frame::AuthOk => {}
-            Frame::Reset { reason, message, .. } => return Err(refused(reason, message)),
-            other => return Err(invalid(format!("answered AUTH with {}", other.kind()))),
-        }
-    }
-    s.set_read_timeout(None)?;
-    s.set_write_timeout(None)?;
-    Ok((s, ok.host_id))
-}
-
-fn refused(reason: wire::Reason, message: &str) -> io::Error {
-    let kind = if reason == wire::Reason::Auth {
-        io::ErrorKind::PermissionDenied
-    } else {
-        io::ErrorKind::ConnectionRefused
-    };
-    io::Error::new(kind, format!("refused the channel ({reason}): {message}"))
-}
-
-/// Read exactly one frame from a blocking stream (the handshake) into `buf` and decode it.
-/// The header is validated before its payload is read, so `buf` never grows past
-/// `HEADER_LEN + MAX_SEGMENT`.
-pub(crate) fn read_frame<'b>(s: &mut TcpStream, buf: &'b mut Vec<u8>) -> io::Result<Frame<'b>> {
-    buf.clear();
-    buf.resize(HEADER_LEN, 0);
-    read_exact_or(s, buf)?;
-    let h = wire::Header::decode(buf).map_err(|e| invalid(format!("bad handshake frame: {e}")))?;
-    buf.resize(HEADER_LEN + h.len as usize, 0);
-    read_exact_or(s, &mut buf[HEADER_LEN..])?;
-    let (f, _) = wire::decode(buf).map_err(|e| invalid(format!("bad handshake frame: {e}")))?;
-    Ok(f)
-}
-
-fn read_exact_or(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<()> {
-    s.read_exact(buf).map_err(|e| match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-            io::Error::new(io::ErrorKind::TimedOut, "no handshake answer before the connect timeout")
-        }
-        io::ErrorKind::UnexpectedEof => {
-            io::Error::new(io::ErrorKind::ConnectionAborted, "closed the connection during the handshake")
-        }
-        _ => e,
-    })
-}
-
-fn invalid(msg: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg)
 }

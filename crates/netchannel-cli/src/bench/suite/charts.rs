@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::summary::{isolation_runs, num, reports, variants, Stat};
+use super::summary::{isolation_runs, num, redis_points, redis_stat, reports, variants, Stat};
 use super::{Experiment, Plan, Record};
 use crate::error::Result;
 use crate::plot::{
@@ -49,6 +49,7 @@ pub fn write_all(dir: &Path, plan: &Plan, records: &[Record]) -> Result<Vec<Path
         ("isolation", isolation(plan, records)),
         ("pingpong", pingpong(plan, records)),
         ("connect", connect(plan, records)),
+        ("redis", redis(plan, records)),
     ];
     let mut written = Vec::new();
     for (name, fig) in figures {
@@ -290,4 +291,48 @@ fn connect(plan: &Plan, records: &[Record]) -> Figure {
         note: None,
     });
     Figure { width: 1400, height: 560, panels: vec![rate, latency] }
+}
+
+/// Experiment 7: requests/s against queue depth, one panel per redis-benchmark test, TCP and
+/// NetChannel (through daemons) as lines; x is log2 of the depth.
+fn redis(plan: &Plan, records: &[Record]) -> Figure {
+    let e = Experiment::Redis;
+    let rs = reports(records, e, "both", "c50");
+    let points = rs.first().map(|r| redis_points(r)).unwrap_or_default();
+    let mut tests: Vec<String> = Vec::new();
+    for (t, _) in &points {
+        if !tests.contains(t) {
+            tests.push(t.clone());
+        }
+    }
+    if tests.is_empty() {
+        tests = vec!["GET".into(), "SET".into()];
+    }
+    let panel = |test: &str| {
+        let line = |stack: &str| -> Vec<Point> {
+            points
+                .iter()
+                .filter(|(t, _)| t == test)
+                .filter_map(|&(_, d)| point(f64::from(d).log2(), redis_stat(&rs, stack, test, d, "rps")))
+                .collect()
+        };
+        Chart::Line(LineChart {
+            title: format!("Redis (7): {test}, 50 clients"),
+            x_title: "log2 of queue depth (-P 1 = 0, -P 64 = 6)".into(),
+            y_title: "requests per second".into(),
+            series: vec![
+                Series {
+                    name: "NetChannel (netchannel run, daemons)".into(),
+                    color: BLUE,
+                    points: line("daemon"),
+                },
+                Series { name: "Linux TCP".into(), color: ORANGE, points: line("tcp") },
+            ],
+            baselines: vec![],
+            y_scale: Scale::Log,
+            y_include: vec![],
+            note: Some(note(plan)),
+        })
+    };
+    Figure { width: 1400, height: 560, panels: tests.iter().take(2).map(|t| panel(t)).collect() }
 }

@@ -48,6 +48,11 @@ pub struct SuiteArgs {
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub duration: Option<f64>,
 
+    /// TCP congestion control of every run: the channels and the TCP/MPTCP baselines alike
+    /// (each run gets `--congestion NAME`); "" = the system default [default: cubic]
+    #[arg(long, value_name = "NAME")]
+    pub congestion: Option<String>,
+
     /// Test hook: a tiny suite (one repetition, 0.3 s runs, 2 bulk apps, fewer variants)
     #[arg(long, hide = true)]
     pub smoke: bool,
@@ -75,16 +80,19 @@ pub enum Experiment {
     Connect,
     /// 6d (and 8c): latency beside bulk.
     Isolation,
+    /// 7: unmodified redis-server and redis-benchmark, queue depth 1…64.
+    Redis,
 }
 
 impl Experiment {
     /// All of them, in run order.
-    pub const ALL: [Experiment; 5] = [
+    pub const ALL: [Experiment; 6] = [
         Experiment::Stream,
         Experiment::Short,
         Experiment::Pingpong,
         Experiment::Connect,
         Experiment::Isolation,
+        Experiment::Redis,
     ];
 
     /// File-name prefix and `bench` mode.
@@ -95,6 +103,7 @@ impl Experiment {
             Experiment::Pingpong => "pingpong",
             Experiment::Connect => "connect",
             Experiment::Isolation => "isolation",
+            Experiment::Redis => "redis",
         }
     }
 }
@@ -120,12 +129,18 @@ pub struct Plan {
     pub sweep_channels: usize,
     /// Short: channels swept.
     pub short_channels: Vec<usize>,
+    /// Redis: queue depths (`redis-benchmark -P`).
+    pub redis_depths: Vec<u32>,
+    /// Redis: requests per test at depth 1 (`bench redis --requests`).
+    pub redis_requests: u64,
     /// MPTCP subflows, when `bench stream --backend mptcp` exists.
     pub mptcp_subflows: Option<usize>,
     /// Whether `bench stream` takes `--subflows`.
     pub subflows_flag: bool,
     /// Why MPTCP is not in the plan, if it is not.
     pub mptcp_note: Option<String>,
+    /// The congestion control every run uses (`--congestion`; "" = the system default).
+    pub congestion: String,
     /// The jobs, in run order.
     pub jobs: Vec<Job>,
 }
@@ -210,10 +225,20 @@ impl Plan {
             copy_workers: if smoke { vec![0, 1] } else { vec![0, 1, 2] },
             sweep_channels: 4,
             short_channels: if smoke { vec![1, 4] } else { vec![1, 2, 4] },
+            redis_depths: if smoke { vec![1, 8] } else { vec![1, 2, 4, 8, 16, 32, 64] },
+            redis_requests: match flavor {
+                "smoke" => 500,
+                "quick" => 2000,
+                _ => 20_000,
+            },
             mptcp_subflows: has_mptcp.then_some(4),
             subflows_flag: stream_help.contains("--subflows"),
             mptcp_note: (!has_mptcp)
                 .then(|| "MPTCP: skipped, this build's `bench stream` has no `--backend mptcp`".to_string()),
+            congestion: args
+                .congestion
+                .clone()
+                .unwrap_or_else(|| netchannel::config::DEFAULT_CONGESTION.into()),
             jobs: Vec::new(),
         };
         for rep in 1..=reps {
@@ -245,11 +270,22 @@ impl Plan {
     fn add_jobs(&mut self, e: Experiment, rep: u32) {
         let d = self.duration;
         let secs = |d: f64| format!("{d}");
+        let congestion = self.congestion.clone();
         let base = |mode: &str, backend: &str, d: f64| -> Vec<String> {
-            [mode, "--backend", backend, "--duration", &secs(d), "--verify", "--json"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
+            [
+                mode,
+                "--backend",
+                backend,
+                "--duration",
+                &secs(d),
+                "--verify",
+                "--json",
+                "--congestion",
+                &congestion,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
         };
         let job = |backend: &'static str, variant: &str, label: &str, args: Vec<String>, expected: f64| Job {
             experiment: e,
@@ -341,6 +377,33 @@ impl Plan {
                 let label = format!("{} bulk apps", self.bulk_apps);
                 self.jobs.push(job("all", &format!("bulk{}", self.bulk_apps), &label, args, expected));
             }
+            Experiment::Redis => {
+                // One child per repetition runs TCP and the daemons back to back at every depth.
+                let depths: Vec<String> = self.redis_depths.iter().map(u32::to_string).collect();
+                let n = self.redis_requests;
+                let redis = |clients: u32, depths: &str| -> Vec<String> {
+                    let mut a: Vec<String> = ["redis", "--backend", "both", "--reps", "1", "--json"]
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect();
+                    a.extend([
+                        "--clients".into(),
+                        clients.to_string(),
+                        "--depths".into(),
+                        depths.to_string(),
+                    ]);
+                    a.extend(["--requests".into(), n.to_string()]);
+                    a
+                };
+                // Two tests per run at ~10k requests/s through today's shim at depth 1, more
+                // with depth; TCP is several times faster.
+                let scaled: u64 = self.redis_depths.iter().map(|&d| n * u64::from(d.min(16))).sum();
+                let expected = 2.0 * scaled as f64 / 40_000.0 + 3.0;
+                let label = format!("50 clients, -P {}", depths.join(","));
+                self.jobs.push(job("both", "c50", &label, redis(50, &depths.join(",")), expected));
+                let expected = 2.0 * n as f64 / 3_000.0 + 2.0;
+                self.jobs.push(job("both", "c1", "1 client, -P 1", redis(1, "1"), expected));
+            }
         }
     }
 
@@ -352,13 +415,15 @@ impl Plan {
     /// One line describing the sizes, for the summary.
     pub fn describe(&self) -> String {
         format!(
-            "{} ({} repetition{}, {} s per run, isolation {} s per phase with {} bulk apps)",
+            "{} ({} repetition{}, {} s per run, isolation {} s per phase with {} bulk apps); congestion \
+             control {} on every channel and every TCP/MPTCP baseline",
             self.flavor,
             self.reps,
             plural(self.reps as usize),
             self.duration,
             self.isolation_duration,
-            self.bulk_apps
+            self.bulk_apps,
+            super::congestion_name(&self.congestion)
         )
     }
 }
@@ -527,15 +592,18 @@ pub fn run_suite(args: &SuiteArgs, prefix: &str, intro: Option<&str>) -> Result<
     let mut progress = Progress::new(&plan);
     let mut records: Vec<Record> = Vec::new();
     let mut mptcp_skip: Option<String> = None;
+    let mut redis_skip: Option<String> = None;
     for job in &plan.jobs {
         progress.begin(job);
         let begun = Instant::now();
-        let outcome = match (&mptcp_skip, job.backend) {
-            (Some(reason), "mptcp") => Outcome::Skipped { reason: reason.clone() },
+        let outcome = match (&mptcp_skip, &redis_skip, job.backend, job.experiment) {
+            (Some(reason), _, "mptcp", _) => Outcome::Skipped { reason: reason.clone() },
+            (_, Some(reason), _, Experiment::Redis) => Outcome::Skipped { reason: reason.clone() },
             _ => run_child(&exe, job, &mut progress),
         };
         if let Outcome::Skipped { reason } = &outcome {
-            mptcp_skip.get_or_insert_with(|| reason.clone());
+            let first = if job.experiment == Experiment::Redis { &mut redis_skip } else { &mut mptcp_skip };
+            first.get_or_insert_with(|| reason.clone());
         }
         let record = Record { job: job.clone(), outcome, wall_seconds: begun.elapsed().as_secs_f64() };
         let path = out.join(job.file_name());
@@ -550,6 +618,9 @@ pub fn run_suite(args: &SuiteArgs, prefix: &str, intro: Option<&str>) -> Result<
     let mut notes: Vec<String> = plan.mptcp_note.iter().cloned().collect();
     if let Some(reason) = &mptcp_skip {
         notes.push(format!("MPTCP: skipped, {reason}"));
+    }
+    if let Some(reason) = &redis_skip {
+        notes.push(format!("Redis (experiment 7): skipped, {reason}"));
     }
     let tables = summary::tables(&plan, &records);
     let pngs = charts::write_all(&out, &plan, &records)?;
@@ -699,6 +770,11 @@ fn run_child(exe: &Path, job: &Job, progress: &mut Progress) -> Outcome {
             },
         },
         Ok(s) => {
+            if job.experiment == Experiment::Redis && stderr.contains("install Redis") {
+                return Outcome::Skipped {
+                    reason: last_line(&stderr).trim_start_matches("netchannel: ").to_string(),
+                };
+            }
             if job.backend == "mptcp" && mptcp_unavailable(&stderr) {
                 return Outcome::Skipped {
                     reason: last_line(&stderr).trim_start_matches("netchannel: ").to_string(),
@@ -873,9 +949,12 @@ mod tests {
         assert!(names.contains(&"pingpong_daemon_default_rep2.json".to_string()));
         // stream: tcp, 5 netchannel, daemon; short: tcp, 3 netchannel, daemon; ping-pong and
         // connect: tcp, netchannel, daemon; isolation.
-        assert_eq!(names.len(), 2 * ((1 + 5 + 1) + (1 + 3 + 1) + 3 + 3 + 1));
+        assert!(names.contains(&"redis_both_c50_rep1.json".to_string()));
+        assert!(names.contains(&"redis_both_c1_rep2.json".to_string()));
+        // ...; redis: 50 clients at every depth, 1 client at depth 1.
+        assert_eq!(names.len(), 2 * ((1 + 5 + 1) + (1 + 3 + 1) + 3 + 3 + 1 + 2));
         let total = plan.expected_secs();
-        assert!(total > 60.0 && total < 120.0, "{total}");
+        assert!(total > 60.0 && total < 150.0, "{total}");
     }
 
     #[test]

@@ -467,7 +467,86 @@ pub fn tables(plan: &Plan, records: &[Record]) -> Vec<Table> {
         &["backend", "variant", "connects/s", "min–max", "p50", "p99", "CPU cores", "vs tcp"],
         rows,
     ));
+
+    // 7: Redis.
+    let e = Experiment::Redis;
+    let mut rows = Vec::new();
+    for v in variants(plan, e) {
+        let rs = reports(records, e, v.backend, &v.variant);
+        let clients =
+            rs.first().and_then(|r| num(r, &["clients"])).map_or(v.label.clone(), |c| format!("{c}"));
+        let Some(first) = rs.first() else {
+            rows.push(vec![v.label.clone(), missing(records, e, &v).to_string()]);
+            continue;
+        };
+        for (test, depth) in redis_points(first) {
+            let rps = |stack: &str| redis_stat(&rs, stack, &test, depth, "rps");
+            let p50 = |stack: &str| median(redis_stat(&rs, stack, &test, depth, "p50_ms"));
+            let (tcp, nc) = (rps("tcp"), rps("daemon"));
+            let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+            rows.push(vec![
+                clients.clone(),
+                test.clone(),
+                depth.to_string(),
+                rate(median(tcp)),
+                rate(median(nc)),
+                range_of(nc, rate),
+                ratio(median(nc), median(tcp)),
+                ms(p50("tcp")),
+                ms(p50("daemon")),
+                ratio(p50("daemon"), p50("tcp")),
+            ]);
+        }
+    }
+    out.push(Table::new(
+        e,
+        "Redis (experiment 7): unmodified redis-server and redis-benchmark, queue depth 1…64".to_string(),
+        format!(
+            "Requests per second, {med}: plain loopback TCP beside both programs under `netchannel run` \
+             through two daemons (the preload shim). Higher rate is better; p50 latency in ms, lower is better."
+        ),
+        &[
+            "clients",
+            "test",
+            "-P",
+            "tcp req/s",
+            "netchannel req/s",
+            "min–max",
+            "vs tcp",
+            "tcp p50 ms",
+            "netchannel p50 ms",
+            "p50 vs tcp",
+        ],
+        rows,
+    ));
     out
+}
+
+/// (test, depth) of every point of a `bench redis` report, in its order.
+pub fn redis_points(report: &Value) -> Vec<(String, u32)> {
+    let runs = report.get("runs").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut out: Vec<(String, u32)> = Vec::new();
+    for run in &runs {
+        for p in run.get("points").and_then(Value::as_array).into_iter().flatten() {
+            let (Some(t), Some(d)) = (p["test"].as_str(), p["pipeline"].as_u64()) else { continue };
+            if !out.iter().any(|(x, y)| x == t && u64::from(*y) == d) {
+                out.push((t.to_string(), d as u32));
+            }
+        }
+    }
+    out
+}
+
+/// `key` of one point (stack, test, depth) of `bench redis` reports, over repetitions.
+pub fn redis_stat(reports: &[&Value], stack: &str, test: &str, depth: u32, key: &str) -> Option<Stat> {
+    Stat::over(reports, |r| {
+        let run = r.get("runs")?.as_array()?.iter().find(|x| x["stack"].as_str() == Some(stack))?;
+        let p =
+            run.get("points")?.as_array()?.iter().find(|p| {
+                p["test"].as_str() == Some(test) && p["pipeline"].as_u64() == Some(u64::from(depth))
+            })?;
+        num(p, &[key])
+    })
 }
 
 /// A few words on one successful run, for the progress lines.
@@ -479,6 +558,23 @@ pub fn headline(e: Experiment, v: &Value) -> String {
         Experiment::Pingpong => format!("p50 {} µs, p99 {} µs", us(f("p50_us")), us(f("p99_us"))),
         Experiment::Connect => {
             format!("{} connects/s, p99 {} µs", rate(f("connects_per_sec")), us(f("p99_us")))
+        }
+        Experiment::Redis => {
+            let each: Vec<String> = v
+                .get("ratios")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    format!(
+                        "{} -P {} {}x",
+                        r["test"].as_str().unwrap_or("?"),
+                        r["pipeline"].as_u64().unwrap_or(0),
+                        f2(r["rps"].as_f64())
+                    )
+                })
+                .collect();
+            format!("netchannel / tcp: {}", each.join(", "))
         }
         Experiment::Isolation => {
             let runs: Vec<&Value> = match v.get("runs").and_then(Value::as_array) {
