@@ -213,7 +213,7 @@ impl Readiness {
             // for the token, instead of reporting `WouldBlock` while it is on its way.
             self.rx_open.store(true, SeqCst);
             if let Err(e) = send_record(self.stack, 1) {
-                crate::log!(Warn, "{e}");
+                tracing::warn!(error = %e, "readiness descriptor");
                 self.rx_open.store(false, SeqCst);
             }
         }
@@ -239,7 +239,7 @@ impl Readiness {
             return true;
         }
         if let Err(e) = recv_record(self.app) {
-            crate::log!(Warn, "{e}");
+            tracing::warn!(error = %e, "readiness descriptor");
         }
         false
     }
@@ -264,7 +264,7 @@ impl Readiness {
         }
         let len = plug_len().unwrap_or(4096);
         if let Err(e) = send_record(self.app, len) {
-            crate::log!(Warn, "{e}");
+            tracing::warn!(error = %e, "readiness descriptor");
             self.plugged.store(false, SeqCst);
             return true;
         }
@@ -283,7 +283,7 @@ impl Readiness {
             // report `WouldBlock`, and only does so if the plug will still be there.
             self.plugged.store(false, SeqCst);
             if let Err(e) = recv_record(self.stack) {
-                crate::log!(Warn, "{e}");
+                tracing::warn!(error = %e, "readiness descriptor");
             }
         }
     }

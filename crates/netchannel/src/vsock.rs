@@ -117,6 +117,11 @@ fn err(kind: ErrorKind, msg: impl Into<String>) -> io::Error {
 }
 
 impl VSock {
+    /// The span of work done for this vsocket: its id and both ends as fields.
+    pub(crate) fn span(&self) -> tracing::Span {
+        tracing::error_span!("vsocket", id = self.id, local = %self.local, remote = %self.remote)
+    }
+
     pub(crate) fn new(
         host: &Arc<HostInner>,
         id: u32,
@@ -551,7 +556,8 @@ impl VSock {
 
     /// The peer broke the protocol on this vsocket: reset it, keep the channel.
     fn protocol_error(self: &Arc<Self>, e: ProtoError) {
-        crate::log!(Warn, "vsocket {} <-> {}: protocol error: {e}", self.local, self.remote);
+        let _span = self.span().entered();
+        tracing::warn!(error = %e, "protocol error: the vsocket is reset");
         self.reset(Reason::Protocol, &e.0);
     }
 
@@ -1158,7 +1164,7 @@ impl VStream {
             StreamImp::Embedded(h) => h.vs.class.store(class as u8, Ordering::Relaxed),
             StreamImp::Daemon(d) => {
                 if let Err(e) = d.set_class(class) {
-                    crate::log!(Warn, "cannot move the vsocket to the {} class: {e}", class.name());
+                    tracing::warn!(class = class.name(), error = %e, "cannot move the vsocket to another class");
                 }
             }
         }
