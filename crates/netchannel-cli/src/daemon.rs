@@ -22,6 +22,10 @@ pub struct UpArgs {
     /// Address to accept channels on (overrides `listen`)
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// Log lines as text or as one JSON object per line (for log shippers); NETCHANNEL_LOG or
+    /// RUST_LOG filter them (default info)
+    #[arg(long, value_enum, default_value_t = crate::logging::LogFormat::Text)]
+    pub log_format: crate::logging::LogFormat,
 }
 
 /// `netchannel status`.
@@ -116,14 +120,13 @@ pub fn up(args: &UpArgs) -> Result<()> {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
     let server = Server::start(cfg).context(|| "cannot start the daemon".to_string())?;
-    eprintln!(
-        "netchannel INFO: daemon up: apps on {}, channels on {} (pid {})",
-        server.socket().display(),
-        server.channel_addr(),
-        std::process::id()
+    tracing::info!(
+        apps = %server.socket().display(),
+        channels = %server.channel_addr(),
+        pid = std::process::id(),
+        "daemon up"
     );
     server.run(&STOP).context(|| "daemon".to_string())?;
-    eprintln!("netchannel INFO: daemon stopped");
     Ok(())
 }
 

@@ -12,6 +12,7 @@ mod cpu;
 mod daemon;
 mod demo;
 mod error;
+mod logging;
 mod pattern;
 mod plot;
 mod run;
@@ -59,6 +60,15 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // The daemon reports what it serves (info); every other command only what went wrong.
+    let logs = match &cli.command {
+        Command::Up(args) => logging::init(args.log_format, "info"),
+        _ => logging::init(logging::LogFormat::Text, "warn"),
+    };
+    if let Err(e) = logs {
+        eprintln!("netchannel: {e}");
+        std::process::exit(1);
+    }
     let result = match &cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Bench(mode) => bench::run(mode),

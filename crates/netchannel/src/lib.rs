@@ -12,6 +12,15 @@
 //! * [`proto`]: the sans-IO protocol core (stream state, credit, reassembly, scheduler);
 //! * [`wire`]: the frame codec; [`config`]: the TOML configuration.
 //!
+//! Logging: the library never prints. It emits [`tracing`](https://docs.rs/tracing) events
+//! (warnings such as a refused channel or a peer whose every channel went down, information
+//! such as a channel that came back) inside spans named `channel`, `peer`, `vsocket` and
+//! `client` (a daemon's client process) whose fields are addresses and ids. A program decides
+//! where they go by installing a subscriber; without one nothing is printed. The spans are at
+//! the `ERROR` level so that any filter that lets an event through keeps its context; they
+//! are only created on rare paths (a handshake, a channel lost, a daemon client), never per
+//! frame.
+//!
 //! ```no_run
 //! use std::io::{Read, Write};
 //! use netchannel::{Config, Host};
@@ -36,11 +45,13 @@ pub mod config;
 pub mod copy;
 pub mod daemon;
 pub mod engine;
-pub mod log;
 pub(crate) mod placement;
 pub mod proto;
+pub(crate) mod readiness;
 pub mod ring;
 pub mod shm;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 pub mod vsock;
 pub mod wire;
 

@@ -67,7 +67,7 @@ pub fn pin_current_thread(cpus: &[usize]) -> io::Result<()> {
 /// the host started, so this fails only when the process's cpuset shrank since.
 pub fn pin_or_warn(what: &str, cpus: &[usize]) {
     if let Err(e) = pin_current_thread(cpus) {
-        crate::log!(Warn, "{what} runs on any CPU: cannot pin it to CPUs {}: {e}", describe(cpus));
+        tracing::warn!(thread = what, cpus = %describe(cpus), error = %e, "a thread runs on any CPU: cannot pin it");
     }
 }
 

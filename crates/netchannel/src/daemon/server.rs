@@ -143,10 +143,9 @@ impl Server {
         let open = !cfg.daemon.allowed_uids.is_empty() || !cfg.daemon.allowed_gids.is_empty();
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(if open { 0o666 } else { 0o600 }))?;
         if cfg.auth_key_file.is_none() {
-            crate::log!(
-                Warn,
-                "channels of this daemon ({}) are not authenticated: any host can open them; set auth_key_file",
-                cfg.listen
+            tracing::warn!(
+                listen = %cfg.listen,
+                "channels of this daemon are not authenticated: any host can open them; set auth_key_file"
             );
         }
         let host = match Host::start_shared(cfg.clone()) {
@@ -174,7 +173,7 @@ impl Server {
         });
         let p = st.clone();
         std::thread::Builder::new().name("nc-doorbell".into()).spawn(move || p.run_poller())?;
-        crate::log!(Info, "daemon serving {} (channels on {})", st.socket.display(), st.host.local_addr());
+        tracing::info!(socket = %st.socket.display(), channels = %st.host.local_addr(), "daemon serving");
         Ok(Server { st, listener })
     }
 
@@ -205,7 +204,7 @@ impl Server {
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
-                    crate::log!(Warn, "accepting a client on {} failed: {e}", self.st.socket.display());
+                    tracing::warn!(socket = %self.st.socket.display(), error = %e, "accepting a client failed");
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
@@ -226,7 +225,7 @@ impl Server {
         drop(served);
         st.listeners.lock().unwrap().clear();
         st.host.shutdown();
-        crate::log!(Info, "daemon on {} stopped", st.socket.display());
+        tracing::info!(socket = %st.socket.display(), "daemon stopped");
     }
 }
 
@@ -236,10 +235,11 @@ impl State {
         let cred = match peer_cred(&s) {
             Ok(c) => c,
             Err(e) => {
-                crate::log!(Warn, "cannot read a client's credentials: {e}");
+                tracing::warn!(error = %e, "cannot read a client's credentials");
                 return;
             }
         };
+        let _span = tracing::error_span!("client", pid = cred.pid, uid = cred.uid).entered();
         let d = &self.cfg.daemon;
         // SAFETY: geteuid has no preconditions.
         let me = unsafe { libc::geteuid() };
@@ -259,7 +259,7 @@ impl State {
                 d.allowed_uids,
                 d.allowed_gids
             );
-            crate::log!(Warn, "refused a client: {why}");
+            tracing::warn!(why = %why, "refused a client");
             let e = io::Error::new(ErrorKind::PermissionDenied, why);
             let _ = send_msg(s.as_raw_fd(), &Response::error(&e), &[]);
             return;
@@ -271,7 +271,7 @@ impl State {
                 "process {} already holds {held} connections to the NetChannel daemon (the most one process may hold)",
                 cred.pid
             );
-            crate::log!(Warn, "refused a client: {why}");
+            tracing::warn!(why = %why, "refused a client");
             let _ = send_msg(
                 s.as_raw_fd(),
                 &Response::error(&io::Error::new(ErrorKind::PermissionDenied, why)),
@@ -286,13 +286,16 @@ impl State {
         };
         self.conns.lock().unwrap().insert(id, Conn { pid: cred.pid, uid: cred.uid, sock });
         let st = self.clone();
-        let r = std::thread::Builder::new().name("nc-client".into()).spawn(move || st.serve(s, id, cred.pid));
+        let r = std::thread::Builder::new()
+            .name("nc-client".into())
+            .spawn(move || st.serve(s, id, cred.pid, cred.uid));
         if r.is_err() {
             self.conns.lock().unwrap().remove(&id);
         }
     }
 
-    fn serve(self: Arc<Self>, s: UnixStream, conn: u64, pid: i32) {
+    fn serve(self: Arc<Self>, s: UnixStream, conn: u64, pid: i32, uid: u32) {
+        let _span = tracing::error_span!("client", pid, uid, conn).entered();
         loop {
             let (body, _fds) = match recv_msg(s.as_raw_fd(), MAX_REQUEST) {
                 Ok(Some(m)) => m,
@@ -300,7 +303,7 @@ impl State {
                 Err(e) => {
                     if !self.stopping.load(Ordering::SeqCst) && e.kind() != ErrorKind::ConnectionReset {
                         self.clients_disconnected.fetch_add(1, Ordering::Relaxed);
-                        crate::log!(Warn, "client pid {pid} sent a bad control message, disconnected: {e}");
+                        tracing::warn!(error = %e, "the client sent a bad control message: disconnected");
                     }
                     break;
                 }
@@ -309,7 +312,7 @@ impl State {
                 Ok(r) => r,
                 Err(e) => {
                     self.clients_disconnected.fetch_add(1, Ordering::Relaxed);
-                    crate::log!(Warn, "client pid {pid} sent an invalid request, disconnected: {e}");
+                    tracing::warn!(error = %e, "the client sent an invalid request: disconnected");
                     let e = io::Error::new(ErrorKind::InvalidData, format!("invalid request: {e}"));
                     let _ = send_msg(s.as_raw_fd(), &Response::error(&e), &[]);
                     break;
@@ -542,7 +545,7 @@ impl State {
             );
         }
         if let Some((pid, sock)) = c {
-            crate::log!(Warn, "client pid {pid} disconnected: {why}");
+            tracing::warn!(pid, conn, why, "client disconnected");
             if let Ok(s) = sock {
                 let _ = s.shutdown(Shutdown::Both);
             }

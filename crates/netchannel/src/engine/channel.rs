@@ -94,6 +94,11 @@ enum Flushed {
 }
 
 impl Channel {
+    /// The span of work done for this channel: the peer's channel address, class and index.
+    pub fn span(&self, peer: std::net::SocketAddr) -> tracing::Span {
+        tracing::error_span!("channel", peer = %peer, class = self.class.name(), index = self.index)
+    }
+
     pub(crate) fn new(
         host: &Arc<HostInner>,
         peer: &Arc<Peer>,
@@ -381,7 +386,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
     loop {
         let timeout = if again.is_empty() { None } else { Some(Duration::ZERO) };
         if let Err(e) = poll_spinning(&mut poll, &mut events, timeout, busy_poll) {
-            crate::log!(Error, "channel worker {me}: poll failed: {e}");
+            tracing::error!(worker = me, error = %e, "channel worker: poll failed");
             return;
         }
         let mut readable: Vec<usize> = std::mem::take(&mut again);
@@ -407,7 +412,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
                         Token(token),
                         Interest::READABLE | Interest::WRITABLE,
                     ) {
-                        crate::log!(Error, "cannot register channel: {e}");
+                        tracing::error!(class = ch.class.name(), index = ch.index, error = %e, "cannot register a channel");
                         channel_down(&host, &ch, &format!("register failed: {e}"));
                         continue;
                     }
@@ -564,7 +569,7 @@ fn parse(host: &Arc<HostInner>, c: &mut Conn) -> Result<(), String> {
             Err(e) => {
                 host.totals.bad_frames.fetch_add(1, Ordering::Relaxed);
                 let from = c.sock.peer_addr().map_or_else(|_| "an unknown address".into(), |a| a.to_string());
-                crate::log!(Warn, "closing the channel from {from}: it sent a malformed frame ({e})");
+                tracing::warn!(from = %from, class = c.ch.class.name(), index = c.ch.index, error = %e, "closing a channel: it sent a malformed frame");
                 return Err(format!("malformed frame: {e}"));
             }
         }

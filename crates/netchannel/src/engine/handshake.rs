@@ -54,7 +54,7 @@ impl Acceptor {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                crate::log!(Error, "channel acceptor stopped: {e}");
+                tracing::error!(error = %e, "channel acceptor stopped");
                 return;
             }
             if host.is_closing() {
@@ -75,7 +75,7 @@ impl Acceptor {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        crate::log!(Warn, "accepting a channel failed: {e}");
+                        tracing::warn!(error = %e, "accepting a channel failed");
                         std::thread::sleep(Duration::from_millis(50));
                         break;
                     }
@@ -99,9 +99,10 @@ impl HostInner {
 
     /// Accept side of the channel handshake (runs on its own short-lived thread).
     pub(super) fn handshake(self: &Arc<Self>, mut s: TcpStream, from: SocketAddr) {
+        let _span = tracing::error_span!("channel", from = %from).entered();
         let refuse = |s: &mut TcpStream, reason: Reason, msg: String| {
             self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
-            crate::log!(Warn, "refused channel from {from}: {msg}");
+            tracing::warn!(why = %msg, "refused a channel");
             let mut buf = Vec::new();
             Frame::Reset { vsock: 0, reason, message: &msg }.encode(&mut buf);
             let _ = s.write_all(&buf);
@@ -111,7 +112,7 @@ impl HostInner {
         let mut buf = vec![0u8; HEADER_LEN + wire::Hello::LEN];
         if let Err(e) = s.read_exact(&mut buf[..HEADER_LEN]) {
             self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
-            crate::log!(Warn, "channel from {from} sent no HELLO: {e}");
+            tracing::warn!(error = %e, "a channel sent no HELLO");
             return;
         }
         let hello = match wire::Header::decode(&buf[..HEADER_LEN]) {
@@ -193,10 +194,10 @@ impl HostInner {
                     }
                     Ok(Frame::Reset { reason: Reason::Auth, message, .. }) => {
                         self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
-                        crate::log!(
-                            Warn,
-                            "channel from {from} failed authentication: this host's proof did not match \
-                             at the dialing host ({message}); do both hosts hold the same auth_key_file?"
+                        tracing::warn!(
+                            reason = %message,
+                            "a channel failed authentication: this host's proof did not match at the \
+                             dialing host; do both hosts hold the same auth_key_file?"
                         );
                         return;
                     }
@@ -209,7 +210,7 @@ impl HostInner {
                     }
                     Err(e) => {
                         self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
-                        crate::log!(Warn, "channel from {from} did not complete authentication: {e}");
+                        tracing::warn!(error = %e, "a channel did not complete authentication");
                         return;
                     }
                 }
@@ -250,7 +251,7 @@ impl HostInner {
         };
         peer.host_id.store(hello.host_id, Ordering::Relaxed);
         if let Err(e) = self.add_channel(&peer, s, hello.class, hello.index) {
-            crate::log!(Error, "cannot add channel from {from}: {e}");
+            tracing::error!(error = %e, "cannot add a channel");
         }
     }
 }

@@ -267,11 +267,7 @@ impl Host {
         crate::placement::check("copy_worker_cpus", &config.copy_worker_cpus)?;
         let auth_key = config.auth_key()?;
         if auth_key.is_none() {
-            crate::log!(
-                Info,
-                "channels of the host on {} are not authenticated (no auth_key_file)",
-                config.listen
-            );
+            tracing::info!(listen = %config.listen, "the host's channels are not authenticated (no auth_key_file)");
         }
         let std_listener = std::net::TcpListener::bind(config.listen).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot listen for channels on {}: {e}", config.listen))
@@ -764,7 +760,7 @@ impl HostInner {
         ) {
             Ok(v) => v,
             Err(e) => {
-                crate::log!(Error, "cannot create a vsocket for port {dst_port}: {e}");
+                tracing::error!(peer = %peer.key, port = dst_port, error = %e, "cannot create a vsocket");
                 return refuse(Reason::BacklogFull);
             }
         };
@@ -788,7 +784,7 @@ fn raise_priority(cfg: &Config) {
     static WARNED: AtomicBool = AtomicBool::new(false);
     let warn = |what: String| {
         if !WARNED.swap(true, Ordering::Relaxed) {
-            crate::log!(Warn, "latency workers run at normal priority: {what}");
+            tracing::warn!(why = %what, "latency workers run at normal priority");
         }
     };
     // SAFETY: gettid has no preconditions.

@@ -62,6 +62,11 @@ pub(crate) struct Recovery {
 }
 
 impl Peer {
+    /// The span of work done for this peer host: its channel address as a field.
+    pub fn span(&self) -> tracing::Span {
+        tracing::error_span!("peer", addr = %self.key)
+    }
+
     pub(crate) fn new(key: SocketAddr, cfg: &Config, state: PeerState) -> Arc<Peer> {
         Arc::new(Peer {
             key,

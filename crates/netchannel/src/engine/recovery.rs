@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 use crate::engine::channel::{self, Channel};
 use crate::engine::peer::Peer;
 use crate::engine::HostInner;
-use crate::log::Level;
 use crate::vsock::VSock;
 use crate::wire::{Class, Frame, Reason};
 
@@ -76,6 +75,7 @@ pub(crate) enum Stale {
 impl HostInner {
     /// A channel to `peer` died and its worker let go of it.
     pub(crate) fn on_channel_down(self: &Arc<Self>, peer: &Arc<Peer>, ch: &Arc<Channel>, reason: &str) {
+        let _span = ch.span(peer.key).entered();
         let left = peer.remove_channel(ch);
         if self.is_closing() || peer.is_dead() {
             return;
@@ -83,10 +83,7 @@ impl HostInner {
         if reason == channel::PEER_SHUTDOWN {
             // The peer host said it is going away: its vsockets cannot come back.
             if left == 0 {
-                crate::log::line(
-                    Level::Info,
-                    format_args!("every channel to {} is down ({reason})", peer.key),
-                );
+                tracing::info!(reason, "every channel to the peer is down");
             }
             self.retire_peer(peer, reason);
             return;
@@ -97,24 +94,17 @@ impl HostInner {
                 since.get_or_insert_with(Instant::now);
             }
             peer.recovery.needs_recover.store(true, Ordering::Release);
-            crate::log!(
-                Warn,
-                "every channel to {} is down ({reason}); its vsockets wait up to {} ms for one to come back",
-                peer.key,
-                self.cfg.peer_down_timeout.as_millis()
+            tracing::warn!(
+                reason,
+                wait_ms = self.cfg.peer_down_timeout.as_millis() as u64,
+                "every channel to the peer is down; its vsockets wait for one to come back"
             );
             // A channel added meanwhile may have missed the flag: recover now if one is up.
             if peer.channel_count() > 0 && peer.recovery.needs_recover.swap(false, Ordering::AcqRel) {
                 self.recover_vsockets(peer);
             }
         } else {
-            crate::log!(
-                Info,
-                "{} channel {} to {} is down ({reason}); {left} left carry its unacknowledged segments",
-                class_name(ch.class),
-                ch.index,
-                peer.key
-            );
+            tracing::info!(reason, left, "channel down; the channels left carry its unacknowledged segments");
             self.recover_vsockets(peer);
         }
         self.watch_peer(peer);
@@ -125,7 +115,7 @@ impl HostInner {
     pub(crate) fn on_channel_up(self: &Arc<Self>, peer: &Arc<Peer>) {
         *peer.recovery.down_since.lock().unwrap() = None;
         if peer.recovery.needs_recover.swap(false, Ordering::AcqRel) {
-            crate::log!(Info, "a channel to {} is back: its vsockets go on", peer.key);
+            tracing::info!(peer = %peer.key, "a channel to the peer is back: its vsockets go on");
             self.recover_vsockets(peer);
         } else {
             // The answer to an OPEN can be lost on a channel the peer has not yet seen die,
@@ -154,7 +144,7 @@ impl HostInner {
         let spawned = std::thread::Builder::new().name("nc-peer-watch".into()).spawn(move || watch(host, p));
         if let Err(e) = spawned {
             peer.recovery.watching.store(false, Ordering::Release);
-            crate::log!(Error, "cannot start the watcher of the channels to {}: {e}", peer.key);
+            tracing::error!(peer = %peer.key, error = %e, "cannot start the watcher of the peer's channels");
         }
     }
 
@@ -187,11 +177,11 @@ impl HostInner {
                     Ok(true) => *backoff = None,
                     Ok(false) => return None,
                     Err(e) => {
-                        crate::log!(
-                            Debug,
-                            "dialing {} channel {index} to {} again failed: {e}",
-                            class_name(class),
-                            peer.key
+                        tracing::debug!(
+                            class = class_name(class),
+                            index,
+                            error = %e,
+                            "dialing a lost channel again failed"
                         );
                         break;
                     }
@@ -211,7 +201,7 @@ impl HostInner {
                         "every channel has been down for more than {} ms (peer_down_timeout_ms)",
                         timeout.as_millis()
                     );
-                    crate::log!(Warn, "giving up the peer host at {}: {why}", peer.key);
+                    tracing::warn!(why = %why, "giving up the peer host");
                     self.retire_peer(peer, &why);
                     return None;
                 }
@@ -232,17 +222,13 @@ impl HostInner {
         let known = peer.host_id.load(Ordering::Relaxed);
         if known != 0 && id != known {
             let _ = s.shutdown(std::net::Shutdown::Both);
-            crate::log!(
-                Warn,
-                "the peer host at {} restarted (new host id): its vsockets are reset",
-                peer.key
-            );
+            tracing::warn!(peer = %peer.key, "the peer host restarted (new host id): its vsockets are reset");
             self.retire_peer(peer, "the peer host restarted");
             return Ok(false);
         }
         self.add_channel(peer, s, class, index)?;
         self.totals.channels_redialed.fetch_add(1, Ordering::Relaxed);
-        crate::log!(Info, "{} channel {index} to {} is back", class_name(class), peer.key);
+        tracing::info!(peer = %peer.key, class = class_name(class), index, "channel is back");
         Ok(true)
     }
 
@@ -297,6 +283,7 @@ impl HostInner {
 
 /// The watcher thread of one peer.
 fn watch(host: Weak<HostInner>, peer: Arc<Peer>) {
+    let _span = peer.span().entered();
     let mut backoff = None;
     loop {
         let pause = host.upgrade().and_then(|h| h.watch_step(&peer, &mut backoff));
