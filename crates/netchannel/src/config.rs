@@ -226,6 +226,20 @@ pub struct PreloadConfig {
     /// `library`: the preload library. Default: `libnetchannel_preload.so` next to the
     /// `netchannel` binary.
     pub library: Option<std::path::PathBuf>,
+    /// `datapath`: `"relay"` (the program's fd is a loopback TCP socket relayed to the
+    /// vsocket by two threads) or `"shm"` (the fd is a readiness proxy and data moves straight
+    /// between the program's buffers and the shared rings). Default `"relay"`.
+    pub datapath: PreloadDatapath,
+}
+
+/// `[preload] datapath`: how a program's vsocket descriptors move their bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PreloadDatapath {
+    /// A loopback TCP socket per vsocket, relayed by two threads.
+    #[default]
+    Relay,
+    /// A readiness proxy per vsocket; hooked data calls use the shared rings.
+    Shm,
 }
 
 impl Default for Config {
@@ -376,6 +390,7 @@ struct RawPreload {
     ports: Option<Vec<i64>>,
     require_daemon: Option<bool>,
     library: Option<String>,
+    datapath: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -646,6 +661,15 @@ impl Config {
             if let Some(l) = p.library {
                 c.preload.library = Some(l.into());
             }
+            if let Some(d) = p.datapath {
+                c.preload.datapath = match d.as_str() {
+                    "relay" => PreloadDatapath::Relay,
+                    "shm" => PreloadDatapath::Shm,
+                    other => {
+                        return Err(err("preload.datapath", format!("{other:?} is not \"relay\" or \"shm\"")))
+                    }
+                };
+            }
         }
         c.validate()?;
         Ok(c)
@@ -745,6 +769,9 @@ impl Config {
         let _ = writeln!(t, "require_daemon = {}", self.preload.require_daemon);
         if let Some(l) = &self.preload.library {
             let _ = writeln!(t, "library = {}", q(l));
+        }
+        if self.preload.datapath == PreloadDatapath::Shm {
+            let _ = writeln!(t, "datapath = \"shm\"");
         }
         t
     }

@@ -47,12 +47,15 @@ pub mod daemon;
 pub mod engine;
 pub(crate) mod placement;
 pub mod proto;
+pub(crate) mod readiness;
 pub mod ring;
 pub mod shm;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 pub mod vsock;
 pub mod wire;
 
-pub use config::{Config, ConfigError, DaemonConfig, Deployment, Policy, PreloadConfig};
+pub use config::{Config, ConfigError, DaemonConfig, Deployment, Policy, PreloadConfig, PreloadDatapath};
 pub use engine::{ChannelStats, ClassQueue, Host, HostStats, LaneDepths};
 pub use proto::sched::Depth;
 pub use vsock::{VListener, VStream};
