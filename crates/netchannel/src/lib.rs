@@ -47,8 +47,11 @@ pub mod daemon;
 pub mod engine;
 pub(crate) mod placement;
 pub mod proto;
+pub(crate) mod readiness;
 pub mod ring;
 pub mod shm;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 pub mod vsock;
 pub mod wire;
 

@@ -16,6 +16,7 @@
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -26,6 +27,7 @@ use crate::engine::peer::Peer;
 use crate::engine::{Host, HostInner};
 use crate::proto::stream::{Credit, RxState, TxState};
 use crate::proto::ProtoError;
+use crate::readiness::{LazyReadiness, Readiness};
 use crate::ring::Ring;
 use crate::wire::{self, Class, Frame, Reason, HEADER_LEN};
 
@@ -83,6 +85,8 @@ pub(crate) struct VSock {
     shm: Option<Arc<crate::shm::Region>>,
     /// The host's counters, held directly so the data path never upgrades `host`.
     totals: Arc<crate::engine::Totals>,
+    /// The pollable descriptor, once an application asked for it (`crate::readiness`).
+    ready: LazyReadiness,
 }
 
 /// A snapshot of one vsocket, for `netchannel status`.
@@ -173,6 +177,7 @@ impl VSock {
             retired: AtomicBool::new(false),
             shm,
             totals: host.totals.clone(),
+            ready: LazyReadiness::default(),
         }))
     }
 
@@ -450,6 +455,9 @@ impl VSock {
         }
         let credit = rx.st.credit_due();
         drop(rx);
+        if after > before {
+            self.wake_pollers();
+        }
         self.send_credit(credit);
     }
 
@@ -480,6 +488,7 @@ impl VSock {
             }
         }
         drop(tx);
+        self.wake_writers();
         self.pump();
         self.maybe_retire();
     }
@@ -493,6 +502,13 @@ impl VSock {
         tx.opened = true;
         let _ = tx.st.on_credit(0, credit);
         self.tx_cv.notify_all();
+        drop(tx);
+        self.totals.vsockets_opened.fetch_add(1, Ordering::Relaxed);
+        self.wake_writers();
+        // Bytes written (or a close) while connecting go out now; a vsocket whose owner
+        // dropped it while connecting sends its FIN and then leaves the table.
+        self.pump();
+        self.maybe_retire();
     }
 
     pub(crate) fn on_refused(&self, reason: Reason) {
@@ -524,6 +540,7 @@ impl VSock {
         }
         let credit = rx.st.credit_due();
         drop(rx);
+        self.wake_pollers();
         self.send_credit(credit);
         self.maybe_retire();
     }
@@ -575,6 +592,76 @@ impl VSock {
         self.rx_events.fetch_add(1, Ordering::Release);
         self.tx_cv.notify_all();
         self.rx_cv.notify_all();
+        self.wake_pollers();
+        self.wake_writers();
+    }
+
+    /// Readers may see something new (data, end of stream, an error): open the readiness
+    /// descriptor's IN gate, if there is one. Called with no vsocket lock held.
+    #[inline]
+    fn wake_pollers(&self) {
+        if let Some(r) = self.ready.get() {
+            r.rx_publish();
+        }
+    }
+
+    /// Send space was freed, or writes stopped blocking (error, shutdown, open): unplug the
+    /// readiness descriptor's OUT gate if it is plugged. Called with no vsocket lock held.
+    #[inline]
+    fn wake_writers(&self) {
+        if let Some(r) = self.ready.get() {
+            r.tx_freed(|| self.writable_enough());
+        }
+    }
+
+    /// A read would not block: data, end of stream, an error or a local read shutdown.
+    fn read_ready(&self) -> bool {
+        let rx = self.rx.lock().unwrap();
+        rx.error.is_some() || rx.st.readable() > 0 || rx.st.eof() || rx.shut_read
+    }
+
+    /// A write would not block.
+    fn write_ready(&self) -> bool {
+        let tx = self.tx.lock().unwrap();
+        tx.error.is_some() || tx.st.is_shutdown() || (tx.opened && tx.st.space() > 0)
+    }
+
+    /// The OUT gate reopens: an error, a shutdown, or a quarter of the send buffer free.
+    fn writable_enough(&self) -> bool {
+        let tx = self.tx.lock().unwrap();
+        tx.error.is_some()
+            || tx.st.is_shutdown()
+            || (tx.opened && tx.st.space() >= (self.tx_ring.capacity() as u64 / 4).max(1))
+    }
+
+    /// The readiness descriptor, created on first use with its gates set to the vsocket's
+    /// state.
+    pub(crate) fn readiness(&self) -> io::Result<&Readiness> {
+        self.ready.get_or_create(|r| {
+            if self.read_ready() {
+                r.rx_publish();
+            }
+            if !self.write_ready() {
+                let _ = r.tx_full(|| self.writable_enough());
+            }
+        })
+    }
+
+    /// Fail this connecting vsocket: its deadline passed without an answer.
+    fn connect_timed_out(&self) -> io::Error {
+        let t = self.host().map(|h| h.cfg.connect_timeout).unwrap_or_default();
+        let msg = format!("connect to {} timed out after {t:?}", self.remote);
+        self.fail(ErrorKind::TimedOut, msg.clone());
+        err(ErrorKind::TimedOut, msg)
+    }
+
+    /// Whether the connect finished: `None` while waiting for the peer's answer.
+    pub(crate) fn open_result(&self) -> Option<io::Result<()>> {
+        let tx = self.tx.lock().unwrap();
+        if let Some((kind, msg)) = &tx.error {
+            return Some(Err(err(*kind, msg.clone())));
+        }
+        tx.opened.then_some(Ok(()))
     }
 
     /// If this vsocket is still connecting (no OPEN_OK yet), send its OPEN again: the OPEN
@@ -667,9 +754,7 @@ impl VSock {
         let done = {
             let tx = self.tx.lock().unwrap();
             let rx = self.rx.lock().unwrap();
-            tx.closed
-                && rx.closed
-                && (tx.error.is_some() || (tx.st.finished() && rx.st.fin().is_some()) || !tx.opened)
+            tx.closed && rx.closed && (tx.error.is_some() || (tx.st.finished() && rx.st.fin().is_some()))
         };
         if done {
             self.retire();
@@ -748,6 +833,12 @@ impl VSock {
                 return Ok(0);
             }
             if self.nonblocking.load(Ordering::Relaxed) {
+                drop(rx);
+                if self.ready.get().is_some_and(|r| r.rx_drained(|| self.read_ready())) {
+                    // Something arrived while the gate closed: look again.
+                    rx = self.rx.lock().unwrap();
+                    continue;
+                }
                 return Err(err(ErrorKind::WouldBlock, "no data available"));
             }
             if spin_left {
@@ -783,8 +874,15 @@ impl VSock {
         let mut rx = self.rx.lock().unwrap();
         rx.st.consume(n as u64);
         let credit = if rx.error.is_none() { rx.st.credit_due() } else { None };
+        let drained = rx.st.readable() == 0;
         drop(rx);
         self.send_credit(credit);
+        if drained {
+            if let Some(r) = self.ready.get() {
+                // Whether more came meanwhile does not matter: the gate is right either way.
+                let _ = r.rx_drained(|| self.read_ready());
+            }
+        }
         Ok(n)
     }
 
@@ -815,6 +913,12 @@ impl VSock {
                     break space;
                 }
                 if self.nonblocking.load(Ordering::Relaxed) {
+                    drop(tx);
+                    if self.ready.get().is_some_and(|r| r.tx_full(|| self.writable_enough())) {
+                        // Space came back while the gate was being plugged: try again.
+                        tx = self.tx.lock().unwrap();
+                        continue;
+                    }
                     if done > 0 {
                         return Ok(done);
                     }
@@ -842,10 +946,20 @@ impl VSock {
             // SAFETY: [off, off + n) is within [written, acked + cap): owned by this writer
             // (the write lock is held) until commit() below (module docs).
             unsafe { host.copy.run(&tasks) };
-            self.tx.lock().unwrap().st.commit(n as u64);
+            let full = {
+                let mut tx = self.tx.lock().unwrap();
+                tx.st.commit(n as u64);
+                tx.st.space() == 0
+            };
             self.totals.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
             self.pump();
             done += n;
+            if full && done == buf.len() {
+                // The buffer is full now: the next write would block.
+                if let Some(r) = self.ready.get() {
+                    let _ = r.tx_full(|| self.writable_enough());
+                }
+            }
         }
         Ok(done)
     }
@@ -876,6 +990,11 @@ pub(crate) struct Handle {
 impl Drop for Handle {
     fn drop(&mut self) {
         self.vs.close();
+        // Nobody polls any more: the descriptor goes now, even if the engine still holds
+        // the vsocket while its last bytes drain.
+        if let Some(r) = self.vs.ready.get() {
+            r.close();
+        }
     }
 }
 
@@ -891,12 +1010,12 @@ impl std::fmt::Debug for VStream {
 
 /// What `VStream::connect`/`VListener::bind` use, by the configuration named by
 /// `NETCHANNEL_CONFIG` (`deployment`).
-enum Deployed {
+pub(crate) enum Deployed {
     Embedded(Host),
     Daemon(crate::daemon::Client),
 }
 
-fn deployed() -> io::Result<Deployed> {
+pub(crate) fn deployed() -> io::Result<Deployed> {
     // The file is read once per process, like the global host it configures.
     static CONFIG: std::sync::OnceLock<Result<crate::Config, crate::ConfigError>> =
         std::sync::OnceLock::new();
@@ -932,6 +1051,45 @@ impl VStream {
     }
 
     pub(crate) fn open(host: Host, addr: SocketAddr, class: Class) -> io::Result<VStream> {
+        let (stream, deadline) = VStream::connect_start(host, addr, class)?;
+        let vs = stream.engine_vsock().expect("embedded").clone();
+        let mut tx = vs.tx.lock().unwrap();
+        loop {
+            if let Some((kind, msg)) = &tx.error {
+                return Err(err(*kind, msg.clone()));
+            }
+            if tx.opened {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(tx);
+                return Err(vs.connect_timed_out());
+            }
+            tx = vs.tx_cv.wait_timeout(tx, left).unwrap().0;
+        }
+        drop(tx);
+        Ok(stream)
+    }
+
+    /// Whether a connect to `addr` through `host` can start without waiting: the channels
+    /// to its host are up (else [`VStream::connect_start`] dials them first).
+    pub(crate) fn can_start_now(host: &Host, addr: SocketAddr) -> bool {
+        let inner = host.inner();
+        let key = SocketAddr::new(addr.ip(), inner.cfg.peer_port());
+        let peer = inner.peers.lock().unwrap().get(&key).cloned();
+        peer.is_some_and(|p| matches!(*p.state.lock().unwrap(), crate::engine::peer::PeerState::Up))
+    }
+
+    /// Start a connect: find (or dial) the channels to the peer host, send OPEN and return
+    /// the connecting stream with the connect's deadline, without waiting for the answer.
+    /// [`VStream::open_result`] then tells the outcome; the stream's readiness descriptor is
+    /// not writable until then.
+    pub(crate) fn connect_start(
+        host: Host,
+        addr: SocketAddr,
+        class: Class,
+    ) -> io::Result<(VStream, Instant)> {
         let inner = host.inner().clone();
         let class = if inner.cfg.latency_ports.contains(&addr.port()) { Class::Latency } else { class };
         let deadline = Instant::now() + inner.cfg.connect_timeout;
@@ -946,26 +1104,15 @@ impl VStream {
         // With no channel up (all being dialed again), OPEN goes out when one is back
         // (`VSock::recover`); the peer's loss fails this vsocket, and the deadline bounds it.
         peer.send_control(class, &vs.open_frame(inner.cfg.recv_buffer));
-        let mut tx = vs.tx.lock().unwrap();
-        loop {
-            if let Some((kind, msg)) = &tx.error {
-                return Err(err(*kind, msg.clone()));
-            }
-            if tx.opened {
-                break;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let msg = format!("connect to {addr} timed out after {:?}", inner.cfg.connect_timeout);
-                drop(tx);
-                vs.fail(ErrorKind::TimedOut, msg.clone());
-                return Err(err(ErrorKind::TimedOut, msg));
-            }
-            tx = vs.tx_cv.wait_timeout(tx, left).unwrap().0;
+        Ok((stream, deadline))
+    }
+
+    /// Fail a connect that passed its deadline (`connect_timeout`) without an answer.
+    pub(crate) fn connect_timed_out(&self) -> io::Error {
+        match &self.imp {
+            StreamImp::Embedded(h) => h.vs.connect_timed_out(),
+            StreamImp::Daemon(_) => err(ErrorKind::TimedOut, "connect timed out"),
         }
-        drop(tx);
-        inner.totals.vsockets_opened.fetch_add(1, Ordering::Relaxed);
-        Ok(stream)
     }
 
     pub(crate) fn from_daemon(d: crate::daemon::client::DStream) -> VStream {
@@ -1039,11 +1186,13 @@ impl VStream {
                 tx.st.shutdown();
             }
             vs.pump();
+            vs.wake_writers();
         }
         if matches!(how, Shutdown::Read | Shutdown::Both) {
             vs.rx.lock().unwrap().shut_read = true;
             vs.rx_events.fetch_add(1, Ordering::Release);
             vs.rx_cv.notify_all();
+            vs.wake_pollers();
         }
         Ok(())
     }
@@ -1100,6 +1249,63 @@ impl VStream {
     pub fn try_clone(&self) -> io::Result<VStream> {
         Ok(VStream { imp: self.imp.clone() })
     }
+
+    /// The vsocket's pollable descriptor, created on the first call (the same one for every
+    /// handle of the vsocket): readable exactly when a read would not block (data, end of
+    /// stream, an error), writable when a write would not block (once the send buffer was
+    /// full, from when a quarter of it is free again, as TCP reports it). It carries no
+    /// data: read and write through the `VStream`, never the descriptor. Use it with
+    /// `poll(2)`, epoll (level- or edge-triggered) or mio, with
+    /// [`set_nonblocking(true)`](VStream::set_nonblocking). Also available as [`AsFd`].
+    ///
+    /// Fails if the process is out of descriptors, or for a vsocket served by the daemon
+    /// (not pollable yet).
+    ///
+    /// ```no_run
+    /// use std::os::fd::AsRawFd;
+    /// let s = netchannel::VStream::connect("127.0.0.1:7000")?;
+    /// s.set_nonblocking(true)?;
+    /// let mut p = libc::pollfd { fd: s.poll_fd()?.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    /// // SAFETY: one live pollfd.
+    /// unsafe { libc::poll(&mut p, 1, 1000) };
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn poll_fd(&self) -> io::Result<BorrowedFd<'_>> {
+        match &self.imp {
+            StreamImp::Embedded(h) => h.vs.readiness().map(|r| r.as_fd()),
+            StreamImp::Daemon(_) => Err(err(
+                ErrorKind::Unsupported,
+                "a vsocket served by the NetChannel daemon has no pollable descriptor yet",
+            )),
+        }
+    }
+
+    /// Whether the connect of a stream made by [`VStream::connect_start`] finished: `None`
+    /// while the peer has not answered, then its outcome (the stream is writable from then).
+    pub(crate) fn open_result(&self) -> Option<io::Result<()>> {
+        match &self.imp {
+            StreamImp::Embedded(h) => h.vs.open_result(),
+            StreamImp::Daemon(_) => Some(Ok(())),
+        }
+    }
+}
+
+/// The descriptor of [`VStream::poll_fd`].
+///
+/// # Panics
+///
+/// If [`VStream::poll_fd`] fails (out of descriptors, a daemon-served vsocket): call it
+/// first where that can happen.
+impl AsFd for VStream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.poll_fd().unwrap_or_else(|e| panic!("VStream::as_fd: {e}"))
+    }
+}
+
+impl AsRawFd for VStream {
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
+    }
 }
 
 impl Read for VStream {
@@ -1138,6 +1344,8 @@ pub(crate) struct ListenQueue {
     backlog: usize,
     q: Mutex<(VecDeque<Arc<VSock>>, bool)>,
     cv: Condvar,
+    /// The pollable descriptor, once an application asked for it (`crate::readiness`).
+    ready: LazyReadiness,
 }
 
 impl ListenQueue {
@@ -1153,7 +1361,35 @@ impl ListenQueue {
         }
         q.0.push_back(vs);
         self.cv.notify_one();
+        drop(q);
+        self.wake_pollers();
         true
+    }
+
+    fn wake_pollers(&self) {
+        if let Some(r) = self.ready.get() {
+            r.rx_publish();
+        }
+    }
+
+    /// An accept would not block: a vsocket is waiting or the listener is closed.
+    fn accept_ready(&self) -> bool {
+        let q = self.q.lock().unwrap();
+        !q.0.is_empty() || q.1
+    }
+
+    /// The accepting side found the queue empty: close the IN gate unless it is not.
+    /// Returns `true` if a vsocket arrived meanwhile (look again).
+    fn drained(&self) -> bool {
+        self.ready.get().is_some_and(|r| r.rx_drained(|| self.accept_ready()))
+    }
+
+    fn readiness(&self) -> io::Result<&Readiness> {
+        self.ready.get_or_create(|r| {
+            if self.accept_ready() {
+                r.rx_publish();
+            }
+        })
     }
 
     /// Close: pending vsockets are reset.
@@ -1164,6 +1400,7 @@ impl ListenQueue {
             q.0.drain(..).collect()
         };
         self.cv.notify_all();
+        self.wake_pollers();
         for vs in pending {
             vs.reset(Reason::Closed, "the listener was closed before accepting");
         }
@@ -1253,6 +1490,7 @@ impl VListener {
             backlog: inner.cfg.accept_backlog,
             q: Mutex::new((VecDeque::new(), false)),
             cv: Condvar::new(),
+            ready: LazyReadiness::default(),
         });
         ls.insert(port, q.clone());
         drop(ls);
@@ -1270,6 +1508,11 @@ impl VListener {
         let mut q = l.q.q.lock().unwrap();
         loop {
             if let Some(vs) = q.0.pop_front() {
+                let empty = q.0.is_empty();
+                drop(q);
+                if empty {
+                    let _ = l.q.drained();
+                }
                 let addr = vs.remote;
                 let h = Handle { vs, _host: l.host.clone() };
                 return Ok((VStream { imp: StreamImp::Embedded(Arc::new(h)) }, addr));
@@ -1278,6 +1521,11 @@ impl VListener {
                 return Err(err(ErrorKind::ConnectionAborted, "the listener was closed"));
             }
             if l.nonblocking.load(Ordering::Relaxed) {
+                drop(q);
+                if l.q.drained() {
+                    q = l.q.q.lock().unwrap();
+                    continue;
+                }
                 return Err(err(ErrorKind::WouldBlock, "no vsocket waiting"));
             }
             q = l.q.cv.wait(q).unwrap();
@@ -1310,9 +1558,49 @@ impl VListener {
         }
     }
 
+    /// The listener's pollable descriptor, created on the first call: readable exactly when
+    /// [`accept`](VListener::accept) would not block (a vsocket waits, or the listener was
+    /// closed). Use it with `poll(2)`, epoll or mio, with
+    /// [`set_nonblocking(true)`](VListener::set_nonblocking). Also available as [`AsFd`].
+    ///
+    /// Fails if the process is out of descriptors, or for a listener served by the daemon
+    /// (not pollable yet).
+    ///
+    /// ```no_run
+    /// let l = netchannel::VListener::bind("0.0.0.0:7000")?;
+    /// let fd = l.poll_fd()?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn poll_fd(&self) -> io::Result<BorrowedFd<'_>> {
+        match &self.imp {
+            ListenerImp::Embedded(l) => l.q.readiness().map(|r| r.as_fd()),
+            ListenerImp::Daemon(_) => Err(err(
+                ErrorKind::Unsupported,
+                "a listener served by the NetChannel daemon has no pollable descriptor yet",
+            )),
+        }
+    }
+
     /// An iterator over accepted vsockets, like [`std::net::TcpListener::incoming`].
     pub fn incoming(&self) -> impl Iterator<Item = io::Result<VStream>> + '_ {
         std::iter::from_fn(move || Some(self.accept().map(|(s, _)| s)))
+    }
+}
+
+/// The descriptor of [`VListener::poll_fd`].
+///
+/// # Panics
+///
+/// If [`VListener::poll_fd`] fails: call it first where that can happen.
+impl AsFd for VListener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.poll_fd().unwrap_or_else(|e| panic!("VListener::as_fd: {e}"))
+    }
+}
+
+impl AsRawFd for VListener {
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
     }
 }
 
@@ -1325,5 +1613,8 @@ impl Drop for EmbeddedListener {
         }
         drop(ls);
         self.q.close();
+        if let Some(r) = self.q.ready.get() {
+            r.close();
+        }
     }
 }

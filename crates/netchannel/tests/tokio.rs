@@ -1,0 +1,363 @@
+//! The async API (`netchannel::tokio`) and the pollable descriptor under it, on two
+//! embedded hosts over loopback: many concurrent verified echoes on both runtime flavours,
+//! hyper with a large body, cancelled futures that leave nothing behind, a raw `poll(2)`
+//! loop, and readiness after a reset and a half close. Every test is bounded in time.
+#![cfg(feature = "tokio")]
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use common::{check, fill, two_hosts, within};
+use netchannel::tokio::{VListener, VStream};
+use netchannel::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn small_buffers(c: &mut Config) {
+    c.send_buffer = 256 << 10;
+    c.recv_buffer = 256 << 10;
+}
+
+fn runtime(multi: bool) -> tokio::runtime::Runtime {
+    let mut b = if multi {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(2);
+        b
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    b.enable_all().build().expect("runtime")
+}
+
+/// Wait until `f` holds, at most `secs`.
+fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < end, "{what}: not within {secs} s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd").count()
+}
+
+fn fds_now() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| format!("{:?}->{:?}", e.file_name(), std::fs::read_link(e.path()).ok()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// `n` concurrent vsockets, each echoing `rounds` messages of random sizes, all verified.
+fn many_echoes(multi: bool, n: usize) {
+    within(120, move || {
+        let (a, b) = two_hosts(small_buffers);
+        let rt = runtime(multi);
+        let (ha, hb) = (a.clone(), b.clone());
+        rt.block_on(async move {
+            let (a, b) = (ha, hb);
+            let listener = VListener::from_std(b.bind(0).unwrap()).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = tokio::spawn(async move {
+                let mut served = Vec::new();
+                for _ in 0..n {
+                    let (s, _) = listener.accept().await.expect("accept");
+                    served.push(tokio::spawn(async move {
+                        let (mut rd, mut wr) = s.into_split();
+                        tokio::io::copy(&mut rd, &mut wr).await.expect("echo")
+                    }));
+                }
+                let mut total = 0;
+                for t in served {
+                    total += t.await.unwrap();
+                }
+                total
+            });
+            let mut clients = Vec::new();
+            for i in 0..n {
+                let a = a.clone();
+                clients.push(tokio::spawn(async move {
+                    let mut s = VStream::connect_with(&a, addr).await.expect("connect");
+                    let mut x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                    let mut off = 0u64;
+                    for _ in 0..4 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let len = 1 + (x % 40_000) as usize;
+                        let mut msg = vec![0u8; len];
+                        fill(i as u64, off, &mut msg);
+                        let (mut rd, mut wr) = s.split();
+                        let mut back = vec![0u8; len];
+                        let (w, r) = tokio::join!(wr.write_all(&msg), rd.read_exact(&mut back));
+                        w.expect("write");
+                        r.expect("read the echo");
+                        assert_eq!(check(i as u64, off, &back), None, "vsocket {i}: echo differs");
+                        off += len as u64;
+                    }
+                    s.shutdown().await.unwrap();
+                    let mut rest = Vec::new();
+                    s.read_to_end(&mut rest).await.unwrap();
+                    assert!(rest.is_empty());
+                    off
+                }));
+            }
+            let mut sent = 0;
+            for c in clients {
+                sent += c.await.unwrap();
+            }
+            assert_eq!(server.await.unwrap(), sent, "the server echoed every byte");
+        });
+        eventually(10, "every vsocket closed", || a.stats().vsockets == 0 && b.stats().vsockets == 0);
+    });
+}
+
+#[test]
+fn a_thousand_concurrent_echoes_current_thread() {
+    many_echoes(false, 1000);
+}
+
+#[test]
+fn a_thousand_concurrent_echoes_multi_thread() {
+    many_echoes(true, 1000);
+}
+
+#[test]
+fn hyper_moves_a_16_mib_body_both_ways() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+
+    within(120, || {
+        let (a, b) = two_hosts(|_| {});
+        runtime(true).block_on(async {
+            let listener = VListener::from_std(b.bind(0).unwrap()).unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (s, _) = listener.accept().await.unwrap();
+                let svc =
+                    hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = req.into_body().collect().await?.to_bytes();
+                        Ok::<_, hyper::Error>(hyper::Response::new(Full::new(body)))
+                    });
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await
+                    .unwrap();
+            });
+            let s = VStream::connect_with(&a, addr).await.unwrap();
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+            tokio::spawn(conn);
+            let mut body = vec![0u8; 16 << 20];
+            fill(16, 0, &mut body);
+            let req = hyper::Request::post("/echo")
+                .header("host", addr.to_string())
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            let res = send.send_request(req).await.unwrap();
+            assert_eq!(res.status(), 200);
+            let back = res.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(back.len(), 16 << 20);
+            assert_eq!(check(16, 0, &back), None, "the 16 MiB body came back intact");
+        });
+    });
+}
+
+#[test]
+fn dropped_futures_leave_nothing_behind() {
+    within(60, || {
+        let (a, b) = two_hosts(|_| {});
+        // Channels up, and tokio's process-wide signal pipe made (a first runtime with every
+        // driver opens it for the life of the process), so the baseline counts them.
+        drop(a.connect(common::at(&b, 1)).unwrap_err());
+        drop(runtime(false));
+        let fds = open_fds();
+        let before = fds_now();
+        runtime(false).block_on(async {
+            let listener = VListener::from_std(b.bind(0).unwrap()).unwrap();
+            let addr = listener.local_addr().unwrap();
+
+            // A pending accept, dropped: the vsocket that arrives later is still accepted.
+            let pending = tokio::time::timeout(Duration::from_millis(20), listener.accept()).await;
+            assert!(pending.is_err(), "nothing to accept yet");
+            let mut c = VStream::connect_with(&a, addr).await.unwrap();
+            let (mut s, _) = listener.accept().await.expect("the vsocket was not lost");
+
+            // A pending read, dropped: no byte is lost.
+            let mut buf = [0u8; 5];
+            assert!(tokio::time::timeout(Duration::from_millis(20), s.read(&mut buf)).await.is_err());
+            c.write_all(b"hello").await.unwrap();
+            s.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"hello");
+            drop((c, s));
+
+            // Connects dropped before the peer answered: each vsocket closes once it does.
+            for _ in 0..20 {
+                let r = tokio::time::timeout(Duration::ZERO, VStream::connect_with(&a, addr)).await;
+                drop(r);
+            }
+            drop(listener);
+        });
+        eventually(10, "no vsocket left on either host", || {
+            a.stats().vsockets == 0 && b.stats().vsockets == 0
+        });
+        let end = Instant::now() + Duration::from_secs(10);
+        while open_fds() > fds {
+            assert!(Instant::now() < end, "descriptors left: before {before:?} after {:?}", fds_now());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+}
+
+fn poll1(fd: RawFd, events: i16, ms: i32) -> i16 {
+    let mut p = libc::pollfd { fd, events, revents: 0 };
+    // SAFETY: one live pollfd.
+    let r = unsafe { libc::poll(&mut p, 1, ms) };
+    assert!(r >= 0, "poll: {}", std::io::Error::last_os_error());
+    p.revents
+}
+
+#[test]
+fn a_raw_poll_loop_echoes_through_the_descriptor() {
+    within(60, || {
+        let (a, b) = two_hosts(small_buffers);
+        let l = b.bind(0).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let lfd = l.poll_fd().unwrap().as_raw_fd();
+        assert_eq!(poll1(lfd, libc::POLLIN, 0), 0, "nothing to accept: not readable");
+        let c = a.connect(common::at(&b, l.local_addr().unwrap().port())).unwrap();
+        assert_eq!(poll1(lfd, libc::POLLIN, 5000), libc::POLLIN, "a vsocket waits: readable");
+        let (s, _) = l.accept().unwrap();
+        assert_eq!(poll1(lfd, libc::POLLIN, 0), 0, "accepted: not readable again");
+        assert_eq!(l.accept().unwrap_err().kind(), ErrorKind::WouldBlock);
+
+        // The server echoes with poll(2) and non-blocking calls only.
+        s.set_nonblocking(true).unwrap();
+        let total = 3usize << 20;
+        let server = std::thread::spawn(move || {
+            let fd = s.poll_fd().unwrap().as_raw_fd();
+            let (mut pending, mut done, mut buf) = (Vec::new(), 0usize, vec![0u8; 100_000]);
+            let mut eof = false;
+            let mut polls = 0u64;
+            while !(eof && pending.is_empty()) {
+                let want = if pending.is_empty() { libc::POLLIN } else { libc::POLLOUT };
+                let ev = poll1(fd, want, 5000);
+                assert!(ev & want != 0, "poll timed out waiting for {want:#x} (got {ev:#x})");
+                polls += 1;
+                if want == libc::POLLIN {
+                    match (&s).read(&mut buf) {
+                        Ok(0) => eof = true,
+                        Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                            panic!("readable but the read would block")
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                } else {
+                    match (&s).write(&pending) {
+                        Ok(n) => {
+                            pending.drain(..n);
+                            done += n;
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                            panic!("writable but the write would block")
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            (done, polls)
+        });
+        let mut c2 = c.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            let mut buf = vec![0u8; total];
+            fill(3, 0, &mut buf);
+            c2.write_all(&buf).unwrap();
+            c2.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let mut back = Vec::new();
+        (&c).read_to_end(&mut back).unwrap();
+        writer.join().unwrap();
+        let (done, polls) = server.join().unwrap();
+        assert_eq!(done, total);
+        assert_eq!(back.len(), total);
+        assert_eq!(check(3, 0, &back), None);
+        assert!(polls >= 2);
+    });
+}
+
+#[test]
+fn readiness_after_half_close_and_reset() {
+    within(60, || {
+        let (a, b) = two_hosts(|_| {});
+        let l = b.bind(0).unwrap();
+        let addr = common::at(&b, l.local_addr().unwrap().port());
+
+        // Half close: readable with end of stream, still writable; the peer reads both ways.
+        let c = a.connect(addr).unwrap();
+        let (s, _) = l.accept().unwrap();
+        s.set_nonblocking(true).unwrap();
+        let fd = s.poll_fd().unwrap().as_raw_fd();
+        assert_eq!(poll1(fd, libc::POLLIN | libc::POLLOUT, 0), libc::POLLOUT);
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(poll1(fd, libc::POLLIN, 5000), libc::POLLIN, "end of stream makes it readable");
+        assert_eq!((&s).read(&mut [0u8; 8]).unwrap(), 0);
+        assert_eq!(poll1(fd, libc::POLLIN, 0), libc::POLLIN, "it stays readable at the end");
+        (&s).write_all(b"after").unwrap();
+        let mut buf = [0u8; 5];
+        (&c).read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"after");
+
+        // Reset: the peer closes with unread data; readable and writable, both fail.
+        let c = a.connect(addr).unwrap();
+        let (s, _) = l.accept().unwrap();
+        s.set_nonblocking(true).unwrap();
+        let fd = s.poll_fd().unwrap().as_raw_fd();
+        (&s).write_all(b"unread").unwrap();
+        let cfd = c.poll_fd().unwrap().as_raw_fd();
+        assert_eq!(poll1(cfd, libc::POLLIN, 5000), libc::POLLIN, "the data arrived");
+        drop(c);
+        assert_eq!(poll1(fd, libc::POLLIN, 5000), libc::POLLIN, "a reset makes it readable");
+        let e = (&s).read(&mut [0u8; 8]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
+        assert!(poll1(fd, libc::POLLOUT, 0) & libc::POLLOUT != 0, "and writable, to fail");
+        assert!((&s).write(b"x").is_err());
+    });
+}
+
+#[test]
+fn tokio_errors_match_the_blocking_api() {
+    within(60, || {
+        let (a, b) = two_hosts(|_| {});
+        runtime(false).block_on(async {
+            let refused = VStream::connect_with(&a, common::at(&b, 4999)).await.unwrap_err();
+            assert_eq!(refused.kind(), ErrorKind::ConnectionRefused, "{refused}");
+            let l = VListener::from_std(b.bind(0).unwrap()).unwrap();
+            let addr = l.local_addr().unwrap();
+            let mut c = VStream::connect_with(&a, addr).await.unwrap();
+            let (mut s, peer) = l.accept().await.unwrap();
+            assert_eq!(peer, c.local_addr().unwrap());
+            assert_eq!(s.peer_addr().unwrap(), c.local_addr().unwrap());
+            assert_eq!(c.peer_addr().unwrap(), addr);
+            c.shutdown().await.unwrap();
+            let e = c.write_all(b"late").await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::BrokenPipe, "{e}");
+            let mut rest = Vec::new();
+            assert_eq!(s.read_to_end(&mut rest).await.unwrap(), 0);
+            // Round trip to and from the blocking type.
+            let blocking = s.into_std().unwrap();
+            let mut s = VStream::from_std(blocking).unwrap();
+            s.write_all(b"back").await.unwrap();
+            let mut buf = [0u8; 4];
+            c.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"back");
+        });
+    });
+}
