@@ -26,12 +26,15 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(dir: &Path, name: &str, listen: SocketAddr) -> Daemon {
+    fn start(dir: &Path, name: &str, listen: SocketAddr, datapath: &str) -> Daemon {
         let socket = dir.join(format!("{name}.sock"));
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,
-            format!("listen = \"{listen}\"\n[daemon]\nsocket = \"{}\"\n", socket.display()),
+            format!(
+                "listen = \"{listen}\"\n[daemon]\nsocket = \"{}\"\n[preload]\ndatapath = \"{datapath}\"\n",
+                socket.display()
+            ),
         )
         .unwrap();
         let mut cmd = netchannel(&["up", "--config", config.to_str().unwrap()]);
@@ -64,9 +67,34 @@ impl Daemon {
     }
 }
 
+/// The preload data paths: the loopback relay and the readiness proxy on shared memory.
+#[derive(Clone, Copy, PartialEq)]
+enum DataPath {
+    Relay,
+    Shm,
+}
+
+impl DataPath {
+    fn name(self) -> &'static str {
+        match self {
+            DataPath::Relay => "relay",
+            DataPath::Shm => "shm",
+        }
+    }
+}
+
+/// With the shared-memory data path, the vsockets `d` opened since `before` had readiness
+/// proxies (the bytes went through the rings, not a relay).
+fn assert_proxied(path: DataPath, d: &Daemon, before: u64, at_least: u64) {
+    if path == DataPath::Shm {
+        let now = total(d, "vsockets_proxied");
+        assert!(now >= before + at_least, "only {} proxied vsockets: {}", now - before, d.status());
+    }
+}
+
 /// A temporary directory and two daemons on 127.b.c.1 / 127.b.c.2, plus a free port number
 /// for the programs.
-fn setup(tag: &str) -> (TempDir, Daemon, Daemon, u16) {
+fn setup_with(tag: &str, path: DataPath) -> (TempDir, Daemon, Daemon, u16) {
     let lib = Path::new(env!("CARGO_BIN_EXE_netchannel")).with_file_name("libnetchannel_preload.so");
     assert!(
         lib.is_file(),
@@ -80,8 +108,9 @@ fn setup(tag: &str) -> (TempDir, Daemon, Daemon, u16) {
     let port = 42000 + (pid % 15000) as u16;
     let d = TempDir::new(tag);
     std::fs::create_dir_all(&d.0).unwrap();
-    let a = Daemon::start(&d.0, "a", SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, b, c, 1)), port));
-    let bd = Daemon::start(&d.0, "b", SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, b, c, 2)), port));
+    let dp = path.name();
+    let a = Daemon::start(&d.0, "a", SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, b, c, 1)), port), dp);
+    let bd = Daemon::start(&d.0, "b", SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, b, c, 2)), port), dp);
     (d, a, bd, port + 1)
 }
 
@@ -131,10 +160,19 @@ fn total(d: &Daemon, key: &str) -> u64 {
 
 #[test]
 fn c_program_socket_surface_over_vsockets() {
+    c_program(DataPath::Relay);
+}
+
+#[test]
+fn c_program_socket_surface_over_the_shared_memory_data_path() {
+    c_program(DataPath::Shm);
+}
+
+fn c_program(path: DataPath) {
     if !have("cc") {
         return;
     }
-    let (dir, a, b, port) = setup("preload-c");
+    let (dir, a, b, port) = setup_with("preload-c", path);
     let exe = dir.0.join("sockets");
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/preload/sockets.c");
     let st = Command::new("cc").args(["-O1", "-Wall", "-o"]).arg(&exe).arg(&src).status().unwrap();
@@ -143,19 +181,37 @@ fn c_program_socket_surface_over_vsockets() {
     let port_s = port.to_string();
     let _server = background(a.run(&[exe, "server", &a.ip(), &port_s]), &format!("{}:{port}", a.ip()));
     let opened = total(&b, "vsockets_opened");
+    let (pa, pb) = (total(&a, "vsockets_proxied"), total(&b, "vsockets_proxied"));
     let out = ok(b.run(&[exe, "client", &a.ip(), &port_s]), "sockets client");
     assert_eq!(out.stdout.trim(), "ok", "stderr:\n{}", out.stderr);
     // The client's two connections (one from a forked child) were vsockets.
     assert!(total(&b, "vsockets_opened") >= opened + 2, "{}", b.status());
     assert!(total(&b, "bytes_sent") >= 1 << 20);
+    assert_proxied(path, &b, pb, 2);
+    assert_proxied(path, &a, pa, 2);
+    // Every vsocket ends once its last descriptor (in any process) is closed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while total(&b, "vsockets_open") > 0 {
+        assert!(Instant::now() < deadline, "vsockets left behind: {}", b.status());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
 fn redis_benchmark_and_a_1mib_value_over_vsockets() {
+    redis(DataPath::Relay);
+}
+
+#[test]
+fn redis_benchmark_and_a_1mib_value_over_the_shared_memory_data_path() {
+    redis(DataPath::Shm);
+}
+
+fn redis(path: DataPath) {
     if !have("redis-server") || !have("redis-benchmark") || !have("redis-cli") {
         return;
     }
-    let (dir, a, b, port) = setup("preload-redis");
+    let (dir, a, b, port) = setup_with("preload-redis", path);
     let port_s = port.to_string();
     let ip = a.ip();
     let _server = background(
@@ -177,6 +233,7 @@ fn redis_benchmark_and_a_1mib_value_over_vsockets() {
         &format!("{ip}:{port}"),
     );
     let before = total(&a, "bytes_received");
+    let proxied = total(&a, "vsockets_proxied");
     for pipeline in ["1", "32"] {
         let out = ok(
             b.run(&[
@@ -218,20 +275,31 @@ fn redis_benchmark_and_a_1mib_value_over_vsockets() {
     let json = ok(netchannel(&["status", "--config", a.config.to_str().unwrap(), "--json"]), "status");
     let v: Value = serde_json::from_str(json.stdout.trim()).unwrap();
     assert!(v["totals"]["vsockets_opened"].as_u64().unwrap() >= 100);
+    assert_proxied(path, &a, proxied, 100);
 }
 
 #[test]
 fn iperf3_parallel_and_reverse_over_vsockets() {
+    iperf3(DataPath::Relay);
+}
+
+#[test]
+fn iperf3_parallel_and_reverse_over_the_shared_memory_data_path() {
+    iperf3(DataPath::Shm);
+}
+
+fn iperf3(path: DataPath) {
     if !have("iperf3") {
         return;
     }
-    let (_dir, a, b, port) = setup("preload-iperf");
+    let (_dir, a, b, port) = setup_with("preload-iperf", path);
     let port_s = port.to_string();
     let ip = a.ip();
     // No `-1`: the readiness probe of `background` is a session of its own.
     let _server = background(a.run(&["iperf3", "-s", "-B", &ip, "-p", &port_s]), &format!("{ip}:{port}"));
     for extra in [["-P", "4"], ["-R", "-J"]] {
         let before = total(&b, "bytes_sent") + total(&b, "bytes_received");
+        let proxied = total(&b, "vsockets_proxied");
         let mut args = vec!["iperf3", "-c", &ip, "-p", &port_s, "-t", "2"];
         args.extend_from_slice(&extra);
         ok(b.run(&args), "iperf3 client");
@@ -241,23 +309,35 @@ fn iperf3_parallel_and_reverse_over_vsockets() {
             "iperf3 {extra:?} moved only {} bytes through vsockets",
             after - before
         );
+        assert_proxied(path, &b, proxied, 2);
     }
 }
 
 #[test]
 fn sockperf_ping_pong_over_vsockets() {
+    sockperf(DataPath::Relay);
+}
+
+#[test]
+fn sockperf_ping_pong_over_the_shared_memory_data_path() {
+    sockperf(DataPath::Shm);
+}
+
+fn sockperf(path: DataPath) {
     if !have("sockperf") {
         return;
     }
-    let (_dir, a, b, port) = setup("preload-sockperf");
+    let (_dir, a, b, port) = setup_with("preload-sockperf", path);
     let port_s = port.to_string();
     let ip = a.ip();
     let _server =
         background(a.run(&["sockperf", "sr", "--tcp", "-i", &ip, "-p", &port_s]), &format!("{ip}:{port}"));
     let opened = total(&b, "vsockets_opened");
+    let proxied = total(&b, "vsockets_proxied");
     let out = ok(b.run(&["sockperf", "pp", "--tcp", "-i", &ip, "-p", &port_s, "-t", "2"]), "sockperf pp");
     assert!(out.stdout.contains("Summary: Latency is") || out.stderr.contains("Summary: Latency is"));
     assert!(total(&b, "vsockets_opened") > opened);
+    assert_proxied(path, &b, proxied, 1);
 }
 
 #[test]

@@ -28,6 +28,7 @@
 //! back to the real call), never log through a hooked call (stderr lines are single
 //! `write(2)`s), and the shim's own threads pass the hooks untouched.
 
+mod direct;
 mod relay;
 mod sys;
 
@@ -41,8 +42,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use libc::{c_int, c_ulong, sockaddr, socklen_t};
+use netchannel::daemon::proxy::ProxyListener;
 use netchannel::daemon::Client;
-use netchannel::{Class, Config, VListener, VStream};
+use netchannel::{Class, Config, PreloadDatapath, VListener, VStream};
+
+use direct::Direct;
 
 use relay::{Arrivals, RelayListener};
 use sys::{real, ForkLock};
@@ -68,6 +72,9 @@ static PID: AtomicI32 = AtomicI32::new(0);
 enum Kind {
     Stream(Arc<VStream>),
     Listener(Arc<VListener>),
+    /// The shared-memory data path: the fd is the vsocket's readiness proxy.
+    Direct(Arc<Direct>),
+    ProxyListener(Arc<ProxyListener>),
 }
 
 #[derive(Clone)]
@@ -89,6 +96,7 @@ struct Shim {
     negative: Option<HashMap<IpAddr, Instant>>,
     relay: Option<Arc<RelayListener>>,
     arrivals: Option<Arrivals>,
+    proxy_arrivals: Option<direct::Arrivals>,
 }
 
 static SHIM: ForkLock<Shim> = ForkLock::new(Shim {
@@ -99,7 +107,23 @@ static SHIM: ForkLock<Shim> = ForkLock::new(Shim {
     negative: None,
     relay: None,
     arrivals: None,
+    proxy_arrivals: None,
 });
+
+fn shm_datapath() -> bool {
+    config().preload.datapath == PreloadDatapath::Shm
+}
+
+/// The direct (shared-memory) vsocket behind `fd`, and whether it is IPv6.
+fn direct_of(fd: c_int) -> Option<(Arc<Direct>, bool)> {
+    if !marked(fd) {
+        return None;
+    }
+    match SHIM.lock().table.as_ref()?.get(&fd) {
+        Some(Entry { kind: Kind::Direct(d), v6, .. }) => Some((d.clone(), *v6)),
+        _ => None,
+    }
+}
 
 fn config() -> &'static Config {
     static CFG: OnceLock<Config> = OnceLock::new();
@@ -135,6 +159,7 @@ extern "C" fn fork_child() {
     std::mem::forget(s.client.take());
     std::mem::forget(s.relay.take());
     std::mem::forget(s.arrivals.take());
+    std::mem::forget(s.proxy_arrivals.take());
     s.retry_at = None;
     // SAFETY: as above.
     unsafe { SHIM.release() };
@@ -208,6 +233,14 @@ fn remove(fd: c_int) {
             l.close();
         }
     }
+    if let Kind::ProxyListener(l) = &e.kind {
+        let still_open = SHIM.lock().table.as_ref().is_some_and(|t| {
+            t.values().any(|o| matches!(&o.kind, Kind::ProxyListener(x) if Arc::ptr_eq(x, l)))
+        });
+        if !still_open {
+            l.close();
+        }
+    }
 }
 
 /// The daemon client of this process, connecting (again) if need be.
@@ -274,6 +307,10 @@ fn arrivals() -> Arrivals {
     SHIM.lock().arrivals.get_or_insert_with(Default::default).clone()
 }
 
+fn proxy_arrivals() -> direct::Arrivals {
+    SHIM.lock().proxy_arrivals.get_or_insert_with(Default::default).clone()
+}
+
 type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
 
 fn real_connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
@@ -297,6 +334,10 @@ fn vconnect(fd: c_int, dst: SocketAddr) -> Option<c_int> {
     if marked(fd) {
         // Connecting again (after EINPROGRESS): the kernel socket answers for itself.
         let e = entry(fd)?;
+        if matches!(e.kind, Kind::Direct(_)) {
+            sys::set_errno(libc::EISCONN);
+            return Some(-1);
+        }
         let target = SHIM.lock().relay.as_ref().map(|r| r.addr)?;
         return Some(connect_sock(fd, target, e.v6));
     }
@@ -306,6 +347,9 @@ fn vconnect(fd: c_int, dst: SocketAddr) -> Option<c_int> {
     }
     let c = client()?;
     let class = if sys::priority(fd) > 0 { Class::Latency } else { Class::Throughput };
+    if shm_datapath() {
+        return vconnect_direct(&c, fd, dst, class, family == libc::AF_INET6);
+    }
     let vs = match c.connect_class(dst, class) {
         Ok(vs) => Arc::new(vs),
         Err(e) => {
@@ -342,6 +386,28 @@ fn vconnect(fd: c_int, dst: SocketAddr) -> Option<c_int> {
     Some(rc)
 }
 
+/// The connecting socket becomes the vsocket's readiness proxy (no kernel connection).
+fn vconnect_direct(c: &Client, fd: c_int, dst: SocketAddr, class: Class, v6: bool) -> Option<c_int> {
+    let (ps, a) = match c.connect_proxied(dst, class) {
+        Ok(x) => x,
+        Err(e) => {
+            if !(e.kind() == ErrorKind::ConnectionRefused && e.to_string().contains("no vsocket listener")) {
+                not_netchannel(dst.ip());
+            }
+            return None;
+        }
+    };
+    let (nonblocking, cloexec) = direct::fd_flags(fd);
+    let local = ps.local();
+    if !direct::swap_in(fd, a, cloexec, nonblocking) {
+        return None;
+    }
+    let d = Arc::new(Direct::new(ps, nonblocking));
+    insert(fd, Entry { pid: pid(), kind: Kind::Direct(d), v6, local, remote: dst });
+    sys::set_errno(0);
+    Some(0)
+}
+
 /// # Safety
 /// The C `connect` contract.
 #[no_mangle]
@@ -368,6 +434,10 @@ fn vlisten(fd: c_int) {
         return;
     }
     let Some(c) = client() else { return };
+    if shm_datapath() {
+        vlisten_direct(&c, fd, family, bound);
+        return;
+    }
     // A listener the program just closed on this port may take the daemon a moment to let go.
     let mut tries = 0;
     let vl = loop {
@@ -401,6 +471,39 @@ fn vlisten(fd: c_int) {
     }
 }
 
+fn vlisten_direct(c: &Client, fd: c_int, family: c_int, bound: SocketAddr) {
+    let mut tries = 0;
+    let l = loop {
+        match c.bind_proxied(bound.port()) {
+            Err(e) if e.kind() == ErrorKind::AddrInUse && tries < 20 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            r => break r,
+        }
+    };
+    let l = match l {
+        Ok(l) => Arc::new(l),
+        Err(e) => {
+            sys::say(&format!("port {} stays kernel TCP only: {e}", bound.port()));
+            return;
+        }
+    };
+    let local = l.local();
+    if direct::serve_listener(l.clone(), relay::listener_target(bound), proxy_arrivals()) {
+        insert(
+            fd,
+            Entry {
+                pid: pid(),
+                kind: Kind::ProxyListener(l),
+                v6: family == libc::AF_INET6,
+                local,
+                remote: local,
+            },
+        );
+    }
+}
+
 /// # Safety
 /// The C `listen` contract.
 #[no_mangle]
@@ -417,9 +520,23 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
 
 /// After the kernel's accept of `nfd` on `fd`: a vsocket arrival gets its table entry and
 /// the vsocket peer's address.
-fn vaccept(fd: c_int, nfd: c_int, addr: *mut sockaddr, len: *mut socklen_t) {
+fn vaccept(fd: c_int, nfd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) {
     let Some(l) = entry(fd) else { return };
     let Some(from) = sys::peer_addr(nfd) else { return };
+    if matches!(l.kind, Kind::ProxyListener(_)) {
+        let Some(arr) = SHIM.lock().proxy_arrivals.clone() else { return };
+        let Some(a) = arr.lock().unwrap().remove(&from) else { return };
+        let nonblocking = flags & libc::SOCK_NONBLOCK != 0;
+        if !direct::swap_in(nfd, a.a, flags & libc::SOCK_CLOEXEC != 0, nonblocking) {
+            return;
+        }
+        let local = a.ps.local();
+        // SAFETY: the caller's addr/len, as accept(2) fills them.
+        unsafe { sys::write_addr(a.remote, l.v6, addr, len) };
+        let d = Arc::new(Direct::new(a.ps, nonblocking));
+        insert(nfd, Entry { pid: pid(), kind: Kind::Direct(d), v6: l.v6, local, remote: a.remote });
+        return;
+    }
     let Some(arr) = SHIM.lock().arrivals.clone() else { return };
     let Some(a) = arr.lock().unwrap().remove(&from) else { return };
     let local = a.vs.local_addr().unwrap_or(l.local);
@@ -435,7 +552,7 @@ pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut sockl
     let f = real!(accept4: fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int);
     let nfd = f(fd, addr, len, flags);
     if nfd >= 0 && marked(fd) && !busy() {
-        shield(|| (), || vaccept(fd, nfd, addr, len));
+        shield(|| (), || vaccept(fd, nfd, addr, len, flags));
     }
     nfd
 }
@@ -447,7 +564,7 @@ pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut sockle
     let f = real!(accept: fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int);
     let nfd = f(fd, addr, len);
     if nfd >= 0 && marked(fd) && !busy() {
-        shield(|| (), || vaccept(fd, nfd, addr, len));
+        shield(|| (), || vaccept(fd, nfd, addr, len, 0));
     }
     nfd
 }
@@ -456,7 +573,9 @@ pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut sockle
 /// The C `getpeername` contract.
 #[no_mangle]
 pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
-    if let Some(Entry { kind: Kind::Stream(_), remote, v6, .. }) = shield(|| None, || entry(fd)) {
+    if let Some(Entry { kind: Kind::Stream(_) | Kind::Direct(_), remote, v6, .. }) =
+        shield(|| None, || entry(fd))
+    {
         sys::write_addr(remote, v6, addr, len);
         return 0;
     }
@@ -468,7 +587,9 @@ pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut s
 /// The C `getsockname` contract.
 #[no_mangle]
 pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
-    if let Some(Entry { kind: Kind::Stream(_), local, v6, .. }) = shield(|| None, || entry(fd)) {
+    if let Some(Entry { kind: Kind::Stream(_) | Kind::Direct(_), local, v6, .. }) =
+        shield(|| None, || entry(fd))
+    {
         sys::write_addr(local, v6, addr, len);
         return 0;
     }
@@ -486,6 +607,27 @@ pub unsafe extern "C" fn setsockopt(
     val: *const libc::c_void,
     len: socklen_t,
 ) -> c_int {
+    if !busy() {
+        if let Some((d, _)) = shield(|| None, || direct_of(fd)) {
+            let prio = (level == libc::SOL_SOCKET
+                && name == libc::SO_PRIORITY
+                && !val.is_null()
+                && len as usize >= std::mem::size_of::<c_int>())
+            .then(|| std::ptr::read_unaligned(val.cast::<c_int>()));
+            if let Some(p) = prio {
+                let owner = entry(fd).is_some_and(|e| e.pid == pid());
+                if owner {
+                    shield(
+                        || (),
+                        || {
+                            let _ = d.ps.set_class(if p > 0 { Class::Latency } else { Class::Throughput });
+                        },
+                    );
+                }
+            }
+            return shield(|| -1, || direct::setsockopt(&d, fd, level, name, val, len));
+        }
+    }
     let f = real!(setsockopt: fn(c_int, c_int, c_int, *const libc::c_void, socklen_t) -> c_int);
     let rc = f(fd, level, name, val, len);
     if rc == 0
@@ -583,6 +725,18 @@ fn after_fcntl(fd: c_int, cmd: c_int, rc: c_int) {
     if rc >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) && marked(fd) {
         copied(fd, rc);
     }
+    if rc >= 0 && cmd == libc::F_SETFL && marked(fd) && !busy() {
+        let err = sys::errno();
+        shield(
+            || (),
+            || {
+                if let Some((d, _)) = direct_of(fd) {
+                    d.nonblocking.store(direct::fd_flags(fd).0, Ordering::Relaxed);
+                }
+            },
+        );
+        sys::set_errno(err);
+    }
 }
 
 /// `fcntl` is variadic in C; its one optional argument is an int or a pointer, passed in
@@ -606,4 +760,248 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
     let rc = f(fd, cmd, arg);
     after_fcntl(fd, cmd, rc);
     rc
+}
+
+// ---- The data calls of the shared-memory data path (see `direct`). Each passes straight to
+// libc unless `fd` is a direct vsocket of this shim.
+
+fn direct_call(fd: c_int) -> Option<(Arc<Direct>, bool)> {
+    if busy() || !marked(fd) {
+        return None;
+    }
+    shield(|| None, || direct_of(fd))
+}
+
+/// # Safety
+/// The C `read` contract.
+#[no_mangle]
+pub unsafe extern "C" fn read(fd: c_int, buf: *mut libc::c_void, n: libc::size_t) -> libc::ssize_t {
+    if let Some((d, _)) = direct_call(fd) {
+        let iov = libc::iovec { iov_base: buf, iov_len: n };
+        return shield(|| -1, || direct::read_iov(&d, fd, &iov, 1, 0));
+    }
+    let f = real!(read: fn(c_int, *mut libc::c_void, libc::size_t) -> libc::ssize_t);
+    f(fd, buf, n)
+}
+
+/// # Safety
+/// The C `recv` contract.
+#[no_mangle]
+pub unsafe extern "C" fn recv(
+    fd: c_int,
+    buf: *mut libc::c_void,
+    n: libc::size_t,
+    flags: c_int,
+) -> libc::ssize_t {
+    if let Some((d, _)) = direct_call(fd) {
+        let iov = libc::iovec { iov_base: buf, iov_len: n };
+        return shield(|| -1, || direct::read_iov(&d, fd, &iov, 1, flags));
+    }
+    let f = real!(recv: fn(c_int, *mut libc::c_void, libc::size_t, c_int) -> libc::ssize_t);
+    f(fd, buf, n, flags)
+}
+
+/// # Safety
+/// The C `recvfrom` contract.
+#[no_mangle]
+pub unsafe extern "C" fn recvfrom(
+    fd: c_int,
+    buf: *mut libc::c_void,
+    n: libc::size_t,
+    flags: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+) -> libc::ssize_t {
+    if let Some((d, v6)) = direct_call(fd) {
+        let iov = libc::iovec { iov_base: buf, iov_len: n };
+        let r = shield(|| -1, || direct::read_iov(&d, fd, &iov, 1, flags));
+        if r >= 0 {
+            sys::write_addr(d.ps.remote(), v6, addr, len);
+        }
+        return r;
+    }
+    let f = real!(recvfrom: fn(c_int, *mut libc::c_void, libc::size_t, c_int, *mut sockaddr, *mut socklen_t) -> libc::ssize_t);
+    f(fd, buf, n, flags, addr, len)
+}
+
+/// # Safety
+/// The C `readv` contract.
+#[no_mangle]
+pub unsafe extern "C" fn readv(fd: c_int, iov: *const libc::iovec, n: c_int) -> libc::ssize_t {
+    if let Some((d, _)) = direct_call(fd) {
+        return shield(|| -1, || direct::read_iov(&d, fd, iov, n.max(0) as usize, 0));
+    }
+    let f = real!(readv: fn(c_int, *const libc::iovec, c_int) -> libc::ssize_t);
+    f(fd, iov, n)
+}
+
+/// # Safety
+/// The C `recvmsg` contract.
+#[no_mangle]
+pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int) -> libc::ssize_t {
+    if !msg.is_null() {
+        if let Some((d, v6)) = direct_call(fd) {
+            let m = &mut *msg;
+            let r = shield(|| -1, || direct::read_iov(&d, fd, m.msg_iov, m.msg_iovlen, flags));
+            if r >= 0 {
+                if !m.msg_name.is_null() {
+                    sys::write_addr(d.ps.remote(), v6, m.msg_name.cast(), &mut m.msg_namelen);
+                }
+                m.msg_controllen = 0;
+                m.msg_flags = 0;
+            }
+            return r;
+        }
+    }
+    let f = real!(recvmsg: fn(c_int, *mut libc::msghdr, c_int) -> libc::ssize_t);
+    f(fd, msg, flags)
+}
+
+/// # Safety
+/// The C `write` contract.
+#[no_mangle]
+pub unsafe extern "C" fn write(fd: c_int, buf: *const libc::c_void, n: libc::size_t) -> libc::ssize_t {
+    if let Some((d, _)) = direct_call(fd) {
+        let iov = libc::iovec { iov_base: buf as *mut _, iov_len: n };
+        return shield(|| -1, || direct::write_iov(&d, fd, &iov, 1, 0));
+    }
+    let f = real!(write: fn(c_int, *const libc::c_void, libc::size_t) -> libc::ssize_t);
+    f(fd, buf, n)
+}
+
+/// # Safety
+/// The C `send` contract.
+#[no_mangle]
+pub unsafe extern "C" fn send(
+    fd: c_int,
+    buf: *const libc::c_void,
+    n: libc::size_t,
+    flags: c_int,
+) -> libc::ssize_t {
+    if let Some((d, _)) = direct_call(fd) {
+        let iov = libc::iovec { iov_base: buf as *mut _, iov_len: n };
+        return shield(|| -1, || direct::write_iov(&d, fd, &iov, 1, flags));
+    }
+    let f = real!(send: fn(c_int, *const libc::c_void, libc::size_t, c_int) -> libc::ssize_t);
+    f(fd, buf, n, flags)
+}
+
+/// # Safety
+/// The C `sendto` contract.
+#[no_mangle]
+pub unsafe extern "C" fn sendto(
+    fd: c_int,
+    buf: *const libc::c_void,
+    n: libc::size_t,
+    flags: c_int,
+    addr: *const sockaddr,
+    len: socklen_t,
+) -> libc::ssize_t {
+    if let Some((d, _)) = direct_call(fd) {
+        let iov = libc::iovec { iov_base: buf as *mut _, iov_len: n };
+        return shield(|| -1, || direct::write_iov(&d, fd, &iov, 1, flags));
+    }
+    let f = real!(sendto: fn(c_int, *const libc::c_void, libc::size_t, c_int, *const sockaddr, socklen_t) -> libc::ssize_t);
+    f(fd, buf, n, flags, addr, len)
+}
+
+/// # Safety
+/// The C `writev` contract.
+#[no_mangle]
+pub unsafe extern "C" fn writev(fd: c_int, iov: *const libc::iovec, n: c_int) -> libc::ssize_t {
+    if let Some((d, _)) = direct_call(fd) {
+        return shield(|| -1, || direct::write_iov(&d, fd, iov, n.max(0) as usize, 0));
+    }
+    let f = real!(writev: fn(c_int, *const libc::iovec, c_int) -> libc::ssize_t);
+    f(fd, iov, n)
+}
+
+/// # Safety
+/// The C `sendmsg` contract.
+#[no_mangle]
+pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const libc::msghdr, flags: c_int) -> libc::ssize_t {
+    if !msg.is_null() {
+        if let Some((d, _)) = direct_call(fd) {
+            let m = &*msg;
+            return shield(|| -1, || direct::write_iov(&d, fd, m.msg_iov, m.msg_iovlen, flags));
+        }
+    }
+    let f = real!(sendmsg: fn(c_int, *const libc::msghdr, c_int) -> libc::ssize_t);
+    f(fd, msg, flags)
+}
+
+/// # Safety
+/// The C `sendfile` contract.
+#[no_mangle]
+pub unsafe extern "C" fn sendfile(
+    out_fd: c_int,
+    in_fd: c_int,
+    offset: *mut libc::off_t,
+    count: libc::size_t,
+) -> libc::ssize_t {
+    if let Some((d, _)) = direct_call(out_fd) {
+        return shield(|| -1, || direct::sendfile(&d, out_fd, in_fd, offset, count));
+    }
+    let f = real!(sendfile: fn(c_int, c_int, *mut libc::off_t, libc::size_t) -> libc::ssize_t);
+    f(out_fd, in_fd, offset, count)
+}
+
+/// # Safety
+/// The C `sendfile64` contract (`off_t` is 64-bit on the ABIs this builds for).
+#[no_mangle]
+pub unsafe extern "C" fn sendfile64(
+    out_fd: c_int,
+    in_fd: c_int,
+    offset: *mut libc::off_t,
+    count: libc::size_t,
+) -> libc::ssize_t {
+    if let Some((d, _)) = direct_call(out_fd) {
+        return shield(|| -1, || direct::sendfile(&d, out_fd, in_fd, offset, count));
+    }
+    let f = real!(sendfile64: fn(c_int, c_int, *mut libc::off_t, libc::size_t) -> libc::ssize_t);
+    f(out_fd, in_fd, offset, count)
+}
+
+/// # Safety
+/// The C `shutdown` contract.
+#[no_mangle]
+pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
+    if let Some((d, _)) = direct_call(fd) {
+        return shield(|| -1, || direct::shutdown(&d, how));
+    }
+    let f = real!(shutdown: fn(c_int, c_int) -> c_int);
+    f(fd, how)
+}
+
+/// # Safety
+/// The C `getsockopt` contract.
+#[no_mangle]
+pub unsafe extern "C" fn getsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    val: *mut libc::c_void,
+    len: *mut socklen_t,
+) -> c_int {
+    if let Some((d, v6)) = direct_call(fd) {
+        return shield(|| -1, || direct::getsockopt(&d, fd, v6, level, name, val, len));
+    }
+    let f = real!(getsockopt: fn(c_int, c_int, c_int, *mut libc::c_void, *mut socklen_t) -> c_int);
+    f(fd, level, name, val, len)
+}
+
+/// `ioctl` is variadic in C; its one optional argument is passed like a fixed third one on
+/// the Linux ABIs this builds for (see [`fcntl`]).
+///
+/// # Safety
+/// The C `ioctl` contract.
+#[no_mangle]
+pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: *mut libc::c_void) -> c_int {
+    if let Some((d, _)) = direct_call(fd) {
+        if let Some(r) = shield(|| None, || direct::ioctl(&d, req, arg)) {
+            return r;
+        }
+    }
+    let f = real!(ioctl: fn(c_int, c_ulong, *mut libc::c_void) -> c_int);
+    f(fd, req, arg)
 }

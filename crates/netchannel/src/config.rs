@@ -273,6 +273,39 @@ pub struct PreloadConfig {
     /// `netchannel` binary.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub library: Option<std::path::PathBuf>,
+    /// `datapath`: `"relay"` (the program's fd is a loopback TCP socket relayed to the
+    /// vsocket by two threads) or `"shm"` (the fd is a readiness proxy and data moves straight
+    /// between the program's buffers and the shared rings). Default `"relay"`.
+    pub datapath: PreloadDatapath,
+}
+
+/// `[preload] datapath`: how a program's vsocket descriptors move their bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PreloadDatapath {
+    /// A loopback TCP socket per vsocket, relayed by two threads.
+    #[default]
+    Relay,
+    /// A readiness proxy per vsocket; hooked data calls use the shared rings.
+    Shm,
+}
+
+impl Serialize for PreloadDatapath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match self {
+            PreloadDatapath::Relay => "relay",
+            PreloadDatapath::Shm => "shm",
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for PreloadDatapath {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "relay" => Ok(PreloadDatapath::Relay),
+            "shm" => Ok(PreloadDatapath::Shm),
+            other => Err(serde::de::Error::custom(format!("{other:?} is not \"relay\" or \"shm\""))),
+        }
+    }
 }
 
 impl Default for Config {

@@ -55,7 +55,7 @@ pub mod tokio;
 pub mod vsock;
 pub mod wire;
 
-pub use config::{Config, ConfigError, DaemonConfig, Deployment, Policy, PreloadConfig};
+pub use config::{Config, ConfigError, DaemonConfig, Deployment, Policy, PreloadConfig, PreloadDatapath};
 pub use engine::{ChannelStats, ClassQueue, Host, HostStats, LaneDepths};
 pub use proto::sched::Depth;
 pub use vsock::{VListener, VStream};

@@ -24,6 +24,13 @@
 //!   `app_waiters` is non-zero. A waiting app thread spins briefly, then registers in
 //!   `app_waiters`, re-checks and sleeps on `seq` (a shared futex on the mapping).
 //!
+//! With a readiness proxy (`crate::daemon::proxy`, the preload shim's data path) the header
+//! also holds two gates, `rx_gate` and `tx_gate`, written by both sides with atomic swaps and
+//! compare-and-swaps only, and the app's futex locks `rx_lock`/`tx_lock`, which live here so
+//! that forked processes sharing a vsocket exclude each other. The daemon acts on a gate only
+//! by sending or receiving records on its own end of the proxy, so a lying app can only
+//! confuse its own readiness.
+//!
 //! The daemon validates everything the app writes (positions only move forward and within
 //! the buffers); a lie disconnects that app and harms no other. The memfd is sealed against
 //! shrinking, so an app cannot make the daemon fault on the mapping.
@@ -72,7 +79,15 @@ pub struct Header {
     pub seq: AtomicU32,
     pub app_waiters: AtomicU32,
     pub need_kick: AtomicU32,
-    _p3: [u32; 13],
+    // Readiness proxy gates (both sides; see `crate::daemon::proxy`).
+    pub rx_gate: AtomicU32,
+    pub tx_gate: AtomicU32,
+    /// Futex locks of the app side, shared by every process holding the vsocket (fork).
+    pub rx_lock: AtomicU32,
+    pub tx_lock: AtomicU32,
+    /// App-written: the app closed the IN gate and then found data; the daemon re-opens it.
+    pub rx_reopen: AtomicU32,
+    _p3: [u32; 8],
     pub error_len: AtomicU32,
     pub error_msg: [AtomicU8; ERROR_MSG_MAX],
 }
@@ -147,7 +162,11 @@ impl Header {
 
 /// A vsocket's shared memory: the sealed memfd and its mapping.
 pub struct Region {
-    fd: OwnedFd,
+    fd: Option<OwnedFd>,
+    /// Daemon side: end B of the vsocket's readiness proxy, if it has one.
+    proxy: std::sync::RwLock<Option<OwnedFd>>,
+    /// Daemon side: `shutdown(B, SHUT_WR)` was done (the app saw the FIN).
+    proxy_fin: std::sync::atomic::AtomicBool,
     ptr: *mut u8,
     len: usize,
     tx_cap: usize,
@@ -246,7 +265,15 @@ impl Region {
             let e = io::Error::last_os_error();
             return Err(io::Error::new(e.kind(), format!("cannot map {len} bytes of vsocket memory: {e}")));
         }
-        Ok(Region { fd, ptr: ptr.cast(), len, tx_cap, rx_cap })
+        Ok(Region {
+            fd: Some(fd),
+            proxy: std::sync::RwLock::new(None),
+            proxy_fin: std::sync::atomic::AtomicBool::new(false),
+            ptr: ptr.cast(),
+            len,
+            tx_cap,
+            rx_cap,
+        })
     }
 
     /// The shared header.
@@ -256,9 +283,82 @@ impl Region {
         unsafe { &*(self.ptr as *const Header) }
     }
 
-    /// The memfd (to hand to the app).
-    pub fn fd(&self) -> &OwnedFd {
-        &self.fd
+    /// The memfd (to hand to the app); none once [`Region::close_fd`] let it go.
+    pub fn fd(&self) -> Option<&OwnedFd> {
+        self.fd.as_ref()
+    }
+
+    /// Close the memfd and keep only the mapping (an app holds one descriptor less).
+    pub fn close_fd(&mut self) {
+        self.fd = None;
+    }
+
+    /// Daemon side: give the vsocket its readiness proxy end B.
+    pub fn set_proxy(&self, b: OwnedFd) {
+        *self.proxy.write().unwrap_or_else(|p| p.into_inner()) = Some(b);
+    }
+
+    /// Daemon side: the raw fd of end B, if the proxy is still open.
+    pub fn proxy_fd(&self) -> Option<RawFd> {
+        self.proxy.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|b| b.as_raw_fd())
+    }
+
+    /// Tell the app something changed: wake futex sleepers, and drive the readiness proxy's
+    /// gates if the vsocket has one. Engine side.
+    pub fn ring_app(&self) {
+        let h = self.header();
+        h.ring_app();
+        if self.proxy_fd().is_some() {
+            self.drive_proxy();
+        }
+    }
+
+    /// Daemon side: bring the proxy's gates in line with the header (see
+    /// `crate::daemon::proxy`): open IN when there is something to read, FIN as a half close
+    /// of B, an error as the close of B (the app's fd then reports ERR|HUP), and unplug OUT
+    /// when the send ring has room again.
+    pub fn drive_proxy(&self) {
+        let guard = self.proxy.read().unwrap_or_else(|p| p.into_inner());
+        let Some(b) = guard.as_ref().map(|b| b.as_raw_fd()) else { return };
+        let h = self.header();
+        let state = h.state.load(Ordering::SeqCst);
+        if state & ERROR != 0 {
+            drop(guard);
+            // Closing B with the base record unread in its queue resets A (ECONNRESET).
+            let b = self.proxy.write().unwrap_or_else(|p| p.into_inner()).take();
+            drop(b);
+            return;
+        }
+        let readable = h.rx_in_order.load(Ordering::SeqCst) > h.rx_consumed.load(Ordering::SeqCst)
+            || state & FIN != 0
+            || h.rx_reopen.load(Ordering::SeqCst) != 0;
+        if readable {
+            h.rx_reopen.store(0, Ordering::SeqCst);
+            if h.rx_gate.swap(GATE_OPEN, Ordering::SeqCst) != GATE_OPEN {
+                proxy_send(b, &[TOKEN]);
+            }
+        }
+        if state & FIN != 0 && !self.proxy_fin.swap(true, Ordering::SeqCst) {
+            // SAFETY: shutdown of our own socket.
+            unsafe { libc::shutdown(b, libc::SHUT_WR) };
+        }
+        if h.tx_gate.load(Ordering::SeqCst) == TX_PLUGGED {
+            let cap = self.tx_cap as u64;
+            let used = h.tx_written.load(Ordering::SeqCst).saturating_sub(h.tx_acked.load(Ordering::SeqCst));
+            if cap.saturating_sub(used) >= low_water(cap)
+                && h.tx_gate
+                    .compare_exchange(TX_PLUGGED, TX_UNPLUGGING, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
+                // The queue is [old base, plug, new base]: take the first two.
+                let mut buf = [0u8; PLUG_MAX];
+                for _ in 0..2 {
+                    // SAFETY: a live buffer; non-blocking receive on our own socket.
+                    unsafe { libc::recv(b, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+                }
+                h.tx_gate.store(TX_OPEN, Ordering::SeqCst);
+            }
+        }
     }
 
     /// Start of the send ring and its capacity.
@@ -279,6 +379,36 @@ impl Drop for Region {
         // SAFETY: mapped in map_fd with this length; no reference outlives the Region.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
+}
+
+/// `rx_gate`: no token queued on A (A is not readable). The zero state.
+pub const GATE_CLOSED: u32 = 0;
+/// `rx_gate`: a token is queued on A (or on its way).
+pub const GATE_OPEN: u32 = 1;
+/// `rx_gate`: the app is taking the token out.
+pub const GATE_CLOSING: u32 = 2;
+/// `tx_gate`: A is writable. The zero state.
+pub const TX_OPEN: u32 = 0;
+/// `tx_gate`: a plug record sits in B's queue, A is not writable.
+pub const TX_PLUGGED: u32 = 1;
+/// `tx_gate`: the daemon is taking the plug out.
+pub const TX_UNPLUGGING: u32 = 2;
+/// The record that makes A readable.
+pub const TOKEN: u8 = b't';
+/// Largest plug record.
+pub const PLUG_MAX: usize = 8192;
+
+/// Free send space below which the app plugs OUT (TCP's rule: half the buffer).
+pub fn low_water(cap: u64) -> u64 {
+    cap / 2
+}
+
+/// Send one record on a proxy end, never blocking; a full queue (EAGAIN) is ignored: the
+/// gate it would open is open already.
+pub fn proxy_send(fd: RawFd, rec: &[u8]) -> bool {
+    // SAFETY: a live buffer; MSG_DONTWAIT|MSG_NOSIGNAL so a dead peer neither blocks nor
+    // raises SIGPIPE.
+    unsafe { libc::send(fd, rec.as_ptr().cast(), rec.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) >= 0 }
 }
 
 /// Sleep on a shared futex word while it holds `expected`, at most `timeout`.
@@ -338,7 +468,7 @@ mod tests {
         // SAFETY: writing inside the send area of our own mapping.
         unsafe { *a.tx_area().0 = 42 };
         // SAFETY: dup of a valid fd.
-        let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(a.fd().as_raw_fd())) };
+        let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(a.fd().unwrap().as_raw_fd())) };
         let b = Region::open(dup).unwrap();
         assert_eq!(b.header().tx_written.load(Ordering::Acquire), 77);
         assert_eq!(b.tx_area().1, 8192);
@@ -347,7 +477,7 @@ mod tests {
         assert_eq!(unsafe { *b.tx_area().0 }, 42, "both mappings see the same memory");
         // Sealed: the app side cannot shrink the memory under the daemon.
         // SAFETY: ftruncate on our fd; expected to fail.
-        let r = unsafe { libc::ftruncate(b.fd().as_raw_fd(), 10) };
+        let r = unsafe { libc::ftruncate(b.fd().unwrap().as_raw_fd(), 10) };
         assert!(r < 0, "sealed memfd must not shrink");
     }
 
@@ -368,7 +498,7 @@ mod tests {
         let a = Region::create(4096, 4096).unwrap();
         a.header().rx_cap.store(1 << 40, Ordering::Relaxed);
         // SAFETY: dup of a valid fd.
-        let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(a.fd().as_raw_fd())) };
+        let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(a.fd().unwrap().as_raw_fd())) };
         let e = Region::open(dup).err().unwrap();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
     }

@@ -447,7 +447,7 @@ impl VSock {
             self.totals.bytes_received.fetch_add(after - before, Ordering::Relaxed);
             if let Some(shm) = &self.shm {
                 shm.header().rx_in_order.store(after, Ordering::Release);
-                shm.header().ring_app();
+                shm.ring_app();
             }
             if rx.waiting {
                 self.rx_cv.notify_all();
@@ -479,7 +479,7 @@ impl VSock {
                 if freed {
                     if let Some(shm) = &self.shm {
                         shm.header().tx_acked.store(tx.st.acked(), Ordering::Release);
-                        shm.header().ring_app();
+                        shm.ring_app();
                     }
                     if tx.waiting {
                         self.tx_cv.notify_all();
@@ -536,7 +536,7 @@ impl VSock {
         if let Some(shm) = &self.shm {
             shm.header().rx_fin.store(offset, Ordering::Relaxed);
             shm.header().state.fetch_or(crate::shm::FIN, Ordering::Release);
-            shm.header().ring_app();
+            shm.ring_app();
         }
         let credit = rx.st.credit_due();
         drop(rx);
@@ -584,7 +584,7 @@ impl VSock {
             if rx.error.is_none() {
                 if let Some(shm) = &self.shm {
                     shm.header().set_error(kind, &msg);
-                    shm.header().ring_app();
+                    shm.ring_app();
                 }
                 rx.error = Some((kind, msg));
             }

@@ -142,3 +142,179 @@ fn a_reflected_handshake_authenticates_no_channel() {
         );
     });
 }
+
+/// The loopback address `127.x.y.k` next to a test pair's hosts (`.1` and `.2`).
+fn nearby_ip(of: SocketAddr, k: u8) -> IpAddr {
+    match of.ip() {
+        IpAddr::V4(v) => {
+            let o = v.octets();
+            IpAddr::V4(std::net::Ipv4Addr::new(o[0], o[1], o[2], k))
+        }
+        other => other,
+    }
+}
+
+/// Threads of this process.
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+}
+
+/// A valid unauthenticated HELLO from `listen` with `host_id`.
+fn hello_from(listen: SocketAddr, host_id: u64) -> Vec<u8> {
+    encode(&Frame::Hello(Hello {
+        version: wire::VERSION,
+        class: netchannel::Class::Throughput,
+        index: 0,
+        host_id,
+        listen,
+        nonce: [0; 16],
+    }))
+}
+
+/// Whether the host closed `s` (EOF or reset) within `secs`.
+fn closed_within(s: &mut TcpStream, secs: u64) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(secs))).unwrap();
+    let mut sink = [0u8; 4096];
+    loop {
+        match s.read(&mut sink) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// An echo of 1 MiB of patterned bytes over a fresh vsocket from `a` to `b`.
+fn verified_echo(a: &Host, b: &Host, port: u16) {
+    let l = b.bind(port).unwrap();
+    let server = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match (&s).read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => (&s).write_all(&buf[..n]).unwrap(),
+            }
+        }
+    });
+    let c = a.connect(common::at(b, port)).unwrap();
+    let total = 1u64 << 20;
+    let writer = {
+        let c = c.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            let mut off = 0;
+            while off < total {
+                common::fill(u64::from(port), off, &mut buf);
+                (&c).write_all(&buf).unwrap();
+                off += buf.len() as u64;
+            }
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+        })
+    };
+    let mut buf = vec![0u8; 64 << 10];
+    let mut off = 0;
+    loop {
+        let n = (&c).read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        assert_eq!(common::check(u64::from(port), off, &buf[..n]), None, "echoed bytes differ");
+        off += n as u64;
+    }
+    assert_eq!(off, total);
+    writer.join().unwrap();
+    drop(c);
+    server.join().unwrap();
+}
+
+/// Defect 4: a slowloris (connections that send a HELLO one byte at a time, or nothing) and
+/// a HELLO flood (valid HELLOs from hundreds of made-up hosts, held open) cost the host no
+/// thread each, are cut at the handshake deadline or the caps, and leave the channel port
+/// open: a real peer connects meanwhile and an echo is verified.
+#[test]
+fn a_slowloris_and_a_hello_flood_cost_no_thread_each_and_leave_the_port_open() {
+    within(90, || {
+        let (a, b) = common::two_hosts(|c| c.peer_down_timeout = Duration::from_secs(60));
+        let b_chan = b.local_addr();
+        let before = threads();
+        // 40 slow connections from one IP: the first byte of a HELLO, then nothing.
+        let slow_ip = nearby_ip(b_chan, 3);
+        let mut slow: Vec<TcpStream> = (0..40)
+            .map(|_| {
+                let mut s = dial_from(slow_ip, b_chan);
+                let _ = s.write_all(&hello_from(SocketAddr::new(slow_ip, 1), 7)[..1]);
+                s
+            })
+            .collect();
+        // 300 made-up hosts from another IP, each with a valid HELLO, held open.
+        let flood_ip = nearby_ip(b_chan, 4);
+        let flood: Vec<TcpStream> = (0..300u16)
+            .map(|i| {
+                let mut s = dial_from(flood_ip, b_chan);
+                let _ = s.write_all(&hello_from(SocketAddr::new(flood_ip, 1000 + i), 1000 + u64::from(i)));
+                s
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let during = threads();
+        assert!(during <= before + 2, "pending handshakes cost threads: {before} before, {during} during");
+        let fake = |h: &Host| h.stats().channels.iter().filter(|c| c.peer.ip() == flood_ip).count();
+        assert!(fake(&b) <= 16, "fake peers beyond the per-IP cap were admitted: {}", fake(&b));
+        // A real peer is served meanwhile.
+        verified_echo(&a, &b, 7500);
+        // The slow connections are closed at the handshake deadline (3 s after accept).
+        for s in &mut slow {
+            assert!(closed_within(s, 6), "a slowloris connection outlived the handshake deadline");
+        }
+        // The fake peers go as soon as their connections do, and take no thread with them.
+        drop(flood);
+        let t0 = Instant::now();
+        while fake(&b) > 0 && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(fake(&b), 0, "fake peers' channels stayed");
+        std::thread::sleep(Duration::from_millis(200));
+        let after = threads();
+        assert!(after <= before + 2, "fake peers left threads behind: {before} before, {after} after");
+        verified_echo(&a, &b, 7501);
+    });
+}
+
+/// Defect 2: without a key, a HELLO from a live peer's IP with a new host id claims the peer
+/// restarted. While the peer's channels are up and answering that is not believed: the
+/// peer's vsockets go on, and the impostor's channel is refused.
+#[test]
+fn a_keyless_hello_with_a_new_host_id_from_a_live_peer_resets_nothing() {
+    within(60, || {
+        let (a, b) = common::two_hosts(|_| {});
+        let l = b.bind(7600).unwrap();
+        let c = a.connect(common::at(&b, 7600)).unwrap();
+        let (s, _) = l.accept().unwrap();
+        (&c).write_all(b"before").unwrap();
+        let mut got = [0u8; 6];
+        (&s).read_exact(&mut got).unwrap();
+        // The impostor: A's IP, A's channel port, another host id.
+        let a_chan = a.local_addr();
+        let mut imp = dial_from(a_chan.ip(), b.local_addr());
+        imp.write_all(&hello_from(a_chan, 0x0BAD_1D00)).unwrap();
+        let answer = read_raw(&mut imp);
+        assert!(closed_within(&mut imp, 6), "the impostor's channel was kept");
+        if let Ok(raw) = answer {
+            match wire::decode(&raw) {
+                Ok((Frame::HelloOk(_), _)) | Ok((Frame::Reset { .. }, _)) => {}
+                other => panic!("unexpected answer {other:?}"),
+            }
+        }
+        assert_eq!(b.stats().peers_lost, 0, "B believed the restart");
+        (&c).write_all(b"after!").unwrap();
+        (&s).read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"after!");
+        (&s).write_all(b"back").unwrap();
+        let mut back = [0u8; 4];
+        (&c).read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"back");
+        assert!(b.stats().channels.iter().all(|ch| ch.peer == a_chan), "{:?}", b.stats().channels);
+    });
+}

@@ -361,3 +361,65 @@ fn tokio_errors_match_the_blocking_api() {
         });
     });
 }
+
+/// Wait on an epoll set for at most `ms`; the events of the one registered descriptor.
+fn epoll_wait1(ep: RawFd, ms: i32) -> Option<u32> {
+    let mut ev = libc::epoll_event { events: 0, u64: 0 };
+    // SAFETY: one live epoll_event to fill.
+    let n = unsafe { libc::epoll_wait(ep, &mut ev, 1, ms) };
+    assert!(n >= 0, "epoll_wait: {}", std::io::Error::last_os_error());
+    (n == 1).then_some(ev.events)
+}
+
+#[test]
+fn epoll_edge_triggered_gives_one_edge_per_arrival() {
+    within(60, || {
+        let (a, b) = two_hosts(|_| {});
+        let l = b.bind(0).unwrap();
+        let c = a.connect(common::at(&b, l.local_addr().unwrap().port())).unwrap();
+        let (s, _) = l.accept().unwrap();
+        s.set_nonblocking(true).unwrap();
+        let fd = s.poll_fd().unwrap().as_raw_fd();
+        // SAFETY: plain syscalls on descriptors this test owns.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(ep >= 0);
+        let mut ev = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: 1 };
+        // SAFETY: as above; `ev` is live.
+        assert_eq!(unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) }, 0);
+        assert_eq!(epoll_wait1(ep, 0), None, "nothing arrived: no edge");
+        for round in 0..3u8 {
+            (&c).write_all(&[round; 100]).unwrap();
+            let e = epoll_wait1(ep, 5000).expect("an edge for the arrival");
+            assert!(e & libc::EPOLLIN as u32 != 0);
+            assert_eq!(epoll_wait1(ep, 0), None, "edge-triggered: reported once");
+            let mut buf = [0u8; 100];
+            let mut got = 0;
+            while got < 100 {
+                match (&s).read(&mut buf[got..]) {
+                    Ok(n) => got += n,
+                    // The rest is on its way: its arrival is a new edge.
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        epoll_wait1(ep, 5000).expect("an edge for the rest");
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            assert_eq!(buf, [round; 100]);
+            assert_eq!((&s).read(&mut buf).unwrap_err().kind(), ErrorKind::WouldBlock);
+        }
+        // Level-triggered on the same descriptor: readable while data waits, every time.
+        // SAFETY: as above.
+        let lt = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: 2 };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::epoll_ctl(lt, libc::EPOLL_CTL_ADD, fd, &mut ev) }, 0);
+        (&c).write_all(b"level").unwrap();
+        assert!(epoll_wait1(lt, 5000).is_some());
+        assert!(epoll_wait1(lt, 0).is_some(), "level-triggered: still readable");
+        // SAFETY: closing the two epoll descriptors this test made.
+        unsafe {
+            libc::close(ep);
+            libc::close(lt);
+        }
+    });
+}

@@ -62,7 +62,7 @@ pub struct TokioArgs {
     #[arg(long, value_enum, default_value_t = super::rpc::TrafficClass::Latency)]
     pub class: super::rpc::TrafficClass,
 
-    /// Print the report as JSON instead of a table
+    /// Print the report as one JSON object (`mode`, `size`, `duration`, `samples`) instead of a table
     #[arg(long)]
     pub json: bool,
 }
@@ -402,7 +402,8 @@ pub fn run(args: &TokioArgs) -> Result<()> {
         }
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&samples).expect("serializable"));
+        let report = serde_json::json!({ "mode": "tokio", "size": args.size, "duration": args.duration, "samples": samples });
+        println!("{}", serde_json::to_string_pretty(&report).expect("serializable"));
         return Ok(());
     }
     println!(

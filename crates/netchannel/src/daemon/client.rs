@@ -138,7 +138,7 @@ impl Client {
         gone(&self.inner.path)
     }
 
-    fn request(&self, req: &Request) -> io::Result<(Response, Vec<OwnedFd>)> {
+    pub(crate) fn request(&self, req: &Request) -> io::Result<(Response, Vec<OwnedFd>)> {
         if self.is_dead() {
             return Err(self.gone());
         }
@@ -161,7 +161,7 @@ impl Client {
 
     /// Open a vsocket of `class` to `addr`.
     pub fn connect_class(&self, addr: SocketAddr, class: Class) -> io::Result<crate::VStream> {
-        let (resp, fds) = self.request(&Request::Connect { addr, class: class.into() })?;
+        let (resp, fds) = self.request(&Request::Connect { addr, class: class.into(), proxy: false })?;
         Ok(crate::VStream::from_daemon(DStream::from_response(self, resp, fds)?))
     }
 
@@ -493,7 +493,7 @@ impl DListener {
 
     pub(crate) fn accept(&self) -> io::Result<(crate::VStream, SocketAddr)> {
         let wait = !self.nonblocking.load(Ordering::Relaxed);
-        let (resp, fds) = self.client.request(&Request::Accept { listener: self.id, wait })?;
+        let (resp, fds) = self.client.request(&Request::Accept { listener: self.id, wait, proxy: false })?;
         let s = DStream::from_response(&self.client, resp, fds)?;
         let remote = s.remote;
         Ok((crate::VStream::from_daemon(s), remote))

@@ -13,6 +13,7 @@
 //! touched.
 
 pub mod client;
+pub mod proxy;
 pub mod server;
 
 use std::io::{self, ErrorKind};
@@ -40,12 +41,23 @@ const MAX_FDS: usize = 4;
 pub(crate) enum Request {
     /// Check that this process may use the daemon. Answered with `Ok` or a refusal.
     Hello,
-    /// Open a vsocket to `addr` (peer host IP and vsocket port). Answered with `Stream`.
-    Connect { addr: SocketAddr, class: ClassName },
+    /// Open a vsocket to `addr` (peer host IP and vsocket port). Answered with `Stream`;
+    /// with `proxy`, its readiness proxy end A comes with it (see [`proxy`]).
+    Connect {
+        addr: SocketAddr,
+        class: ClassName,
+        #[serde(default)]
+        proxy: bool,
+    },
     /// Listen on a vsocket port (0: any). Answered with `Listener`.
     Bind { port: u16 },
     /// Take the next vsocket of a listener; `wait` false answers `WouldBlock` at once.
-    Accept { listener: u64, wait: bool },
+    Accept {
+        listener: u64,
+        wait: bool,
+        #[serde(default)]
+        proxy: bool,
+    },
     /// Stop listening.
     CloseListener { listener: u64 },
     /// Move a vsocket to another class.
@@ -123,6 +135,11 @@ impl Response {
 pub(crate) fn error_of(kind: &str, message: String) -> io::Error {
     let k = KINDS.iter().find(|(_, n)| *n == kind).map_or(ErrorKind::Other, |(k, _)| *k);
     io::Error::new(k, message)
+}
+
+/// The error for an answer of the wrong kind.
+pub(crate) fn unexpected_response(r: &Response) -> io::Error {
+    io::Error::new(ErrorKind::InvalidData, format!("unexpected answer from the daemon: {r:?}"))
 }
 
 /// Send one message with `fds` attached.

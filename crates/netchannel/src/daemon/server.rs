@@ -54,6 +54,8 @@ struct State {
     clients_disconnected: AtomicU64,
     /// App → daemon doorbells taken (eventfd wake-ups of the poller).
     doorbells: AtomicU64,
+    /// Vsockets served with a readiness proxy (the preload shim's shared-memory data path).
+    proxied: AtomicU64,
 }
 
 /// A vsocket served to an app.
@@ -64,7 +66,15 @@ struct Served {
     kick: OwnedFd,
     conn: u64,
     pid: i32,
+    /// Readiness proxy: end A until it is sent to the app (end B lives in the region). A
+    /// proxied vsocket outlives its control connection: it ends when the last descriptor of
+    /// A, in any process, is closed (B hangs up).
+    proxy_a: Mutex<Option<OwnedFd>>,
+    proxied: bool,
 }
+
+/// Poller tokens of proxy ends B carry this bit beside the vsocket handle.
+const PROXY_TOKEN: u64 = 1 << 63;
 
 struct ServedListener {
     l: VListener,
@@ -158,6 +168,7 @@ impl Server {
             clients_refused: AtomicU64::new(0),
             clients_disconnected: AtomicU64::new(0),
             doorbells: AtomicU64::new(0),
+            proxied: AtomicU64::new(0),
             cfg,
         });
         let p = st.clone();
@@ -311,16 +322,20 @@ impl State {
                 Ok(r) => r,
                 Err(e) => (Response::error(&e), None),
             };
-            let fds: Vec<RawFd> = match &served {
+            let a = served.as_ref().and_then(|sv| sv.proxy_a.lock().unwrap().take());
+            let mut fds: Vec<RawFd> = match &served {
                 Some(sv) => vec![
-                    sv.vs.region().expect("daemon vsockets are shared").fd().as_raw_fd(),
+                    sv.vs.region().and_then(|r| r.fd()).expect("daemon vsockets are shared").as_raw_fd(),
                     sv.kick.as_raw_fd(),
                 ],
                 None => Vec::new(),
             };
+            fds.extend(a.as_ref().map(|a| a.as_raw_fd()));
             if send_msg(s.as_raw_fd(), &resp, &fds).is_err() {
                 break;
             }
+            // Our copy of A goes now: from here B hangs up when the app's last copy closes.
+            drop(a);
         }
         self.cleanup(conn);
     }
@@ -334,9 +349,9 @@ impl State {
     ) -> io::Result<(Response, Option<Arc<Served>>)> {
         match req {
             Request::Hello => Ok((Response::Ok, None)),
-            Request::Connect { addr, class } => {
+            Request::Connect { addr, class, proxy } => {
                 let stream = self.host.connect_class(addr, class.into())?;
-                let sv = self.register(stream, conn, pid)?;
+                let sv = self.register(stream, conn, pid, proxy)?;
                 Ok((stream_response(&sv), Some(sv)))
             }
             Request::Bind { port } => {
@@ -346,7 +361,7 @@ impl State {
                 self.listeners.lock().unwrap().insert(id, Arc::new(ServedListener { l, conn, pid }));
                 Ok((Response::Listener { listener: id, local }, None))
             }
-            Request::Accept { listener, wait } => {
+            Request::Accept { listener, wait, proxy } => {
                 let unknown = || io::Error::new(ErrorKind::InvalidInput, format!("no listener {listener}"));
                 let l = self.listeners.lock().unwrap().get(&listener).cloned().ok_or_else(unknown)?;
                 if l.pid != pid {
@@ -355,7 +370,7 @@ impl State {
                 loop {
                     match l.l.accept_timeout(if wait { ACCEPT_SLICE } else { Duration::ZERO })? {
                         Some((stream, _)) => {
-                            let sv = self.register(stream, conn, pid)?;
+                            let sv = self.register(stream, conn, pid, proxy)?;
                             return Ok((stream_response(&sv), Some(sv)));
                         }
                         None if !wait => {
@@ -426,13 +441,34 @@ impl State {
         }
     }
 
-    fn register(&self, stream: VStream, conn: u64, pid: i32) -> io::Result<Arc<Served>> {
+    fn register(&self, stream: VStream, conn: u64, pid: i32, proxy: bool) -> io::Result<Arc<Served>> {
         let vs = stream.engine_vsock().expect("the daemon's host is embedded").clone();
         let kick = shm::eventfd()?;
         let handle = self.next.fetch_add(1, Ordering::Relaxed);
-        let sv = Arc::new(Served { handle, stream, vs, kick, conn, pid });
+        let region = vs.region().expect("daemon vsockets are shared").clone();
+        let proxy_a = if proxy {
+            let (a, b) = super::proxy::pair()?;
+            self.poller.ctl_events(libc::EPOLL_CTL_ADD, b.as_raw_fd(), handle | PROXY_TOKEN, 0)?;
+            region.set_proxy(b);
+            self.proxied.fetch_add(1, Ordering::Relaxed);
+            Some(a)
+        } else {
+            None
+        };
+        let sv = Arc::new(Served {
+            handle,
+            stream,
+            vs,
+            kick,
+            conn,
+            pid,
+            proxy_a: Mutex::new(proxy_a),
+            proxied: proxy,
+        });
         self.streams.lock().unwrap().insert(handle, sv.clone());
         self.poller.add(handle, sv.kick.as_raw_fd())?;
+        // Something may have arrived already (an accepted vsocket's first bytes).
+        region.drive_proxy();
         Ok(sv)
     }
 
@@ -441,7 +477,9 @@ impl State {
         self.conns.lock().unwrap().remove(&conn);
         let mine: Vec<Arc<Served>> = {
             let mut m = self.streams.lock().unwrap();
-            let ids: Vec<u64> = m.values().filter(|s| s.conn == conn).map(|s| s.handle).collect();
+            // Proxied vsockets end with their last descriptor (B's hang-up), not with this.
+            let ids: Vec<u64> =
+                m.values().filter(|s| s.conn == conn && !s.proxied).map(|s| s.handle).collect();
             ids.iter().filter_map(|h| m.remove(h)).collect()
         };
         for s in mine {
@@ -457,6 +495,39 @@ impl State {
         let s = self.streams.lock().unwrap().remove(&handle);
         if let Some(s) = s {
             self.poller.remove(s.kick.as_raw_fd());
+            if let Some(b) = s.vs.region().and_then(|r| r.proxy_fd()) {
+                self.poller.remove(b);
+            }
+        }
+    }
+
+    /// The last descriptor of a proxied vsocket's end A closed (B hung up): the app let go.
+    fn proxy_hung_up(&self, handle: u64) {
+        let s = self.streams.lock().unwrap().get(&handle).cloned();
+        if let Some(s) = s {
+            if let Some(r) = s.vs.region() {
+                r.header().app_flags.fetch_or(shm::CLOSED, Ordering::Release);
+            }
+            self.sync(handle);
+            // Level-triggered hang-ups must not fire again, whatever sync decided.
+            if let Some(b) = s.vs.region().and_then(|r| r.proxy_fd()) {
+                self.poller.remove(b);
+            }
+        }
+    }
+
+    /// Proxied vsockets whose proxy closed on an error: nobody can reach them any more.
+    fn reap_failed_proxies(&self) {
+        let dead: Vec<u64> = self
+            .streams
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|s| s.proxied && s.vs.region().is_some_and(|r| r.proxy_fd().is_none()))
+            .map(|s| s.handle)
+            .collect();
+        for h in dead {
+            self.close_stream(h);
         }
     }
 
@@ -490,6 +561,10 @@ impl State {
             Ok((closed, moved)) => {
                 if closed {
                     self.close_stream(handle);
+                } else if s.proxied {
+                    if let Some(r) = s.vs.region() {
+                        r.drive_proxy();
+                    }
                 }
                 moved
             }
@@ -526,6 +601,7 @@ impl State {
                 if moved {
                     last_move = Instant::now();
                 }
+                self.reap_failed_proxies();
                 1000
             };
             let n = self.poller.wait(&mut events, timeout);
@@ -533,6 +609,10 @@ impl State {
                 let h = ev.u64;
                 if h == 0 {
                     shm::eventfd_clear(self.poller.waker.as_raw_fd());
+                    continue;
+                }
+                if h & PROXY_TOKEN != 0 {
+                    self.proxy_hung_up(h & !PROXY_TOKEN);
                     continue;
                 }
                 if let Some(s) = self.streams.lock().unwrap().get(&h) {
@@ -685,6 +765,7 @@ impl State {
                 "clients_refused": self.clients_refused.load(Ordering::Relaxed),
                 "clients_disconnected": self.clients_disconnected.load(Ordering::Relaxed),
                 "doorbells": self.doorbells.load(Ordering::Relaxed),
+                "vsockets_proxied": self.proxied.load(Ordering::Relaxed),
             },
         })
     }
@@ -731,7 +812,11 @@ impl Poller {
     }
 
     fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+        self.ctl_events(op, fd, token, libc::EPOLLIN as u32)
+    }
+
+    fn ctl_events(&self, op: libc::c_int, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
         // SAFETY: ev is live for the call; fds are ours.
         if unsafe { libc::epoll_ctl(self.ep.as_raw_fd(), op, fd, &mut ev) } < 0 {
             return Err(io::Error::last_os_error());

@@ -1,12 +1,33 @@
-//! Channel handshake, both sides: the acceptor of the channel port and the accept side of
-//! the handshake (HELLO / HELLO_OK / AUTH / AUTH_OK, see `crate::wire`), and the dial side
-//! ([`dial_channel`]). What a finished handshake yields — a channel joining a peer's mesh —
-//! is handed to the NetDriver (`HostInner::add_channel`); the proofs are in `engine::auth`.
+//! Channel handshake, both sides: the acceptor of the channel port, which runs the accept
+//! side of every handshake (HELLO / HELLO_OK / AUTH / AUTH_OK, see `crate::wire`) in one
+//! event loop, and the dial side ([`dial_channel`]). What a finished handshake yields — a
+//! channel joining a peer's mesh — is handed to the NetDriver (`HostInner::add_channel`);
+//! the proofs are in `engine::auth`.
+//!
+//! The channel port faces anyone who can reach it, so what a connection can hold here is
+//! bounded:
+//! * no thread per connection: one acceptor thread polls every pending handshake (mio);
+//! * one deadline for the whole handshake ([`HANDSHAKE_TIMEOUT`] from accept), however
+//!   slowly its bytes trickle in;
+//! * at most [`MAX_PENDING`] handshakes pending, and [`MAX_PENDING_PER_IP`] from one source
+//!   IP; beyond them a connection is closed as soon as it is accepted;
+//! * at most [`MAX_ACCEPTED_PEERS`] peers whose meshes this host did not dial, and
+//!   [`MAX_PEERS_PER_IP`] at one IP; a HELLO that would make another is refused;
+//! * out of descriptors (`EMFILE`/`ENFILE`), the acceptor says so once, sheds the connection
+//!   at the head of the queue with a reserve descriptor, backs off [`FD_BACKOFF`] and keeps
+//!   accepting;
+//! * refusals are logged at most [`LOG_PER_SECOND`] a second, with a count of the rest.
+//!
+//! Without a key nothing here is authenticated (a deployment without `auth_key_file` is
+//! spoofable by design), but a peer's *restart* — a HELLO from its address with a new host
+//! id, which fails every vsocket to it — is believed only once its existing channels are
+//! gone; while they are up, the new channel waits (within its deadline) and is then refused.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mio::net::TcpListener;
@@ -17,17 +38,158 @@ use crate::engine::peer::{Peer, PeerState};
 use crate::engine::HostInner;
 use crate::wire::{self, Class, Frame, Hello, HelloOk, Reason, HEADER_LEN};
 
-/// How long an accepted channel may take to send its HELLO.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long an accepted connection has to complete the whole handshake.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most handshakes pending at once.
+pub(crate) const MAX_PENDING: usize = 256;
+/// Most handshakes pending at once from one source IP.
+pub(crate) const MAX_PENDING_PER_IP: usize = 16;
+/// Most peers at once whose channel meshes other hosts dialed to this one.
+pub(crate) const MAX_ACCEPTED_PEERS: usize = 1024;
+/// Most such peers at one IP (hosts on one IP differ by their channel port).
+pub(crate) const MAX_PEERS_PER_IP: usize = 16;
+/// Pause before accepting again after running out of file descriptors.
+pub(crate) const FD_BACKOFF: Duration = Duration::from_millis(100);
+/// Refusal warnings logged per second at most.
+pub(crate) const LOG_PER_SECOND: u32 = 10;
+/// How often a handshake waiting for a verdict (a peer's restart) looks again.
+const VERDICT_TICK: Duration = Duration::from_millis(20);
 /// The acceptor's poll token of the channel listener.
 const LISTENER: Token = Token(0);
 /// The acceptor's poll token of its waker.
 const WAKER: Token = Token(1);
+/// First poll token of a pending handshake.
+const FIRST_PENDING: usize = 2;
 
 /// The channel port: the listener and the poller the acceptor thread waits on.
 pub(super) struct Acceptor {
     poll: Poll,
     listener: TcpListener,
+}
+
+/// Warnings of one kind, at most [`LOG_PER_SECOND`] a second; the rest are counted and the
+/// count is said with the next one let through.
+pub(crate) struct Throttle {
+    state: Mutex<ThrottleState>,
+}
+
+struct ThrottleState {
+    window: Option<Instant>,
+    in_window: u32,
+    suppressed: u64,
+}
+
+impl Throttle {
+    pub(crate) const fn new() -> Throttle {
+        Throttle { state: Mutex::new(ThrottleState { window: None, in_window: 0, suppressed: 0 }) }
+    }
+
+    /// Whether to log this one; `Some(n)`: yes, and `n` were left out since the last.
+    pub(crate) fn allow(&self) -> Option<u64> {
+        let mut st = self.state.lock().unwrap();
+        let now = Instant::now();
+        if st.window.is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1)) {
+            st.window = Some(now);
+            st.in_window = 0;
+        }
+        if st.in_window >= LOG_PER_SECOND {
+            st.suppressed += 1;
+            return None;
+        }
+        st.in_window += 1;
+        Some(std::mem::take(&mut st.suppressed))
+    }
+}
+
+/// `" (N similar warnings not shown)"`, or nothing.
+pub(crate) fn suppressed_note(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" ({n} similar warnings in the last second not shown)")
+    }
+}
+
+static REFUSALS: Throttle = Throttle::new();
+
+/// One descriptor held in reserve: freed to shed a connection when the process has none
+/// left, so that the acceptor can close it instead of leaving it in the queue.
+struct Reserve(Option<std::fs::File>);
+
+impl Reserve {
+    fn new() -> Reserve {
+        Reserve(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Free the reserve, accept and close one connection, take the reserve again.
+    fn shed_one(&mut self, listener: &TcpListener) -> bool {
+        self.0 = None;
+        let shed = listener.accept().is_ok();
+        self.0 = std::fs::File::open("/dev/null").ok();
+        shed
+    }
+}
+
+/// Where one accepted connection's handshake stands.
+enum Step {
+    /// Waiting for HELLO.
+    Hello,
+    /// HELLO_OK sent with our proof; waiting for the dialer's AUTH.
+    Auth { hello: Hello, transcript: auth::Transcript },
+    /// The handshake is complete, but a peer with another host id still has live channels
+    /// from this address: wait (within the deadline) for them to go.
+    Verdict { hello: Hello },
+}
+
+/// One accepted connection whose handshake is not complete.
+struct Pending {
+    stream: mio::net::TcpStream,
+    from: SocketAddr,
+    deadline: Instant,
+    /// Bytes of the frame being received (never more than one frame).
+    buf: Vec<u8>,
+    step: Step,
+}
+
+/// What handling input did to a pending handshake.
+enum Progress {
+    /// Still pending.
+    Wait,
+    /// Complete: the connection joins this peer's mesh as channel `index` of `class`.
+    Admit { peer: Arc<Peer>, class: Class, index: u16 },
+    /// Done with: refused, or closed by the peer.
+    Gone,
+}
+
+/// The pending handshakes of the acceptor, with their count per source IP.
+struct Handshakes {
+    map: HashMap<Token, Pending>,
+    per_ip: HashMap<IpAddr, usize>,
+    next: usize,
+}
+
+impl Handshakes {
+    fn remove(&mut self, t: Token) -> Option<Pending> {
+        let p = self.map.remove(&t)?;
+        let ip = p.from.ip().to_canonical();
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+        Some(p)
+    }
+
+    fn token(&mut self) -> Token {
+        loop {
+            let t = Token(self.next);
+            self.next = if self.next == usize::MAX { FIRST_PENDING } else { self.next + 1 };
+            if !self.map.contains_key(&t) {
+                return t;
+            }
+        }
+    }
 }
 
 impl Acceptor {
@@ -41,43 +203,82 @@ impl Acceptor {
         Ok((Acceptor { poll, listener }, waker))
     }
 
-    /// The acceptor thread: accept channels until the host shuts down, each handshake on
-    /// its own short-lived thread.
+    /// The acceptor thread: accept connections and run their handshakes until the host
+    /// shuts down.
     pub(super) fn run(self, host: Arc<HostInner>) {
         let Acceptor { mut poll, listener } = self;
-        let mut events = Events::with_capacity(16);
+        let mut events = Events::with_capacity(256);
+        let mut hs = Handshakes { map: HashMap::new(), per_ip: HashMap::new(), next: FIRST_PENDING };
+        let mut reserve = Reserve::new();
+        // Out of descriptors: when to try accepting again, and whether that was said.
+        let mut paused_until: Option<Instant> = None;
+        let mut accept_ready = true;
         loop {
             if host.is_closing() {
                 return;
             }
-            if let Err(e) = poll.poll(&mut events, None) {
+            let now = Instant::now();
+            let mut wake = hs.map.values().map(|p| p.deadline).min();
+            if hs.map.values().any(|p| matches!(p.step, Step::Verdict { .. })) {
+                wake = Some(wake.map_or(now + VERDICT_TICK, |w| w.min(now + VERDICT_TICK)));
+            }
+            if let Some(t) = paused_until {
+                wake = Some(wake.map_or(t, |w| w.min(t)));
+            }
+            let timeout = wake.map(|w| w.saturating_duration_since(now));
+            if let Err(e) = poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                tracing::error!(error = %e, "channel acceptor stopped");
+                tracing::error!("channel acceptor stopped: {e}");
                 return;
             }
             if host.is_closing() {
                 return;
             }
-            loop {
-                match listener.accept() {
-                    Ok((s, from)) => {
-                        let h = host.clone();
-                        let std_s: TcpStream = match mio_to_std(s) {
-                            Ok(s) => s,
-                            Err(_) => continue,
-                        };
-                        let _ = std::thread::Builder::new()
-                            .name("nc-handshake".into())
-                            .spawn(move || h.handshake(std_s, from));
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => accept_ready = true,
+                    WAKER => {}
+                    t => {
+                        if let Some(p) = hs.map.get_mut(&t) {
+                            let outcome = host.progress(p);
+                            if !matches!(outcome, Progress::Wait) {
+                                if let Some(p) = hs.remove(t) {
+                                    host.finish(&poll, p, outcome);
+                                }
+                            }
+                        }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accepting a channel failed");
-                        std::thread::sleep(Duration::from_millis(50));
-                        break;
+                }
+            }
+            let now = Instant::now();
+            if paused_until.is_some_and(|t| now >= t) {
+                paused_until = None;
+                accept_ready = true;
+            }
+            if accept_ready && paused_until.is_none() {
+                accept_ready = false;
+                host.accept_all(&poll, &listener, &mut hs, &mut reserve, &mut paused_until);
+            }
+            // Deadlines, and handshakes waiting for a verdict.
+            let due: Vec<Token> = hs
+                .map
+                .iter()
+                .filter(|(_, p)| p.deadline <= now || matches!(p.step, Step::Verdict { .. }))
+                .map(|(t, _)| *t)
+                .collect();
+            for t in due {
+                let Some(p) = hs.map.get_mut(&t) else { continue };
+                let outcome = if p.deadline <= now {
+                    host.expire(p);
+                    Progress::Gone
+                } else {
+                    host.try_admit(p)
+                };
+                if !matches!(outcome, Progress::Wait) {
+                    if let Some(p) = hs.remove(t) {
+                        host.finish(&poll, p, outcome);
                     }
                 }
             }
@@ -97,51 +298,299 @@ impl HostInner {
         dial_channel(peer.key, self.local, self.host_id, class, index, self.auth_key.as_deref(), deadline)
     }
 
-    /// Accept side of the channel handshake (runs on its own short-lived thread).
-    pub(super) fn handshake(self: &Arc<Self>, mut s: TcpStream, from: SocketAddr) {
-        let _span = tracing::error_span!("channel", from = %from).entered();
-        let refuse = |s: &mut TcpStream, reason: Reason, msg: String| {
-            self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(why = %msg, "refused a channel");
-            let mut buf = Vec::new();
-            Frame::Reset { vsock: 0, reason, message: &msg }.encode(&mut buf);
-            let _ = s.write_all(&buf);
-        };
-        let _ = s.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-        let _ = s.set_nodelay(true);
-        let mut buf = vec![0u8; HEADER_LEN + wire::Hello::LEN];
-        if let Err(e) = s.read_exact(&mut buf[..HEADER_LEN]) {
-            self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(error = %e, "a channel sent no HELLO");
-            return;
-        }
-        let hello = match wire::Header::decode(&buf[..HEADER_LEN]) {
-            Ok(h) if h.kind == wire::Kind::Hello => {
-                if s.read_exact(&mut buf[HEADER_LEN..]).is_err() {
-                    return refuse(&mut s, Reason::Protocol, "truncated HELLO".into());
+    /// Accept every connection in the queue, within the caps on pending handshakes.
+    fn accept_all(
+        self: &Arc<Self>,
+        poll: &Poll,
+        listener: &TcpListener,
+        hs: &mut Handshakes,
+        reserve: &mut Reserve,
+        paused_until: &mut Option<Instant>,
+    ) {
+        static OUT_OF_FDS: AtomicBool = AtomicBool::new(false);
+        loop {
+            match listener.accept() {
+                Ok((mut stream, from)) => {
+                    if OUT_OF_FDS.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "file descriptors are free again: accepting channels on {}",
+                            self.local
+                        );
+                    }
+                    let ip = from.ip().to_canonical();
+                    let from_ip = hs.per_ip.get(&ip).copied().unwrap_or(0);
+                    if hs.map.len() >= MAX_PENDING || from_ip >= MAX_PENDING_PER_IP {
+                        self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
+                        if let Some(n) = REFUSALS.allow() {
+                            tracing::warn!("closed a channel connection from {from} at once: {} handshakes pending ({} from {ip}; at most {MAX_PENDING}, {MAX_PENDING_PER_IP} per IP){}",
+                                hs.map.len(),
+                                from_ip,
+                                suppressed_note(n)
+                            );
+                        }
+                        continue;
+                    }
+                    let t = hs.token();
+                    if let Err(e) = poll.registry().register(&mut stream, t, Interest::READABLE) {
+                        tracing::warn!("cannot poll the channel connection from {from}: {e}");
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    let mut p = Pending {
+                        stream,
+                        from,
+                        deadline: Instant::now() + HANDSHAKE_TIMEOUT,
+                        buf: Vec::new(),
+                        step: Step::Hello,
+                    };
+                    // Its HELLO may be here already.
+                    match self.progress(&mut p) {
+                        Progress::Wait => {
+                            hs.map.insert(t, p);
+                            *hs.per_ip.entry(ip).or_insert(0) += 1;
+                        }
+                        outcome => self.finish(poll, p, outcome),
+                    }
                 }
-                match wire::decode(&buf) {
-                    Ok((Frame::Hello(h), _)) => h,
-                    Ok(_) => unreachable!("header said HELLO"),
-                    Err(e) => return refuse(&mut s, Reason::Protocol, format!("bad HELLO: {e}")),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    if !OUT_OF_FDS.swap(true, Ordering::Relaxed) {
+                        tracing::error!("out of file descriptors accepting channels on {} ({e}): shedding connections and trying again every {} ms; raise the descriptor limit (ulimit -n) or lower the load",
+                            self.local,
+                            FD_BACKOFF.as_millis()
+                        );
+                    }
+                    if reserve.shed_one(listener) {
+                        self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    *paused_until = Some(Instant::now() + FD_BACKOFF);
+                    return;
+                }
+                Err(e) => {
+                    if let Some(n) = REFUSALS.allow() {
+                        tracing::warn!(
+                            "accepting a channel on {} failed: {e}{}",
+                            self.local,
+                            suppressed_note(n)
+                        );
+                    }
+                    *paused_until = Some(Instant::now() + FD_BACKOFF);
+                    return;
                 }
             }
-            Ok(h) => return refuse(&mut s, Reason::Protocol, format!("expected HELLO, got {}", h.kind)),
-            Err(e) => return refuse(&mut s, Reason::Protocol, format!("expected HELLO: {e}")),
+        }
+    }
+
+    /// Refuse a pending handshake: count it, log it (throttled), send RESET (best effort).
+    fn refuse(&self, p: &mut Pending, reason: Reason, msg: &str) {
+        self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = REFUSALS.allow() {
+            let _span = tracing::error_span!("channel", from = %p.from).entered();
+            tracing::warn!(why = %msg, suppressed = n, "refused a channel");
+        }
+        let mut buf = Vec::new();
+        Frame::Reset { vsock: 0, reason, message: msg }.encode(&mut buf);
+        let _ = send(&mut p.stream, &buf);
+    }
+
+    /// A pending handshake ran past its deadline.
+    fn expire(&self, p: &mut Pending) {
+        let what = match p.step {
+            Step::Hello => "no HELLO",
+            Step::Auth { .. } => "no AUTH",
+            Step::Verdict { .. } => {
+                let msg = format!(
+                    "a host with another host id still has live channels from {}: a restart is believed only once they are gone",
+                    p.from.ip()
+                );
+                return self.refuse(p, Reason::Protocol, &msg);
+            }
         };
-        if hello.version != wire::VERSION {
-            return refuse(
-                &mut s,
-                Reason::Version,
-                format!(
-                    "protocol version {} is not supported (this host speaks {})",
-                    hello.version,
-                    wire::VERSION
-                ),
+        self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = REFUSALS.allow() {
+            tracing::warn!(
+                "closed the channel connection from {}: {what} within the handshake's {} ms{}",
+                p.from,
+                HANDSHAKE_TIMEOUT.as_millis(),
+                suppressed_note(n)
             );
         }
+    }
+
+    /// A pending handshake is done with: its connection joins a mesh, or is closed.
+    fn finish(self: &Arc<Self>, poll: &Poll, mut p: Pending, outcome: Progress) {
+        let _ = poll.registry().deregister(&mut p.stream);
+        if let Progress::Admit { peer, class, index } = outcome {
+            let s = mio_to_std(p.stream);
+            if let Err(e) = self.add_channel(&peer, s, class, index) {
+                tracing::error!("cannot add channel from {}: {e}", p.from);
+            }
+        }
+    }
+
+    /// Read what a pending connection sent (never past the frame expected) and act on each
+    /// complete frame.
+    fn progress(self: &Arc<Self>, p: &mut Pending) -> Progress {
+        let _span = tracing::error_span!("channel", from = %p.from).entered();
+        loop {
+            if let Step::Verdict { .. } = p.step {
+                return Progress::Wait;
+            }
+            // How many bytes the frame expected needs in total.
+            let need = if p.buf.len() < HEADER_LEN {
+                HEADER_LEN
+            } else {
+                match wire::Header::decode(&p.buf[..HEADER_LEN]) {
+                    Ok(h) => HEADER_LEN + h.len as usize,
+                    Err(e) => {
+                        let msg = match p.step {
+                            Step::Hello => format!("expected HELLO: {e}"),
+                            _ => format!("bad handshake frame: {e}"),
+                        };
+                        self.refuse(p, Reason::Protocol, &msg);
+                        return Progress::Gone;
+                    }
+                }
+            };
+            if p.buf.len() == HEADER_LEN && need > HEADER_LEN {
+                // Refuse a wrong kind before reading its payload.
+                if let Ok(h) = wire::Header::decode(&p.buf[..HEADER_LEN]) {
+                    let ok = match p.step {
+                        Step::Hello => h.kind == wire::Kind::Hello,
+                        _ => matches!(h.kind, wire::Kind::Auth | wire::Kind::Reset),
+                    };
+                    if !ok {
+                        let msg = match p.step {
+                            Step::Hello => format!("expected HELLO, got {}", h.kind),
+                            _ => format!("expected AUTH, got {}", h.kind),
+                        };
+                        self.refuse(p, Reason::Protocol, &msg);
+                        return Progress::Gone;
+                    }
+                }
+            }
+            if p.buf.len() < need {
+                let have = p.buf.len();
+                p.buf.resize(need, 0);
+                match p.stream.read(&mut p.buf[have..need]) {
+                    Ok(0) => {
+                        p.buf.truncate(have);
+                        self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
+                        if let Some(n) = REFUSALS.allow() {
+                            let what = match p.step {
+                                Step::Hello if have == 0 => "sent no HELLO",
+                                Step::Hello => "sent a truncated HELLO",
+                                _ => "closed the connection before authenticating",
+                            };
+                            tracing::warn!("channel connection from {} {what}{}", p.from, suppressed_note(n));
+                        }
+                        return Progress::Gone;
+                    }
+                    Ok(k) => p.buf.truncate(have + k),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        p.buf.truncate(have);
+                        return Progress::Wait;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => p.buf.truncate(have),
+                    Err(e) => {
+                        self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(
+                            "channel connection from {} failed during the handshake: {e}",
+                            p.from
+                        );
+                        return Progress::Gone;
+                    }
+                }
+                continue;
+            }
+            // One whole frame is in.
+            let step = std::mem::replace(&mut p.step, Step::Hello);
+            let frame_bytes = std::mem::take(&mut p.buf);
+            let frame = match wire::decode(&frame_bytes) {
+                Ok((f, _)) => f,
+                Err(e) => {
+                    let msg = match step {
+                        Step::Hello => format!("bad HELLO: {e}"),
+                        _ => format!("bad handshake frame: {e}"),
+                    };
+                    self.refuse(p, Reason::Protocol, &msg);
+                    return Progress::Gone;
+                }
+            };
+            match (step, frame) {
+                (Step::Hello, Frame::Hello(hello)) => match self.on_hello(p, hello) {
+                    Progress::Wait if matches!(p.step, Step::Auth { .. }) => {}
+                    outcome => return outcome,
+                },
+                (Step::Auth { hello, transcript }, frame) => {
+                    let Some(key) = &self.auth_key else { return Progress::Gone };
+                    match frame {
+                        Frame::Auth { proof } if auth::check_dialer(key, &transcript, &proof) => {
+                            let mut ok = Vec::new();
+                            Frame::AuthOk.encode(&mut ok);
+                            if !send(&mut p.stream, &ok) {
+                                return Progress::Gone;
+                            }
+                            p.step = Step::Verdict { hello };
+                            return self.try_admit(p);
+                        }
+                        Frame::Auth { .. } => {
+                            self.refuse(
+                                p,
+                                Reason::Auth,
+                                "authentication failed: the dialing host's proof did not match (it holds \
+                                 another key, or the handshake was relayed or reflected)",
+                            );
+                            return Progress::Gone;
+                        }
+                        Frame::Reset { reason: Reason::Auth, message, .. } => {
+                            self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
+                            if let Some(n) = REFUSALS.allow() {
+                                tracing::warn!("channel from {} failed authentication: this host's proof did not match at the dialing host ({message}); do both hosts hold the same auth_key_file?{}",
+                                    p.from,
+                                    suppressed_note(n)
+                                );
+                            }
+                            return Progress::Gone;
+                        }
+                        other => {
+                            let msg = format!("expected AUTH, got {}", other.kind());
+                            self.refuse(p, Reason::Protocol, &msg);
+                            return Progress::Gone;
+                        }
+                    }
+                }
+                (_, other) => {
+                    let msg = format!("expected HELLO, got {}", other.kind());
+                    self.refuse(p, Reason::Protocol, &msg);
+                    return Progress::Gone;
+                }
+            }
+        }
+    }
+
+    /// A complete HELLO: check it, answer HELLO_OK (with our proof when keyed).
+    fn on_hello(self: &Arc<Self>, p: &mut Pending, hello: Hello) -> Progress {
+        if hello.version != wire::VERSION {
+            let msg = format!(
+                "protocol version {} is not supported (this host speaks {})",
+                hello.version,
+                wire::VERSION
+            );
+            self.refuse(p, Reason::Version, &msg);
+            return Progress::Gone;
+        }
         if hello.host_id == self.host_id {
-            return refuse(&mut s, Reason::Protocol, "a host cannot open channels to itself".into());
+            self.refuse(p, Reason::Protocol, "a host cannot open channels to itself");
+            return Progress::Gone;
+        }
+        let claimed = hello.listen.ip().to_canonical();
+        let src = p.from.ip().to_canonical();
+        if !claimed.is_unspecified() && claimed.is_ipv4() == src.is_ipv4() && claimed != src {
+            let msg = format!("HELLO claims the host listens on {claimed} but the channel comes from {src}");
+            self.refuse(p, Reason::Protocol, &msg);
+            return Progress::Gone;
         }
         let mut ok = Vec::new();
         match &self.auth_key {
@@ -153,106 +602,101 @@ impl HostInner {
                     nonce: [0; 16],
                 })
                 .encode(&mut ok);
-                if s.write_all(&ok).is_err() {
-                    return;
+                if !send(&mut p.stream, &ok) {
+                    return Progress::Gone;
                 }
+                p.step = Step::Verdict { hello };
+                self.try_admit(p)
             }
             Some(key) => {
                 if hello.nonce == [0; 16] {
-                    return refuse(
-                        &mut s,
+                    self.refuse(
+                        p,
                         Reason::Auth,
-                        "this host requires authenticated channels: configure the same auth_key_file".into(),
+                        "this host requires authenticated channels: configure the same auth_key_file",
                     );
+                    return Progress::Gone;
                 }
-                let Ok(acceptor) = s.local_addr() else { return };
-                let t = auth::Transcript {
+                let Ok(acceptor) = p.stream.local_addr() else { return Progress::Gone };
+                let transcript = auth::Transcript {
                     hello,
                     acceptor_version: wire::VERSION,
                     acceptor_id: self.host_id,
                     na: auth::nonce(),
-                    dialer: from,
+                    dialer: p.from,
                     acceptor,
                 };
-                let proof = auth::acceptor_proof(key, &t);
-                Frame::HelloOk(HelloOk { version: wire::VERSION, host_id: self.host_id, proof, nonce: t.na })
-                    .encode(&mut ok);
-                if s.write_all(&ok).is_err() {
-                    return;
+                let proof = auth::acceptor_proof(key, &transcript);
+                Frame::HelloOk(HelloOk {
+                    version: wire::VERSION,
+                    host_id: self.host_id,
+                    proof,
+                    nonce: transcript.na,
+                })
+                .encode(&mut ok);
+                if !send(&mut p.stream, &ok) {
+                    return Progress::Gone;
                 }
-                let mut frame = Vec::new();
-                match read_frame(&mut s, &mut frame) {
-                    Ok(Frame::Auth { proof }) if auth::check_dialer(key, &t, &proof) => {}
-                    Ok(Frame::Auth { .. }) => {
-                        return refuse(
-                            &mut s,
-                            Reason::Auth,
-                            "authentication failed: the dialing host's proof did not match (it holds \
-                             another key, or the handshake was relayed or reflected)"
-                                .into(),
-                        )
-                    }
-                    Ok(Frame::Reset { reason: Reason::Auth, message, .. }) => {
-                        self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(
-                            reason = %message,
-                            "a channel failed authentication: this host's proof did not match at the \
-                             dialing host; do both hosts hold the same auth_key_file?"
-                        );
-                        return;
-                    }
-                    Ok(other) => {
-                        return refuse(
-                            &mut s,
-                            Reason::Protocol,
-                            format!("expected AUTH, got {}", other.kind()),
-                        )
-                    }
-                    Err(e) => {
-                        self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(error = %e, "a channel did not complete authentication");
-                        return;
-                    }
-                }
-                ok.clear();
-                Frame::AuthOk.encode(&mut ok);
-                if s.write_all(&ok).is_err() {
-                    return;
-                }
+                p.step = Step::Auth { hello, transcript };
+                Progress::Wait
             }
         }
-        if s.set_read_timeout(None).is_err() {
-            return;
-        }
-        let key = SocketAddr::new(from.ip(), hello.listen.port());
+    }
+
+    /// The handshake is complete: join the channel to its peer's mesh, unless a peer with
+    /// another host id still has live channels from this address (wait), or the caps on
+    /// accepted peers are reached (refuse).
+    fn try_admit(self: &Arc<Self>, p: &mut Pending) -> Progress {
+        let Step::Verdict { hello } = p.step else { return Progress::Wait };
+        let key = SocketAddr::new(p.from.ip(), hello.listen.port());
         let peer = {
             let mut peers = self.peers.lock().unwrap();
-            let existing = peers.get(&key).cloned();
-            match existing {
-                Some(p) if !p.is_dead() => {
-                    let known = p.host_id.load(Ordering::Relaxed);
+            match peers.get(&key).cloned() {
+                Some(old) if !old.is_dead() => {
+                    let known = old.host_id.load(Ordering::Relaxed);
                     if known != 0 && known != hello.host_id {
+                        if old.channel_count() > 0 {
+                            // Not believed while its channels are up: a real restart closes
+                            // them (the old process's sockets go with it). Ask them to answer.
+                            for ch in old.channels() {
+                                ch.push_frame(&Frame::Ping { nonce: super::random_u64() });
+                            }
+                            return Progress::Wait;
+                        }
                         // The peer restarted: its old vsockets are gone with it.
                         drop(peers);
-                        self.retire_peer(&p, "the peer host restarted");
+                        tracing::warn!("the peer host at {key} restarted (new host id, no channel of the old one left): its vsockets are reset"
+                        );
+                        self.retire_peer(&old, "the peer host restarted");
                         let fresh = Peer::new(key, &self.cfg, PeerState::Up);
                         self.peers.lock().unwrap().insert(key, fresh.clone());
                         fresh
                     } else {
-                        p
+                        old
                     }
                 }
                 _ => {
-                    let p = Peer::new(key, &self.cfg, PeerState::Up);
-                    peers.insert(key, p.clone());
-                    p
+                    let accepted: Vec<&Arc<Peer>> =
+                        peers.values().filter(|q| !q.recovery.dialer.load(Ordering::Acquire)).collect();
+                    let at_ip = accepted.iter().filter(|q| q.key.ip() == key.ip()).count();
+                    if accepted.len() >= MAX_ACCEPTED_PEERS || at_ip >= MAX_PEERS_PER_IP {
+                        let msg = format!(
+                            "too many peer hosts ({} accepted, {at_ip} at {}; at most {MAX_ACCEPTED_PEERS}, {MAX_PEERS_PER_IP} per IP)",
+                            accepted.len(),
+                            key.ip()
+                        );
+                        drop(peers);
+                        self.refuse(p, Reason::Other(0), &msg);
+                        return Progress::Gone;
+                    }
+                    let q = Peer::new(key, &self.cfg, PeerState::Up);
+                    peers.insert(key, q.clone());
+                    q
                 }
             }
         };
         peer.host_id.store(hello.host_id, Ordering::Relaxed);
-        if let Err(e) = self.add_channel(&peer, s, hello.class, hello.index) {
-            tracing::error!(error = %e, "cannot add a channel");
-        }
+        Progress::Admit { peer, class: hello.class, index: hello.index }
     }
 }
 
@@ -381,11 +825,24 @@ fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
-fn mio_to_std(s: mio::net::TcpStream) -> io::Result<TcpStream> {
+/// Write a whole handshake frame to a non-blocking socket. A handshake writes a few hundred
+/// bytes into a fresh connection's send buffer, so a write that would block means the peer
+/// is not reading: give it up.
+fn send(s: &mut mio::net::TcpStream, mut buf: &[u8]) -> bool {
+    while !buf.is_empty() {
+        match s.write(buf) {
+            Ok(0) => return false,
+            Ok(k) => buf = &buf[k..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+fn mio_to_std(s: mio::net::TcpStream) -> TcpStream {
     use std::os::fd::{FromRawFd, IntoRawFd};
     let fd = s.into_raw_fd();
     // SAFETY: fd was just released by the mio stream, which owned it.
-    let s = unsafe { TcpStream::from_raw_fd(fd) };
-    s.set_nonblocking(false)?;
-    Ok(s)
+    unsafe { TcpStream::from_raw_fd(fd) }
 }

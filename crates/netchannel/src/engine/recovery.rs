@@ -88,6 +88,15 @@ impl HostInner {
             self.retire_peer(peer, reason);
             return;
         }
+        if left == 0 && !peer.recovery.dialer.load(Ordering::Acquire) && self.peer_vsocks(peer).is_empty() {
+            // Nothing waits for a peer that dialed us and has no vsocket: forget it now
+            // rather than hold it (and a watcher thread) for `peer_down_timeout_ms`; it dials
+            // again when it needs to. Bounds what fake peers that connect and go cost.
+            peer.set_state(crate::engine::peer::PeerState::Dead("every channel closed".into()));
+            self.forget_peer(peer);
+            peer.take_parked();
+            return;
+        }
         if left == 0 {
             {
                 let mut since = peer.recovery.down_since.lock().unwrap();
@@ -177,12 +186,24 @@ impl HostInner {
                     Ok(true) => *backoff = None,
                     Ok(false) => return None,
                     Err(e) => {
-                        tracing::debug!(
-                            class = class_name(class),
-                            index,
-                            error = %e,
-                            "dialing a lost channel again failed"
-                        );
+                        // The first failure of an outage is said; the retries that follow
+                        // (with backoff) only at debug level.
+                        if backoff.is_none() {
+                            tracing::warn!(
+                                class = class_name(class),
+                                index,
+                                peer = %peer.key,
+                                error = %e,
+                                "dialing a lost channel again failed; retrying with backoff"
+                            );
+                        } else {
+                            tracing::debug!(
+                                class = class_name(class),
+                                index,
+                                error = %e,
+                                "dialing a lost channel again failed"
+                            );
+                        }
                         break;
                     }
                 }

@@ -1,0 +1,387 @@
+//! The shared-memory data path (`[preload] datapath = "shm"`): the program's descriptor of a
+//! vsocket is end A of its readiness proxy (`netchannel::daemon::proxy`), and the hooked data
+//! calls — `read`, `readv`, `recv`, `recvfrom`, `recvmsg`, `write`, `writev`, `send`,
+//! `sendto`, `sendmsg`, `sendfile`, `shutdown`, `getsockopt`/`setsockopt`, `ioctl`
+//! FIONREAD/SIOCOUTQ/FIONBIO — move bytes straight between the program's buffers and the
+//! vsocket's shared rings: no kernel TCP socket, no relay thread, no loopback hop. `poll`,
+//! `select` and `epoll` are not hooked: the kernel answers them on A, whose readiness the
+//! daemon drives.
+//!
+//! `connect` replaces the program's TCP socket by A with `dup3` (close-on-exec and
+//! `O_NONBLOCK` carried over). A listening socket stays a kernel TCP listener; a thread takes
+//! the vsocket arrivals from the daemon and, for each, connects a loopback socket into the
+//! listener's queue (so `accept` and its readiness are the kernel's) and closes it at once;
+//! the `accept` hook then swaps the accepted socket for the arrival's A before the program
+//! sees it. No data ever crosses that loopback connection.
+//!
+//! Socket options a TCP socket has and A has not are answered from the vsocket (type,
+//! domain, protocol, buffer sizes, `SO_ERROR`, `TCP_INFO`, `TCP_MAXSEG`, `TCP_CONGESTION`) or
+//! remembered as set (`TCP_NODELAY`, keepalive, `SO_LINGER`, ...); `SO_RCVTIMEO` and
+//! `SO_SNDTIMEO` are set on A itself, where the blocking waits happen.
+
+use std::collections::HashMap;
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use libc::{c_int, c_void, size_t, socklen_t, ssize_t};
+use netchannel::daemon::proxy::{ProxyListener, ProxyStream, ReadFlags};
+
+use crate::sys::{self, real};
+
+/// One vsocket on the shared-memory data path, shared by its descriptors (dup).
+pub struct Direct {
+    pub ps: ProxyStream,
+    /// `O_NONBLOCK` of A's open file description, kept in step by the fcntl/ioctl hooks.
+    pub nonblocking: AtomicBool,
+    /// Socket options set by the program that A does not have: (level, name) → value.
+    opts: Mutex<HashMap<(c_int, c_int), Vec<u8>>>,
+}
+
+impl Direct {
+    pub fn new(ps: ProxyStream, nonblocking: bool) -> Direct {
+        Direct { ps, nonblocking: AtomicBool::new(nonblocking), opts: Mutex::new(HashMap::new()) }
+    }
+}
+
+/// Put `a` (end A) in place of the program's descriptor `fd`, with `fd`'s close-on-exec and
+/// the given `O_NONBLOCK`.
+pub fn swap_in(fd: c_int, a: OwnedFd, cloexec: bool, nonblocking: bool) -> bool {
+    let dup3 = real!(dup3: fn(c_int, c_int, c_int) -> c_int);
+    // SAFETY: both descriptors are live; dup3 atomically replaces fd.
+    let r = unsafe { dup3(a.as_raw_fd(), fd, if cloexec { libc::O_CLOEXEC } else { 0 }) };
+    if r < 0 {
+        return false;
+    }
+    drop(a);
+    // SAFETY: fcntl on the program's descriptor, now A.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        let fl = if nonblocking { fl | libc::O_NONBLOCK } else { fl & !libc::O_NONBLOCK };
+        libc::fcntl(fd, libc::F_SETFL, fl);
+    }
+    true
+}
+
+/// Whether `fd` has O_NONBLOCK / FD_CLOEXEC now.
+pub fn fd_flags(fd: c_int) -> (bool, bool) {
+    // SAFETY: fcntl reads flags only.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        let fdf = libc::fcntl(fd, libc::F_GETFD);
+        (fl >= 0 && fl & libc::O_NONBLOCK != 0, fdf >= 0 && fdf & libc::FD_CLOEXEC != 0)
+    }
+}
+
+/// A vsocket arrival waiting in a listener's kernel queue, keyed by the loopback address of
+/// the placeholder connection.
+pub struct Arrival {
+    pub ps: ProxyStream,
+    pub a: OwnedFd,
+    pub remote: SocketAddr,
+}
+
+pub type Arrivals = Arc<Mutex<HashMap<SocketAddr, Arrival>>>;
+
+/// Take the arrivals of `l` and queue a placeholder connection for each on the program's
+/// listening socket at `target`.
+pub fn serve_listener(l: Arc<ProxyListener>, target: SocketAddr, arrivals: Arrivals) -> bool {
+    std::thread::Builder::new()
+        .name("nc-listener".into())
+        .stack_size(128 << 10)
+        .spawn(move || {
+            crate::relay::own_thread();
+            loop {
+                let (ps, a) = match l.accept() {
+                    Ok(x) => x,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                };
+                let remote = ps.remote();
+                let Ok(sock) =
+                    socket2::Socket::new(socket2::Domain::for_address(target), socket2::Type::STREAM, None)
+                else {
+                    continue;
+                };
+                if sock.bind(&SocketAddr::new(target.ip(), 0).into()).is_err() {
+                    continue;
+                }
+                let Some(from) = sock.local_addr().ok().and_then(|a| a.as_socket()) else { continue };
+                arrivals.lock().unwrap().insert(from, Arrival { ps, a, remote });
+                if sock.connect(&target.into()).is_err() {
+                    arrivals.lock().unwrap().remove(&from);
+                }
+                // The placeholder only carries the arrival into the accept queue.
+                drop(sock);
+            }
+        })
+        .is_ok()
+}
+
+fn fail(code: c_int) -> ssize_t {
+    sys::set_errno(code);
+    -1
+}
+
+fn io_fail(e: std::io::Error) -> ssize_t {
+    fail(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+/// Read into the iovecs.
+///
+/// # Safety
+/// `iov` points at `n` valid iovecs of writable memory.
+pub unsafe fn read_iov(d: &Direct, fd: c_int, iov: *const libc::iovec, n: usize, flags: c_int) -> ssize_t {
+    let mut f = ReadFlags {
+        peek: flags & libc::MSG_PEEK != 0,
+        wait_all: flags & libc::MSG_WAITALL != 0,
+        nonblocking: flags & libc::MSG_DONTWAIT != 0 || d.nonblocking.load(Ordering::Relaxed),
+    };
+    let iovs = if n == 0 || iov.is_null() { &[][..] } else { std::slice::from_raw_parts(iov, n) };
+    let mut total = 0usize;
+    for v in iovs {
+        if v.iov_len == 0 {
+            continue;
+        }
+        let buf = std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len);
+        if total > 0 {
+            f.nonblocking = true;
+            if f.peek {
+                break;
+            }
+        }
+        match d.ps.read(fd, buf, f) {
+            Ok(got) => {
+                total += got;
+                if got < buf.len() {
+                    break;
+                }
+            }
+            Err(_) if total > 0 => break,
+            Err(e) => return io_fail(e),
+        }
+    }
+    total as ssize_t
+}
+
+/// Write the iovecs.
+///
+/// # Safety
+/// `iov` points at `n` valid iovecs of readable memory.
+pub unsafe fn write_iov(d: &Direct, fd: c_int, iov: *const libc::iovec, n: usize, flags: c_int) -> ssize_t {
+    let nonblocking = flags & libc::MSG_DONTWAIT != 0 || d.nonblocking.load(Ordering::Relaxed);
+    let iovs = if n == 0 || iov.is_null() { &[][..] } else { std::slice::from_raw_parts(iov, n) };
+    let mut total = 0usize;
+    for v in iovs {
+        if v.iov_len == 0 {
+            continue;
+        }
+        let buf = std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len);
+        match d.ps.write(fd, buf, nonblocking || total > 0) {
+            Ok(w) => {
+                total += w;
+                if w < buf.len() {
+                    break;
+                }
+            }
+            Err(_) if total > 0 => break,
+            Err(e) => {
+                let code = e.raw_os_error().unwrap_or(libc::EIO);
+                if code == libc::EPIPE && flags & libc::MSG_NOSIGNAL == 0 {
+                    libc::raise(libc::SIGPIPE);
+                }
+                return fail(code);
+            }
+        }
+    }
+    total as ssize_t
+}
+
+/// `sendfile` from `in_fd` into the vsocket: the file's bytes go straight into the send ring
+/// through a bounce buffer.
+///
+/// # Safety
+/// `offset` is null or points at a writable off_t.
+pub unsafe fn sendfile(
+    d: &Direct,
+    fd: c_int,
+    in_fd: c_int,
+    offset: *mut libc::off_t,
+    count: size_t,
+) -> ssize_t {
+    let mut buf = vec![0u8; count.min(256 << 10)];
+    let got = if offset.is_null() {
+        libc::read(in_fd, buf.as_mut_ptr().cast(), buf.len())
+    } else {
+        libc::pread(in_fd, buf.as_mut_ptr().cast(), buf.len(), *offset)
+    };
+    if got <= 0 {
+        return got;
+    }
+    let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: got as usize };
+    let sent = write_iov(d, fd, &iov, 1, 0);
+    let back = if sent < 0 { got } else { got - sent };
+    if offset.is_null() {
+        if back > 0 {
+            libc::lseek(in_fd, -(back as libc::off_t), libc::SEEK_CUR);
+        }
+    } else if sent > 0 {
+        *offset += sent as libc::off_t;
+    }
+    sent
+}
+
+/// `shutdown` on a vsocket.
+pub fn shutdown(d: &Direct, how: c_int) -> c_int {
+    let how = match how {
+        libc::SHUT_RD => Shutdown::Read,
+        libc::SHUT_WR => Shutdown::Write,
+        libc::SHUT_RDWR => Shutdown::Both,
+        _ => return fail(libc::EINVAL) as c_int,
+    };
+    match d.ps.shutdown(how) {
+        Ok(()) => 0,
+        Err(e) => io_fail(e) as c_int,
+    }
+}
+
+/// Store an int answer as getsockopt does.
+///
+/// # Safety
+/// `val`/`len` as getsockopt's.
+unsafe fn put_bytes(bytes: &[u8], val: *mut c_void, len: *mut socklen_t) -> c_int {
+    if val.is_null() || len.is_null() {
+        return fail(libc::EFAULT) as c_int;
+    }
+    let n = (*len as usize).min(bytes.len());
+    std::ptr::copy_nonoverlapping(bytes.as_ptr(), val.cast::<u8>(), n);
+    *len = n as socklen_t;
+    0
+}
+
+unsafe fn put_int(v: c_int, val: *mut c_void, len: *mut socklen_t) -> c_int {
+    put_bytes(&v.to_ne_bytes(), val, len)
+}
+
+/// `getsockopt` on a vsocket: what a TCP socket would answer.
+///
+/// # Safety
+/// getsockopt's contract.
+pub unsafe fn getsockopt(
+    d: &Direct,
+    fd: c_int,
+    v6: bool,
+    level: c_int,
+    name: c_int,
+    val: *mut c_void,
+    len: *mut socklen_t,
+) -> c_int {
+    let (snd, rcv) = d.ps.buffer_sizes();
+    let remembered = d.opts.lock().unwrap().get(&(level, name)).cloned();
+    match (level, name) {
+        (libc::SOL_SOCKET, libc::SO_TYPE) => put_int(libc::SOCK_STREAM, val, len),
+        (libc::SOL_SOCKET, libc::SO_DOMAIN) => {
+            put_int(if v6 { libc::AF_INET6 } else { libc::AF_INET }, val, len)
+        }
+        (libc::SOL_SOCKET, libc::SO_PROTOCOL) => put_int(libc::IPPROTO_TCP, val, len),
+        (libc::SOL_SOCKET, libc::SO_ACCEPTCONN) => put_int(0, val, len),
+        (libc::SOL_SOCKET, libc::SO_ERROR) => put_int(d.ps.error_code().unwrap_or(0), val, len),
+        (libc::SOL_SOCKET, libc::SO_RCVTIMEO) | (libc::SOL_SOCKET, libc::SO_SNDTIMEO) => {
+            let f = real!(getsockopt: fn(c_int, c_int, c_int, *mut c_void, *mut socklen_t) -> c_int);
+            f(fd, level, name, val, len)
+        }
+        (libc::SOL_SOCKET, libc::SO_SNDBUF) | (libc::SOL_SOCKET, libc::SO_RCVBUF) => match remembered {
+            // Linux doubles what was asked for.
+            Some(b) if b.len() >= 4 => {
+                put_int(i32::from_ne_bytes([b[0], b[1], b[2], b[3]]).saturating_mul(2), val, len)
+            }
+            _ => put_int(
+                if name == libc::SO_SNDBUF { snd } else { rcv }.min(i32::MAX as usize) as c_int,
+                val,
+                len,
+            ),
+        },
+        (libc::IPPROTO_TCP, libc::TCP_INFO) => {
+            // SAFETY: tcp_info is plain data; all-zero is valid.
+            let mut ti: libc::tcp_info = std::mem::zeroed();
+            ti.tcpi_state = 1; // TCP_ESTABLISHED
+            ti.tcpi_snd_mss = 1448;
+            ti.tcpi_rcv_mss = 1448;
+            ti.tcpi_snd_cwnd = 10;
+            let bytes = std::slice::from_raw_parts(
+                (&ti as *const libc::tcp_info).cast::<u8>(),
+                std::mem::size_of::<libc::tcp_info>(),
+            );
+            put_bytes(bytes, val, len)
+        }
+        (libc::IPPROTO_TCP, libc::TCP_MAXSEG) => put_int(1448, val, len),
+        (libc::IPPROTO_TCP, libc::TCP_CONGESTION) => match remembered {
+            Some(b) => put_bytes(&b, val, len),
+            None => put_bytes(b"cubic\0", val, len),
+        },
+        (libc::SOL_SOCKET, _) | (libc::IPPROTO_TCP, _) | (libc::IPPROTO_IP, _) | (libc::IPPROTO_IPV6, _) => {
+            match remembered {
+                Some(b) => put_bytes(&b, val, len),
+                None if name == libc::SO_LINGER && level == libc::SOL_SOCKET => {
+                    put_bytes(&[0u8; std::mem::size_of::<libc::linger>()], val, len)
+                }
+                None => put_int(0, val, len),
+            }
+        }
+        _ => fail(libc::ENOPROTOOPT) as c_int,
+    }
+}
+
+/// `setsockopt` on a vsocket: timeouts go to A, the rest is remembered.
+///
+/// # Safety
+/// setsockopt's contract.
+pub unsafe fn setsockopt(
+    d: &Direct,
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    val: *const c_void,
+    len: socklen_t,
+) -> c_int {
+    if level == libc::SOL_SOCKET && (name == libc::SO_RCVTIMEO || name == libc::SO_SNDTIMEO) {
+        let f = real!(setsockopt: fn(c_int, c_int, c_int, *const c_void, socklen_t) -> c_int);
+        return f(fd, level, name, val, len);
+    }
+    if val.is_null() && len > 0 {
+        return fail(libc::EFAULT) as c_int;
+    }
+    let bytes = if len == 0 {
+        Vec::new()
+    } else {
+        std::slice::from_raw_parts(val.cast::<u8>(), len as usize).to_vec()
+    };
+    d.opts.lock().unwrap().insert((level, name), bytes);
+    0
+}
+
+/// `ioctl` requests answered for a vsocket; `None`: pass to the kernel.
+///
+/// # Safety
+/// `arg` is the request's pointer argument.
+pub unsafe fn ioctl(d: &Direct, req: libc::c_ulong, arg: *mut c_void) -> Option<c_int> {
+    let put = |v: usize| -> c_int {
+        if arg.is_null() {
+            return fail(libc::EFAULT) as c_int;
+        }
+        *arg.cast::<c_int>() = v.min(i32::MAX as usize) as c_int;
+        0
+    };
+    match req {
+        libc::FIONREAD => Some(put(d.ps.readable())),
+        libc::TIOCOUTQ => Some(put(d.ps.unsent())),
+        libc::FIONBIO => {
+            if !arg.is_null() {
+                d.nonblocking.store(*arg.cast::<c_int>() != 0, Ordering::Relaxed);
+            }
+            None
+        }
+        _ => None,
+    }
+}
