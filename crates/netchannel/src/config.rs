@@ -652,7 +652,13 @@ impl Config {
             if let Some(ports) = p.ports {
                 c.preload.ports = ports
                     .into_iter()
-                    .map(|v| u16::try_from(v).map_err(|_| err("preload.ports", format!("{v} is not a port"))))
+                    .map(|v| match u16::try_from(v) {
+                        Ok(0) => {
+                            Err(err("preload.ports", "0 is not a port a program listens on".to_string()))
+                        }
+                        Ok(p) => Ok(p),
+                        Err(_) => Err(err("preload.ports", format!("{v} is not a port"))),
+                    })
                     .collect::<Result<_, _>>()?;
             }
             if let Some(v) = p.require_daemon {
@@ -975,6 +981,7 @@ mod tests {
             ("copy_workers = -1", "copy_workers"),
             ("latency_nice = -21", "latency_nice"),
             ("latency_ports = [70000]", "latency_ports"),
+            ("[preload]\nports = [0]", "preload.ports"),
             ("latency_fifo_priority = 100", "latency_fifo_priority"),
             ("segment_size = \"64 furlongs\"", "segment_size"),
             ("deployment = \"cloud\"", "deployment"),
