@@ -264,7 +264,7 @@ pub struct PreloadConfig {
     #[serde(deserialize_with = "de::ips")]
     pub hosts: Vec<std::net::IpAddr>,
     /// `ports`: listening ports also served as vsocket ports. Default empty: every port.
-    #[serde(deserialize_with = "de::ports")]
+    #[serde(deserialize_with = "de::listen_ports")]
     pub ports: Vec<u16>,
     /// `require_daemon`: without a reachable daemon, `netchannel run` fails instead of running
     /// the program on plain TCP. Default false.
@@ -476,6 +476,14 @@ mod de {
         v.into_iter()
             .map(|i| usize::try_from(i).map_err(|_| D::Error::custom(format!("{i} is not a CPU number"))))
             .collect()
+    }
+
+    pub fn listen_ports<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u16>, D::Error> {
+        let v = ports(d)?;
+        if v.contains(&0) {
+            return Err(D::Error::custom("0 is not a port a program listens on"));
+        }
+        Ok(v)
     }
 
     pub fn ids<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
@@ -999,6 +1007,7 @@ mod tests {
             ("copy_workers = -1", "copy_workers"),
             ("latency_nice = -21", "latency_nice"),
             ("latency_ports = [70000]", "latency_ports"),
+            ("[preload]\nports = [0]", "preload.ports"),
             ("latency_fifo_priority = 100", "latency_fifo_priority"),
             ("segment_size = \"64 furlongs\"", "segment_size"),
             ("deployment = \"cloud\"", "deployment"),
