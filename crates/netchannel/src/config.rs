@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// How the NetDriver picks a channel for each segment of a vsocket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -54,24 +54,30 @@ pub enum Deployment {
 }
 
 /// The `[daemon]` table: the per-host daemon and how apps reach it.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DaemonConfig {
     /// `socket`: the Unix socket apps reach the daemon on. Default `/run/netchannel/netchannel.sock`
     /// for root, `$XDG_RUNTIME_DIR/netchannel/netchannel.sock` otherwise; the environment
     /// variable `NETCHANNEL_SOCKET` overrides both.
+    #[serde(deserialize_with = "de::socket", skip_serializing_if = "Option::is_none")]
     pub socket: Option<std::path::PathBuf>,
     /// `allowed_uids`: user ids (besides the daemon's own and root) whose processes may use
     /// the daemon. Default none.
+    #[serde(deserialize_with = "de::ids")]
     pub allowed_uids: Vec<u32>,
     /// `allowed_gids`: group ids whose processes may use the daemon. Default none.
+    #[serde(deserialize_with = "de::ids")]
     pub allowed_gids: Vec<u32>,
     /// `poll_spin_us`: how long the daemon's doorbell poller keeps polling busy vsockets
     /// before it sleeps (apps then ring its eventfd). `None` (the default): 50 µs on machines
     /// with more than [`SPIN_MIN_CPUS`] CPUs, else 0 — a spinning thread takes a core from
     /// everyone else.
+    #[serde(deserialize_with = "de::micros", skip_serializing_if = "Option::is_none")]
     pub poll_spin_us: Option<u64>,
     /// `app_spin_us`: how long an app thread polls its vsocket before it sleeps on the futex.
     /// `None` (the default): 20 µs with more than [`SPIN_MIN_CPUS`] CPUs, else 0.
+    #[serde(deserialize_with = "de::micros", skip_serializing_if = "Option::is_none")]
     pub app_spin_us: Option<u64>,
 }
 
@@ -118,56 +124,83 @@ impl DaemonConfig {
     }
 }
 
-/// Engine configuration. See `docs/config.md` for the reference.
-#[derive(Debug, Clone, PartialEq)]
+/// Engine configuration. See `docs/config.md` for the reference (a test checks that it
+/// documents every key, no other, and the defaults of [`Config::default`]).
+///
+/// Each key is defined once, here: its field (named as the key, with a `serde` attribute
+/// where the TOML form differs: sizes, `…_ms` durations, ranges with their own message) and
+/// its default in [`Config::default`]. Parsing, `to_toml`, flag overrides and the docs test
+/// derive from it. A new key: a field (with its `serde` helper if it needs one), its
+/// default, a row in docs/config.md.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// `listen`: address this host accepts channels on. Default `0.0.0.0:9000`.
+    #[serde(deserialize_with = "de::addr")]
     pub listen: SocketAddr,
     /// `peer_port`: TCP port dialed on peer hosts. Default: the port of `listen`.
+    #[serde(deserialize_with = "de::port", skip_serializing_if = "Option::is_none")]
     pub peer_port: Option<u16>,
     /// `throughput_channels`: throughput-class channels per peer. Default 4.
+    #[serde(deserialize_with = "de::count")]
     pub throughput_channels: usize,
     /// `latency_channels`: latency-class channels per peer. Default 1.
+    #[serde(deserialize_with = "de::count")]
     pub latency_channels: usize,
     /// `channel_workers`: threads serving throughput channels. Default 2.
+    #[serde(deserialize_with = "de::count")]
     pub channel_workers: usize,
     /// `latency_workers`: threads serving only latency channels, so latency frames never wait
     /// behind bulk in a worker; 0 = latency channels share the channel workers. Default 1.
+    #[serde(deserialize_with = "de::count")]
     pub latency_workers: usize,
     /// `latency_ports`: vsocket ports whose vsockets (connected to or accepted on them) are in
     /// the latency class. Default none.
+    #[serde(deserialize_with = "de::ports")]
     pub latency_ports: Vec<u16>,
     /// `latency_nice`: nice value of the latency workers (-20..=19; below 0 needs privilege,
     /// refused with a warning otherwise). Default -10.
+    #[serde(deserialize_with = "de::nice")]
     pub latency_nice: i32,
     /// `latency_fifo_priority`: run the latency workers under SCHED_FIFO at this priority
     /// (1..=99) when permitted; 0 = no real-time policy. Default 0.
+    #[serde(deserialize_with = "de::non_negative")]
     pub latency_fifo_priority: u32,
     /// `busy_poll_us`: how long a latency worker polls its channels without sleeping before it
     /// blocks; 0 = never spin (right for machines with few cores). Default 0 µs.
+    #[serde(deserialize_with = "de::non_negative")]
     pub busy_poll_us: u64,
     /// `latency_spin_us`: how long an app thread reading a latency-class vsocket polls for
     /// data before it sleeps, sparing the wake-up when the answer comes soon. Default 0 µs.
+    #[serde(deserialize_with = "de::non_negative")]
     pub latency_spin_us: u64,
     /// `auth_key_file`: file holding the pre-shared key that authenticates channels (both
     /// hosts need the same key; at least 16 bytes; one trailing newline is ignored). Default
     /// none: channels are not authenticated.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub auth_key_file: Option<std::path::PathBuf>,
     /// `copy_workers`: threads helping app threads copy large reads/writes; 0 = the app thread copies alone. Default 1.
+    #[serde(deserialize_with = "de::count")]
     pub copy_workers: usize,
     /// `copy_threshold`: bytes from which one read/write is split among copy workers. Default 256 KiB.
+    #[serde(with = "de::size")]
     pub copy_threshold: usize,
     /// `segment_size`: largest DATA segment, bytes. Default 64 KiB.
+    #[serde(with = "de::size")]
     pub segment_size: usize,
     /// `send_buffer`: per-vsocket send buffer, bytes. Default 4 MiB.
+    #[serde(with = "de::size")]
     pub send_buffer: usize,
     /// `recv_buffer`: per-vsocket receive buffer (= credit window), bytes. Default 4 MiB.
+    #[serde(with = "de::size")]
     pub recv_buffer: usize,
     /// `channel_queue`: unsent bytes the NetDriver queues on one channel before choosing another. Default 512 KiB.
+    #[serde(with = "de::size")]
     pub channel_queue: usize,
     /// `bulk_sndbuf`: `SO_SNDBUF` of throughput-class channels, bytes: caps the bulk the kernel
     /// holds unsent in each bulk channel (the kernel doubles the value for its bookkeeping);
     /// 0 = the kernel's default and autotuning. Default 0.
+    #[serde(with = "de::size")]
     pub bulk_sndbuf: usize,
     /// `channel_congestion`: the TCP congestion control of every channel (`TCP_CONGESTION`,
     /// set on both the dialing and the accepting end), e.g. `"cubic"`, `"bbr"`, `"reno"`;
@@ -176,21 +209,28 @@ pub struct Config {
     pub channel_congestion: String,
     /// `channel_worker_cpus`: CPUs the channel workers may run on (`sched_setaffinity`);
     /// empty = wherever the scheduler puts them. Default empty.
+    #[serde(deserialize_with = "de::cpus")]
     pub channel_worker_cpus: Vec<usize>,
     /// `latency_worker_cpus`: CPUs the latency workers may run on; empty = anywhere. Default empty.
+    #[serde(deserialize_with = "de::cpus")]
     pub latency_worker_cpus: Vec<usize>,
     /// `copy_worker_cpus`: CPUs the copy workers may run on; empty = anywhere. Default empty.
+    #[serde(deserialize_with = "de::cpus")]
     pub copy_worker_cpus: Vec<usize>,
     /// `write_batch`: most bytes one channel write (`writev`) gathers; a frame queued behind
     /// a batch in progress waits for at most this much. Default 256 KiB.
+    #[serde(with = "de::size")]
     pub write_batch: usize,
     /// `write_batch_frames`: most frames one channel write gathers. Default 256.
+    #[serde(deserialize_with = "de::count")]
     pub write_batch_frames: usize,
     /// `policy`: `"round-robin"` or `"hash"`. Default round-robin.
     pub policy: Policy,
     /// `connect_timeout_ms`: how long a vsocket connect (including channel setup) may take. Default 3000 ms.
+    #[serde(rename = "connect_timeout_ms", with = "de::millis")]
     pub connect_timeout: Duration,
     /// `accept_backlog`: pending vsockets a listener holds before refusing. Default 1024.
+    #[serde(deserialize_with = "de::count")]
     pub accept_backlog: usize,
     /// `deployment`: `"embedded"` (the engine runs in each app process) or `"daemon"` (apps
     /// use the host's daemon). Chooses what `VStream::connect`/`VListener::bind` use. Default embedded.
@@ -200,12 +240,15 @@ pub struct Config {
     /// `peer_down_timeout_ms`: how long every channel to a peer may stay down before its
     /// vsockets fail (ConnectionReset naming the peer); meanwhile channels are dialed again
     /// and vsockets wait. Default 5000 ms.
+    #[serde(rename = "peer_down_timeout_ms", with = "de::millis")]
     pub peer_down_timeout: Duration,
     /// `reconnect_backoff_ms`: first pause before dialing a lost channel again; it doubles
     /// after each failed attempt up to `reconnect_backoff_max_ms`. Default 50 ms.
+    #[serde(rename = "reconnect_backoff_ms", with = "de::millis")]
     pub reconnect_backoff: Duration,
     /// `reconnect_backoff_max_ms`: longest pause between attempts to dial a lost channel.
     /// Default 1000 ms.
+    #[serde(rename = "reconnect_backoff_max_ms", with = "de::millis")]
     pub reconnect_backoff_max: Duration,
     /// The `[preload]` table: what `netchannel run` (the preload shim) moves onto vsockets.
     pub preload: PreloadConfig,
@@ -213,18 +256,22 @@ pub struct Config {
 
 /// The `[preload]` table: which TCP sockets of a program run under `netchannel run` become
 /// vsockets.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PreloadConfig {
     /// `hosts`: peer IPs whose connections become vsockets. Default empty: every connection
     /// is offered to the daemon first and stays on kernel TCP where no NetChannel host answers.
+    #[serde(deserialize_with = "de::ips")]
     pub hosts: Vec<std::net::IpAddr>,
     /// `ports`: listening ports also served as vsocket ports. Default empty: every port.
+    #[serde(deserialize_with = "de::listen_ports")]
     pub ports: Vec<u16>,
     /// `require_daemon`: without a reachable daemon, `netchannel run` fails instead of running
     /// the program on plain TCP. Default false.
     pub require_daemon: bool,
     /// `library`: the preload library. Default: `libnetchannel_preload.so` next to the
     /// `netchannel` binary.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub library: Option<std::path::PathBuf>,
     /// `datapath`: `"relay"` (the program's fd is a loopback TCP socket relayed to the
     /// vsocket by two threads) or `"shm"` (the fd is a readiness proxy and data moves straight
@@ -240,6 +287,25 @@ pub enum PreloadDatapath {
     Relay,
     /// A readiness proxy per vsocket; hooked data calls use the shared rings.
     Shm,
+}
+
+impl Serialize for PreloadDatapath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match self {
+            PreloadDatapath::Relay => "relay",
+            PreloadDatapath::Shm => "shm",
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for PreloadDatapath {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "relay" => Ok(PreloadDatapath::Relay),
+            "shm" => Ok(PreloadDatapath::Shm),
+            other => Err(serde::de::Error::custom(format!("{other:?} is not \"relay\" or \"shm\""))),
+        }
+    }
 }
 
 impl Default for Config {
@@ -337,78 +403,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum SizeValue {
-    Int(i64),
-    Str(String),
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    listen: Option<String>,
-    peer_port: Option<i64>,
-    throughput_channels: Option<i64>,
-    latency_channels: Option<i64>,
-    channel_workers: Option<i64>,
-    latency_workers: Option<i64>,
-    latency_ports: Option<Vec<i64>>,
-    auth_key_file: Option<String>,
-    latency_nice: Option<i64>,
-    latency_fifo_priority: Option<i64>,
-    busy_poll_us: Option<i64>,
-    latency_spin_us: Option<i64>,
-    copy_workers: Option<i64>,
-    copy_threshold: Option<SizeValue>,
-    segment_size: Option<SizeValue>,
-    send_buffer: Option<SizeValue>,
-    recv_buffer: Option<SizeValue>,
-    channel_queue: Option<SizeValue>,
-    bulk_sndbuf: Option<SizeValue>,
-    channel_congestion: Option<String>,
-    channel_worker_cpus: Option<Vec<i64>>,
-    latency_worker_cpus: Option<Vec<i64>>,
-    copy_worker_cpus: Option<Vec<i64>>,
-    write_batch: Option<SizeValue>,
-    write_batch_frames: Option<i64>,
-    policy: Option<String>,
-    connect_timeout_ms: Option<i64>,
-    accept_backlog: Option<i64>,
-    peer_down_timeout_ms: Option<i64>,
-    reconnect_backoff_ms: Option<i64>,
-    reconnect_backoff_max_ms: Option<i64>,
-    deployment: Option<String>,
-    daemon: Option<RawDaemon>,
-    preload: Option<RawPreload>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawPreload {
-    hosts: Option<Vec<String>>,
-    ports: Option<Vec<i64>>,
-    require_daemon: Option<bool>,
-    library: Option<String>,
-    datapath: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawDaemon {
-    socket: Option<String>,
-    allowed_uids: Option<Vec<i64>>,
-    allowed_gids: Option<Vec<i64>>,
-    poll_spin_us: Option<i64>,
-    app_spin_us: Option<i64>,
-}
-
-fn ids(key: &str, v: Vec<i64>) -> Result<Vec<u32>, ConfigError> {
-    v.into_iter()
-        .map(|i| u32::try_from(i).map_err(|_| err(key, format!("{i} is not a user or group id"))))
-        .collect()
-}
-
 /// The congestion control channels get when the config names none: cubic (see
 /// [`Config::channel_congestion`]).
 pub const DEFAULT_CONGESTION: &str = "cubic";
@@ -418,12 +412,6 @@ pub const MAX_CPUS: usize = 1024;
 
 /// Longest congestion control name the kernel accepts (`TCP_CA_NAME_MAX` less the NUL).
 const MAX_CONGESTION_NAME: usize = 15;
-
-fn cpus(key: &str, v: Vec<i64>) -> Result<Vec<usize>, ConfigError> {
-    v.into_iter()
-        .map(|i| usize::try_from(i).map_err(|_| err(key, format!("{i} is not a CPU number"))))
-        .collect()
-}
 
 /// A congestion control name as `TCP_CONGESTION` takes it: empty (the system default) or up
 /// to 15 ASCII letters, digits, `_` or `-`. Whether the kernel has it is known only when a
@@ -443,234 +431,217 @@ fn check_congestion(name: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn micros(key: &str, v: i64) -> Result<u64, ConfigError> {
-    match u64::try_from(v) {
-        Ok(us) if us <= 1_000_000 => Ok(us),
-        _ => Err(err(key, format!("{v} is out of range 0..=1000000"))),
+/// The serde helpers of the keys whose TOML form is not their Rust type's: sizes (an integer
+/// or a string with a unit), milliseconds (`Duration`), and integers whose range errors say
+/// what the key holds. Each error message names the value; the caller prefixes the key.
+mod de {
+    use std::net::{IpAddr, SocketAddr};
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use serde::de::{self, Deserializer, Error as _, Visitor};
+    use serde::{Deserialize, Serializer};
+
+    /// An integer, converted to `T` or refused with "`v` `why`".
+    fn int<'de, D: Deserializer<'de>, T: TryFrom<i64>>(d: D, why: &str) -> Result<T, D::Error> {
+        let v = i64::deserialize(d)?;
+        T::try_from(v).map_err(|_| D::Error::custom(format!("{v} {why}")))
+    }
+
+    pub fn count<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        int(d, "is negative; expected a count")
+    }
+
+    pub fn non_negative<'de, D: Deserializer<'de>, T: TryFrom<i64>>(d: D) -> Result<T, D::Error> {
+        int(d, "is negative")
+    }
+
+    pub fn nice<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+        int(d, "is out of range")
+    }
+
+    pub fn port<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+        int(d, "is not a TCP port").map(Some)
+    }
+
+    pub fn ports<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u16>, D::Error> {
+        let v = Vec::<i64>::deserialize(d)?;
+        v.into_iter()
+            .map(|p| u16::try_from(p).map_err(|_| D::Error::custom(format!("{p} is not a port"))))
+            .collect()
+    }
+
+    pub fn cpus<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<usize>, D::Error> {
+        let v = Vec::<i64>::deserialize(d)?;
+        v.into_iter()
+            .map(|i| usize::try_from(i).map_err(|_| D::Error::custom(format!("{i} is not a CPU number"))))
+            .collect()
+    }
+
+    pub fn listen_ports<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u16>, D::Error> {
+        let v = ports(d)?;
+        if v.contains(&0) {
+            return Err(D::Error::custom("0 is not a port a program listens on"));
+        }
+        Ok(v)
+    }
+
+    pub fn ids<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+        let v = Vec::<i64>::deserialize(d)?;
+        v.into_iter()
+            .map(|i| u32::try_from(i).map_err(|_| D::Error::custom(format!("{i} is not a user or group id"))))
+            .collect()
+    }
+
+    pub fn micros<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        let v = i64::deserialize(d)?;
+        match u64::try_from(v) {
+            Ok(us) if us <= 1_000_000 => Ok(Some(us)),
+            _ => Err(D::Error::custom(format!("{v} is out of range 0..=1000000"))),
+        }
+    }
+
+    pub fn addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(|_| D::Error::custom(format!("{s:?} is not an IP:port address")))
+    }
+
+    pub fn ips<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpAddr>, D::Error> {
+        let v = Vec::<String>::deserialize(d)?;
+        v.iter()
+            .map(|h| h.parse().map_err(|_| D::Error::custom(format!("{h:?} is not an IP address"))))
+            .collect()
+    }
+
+    pub fn socket<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+        let p = String::deserialize(d)?;
+        if p.is_empty() {
+            return Err(D::Error::custom("is empty; give the path of a Unix socket"));
+        }
+        Ok(Some(p.into()))
+    }
+
+    /// A size in bytes: an integer, or a string such as `"64KiB"` ([`super::parse_size`]);
+    /// written back as an integer.
+    pub mod size {
+        use super::*;
+
+        struct Size;
+        impl Visitor<'_> for Size {
+            type Value = u64;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a size: an integer (bytes) or a string such as \"64KiB\"")
+            }
+            fn visit_i64<E: de::Error>(self, i: i64) -> Result<u64, E> {
+                u64::try_from(i).map_err(|_| E::custom(format!("{i} is negative; expected a size in bytes")))
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<u64, E> {
+                Ok(n)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<u64, E> {
+                crate::config::parse_size(s).map_err(E::custom)
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+            let n = d.deserialize_any(Size)?;
+            usize::try_from(n).map_err(|_| D::Error::custom(format!("{n} is too large")))
+        }
+
+        pub fn serialize<S: Serializer>(v: &usize, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_u64(*v as u64)
+        }
+    }
+
+    /// A `Duration` as whole milliseconds (the `…_ms` keys).
+    pub mod millis {
+        use super::*;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+            super::non_negative(d).map(Duration::from_millis)
+        }
+
+        pub fn serialize<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_u64(v.as_millis() as u64)
+        }
     }
 }
 
-/// The dotted key (`table.key`) of the `key = value` line holding byte `offset` of `text`.
-fn key_at(text: &str, offset: usize) -> Option<String> {
-    let offset = offset.min(text.len());
-    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
-    let line = text[line_start..].lines().next().unwrap_or("");
-    let key = line.split_once('=')?.0.trim().trim_matches('"');
-    if key.is_empty() || key.starts_with('[') {
-        return None;
+impl Serialize for Policy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
     }
-    let table = text[..line_start]
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('[') && l.ends_with(']'))
-        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
-    Some(match table {
-        Some(t) => format!("{t}.{key}"),
-        None => key.to_string(),
-    })
 }
 
-fn size(key: &str, v: SizeValue) -> Result<usize, ConfigError> {
-    let n = match v {
-        SizeValue::Int(i) if i >= 0 => i as u64,
-        SizeValue::Int(i) => return Err(err(key, format!("{i} is negative; expected a size in bytes"))),
-        SizeValue::Str(s) => parse_size(&s).map_err(|m| err(key, m))?,
-    };
-    usize::try_from(n).map_err(|_| err(key, format!("{n} is too large")))
+impl<'de> Deserialize<'de> for Policy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
 }
 
-fn count(key: &str, v: i64) -> Result<usize, ConfigError> {
-    usize::try_from(v).map_err(|_| err(key, format!("{v} is negative; expected a count")))
+impl Deployment {
+    /// The name used in config files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Deployment::Embedded => "embedded",
+            Deployment::Daemon => "daemon",
+        }
+    }
+}
+
+impl Serialize for Deployment {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Deployment {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "embedded" => Ok(Deployment::Embedded),
+            "daemon" => Ok(Deployment::Daemon),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown deployment {other:?} (expected \"embedded\" or \"daemon\")"
+            ))),
+        }
+    }
+}
+
+/// The dotted key (`daemon.allowed_uids`) of a deserializer path, array indices left out.
+fn dotted(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let keys: Vec<String> = path
+        .iter()
+        .filter_map(|s| match s {
+            Segment::Map { key } => Some(key.clone()),
+            Segment::Enum { variant } => Some(variant.clone()),
+            Segment::Seq { .. } | Segment::Unknown => None,
+        })
+        .collect();
+    keys.join(".")
 }
 
 impl Config {
     /// Parse a TOML document; keys not given keep their defaults. Unknown keys are errors.
+    /// An error names the key through the deserializer's path (`daemon.allowed_uids`), or
+    /// `<toml>` for a syntax error (whose message says the line).
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let msg = e.message().to_string();
-            // serde names an unknown key in its message; otherwise the key is the one on the
-            // line the error points at, within its table.
-            let table_key = e.span().and_then(|sp| key_at(text, sp.start));
-            let key = msg
-                .strip_prefix("unknown field `")
-                .and_then(|r| r.split('`').next())
-                .map(|k| match table_key.as_deref().and_then(|t| t.rsplit_once('.')) {
-                    Some((table, _)) => format!("{table}.{k}"),
-                    None => k.to_string(),
-                })
-                .or(table_key)
-                .unwrap_or_else(|| "<toml>".to_string());
-            err(&key, msg)
+        let c: Config = serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+            let key = dotted(e.path());
+            let inner = e.into_inner();
+            if key.is_empty() {
+                // A syntax error: where it is, by line and column.
+                let at = inner.span().map(|sp| {
+                    let before = &text[..sp.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    format!("line {line}, column {column}: ")
+                });
+                err("<toml>", format!("{}{}", at.unwrap_or_default(), inner.message()))
+            } else {
+                err(&key, inner.message())
+            }
         })?;
-        let mut c = Config::default();
-        if let Some(s) = raw.listen {
-            c.listen = s.parse().map_err(|_| err("listen", format!("{s:?} is not an IP:port address")))?;
-        }
-        if let Some(p) = raw.peer_port {
-            c.peer_port =
-                Some(u16::try_from(p).map_err(|_| err("peer_port", format!("{p} is not a TCP port")))?);
-        }
-        if let Some(v) = raw.throughput_channels {
-            c.throughput_channels = count("throughput_channels", v)?;
-        }
-        if let Some(v) = raw.latency_channels {
-            c.latency_channels = count("latency_channels", v)?;
-        }
-        if let Some(v) = raw.channel_workers {
-            c.channel_workers = count("channel_workers", v)?;
-        }
-        if let Some(v) = raw.latency_workers {
-            c.latency_workers = count("latency_workers", v)?;
-        }
-        if let Some(ports) = raw.latency_ports {
-            c.latency_ports = ports
-                .into_iter()
-                .map(|p| u16::try_from(p).map_err(|_| err("latency_ports", format!("{p} is not a port"))))
-                .collect::<Result<_, _>>()?;
-        }
-        if let Some(f) = raw.auth_key_file {
-            c.auth_key_file = Some(f.into());
-        }
-        if let Some(v) = raw.latency_nice {
-            c.latency_nice =
-                i32::try_from(v).map_err(|_| err("latency_nice", format!("{v} is out of range")))?;
-        }
-        if let Some(v) = raw.latency_fifo_priority {
-            c.latency_fifo_priority =
-                u32::try_from(v).map_err(|_| err("latency_fifo_priority", format!("{v} is negative")))?;
-        }
-        if let Some(v) = raw.busy_poll_us {
-            c.busy_poll_us = u64::try_from(v).map_err(|_| err("busy_poll_us", format!("{v} is negative")))?;
-        }
-        if let Some(v) = raw.latency_spin_us {
-            c.latency_spin_us =
-                u64::try_from(v).map_err(|_| err("latency_spin_us", format!("{v} is negative")))?;
-        }
-        if let Some(v) = raw.copy_workers {
-            c.copy_workers = count("copy_workers", v)?;
-        }
-        if let Some(v) = raw.copy_threshold {
-            c.copy_threshold = size("copy_threshold", v)?;
-        }
-        if let Some(v) = raw.segment_size {
-            c.segment_size = size("segment_size", v)?;
-        }
-        if let Some(v) = raw.send_buffer {
-            c.send_buffer = size("send_buffer", v)?;
-        }
-        if let Some(v) = raw.recv_buffer {
-            c.recv_buffer = size("recv_buffer", v)?;
-        }
-        if let Some(v) = raw.channel_queue {
-            c.channel_queue = size("channel_queue", v)?;
-        }
-        if let Some(v) = raw.bulk_sndbuf {
-            c.bulk_sndbuf = size("bulk_sndbuf", v)?;
-        }
-        if let Some(v) = raw.channel_congestion {
-            c.channel_congestion = v;
-        }
-        if let Some(v) = raw.channel_worker_cpus {
-            c.channel_worker_cpus = cpus("channel_worker_cpus", v)?;
-        }
-        if let Some(v) = raw.latency_worker_cpus {
-            c.latency_worker_cpus = cpus("latency_worker_cpus", v)?;
-        }
-        if let Some(v) = raw.copy_worker_cpus {
-            c.copy_worker_cpus = cpus("copy_worker_cpus", v)?;
-        }
-        if let Some(v) = raw.write_batch {
-            c.write_batch = size("write_batch", v)?;
-        }
-        if let Some(v) = raw.write_batch_frames {
-            c.write_batch_frames = count("write_batch_frames", v)?;
-        }
-        if let Some(p) = raw.policy {
-            c.policy = p.parse().map_err(|m| err("policy", m))?;
-        }
-        if let Some(ms) = raw.connect_timeout_ms {
-            let ms = u64::try_from(ms).map_err(|_| err("connect_timeout_ms", format!("{ms} is negative")))?;
-            c.connect_timeout = Duration::from_millis(ms);
-        }
-        if let Some(v) = raw.accept_backlog {
-            c.accept_backlog = count("accept_backlog", v)?;
-        }
-        let millis = |key: &str, v: i64| {
-            u64::try_from(v).map(Duration::from_millis).map_err(|_| err(key, format!("{v} is negative")))
-        };
-        if let Some(v) = raw.peer_down_timeout_ms {
-            c.peer_down_timeout = millis("peer_down_timeout_ms", v)?;
-        }
-        if let Some(v) = raw.reconnect_backoff_ms {
-            c.reconnect_backoff = millis("reconnect_backoff_ms", v)?;
-        }
-        if let Some(v) = raw.reconnect_backoff_max_ms {
-            c.reconnect_backoff_max = millis("reconnect_backoff_max_ms", v)?;
-        }
-        if let Some(d) = raw.deployment {
-            c.deployment = match d.as_str() {
-                "embedded" => Deployment::Embedded,
-                "daemon" => Deployment::Daemon,
-                other => {
-                    return Err(err(
-                        "deployment",
-                        format!("unknown deployment {other:?} (expected \"embedded\" or \"daemon\")"),
-                    ))
-                }
-            };
-        }
-        if let Some(d) = raw.daemon {
-            if let Some(p) = d.socket {
-                if p.is_empty() {
-                    return Err(err("daemon.socket", "is empty; give the path of a Unix socket"));
-                }
-                c.daemon.socket = Some(p.into());
-            }
-            if let Some(v) = d.allowed_uids {
-                c.daemon.allowed_uids = ids("daemon.allowed_uids", v)?;
-            }
-            if let Some(v) = d.allowed_gids {
-                c.daemon.allowed_gids = ids("daemon.allowed_gids", v)?;
-            }
-            if let Some(v) = d.poll_spin_us {
-                c.daemon.poll_spin_us = Some(micros("daemon.poll_spin_us", v)?);
-            }
-            if let Some(v) = d.app_spin_us {
-                c.daemon.app_spin_us = Some(micros("daemon.app_spin_us", v)?);
-            }
-        }
-        if let Some(p) = raw.preload {
-            if let Some(hosts) = p.hosts {
-                c.preload.hosts = hosts
-                    .iter()
-                    .map(|h| {
-                        h.parse().map_err(|_| err("preload.hosts", format!("{h:?} is not an IP address")))
-                    })
-                    .collect::<Result<_, _>>()?;
-            }
-            if let Some(ports) = p.ports {
-                c.preload.ports = ports
-                    .into_iter()
-                    .map(|v| u16::try_from(v).map_err(|_| err("preload.ports", format!("{v} is not a port"))))
-                    .collect::<Result<_, _>>()?;
-            }
-            if let Some(v) = p.require_daemon {
-                c.preload.require_daemon = v;
-            }
-            if let Some(l) = p.library {
-                c.preload.library = Some(l.into());
-            }
-            if let Some(d) = p.datapath {
-                c.preload.datapath = match d.as_str() {
-                    "relay" => PreloadDatapath::Relay,
-                    "shm" => PreloadDatapath::Shm,
-                    other => {
-                        return Err(err("preload.datapath", format!("{other:?} is not \"relay\" or \"shm\"")))
-                    }
-                };
-            }
-        }
         c.validate()?;
         Ok(c)
     }
@@ -710,70 +681,18 @@ impl Config {
     /// The configuration as a TOML document that [`Config::from_toml_str`] reads back to
     /// an equal value (e.g. to hand a benchmark's knobs to a daemon process).
     pub fn to_toml(&self) -> String {
-        use std::fmt::Write;
-        let mut t = String::new();
-        let q = |p: &Path| format!("{:?}", p.display().to_string());
-        let _ = writeln!(t, "listen = \"{}\"", self.listen);
-        if let Some(p) = self.peer_port {
-            let _ = writeln!(t, "peer_port = {p}");
+        toml::to_string(self).expect("every Config serializes to TOML")
+    }
+
+    /// This configuration with the keys that `overrides` serializes to (a struct whose fields
+    /// are named as keys, `None`s skipped) replaced, validated. The error names the key.
+    pub fn overridden<T: Serialize>(&self, overrides: &T) -> Result<Config, ConfigError> {
+        let mut table = toml::Table::try_from(self).expect("every Config serializes to a TOML table");
+        let over = toml::Table::try_from(overrides).map_err(|e| err("<overrides>", e.to_string()))?;
+        for (key, value) in over {
+            table.insert(key, value);
         }
-        let _ = writeln!(t, "throughput_channels = {}", self.throughput_channels);
-        let _ = writeln!(t, "latency_channels = {}", self.latency_channels);
-        let _ = writeln!(t, "channel_workers = {}", self.channel_workers);
-        let _ = writeln!(t, "latency_workers = {}", self.latency_workers);
-        let _ = writeln!(t, "latency_ports = {:?}", self.latency_ports);
-        let _ = writeln!(t, "latency_nice = {}", self.latency_nice);
-        let _ = writeln!(t, "latency_fifo_priority = {}", self.latency_fifo_priority);
-        let _ = writeln!(t, "busy_poll_us = {}", self.busy_poll_us);
-        if let Some(f) = &self.auth_key_file {
-            let _ = writeln!(t, "auth_key_file = {}", q(f));
-        }
-        let _ = writeln!(t, "copy_workers = {}", self.copy_workers);
-        let _ = writeln!(t, "copy_threshold = {}", self.copy_threshold);
-        let _ = writeln!(t, "segment_size = {}", self.segment_size);
-        let _ = writeln!(t, "send_buffer = {}", self.send_buffer);
-        let _ = writeln!(t, "recv_buffer = {}", self.recv_buffer);
-        let _ = writeln!(t, "channel_queue = {}", self.channel_queue);
-        let _ = writeln!(t, "bulk_sndbuf = {}", self.bulk_sndbuf);
-        let _ = writeln!(t, "channel_congestion = {:?}", self.channel_congestion);
-        let _ = writeln!(t, "channel_worker_cpus = {:?}", self.channel_worker_cpus);
-        let _ = writeln!(t, "latency_worker_cpus = {:?}", self.latency_worker_cpus);
-        let _ = writeln!(t, "copy_worker_cpus = {:?}", self.copy_worker_cpus);
-        let _ = writeln!(t, "write_batch = {}", self.write_batch);
-        let _ = writeln!(t, "write_batch_frames = {}", self.write_batch_frames);
-        let _ = writeln!(t, "latency_spin_us = {}", self.latency_spin_us);
-        let _ = writeln!(t, "policy = \"{}\"", self.policy.name());
-        let _ = writeln!(t, "connect_timeout_ms = {}", self.connect_timeout.as_millis());
-        let _ = writeln!(t, "accept_backlog = {}", self.accept_backlog);
-        let dep = match self.deployment {
-            Deployment::Embedded => "embedded",
-            Deployment::Daemon => "daemon",
-        };
-        let _ = writeln!(t, "deployment = \"{dep}\"");
-        let _ = writeln!(t, "\n[daemon]");
-        if let Some(s) = &self.daemon.socket {
-            let _ = writeln!(t, "socket = {}", q(s));
-        }
-        let _ = writeln!(t, "allowed_uids = {:?}", self.daemon.allowed_uids);
-        let _ = writeln!(t, "allowed_gids = {:?}", self.daemon.allowed_gids);
-        if let Some(us) = self.daemon.poll_spin_us {
-            let _ = writeln!(t, "poll_spin_us = {us}");
-        }
-        if let Some(us) = self.daemon.app_spin_us {
-            let _ = writeln!(t, "app_spin_us = {us}");
-        }
-        let _ = writeln!(t, "\n[preload]");
-        let hosts: Vec<String> = self.preload.hosts.iter().map(|h| h.to_string()).collect();
-        let _ = writeln!(t, "hosts = {hosts:?}");
-        let _ = writeln!(t, "ports = {:?}", self.preload.ports);
-        let _ = writeln!(t, "require_daemon = {}", self.preload.require_daemon);
-        if let Some(l) = &self.preload.library {
-            let _ = writeln!(t, "library = {}", q(l));
-        }
-        if self.preload.datapath == PreloadDatapath::Shm {
-            let _ = writeln!(t, "datapath = \"shm\"");
-        }
-        t
+        Config::from_toml_str(&table.to_string())
     }
 
     /// The TCP port dialed on peers.
@@ -867,6 +786,119 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The field names (keys) serde knows for `T`, read from its derived `Deserialize`.
+    fn keys_of<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+        #[derive(Debug)]
+        struct Stop;
+        impl fmt::Display for Stop {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("stop")
+            }
+        }
+        impl std::error::Error for Stop {}
+        impl serde::de::Error for Stop {
+            fn custom<M: fmt::Display>(_: M) -> Self {
+                Stop
+            }
+        }
+        struct Fields<'a>(&'a mut &'static [&'static str]);
+        impl<'de> serde::Deserializer<'de> for Fields<'_> {
+            type Error = Stop;
+            fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+                Err(Stop)
+            }
+            fn deserialize_struct<V: serde::de::Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Stop> {
+                *self.0 = fields;
+                Err(Stop)
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+                option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+                ignored_any
+            }
+        }
+        let mut fields: &'static [&'static str] = &[];
+        let _ = T::deserialize(Fields(&mut fields));
+        fields
+    }
+
+    /// The rows of docs/config.md's key tables (header `| key | type | default |…`): the
+    /// dotted key (`[daemon] socket` is `daemon.socket`) and its default cell.
+    fn documented(doc: &str) -> Vec<(String, String)> {
+        let mut rows = Vec::new();
+        let mut in_keys = false;
+        for line in doc.lines() {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            if !line.starts_with('|') {
+                in_keys = false;
+            } else if cells.get(1..4) == Some(&["key", "type", "default"][..]) {
+                in_keys = true;
+            } else if in_keys && !cells[1].starts_with("---") {
+                let key = cells[1].trim_matches('`');
+                let key = match key.strip_prefix('[').and_then(|k| k.split_once("] ")) {
+                    Some((table, k)) => format!("{table}.{k}"),
+                    None => key.to_string(),
+                };
+                rows.push((key, cells[3].to_string()));
+            }
+        }
+        rows
+    }
+
+    #[test]
+    fn docs_config_md_documents_every_key_with_its_default() {
+        let tables = [("daemon", keys_of::<DaemonConfig>()), ("preload", keys_of::<PreloadConfig>())];
+        let defaults: toml::Table = toml::from_str(&Config::default().to_toml()).unwrap();
+        for (k, v) in &defaults {
+            assert!(!v.is_table() || tables.iter().any(|(t, _)| t == k), "a new table [{k}]: list it here");
+        }
+        let mut code: Vec<String> = keys_of::<Config>()
+            .iter()
+            .filter(|k| !tables.iter().any(|(t, _)| t == *k))
+            .map(|k| k.to_string())
+            .collect();
+        for (t, keys) in tables {
+            code.extend(keys.iter().map(|k| format!("{t}.{k}")));
+        }
+        assert!(code.len() > 30, "{code:?}");
+        let rows = documented(include_str!("../../../docs/config.md"));
+        let doc: Vec<&str> = rows.iter().map(|(k, _)| k.as_str()).collect();
+        let missing: Vec<&String> = code.iter().filter(|k| !doc.contains(&k.as_str())).collect();
+        let extra: Vec<&&str> = doc.iter().filter(|k| !code.contains(&k.to_string())).collect();
+        assert!(missing.is_empty(), "keys not in docs/config.md: {missing:?}");
+        assert!(extra.is_empty(), "docs/config.md documents keys that do not exist: {extra:?}");
+        for (key, default) in &rows {
+            let (table, name) = key.split_once('.').map_or((None, key.as_str()), |(t, n)| (Some(t), n));
+            let in_code = match table {
+                Some(t) => defaults[t].get(name),
+                None => defaults.get(name),
+            };
+            // A default written as one TOML literal must be the default; one said in words
+            // ("the port of `listen`", "none") is only right for a key unset by default.
+            match default.strip_prefix('`').and_then(|d| d.strip_suffix('`')).filter(|d| !d.contains('`')) {
+                Some(lit) => {
+                    let toml = match table {
+                        Some(t) => format!("[{t}]\n{name} = {lit}"),
+                        None => format!("{name} = {lit}"),
+                    };
+                    let c = Config::from_toml_str(&toml)
+                        .unwrap_or_else(|e| panic!("{key}: the documented default {lit} is invalid: {e}"));
+                    assert_eq!(
+                        c,
+                        Config::default(),
+                        "{key}: documented default {lit}, in the code {in_code:?}"
+                    );
+                }
+                None => assert!(in_code.is_none(), "{key}: the default is {in_code:?}; document it as `…`"),
+            }
+        }
+    }
 
     #[test]
     fn defaults_are_valid() {
@@ -975,6 +1007,7 @@ mod tests {
             ("copy_workers = -1", "copy_workers"),
             ("latency_nice = -21", "latency_nice"),
             ("latency_ports = [70000]", "latency_ports"),
+            ("[preload]\nports = [0]", "preload.ports"),
             ("latency_fifo_priority = 100", "latency_fifo_priority"),
             ("segment_size = \"64 furlongs\"", "segment_size"),
             ("deployment = \"cloud\"", "deployment"),

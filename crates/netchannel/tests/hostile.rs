@@ -318,3 +318,32 @@ fn a_keyless_hello_with_a_new_host_id_from_a_live_peer_resets_nothing() {
         assert!(b.stats().channels.iter().all(|ch| ch.peer == a_chan), "{:?}", b.stats().channels);
     });
 }
+
+/// Defect 6: the daemon (`netchannel up --socket PATH`) removes only a stale socket at its
+/// socket path; a regular file there is refused with an error naming it, and left whole.
+#[test]
+fn the_daemon_refuses_a_socket_path_that_holds_a_regular_file() {
+    within(60, || {
+        let dir = std::env::temp_dir().join(format!("netchannel-hostile-sock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("precious.txt");
+        std::fs::write(&path, b"not a socket").unwrap();
+        let (listen, _) = addr_pair();
+        let mut cfg = Config { listen, ..Config::default() };
+        cfg.daemon.socket = Some(path.clone());
+        let e = netchannel::daemon::Server::start(cfg.clone()).err().expect("a regular file is not replaced");
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+        assert!(
+            e.to_string().contains(&path.display().to_string()) && e.to_string().contains("not a socket"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"not a socket", "the file was touched");
+        // A stale socket (nobody answers on it) is still replaced.
+        let stale = dir.join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        cfg.daemon.socket = Some(stale.clone());
+        let server = netchannel::daemon::Server::start(cfg).expect("a stale socket is replaced");
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}

@@ -192,72 +192,17 @@ impl Role {
     }
 }
 
-/// Flags every benchmark mode takes: backend, engine knobs, topology and output.
-///
-/// Engine knobs are `Option`s without a clap default so that a value from `--config` is only
-/// overridden by a flag that was actually given.
+/// Flags every benchmark mode takes: backend, engine knobs ([`EngineFlags`]), topology and
+/// output.
 #[derive(Args, Debug, Clone)]
 pub struct CommonOpts {
     /// Stack to measure
     #[arg(long, value_enum, default_value_t = Backend::Netchannel)]
     pub backend: Backend,
 
-    /// Throughput channels per peer [default: 4, or throughput_channels from --config]
-    #[arg(long, value_name = "N")]
-    pub channels: Option<usize>,
-
-    /// Channel worker threads per host [default: 2, or channel_workers from --config]
-    #[arg(long, value_name = "N")]
-    pub channel_workers: Option<usize>,
-
-    /// Worker threads serving only latency channels; 0 = they share the channel workers [default: 1, or latency_workers from --config]
-    #[arg(long, value_name = "N")]
-    pub latency_workers: Option<usize>,
-
-    /// Copy worker threads per host; 0 = app threads copy alone [default: 1, or copy_workers from --config]
-    #[arg(long, value_name = "N")]
-    pub copy_workers: Option<usize>,
-
-    /// Largest DATA segment, e.g. 64KiB [default: 64KiB, or segment_size from --config]
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_usize)]
-    pub segment_size: Option<usize>,
-
-    /// Channel choice per segment: round-robin or hash [default: round-robin, or policy from --config]
-    #[arg(long, value_name = "POLICY", value_parser = parse_policy)]
-    pub policy: Option<Policy>,
-
-    /// Latency-class channels per peer [default: 1, or latency_channels from --config]
-    #[arg(long, value_name = "N")]
-    pub latency_channels: Option<usize>,
-
-    /// Unsent bytes queued on one channel before the NetDriver chooses another, e.g. 512KiB [default: 512KiB, or channel_queue from --config]
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_usize)]
-    pub channel_queue: Option<usize>,
-
-    /// SO_SNDBUF of throughput (bulk) channels, e.g. 256KiB; 0 = kernel default [default: 0, or bulk_sndbuf from --config]
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_usize)]
-    pub bulk_sndbuf: Option<usize>,
-
-    /// TCP congestion control of every channel AND of the TCP/MPTCP baselines, so that they
-    /// compare like with like, e.g. cubic, bbr, reno; "" = the system default [default: cubic, or channel_congestion from --config]
-    #[arg(long, value_name = "NAME")]
-    pub congestion: Option<String>,
-
-    /// Most bytes one channel write gathers, e.g. 256KiB [default: 256KiB, or write_batch from --config]
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_usize)]
-    pub write_batch: Option<usize>,
-
-    /// Most frames one channel write gathers [default: 256, or write_batch_frames from --config]
-    #[arg(long, value_name = "N")]
-    pub write_batch_frames: Option<usize>,
-
-    /// Microseconds an app thread reading a latency-class vsocket polls before it sleeps [default: 0, or latency_spin_us from --config]
-    #[arg(long, value_name = "US")]
-    pub latency_spin_us: Option<u64>,
-
-    /// Microseconds a latency worker polls its channels before it sleeps [default: 0, or busy_poll_us from --config]
-    #[arg(long, value_name = "US")]
-    pub busy_poll_us: Option<u64>,
+    /// Engine knobs, each overriding one config key
+    #[command(flatten)]
+    pub engine: EngineFlags,
 
     /// Engine configuration file (TOML, see docs/config.md); flags override its keys
     #[arg(long, value_name = "FILE")]
@@ -306,77 +251,112 @@ pub struct CommonOpts {
     pub rate: Option<netns::Rate>,
 }
 
+/// The engine knob flags of every benchmark mode, one per config key: a field is named as
+/// its key (`--channels` is `throughput_channels`), so applying the flags is serializing the
+/// ones given over the configuration ([`Config::overridden`]). `Option`s without a clap
+/// default, so that a value from `--config` is only overridden by a flag actually given.
+#[derive(Args, Debug, Clone, Default, Serialize)]
+pub struct EngineFlags {
+    /// Throughput channels per peer [default: 4, or throughput_channels from --config]
+    #[arg(long = "channels", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throughput_channels: Option<usize>,
+
+    /// Channel worker threads per host [default: 2, or channel_workers from --config]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel_workers: Option<usize>,
+
+    /// Worker threads serving only latency channels; 0 = they share the channel workers [default: 1, or latency_workers from --config]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_workers: Option<usize>,
+
+    /// Copy worker threads per host; 0 = app threads copy alone [default: 1, or copy_workers from --config]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_workers: Option<usize>,
+
+    /// Largest DATA segment, e.g. 64KiB [default: 64KiB, or segment_size from --config]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_usize)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segment_size: Option<usize>,
+
+    /// Channel choice per segment: round-robin or hash [default: round-robin, or policy from --config]
+    #[arg(long, value_name = "POLICY", value_parser = parse_policy)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
+
+    /// Latency-class channels per peer [default: 1, or latency_channels from --config]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_channels: Option<usize>,
+
+    /// Unsent bytes queued on one channel before the NetDriver chooses another, e.g. 512KiB [default: 512KiB, or channel_queue from --config]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_usize)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel_queue: Option<usize>,
+
+    /// SO_SNDBUF of throughput (bulk) channels, e.g. 256KiB; 0 = kernel default [default: 0, or bulk_sndbuf from --config]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_usize)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bulk_sndbuf: Option<usize>,
+
+    /// TCP congestion control of every channel AND of the TCP/MPTCP baselines, so that they
+    /// compare like with like, e.g. cubic, bbr, reno; "" = the system default [default: cubic, or channel_congestion from --config]
+    #[arg(long = "congestion", value_name = "NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel_congestion: Option<String>,
+
+    /// Most bytes one channel write gathers, e.g. 256KiB [default: 256KiB, or write_batch from --config]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_usize)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write_batch: Option<usize>,
+
+    /// Most frames one channel write gathers [default: 256, or write_batch_frames from --config]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write_batch_frames: Option<usize>,
+
+    /// Microseconds an app thread reading a latency-class vsocket polls before it sleeps [default: 0, or latency_spin_us from --config]
+    #[arg(long, value_name = "US")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_spin_us: Option<u64>,
+
+    /// Microseconds a latency worker polls its channels before it sleeps [default: 0, or busy_poll_us from --config]
+    #[arg(long, value_name = "US")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub busy_poll_us: Option<u64>,
+}
+
+impl EngineFlags {
+    /// `config` with the given flags applied, validated; an error caused by a flag names it
+    /// (`--channels: 0 is out of range 1..=256 (config key `throughput_channels`)`).
+    pub fn apply(&self, config: &Config) -> Result<Config> {
+        config.overridden(self).map_err(|e| {
+            let flags = <EngineFlags as Args>::augment_args(clap::Command::new("flags"));
+            let given = flags.get_arguments().find(|a| a.get_id() == e.key.as_str()).filter(|a| {
+                let key = a.get_id().as_str();
+                serde_json::to_value(self).is_ok_and(|v| v.get(key).is_some())
+            });
+            match given.and_then(|a| a.get_long()) {
+                Some(long) => Error::from(format!("--{long}: {} (config key `{}`)", e.message, e.key)),
+                None => Error::from(e),
+            }
+        })
+    }
+}
+
 impl CommonOpts {
     /// The engine configuration: `--config` (or the defaults) with the knob flags applied,
     /// validated. An invalid value is reported with the flag that set it, else its config key.
     /// Loaded for every backend, so a bad file fails before any run starts.
     pub fn engine_config(&self) -> Result<Config> {
-        let mut c = match &self.config {
+        let c = match &self.config {
             Some(path) => Config::load(path)?,
             None => Config::default(),
         };
-        let mut flags: Vec<(&str, &str)> = Vec::new();
-        if let Some(n) = self.channels {
-            c.throughput_channels = n;
-            flags.push(("throughput_channels", "--channels"));
-        }
-        if let Some(n) = self.channel_workers {
-            c.channel_workers = n;
-            flags.push(("channel_workers", "--channel-workers"));
-        }
-        if let Some(n) = self.latency_workers {
-            c.latency_workers = n;
-            flags.push(("latency_workers", "--latency-workers"));
-        }
-        if let Some(n) = self.copy_workers {
-            c.copy_workers = n;
-            flags.push(("copy_workers", "--copy-workers"));
-        }
-        if let Some(n) = self.segment_size {
-            c.segment_size = n;
-            flags.push(("segment_size", "--segment-size"));
-        }
-        if let Some(p) = self.policy {
-            c.policy = p;
-            flags.push(("policy", "--policy"));
-        }
-        if let Some(n) = self.latency_channels {
-            c.latency_channels = n;
-            flags.push(("latency_channels", "--latency-channels"));
-        }
-        if let Some(n) = self.channel_queue {
-            c.channel_queue = n;
-            flags.push(("channel_queue", "--channel-queue"));
-        }
-        if let Some(n) = self.bulk_sndbuf {
-            c.bulk_sndbuf = n;
-            flags.push(("bulk_sndbuf", "--bulk-sndbuf"));
-        }
-        if let Some(name) = &self.congestion {
-            c.channel_congestion = name.clone();
-            flags.push(("channel_congestion", "--congestion"));
-        }
-        if let Some(n) = self.write_batch {
-            c.write_batch = n;
-            flags.push(("write_batch", "--write-batch"));
-        }
-        if let Some(n) = self.write_batch_frames {
-            c.write_batch_frames = n;
-            flags.push(("write_batch_frames", "--write-batch-frames"));
-        }
-        if let Some(n) = self.latency_spin_us {
-            c.latency_spin_us = n;
-            flags.push(("latency_spin_us", "--latency-spin-us"));
-        }
-        if let Some(n) = self.busy_poll_us {
-            c.busy_poll_us = n;
-            flags.push(("busy_poll_us", "--busy-poll-us"));
-        }
-        c.validate().map_err(|e| match flags.iter().find(|(key, _)| *key == e.key) {
-            Some((key, flag)) => Error::from(format!("{flag}: {} (config key `{key}`)", e.message)),
-            None => Error::from(e),
-        })?;
-        Ok(c)
+        self.engine.apply(&c)
     }
 }
 
@@ -776,6 +756,38 @@ mod tests {
         assert_eq!(c.segment_size, 32 << 10);
         assert_eq!(c.policy, Policy::Hash);
         assert_eq!(c.channel_workers, Config::default().channel_workers);
+    }
+
+    #[test]
+    fn docs_config_md_lists_every_engine_flag_with_its_key() {
+        let doc = include_str!("../../../../docs/config.md");
+        let table = &doc[doc.find("## CLI flags that override keys").expect("the flags section")..];
+        let flags = <EngineFlags as Args>::augment_args(clap::Command::new("flags"));
+        for arg in flags.get_arguments() {
+            let long = arg.get_long().expect("every engine flag is a --long flag");
+            let row = format!("| `--{long} ");
+            let line = table
+                .lines()
+                .find(|l| l.starts_with(&row))
+                .unwrap_or_else(|| panic!("--{long} is not in docs/config.md"));
+            let cells = line.replace("\\|", "/");
+            let key = cells.split('|').nth(2).map(str::trim).unwrap_or_default();
+            assert!(
+                key.starts_with(&format!("`{}`", arg.get_id())),
+                "--{long} sets `{}`: {line}",
+                arg.get_id()
+            );
+        }
+    }
+
+    #[test]
+    fn flags_reach_every_kind_of_key() {
+        let c = opts(&["--congestion", "reno", "--bulk-sndbuf", "128KiB", "--latency-spin-us", "5"])
+            .engine_config()
+            .unwrap();
+        assert_eq!((c.channel_congestion.as_str(), c.bulk_sndbuf, c.latency_spin_us), ("reno", 128 << 10, 5));
+        let e = opts(&["--congestion", "no such"]).engine_config().unwrap_err().to_string();
+        assert!(e.starts_with("--congestion: ") && e.contains("channel_congestion"), "{e}");
     }
 
     #[test]

@@ -125,7 +125,20 @@ impl Server {
                 let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
             }
         }
-        if socket.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(&socket) {
+            // Only a stale socket is ours to remove: never a file, directory or link that
+            // happens to be at the path (`up --socket PATH` once deleted whatever was there).
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(io::Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "{} exists and is not a socket: refusing to replace it; choose another daemon \
+                         socket path ([daemon] socket, --socket, NETCHANNEL_SOCKET) or remove it yourself",
+                        socket.display()
+                    ),
+                ));
+            }
             if UnixStream::connect(&socket).is_ok() {
                 return Err(io::Error::new(
                     ErrorKind::AddrInUse,

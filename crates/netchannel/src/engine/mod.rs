@@ -266,14 +266,15 @@ impl Host {
         crate::placement::check("latency_worker_cpus", &config.latency_worker_cpus)?;
         crate::placement::check("copy_worker_cpus", &config.copy_worker_cpus)?;
         let auth_key = config.auth_key()?;
-        if auth_key.is_none() {
-            tracing::info!(listen = %config.listen, "the host's channels are not authenticated (no auth_key_file)");
-        }
         let std_listener = std::net::TcpListener::bind(config.listen).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot listen for channels on {}: {e}", config.listen))
         })?;
         std_listener.set_nonblocking(true)?;
         let local = std_listener.local_addr()?;
+        // Said once the port is ours, so that a start that fails says only why.
+        if auth_key.is_none() {
+            tracing::info!(listen = %config.listen, "the host's channels are not authenticated (no auth_key_file)");
+        }
         let mut polls = Vec::new();
         let mut workers = Vec::new();
         // Channel workers first, then the latency workers (used only when there are latency
