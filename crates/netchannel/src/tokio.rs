@@ -24,7 +24,8 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> std::io::Result<()> {
 //! // Two hosts in one process, on two loopback addresses.
-//! let port = 30000 + (std::process::id() % 20000) as u16;
+//! // A port free on 127.0.0.1 just now.
+//! let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
 //! let mut cfg = netchannel::Config::default();
 //! cfg.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
 //! let a = netchannel::Host::start(cfg.clone())?;
