@@ -202,13 +202,16 @@ impl Readiness {
     }
 
     /// Something a reader must see was published (data, end of stream, an error, a queued
-    /// vsocket): make A readable. Call it after the vsocket's lock is released.
-    pub(crate) fn rx_publish(&self) {
+    /// vsocket): make A readable if `readable` (evaluated under the gate mutex) still holds.
+    /// Call it after the vsocket's lock is released. The check matters: a reader may have
+    /// taken everything between the publication and this call, found the gate closed and
+    /// left it so; a token queued now would make A readable with nothing to read.
+    pub(crate) fn rx_publish(&self, readable: impl FnOnce() -> bool) {
         if self.rx_open.load(SeqCst) {
             return;
         }
         let _g = self.lock();
-        if !self.rx_open.load(SeqCst) && !self.closed.load(SeqCst) {
+        if !self.rx_open.load(SeqCst) && !self.closed.load(SeqCst) && readable() {
             // The flag goes first: a reader that sees it open takes the mutex, and so waits
             // for the token, instead of reporting `WouldBlock` while it is on its way.
             self.rx_open.store(true, SeqCst);
@@ -351,8 +354,10 @@ mod tests {
         let r = Readiness::new().unwrap();
         let fd = r.as_fd().as_raw_fd();
         assert_eq!(revents(fd), libc::POLLOUT, "fresh: writable only");
-        r.rx_publish();
-        r.rx_publish();
+        r.rx_publish(|| false);
+        assert_eq!(revents(fd), libc::POLLOUT, "published but taken already: not readable");
+        r.rx_publish(|| true);
+        r.rx_publish(|| true);
         assert_eq!(revents(fd), libc::POLLIN | libc::POLLOUT);
         assert!(r.rx_drained(|| true));
         assert_eq!(revents(fd), libc::POLLIN | libc::POLLOUT, "still readable: the token stays");

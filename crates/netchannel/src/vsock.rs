@@ -618,7 +618,7 @@ impl VSock {
     #[inline]
     fn wake_pollers(&self) {
         if let Some(r) = self.ready.get() {
-            r.rx_publish();
+            r.rx_publish(|| self.read_ready());
         }
     }
 
@@ -655,9 +655,7 @@ impl VSock {
     /// state.
     pub(crate) fn readiness(&self) -> io::Result<&Readiness> {
         self.ready.get_or_create(|r| {
-            if self.read_ready() {
-                r.rx_publish();
-            }
+            r.rx_publish(|| self.read_ready());
             if !self.write_ready() {
                 let _ = r.tx_full(|| self.writable_enough());
             }
@@ -1385,7 +1383,7 @@ impl ListenQueue {
 
     fn wake_pollers(&self) {
         if let Some(r) = self.ready.get() {
-            r.rx_publish();
+            r.rx_publish(|| self.accept_ready());
         }
     }
 
@@ -1403,9 +1401,7 @@ impl ListenQueue {
 
     fn readiness(&self) -> io::Result<&Readiness> {
         self.ready.get_or_create(|r| {
-            if self.accept_ready() {
-                r.rx_publish();
-            }
+            r.rx_publish(|| self.accept_ready());
         })
     }
 
