@@ -543,3 +543,38 @@ fn a_wrong_key_is_logged_by_the_acceptor_as_a_proof_that_did_not_match() {
         assert!(db.log().contains("failed authentication"), "{}", db.log());
     });
 }
+
+/// Defect 7: malformed frames on channels that passed their (keyless) handshake close each
+/// channel and are counted, but the warnings are rate-limited (at most 10 a second, with
+/// the count of those left out): 64 such channels in a burst do not log 64 lines.
+#[test]
+fn malformed_frame_warnings_are_rate_limited() {
+    within(90, || {
+        let d = dir("malformed");
+        let (a, _) = addr_pair();
+        let da = Daemon::start_with(&d.0, "a", a, &Opts { log: true, ..Opts::default() });
+        let mut conns = Vec::new();
+        for n in 0..64u16 {
+            let ip = beside(a, 20 + (n % 8) as u8);
+            let mut s = dial_from(ip, a).expect("connect to the channel port");
+            let mut bytes = hello(SocketAddr::new(ip.into(), 2000 + n), 0x7700 + u64::from(n));
+            bytes.extend_from_slice(&[0x5a; 64]);
+            s.write_all(&bytes).unwrap();
+            conns.push(s);
+        }
+        for s in &mut conns {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            match s.read_to_end(&mut Vec::new()) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+                Err(e) => panic!("a channel that sent a malformed frame was kept: {e}"),
+            }
+        }
+        let st = da.status();
+        assert_eq!(st["totals"]["bad_frames"], 64, "{st}");
+        let log = da.log();
+        let lines = log.lines().filter(|l| l.contains("malformed frame")).count();
+        assert!((1..64).contains(&lines), "{lines} warnings for 64 malformed frames:\n{log}");
+        assert!(log.contains("suppressed="), "the count of warnings left out: {log}");
+    });
+}
