@@ -689,7 +689,10 @@ fn parse(host: &Arc<HostInner>, ch: &Arc<Channel>, c: &mut Reader) -> Result<(),
                 host.totals.bad_frames.fetch_add(1, Ordering::Relaxed);
                 let from =
                     ch.read_sock.peer_addr().map_or_else(|_| "an unknown address".into(), |a| a.to_string());
-                tracing::warn!(from = %from, class = ch.class.name(), index = ch.index, error = %e, "closing a channel: it sent a malformed frame");
+                static MALFORMED: super::handshake::Throttle = super::handshake::Throttle::new();
+                if let Some(n) = MALFORMED.allow() {
+                    tracing::warn!(from = %from, class = ch.class.name(), index = ch.index, error = %e, suppressed = n, "closing a channel: it sent a malformed frame");
+                }
                 return Err(format!("malformed frame: {e}"));
             }
         }
