@@ -119,6 +119,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
         libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
+    raise_fd_limit();
     let server = Server::start(cfg).context(|| "cannot start the daemon".to_string())?;
     tracing::info!(
         apps = %server.socket().display(),
@@ -130,11 +131,32 @@ pub fn up(args: &UpArgs) -> Result<()> {
     Ok(())
 }
 
-/// Print the daemon's state.
+/// Raise the soft descriptor limit to the hard one: the daemon's own caps (`[daemon] max_*`)
+/// should bind before `RLIMIT_NOFILE` does, and the soft limit is often a low 1024.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write one live rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let soft = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                tracing::debug!(
+                    from = soft,
+                    to = lim.rlim_max,
+                    "raised the descriptor limit (RLIMIT_NOFILE)"
+                );
+            }
+        }
+    }
+}
+
+/// Print the daemon's state. One request on one connection, so that a daemon out of
+/// descriptors still answers it.
 pub fn status(args: &StatusArgs) -> Result<()> {
     let cfg = load(&args.config, &args.socket)?;
-    let client = Client::from_config(&cfg).context(|| "status".to_string())?;
-    let st = client.status().context(|| "status".to_string())?;
+    let path = cfg.daemon.socket_path().context(|| "status".to_string())?;
+    let st = Client::status_of(&path).context(|| "status".to_string())?;
     if args.json {
         println!("{st}");
     } else {
@@ -187,6 +209,18 @@ fn render(st: &Value) -> String {
         s(&t["peers_lost"]),
         s(&t["clients_refused"]),
         s(&t["clients_disconnected"])
+    );
+    let l = &st["limits"];
+    let _ = writeln!(
+        o,
+        "limits: {} connections ({} per process), {} vsockets per process, ring memory {} of {} bytes pinned ({} per process); {} requests refused at a limit",
+        s(&l["max_connections"]),
+        s(&l["max_connections_per_process"]),
+        s(&l["max_vsockets_per_process"]),
+        s(&l["buffer_pinned"]),
+        s(&l["max_buffer"]),
+        s(&l["max_buffer_per_process"]),
+        s(&t["limits_refused"])
     );
     let _ = writeln!(o, "\npeers:");
     for p in st["peers"].as_array().into_iter().flatten() {
@@ -272,7 +306,9 @@ mod tests {
                               "queue": {"control": {"bytes": 0, "frames": 0}, "latency": {"bytes": 96, "frames": 2},
                                         "bulk": {"bytes": 0, "frames": 0}}}],
             "totals": {"vsockets_opened": 1, "vsockets_open": 1, "bytes_sent": 5, "bytes_received": 6,
-                       "channels_refused": 0, "clients_refused": 0, "clients_disconnected": 0}
+                       "channels_refused": 0, "clients_refused": 0, "clients_disconnected": 0, "limits_refused": 2},
+            "limits": {"max_connections": 1024, "max_connections_per_process": 256, "max_vsockets_per_process": 4096,
+                       "max_buffer_per_process": 4096000, "max_buffer": 8192000, "buffer_pinned": 8392704}
         });
         let out = render(&st);
         for needle in [
@@ -282,6 +318,8 @@ mod tests {
             "127.0.0.2:7000",
             "latency",
             "open",
+            "limits: 1024 connections (256 per process), 4096 vsockets per process, ring memory 8392704 of 8192000",
+            "2 requests refused at a limit",
         ] {
             assert!(out.contains(needle), "{needle} missing from\n{out}");
         }

@@ -37,13 +37,20 @@ fn say(msg: &str) {
 }
 
 /// Where the preload library is: `[preload] library`, `NETCHANNEL_PRELOAD_LIB`, or next to
-/// this binary (also `../lib/netchannel/`).
+/// this binary (also `../lib/netchannel/`). A library named by the config or the environment
+/// must be there: the loader would only warn and run the program without it.
 fn library(cfg: &Config) -> Result<PathBuf> {
-    if let Some(l) = &cfg.preload.library {
-        return Ok(l.clone());
-    }
-    if let Some(l) = std::env::var_os("NETCHANNEL_PRELOAD_LIB") {
-        return Ok(l.into());
+    let named = match (&cfg.preload.library, std::env::var_os("NETCHANNEL_PRELOAD_LIB")) {
+        (Some(l), _) => Some((l.clone(), "[preload] library")),
+        (None, Some(l)) => Some((l.into(), "NETCHANNEL_PRELOAD_LIB")),
+        (None, None) => None,
+    };
+    if let Some((l, by)) = named {
+        return match std::fs::metadata(&l) {
+            Ok(m) if m.is_file() => Ok(l),
+            Ok(_) => Err(Error::from(format!("the preload library {} ({by}) is not a file", l.display()))),
+            Err(e) => Err(Error::from(format!("cannot use the preload library {} ({by}): {e}", l.display()))),
+        };
     }
     let exe = std::env::current_exe().context(|| "locating the netchannel binary".to_string())?;
     let dir = exe.parent().unwrap_or(Path::new("/"));

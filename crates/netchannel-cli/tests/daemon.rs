@@ -2,98 +2,26 @@
 //! and 127.x.y.2), and apps that are separate processes — this test binary re-run in an app
 //! role (the ignored test `app_main`, driven by `NC_APP_*` variables) or the `netchannel`
 //! command itself. Covers verified data from several processes sharing one channel mesh,
-//! an app killed mid-transfer, the daemon killed under its apps and restarted, garbage on
-//! the control socket, and a user refused by the credential policy.
+//! an app killed mid-transfer, the daemon killed under its apps and restarted, and a user
+//! refused by the credential policy. Hostile clients (garbage on the control socket, caps,
+//! descriptor exhaustion) are in tests/hostile.rs.
 
 mod common;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr};
-use std::os::unix::fs::PermissionsExt;
+use std::net::{Shutdown, SocketAddr};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use common::daemons::{addr_pair, dir, pattern, Daemon};
 use common::{finish, netchannel, KillOnDrop, TempDir};
 use netchannel::daemon::Client;
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A daemon process, killed when dropped.
-struct Daemon {
-    child: KillOnDrop,
-    socket: PathBuf,
-    addr: SocketAddr,
-    config: PathBuf,
-}
-
-/// Two addresses 127.b.c.1 / 127.b.c.2 and a port, distinct per call and per process.
-fn addr_pair() -> (SocketAddr, SocketAddr) {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let pid = std::process::id();
-    let b = (pid % 100) as u8 + 120;
-    let c = (n % 250) as u8 + 1;
-    let port = 40000 + (pid % 20000) as u16;
-    (
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, b, c, 1)), port),
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, b, c, 2)), port),
-    )
-}
-
-fn dir(tag: &str) -> TempDir {
-    let d = TempDir::new(tag);
-    std::fs::create_dir_all(&d.0).unwrap();
-    std::fs::set_permissions(&d.0, std::fs::Permissions::from_mode(0o755)).unwrap();
-    d
-}
-
-impl Daemon {
-    fn start(dir: &Path, name: &str, listen: SocketAddr, extra: &str) -> Daemon {
-        let socket = dir.join(format!("{name}.sock"));
-        let config = dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &config,
-            format!("listen = \"{listen}\"\n[daemon]\nsocket = \"{}\"\n{extra}\n", socket.display()),
-        )
-        .unwrap();
-        let mut d = Daemon { child: KillOnDrop(None), socket, addr: listen, config };
-        d.spawn();
-        d
-    }
-
-    fn spawn(&mut self) {
-        let mut cmd = netchannel(&["up", "--config", self.config.to_str().unwrap()]);
-        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
-        self.child = KillOnDrop(Some(cmd.spawn().expect("spawn netchannel up")));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Client::connect(&self.socket).is_err() {
-            if let Some(st) = self.child.0.as_mut().unwrap().try_wait().unwrap() {
-                panic!("netchannel up exited: {st}");
-            }
-            assert!(Instant::now() < deadline, "the daemon did not come up on {}", self.socket.display());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn sock(&self) -> &str {
-        self.socket.to_str().unwrap()
-    }
-
-    fn status(&self) -> Value {
-        Client::connect(&self.socket).unwrap().status().unwrap()
-    }
-
-    fn kill(&mut self) {
-        let mut c = self.child.0.take().unwrap();
-        c.kill().unwrap();
-        c.wait().unwrap();
-    }
-}
 
 fn pair(tag: &str) -> (TempDir, Daemon, Daemon) {
     let d = dir(tag);
@@ -191,11 +119,6 @@ impl App {
 /// A line the app printed, without the test harness's "test app_main ... " before the first.
 fn app_line(l: &str) -> &str {
     l.trim_start_matches("test app_main ... ")
-}
-
-fn pattern(seed: u64, o: u64) -> u8 {
-    let x = (o ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    (x >> 56) as u8 ^ (o as u8)
 }
 
 fn var(k: &str) -> String {
@@ -463,39 +386,6 @@ fn a_killed_daemon_fails_its_apps_and_a_restarted_one_serves() {
     let client = client_app(&da, &db, port, 1, 1 << 20, 5);
     assert!(finish_ok(client, "client after restart").contains("sent 1048576"));
     server.finish("server app");
-}
-
-#[test]
-fn garbage_on_the_control_socket_disconnects_only_that_client() {
-    let (_d, da, db) = pair("garbage");
-    let port = 7400;
-    let mut server =
-        app("server", db.sock(), &[("NC_APP_PORT", port.to_string()), ("NC_APP_STREAMS", "1".into())]);
-    server.wait_line("listening");
-    let client = client_app(&da, &db, port, 1, 8 << 20, 9);
-    // Not JSON; an absurd length; a valid frame with an unknown operation.
-    let junk: [&[u8]; 3] =
-        [b"\x00\x00\x00\x05hello", b"\xff\xff\xff\xff", b"\x00\x00\x00\x0d{\"op\":\"boom\"}"];
-    for j in junk {
-        let mut s = UnixStream::connect(&da.socket).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(j).unwrap();
-        let mut rest = Vec::new();
-        s.read_to_end(&mut rest).unwrap(); // the daemon hangs up (after an error answer, if any)
-    }
-    // Random bytes on the daemon's channel port: that connection is closed and counted.
-    let mut t = std::net::TcpStream::connect(da.addr).unwrap();
-    t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let _ = t.write_all(&[0x5a; 4096]);
-    let mut rest = Vec::new();
-    let _ = t.read_to_end(&mut rest);
-    assert!(finish_ok(client, "client app").contains("sent 8388608"));
-    server.finish("server app");
-    let st = da.status();
-    assert!(st["totals"]["clients_disconnected"].as_u64().unwrap() >= 3, "{st}");
-    let bad =
-        st["totals"]["channels_refused"].as_u64().unwrap() + st["totals"]["bad_frames"].as_u64().unwrap();
-    assert!(bad >= 1, "garbage on the channel port is counted: {st}");
 }
 
 #[test]

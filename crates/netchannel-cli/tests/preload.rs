@@ -340,6 +340,40 @@ fn sockperf(path: DataPath) {
     assert_proxied(path, &b, proxied, 1);
 }
 
+/// Issue 15, defect 7: a preload library that is not there fails `run` naming the path (the
+/// loader would only warn, and the program would run without it).
+#[test]
+fn a_missing_preload_library_fails_run_naming_it() {
+    let d = TempDir::new("preload-nolib");
+    std::fs::create_dir_all(&d.0).unwrap();
+    let cfg = d.0.join("c.toml");
+    let lib = d.0.join("missing/libnetchannel_preload.so");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[daemon]\nsocket = \"{}\"\n[preload]\nlibrary = \"{}\"\n",
+            d.0.join("none.sock").display(),
+            lib.display()
+        ),
+    )
+    .unwrap();
+    let child = netchannel(&["run", "--config", cfg.to_str().unwrap(), "--", "true"]).spawn().unwrap();
+    let out = finish(child, "run true (missing library)");
+    assert!(!out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&lib.display().to_string()) && out.stderr.contains("[preload] library"),
+        "{}",
+        out.stderr
+    );
+    // The same for NETCHANNEL_PRELOAD_LIB.
+    std::fs::write(&cfg, format!("[daemon]\nsocket = \"{}\"\n", d.0.join("none.sock").display())).unwrap();
+    let mut cmd = netchannel(&["run", "--config", cfg.to_str().unwrap(), "--", "true"]);
+    cmd.env("NETCHANNEL_PRELOAD_LIB", &lib);
+    let out = finish(cmd.spawn().unwrap(), "run true (missing NETCHANNEL_PRELOAD_LIB)");
+    assert!(!out.status.success(), "{}", out.stderr);
+    assert!(out.stderr.contains("NETCHANNEL_PRELOAD_LIB"), "{}", out.stderr);
+}
+
 #[test]
 fn without_a_daemon_the_program_runs_on_plain_tcp_after_one_warning() {
     let d = TempDir::new("preload-nodaemon");

@@ -54,7 +54,7 @@ pub enum Deployment {
 }
 
 /// The `[daemon]` table: the per-host daemon and how apps reach it.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DaemonConfig {
     /// `socket`: the Unix socket apps reach the daemon on. Default `/run/netchannel/netchannel.sock`
@@ -79,6 +79,51 @@ pub struct DaemonConfig {
     /// `None` (the default): 20 µs with more than [`SPIN_MIN_CPUS`] CPUs, else 0.
     #[serde(deserialize_with = "de::micros", skip_serializing_if = "Option::is_none")]
     pub app_spin_us: Option<u64>,
+    /// `max_connections`: control connections the daemon serves at once, all processes
+    /// together (each holds a daemon thread). Default 1024.
+    #[serde(deserialize_with = "de::count")]
+    pub max_connections: usize,
+    /// `max_connections_per_process`: control connections one process may hold (an app holds
+    /// one per concurrent blocking call, plus its lifeline). Default 256.
+    #[serde(deserialize_with = "de::count")]
+    pub max_connections_per_process: usize,
+    /// `max_vsockets_per_process`: vsockets one process may hold open through the daemon
+    /// (connected or accepted). Default 4096.
+    #[serde(deserialize_with = "de::count")]
+    pub max_vsockets_per_process: usize,
+    /// `max_buffer_per_process`: ring memory the vsockets of one process may pin, bytes
+    /// (each vsocket counts its whole shared region: `send_buffer` + `recv_buffer` + a 4 KiB
+    /// header). `None` (the default): a quarter of the host's physical memory.
+    #[serde(deserialize_with = "de::opt_size", skip_serializing_if = "Option::is_none")]
+    pub max_buffer_per_process: Option<usize>,
+    /// `max_buffer`: ring memory all vsockets served by the daemon may pin, bytes. `None`
+    /// (the default): half of the host's physical memory.
+    #[serde(deserialize_with = "de::opt_size", skip_serializing_if = "Option::is_none")]
+    pub max_buffer: Option<usize>,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            socket: None,
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+            poll_spin_us: None,
+            app_spin_us: None,
+            max_connections: 1024,
+            max_connections_per_process: 256,
+            max_vsockets_per_process: 4096,
+            max_buffer_per_process: None,
+            max_buffer: None,
+        }
+    }
+}
+
+/// The host's physical memory, bytes (0 if unknown).
+fn physical_memory() -> u64 {
+    // SAFETY: sysconf has no memory arguments.
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    (pages.max(0) as u64).saturating_mul(size.max(0) as u64)
 }
 
 /// Fewer CPUs than this and spinning costs more than the wake-up it saves (measured on 2
@@ -99,6 +144,17 @@ impl DaemonConfig {
     /// An app thread's spin (`app_spin_us`, or its default for this machine).
     pub fn app_spin(&self) -> Duration {
         auto_spin(self.app_spin_us, 20)
+    }
+
+    /// The ring memory one process's vsockets may pin (`max_buffer_per_process`, or a
+    /// quarter of physical memory).
+    pub fn max_buffer_per_process(&self) -> u64 {
+        self.max_buffer_per_process.map_or(physical_memory() / 4, |b| b as u64)
+    }
+
+    /// The ring memory all served vsockets may pin (`max_buffer`, or half of physical memory).
+    pub fn max_buffer(&self) -> u64 {
+        self.max_buffer.map_or(physical_memory() / 2, |b| b as u64)
     }
 
     /// The socket path: `NETCHANNEL_SOCKET`, else `socket`, else the default for this user.
@@ -521,6 +577,11 @@ mod de {
         Ok(Some(p.into()))
     }
 
+    /// An optional size ([`size`]): set when the key is given.
+    pub fn opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+        size::deserialize(d).map(Some)
+    }
+
     /// A size in bytes: an integer, or a string such as `"64KiB"` ([`super::parse_size`]);
     /// written back as an integer.
     pub mod size {
@@ -757,6 +818,17 @@ impl Config {
         range("write_batch", self.write_batch, 4096, 64 << 20)?;
         range("write_batch_frames", self.write_batch_frames, 1, 1024)?;
         range("accept_backlog", self.accept_backlog, 1, 1 << 20)?;
+        let d = &self.daemon;
+        range("daemon.max_connections", d.max_connections, 2, 1 << 20)?;
+        range("daemon.max_connections_per_process", d.max_connections_per_process, 2, 1 << 20)?;
+        range("daemon.max_vsockets_per_process", d.max_vsockets_per_process, 1, 1 << 24)?;
+        for (key, v) in
+            [("daemon.max_buffer_per_process", d.max_buffer_per_process), ("daemon.max_buffer", d.max_buffer)]
+        {
+            if let Some(v) = v {
+                range(key, v, 4096, usize::MAX)?;
+            }
+        }
         if self.peer_down_timeout.is_zero() {
             return Err(err("peer_down_timeout_ms", "must be greater than 0"));
         }
@@ -948,6 +1020,11 @@ mod tests {
             allowed_gids = [27, 100]
             poll_spin_us = 0
             app_spin_us = 5
+            max_connections = 64
+            max_connections_per_process = 8
+            max_vsockets_per_process = 100
+            max_buffer_per_process = "1GiB"
+            max_buffer = 4294967296
             "#,
         )
         .unwrap();
@@ -993,6 +1070,14 @@ mod tests {
         );
         assert_eq!((c.daemon.poll_spin_us, c.daemon.app_spin_us), (Some(0), Some(5)));
         assert_eq!(c.daemon.app_spin(), Duration::from_micros(5));
+        let d = &c.daemon;
+        assert_eq!(
+            (d.max_connections, d.max_connections_per_process, d.max_vsockets_per_process),
+            (64, 8, 100)
+        );
+        assert_eq!((d.max_buffer_per_process(), d.max_buffer()), (1 << 30, 4 << 30));
+        let auto = DaemonConfig::default();
+        assert!(auto.max_buffer() > 0 && auto.max_buffer_per_process() == auto.max_buffer() / 2);
     }
 
     #[test]
@@ -1006,6 +1091,10 @@ mod tests {
             ("bogus_key = 1", "bogus_key"),
             ("copy_workers = -1", "copy_workers"),
             ("latency_nice = -21", "latency_nice"),
+            ("[daemon]\nmax_connections = 1", "daemon.max_connections"),
+            ("[daemon]\nmax_vsockets_per_process = 0", "daemon.max_vsockets_per_process"),
+            ("[daemon]\nmax_buffer = \"1KiB\"", "daemon.max_buffer"),
+            ("[daemon]\nmax_buffer_per_process = -1", "daemon.max_buffer_per_process"),
             ("latency_ports = [70000]", "latency_ports"),
             ("[preload]\nports = [0]", "preload.ports"),
             ("latency_fifo_priority = 100", "latency_fifo_priority"),

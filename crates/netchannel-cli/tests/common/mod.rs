@@ -10,6 +10,8 @@
 // Each test binary uses a subset of these.
 #![allow(dead_code)]
 
+pub mod daemons;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
 use std::path::PathBuf;

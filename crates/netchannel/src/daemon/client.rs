@@ -25,6 +25,8 @@ use crate::ring::Ring;
 use crate::shm::{self, Region};
 use crate::wire::Class;
 
+/// How long [`Client::status_of`] waits for the answer.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest single futex sleep: how soon a waiter notices that the daemon is gone.
 const WAIT_SLICE: Duration = Duration::from_millis(100);
 
@@ -86,7 +88,7 @@ impl Client {
         // The first answer says whether this process may use the daemon at all.
         match exchange(&lifeline, &Request::Hello, path)? {
             (Response::Ok, _) => {}
-            (Response::Error { kind, message }, _) => return Err(error_of(&kind, message)),
+            (Response::Error { kind, message, limit }, _) => return Err(error_of(&kind, message, limit)),
             (other, _) => return Err(unexpected(&other)),
         }
         let dead = Arc::new(AtomicBool::new(false));
@@ -148,8 +150,8 @@ impl Client {
         };
         let (resp, fds) = exchange(&conn, req, &self.inner.path)?;
         self.inner.pool.lock().unwrap().push(conn);
-        if let Response::Error { kind, message } = resp {
-            return Err(error_of(&kind, message));
+        if let Response::Error { kind, message, limit } = resp {
+            return Err(error_of(&kind, message, limit));
         }
         Ok((resp, fds))
     }
@@ -184,6 +186,34 @@ impl Client {
         match self.request(&Request::Status)?.0 {
             Response::Status { status } => Ok(status),
             other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The state of the daemon at `path`, asked on one connection that carries nothing else
+    /// (no lifeline), so that a daemon out of file descriptors still answers it (with the
+    /// descriptor it keeps in reserve).
+    pub fn status_of(path: impl AsRef<Path>) -> io::Result<serde_json::Value> {
+        let path = path.as_ref();
+        let conn = open(path)?;
+        conn.set_read_timeout(Some(STATUS_TIMEOUT))?;
+        let asked = Instant::now();
+        let answer = exchange(&conn, &Request::Status, path).map_err(|e| {
+            if asked.elapsed() < STATUS_TIMEOUT {
+                return e;
+            }
+            io::Error::new(
+                ErrorKind::TimedOut,
+                format!(
+                    "the NetChannel daemon at {} accepts connections but did not answer status within {} s",
+                    path.display(),
+                    STATUS_TIMEOUT.as_secs()
+                ),
+            )
+        })?;
+        match answer {
+            (Response::Status { status }, _) => Ok(status),
+            (Response::Error { kind, message, limit }, _) => Err(error_of(&kind, message, limit)),
+            (other, _) => Err(unexpected(&other)),
         }
     }
 

@@ -11,6 +11,12 @@
 //! (at most [`MAX_MESSAGE`]) then the object. A client that sends anything else, or lies in
 //! its vsocket headers, is disconnected; its vsockets are closed and no other client is
 //! touched.
+//!
+//! The daemon's caps (`[daemon] max_connections`, `max_connections_per_process`,
+//! `max_vsockets_per_process`, `max_buffer_per_process`, `max_buffer`; docs/config.md) bound
+//! what clients can make it hold. A request beyond one fails with an `io::Error` of kind
+//! [`ErrorKind::OutOfMemory`] carrying a [`LimitExceeded`] that names the key; so does any
+//! request but `status` while the daemon is out of file descriptors (`RLIMIT_NOFILE`).
 
 pub mod client;
 pub mod proxy;
@@ -80,9 +86,60 @@ pub(crate) enum Response {
     Ok,
     /// `Status`.
     Status { status: serde_json::Value },
-    /// Failed: an `io::ErrorKind` name and a message.
-    Error { kind: String, message: String },
+    /// Failed: an `io::ErrorKind` name and a message; `limit`: the cap that refused it.
+    Error {
+        kind: String,
+        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<String>,
+    },
 }
+
+/// A request refused by one of the daemon's caps: the error inside the `io::Error` (of kind
+/// [`ErrorKind::OutOfMemory`]) that the client gets. Its message names the limit too.
+///
+/// ```no_run
+/// use netchannel::daemon::{Client, LimitExceeded};
+/// let daemon = Client::connect("/run/netchannel/netchannel.sock")?;
+/// match daemon.connect_stream("10.0.0.2:7000".parse().unwrap()) {
+///     Ok(_stream) => {}
+///     Err(e) => match LimitExceeded::of(&e) {
+///         Some(limit) => eprintln!("refused by the daemon's {}: {e}", limit.key()),
+///         None => return Err(e),
+///     },
+/// }
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitExceeded {
+    key: String,
+    message: String,
+}
+
+impl LimitExceeded {
+    /// The limit: a config key (`daemon.max_vsockets_per_process`) or `RLIMIT_NOFILE`.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The `LimitExceeded` inside `e`, if a cap refused the request.
+    pub fn of(e: &io::Error) -> Option<&LimitExceeded> {
+        e.get_ref().and_then(|inner| inner.downcast_ref::<LimitExceeded>())
+    }
+
+    /// The error a client gets for a request refused by `key`; `message` says why.
+    pub(crate) fn error(key: &str, message: String) -> io::Error {
+        io::Error::new(ErrorKind::OutOfMemory, LimitExceeded { key: key.into(), message })
+    }
+}
+
+impl std::fmt::Display for LimitExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for LimitExceeded {}
 
 /// A traffic class as it appears in messages.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -122,19 +179,24 @@ const KINDS: &[(ErrorKind, &str)] = &[
     (ErrorKind::InvalidData, "invalid_data"),
     (ErrorKind::NotFound, "not_found"),
     (ErrorKind::BrokenPipe, "broken_pipe"),
+    (ErrorKind::OutOfMemory, "out_of_memory"),
 ];
 
 impl Response {
     pub(crate) fn error(e: &io::Error) -> Response {
         let kind = KINDS.iter().find(|(k, _)| *k == e.kind()).map_or("other", |(_, n)| n);
-        Response::Error { kind: kind.into(), message: e.to_string() }
+        let limit = LimitExceeded::of(e).map(|l| l.key.clone());
+        Response::Error { kind: kind.into(), message: e.to_string(), limit }
     }
 }
 
 /// The `io::Error` of an `Error` response.
-pub(crate) fn error_of(kind: &str, message: String) -> io::Error {
+pub(crate) fn error_of(kind: &str, message: String, limit: Option<String>) -> io::Error {
     let k = KINDS.iter().find(|(_, n)| *n == kind).map_or(ErrorKind::Other, |(k, _)| *k);
-    io::Error::new(k, message)
+    match limit {
+        Some(key) => io::Error::new(k, LimitExceeded { key, message }),
+        None => io::Error::new(k, message),
+    }
 }
 
 /// The error for an answer of the wrong kind.

@@ -6,6 +6,13 @@
 //! data was left unread, as TCP does) and frees their memory. The poller thread sleeps on
 //! the vsockets' eventfds and, while vsockets are busy, polls their headers for a short
 //! while (`poll_spin_us`) so that busy apps need not ring.
+//!
+//! What clients can make the daemon hold is capped (`[daemon] max_*`): control connections
+//! in total and per process, and per process the vsockets and the ring memory they pin (a
+//! [`Ledger`] of [`Charge`]s, one per served vsocket), and that memory in total. A request
+//! beyond a cap is refused with a [`LimitExceeded`] naming the key and harms nothing held.
+//! Out of file descriptors, the accept loop answers each new connection with a descriptor
+//! kept in reserve: `status` is answered, anything else refused naming `RLIMIT_NOFILE`.
 
 use std::collections::HashMap;
 use std::io::{self, ErrorKind};
@@ -20,16 +27,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::{hung_up, recv_msg, send_msg, Request, Response, MAX_REQUEST};
+use super::{hung_up, recv_msg, send_msg, LimitExceeded, Request, Response, MAX_REQUEST};
 use crate::config::Config;
+use crate::engine::handshake::{suppressed_note, Reserve, Throttle, FD_BACKOFF};
 use crate::engine::Host;
 use crate::shm;
 use crate::vsock::{VListener, VSock, VStream};
 use crate::wire::Class;
 
-/// Control connections one process may hold (each is served by a daemon thread; an app
-/// holds one per concurrent blocking call, plus its lifeline).
-const MAX_CONNS_PER_PROCESS: usize = 256;
+/// How long a connection answered at the descriptor limit may take to send its request.
+const AT_FD_LIMIT_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often a blocked accept checks that its client is still there.
 const ACCEPT_SLICE: Duration = Duration::from_millis(100);
 
@@ -37,6 +44,8 @@ const ACCEPT_SLICE: Duration = Duration::from_millis(100);
 pub struct Server {
     st: Arc<State>,
     listener: UnixListener,
+    /// One descriptor freed to answer a connection when the process has none left.
+    reserve: Reserve,
 }
 
 struct State {
@@ -56,6 +65,57 @@ struct State {
     doorbells: AtomicU64,
     /// Vsockets served with a readiness proxy (the preload shim's shared-memory data path).
     proxied: AtomicU64,
+    /// What the served vsockets hold against the caps.
+    ledger: Arc<Mutex<Ledger>>,
+    /// Requests and connections refused by a cap (`[daemon] max_*`, `RLIMIT_NOFILE`).
+    limits_refused: AtomicU64,
+    /// Warnings of refusals by a cap.
+    limit_warnings: Throttle,
+}
+
+/// What the vsockets served to apps hold against the caps, per process and in total.
+#[derive(Default)]
+struct Ledger {
+    per_process: HashMap<i32, Usage>,
+    bytes: u64,
+}
+
+/// One process's vsockets and the ring memory they pin.
+#[derive(Default, Clone, Copy)]
+struct Usage {
+    vsockets: usize,
+    bytes: u64,
+}
+
+/// One served vsocket's entry in the [`Ledger`], given back when it is dropped (with the
+/// vsocket's [`Served`] entry).
+struct Charge {
+    ledger: Arc<Mutex<Ledger>>,
+    pid: i32,
+    bytes: u64,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        let mut l = self.ledger.lock().unwrap();
+        l.bytes -= self.bytes;
+        if let Some(u) = l.per_process.get_mut(&self.pid) {
+            u.vsockets -= 1;
+            u.bytes -= self.bytes;
+            if u.vsockets == 0 {
+                l.per_process.remove(&self.pid);
+            }
+        }
+    }
+}
+
+/// A byte count for messages, in MiB (or KiB below 1 MiB).
+fn bytes(b: u64) -> String {
+    if b >= 1 << 20 {
+        format!("{:.1} MiB", b as f64 / f64::from(1 << 20))
+    } else {
+        format!("{} KiB", b.div_ceil(1 << 10))
+    }
 }
 
 /// A vsocket served to an app.
@@ -71,6 +131,8 @@ struct Served {
     /// A, in any process, is closed (B hangs up).
     proxy_a: Mutex<Option<OwnedFd>>,
     proxied: bool,
+    /// Its share of the caps, given back with it.
+    _charge: Charge,
 }
 
 /// Poller tokens of proxy ends B carry this bit beside the vsocket handle.
@@ -86,7 +148,8 @@ struct ServedListener {
 struct Conn {
     pid: i32,
     uid: u32,
-    sock: UnixStream,
+    /// Shared with the connection's thread (a second descriptor would cost one more).
+    sock: Arc<UnixStream>,
 }
 
 /// The credentials of the process at the other end of a Unix socket.
@@ -182,12 +245,15 @@ impl Server {
             clients_disconnected: AtomicU64::new(0),
             doorbells: AtomicU64::new(0),
             proxied: AtomicU64::new(0),
+            ledger: Arc::new(Mutex::new(Ledger::default())),
+            limits_refused: AtomicU64::new(0),
+            limit_warnings: Throttle::new(),
             cfg,
         });
         let p = st.clone();
         std::thread::Builder::new().name("nc-doorbell".into()).spawn(move || p.run_poller())?;
         tracing::info!(socket = %st.socket.display(), channels = %st.host.local_addr(), "daemon serving");
-        Ok(Server { st, listener })
+        Ok(Server { st, listener, reserve: Reserve::new() })
     }
 
     /// The Unix socket apps connect to.
@@ -201,13 +267,25 @@ impl Server {
     }
 
     /// Serve clients until `stop` becomes true (checked every 200 ms), then shut down.
-    pub fn run(self, stop: &AtomicBool) -> io::Result<()> {
+    pub fn run(mut self, stop: &AtomicBool) -> io::Result<()> {
         self.listener.set_nonblocking(true)?;
+        let mut out_of_fds = false;
         while !stop.load(Ordering::SeqCst) {
             match self.listener.accept() {
                 Ok((s, _)) => {
+                    if std::mem::take(&mut out_of_fds) {
+                        tracing::warn!(socket = %self.st.socket.display(), "file descriptors are free again: serving clients");
+                    }
+                    self.reserve.restore();
                     let _ = s.set_nonblocking(false);
                     self.st.clone().admit(s);
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    if !std::mem::replace(&mut out_of_fds, true) {
+                        tracing::error!(socket = %self.st.socket.display(), error = %e, "out of file descriptors: new clients get only `status` answered (with a reserve descriptor) until some are free; raise the limit (ulimit -n, LimitNOFILE=) or stop some clients");
+                    }
+                    self.answer_at_fd_limit();
+                    std::thread::sleep(FD_BACKOFF);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     let mut p =
@@ -224,6 +302,21 @@ impl Server {
         }
         self.shutdown();
         Ok(())
+    }
+
+    /// Out of descriptors: free the reserve to take the connection at the head of the
+    /// queue, answer its one request (`status`, or a refusal naming `RLIMIT_NOFILE`), close
+    /// it and take the reserve again.
+    fn answer_at_fd_limit(&mut self) {
+        if !self.reserve.release() {
+            self.reserve.restore();
+            return;
+        }
+        let accepted = self.listener.accept();
+        if let Ok((s, _)) = accepted {
+            self.st.answer_one(s);
+        }
+        self.reserve.restore();
     }
 
     fn shutdown(&self) {
@@ -243,13 +336,14 @@ impl Server {
 }
 
 impl State {
-    /// Check a new client's credentials and serve it on its own thread.
-    fn admit(self: Arc<Self>, s: UnixStream) {
-        let cred = match peer_cred(&s) {
+    /// The credentials of a new client, if the policy admits it; a refused client is told
+    /// why (and the connection is to be closed).
+    fn credentials(&self, s: &UnixStream) -> Option<libc::ucred> {
+        let cred = match peer_cred(s) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read a client's credentials");
-                return;
+                return None;
             }
         };
         let _span = tracing::error_span!("client", pid = cred.pid, uid = cred.uid).entered();
@@ -275,29 +369,51 @@ impl State {
             tracing::warn!(why = %why, "refused a client");
             let e = io::Error::new(ErrorKind::PermissionDenied, why);
             let _ = send_msg(s.as_raw_fd(), &Response::error(&e), &[]);
-            return;
+            return None;
         }
-        let held = self.conns.lock().unwrap().values().filter(|c| c.pid == cred.pid).count();
-        if held >= MAX_CONNS_PER_PROCESS {
-            self.clients_refused.fetch_add(1, Ordering::Relaxed);
-            let why = format!(
-                "process {} already holds {held} connections to the NetChannel daemon (the most one process may hold)",
-                cred.pid
-            );
-            tracing::warn!(why = %why, "refused a client");
-            let _ = send_msg(
-                s.as_raw_fd(),
-                &Response::error(&io::Error::new(ErrorKind::PermissionDenied, why)),
-                &[],
-            );
-            return;
-        }
+        Some(cred)
+    }
+
+    /// Check a new client's credentials and the caps on connections, and serve it on its
+    /// own thread.
+    fn admit(self: Arc<Self>, s: UnixStream) {
+        let Some(cred) = self.credentials(&s) else { return };
+        let _span = tracing::error_span!("client", pid = cred.pid, uid = cred.uid).entered();
+        let d = &self.cfg.daemon;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let sock = match s.try_clone() {
-            Ok(c) => c,
-            Err(_) => return,
+        let s = Arc::new(s);
+        let refusal = {
+            let mut conns = self.conns.lock().unwrap();
+            let held = conns.values().filter(|c| c.pid == cred.pid).count();
+            if conns.len() >= d.max_connections {
+                Some(LimitExceeded::error(
+                    "daemon.max_connections",
+                    format!(
+                        "the NetChannel daemon at {} refused a connection: it serves {} connections, the most daemon.max_connections allows",
+                        self.socket.display(),
+                        conns.len()
+                    ),
+                ))
+            } else if held >= d.max_connections_per_process {
+                Some(LimitExceeded::error(
+                    "daemon.max_connections_per_process",
+                    format!(
+                        "the NetChannel daemon at {} refused a connection: process {} holds {held} connections, the most daemon.max_connections_per_process allows",
+                        self.socket.display(),
+                        cred.pid
+                    ),
+                ))
+            } else {
+                conns.insert(id, Conn { pid: cred.pid, uid: cred.uid, sock: s.clone() });
+                None
+            }
         };
-        self.conns.lock().unwrap().insert(id, Conn { pid: cred.pid, uid: cred.uid, sock });
+        if let Some(e) = refusal {
+            self.clients_refused.fetch_add(1, Ordering::Relaxed);
+            let e = self.refused(e);
+            let _ = send_msg(s.as_raw_fd(), &Response::error(&e), &[]);
+            return;
+        }
         let st = self.clone();
         let r = std::thread::Builder::new()
             .name("nc-client".into())
@@ -307,7 +423,112 @@ impl State {
         }
     }
 
-    fn serve(self: Arc<Self>, s: UnixStream, conn: u64, pid: i32, uid: u32) {
+    /// A request refused by a cap: count it and log it (throttled). The error, for the client.
+    fn refused(&self, e: io::Error) -> io::Error {
+        self.limits_refused.fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = self.limit_warnings.allow() {
+            let limit = LimitExceeded::of(&e).map_or("", |l| l.key());
+            tracing::warn!(limit, why = %e, "refused at a daemon limit{}", suppressed_note(n));
+        }
+        e
+    }
+
+    /// Serve one connection accepted with the reserve descriptor: with none to spare, answer
+    /// `status` and refuse anything else, then hang up. Its request must come within
+    /// [`AT_FD_LIMIT_TIMEOUT`], so a silent client cannot hold the reserve.
+    fn answer_one(&self, s: UnixStream) {
+        let _ = s.set_nonblocking(false);
+        let _ = s.set_read_timeout(Some(AT_FD_LIMIT_TIMEOUT));
+        let _ = s.set_write_timeout(Some(AT_FD_LIMIT_TIMEOUT));
+        let Some(cred) = self.credentials(&s) else { return };
+        let _span = tracing::error_span!("client", pid = cred.pid, uid = cred.uid).entered();
+        let req = match recv_msg(s.as_raw_fd(), MAX_REQUEST) {
+            Ok(Some((body, _))) => serde_json::from_slice::<Request>(&body).ok(),
+            _ => None,
+        };
+        let resp = match req {
+            Some(Request::Status) => Response::Status { status: self.status() },
+            _ => {
+                // SAFETY: getrlimit writes one rlimit into a live local.
+                let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+                let e = LimitExceeded::error(
+                    "RLIMIT_NOFILE",
+                    format!(
+                        "the NetChannel daemon at {} is out of file descriptors (RLIMIT_NOFILE {}): it answers only status until some are free; raise its limit (ulimit -n, LimitNOFILE=) or stop some of its clients",
+                        self.socket.display(),
+                        lim.rlim_cur
+                    ),
+                );
+                Response::error(&self.refused(e))
+            }
+        };
+        let _ = send_msg(s.as_raw_fd(), &resp, &[]);
+    }
+
+    /// The ring memory one vsocket pins: its whole shared region.
+    fn vsocket_bytes(&self) -> u64 {
+        (shm::HEADER_BYTES + self.cfg.send_buffer + self.cfg.recv_buffer) as u64
+    }
+
+    /// The cap that one more vsocket of process `pid` would exceed, as the client's error.
+    fn over_limit(&self, l: &Ledger, pid: i32) -> Option<io::Error> {
+        let d = &self.cfg.daemon;
+        let u = l.per_process.get(&pid).copied().unwrap_or_default();
+        let need = self.vsocket_bytes();
+        let (key, why) = if u.vsockets >= d.max_vsockets_per_process {
+            ("daemon.max_vsockets_per_process", format!("process {pid} holds {} vsockets", u.vsockets))
+        } else if u.bytes + need > d.max_buffer_per_process() {
+            (
+                "daemon.max_buffer_per_process",
+                format!(
+                    "process {pid}'s vsockets pin {} of ring memory and one more needs {} (limit {})",
+                    bytes(u.bytes),
+                    bytes(need),
+                    bytes(d.max_buffer_per_process())
+                ),
+            )
+        } else if l.bytes + need > d.max_buffer() {
+            (
+                "daemon.max_buffer",
+                format!(
+                    "the daemon's vsockets pin {} of ring memory and one more needs {} (limit {})",
+                    bytes(l.bytes),
+                    bytes(need),
+                    bytes(d.max_buffer())
+                ),
+            )
+        } else {
+            return None;
+        };
+        Some(LimitExceeded::error(
+            key,
+            format!("the NetChannel daemon refused a vsocket: {why}, the most {key} allows"),
+        ))
+    }
+
+    /// Fail now if process `pid` may not have one more vsocket.
+    fn check_limits(&self, pid: i32) -> io::Result<()> {
+        let refusal = self.over_limit(&self.ledger.lock().unwrap(), pid);
+        refusal.map_or(Ok(()), |e| Err(self.refused(e)))
+    }
+
+    /// Enter one more vsocket of process `pid` in the ledger, within the caps.
+    fn charge(&self, pid: i32) -> io::Result<Charge> {
+        let mut l = self.ledger.lock().unwrap();
+        if let Some(e) = self.over_limit(&l, pid) {
+            drop(l);
+            return Err(self.refused(e));
+        }
+        let bytes = self.vsocket_bytes();
+        l.bytes += bytes;
+        let u = l.per_process.entry(pid).or_default();
+        u.vsockets += 1;
+        u.bytes += bytes;
+        Ok(Charge { ledger: self.ledger.clone(), pid, bytes })
+    }
+
+    fn serve(self: Arc<Self>, s: Arc<UnixStream>, conn: u64, pid: i32, uid: u32) {
         let _span = tracing::error_span!("client", pid, uid, conn).entered();
         loop {
             let (body, _fds) = match recv_msg(s.as_raw_fd(), MAX_REQUEST) {
@@ -363,8 +584,9 @@ impl State {
         match req {
             Request::Hello => Ok((Response::Ok, None)),
             Request::Connect { addr, class, proxy } => {
+                let charge = self.charge(pid)?;
                 let stream = self.host.connect_class(addr, class.into())?;
-                let sv = self.register(stream, conn, pid, proxy)?;
+                let sv = self.register(stream, conn, pid, proxy, charge)?;
                 Ok((stream_response(&sv), Some(sv)))
             }
             Request::Bind { port } => {
@@ -380,10 +602,15 @@ impl State {
                 if l.pid != pid {
                     return Err(not_yours("listener", listener, l.pid));
                 }
+                // At a cap, fail without taking a vsocket off the queue.
+                self.check_limits(pid)?;
                 loop {
                     match l.l.accept_timeout(if wait { ACCEPT_SLICE } else { Duration::ZERO })? {
                         Some((stream, _)) => {
-                            let sv = self.register(stream, conn, pid, proxy)?;
+                            // (Another thread of the process may have taken the last share
+                            // meanwhile: the vsocket is then reset.)
+                            let charge = self.charge(pid)?;
+                            let sv = self.register(stream, conn, pid, proxy, charge)?;
                             return Ok((stream_response(&sv), Some(sv)));
                         }
                         None if !wait => {
@@ -454,7 +681,14 @@ impl State {
         }
     }
 
-    fn register(&self, stream: VStream, conn: u64, pid: i32, proxy: bool) -> io::Result<Arc<Served>> {
+    fn register(
+        &self,
+        stream: VStream,
+        conn: u64,
+        pid: i32,
+        proxy: bool,
+        charge: Charge,
+    ) -> io::Result<Arc<Served>> {
         let vs = stream.engine_vsock().expect("the daemon's host is embedded").clone();
         let kick = shm::eventfd()?;
         let handle = self.next.fetch_add(1, Ordering::Relaxed);
@@ -477,6 +711,7 @@ impl State {
             pid,
             proxy_a: Mutex::new(proxy_a),
             proxied: proxy,
+            _charge: charge,
         });
         self.streams.lock().unwrap().insert(handle, sv.clone());
         self.poller.add(handle, sv.kick.as_raw_fd())?;
@@ -547,7 +782,7 @@ impl State {
     /// An app broke the shared-memory contract: disconnect its connection.
     fn disconnect(&self, conn: u64, why: &str) {
         self.clients_disconnected.fetch_add(1, Ordering::Relaxed);
-        let c = self.conns.lock().unwrap().get(&conn).map(|c| (c.pid, c.sock.try_clone()));
+        let c = self.conns.lock().unwrap().get(&conn).map(|c| (c.pid, c.sock.clone()));
         // Its vsockets fail with the reason (their peers get a reset), then close.
         let mine: Vec<Arc<Served>> =
             self.streams.lock().unwrap().values().filter(|s| s.conn == conn).cloned().collect();
@@ -559,9 +794,7 @@ impl State {
         }
         if let Some((pid, sock)) = c {
             tracing::warn!(pid, conn, why, "client disconnected");
-            if let Ok(s) = sock {
-                let _ = s.shutdown(Shutdown::Both);
-            }
+            let _ = sock.shutdown(Shutdown::Both);
         }
         self.cleanup(conn);
     }
@@ -747,6 +980,8 @@ impl State {
             .collect();
         listeners.sort_by_key(|l| l["id"].as_u64());
         let cfg = &self.cfg;
+        let pinned = self.ledger.lock().unwrap().bytes;
+        let d = &cfg.daemon;
         json!({
             "daemon": {
                 "pid": std::process::id(),
@@ -766,6 +1001,14 @@ impl State {
             "vsockets": vsockets,
             "listeners": listeners,
             "clients": clients,
+            "limits": {
+                "max_connections": d.max_connections,
+                "max_connections_per_process": d.max_connections_per_process,
+                "max_vsockets_per_process": d.max_vsockets_per_process,
+                "max_buffer_per_process": d.max_buffer_per_process(),
+                "max_buffer": d.max_buffer(),
+                "buffer_pinned": pinned,
+            },
             "totals": {
                 "vsockets_opened": stats.vsockets_opened,
                 "vsockets_open": stats.vsockets,
@@ -777,6 +1020,7 @@ impl State {
                 "peers_lost": stats.peers_lost,
                 "clients_refused": self.clients_refused.load(Ordering::Relaxed),
                 "clients_disconnected": self.clients_disconnected.load(Ordering::Relaxed),
+                "limits_refused": self.limits_refused.load(Ordering::Relaxed),
                 "doorbells": self.doorbells.load(Ordering::Relaxed),
                 "vsockets_proxied": self.proxied.load(Ordering::Relaxed),
             },
@@ -880,7 +1124,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("nc-conns-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (sa, stop) = start("127.61.1.1:9000", &dir);
-        let held: Vec<UnixStream> = (0..MAX_CONNS_PER_PROCESS)
+        let held: Vec<UnixStream> = (0..Config::default().daemon.max_connections_per_process)
             .map(|_| {
                 let c = UnixStream::connect(&sa).unwrap();
                 super::super::send_msg(c.as_raw_fd(), &Request::Hello, &[]).unwrap();
@@ -890,8 +1134,9 @@ mod tests {
             })
             .collect();
         let e = Client::connect(&sa).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
-        assert!(e.to_string().contains("connections"), "{e}");
+        assert_eq!(e.kind(), ErrorKind::OutOfMemory, "{e}");
+        assert_eq!(LimitExceeded::of(&e).map(|l| l.key()), Some("daemon.max_connections_per_process"), "{e}");
+        assert!(e.to_string().contains("daemon.max_connections_per_process"), "{e}");
         drop(held);
         // Once they are gone the process is served again.
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -569,7 +569,10 @@ fn parse(host: &Arc<HostInner>, c: &mut Conn) -> Result<(), String> {
             Err(e) => {
                 host.totals.bad_frames.fetch_add(1, Ordering::Relaxed);
                 let from = c.sock.peer_addr().map_or_else(|_| "an unknown address".into(), |a| a.to_string());
-                tracing::warn!(from = %from, class = c.ch.class.name(), index = c.ch.index, error = %e, "closing a channel: it sent a malformed frame");
+                static MALFORMED: super::handshake::Throttle = super::handshake::Throttle::new();
+                if let Some(n) = MALFORMED.allow() {
+                    tracing::warn!(from = %from, class = c.ch.class.name(), index = c.ch.index, error = %e, suppressed = n, "closing a channel: it sent a malformed frame");
+                }
                 return Err(format!("malformed frame: {e}"));
             }
         }

@@ -112,20 +112,33 @@ pub(crate) fn suppressed_note(n: u64) -> String {
 
 static REFUSALS: Throttle = Throttle::new();
 
-/// One descriptor held in reserve: freed to shed a connection when the process has none
-/// left, so that the acceptor can close it instead of leaving it in the queue.
-struct Reserve(Option<std::fs::File>);
+/// One descriptor held in reserve: freed to take a connection when the process has none
+/// left, so that it can be closed (here) or answered (the daemon's `status`) instead of
+/// left in the queue.
+pub(crate) struct Reserve(Option<std::fs::File>);
 
 impl Reserve {
-    fn new() -> Reserve {
+    pub(crate) fn new() -> Reserve {
         Reserve(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Free the reserve descriptor; false if there was none to free.
+    pub(crate) fn release(&mut self) -> bool {
+        self.0.take().is_some()
+    }
+
+    /// Take the reserve descriptor again if it is free (it may not be, out of descriptors).
+    pub(crate) fn restore(&mut self) {
+        if self.0.is_none() {
+            self.0 = std::fs::File::open("/dev/null").ok();
+        }
     }
 
     /// Free the reserve, accept and close one connection, take the reserve again.
     fn shed_one(&mut self, listener: &TcpListener) -> bool {
-        self.0 = None;
+        self.release();
         let shed = listener.accept().is_ok();
-        self.0 = std::fs::File::open("/dev/null").ok();
+        self.restore();
         shed
     }
 }
