@@ -337,12 +337,7 @@ fn garbage_truncated_and_oversized_control_messages_disconnect_only_that_client(
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             let _ = s.write_all(bytes);
             let _ = s.shutdown(Shutdown::Write);
-            let mut rest = Vec::new();
-            match s.read_to_end(&mut rest) {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-                Err(e) => panic!("the daemon did not hang up on {what}: {e}"),
-            }
+            hung_up(&mut s).unwrap_or_else(|e| panic!("the daemon did not hang up on {what}: {e}"));
         }
         let mut t = TcpStream::connect(da.addr).unwrap();
         t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -355,6 +350,15 @@ fn garbage_truncated_and_oversized_control_messages_disconnect_only_that_client(
             st["totals"]["channels_refused"].as_u64().unwrap() + st["totals"]["bad_frames"].as_u64().unwrap();
         assert!(bad >= 1, "garbage on the channel port is counted: {st}");
     });
+}
+
+/// Read `s` to its end: `Ok` once the other side has closed it (EOF or reset), the read's
+/// error (a timeout set on `s`) otherwise.
+fn hung_up(s: &mut impl Read) -> std::io::Result<()> {
+    match s.read_to_end(&mut Vec::new()) {
+        Err(e) if e.kind() != ErrorKind::ConnectionReset => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// A TCP connection to `to` from `ip` (any 127/8 address); `None` if the connect does not
@@ -487,11 +491,8 @@ fn a_daemon_out_of_descriptors_answers_status_and_serves_a_new_peer_after_the_fl
         drop(flooder.join().unwrap());
         for s in &mut slow {
             s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-            match s.read_to_end(&mut Vec::new()) {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-                Err(e) => panic!("a slowloris connection outlived the handshake deadline: {e}"),
-            }
+            hung_up(s)
+                .unwrap_or_else(|e| panic!("a slowloris connection outlived the handshake deadline: {e}"));
         }
         // A new peer connects (B dials A) and a verified stream passes; A serves clients again.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -564,11 +565,7 @@ fn malformed_frame_warnings_are_rate_limited() {
         }
         for s in &mut conns {
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            match s.read_to_end(&mut Vec::new()) {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-                Err(e) => panic!("a channel that sent a malformed frame was kept: {e}"),
-            }
+            hung_up(s).unwrap_or_else(|e| panic!("a channel that sent a malformed frame was kept: {e}"));
         }
         let st = da.status();
         assert_eq!(st["totals"]["bad_frames"], 64, "{st}");

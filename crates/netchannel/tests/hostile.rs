@@ -1,6 +1,8 @@
 //! Hostile peers on the channel port, played from raw sockets on loopback: each test is an
 //! attack that once worked (issue 15) and must now fail without disturbing honest hosts.
-//! Every test is bounded in time (`within`).
+//! Every test is bounded in time (`within`). The daemon's side — its caps, a daemon out of
+//! descriptors under a HELLO flood and a slowloris, garbage on its control socket, a wrong
+//! key in its log — is in crates/netchannel-cli/tests/hostile.rs.
 
 mod common;
 

@@ -283,6 +283,7 @@ impl Acceptor {
                 .collect();
             for t in due {
                 let Some(p) = hs.map.get_mut(&t) else { continue };
+                let _span = tracing::error_span!("channel", from = %p.from).entered();
                 let outcome = if p.deadline <= now {
                     host.expire(p);
                     Progress::Gone
@@ -395,11 +396,11 @@ impl HostInner {
         }
     }
 
-    /// Refuse a pending handshake: count it, log it (throttled), send RESET (best effort).
+    /// Refuse a pending handshake: count it, log it (throttled; the caller is in the
+    /// connection's `channel` span), send RESET (best effort).
     fn refuse(&self, p: &mut Pending, reason: Reason, msg: &str) {
         self.totals.channels_refused.fetch_add(1, Ordering::Relaxed);
         if let Some(n) = REFUSALS.allow() {
-            let _span = tracing::error_span!("channel", from = %p.from).entered();
             tracing::warn!(why = %msg, suppressed = n, "refused a channel");
         }
         let mut buf = Vec::new();
