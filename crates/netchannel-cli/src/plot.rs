@@ -404,6 +404,9 @@ pub struct LineChart {
     pub y_scale: Scale,
     /// Values the y axis must hold besides the data (to give panels side by side one range).
     pub y_include: Vec<f64>,
+    /// Labelled x ticks `(x, label)`; empty: a tick at each x value of the data, labelled
+    /// with it.
+    pub x_ticks: Vec<(f64, String)>,
     /// A line of small print under the chart.
     pub note: Option<String>,
 }
@@ -795,7 +798,10 @@ impl LineChart {
     ) -> Drawn {
         let y = self.y_axis();
         let xs: Vec<f64> = self.series.iter().flat_map(|s| s.points.iter().map(|p| p.x)).collect();
-        let x = Axis::at_values(&xs);
+        let mut x = Axis::at_values(&xs);
+        if !self.x_ticks.is_empty() {
+            x.ticks.clone_from(&self.x_ticks);
+        }
         let x_area = 2 * TICK as u32
             + LABEL_PX as u32
             + 8
@@ -971,6 +977,7 @@ mod tests {
             }],
             y_scale: Scale::Linear,
             y_include: vec![],
+            x_ticks: vec![],
             note: Some("median of 3".into()),
         })
     }
@@ -1053,6 +1060,22 @@ mod tests {
             assert!(texts.iter().any(|t| t == text), "no text {text:?} in the SVG: {texts:?}");
         }
         assert!(svg.contains(r#"font-family="sans-serif""#), "text is in the sans-serif family");
+    }
+
+    #[test]
+    fn x_ticks_replace_the_data_values_as_labels() {
+        let Chart::Line(mut chart) = line_chart() else { unreachable!() };
+        for p in &mut chart.series[0].points {
+            p.x = p.x.log2(); // 1, 2, 4 at 0, 1, 2
+        }
+        chart.x_ticks = vec![(0.0, "-P 1".into()), (1.0, "-P 2".into()), (2.0, "-P 4".into())];
+        let fig = Figure { width: 800, height: 500, panels: vec![Chart::Line(chart)] };
+        let texts = svg_texts(&fig.to_svg().unwrap());
+        for label in ["-P 1", "-P 2", "-P 4"] {
+            assert!(texts.iter().any(|t| t == label), "no x label {label:?}: {texts:?}");
+        }
+        // The data's own x values (0, 1, 2; the y axis has 0) are not labels.
+        assert!(!texts.iter().any(|t| t == "1" || t == "2"), "{texts:?}");
     }
 
     /// The heights, in pixels, of the tallest column of each colour in `colors`.
