@@ -696,15 +696,32 @@ fn y_label_area<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, axis: &Axis) 
     widest + 2 * TICK as u32 + LABEL_PX as u32 + 14
 }
 
-/// The mesh every chart shares: light grey grid at the y ticks (lighter at a log axis' 2..9),
-/// black axes, the tick labels of `x` and `y`, the axis titles.
-fn draw_mesh<DB: DrawingBackend>(
-    chart: &mut Plot<'_, DB>,
+/// The coordinates and the mesh every chart shares in `plot_area` (inside the panel `area`):
+/// room under the plot for the x tick labels, `extra_lines` more lines of them and the x
+/// title, beside it for the y tick labels and title; a light grey grid at the y ticks
+/// (lighter at a log axis' 2..9), black axes.
+fn axes<'a, DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    plot_area: &'a DrawingArea<DB, Shift>,
     x: &Axis,
     y: &Axis,
     x_title: &str,
     y_title: &str,
-) -> Drawn {
+    extra_lines: u32,
+) -> Drawn<Plot<'a, DB>> {
+    let label = LABEL_PX as u32;
+    let x_area = 2 * TICK as u32
+        + label
+        + 8
+        + extra_lines * (label + 6)
+        + if x_title.is_empty() { 0 } else { label + 2 };
+    let mut chart = ChartBuilder::on(plot_area)
+        .margin_left(PAD)
+        .margin_right(PAD + 8)
+        .margin_top(8)
+        .x_label_area_size(x_area)
+        .y_label_area_size(y_label_area(area, y))
+        .build_cartesian_2d(x.clone(), y.clone())?;
     let black = rgb(BLACK);
     let x_fmt = |v: &f64| x.label(*v);
     let y_fmt = |v: &f64| y.label(*v);
@@ -725,7 +742,7 @@ fn draw_mesh<DB: DrawingBackend>(
         mesh.y_desc(y_title);
     }
     mesh.draw()?;
-    Ok(())
+    Ok(chart)
 }
 
 type Plot<'a, DB> = ChartContext<'a, DB, plotters::coord::cartesian::Cartesian2d<Axis, Axis>>;
@@ -802,18 +819,7 @@ impl LineChart {
         if !self.x_ticks.is_empty() {
             x.ticks.clone_from(&self.x_ticks);
         }
-        let x_area = 2 * TICK as u32
-            + LABEL_PX as u32
-            + 8
-            + if self.x_title.is_empty() { 0 } else { LABEL_PX as u32 + 2 };
-        let mut chart = ChartBuilder::on(plot_area)
-            .margin_left(PAD)
-            .margin_right(PAD + 8)
-            .margin_top(8)
-            .x_label_area_size(x_area)
-            .y_label_area_size(y_label_area(area, &y))
-            .build_cartesian_2d(x.clone(), y.clone())?;
-        draw_mesh(&mut chart, &x, &y, &self.x_title, &self.y_title)?;
+        let mut chart = axes(area, plot_area, &x, &y, &self.x_title, &self.y_title, 0)?;
         if self.baselines.is_empty() && self.series.iter().all(|s| s.points.is_empty()) {
             no_data(&mut chart, &x, &y)?;
         }
@@ -885,19 +891,8 @@ impl BarChart {
         let y = self.y_axis();
         let x = Axis::categories(&self.groups);
         let has_notes = self.group_notes.iter().any(|n| !n.is_empty());
-        let x_area = 2 * TICK as u32
-            + LABEL_PX as u32
-            + 8
-            + if has_notes { LABEL_PX as u32 + 6 } else { 0 }
-            + if self.x_title.is_empty() { 0 } else { LABEL_PX as u32 + 2 };
-        let mut chart = ChartBuilder::on(plot_area)
-            .margin_left(PAD)
-            .margin_right(PAD + 8)
-            .margin_top(8)
-            .x_label_area_size(x_area)
-            .y_label_area_size(y_label_area(area, &y))
-            .build_cartesian_2d(x.clone(), y.clone())?;
-        draw_mesh(&mut chart, &x, &y, &self.x_title, &self.y_title)?;
+        let notes = u32::from(has_notes);
+        let mut chart = axes(area, plot_area, &x, &y, &self.x_title, &self.y_title, notes)?;
         if self.series.iter().all(|s| s.values.iter().all(Option::is_none)) {
             no_data(&mut chart, &x, &y)?;
         }
