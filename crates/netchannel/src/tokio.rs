@@ -23,9 +23,15 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> std::io::Result<()> {
-//! // Two hosts in one process, on two loopback addresses.
-//! // A port free on 127.0.0.1 just now.
-//! let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+//! // Two hosts in one process, on two loopback addresses, with the same channel port: one
+//! // free on both just now.
+//! use std::net::TcpListener;
+//! let port = loop {
+//!     let p = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+//!     if TcpListener::bind(("127.0.0.2", p)).is_ok() {
+//!         break p;
+//!     }
+//! };
 //! let mut cfg = netchannel::Config::default();
 //! cfg.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
 //! let a = netchannel::Host::start(cfg.clone())?;
@@ -163,11 +169,14 @@ impl VStream {
     /// # }
     /// ```
     pub async fn connect_class_with(host: &Host, addr: SocketAddr, class: Class) -> io::Result<VStream> {
+        // Optimistic when the host's configuration says so (`optimistic_open`): then the
+        // wait below ends at once.
+        let optimistic = host.config().optimistic_open;
         let (s, deadline) = if crate::VStream::can_start_now(host, addr) {
-            crate::VStream::connect_start(host.clone(), addr, class)?
+            crate::VStream::connect_start(host.clone(), addr, class, optimistic)?
         } else {
             let h = host.clone();
-            ::tokio::task::spawn_blocking(move || crate::VStream::connect_start(h, addr, class))
+            ::tokio::task::spawn_blocking(move || crate::VStream::connect_start(h, addr, class, optimistic))
                 .await
                 .map_err(|e| io::Error::other(format!("connect task failed: {e}")))??
         };
