@@ -596,7 +596,10 @@ impl VSock {
         self.set_remote_id(remote);
         tx.opened = true;
         let _ = tx.st.on_credit(0, credit);
-        self.tx_cv.notify_all();
+        // Only a sleeping connect (or writer) needs the futex wake.
+        if tx.waiting {
+            self.tx_cv.notify_all();
+        }
         drop(tx);
         // A connect waiting inline for this answer looks at the event count.
         self.rx_event();
@@ -629,7 +632,9 @@ impl VSock {
             return;
         }
         self.rx_event();
-        self.rx_cv.notify_all();
+        if rx.waiting {
+            self.rx_cv.notify_all();
+        }
         if let Some(shm) = &self.shm {
             shm.header().rx_fin.store(offset, Ordering::Relaxed);
             shm.header().state.fetch_or(crate::shm::FIN, Ordering::Release);
@@ -1233,7 +1238,9 @@ impl VStream {
                 tx = vs.tx.lock().unwrap();
                 continue;
             }
+            tx.waiting = true;
             tx = vs.tx_cv.wait_timeout(tx, left).unwrap().0;
+            tx.waiting = false;
         }
         drop(tx);
         Ok(stream)
