@@ -580,3 +580,28 @@ fn malformed_frame_warnings_are_rate_limited() {
         assert!(log.contains("suppressed="), "the count of warnings left out: {log}");
     });
 }
+
+/// Defect 7: a daemon whose channel port is taken fails saying only why; the notice that its
+/// channels would not be authenticated comes only once the port is bound.
+#[test]
+fn a_daemon_whose_channel_port_is_in_use_says_only_why() {
+    within(60, || {
+        let d = dir("portinuse");
+        let (a, _) = addr_pair();
+        let _da = Daemon::start(&d.0, "a", a, "");
+        let cfg = d.0.join("second.toml");
+        let second = d.0.join("second.sock");
+        std::fs::write(&cfg, format!("listen = \"{a}\"\n[daemon]\nsocket = \"{}\"\n", second.display()))
+            .unwrap();
+        let out =
+            finish(netchannel(&["up", "--config", cfg.to_str().unwrap()]).spawn().unwrap(), "second up");
+        assert!(!out.status.success());
+        assert!(
+            out.stderr.contains("cannot listen for channels") && out.stderr.contains(&a.to_string()),
+            "{}",
+            out.stderr
+        );
+        assert!(!out.stderr.contains("not authenticated"), "{}", out.stderr);
+        assert!(!second.exists(), "the failed daemon left its socket behind");
+    });
+}

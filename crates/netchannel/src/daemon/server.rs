@@ -237,12 +237,6 @@ impl Server {
         // checked on every connection).
         let open = !cfg.daemon.allowed_uids.is_empty() || !cfg.daemon.allowed_gids.is_empty();
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(if open { 0o666 } else { 0o600 }))?;
-        if cfg.auth_key_file.is_none() {
-            tracing::warn!(
-                listen = %cfg.listen,
-                "channels of this daemon are not authenticated: any host can open them; set auth_key_file"
-            );
-        }
         let host = match Host::start_shared(cfg.clone()) {
             Ok(h) => h,
             Err(e) => {
@@ -250,6 +244,13 @@ impl Server {
                 return Err(e);
             }
         };
+        // Once the channel port is bound: a start that fails says only why.
+        if cfg.auth_key_file.is_none() {
+            tracing::warn!(
+                listen = %cfg.listen,
+                "channels of this daemon are not authenticated: any host can open them; set auth_key_file"
+            );
+        }
         let st = Arc::new(State {
             host,
             socket,
