@@ -230,6 +230,11 @@ pub struct Config {
     /// data before it sleeps, sparing the wake-up when the answer comes soon. Default 0 µs.
     #[serde(deserialize_with = "de::non_negative")]
     pub latency_spin_us: u64,
+    /// `inline_read`: an app thread about to sleep until its vsocket has something new (a
+    /// latency-class vsocket, or a connect or a vsocket within its first 16 KiB) reads the
+    /// vsocket's home channel itself when no worker is reading it, so the arrival wakes it
+    /// alone. Default true.
+    pub inline_read: bool,
     /// `auth_key_file`: file holding the pre-shared key that authenticates channels (both
     /// hosts need the same key; at least 16 bytes; one trailing newline is ignored). Default
     /// none: channels are not authenticated.
@@ -379,6 +384,7 @@ impl Default for Config {
             latency_fifo_priority: 0,
             busy_poll_us: 0,
             latency_spin_us: 0,
+            inline_read: true,
             copy_workers: 1,
             copy_threshold: 256 << 10,
             segment_size: 64 << 10,

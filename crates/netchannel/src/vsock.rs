@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -92,6 +92,30 @@ pub(crate) struct VSock {
     totals: Arc<crate::engine::Totals>,
     /// The pollable descriptor, once an application asked for it (`crate::readiness`).
     ready: LazyReadiness,
+    /// An app thread waiting for this vsocket reads its home channel itself
+    /// (`engine::channel::read_inline`): set with its eventfd, to write when what it waits
+    /// for comes by another way (another channel, a local shutdown).
+    inline_armed: AtomicBool,
+    inline_waiter: Mutex<Option<Arc<OwnedFd>>>,
+}
+
+thread_local! {
+    /// This thread's eventfd for reading channels inline, created on first use and kept
+    /// open (through the `Arc` a vsocket may still hold) until nobody can write it.
+    static INLINE_KICK: std::cell::OnceCell<Option<Arc<OwnedFd>>> = const { std::cell::OnceCell::new() };
+}
+
+/// This thread's eventfd for reading channels inline; `None` if none can be created.
+fn inline_kick() -> Option<Arc<OwnedFd>> {
+    INLINE_KICK.with(|c| {
+        c.get_or_init(|| {
+            // SAFETY: plain eventfd creation; the descriptor is owned at once.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+            // SAFETY: a fresh descriptor that nobody else owns.
+            (fd >= 0).then(|| Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }))
+        })
+        .clone()
+    })
 }
 
 /// A snapshot of one vsocket, for `netchannel status`.
@@ -184,7 +208,47 @@ impl VSock {
             shm,
             totals: host.totals.clone(),
             ready: LazyReadiness::default(),
+            inline_armed: AtomicBool::new(false),
+            inline_waiter: Mutex::new(None),
         }))
+    }
+
+    /// A reader may see something new (data in order, end of stream, an error, an open):
+    /// count it, and wake the thread reading a channel inline for this vsocket, unless it is
+    /// the calling thread (it looks at the count after each frame it dispatches).
+    fn rx_event(&self) {
+        self.rx_events.fetch_add(1, Ordering::SeqCst);
+        if self.inline_armed.load(Ordering::SeqCst) {
+            let w = self.inline_waiter.lock().unwrap();
+            if let Some(fd) = w.as_ref() {
+                let mine = INLINE_KICK
+                    .with(|c| c.get().and_then(|m| m.as_ref()).is_some_and(|m| Arc::ptr_eq(m, fd)));
+                if !mine {
+                    let one = 1u64;
+                    // SAFETY: writes 8 bytes from a live u64 to an eventfd that the Arc keeps open.
+                    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+                }
+            }
+        }
+    }
+
+    /// Instead of sleeping until `done()`, read this vsocket's home channel from this thread
+    /// (`engine::channel::read_inline`) when its worker is not reading it: the frame that
+    /// ends the wait then wakes this thread alone. Returns `false` if it did not (the caller
+    /// sleeps as usual). The caller holds none of this vsocket's locks.
+    fn wait_inline(&self, deadline: Option<Instant>, done: impl Fn() -> bool) -> bool {
+        let Some(host) = self.host() else { return false };
+        if !host.cfg.inline_read {
+            return false;
+        }
+        let Some(ch) = self.peer.control_channel(self.class(), self.home) else { return false };
+        let Some(kick) = inline_kick() else { return false };
+        *self.inline_waiter.lock().unwrap() = Some(kick.clone());
+        self.inline_armed.store(true, Ordering::SeqCst);
+        let ran = crate::engine::channel::read_inline(&host, &ch, kick.as_raw_fd(), deadline, done);
+        self.inline_armed.store(false, Ordering::SeqCst);
+        *self.inline_waiter.lock().unwrap() = None;
+        ran
     }
 
     /// The shared memory of a daemon-served vsocket.
@@ -460,7 +524,7 @@ impl VSock {
         }
         let after = rx.st.in_order();
         if after > before {
-            self.rx_events.fetch_add(1, Ordering::Release);
+            self.rx_event();
             self.totals.bytes_received.fetch_add(after - before, Ordering::Relaxed);
             if let Some(shm) = &self.shm {
                 shm.header().rx_in_order.store(after, Ordering::Release);
@@ -520,6 +584,8 @@ impl VSock {
         let _ = tx.st.on_credit(0, credit);
         self.tx_cv.notify_all();
         drop(tx);
+        // A connect waiting inline for this answer looks at the event count.
+        self.rx_event();
         self.totals.vsockets_opened.fetch_add(1, Ordering::Relaxed);
         self.wake_writers();
         // Bytes written (or a close) while connecting go out now; a vsocket whose owner
@@ -548,7 +614,7 @@ impl VSock {
             self.protocol_error(e);
             return;
         }
-        self.rx_events.fetch_add(1, Ordering::Release);
+        self.rx_event();
         self.rx_cv.notify_all();
         if let Some(shm) = &self.shm {
             shm.header().rx_fin.store(offset, Ordering::Relaxed);
@@ -606,7 +672,7 @@ impl VSock {
                 rx.error = Some((kind, msg));
             }
         }
-        self.rx_events.fetch_add(1, Ordering::Release);
+        self.rx_event();
         self.tx_cv.notify_all();
         self.rx_cv.notify_all();
         self.wake_pollers();
@@ -831,6 +897,9 @@ impl VSock {
         let _one_reader = self.read_lock.lock().unwrap();
         let deadline = self.timeouts.lock().unwrap().0.map(|t| Instant::now() + t);
         let mut spin_left = self.class() == Class::Latency && !self.read_spin().is_zero();
+        // Whether to try reading the home channel inline before sleeping (once it could
+        // not, this call sleeps on the vsocket).
+        let mut inline = true;
         let mut rx = self.rx.lock().unwrap();
         let avail = loop {
             // A stream that arrived whole stays readable even if the peer vanished afterwards.
@@ -863,6 +932,17 @@ impl VSock {
                 let seen = self.rx_events.load(Ordering::Acquire);
                 drop(rx);
                 self.spin_until_event(seen);
+                rx = self.rx.lock().unwrap();
+                continue;
+            }
+            // A latency-class vsocket, or one still within its first INLINE_MAX bytes (which
+            // the peer sends on the home channel), reads that channel itself instead of
+            // sleeping until a worker has read it.
+            // Either way the state is looked at again: the lock was let go meanwhile.
+            if inline && (self.class() == Class::Latency || rx.st.in_order() < INLINE_MAX as u64) {
+                let seen = self.rx_events.load(Ordering::SeqCst);
+                drop(rx);
+                inline = self.wait_inline(deadline, || self.rx_events.load(Ordering::SeqCst) != seen);
                 rx = self.rx.lock().unwrap();
                 continue;
             }
@@ -1068,6 +1148,7 @@ impl VStream {
     pub(crate) fn open(host: Host, addr: SocketAddr, class: Class) -> io::Result<VStream> {
         let (stream, deadline) = VStream::connect_start(host, addr, class)?;
         let vs = stream.engine_vsock().expect("embedded").clone();
+        let mut inline = true;
         let mut tx = vs.tx.lock().unwrap();
         loop {
             if let Some((kind, msg)) = &tx.error {
@@ -1080,6 +1161,16 @@ impl VStream {
             if left.is_zero() {
                 drop(tx);
                 return Err(vs.connect_timed_out());
+            }
+            // Read the home channel, which carries the answer, instead of sleeping until
+            // its worker has read it.
+            // Either way the state is looked at again: the lock was let go meanwhile.
+            if inline {
+                drop(tx);
+                let seen = vs.rx_events.load(Ordering::SeqCst);
+                inline = vs.wait_inline(Some(deadline), || vs.rx_events.load(Ordering::SeqCst) != seen);
+                tx = vs.tx.lock().unwrap();
+                continue;
             }
             tx = vs.tx_cv.wait_timeout(tx, left).unwrap().0;
         }
@@ -1205,7 +1296,7 @@ impl VStream {
         }
         if matches!(how, Shutdown::Read | Shutdown::Both) {
             vs.rx.lock().unwrap().shut_read = true;
-            vs.rx_events.fetch_add(1, Ordering::Release);
+            vs.rx_event();
             vs.rx_cv.notify_all();
             vs.wake_pollers();
         }

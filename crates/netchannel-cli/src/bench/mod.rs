@@ -323,6 +323,11 @@ pub struct EngineFlags {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_spin_us: Option<u64>,
 
+    /// Whether an app thread about to sleep on a vsocket reads its home channel itself, true or false [default: true, or inline_read from --config]
+    #[arg(long, value_name = "BOOL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inline_read: Option<bool>,
+
     /// Microseconds a latency worker polls its channels before it sleeps [default: 0, or busy_poll_us from --config]
     #[arg(long, value_name = "US")]
     #[serde(skip_serializing_if = "Option::is_none")]

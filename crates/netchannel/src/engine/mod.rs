@@ -631,9 +631,9 @@ impl HostInner {
         }
         s.set_nonblocking(true)?;
         let write_half = s.try_clone()?;
-        let ch = Channel::new(self, peer, class, index, write_half);
+        let ch = Channel::new(self, peer, class, index, s, write_half);
         peer.add_channel(ch.clone());
-        self.workers[ch.worker].command(Command::Add(ch, mio::net::TcpStream::from_std(s)));
+        self.workers[ch.worker].command(Command::Add(ch));
         self.on_channel_up(peer);
         Ok(())
     }
