@@ -1,7 +1,7 @@
 //! `netchannel demo`: the first command for a new user. It runs the quick benchmark suite
 //! ([`bench::suite`](crate::bench::suite) with `--quick`) on loopback, about two minutes on a
 //! 2-core machine, then prints the summary tables on stdout and where the per-run JSON
-//! files, summary.md and the PNG charts were written (`netchannel-results/demo-<timestamp>`
+//! files, summary.md and the charts (PNG and SVG) were written (`netchannel-results/demo-<timestamp>`
 //! unless `--out` says otherwise).
 
 use std::path::PathBuf;

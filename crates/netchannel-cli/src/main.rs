@@ -15,6 +15,7 @@ mod error;
 mod logging;
 mod pattern;
 mod plot;
+mod progress;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -33,7 +34,7 @@ enum Command {
     /// Start here: NetChannel beside Linux TCP in every experiment, about two minutes
     ///
     /// Runs the quick benchmark suite (`bench suite --quick`) on loopback, prints one table
-    /// per experiment and saves the per-run JSON, summary.md and PNG charts under
+    /// per experiment and saves the per-run JSON, summary.md and charts (PNG and SVG) under
     /// netchannel-results/demo-<timestamp>.
     Demo(demo::DemoArgs),
     /// Measure NetChannel and Linux TCP with the same workload

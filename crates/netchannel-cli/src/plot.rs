@@ -1,13 +1,30 @@
-//! Charts as PNG files, drawn by hand: no plotting crate and no system fonts. A [`Canvas`] is
-//! an RGB buffer with a few primitives (rectangles, thick and dashed lines, markers, text in
-//! a built-in 5x7 bitmap font, also rotated for vertical axis titles), encoded with the `png`
-//! crate. On top of it, [`LineChart`] (numeric x, lines with markers, optional min–max
-//! whiskers, horizontal baselines such as "Linux TCP") and [`BarChart`] (grouped bars, one
-//! colour per series, optional whiskers and value labels) are laid out with a title, a legend,
-//! labelled ticks and axis titles, on a linear or log10 y axis. A [`Figure`] puts one or more
-//! charts side by side.
+//! Charts drawn with `plotters`, each written as PNG (plotters' bitmap backend with the text
+//! fix of [`raster`], encoded by the `png` crate) and as SVG (plotters' SVG backend, for a browser). Text is set in DejaVu Sans,
+//! embedded in the binary by the `dejavu` crate and registered for plotters' `ab_glyph` text
+//! support, so nothing is read from the system: no fontconfig, no freetype.
+//!
+//! What a chart shows is plain data: [`LineChart`] (numeric x, lines with markers, optional
+//! min–max whiskers, horizontal baselines such as "Linux TCP" with their min–max as a band)
+//! and [`BarChart`] (grouped bars, one colour per series, optional whiskers and value labels),
+//! each with a title, a legend above the plot, ticks and axis titles, on a linear or log10 y
+//! axis ([`Scale`]). A [`Figure`] puts one or more charts side by side. The ticks are chosen
+//! here ([`Axis`]): round steps on a linear axis, whole decades (with a light grid at 2..9) on
+//! a log axis, the data's own x values on a line chart's x axis. [`raster`] is the PNG backend.
 
-use std::path::Path;
+pub mod raster;
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
+use plotters::coord::Shift;
+use plotters::prelude::{
+    ChartBuilder, ChartContext, Circle, Color, DashedLineSeries, DrawingArea, DrawingAreaErrorKind,
+    DrawingBackend, EmptyElement, FontDesc, FontFamily, FontStyle, IntoDrawingArea, LineSeries, PathElement,
+    RGBColor, Rectangle, SVGBackend, ShapeStyle, Text, TextStyle,
+};
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::error::{Context, Result};
 
@@ -18,355 +35,91 @@ pub type Rgb = [u8; 3];
 pub const WHITE: Rgb = [255, 255, 255];
 /// Text, axes.
 pub const BLACK: Rgb = [0, 0, 0];
-/// Whiskers and minor text.
+/// Notes, whiskers.
 pub const DARK_GREY: Rgb = [80, 80, 80];
 /// Grid lines.
-pub const LIGHT_GREY: Rgb = [225, 225, 225];
-/// NetChannel's colour in every chart.
+pub const LIGHT_GREY: Rgb = [215, 215, 215];
+/// Series colours (the matplotlib "tab10" hues most readers know).
 pub const BLUE: Rgb = [31, 119, 180];
-/// Linux TCP's colour.
+/// See [`BLUE`].
 pub const ORANGE: Rgb = [230, 120, 10];
-/// TCP with SO_PRIORITY.
+/// See [`BLUE`].
 pub const GREEN: Rgb = [44, 160, 44];
-/// MPTCP.
+/// See [`BLUE`].
 pub const PURPLE: Rgb = [148, 103, 189];
-/// Spare.
+/// See [`BLUE`].
 pub const RED: Rgb = [214, 39, 40];
 
-/// `c` mixed with white: `amount` 0 keeps it, 1 gives white.
+/// `c` moved towards white by `amount` (0: unchanged, 1: white).
 pub fn lighten(c: Rgb, amount: f64) -> Rgb {
-    let mix = |v: u8| (v as f64 + (255.0 - v as f64) * amount.clamp(0.0, 1.0)).round() as u8;
-    [mix(c[0]), mix(c[1]), mix(c[2])]
+    c.map(|v| (f64::from(v) + (255.0 - f64::from(v)) * amount).round() as u8)
 }
 
-/// Glyph width of the built-in font, in font pixels.
-pub const GLYPH_W: i64 = 5;
-/// Glyph height of the built-in font, in font pixels: 7 rows down to the baseline plus 2 for
-/// descenders.
-pub const GLYPH_H: i64 = 9;
-/// Height of capitals and digits (rows above the baseline), in font pixels.
-pub const CAP_H: i64 = 7;
-/// Horizontal advance per character (glyph plus one pixel of spacing), in font pixels.
-pub const ADVANCE: i64 = GLYPH_W + 1;
-/// Text scale used by the charts (each font pixel is a 2x2 block).
-pub const TEXT_SCALE: i64 = 2;
-
-/// The printable ASCII characters `' '..='~'`, 5 columns each, least significant bit at the
-/// top row (the classic 5x7 LCD font; see [`DESCENDERS`]). Anything else is drawn as `?`.
-const FONT: [[u8; 5]; 95] = [
-    [0x00, 0x00, 0x00, 0x00, 0x00], // ' '
-    [0x00, 0x00, 0x5F, 0x00, 0x00], // !
-    [0x00, 0x07, 0x00, 0x07, 0x00], // "
-    [0x14, 0x7F, 0x14, 0x7F, 0x14], // #
-    [0x24, 0x2A, 0x7F, 0x2A, 0x12], // $
-    [0x23, 0x13, 0x08, 0x64, 0x62], // %
-    [0x36, 0x49, 0x55, 0x22, 0x50], // &
-    [0x00, 0x05, 0x03, 0x00, 0x00], // '
-    [0x00, 0x1C, 0x22, 0x41, 0x00], // (
-    [0x00, 0x41, 0x22, 0x1C, 0x00], // )
-    [0x14, 0x08, 0x3E, 0x08, 0x14], // *
-    [0x08, 0x08, 0x3E, 0x08, 0x08], // +
-    [0x00, 0x50, 0x30, 0x00, 0x00], // ,
-    [0x08, 0x08, 0x08, 0x08, 0x08], // -
-    [0x00, 0x60, 0x60, 0x00, 0x00], // .
-    [0x20, 0x10, 0x08, 0x04, 0x02], // /
-    [0x3E, 0x51, 0x49, 0x45, 0x3E], // 0
-    [0x00, 0x42, 0x7F, 0x40, 0x00], // 1
-    [0x42, 0x61, 0x51, 0x49, 0x46], // 2
-    [0x21, 0x41, 0x45, 0x4B, 0x31], // 3
-    [0x18, 0x14, 0x12, 0x7F, 0x10], // 4
-    [0x27, 0x45, 0x45, 0x45, 0x39], // 5
-    [0x3C, 0x4A, 0x49, 0x49, 0x30], // 6
-    [0x01, 0x71, 0x09, 0x05, 0x03], // 7
-    [0x36, 0x49, 0x49, 0x49, 0x36], // 8
-    [0x06, 0x49, 0x49, 0x29, 0x1E], // 9
-    [0x00, 0x36, 0x36, 0x00, 0x00], // :
-    [0x00, 0x56, 0x36, 0x00, 0x00], // ;
-    [0x08, 0x14, 0x22, 0x41, 0x00], // <
-    [0x14, 0x14, 0x14, 0x14, 0x14], // =
-    [0x00, 0x41, 0x22, 0x14, 0x08], // >
-    [0x02, 0x01, 0x51, 0x09, 0x06], // ?
-    [0x32, 0x49, 0x79, 0x41, 0x3E], // @
-    [0x7E, 0x11, 0x11, 0x11, 0x7E], // A
-    [0x7F, 0x49, 0x49, 0x49, 0x36], // B
-    [0x3E, 0x41, 0x41, 0x41, 0x22], // C
-    [0x7F, 0x41, 0x41, 0x22, 0x1C], // D
-    [0x7F, 0x49, 0x49, 0x49, 0x41], // E
-    [0x7F, 0x09, 0x09, 0x09, 0x01], // F
-    [0x3E, 0x41, 0x49, 0x49, 0x7A], // G
-    [0x7F, 0x08, 0x08, 0x08, 0x7F], // H
-    [0x00, 0x41, 0x7F, 0x41, 0x00], // I
-    [0x20, 0x40, 0x41, 0x3F, 0x01], // J
-    [0x7F, 0x08, 0x14, 0x22, 0x41], // K
-    [0x7F, 0x40, 0x40, 0x40, 0x40], // L
-    [0x7F, 0x02, 0x0C, 0x02, 0x7F], // M
-    [0x7F, 0x04, 0x08, 0x10, 0x7F], // N
-    [0x3E, 0x41, 0x41, 0x41, 0x3E], // O
-    [0x7F, 0x09, 0x09, 0x09, 0x06], // P
-    [0x3E, 0x41, 0x51, 0x21, 0x5E], // Q
-    [0x7F, 0x09, 0x19, 0x29, 0x46], // R
-    [0x46, 0x49, 0x49, 0x49, 0x31], // S
-    [0x01, 0x01, 0x7F, 0x01, 0x01], // T
-    [0x3F, 0x40, 0x40, 0x40, 0x3F], // U
-    [0x1F, 0x20, 0x40, 0x20, 0x1F], // V
-    [0x3F, 0x40, 0x38, 0x40, 0x3F], // W
-    [0x63, 0x14, 0x08, 0x14, 0x63], // X
-    [0x07, 0x08, 0x70, 0x08, 0x07], // Y
-    [0x61, 0x51, 0x49, 0x45, 0x43], // Z
-    [0x00, 0x7F, 0x41, 0x41, 0x00], // [
-    [0x02, 0x04, 0x08, 0x10, 0x20], // backslash
-    [0x00, 0x41, 0x41, 0x7F, 0x00], // ]
-    [0x04, 0x02, 0x01, 0x02, 0x04], // ^
-    [0x40, 0x40, 0x40, 0x40, 0x40], // _
-    [0x00, 0x01, 0x02, 0x04, 0x00], // `
-    [0x20, 0x54, 0x54, 0x54, 0x78], // a
-    [0x7F, 0x48, 0x44, 0x44, 0x38], // b
-    [0x38, 0x44, 0x44, 0x44, 0x20], // c
-    [0x38, 0x44, 0x44, 0x48, 0x7F], // d
-    [0x38, 0x54, 0x54, 0x54, 0x18], // e
-    [0x08, 0x7E, 0x09, 0x01, 0x02], // f
-    [0x0C, 0x52, 0x52, 0x52, 0x3E], // g
-    [0x7F, 0x08, 0x04, 0x04, 0x78], // h
-    [0x00, 0x44, 0x7D, 0x40, 0x00], // i
-    [0x20, 0x40, 0x44, 0x3D, 0x00], // j
-    [0x7F, 0x10, 0x28, 0x44, 0x00], // k
-    [0x00, 0x41, 0x7F, 0x40, 0x00], // l
-    [0x7C, 0x04, 0x18, 0x04, 0x78], // m
-    [0x7C, 0x08, 0x04, 0x04, 0x78], // n
-    [0x38, 0x44, 0x44, 0x44, 0x38], // o
-    [0x7C, 0x14, 0x14, 0x14, 0x08], // p
-    [0x08, 0x14, 0x14, 0x18, 0x7C], // q
-    [0x7C, 0x08, 0x04, 0x04, 0x08], // r
-    [0x48, 0x54, 0x54, 0x54, 0x20], // s
-    [0x04, 0x3F, 0x44, 0x40, 0x20], // t
-    [0x3C, 0x40, 0x40, 0x20, 0x7C], // u
-    [0x1C, 0x20, 0x40, 0x20, 0x1C], // v
-    [0x3C, 0x40, 0x30, 0x40, 0x3C], // w
-    [0x44, 0x28, 0x10, 0x28, 0x44], // x
-    [0x0C, 0x50, 0x50, 0x50, 0x3C], // y
-    [0x44, 0x64, 0x54, 0x4C, 0x44], // z
-    [0x00, 0x08, 0x36, 0x41, 0x00], // {
-    [0x00, 0x00, 0x7F, 0x00, 0x00], // |
-    [0x00, 0x41, 0x36, 0x08, 0x00], // }
-    [0x02, 0x01, 0x02, 0x04, 0x02], // ~
-];
-
-/// Lowercase letters with descenders, redrawn to reach two rows below the baseline (rows 7
-/// and 8) instead of being squeezed above it as in the 7-row table.
-const DESCENDERS: [(char, [u16; 5]); 5] = [
-    ('g', [0x098, 0x124, 0x124, 0x124, 0x0FC]),
-    ('j', [0x080, 0x100, 0x100, 0x0FD, 0x000]),
-    ('p', [0x1FC, 0x024, 0x024, 0x024, 0x018]),
-    ('q', [0x018, 0x024, 0x024, 0x024, 0x1FC]),
-    ('y', [0x09C, 0x120, 0x120, 0x120, 0x0FC]),
-];
-
-/// The columns of `c`'s glyph, least significant bit at the top row, rows 0..9 (`?` for
-/// anything not printable ASCII).
-fn glyph(c: char) -> [u16; 5] {
-    if let Some((_, g)) = DESCENDERS.iter().find(|(d, _)| *d == c) {
-        return *g;
-    }
-    let i = c as u32;
-    let g = if (0x20..=0x7E).contains(&i) { FONT[(i - 0x20) as usize] } else { FONT[(b'?' - 0x20) as usize] };
-    g.map(u16::from)
+fn rgb(c: Rgb) -> RGBColor {
+    RGBColor(c[0], c[1], c[2])
 }
 
-/// Width in pixels of `s` drawn at `scale` (no trailing spacing).
-pub fn text_width(s: &str, scale: i64) -> i64 {
-    let n = s.chars().count() as i64;
-    if n == 0 {
-        0
-    } else {
-        (n * ADVANCE - 1) * scale
+/// Why a chart could not be made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChartError {
+    /// The embedded font did not parse (a build problem, not the user's).
+    Font(&'static str),
+    /// plotters failed to draw.
+    Draw(String),
+    /// The PNG encoder failed.
+    Encode(String),
+}
+
+impl std::fmt::Display for ChartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChartError::Font(which) => write!(f, "the embedded font {which} does not parse"),
+            ChartError::Draw(e) => write!(f, "drawing failed: {e}"),
+            ChartError::Encode(e) => write!(f, "PNG encoding failed: {e}"),
+        }
     }
 }
 
-/// Height in pixels of one line of text at `scale`.
-pub fn text_height(scale: i64) -> i64 {
-    GLYPH_H * scale
-}
+impl std::error::Error for ChartError {}
 
-/// A rectangle in pixels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rect {
-    /// Left edge.
-    pub x: i64,
-    /// Top edge.
-    pub y: i64,
-    /// Width.
-    pub w: i64,
-    /// Height.
-    pub h: i64,
-}
-
-impl Rect {
-    fn right(&self) -> i64 {
-        self.x + self.w
-    }
-    fn bottom(&self) -> i64 {
-        self.y + self.h
+impl<E: std::error::Error + Send + Sync> From<DrawingAreaErrorKind<E>> for ChartError {
+    fn from(e: DrawingAreaErrorKind<E>) -> Self {
+        ChartError::Draw(e.to_string())
     }
 }
 
-/// An RGB image being drawn; everything outside it is clipped.
-#[derive(Debug, Clone)]
-pub struct Canvas {
-    width: u32,
-    height: u32,
-    pixels: Vec<u8>,
+/// Register DejaVu Sans (regular and bold) as plotters' "sans-serif", once.
+fn fonts() -> std::result::Result<(), ChartError> {
+    static REGISTERED: OnceLock<std::result::Result<(), ChartError>> = OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            let family = FontFamily::SansSerif.as_str();
+            plotters::style::register_font(family, FontStyle::Normal, dejavu::sans::regular())
+                .map_err(|_| ChartError::Font("DejaVu Sans"))?;
+            plotters::style::register_font(family, FontStyle::Bold, dejavu::sans::bold())
+                .map_err(|_| ChartError::Font("DejaVu Sans Bold"))
+        })
+        .clone()
 }
 
-impl Canvas {
-    /// A `width` x `height` canvas filled with `background`.
-    pub fn new(width: u32, height: u32, background: Rgb) -> Canvas {
-        let mut pixels = Vec::with_capacity(width as usize * height as usize * 3);
-        for _ in 0..(width as usize * height as usize) {
-            pixels.extend_from_slice(&background);
-        }
-        Canvas { width, height, pixels }
-    }
+/// Text sizes in pixels.
+const TITLE_PX: f64 = 19.0;
+const LABEL_PX: f64 = 15.0;
+const NOTE_PX: f64 = 13.0;
+/// Margin around a panel.
+const PAD: i32 = 12;
+/// Legend swatch width.
+const SWATCH: i32 = 26;
 
-    /// The colour at (`x`, `y`), which must be inside.
-    #[cfg(test)]
-    pub fn pixel(&self, x: u32, y: u32) -> Rgb {
-        let i = (y as usize * self.width as usize + x as usize) * 3;
-        [self.pixels[i], self.pixels[i + 1], self.pixels[i + 2]]
-    }
+fn font(px: f64, style: FontStyle) -> TextStyle<'static> {
+    TextStyle::from(FontDesc::new(FontFamily::SansSerif, px, style))
+}
 
-    /// Set one pixel (clipped).
-    pub fn put(&mut self, x: i64, y: i64, c: Rgb) {
-        if x >= 0 && y >= 0 && x < self.width as i64 && y < self.height as i64 {
-            let i = (y as usize * self.width as usize + x as usize) * 3;
-            self.pixels[i..i + 3].copy_from_slice(&c);
-        }
-    }
-
-    /// Fill a rectangle (clipped).
-    pub fn fill_rect(&mut self, x: i64, y: i64, w: i64, h: i64, c: Rgb) {
-        let (x0, y0) = (x.max(0), y.max(0));
-        let (x1, y1) = ((x + w).min(self.width as i64), (y + h).min(self.height as i64));
-        for yy in y0..y1 {
-            for xx in x0..x1 {
-                self.put(xx, yy, c);
-            }
-        }
-    }
-
-    /// A straight line `thickness` pixels wide (Bresenham, a square brush).
-    pub fn line(&mut self, x0: i64, y0: i64, x1: i64, y1: i64, c: Rgb, thickness: i64) {
-        let t = thickness.max(1);
-        let off = (t - 1) / 2;
-        let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
-        let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
-        let (mut x, mut y, mut err) = (x0, y0, dx + dy);
-        loop {
-            self.fill_rect(x - off, y - off, t, t, c);
-            if x == x1 && y == y1 {
-                break;
-            }
-            let e2 = 2 * err;
-            if e2 >= dy {
-                err += dy;
-                x += sx;
-            }
-            if e2 <= dx {
-                err += dx;
-                y += sy;
-            }
-        }
-    }
-
-    /// A dashed horizontal line from `x0` to `x1` at `y`.
-    pub fn dashed_hline(&mut self, x0: i64, x1: i64, y: i64, c: Rgb, thickness: i64) {
-        let (dash, gap) = (10, 6);
-        let off = (thickness.max(1) - 1) / 2;
-        let mut x = x0;
-        while x < x1 {
-            let end = (x + dash).min(x1);
-            self.fill_rect(x, y - off, end - x, thickness.max(1), c);
-            x = end + gap;
-        }
-    }
-
-    /// A filled disc of `radius` centred at (`x`, `y`).
-    pub fn marker(&mut self, x: i64, y: i64, radius: i64, c: Rgb) {
-        for dy in -radius..=radius {
-            for dx in -radius..=radius {
-                let d2 = dx * dx + dy * dy;
-                if d2 <= radius * radius {
-                    self.put(x + dx, y + dy, c);
-                }
-            }
-        }
-    }
-
-    /// Draw `s` with its top-left corner at (`x`, `y`); returns the width drawn.
-    pub fn text(&mut self, x: i64, y: i64, s: &str, scale: i64, c: Rgb) -> i64 {
-        let mut cx = x;
-        for ch in s.chars() {
-            let g = glyph(ch);
-            for (col, bits) in g.iter().enumerate() {
-                for row in 0..GLYPH_H {
-                    if bits >> row & 1 == 1 {
-                        self.fill_rect(cx + col as i64 * scale, y + row * scale, scale, scale, c);
-                    }
-                }
-            }
-            cx += ADVANCE * scale;
-        }
-        text_width(s, scale)
-    }
-
-    /// Draw `s` rotated a quarter turn counter-clockwise (reading bottom to top), its
-    /// baseline side on the right: the text occupies `x .. x + text_height` horizontally and
-    /// `y - text_width .. y` vertically.
-    pub fn text_up(&mut self, x: i64, y: i64, s: &str, scale: i64, c: Rgb) {
-        let mut cy = y;
-        for ch in s.chars() {
-            let g = glyph(ch);
-            for (col, bits) in g.iter().enumerate() {
-                for row in 0..GLYPH_H {
-                    if bits >> row & 1 == 1 {
-                        // Font (col, row) → canvas (x + row, cy - col - 1).
-                        self.fill_rect(x + row * scale, cy - (col as i64 + 1) * scale, scale, scale, c);
-                    }
-                }
-            }
-            cy -= ADVANCE * scale;
-        }
-    }
-
-    /// Draw `s` centred horizontally on `cx`, top at `y`.
-    pub fn text_centered(&mut self, cx: i64, y: i64, s: &str, scale: i64, c: Rgb) {
-        self.text(cx - text_width(s, scale) / 2, y, s, scale, c);
-    }
-
-    /// Draw `s` with its right edge at `right`, top at `y`.
-    pub fn text_right(&mut self, right: i64, y: i64, s: &str, scale: i64, c: Rgb) {
-        self.text(right - text_width(s, scale), y, s, scale, c);
-    }
-
-    /// The image as a PNG file (8-bit RGB).
-    pub fn to_png(&self) -> std::result::Result<Vec<u8>, String> {
-        let mut out = Vec::new();
-        {
-            let mut enc = png::Encoder::new(&mut out, self.width, self.height);
-            enc.set_color(png::ColorType::Rgb);
-            enc.set_depth(png::BitDepth::Eight);
-            let mut w = enc.write_header().map_err(|e| e.to_string())?;
-            w.write_image_data(&self.pixels).map_err(|e| e.to_string())?;
-            w.finish().map_err(|e| e.to_string())?;
-        }
-        Ok(out)
-    }
-
-    /// Write the image to `path` as a PNG file.
-    pub fn save_png(&self, path: &Path) -> Result<()> {
-        let bytes =
-            self.to_png().map_err(|e| format!("cannot encode the chart {} as PNG: {e}", path.display()))?;
-        std::fs::write(path, bytes).context(|| format!("cannot write {}", path.display()))
-    }
+/// Text of `px` pixels in `color`, anchored at `h`, `v`.
+fn text_style(px: f64, color: &RGBColor, h: HPos, v: VPos) -> TextStyle<'static> {
+    let mut s = font(px, FontStyle::Normal).pos(Pos::new(h, v));
+    s.color = color.to_backend_color();
+    s
 }
 
 /// How values map onto the y axis.
@@ -378,9 +131,10 @@ pub enum Scale {
     Log,
 }
 
-/// A computed axis: its range, its labelled ticks and (log only) minor grid values.
+/// An axis: its range, its labelled ticks and (log only) the values of its light grid lines.
+/// It is the plotters coordinate of the charts, so plotters draws these ticks and no others.
 #[derive(Debug, Clone)]
-struct Axis {
+pub struct Axis {
     lo: f64,
     hi: f64,
     scale: Scale,
@@ -389,8 +143,8 @@ struct Axis {
 }
 
 impl Axis {
-    /// An axis holding every value of `values` (non-finite ones ignored).
-    fn fit(values: &[f64], scale: Scale) -> Axis {
+    /// A y axis holding every value of `values` (non-finite ones ignored).
+    pub fn fit(values: &[f64], scale: Scale) -> Axis {
         let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
         match scale {
             Scale::Linear => {
@@ -402,17 +156,18 @@ impl Axis {
                 let hi = (max * 1.08 / step).ceil() * step;
                 let unit = si_unit(hi.max(-lo));
                 let decimals = decimals_for(step / unit.0);
-                let mut ticks = Vec::new();
                 let n = ((hi - lo) / step).round() as i64;
-                for i in 0..=n {
-                    let v = lo + i as f64 * step;
-                    let label = if v == 0.0 {
-                        "0".to_string()
-                    } else {
-                        format!("{:.*}{}", decimals, v / unit.0, unit.1)
-                    };
-                    ticks.push((v, label));
-                }
+                let ticks = (0..=n)
+                    .map(|i| {
+                        let v = lo + i as f64 * step;
+                        let label = if v == 0.0 {
+                            "0".to_string()
+                        } else {
+                            format!("{:.*}{}", decimals, v / unit.0, unit.1)
+                        };
+                        (v, label)
+                    })
+                    .collect();
                 Axis { lo, hi, scale, ticks, minor: Vec::new() }
             }
             Scale::Log => {
@@ -420,43 +175,105 @@ impl Axis {
                 let min = pos.iter().copied().fold(f64::INFINITY, f64::min);
                 let max = pos.iter().copied().fold(0.0f64, f64::max);
                 let (min, max) = if pos.is_empty() { (1.0, 10.0) } else { (min, max) };
-                let lo_exp = min.log10().floor() as i32;
-                let mut hi_exp = max.log10().ceil() as i32;
-                if hi_exp <= lo_exp {
-                    hi_exp = lo_exp + 1;
-                }
+                let lo = 10f64.powi(min.log10().floor() as i32);
+                // Headroom above the largest value for whiskers and value labels; the top
+                // need not be a whole decade, the bottom is one (bars grow from it).
+                let hi = (max * 1.5).max(lo * 10.0);
                 let mut ticks = Vec::new();
                 let mut minor = Vec::new();
-                for e in lo_exp..=hi_exp {
-                    let v = 10f64.powi(e);
-                    ticks.push((v, si_label(v)));
-                    if e < hi_exp {
-                        minor.extend((2..10).map(|m| m as f64 * v));
-                    }
+                let mut decade = lo;
+                while decade <= hi * (1.0 + 1e-9) {
+                    ticks.push((decade, si_label(decade)));
+                    minor.extend((2..10).map(|m| f64::from(m) * decade).filter(|&v| v < hi));
+                    decade *= 10.0;
                 }
-                Axis { lo: 10f64.powi(lo_exp), hi: 10f64.powi(hi_exp), scale, ticks, minor }
+                // Under two decades, label the 2s and 5s as well.
+                if ticks.len() < 3 {
+                    let mantissa = |v: f64| (v / 10f64.powf(v.log10().floor())).round();
+                    let (labelled, light): (Vec<f64>, Vec<f64>) =
+                        minor.iter().partition(|&&v| [2.0, 5.0].contains(&mantissa(v)));
+                    ticks.extend(labelled.into_iter().map(|v| (v, si_label(v))));
+                    ticks.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    minor = light;
+                }
+                Axis { lo, hi, scale, ticks, minor }
             }
         }
     }
 
-    /// Where `v` lies: 0 at `lo`, 1 at `hi` (clamped a little beyond).
+    /// A linear x axis with a tick at each distinct value of `xs`, and some margin either side.
+    pub fn at_values(xs: &[f64]) -> Axis {
+        let mut xs: Vec<f64> = xs.iter().copied().filter(|v| v.is_finite()).collect();
+        xs.sort_by(f64::total_cmp);
+        xs.dedup();
+        let (lo, hi) = match (xs.first(), xs.last()) {
+            (Some(&a), Some(&b)) if b > a => (a, b),
+            (Some(&a), _) => (a - 1.0, a + 1.0),
+            _ => (0.0, 1.0),
+        };
+        let margin = (hi - lo) * 0.08;
+        Axis {
+            lo: lo - margin,
+            hi: hi + margin,
+            scale: Scale::Linear,
+            ticks: xs.iter().map(|&x| (x, trim(x))).collect(),
+            minor: Vec::new(),
+        }
+    }
+
+    /// A category axis: `labels[i]` at `i + 0.5`, over `0..labels.len()`.
+    pub fn categories(labels: &[String]) -> Axis {
+        Axis {
+            lo: 0.0,
+            hi: labels.len().max(1) as f64,
+            scale: Scale::Linear,
+            ticks: labels.iter().enumerate().map(|(i, l)| (i as f64 + 0.5, l.clone())).collect(),
+            minor: Vec::new(),
+        }
+    }
+
+    /// The labels of the ticks, in order.
+    #[cfg(test)]
+    fn labels(&self) -> Vec<&str> {
+        self.ticks.iter().map(|(_, s)| s.as_str()).collect()
+    }
+
+    /// The label of the tick at `v` (plotters asks by value).
+    fn label(&self, v: f64) -> String {
+        let tol = (self.hi - self.lo).abs() * 1e-9;
+        self.ticks.iter().find(|(t, _)| (t - v).abs() <= tol).map(|(_, s)| s.clone()).unwrap_or_default()
+    }
+
+    /// Where `v` lies: 0 at `lo`, 1 at `hi` (clamped a little beyond, so nothing is drawn far
+    /// outside the plot).
     fn frac(&self, v: f64) -> f64 {
         let f = match self.scale {
             Scale::Linear => (v - self.lo) / (self.hi - self.lo),
-            Scale::Log => {
-                if v <= 0.0 {
-                    0.0
-                } else {
-                    (v.log10() - self.lo.log10()) / (self.hi.log10() - self.lo.log10())
-                }
-            }
+            Scale::Log if v <= 0.0 => 0.0,
+            Scale::Log => (v.log10() - self.lo.log10()) / (self.hi.log10() - self.lo.log10()),
         };
         f.clamp(-0.02, 1.02)
     }
+}
 
-    /// The pixel row of `v` in `plot`.
-    fn y_px(&self, v: f64, plot: Rect) -> i64 {
-        plot.bottom() - 1 - (self.frac(v) * (plot.h - 1) as f64).round() as i64
+impl Ranged for Axis {
+    type FormatOption = DefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, v: &f64, limit: (i32, i32)) -> i32 {
+        limit.0 + (self.frac(*v) * f64::from(limit.1 - limit.0)).round() as i32
+    }
+
+    fn key_points<H: KeyPointHint>(&self, hint: H) -> Vec<f64> {
+        if hint.weight().allow_light_points() {
+            self.minor.clone()
+        } else {
+            self.ticks.iter().map(|(v, _)| *v).collect()
+        }
+    }
+
+    fn range(&self) -> Range<f64> {
+        self.lo..self.hi
     }
 }
 
@@ -649,29 +466,76 @@ pub struct Figure {
     pub panels: Vec<Chart>,
 }
 
+type Drawn<T = ()> = std::result::Result<T, ChartError>;
+
 impl Figure {
-    /// Draw the figure.
-    pub fn render(&self) -> Canvas {
-        let mut canvas = Canvas::new(self.width, self.height, WHITE);
-        let n = self.panels.len().max(1) as i64;
-        let w = self.width as i64 / n;
-        for (i, panel) in self.panels.iter().enumerate() {
-            let area = Rect { x: i as i64 * w, y: 0, w, h: self.height as i64 };
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Drawn {
+        root.fill(&rgb(WHITE))?;
+        let areas = root.split_evenly((1, self.panels.len().max(1)));
+        let frames: Vec<Frame> = self
+            .panels
+            .iter()
+            .map(|p| match p {
+                Chart::Line(c) => c.frame(),
+                Chart::Bar(c) => c.frame(),
+            })
+            .collect();
+        // One header and one footer height for all panels, so their plots line up.
+        let header = frames.iter().zip(&areas).map(|(f, a)| f.header(a)).max().unwrap_or(0);
+        let footer = frames.iter().zip(&areas).map(|(f, a)| f.footer(a)).max().unwrap_or(0);
+        for ((panel, frame), area) in self.panels.iter().zip(&frames).zip(&areas) {
+            let plot_area = frame.draw(area, header, footer)?;
             match panel {
-                Chart::Line(c) => {
-                    c.draw(&mut canvas, area);
-                }
-                Chart::Bar(c) => {
-                    c.draw(&mut canvas, area);
-                }
+                Chart::Line(c) => c.draw(area, &plot_area)?,
+                Chart::Bar(c) => c.draw(area, &plot_area)?,
             }
         }
-        canvas
+        root.present()?;
+        Ok(())
     }
 
-    /// Draw the figure and write it to `path` as PNG.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        self.render().save_png(path)
+    /// The figure as an 8-bit RGB PNG file.
+    pub fn to_png(&self) -> Drawn<Vec<u8>> {
+        fonts()?;
+        let (w, h) = (self.width, self.height);
+        let mut pixels = vec![255u8; w as usize * h as usize * 3];
+        {
+            let root = raster::Raster::new(&mut pixels, (w, h))?.into_drawing_area();
+            self.draw(&root)?;
+        }
+        let mut out = Vec::new();
+        let enc_err = |e: png::EncodingError| ChartError::Encode(e.to_string());
+        let mut enc = png::Encoder::new(&mut out, w, h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut writer = enc.write_header().map_err(enc_err)?;
+        writer.write_image_data(&pixels).map_err(enc_err)?;
+        writer.finish().map_err(enc_err)?;
+        Ok(out)
+    }
+
+    /// The figure as an SVG document (text as `<text>` in the sans-serif family, so a browser
+    /// sets it in its own font).
+    pub fn to_svg(&self) -> Drawn<String> {
+        fonts()?;
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, (self.width, self.height)).into_drawing_area();
+            self.draw(&root)?;
+        }
+        Ok(svg)
+    }
+
+    /// Write the figure as `dir/NAME.png` and `dir/NAME.svg`; returns the two paths.
+    pub fn save(&self, dir: &Path, name: &str) -> Result<[PathBuf; 2]> {
+        let png_path = dir.join(format!("{name}.png"));
+        let svg_path = dir.join(format!("{name}.svg"));
+        let bytes =
+            self.to_png().map_err(|e| format!("cannot draw the chart {}: {e}", png_path.display()))?;
+        std::fs::write(&png_path, bytes).context(|| format!("cannot write {}", png_path.display()))?;
+        let svg = self.to_svg().map_err(|e| format!("cannot draw the chart {}: {e}", svg_path.display()))?;
+        std::fs::write(&svg_path, svg).context(|| format!("cannot write {}", svg_path.display()))?;
+        Ok([png_path, svg_path])
     }
 }
 
@@ -682,31 +546,13 @@ struct LegendItem {
     dashed: bool,
 }
 
-const PAD: i64 = 14;
-const SWATCH: i64 = 26;
-
-/// Lay out the legend items in rows within `width`; returns rows of (x offset, item index).
-fn legend_rows(items: &[LegendItem], width: i64) -> Vec<Vec<(i64, usize)>> {
-    let mut rows: Vec<Vec<(i64, usize)>> = Vec::new();
-    let mut x = 0;
-    for (i, item) in items.iter().enumerate() {
-        let w = SWATCH + 6 + text_width(&item.name, TEXT_SCALE) + 20;
-        if rows.is_empty() || (x + w > width && x > 0) {
-            rows.push(Vec::new());
-            x = 0;
-        }
-        rows.last_mut().expect("a row").push((x, i));
-        x += w;
-    }
-    rows
-}
-
-/// `text` broken at spaces into lines at most `width` pixels wide (a longer word stays whole).
-fn wrap(text: &str, width: i64, scale: i64) -> Vec<String> {
+/// `text` broken at spaces into lines whose width, by `width_of`, is at most `width` (a longer
+/// word stays whole).
+fn wrap(text: &str, width: u32, width_of: impl Fn(&str) -> u32) -> Vec<String> {
     let mut lines: Vec<String> = Vec::new();
     for word in text.split(' ') {
         match lines.last_mut() {
-            Some(l) if text_width(&format!("{l} {word}"), scale) <= width => {
+            Some(l) if width_of(&format!("{l} {word}")) <= width => {
                 l.push(' ');
                 l.push_str(word);
             }
@@ -716,120 +562,219 @@ fn wrap(text: &str, width: i64, scale: i64) -> Vec<String> {
     lines
 }
 
-/// What [`draw_frame`] draws around a chart's plot.
-struct Frame<'a> {
-    title: &'a str,
-    x_title: &'a str,
-    y_title: &'a str,
-    note: Option<&'a str>,
-    legend: &'a [LegendItem],
-    axis: &'a Axis,
-    /// Lines of labels under the x axis.
-    x_label_lines: i64,
+/// The width of `text` in `style`, as plotters lays it out.
+fn text_width<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, text: &str, style: &TextStyle<'_>) -> u32 {
+    area.estimate_text_size(text, style).map(|(w, _)| w).unwrap_or(0)
 }
 
-/// The frame every chart shares: title, legend, axis titles, y ticks and grid. Returns the
-/// plot rectangle (inside the axes) and the y axis.
-fn draw_frame(canvas: &mut Canvas, area: Rect, f: &Frame<'_>) -> Rect {
-    let Frame { title, x_title, y_title, note, legend, axis, x_label_lines } = *f;
-    let th = text_height(TEXT_SCALE);
-    let line = th + 6;
-    // Title.
-    let mut top = area.y + PAD;
-    canvas.text_centered(area.x + area.w / 2, top, title, TEXT_SCALE, BLACK);
-    top += line + 4;
-    // Legend.
-    let rows = legend_rows(legend, area.w - 2 * PAD);
-    for row in &rows {
-        let row_w =
-            row.last().map(|&(x, i)| x + SWATCH + 6 + text_width(&legend[i].name, TEXT_SCALE)).unwrap_or(0);
-        let x0 = area.x + (area.w - row_w) / 2;
-        for &(x, i) in row {
-            let it = &legend[i];
-            let sx = x0 + x;
-            if it.dashed {
-                canvas.dashed_hline(sx, sx + SWATCH, top + th / 2, it.color, 3);
-            } else {
-                canvas.fill_rect(sx, top + 1, SWATCH, th - 2, it.color);
+/// What every chart has around its plot: the title and the legend rows at the top, the note
+/// at the bottom.
+struct Frame {
+    title: String,
+    legend: Vec<LegendItem>,
+    note: Option<String>,
+}
+
+/// Space between legend items, and the height of a legend row and of a note line.
+const LEGEND_GAP: i32 = 20;
+const LEGEND_ROW: i32 = LABEL_PX as i32 + 9;
+const NOTE_LINE: i32 = NOTE_PX as i32 + 5;
+
+impl Frame {
+    fn legend_style() -> TextStyle<'static> {
+        text_style(LABEL_PX, &rgb(BLACK), HPos::Left, VPos::Center)
+    }
+
+    fn note_style() -> TextStyle<'static> {
+        text_style(NOTE_PX, &rgb(DARK_GREY), HPos::Left, VPos::Top)
+    }
+
+    fn item_width<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, item: &LegendItem) -> i32 {
+        SWATCH + 6 + text_width(area, &item.name, &Frame::legend_style()) as i32
+    }
+
+    /// The legend items in rows that fit the width of `area`.
+    fn legend_rows<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Vec<Vec<&LegendItem>> {
+        let w = area.dim_in_pixel().0 as i32;
+        let mut rows: Vec<Vec<&LegendItem>> = Vec::new();
+        let mut x = 0;
+        for it in &self.legend {
+            let iw = Frame::item_width(area, it);
+            if rows.is_empty() || (x > 0 && x + LEGEND_GAP + iw > w - 2 * PAD) {
+                rows.push(Vec::new());
+                x = 0;
+            } else if x > 0 {
+                x += LEGEND_GAP;
             }
-            canvas.text(sx + SWATCH + 6, top, &it.name, TEXT_SCALE, BLACK);
+            rows.last_mut().expect("a row").push(it);
+            x += iw;
         }
-        top += line;
+        rows
     }
-    top += 6;
-    // Bottom: x tick labels, x title, note.
-    let mut bottom = area.bottom() - PAD;
-    if let Some(n) = note {
-        let lines = wrap(n, area.w - 2 * PAD, TEXT_SCALE);
-        bottom -= lines.len() as i64 * line - 6;
+
+    /// The note broken into lines that fit the width of `area`.
+    fn note_lines<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Vec<String> {
+        let w = area.dim_in_pixel().0 as i32;
+        let style = Frame::note_style();
+        let width_of = |s: &str| text_width(area, s, &style);
+        self.note.as_deref().map(|n| wrap(n, (w - 2 * PAD) as u32, width_of)).unwrap_or_default()
+    }
+
+    /// Pixels above the plot: the title and the legend rows.
+    fn header<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> i32 {
+        PAD + TITLE_PX as i32 + 12 + self.legend_rows(area).len() as i32 * LEGEND_ROW + 4
+    }
+
+    /// Pixels under the plot: the note's lines.
+    fn footer<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> i32 {
+        match self.note_lines(area).len() as i32 {
+            0 => PAD,
+            n => PAD + n * NOTE_LINE + 6,
+        }
+    }
+
+    /// Draw the frame into `area`, keeping `header` pixels at the top and `footer` at the
+    /// bottom (at least its own: panels side by side share the largest, so their plots line
+    /// up). Returns the area left for the plot with its axes.
+    fn draw<DB: DrawingBackend>(
+        &self,
+        area: &DrawingArea<DB, Shift>,
+        header: i32,
+        footer: i32,
+    ) -> Drawn<DrawingArea<DB, Shift>> {
+        let (w, h) = area.dim_in_pixel();
+        let (w, h) = (w as i32, h as i32);
+        let black = rgb(BLACK);
+        let mut title_style = font(TITLE_PX, FontStyle::Bold).pos(Pos::new(HPos::Center, VPos::Top));
+        title_style.color = black.to_backend_color();
+        area.draw(&Text::new(self.title.clone(), (w / 2, PAD), title_style))?;
+
+        // Legend: rows of (swatch, name), each row centred.
+        let mut top = PAD + TITLE_PX as i32 + 12;
+        for row in self.legend_rows(area) {
+            let row_w: i32 = row.iter().map(|it| Frame::item_width(area, it)).sum::<i32>()
+                + LEGEND_GAP * (row.len() as i32 - 1);
+            let mut x = (w - row_w) / 2;
+            let cy = top + LEGEND_ROW / 2;
+            for it in row {
+                let c = rgb(it.color);
+                if it.dashed {
+                    for dx in (0..SWATCH).step_by(10) {
+                        let seg = [(x + dx, cy), (x + (dx + 6).min(SWATCH), cy)];
+                        area.draw(&PathElement::new(seg, ShapeStyle::from(&c).stroke_width(3)))?;
+                    }
+                } else {
+                    area.draw(&Rectangle::new([(x, cy - 6), (x + SWATCH, cy + 6)], c.filled()))?;
+                }
+                area.draw(&Text::new(it.name.clone(), (x + SWATCH + 6, cy), Frame::legend_style()))?;
+                x += Frame::item_width(area, it) + LEGEND_GAP;
+            }
+            top += LEGEND_ROW;
+        }
+
+        // Note: wrapped small print along the bottom.
+        let lines = self.note_lines(area);
+        let first = h - PAD - lines.len() as i32 * NOTE_LINE;
         for (i, l) in lines.iter().enumerate() {
-            canvas.text(area.x + PAD, bottom + i as i64 * line, l, TEXT_SCALE, DARK_GREY);
+            area.draw(&Text::new(l.clone(), (PAD, first + i as i32 * NOTE_LINE), Frame::note_style()))?;
         }
-        bottom -= 8;
+        let (header, footer) = (header.max(self.header(area)), footer.max(self.footer(area)));
+        Ok(area.clone().shrink((0, header), (w, (h - header - footer).max(20))))
     }
+}
+
+/// Tick marks' length in pixels; plotters puts labels at twice that from the axis.
+const TICK: i32 = 5;
+
+/// Room for the y axis: the widest tick label, the gap, the rotated title.
+fn y_label_area<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, axis: &Axis) -> u32 {
+    let label = font(LABEL_PX, FontStyle::Normal);
+    let widest = axis.ticks.iter().map(|(_, s)| text_width(area, s, &label)).max().unwrap_or(0);
+    widest + 2 * TICK as u32 + LABEL_PX as u32 + 14
+}
+
+/// The mesh every chart shares: light grey grid at the y ticks (lighter at a log axis' 2..9),
+/// black axes, the tick labels of `x` and `y`, the axis titles.
+fn draw_mesh<DB: DrawingBackend>(
+    chart: &mut Plot<'_, DB>,
+    x: &Axis,
+    y: &Axis,
+    x_title: &str,
+    y_title: &str,
+) -> Drawn {
+    let black = rgb(BLACK);
+    let x_fmt = |v: &f64| x.label(*v);
+    let y_fmt = |v: &f64| y.label(*v);
+    let mut mesh = chart.configure_mesh();
+    mesh.disable_x_mesh()
+        .set_all_tick_mark_size(TICK)
+        .label_style(text_style(LABEL_PX, &black, HPos::Center, VPos::Center))
+        .axis_desc_style(text_style(LABEL_PX, &black, HPos::Center, VPos::Center))
+        .axis_style(ShapeStyle::from(&black).stroke_width(1))
+        .bold_line_style(rgb(LIGHT_GREY))
+        .light_line_style(rgb(lighten(LIGHT_GREY, 0.55)))
+        .x_label_formatter(&x_fmt)
+        .y_label_formatter(&y_fmt);
     if !x_title.is_empty() {
-        bottom -= th;
-        canvas.text_centered(area.x + area.w / 2, bottom, x_title, TEXT_SCALE, BLACK);
-        bottom -= 8;
+        mesh.x_desc(x_title);
     }
-    bottom -= x_label_lines * line + 6;
-    // Left: y title (rotated), tick labels.
-    let label_w = axis.ticks.iter().map(|(_, s)| text_width(s, TEXT_SCALE)).max().unwrap_or(0);
-    let left = area.x + PAD + th + 10 + label_w + 10;
-    let plot =
-        Rect { x: left, y: top, w: (area.right() - PAD - 10 - left).max(10), h: (bottom - top).max(10) };
-    let yt_w = text_width(y_title, TEXT_SCALE);
-    canvas.text_up(area.x + PAD, plot.y + plot.h / 2 + yt_w / 2, y_title, TEXT_SCALE, BLACK);
-    // Grid and y ticks.
-    for &v in &axis.minor {
-        let y = axis.y_px(v, plot);
-        if y > plot.y && y < plot.bottom() - 1 {
-            canvas.fill_rect(plot.x, y, plot.w, 1, lighten(LIGHT_GREY, 0.5));
-        }
+    if !y_title.is_empty() {
+        mesh.y_desc(y_title);
     }
-    for (v, label) in &axis.ticks {
-        let y = axis.y_px(*v, plot);
-        canvas.fill_rect(plot.x, y, plot.w, 1, LIGHT_GREY);
-        canvas.fill_rect(plot.x - 6, y, 6, 1, BLACK);
-        canvas.text_right(plot.x - 10, y - CAP_H * TEXT_SCALE / 2, label, TEXT_SCALE, BLACK);
-    }
-    plot
+    mesh.draw()?;
+    Ok(())
 }
 
-/// Axes lines over the plot (drawn last so data does not hide them).
-fn draw_axes(canvas: &mut Canvas, plot: Rect) {
-    canvas.fill_rect(plot.x - 1, plot.y, 2, plot.h, BLACK);
-    canvas.fill_rect(plot.x - 1, plot.bottom() - 1, plot.w + 1, 2, BLACK);
+type Plot<'a, DB> = ChartContext<'a, DB, plotters::coord::cartesian::Cartesian2d<Axis, Axis>>;
+
+/// A vertical min–max whisker at `x` with caps `half` wide (in x units); nothing when the
+/// spread is under 3 pixels (one repetition, or all alike), where it would only look like a
+/// border.
+fn whisker<DB: DrawingBackend>(
+    chart: &Plot<'_, DB>,
+    x: f64,
+    (lo, hi): (f64, f64),
+    half: f64,
+) -> Vec<PathElement<(f64, f64)>> {
+    if (chart.backend_coord(&(x, lo)).1 - chart.backend_coord(&(x, hi)).1).abs() < 3 {
+        return Vec::new();
+    }
+    let style = ShapeStyle::from(&rgb(DARK_GREY)).stroke_width(2);
+    vec![
+        PathElement::new(vec![(x, lo), (x, hi)], style),
+        PathElement::new(vec![(x - half, lo), (x + half, lo)], style),
+        PathElement::new(vec![(x - half, hi), (x + half, hi)], style),
+    ]
 }
 
-fn whisker(canvas: &mut Canvas, x: i64, y_lo: i64, y_hi: i64, half: i64) {
-    if (y_lo - y_hi).abs() < 2 {
-        return; // no spread to show
-    }
-    canvas.fill_rect(x, y_hi.min(y_lo), 2, (y_lo - y_hi).abs() + 1, DARK_GREY);
-    canvas.fill_rect(x - half, y_hi, 2 * half + 2, 2, DARK_GREY);
-    canvas.fill_rect(x - half, y_lo, 2 * half + 2, 2, DARK_GREY);
+/// "no data" in the middle of an empty plot (every run of it failed or was skipped).
+fn no_data<DB: DrawingBackend>(chart: &mut Plot<'_, DB>, x: &Axis, y: &Axis) -> Drawn {
+    let mid_y = match y.scale {
+        Scale::Linear => (y.lo + y.hi) / 2.0,
+        Scale::Log => (y.lo * y.hi).sqrt(),
+    };
+    let grey = rgb(DARK_GREY);
+    let style = text_style(TITLE_PX, &grey, HPos::Center, VPos::Center);
+    chart.draw_series(std::iter::once(Text::new("no data", ((x.lo + x.hi) / 2.0, mid_y), style)))?;
+    Ok(())
 }
 
 impl LineChart {
-    /// Draw into `area`; returns the plot rectangle.
-    pub fn draw(&self, canvas: &mut Canvas, area: Rect) -> Rect {
+    /// The y axis: every value, whisker and baseline band, and `y_include`.
+    fn y_axis(&self) -> Axis {
         let mut ys: Vec<f64> = self.baselines.iter().map(|b| b.y).collect();
         ys.extend(self.baselines.iter().filter_map(|b| b.range).flat_map(|(lo, hi)| [lo, hi]));
         ys.extend(&self.y_include);
-        for s in &self.series {
-            for p in &s.points {
-                ys.push(p.y);
-                if let Some((lo, hi)) = p.range {
-                    ys.extend([lo, hi]);
-                }
-            }
+        for p in self.series.iter().flat_map(|s| &s.points) {
+            ys.push(p.y);
+            ys.extend(p.range.iter().flat_map(|&(lo, hi)| [lo, hi]));
         }
-        let axis = Axis::fit(&ys, self.y_scale);
-        let mut xs: Vec<f64> = self.series.iter().flat_map(|s| s.points.iter().map(|p| p.x)).collect();
-        xs.sort_by(f64::total_cmp);
-        xs.dedup();
-        let legend: Vec<LegendItem> = self
+        Axis::fit(&ys, self.y_scale)
+    }
+
+    /// Title, legend (lines, then the dashed baselines) and note.
+    fn frame(&self) -> Frame {
+        let legend = self
             .series
             .iter()
             .map(|s| LegendItem { name: s.name.clone(), color: s.color, dashed: false })
@@ -839,143 +784,155 @@ impl LineChart {
                 dashed: true,
             }))
             .collect();
-        let frame = Frame {
-            title: &self.title,
-            x_title: &self.x_title,
-            y_title: &self.y_title,
-            note: self.note.as_deref(),
-            legend: &legend,
-            axis: &axis,
-            x_label_lines: 1,
-        };
-        let plot = draw_frame(canvas, area, &frame);
-        // X axis: the distinct x values, half a step of margin on each side.
-        let (x_lo, x_hi) = match (xs.first(), xs.last()) {
-            (Some(&a), Some(&b)) if b > a => (a, b),
-            (Some(&a), _) => (a - 1.0, a + 1.0),
-            _ => (0.0, 1.0),
-        };
-        let margin = (x_hi - x_lo) * 0.08;
-        let x_px = |x: f64| {
-            plot.x + ((x - x_lo + margin) / (x_hi - x_lo + 2.0 * margin) * (plot.w - 1) as f64).round() as i64
-        };
-        for &x in &xs {
-            let px = x_px(x);
-            canvas.fill_rect(px, plot.bottom(), 1, 6, BLACK);
-            canvas.text_centered(px, plot.bottom() + 10, &trim(x), TEXT_SCALE, BLACK);
+        Frame { title: self.title.clone(), legend, note: self.note.clone() }
+    }
+
+    /// Draw the plot with its axes into `plot_area`, inside the panel `area`.
+    fn draw<DB: DrawingBackend>(
+        &self,
+        area: &DrawingArea<DB, Shift>,
+        plot_area: &DrawingArea<DB, Shift>,
+    ) -> Drawn {
+        let y = self.y_axis();
+        let xs: Vec<f64> = self.series.iter().flat_map(|s| s.points.iter().map(|p| p.x)).collect();
+        let x = Axis::at_values(&xs);
+        let x_area = 2 * TICK as u32
+            + LABEL_PX as u32
+            + 8
+            + if self.x_title.is_empty() { 0 } else { LABEL_PX as u32 + 2 };
+        let mut chart = ChartBuilder::on(plot_area)
+            .margin_left(PAD)
+            .margin_right(PAD + 8)
+            .margin_top(8)
+            .x_label_area_size(x_area)
+            .y_label_area_size(y_label_area(area, &y))
+            .build_cartesian_2d(x.clone(), y.clone())?;
+        draw_mesh(&mut chart, &x, &y, &self.x_title, &self.y_title)?;
+        if self.baselines.is_empty() && self.series.iter().all(|s| s.points.is_empty()) {
+            no_data(&mut chart, &x, &y)?;
         }
         for b in &self.baselines {
             if let Some((lo, hi)) = b.range {
-                let (top, bottom) = (axis.y_px(hi, plot), axis.y_px(lo, plot));
-                canvas.fill_rect(plot.x, top, plot.w, bottom - top + 1, lighten(b.color, 0.85));
+                let band = rgb(b.color).mix(0.18).filled();
+                chart.draw_series(std::iter::once(Rectangle::new([(x.lo, lo), (x.hi, hi)], band)))?;
             }
-        }
-        for (v, _) in &axis.ticks {
-            canvas.fill_rect(plot.x, axis.y_px(*v, plot), plot.w, 1, LIGHT_GREY);
-        }
-        for b in &self.baselines {
-            canvas.dashed_hline(plot.x, plot.right(), axis.y_px(b.y, plot), b.color, 3);
+            let style = ShapeStyle::from(&rgb(b.color)).stroke_width(3);
+            chart.draw_series(DashedLineSeries::new([(x.lo, b.y), (x.hi, b.y)], 12, 7, style))?;
         }
         for s in &self.series {
             let mut pts = s.points.clone();
             pts.sort_by(|a, b| a.x.total_cmp(&b.x));
-            for w in pts.windows(2) {
-                let (a, b) = (w[0], w[1]);
-                canvas.line(x_px(a.x), axis.y_px(a.y, plot), x_px(b.x), axis.y_px(b.y, plot), s.color, 3);
-            }
-            for p in &pts {
-                if let Some((lo, hi)) = p.range {
-                    whisker(canvas, x_px(p.x) - 1, axis.y_px(lo, plot), axis.y_px(hi, plot), 6);
-                }
-            }
-            for p in &pts {
-                let (px, py) = (x_px(p.x), axis.y_px(p.y, plot));
-                canvas.marker(px, py, 8, WHITE);
-                canvas.marker(px, py, 6, s.color);
-            }
+            let color = rgb(s.color);
+            chart.draw_series(LineSeries::new(pts.iter().map(|p| (p.x, p.y)), color.stroke_width(3)))?;
+            let half = (x.hi - x.lo) * 0.012;
+            let whiskers: Vec<_> =
+                pts.iter().filter_map(|p| p.range.map(|r| whisker(&chart, p.x, r, half))).flatten().collect();
+            chart.draw_series(whiskers)?;
+            chart.draw_series(pts.iter().map(|p| Circle::new((p.x, p.y), 7, rgb(WHITE).filled())))?;
+            chart.draw_series(pts.iter().map(|p| Circle::new((p.x, p.y), 5, color.filled())))?;
         }
-        draw_axes(canvas, plot);
-        plot
+        Ok(())
     }
 }
 
-/// Where a [`BarChart`] put things, for tests.
-#[derive(Debug, Clone)]
-#[cfg_attr(not(test), allow(dead_code))]
-pub struct BarLayout {
-    /// Inside the axes.
-    pub plot: Rect,
-    /// `bars[series][group]`: the bar's rectangle, if it has a value.
-    pub bars: Vec<Vec<Option<Rect>>>,
-}
-
 impl BarChart {
-    /// Draw into `area`; returns where the bars are.
-    pub fn draw(&self, canvas: &mut Canvas, area: Rect) -> BarLayout {
+    /// The y axis: every value and whisker.
+    fn y_axis(&self) -> Axis {
         let mut ys = Vec::new();
         for s in &self.series {
             ys.extend(s.values.iter().flatten());
-            for (lo, hi) in s.ranges.iter().flatten() {
-                ys.extend([*lo, *hi]);
-            }
+            ys.extend(s.ranges.iter().flatten().flat_map(|&(lo, hi)| [lo, hi]));
         }
-        let axis = Axis::fit(&ys, self.y_scale);
-        let legend: Vec<LegendItem> = self
+        // Room above the tallest bar for its value label.
+        if self.value_labels && self.y_scale == Scale::Linear {
+            let max = ys.iter().copied().fold(0.0f64, f64::max);
+            ys.push(max * 1.1);
+        }
+        Axis::fit(&ys, self.y_scale)
+    }
+
+    /// Where bar `si` of group `g` lies along x: (left, right).
+    fn bar_span(&self, g: usize, si: usize) -> (f64, f64) {
+        let n = self.series.len().max(1) as f64;
+        let w = 0.8 / n;
+        let left = g as f64 + 0.1 + si as f64 * w;
+        (left + w * 0.06, left + w * 0.94)
+    }
+
+    /// Title, legend (the named series) and note.
+    fn frame(&self) -> Frame {
+        let legend = self
             .series
             .iter()
             .filter(|s| !s.name.is_empty())
             .map(|s| LegendItem { name: s.name.clone(), color: s.color, dashed: false })
             .collect();
-        let label_lines = if self.group_notes.iter().any(|n| !n.is_empty()) { 2 } else { 1 };
-        let frame = Frame {
-            title: &self.title,
-            x_title: &self.x_title,
-            y_title: &self.y_title,
-            note: self.note.as_deref(),
-            legend: &legend,
-            axis: &axis,
-            x_label_lines: label_lines,
-        };
-        let plot = draw_frame(canvas, area, &frame);
-        let th = text_height(TEXT_SCALE);
-        let groups = self.groups.len().max(1) as i64;
-        let slot = plot.w / groups;
-        let n = self.series.len().max(1) as i64;
-        let inner = slot * 4 / 5;
-        let bar_w = (inner / n).max(2);
-        let base_y = plot.bottom() - 1;
-        let mut bars = vec![vec![None; self.groups.len()]; self.series.len()];
-        for (g, label) in self.groups.iter().enumerate() {
-            let cx = plot.x + g as i64 * slot + slot / 2;
-            canvas.text_centered(cx, plot.bottom() + 10, label, TEXT_SCALE, BLACK);
-            if let Some(note) = self.group_notes.get(g).filter(|n| !n.is_empty()) {
-                canvas.text_centered(cx, plot.bottom() + 10 + th + 6, note, TEXT_SCALE, DARK_GREY);
-            }
-            let x0 = cx - bar_w * n / 2;
-            for (si, s) in self.series.iter().enumerate() {
-                let Some(v) = s.values.get(g).copied().flatten() else { continue };
-                let top = axis.y_px(v, plot).min(base_y);
-                let color = s.bar_colors.get(g).copied().unwrap_or(s.color);
-                let r = Rect { x: x0 + si as i64 * bar_w + 1, y: top, w: bar_w - 2, h: base_y - top + 1 };
-                canvas.fill_rect(r.x, r.y, r.w, r.h, color);
-                bars[si][g] = Some(r);
-                let bar_cx = r.x + r.w / 2;
-                if let Some((lo, hi)) = s.ranges.get(g).copied().flatten() {
-                    whisker(canvas, bar_cx - 1, axis.y_px(lo, plot), axis.y_px(hi, plot), (r.w / 4).min(8));
+        Frame { title: self.title.clone(), legend, note: self.note.clone() }
+    }
+
+    /// Draw the plot with its axes into `plot_area`, inside the panel `area`.
+    fn draw<DB: DrawingBackend>(
+        &self,
+        area: &DrawingArea<DB, Shift>,
+        plot_area: &DrawingArea<DB, Shift>,
+    ) -> Drawn {
+        let y = self.y_axis();
+        let x = Axis::categories(&self.groups);
+        let has_notes = self.group_notes.iter().any(|n| !n.is_empty());
+        let x_area = 2 * TICK as u32
+            + LABEL_PX as u32
+            + 8
+            + if has_notes { LABEL_PX as u32 + 6 } else { 0 }
+            + if self.x_title.is_empty() { 0 } else { LABEL_PX as u32 + 2 };
+        let mut chart = ChartBuilder::on(plot_area)
+            .margin_left(PAD)
+            .margin_right(PAD + 8)
+            .margin_top(8)
+            .x_label_area_size(x_area)
+            .y_label_area_size(y_label_area(area, &y))
+            .build_cartesian_2d(x.clone(), y.clone())?;
+        draw_mesh(&mut chart, &x, &y, &self.x_title, &self.y_title)?;
+        if self.series.iter().all(|s| s.values.iter().all(Option::is_none)) {
+            no_data(&mut chart, &x, &y)?;
+        }
+        let black = rgb(BLACK);
+        let value_style = text_style(NOTE_PX, &black, HPos::Center, VPos::Bottom);
+        for (si, s) in self.series.iter().enumerate() {
+            for (g, v) in s.values.iter().enumerate() {
+                let Some(v) = *v else { continue };
+                let (l, r) = self.bar_span(g, si);
+                let color = rgb(s.bar_colors.get(g).copied().unwrap_or(s.color));
+                chart.draw_series(std::iter::once(Rectangle::new([(l, y.lo), (r, v)], color.filled())))?;
+                let range = s.ranges.get(g).copied().flatten();
+                let cx = (l + r) / 2.0;
+                if let Some(range) = range {
+                    let w = whisker(&chart, cx, range, ((r - l) / 4.0).min(0.03));
+                    chart.draw_series(w)?;
                 }
                 if self.value_labels {
                     let text = short_number(v);
-                    let tw = text_width(&text, TEXT_SCALE);
-                    let above =
-                        s.ranges.get(g).copied().flatten().map(|(_, hi)| axis.y_px(hi, plot)).unwrap_or(top);
-                    if tw <= bar_w + 4 {
-                        canvas.text(bar_cx - tw / 2, above.min(top) - th - 5, &text, TEXT_SCALE, BLACK);
+                    let bar_px = chart.backend_coord(&(r, v)).0 - chart.backend_coord(&(l, v)).0;
+                    if text_width(area, &text, &value_style) as i32 <= bar_px + 6 {
+                        let top = range.map_or(v, |(_, hi)| hi.max(v));
+                        let label =
+                            EmptyElement::at((cx, top)) + Text::new(text, (0, -4), value_style.clone());
+                        chart.draw_series(std::iter::once(label))?;
                     }
                 }
             }
         }
-        draw_axes(canvas, plot);
-        BarLayout { plot, bars }
+        // The second line under each group label, below plotters' tick labels.
+        if has_notes {
+            let grey = rgb(DARK_GREY);
+            let style = text_style(LABEL_PX, &grey, HPos::Center, VPos::Top);
+            let (ox, oy) = area.get_base_pixel();
+            for (g, n) in self.group_notes.iter().enumerate().filter(|(_, n)| !n.is_empty()) {
+                let (px, py) = chart.backend_coord(&(g as f64 + 0.5, y.lo));
+                let at = (px - ox, py - oy + 2 * TICK + LABEL_PX as i32 + 6);
+                area.draw(&Text::new(n.clone(), at, style.clone()))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1018,14 +975,29 @@ mod tests {
         })
     }
 
-    #[test]
-    fn a_figure_renders_to_a_png_of_the_requested_size() {
-        let bars = Chart::Bar(BarChart {
-            title: "Latency".into(),
-            x_title: String::new(),
-            y_title: "us".into(),
-            groups: vec!["p50".into(), "p99".into()],
+    fn bars(colors: Vec<Rgb>, values: Vec<f64>, scale: Scale) -> BarChart {
+        BarChart {
+            title: "Rate".into(),
+            x_title: "backend".into(),
+            y_title: "connects/s".into(),
+            groups: (0..values.len()).map(|i| format!("g{i}")).collect(),
             group_notes: vec![],
+            series: vec![BarSeries {
+                name: String::new(),
+                color: GREEN,
+                bar_colors: colors,
+                values: values.into_iter().map(Some).collect(),
+                ranges: vec![],
+            }],
+            y_scale: scale,
+            value_labels: false,
+            note: None,
+        }
+    }
+
+    #[test]
+    fn a_figure_renders_to_a_png_of_the_requested_size_with_its_series_drawn() {
+        let bar = Chart::Bar(BarChart {
             series: vec![BarSeries {
                 name: "tcp".into(),
                 color: ORANGE,
@@ -1035,107 +1007,90 @@ mod tests {
             }],
             y_scale: Scale::Log,
             value_labels: true,
-            note: None,
+            ..bars(vec![], vec![], Scale::Log)
         });
-        let fig = Figure { width: 1000, height: 420, panels: vec![line_chart(), bars] };
-        let png_bytes = fig.render().to_png().unwrap();
-        let (info, pixels) = decode(&png_bytes);
+        let fig = Figure { width: 1000, height: 420, panels: vec![line_chart(), bar] };
+        let (info, pixels) = decode(&fig.to_png().unwrap());
         assert_eq!((info.width, info.height), (1000, 420));
         assert_eq!(info.color_type, png::ColorType::Rgb);
         assert_eq!(pixels.len(), 1000 * 420 * 3);
-        // Something was drawn in the series' colour, and the background is white.
-        assert!(pixels.chunks(3).any(|p| p == BLUE));
+        let count = |c: Rgb| pixels.chunks(3).filter(|p| *p == c).count();
+        // The line and its markers in blue, the bars in orange, text and axes in black, on white.
+        assert!(count(BLUE) > 200, "{}", count(BLUE));
+        assert!(count(ORANGE) > 2000, "{}", count(ORANGE));
+        assert!(count(BLACK) > 500, "{}", count(BLACK));
         assert_eq!(&pixels[..3], &WHITE);
+        // Text is anti-aliased: there are greys that no element of the chart has as its colour.
+        assert!(pixels.chunks(3).any(|p| p[0] == p[1] && p[1] == p[2] && p[0] > 40 && p[0] < 200));
+    }
+
+    /// The texts of an SVG document, trimmed, in order; panics if it is not well-formed XML.
+    fn svg_texts(svg: &str) -> Vec<String> {
+        let doc = roxmltree::Document::parse(svg).unwrap_or_else(|e| panic!("the SVG does not parse: {e}"));
+        assert_eq!(doc.root_element().tag_name().name(), "svg");
+        doc.descendants()
+            .filter(|n| n.has_tag_name("text"))
+            .map(|n| n.text().unwrap_or_default().trim().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_svg_holds_the_titles_legend_and_ticks_as_text() {
+        let fig = Figure { width: 800, height: 500, panels: vec![line_chart()] };
+        let svg = fig.to_svg().unwrap();
+        let texts = svg_texts(&svg);
+        for text in [
+            "Throughput vs channels",
+            "netchannel",
+            "tcp",
+            "channels",
+            "Gbit/s",
+            "median of 3",
+            "1",
+            "2",
+            "4",
+        ] {
+            assert!(texts.iter().any(|t| t == text), "no text {text:?} in the SVG: {texts:?}");
+        }
+        assert!(svg.contains(r#"font-family="sans-serif""#), "text is in the sans-serif family");
+    }
+
+    /// The heights, in pixels, of the tallest column of each colour in `colors`.
+    fn column_heights(fig: &Figure, colors: &[Rgb]) -> Vec<usize> {
+        let (info, px) = decode(&fig.to_png().unwrap());
+        let (w, h) = (info.width as usize, info.height as usize);
+        colors
+            .iter()
+            .map(|&c| {
+                (0..w).map(|x| (0..h).filter(|&y| px[(y * w + x) * 3..][..3] == c).count()).max().unwrap_or(0)
+            })
+            .collect()
     }
 
     #[test]
     fn bar_heights_are_proportional_to_their_values() {
-        let chart = BarChart {
-            title: "Rate".into(),
-            x_title: "backend".into(),
-            y_title: "connects/s".into(),
-            groups: vec!["a".into(), "b".into(), "c".into()],
-            group_notes: vec![],
-            series: vec![BarSeries {
-                name: String::new(),
-                color: GREEN,
-                bar_colors: vec![],
-                values: vec![Some(100.0), Some(200.0), Some(400.0)],
-                ranges: vec![],
-            }],
-            y_scale: Scale::Linear,
-            value_labels: false,
-            note: None,
-        };
-        let mut canvas = Canvas::new(600, 400, WHITE);
-        let layout = chart.draw(&mut canvas, Rect { x: 0, y: 0, w: 600, h: 400 });
-        let heights: Vec<i64> = layout.bars[0]
-            .iter()
-            .map(|r| {
-                let r = r.expect("a bar per value");
-                let x = (r.x + r.w / 2) as u32;
-                // Count the bar's pixels in its middle column, walking up from the axis.
-                let mut y = (layout.plot.y + layout.plot.h - 3) as u32;
-                let mut n = 0;
-                while canvas.pixel(x, y) == GREEN {
-                    n += 1;
-                    y -= 1;
-                }
-                // Just above the bar is no longer the bar.
-                assert_ne!(canvas.pixel(x, y), GREEN);
-                // Plus the two bottom rows, under the x axis line.
-                n + 2
-            })
-            .collect();
+        let colors = vec![GREEN, PURPLE, RED];
+        let chart = bars(colors.clone(), vec![100.0, 200.0, 400.0], Scale::Linear);
+        let fig = Figure { width: 600, height: 400, panels: vec![Chart::Bar(chart)] };
+        let heights = column_heights(&fig, &colors);
         assert!(heights[0] > 20, "{heights:?}");
         for (i, want) in [(1, 2.0), (2, 4.0)] {
             let ratio = heights[i] as f64 / heights[0] as f64;
             assert!((ratio / want - 1.0).abs() < 0.03, "bar {i}: {heights:?}");
         }
-        // The tallest bar nearly fills the axis (the range is 0..=nice(400 * 1.08)).
-        let plot_h = layout.plot.h as f64;
-        assert!(heights[2] as f64 > plot_h * 0.7, "{heights:?} in {plot_h}");
     }
 
     #[test]
-    fn text_puts_glyph_pixels_where_expected() {
-        let mut c = Canvas::new(40, 30, WHITE);
-        // 'I' at scale 2: columns 1 and 3 hold the serifs, column 2 the full stem.
-        let w = c.text(10, 5, "I", 2, BLACK);
-        assert_eq!(w, 10);
-        for row in 0..7 {
-            for dy in 0..2 {
-                let y = 5 + row * 2 + dy;
-                assert_eq!(c.pixel(14, y), BLACK, "stem, row {row}");
-                assert_eq!(c.pixel(15, y), BLACK, "stem, row {row}");
-                assert_eq!(c.pixel(10, y), WHITE, "empty first column, row {row}");
-            }
-        }
-        assert_eq!(c.pixel(12, 5), BLACK, "top serif");
-        assert_eq!(c.pixel(12, 7), WHITE, "no serif in the second row");
-        assert_eq!(c.pixel(12, 17), BLACK, "bottom serif");
-        assert_eq!(c.pixel(14, 19), WHITE, "nothing below the glyph");
-        // A space draws nothing; non-ASCII falls back to '?'.
-        let mut blank = Canvas::new(20, 20, WHITE);
-        blank.text(0, 0, " ", 2, BLACK);
-        assert!((0..20).all(|x| (0..20).all(|y| blank.pixel(x, y) == WHITE)));
-        assert_eq!(glyph('µ'), glyph('?'));
-        assert_eq!(text_width("abc", 2), (3 * 6 - 1) * 2);
-    }
-
-    #[test]
-    fn rotated_text_reads_bottom_to_top() {
-        let mut c = Canvas::new(30, 40, WHITE);
-        // 'L' rotated: its stem (font column 0) becomes the bottom row of the rotated glyph.
-        c.text_up(5, 30, "L", 1, BLACK);
-        for row in 0..7 {
-            assert_eq!(c.pixel(5 + row, 29), BLACK, "stem pixel {row}");
-        }
-        // The foot (font row 6, columns 1..5) runs up along the right edge.
-        for col in 1..5 {
-            assert_eq!(c.pixel(11, 29 - col), BLACK, "foot pixel {col}");
-        }
-        assert_eq!(c.pixel(5, 28), WHITE);
+    fn log_bars_grow_by_decades() {
+        let colors = vec![GREEN, PURPLE, RED];
+        let chart = bars(colors.clone(), vec![10.0, 100.0, 1000.0], Scale::Log);
+        let fig = Figure { width: 600, height: 400, panels: vec![Chart::Bar(chart)] };
+        let heights = column_heights(&fig, &colors);
+        // Bars start at the bottom of the axis (10^1 here, so the first one is empty): each
+        // decade adds the same height.
+        assert!(heights[1] > 20, "{heights:?}");
+        let d = heights[2] as f64 - heights[1] as f64;
+        assert!((d / heights[1] as f64 - 1.0).abs() < 0.05, "{heights:?}");
     }
 
     #[test]
@@ -1143,13 +1098,25 @@ mod tests {
         let a = Axis::fit(&[0.0, 37.0], Scale::Linear);
         assert_eq!(a.lo, 0.0);
         assert!(a.hi >= 37.0 && a.hi <= 50.0, "{a:?}");
-        assert_eq!(a.ticks[0].1, "0");
+        assert_eq!(a.labels()[0], "0");
         let a = Axis::fit(&[54.0, 3200.0], Scale::Log);
-        assert_eq!((a.lo, a.hi), (10.0, 10000.0));
-        let labels: Vec<&str> = a.ticks.iter().map(|(_, s)| s.as_str()).collect();
-        assert_eq!(labels, ["10", "100", "1k", "10k"]);
+        // Whole decades from the one under the smallest value; headroom above the largest.
+        assert_eq!((a.lo, a.hi), (10.0, 4800.0));
+        assert_eq!(a.labels(), ["10", "100", "1k"]);
+        assert_eq!(a.minor.len(), 2 * 8 + 3, "{a:?}");
+        assert!(a.minor.iter().all(|&m| m > 10.0 && m < 4800.0), "{a:?}");
+        let a = Axis::fit(&[], Scale::Log);
+        assert_eq!((a.lo, a.hi), (1.0, 15.0));
+        let a = Axis::fit(&[23.0, 70.0], Scale::Log);
+        assert_eq!(a.labels(), ["10", "20", "50", "100"]);
+        assert!(!a.minor.contains(&20.0) && a.minor.contains(&30.0), "{a:?}");
         let a = Axis::fit(&[560_000.0], Scale::Linear);
-        assert!(a.ticks.iter().any(|(_, s)| s.ends_with('k')), "{a:?}");
+        assert!(a.labels().iter().any(|s| s.ends_with('k')), "{a:?}");
+        let a = Axis::at_values(&[4.0, 1.0, 2.0, 4.0]);
+        assert_eq!(a.labels(), ["1", "2", "4"]);
+        assert!(a.lo < 1.0 && a.hi > 4.0, "{a:?}");
+        assert_eq!(a.label(2.0), "2");
+        assert_eq!(a.label(3.0), "");
         assert_eq!(short_number(36.86), "36.9");
         assert_eq!(short_number(564_297.0), "564k");
         assert_eq!(short_number(1_234_567.0), "1.23M");
@@ -1157,8 +1124,8 @@ mod tests {
 
     #[test]
     fn notes_wrap_at_spaces() {
-        let w = text_width("reps; whiskers", 2);
-        assert_eq!(wrap("median of 3 reps; whiskers", w, 2), ["median of 3", "reps; whiskers"]);
-        assert_eq!(wrap("short", w, 2), ["short"]);
+        let width_of = |s: &str| s.len() as u32;
+        assert_eq!(wrap("median of 3 reps; whiskers", 14, width_of), ["median of 3", "reps; whiskers"]);
+        assert_eq!(wrap("short", 14, width_of), ["short"]);
     }
 }

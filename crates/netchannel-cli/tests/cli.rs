@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use common::{
-    assert_verified_stream, channel_bytes, f64_of, finish, free_tcp_port, netchannel, run, run_json, runs,
-    tcp_client_args, tcp_server, temp_file, u64_of, Output, Server, MIB,
+    assert_verified_stream, channel_bytes, f64_of, finish, free_tcp_port, netchannel, run, run_json,
+    run_on_terminal, runs, tcp_client_args, tcp_server, temp_file, u64_of, Output, Server, MIB,
 };
 
 /// Longest any child process may run.
@@ -78,12 +78,19 @@ fn a_flipped_byte_fails_the_run_with_its_offset() {
 }
 
 #[test]
-fn duration_mode_prints_progress_and_a_summary() {
-    let out = run(&["bench", "stream", "--backend", "tcp", "--duration", "3", "--write-size", "1MiB"]);
+fn duration_mode_shows_progress_on_a_terminal_only_and_prints_a_summary() {
+    let args = ["bench", "stream", "--backend", "tcp", "--duration", "3", "--write-size", "1MiB"];
+    let out = run_on_terminal(&args);
     assert!(out.status.success(), "stderr: {}", out.stderr);
     assert!(out.stdout.starts_with("stream tcp (cubic congestion control): "), "stdout: {}", out.stdout);
     assert!(out.stdout.contains("Gbit/s"), "stdout: {}", out.stdout);
-    assert!(out.stderr.contains("received") && out.stderr.contains("Gbit/s"), "stderr: {:?}", out.stderr);
+    // After 2 s: bytes so far and the rate, redrawn in place.
+    assert!(out.stderr.contains(" received, ") && out.stderr.contains("Gbit/s"), "stderr: {:?}", out.stderr);
+    assert!(out.stderr.contains('\r') || out.stderr.contains("\u{1b}["), "stderr: {:?}", out.stderr);
+    // Piped, the same run draws nothing.
+    let out = run(&args);
+    assert!(out.status.success(), "stderr: {}", out.stderr);
+    assert!(!out.stderr.contains("Gbit/s") && !out.stderr.contains('\r'), "stderr: {:?}", out.stderr);
 }
 
 #[test]

@@ -7,7 +7,7 @@ mod common;
 use std::net::TcpListener;
 use std::time::Duration;
 
-use common::{run, run_json, u64_of};
+use common::{run, run_json, run_on_terminal, u64_of};
 
 /// Longest any child process may run.
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -56,4 +56,29 @@ fn a_short_soak_with_channel_kills_verifies_everything() {
 fn soak_rejects_a_negative_kill_interval() {
     let out = run(&["bench", "soak", "--duration", "1", "--kill-channel-every", "-1"]);
     assert!(!out.status.success());
+}
+
+#[test]
+fn a_soak_on_a_terminal_shows_a_bar_of_its_duration() {
+    let port = free_port();
+    let args = [
+        "bench",
+        "soak",
+        "--duration",
+        "2.5",
+        "--throughput-apps",
+        "1",
+        "--latency-apps",
+        "1",
+        "--port",
+        &port,
+    ];
+    let out = run_on_terminal(&args);
+    assert!(out.status.success(), "stdout: {}\nterminal: {:?}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("soak [#"), "terminal: {:?}", out.stderr);
+    assert!(
+        out.stderr.contains("MiB verified") && out.stderr.contains(" kills "),
+        "terminal: {:?}",
+        out.stderr
+    );
 }

@@ -1,8 +1,9 @@
 //! End-to-end tests of `netchannel bench suite` and `netchannel demo`, shrunk with the hidden
 //! `--smoke` flag (one repetition of 0.3 s runs, fewer variants): each runs the built command
 //! as a child process (killed after [`TIMEOUT`]) into a temporary directory and checks what it
-//! wrote: one parseable JSON file per run, a summary.md with a table per experiment, and PNG
-//! charts that decode to their intended sizes. They assert behaviour, not speed.
+//! wrote: one parseable JSON file per run, a summary.md with a table per experiment, and the
+//! charts: PNGs that decode to their intended sizes with something drawn on them, SVGs that
+//! parse as XML and hold the charts' titles and legends. They assert behaviour, not speed.
 
 mod common;
 
@@ -11,19 +12,19 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use common::{run, TempDir};
+use common::{run, run_on_terminal, TempDir};
 
 /// Longest a smoke suite may run.
 const TIMEOUT: Duration = Duration::from_secs(90);
 
-/// The charts and their sizes in pixels.
-const PNGS: [(&str, u32, u32); 6] = [
-    ("stream.png", 1400, 560),
-    ("short.png", 800, 560),
-    ("isolation.png", 1300, 620),
-    ("pingpong.png", 900, 560),
-    ("connect.png", 1400, 560),
-    ("redis.png", 1400, 560),
+/// The charts, their sizes in pixels and a text each must show (a title or a legend entry).
+const CHARTS: [(&str, u32, u32, &str); 6] = [
+    ("stream", 1400, 560, "Linux TCP, 1 flow"),
+    ("short", 800, 560, "Short messages (6c): 4 KiB, no reply"),
+    ("isolation", 1300, 620, "p99.9 loaded"),
+    ("pingpong", 900, 560, "Ping-pong: 4 KiB request/response"),
+    ("connect", 1400, 560, "Time per connection"),
+    ("redis", 1400, 560, "Linux TCP"),
 ];
 
 /// The runs of the smoke suite (MPTCP's only when the binary has it).
@@ -113,14 +114,39 @@ fn check_results(dir: &Path) -> Vec<(String, Value)> {
     let at = md.find("### Redis").unwrap_or_else(|| panic!("no Redis table in summary.md:\n{md}"));
     assert!(md[at..].contains("| clients"), "the Redis table has no header:\n{md}");
 
-    for (name, w, h) in PNGS {
-        let bytes = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    for (chart, w, h, text) in CHARTS {
+        let name = format!("{chart}.png");
+        let bytes = std::fs::read(dir.join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
         let mut reader = decoder.read_info().unwrap_or_else(|e| panic!("{name} is not a PNG: {e}"));
         let mut buf = vec![0; reader.output_buffer_size().expect("a buffer size")];
         let info = reader.next_frame(&mut buf).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!((info.width, info.height), (w, h), "{name}");
+        assert_eq!(info.color_type, png::ColorType::Rgb, "{name}");
+        // Not blank: a white background with text and axes in black, and colour (the series).
+        let pixels: Vec<&[u8]> = buf[..info.buffer_size()].chunks(3).collect();
+        assert_eq!(pixels[0], [255, 255, 255], "{name}: the background");
+        assert!(pixels.iter().filter(|p| **p == [0, 0, 0]).count() > 1000, "{name}: no text or axes");
+        assert!(pixels.iter().filter(|p| p[0].abs_diff(p[2]) > 60).count() > 300, "{name}: no colour");
         assert!(md.contains(&format!("]({name})")), "summary.md does not show {name}");
+
+        let name = format!("{chart}.svg");
+        let svg = std::fs::read_to_string(dir.join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let doc = roxmltree::Document::parse(&svg).unwrap_or_else(|e| panic!("{name} is not XML: {e}"));
+        let root = doc.root_element();
+        assert_eq!(root.tag_name().name(), "svg", "{name}");
+        assert_eq!(
+            (root.attribute("width"), root.attribute("height")),
+            (Some(&*w.to_string()), Some(&*h.to_string()))
+        );
+        let texts: Vec<&str> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("text"))
+            .filter_map(|n| n.text())
+            .map(str::trim)
+            .collect();
+        assert!(texts.contains(&text), "{name} has no text {text:?}: {texts:?}");
+        assert!(md.contains(&format!("]({name})")), "summary.md does not link {name}");
     }
     runs
 }
@@ -141,17 +167,18 @@ fn smoke_suite_writes_every_run_the_summary_and_the_charts_and_reports_a_failed_
     for (name, v) in runs.iter().filter(|(n, _)| !n.contains("ch1-cw1") && !n.contains("mptcp")) {
         assert!(went_well(name, v), "{name}: {v}");
     }
-    // One progress line per run when stderr is not a terminal.
+    // One progress line per run when stderr is not a terminal, and no bar drawn.
     assert_eq!(out.stderr.lines().filter(|l| l.starts_with('[')).count(), runs.len(), "{}", out.stderr);
+    assert!(!out.stderr.contains('\r') && !out.stderr.contains('\u{1b}'), "{}", out.stderr);
     let md = std::fs::read_to_string(dir.0.join("summary.md")).unwrap();
     assert!(md.contains("## Failed runs (1 of"), "{md}");
     assert!(out.stdout.contains("FAILED"), "{}", out.stdout);
 }
 
 #[test]
-fn demo_prints_the_tables_and_where_the_results_are() {
+fn demo_prints_the_tables_and_where_the_results_are_with_a_progress_bar_on_a_terminal() {
     let dir = TempDir::new("demo");
-    let out = run(&["demo", "--smoke", "--out", dir.path()]);
+    let out = run_on_terminal(&["demo", "--smoke", "--out", dir.path()]);
     assert!(
         out.status.success(),
         "demo failed: {}\nstdout: {}\nstderr: {}",
@@ -166,7 +193,14 @@ fn demo_prints_the_tables_and_where_the_results_are() {
         assert!(out.stdout.contains(needle), "no `{needle}` in:\n{}", out.stdout);
     }
     assert!(out.stdout.contains(&format!("Results in {}/", dir.path())), "{}", out.stdout);
-    assert!(out.stdout.contains("summary.md") && out.stdout.contains("stream.png"), "{}", out.stdout);
+    for file in ["summary.md", "stream.png", "stream.svg"] {
+        assert!(out.stdout.contains(file), "no {file} in:\n{}", out.stdout);
+    }
     let runs = check_results(&dir.0);
     assert!(runs.iter().all(|(_, v)| v["status"] != "failed"), "{runs:?}");
+    // The bar, with the run in progress and the time left; each finished run's line above it.
+    let terminal = &out.stderr;
+    assert!(terminal.contains("] 1/") && terminal.contains("  ETA "), "terminal: {terminal:?}");
+    assert!(terminal.contains("stream tcp") && terminal.contains(" runs done in "), "terminal: {terminal:?}");
+    assert_eq!(terminal.matches("[ 1/").count(), 1, "the first run's line, once: {terminal:?}");
 }

@@ -47,6 +47,7 @@ use netchannel::{Config, Policy};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::progress::Bar;
 
 /// The benchmark modes.
 #[derive(Subcommand, Debug)]
@@ -75,7 +76,7 @@ pub enum Mode {
     /// depths 1…64, under `netchannel run` through two daemons and over plain TCP (needs Redis).
     Redis(redis::RedisArgs),
     /// Every experiment, NetChannel beside its baselines, several repetitions: JSON per run,
-    /// summary.md with medians and ratios, and PNG charts (see `netchannel demo`).
+    /// summary.md with medians and ratios, and charts as PNG and SVG (see `netchannel demo`).
     Suite(suite::SuiteArgs),
 }
 
@@ -601,8 +602,9 @@ pub struct Watch {
 }
 
 /// Receive the worker threads' events on the calling thread until `on_event` says stop or
-/// every sender is gone. Meanwhile, once a second (sleeping in between), print a progress
-/// line on stderr for runs longer than 2 s, and fail if an active run stalls.
+/// every sender is gone. Meanwhile, once a second (sleeping in between), show the bytes so far
+/// and the last second's rate on a progress spinner ([`Bar`], drawn only when stderr is a
+/// terminal) for runs longer than 2 s, and fail if an active run stalls.
 pub fn watch<E>(
     events: &Receiver<E>,
     progress: &Progress,
@@ -615,7 +617,7 @@ pub fn watch<E>(
     let mut next_tick = start + TICK;
     let (mut last_bytes, mut last_tick) = (progress.bytes(), start);
     let mut last_move: Option<Instant> = None;
-    let mut printed = false;
+    let mut bar: Option<Bar> = None;
     let result = loop {
         match events.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
             Ok(event) => {
@@ -645,16 +647,17 @@ pub fn watch<E>(
                 if !opts.quiet && now - start > QUIET_FOR {
                     let secs = (now - last_tick).as_secs_f64();
                     let rate = (bytes - last_bytes) as f64 * 8.0 / secs / 1e9;
-                    eprint!("\r{:>12} {}, {rate:7.2} Gbit/s   ", bytes_human(bytes), opts.label);
-                    printed = true;
+                    bar.get_or_insert_with(Bar::spinner).set_message(format!(
+                        "{:>12} {}, {rate:7.2} Gbit/s",
+                        bytes_human(bytes),
+                        opts.label
+                    ));
                 }
                 (last_bytes, last_tick) = (bytes, now);
             }
         }
     };
-    if printed {
-        eprint!("\r{:60}\r", "");
-    }
+    drop(bar); // cleared
     result
 }
 

@@ -28,6 +28,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::pattern;
+use crate::progress::Bar;
 
 /// Vsocket port of the throughput server.
 const BULK_PORT: u16 = 5101;
@@ -422,20 +423,21 @@ pub fn run(args: &SoakArgs) -> Result<()> {
     };
 
     // Progress, then wait for the apps (they finish their current vsocket after the deadline).
+    let bar = if args.json { Bar::hidden() } else { Bar::timed("soak", deadline - started) };
     while Instant::now() < deadline {
         std::thread::sleep(
             Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now())),
         );
-        if !args.json {
-            eprint!(
-                "\rsoak: {:5.1} s  {} MiB verified  {} kills  {} errors ",
-                started.elapsed().as_secs_f64(),
-                sh.bytes_verified.load(Ordering::Relaxed) >> 20,
-                kills.load(Ordering::Relaxed),
-                sh.errors.load(Ordering::Relaxed)
-            );
-        }
+        bar.set_position(started.elapsed().as_millis() as u64);
+        bar.set_message(format!(
+            "{:5.1} s  {} MiB verified  {} kills  {} errors",
+            started.elapsed().as_secs_f64(),
+            sh.bytes_verified.load(Ordering::Relaxed) >> 20,
+            kills.load(Ordering::Relaxed),
+            sh.errors.load(Ordering::Relaxed)
+        ));
     }
+    drop(bar); // cleared
     for a in apps {
         let _ = a.join();
     }
@@ -444,9 +446,6 @@ pub fn run(args: &SoakArgs) -> Result<()> {
     let _ = killer.join();
     for s in servers {
         let _ = s.join();
-    }
-    if !args.json {
-        eprintln!();
     }
     // Let the last killed channel come back before counting.
     let want = base.throughput_channels + base.latency_channels;

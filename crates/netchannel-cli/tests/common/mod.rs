@@ -1,5 +1,6 @@
 //! What the end-to-end tests of the `netchannel` binary share: running it as a child process
-//! with its output piped and drained on threads ([`run`], [`finish`]), a server process in the
+//! with its output piped and drained on threads ([`run`], [`finish`]) or its stderr on a
+//! pseudo-terminal ([`run_on_terminal`]), a server process in the
 //! background ([`Server`]), reading its one JSON object ([`run_json`], [`u64_of`], …) and
 //! asserting the fields every report has, and temporary files.
 //!
@@ -86,6 +87,34 @@ impl Drop for KillOnDrop {
 pub fn run(args: &[&str]) -> Output {
     let child = netchannel(args).spawn().expect("spawn netchannel");
     finish(child, &args.join(" "))
+}
+
+/// Run `netchannel args` to the end with its stderr on a pseudo-terminal (stdout piped), as a
+/// person at a terminal sees it: `Output::stderr` is all the terminal received.
+pub fn run_on_terminal(args: &[&str]) -> Output {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (-1, -1);
+    let size = libc::winsize { ws_row: 40, ws_col: 120, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: openpty writes two new descriptors into `master` and `slave`; no name buffer, no
+    // termios, a valid winsize.
+    let rc = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &size) };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are new and owned by nothing else.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut cmd = netchannel(args);
+    cmd.stderr(Stdio::from(slave));
+    let child = cmd.spawn().expect("spawn netchannel");
+    // Close this process' copy of the terminal's slave side: reading the master side then ends
+    // (EIO) once the child has exited.
+    drop(cmd);
+    let terminal = thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = std::fs::File::from(master).read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    });
+    let mut out = finish(child, &args.join(" "));
+    out.stderr = terminal.join().unwrap();
+    out
 }
 
 /// Require that the run of `args` succeeded.

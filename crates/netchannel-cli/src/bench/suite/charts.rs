@@ -1,4 +1,4 @@
-//! The suite's charts, one PNG per experiment, drawn with [`crate::plot`] from the same
+//! The suite's charts, one PNG and one SVG per experiment, drawn with [`crate::plot`] from the same
 //! medians (and min–max whiskers) as the summary tables: stream throughput vs channels and vs
 //! copy workers with the TCP (and MPTCP) baselines as dashed lines; short-message rate vs
 //! channels with the TCP baseline; the isolation experiment's L-app latency percentiles,
@@ -41,7 +41,7 @@ fn line_note(plan: &Plan) -> String {
     )
 }
 
-/// Draw every chart there are numbers for into `dir`; returns the files written.
+/// Draw every chart into `dir`, as `NAME.png` and `NAME.svg`; returns the files written.
 pub fn write_all(dir: &Path, plan: &Plan, records: &[Record]) -> Result<Vec<PathBuf>> {
     let figures = [
         ("stream", stream(plan, records)),
@@ -53,9 +53,7 @@ pub fn write_all(dir: &Path, plan: &Plan, records: &[Record]) -> Result<Vec<Path
     ];
     let mut written = Vec::new();
     for (name, fig) in figures {
-        let path = dir.join(format!("{name}.png"));
-        fig.save(&path)?;
-        written.push(path);
+        written.extend(fig.save(dir, name)?);
     }
     Ok(written)
 }

@@ -10,13 +10,13 @@
 //! and goes on, and exits non-zero at the end. Each run's result is written to
 //! `DIR/<experiment>_<backend>_<variant>_rep<N>.json`; [`summary`] then reduces the runs to
 //! medians (with min–max, CPU cores and the ratio to TCP) in `DIR/summary.md`, and [`charts`]
-//! draws one PNG per experiment. Progress goes to stderr: a bar redrawn in place on a
-//! terminal, else one line per run.
+//! draws one chart per experiment, as PNG and SVG. Progress goes to stderr through
+//! [`crate::progress`]: a bar redrawn in place on a terminal, and one line per finished run.
 
 pub mod charts;
 pub mod summary;
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
@@ -27,6 +27,7 @@ use serde_json::{json, Value};
 
 use super::parse_secs;
 use crate::error::{describe, Context, Result};
+use crate::progress::Bar;
 
 /// Flags of `bench suite`.
 #[derive(Args, Debug, Clone, Default)]
@@ -623,8 +624,8 @@ pub fn run_suite(args: &SuiteArgs, prefix: &str, intro: Option<&str>) -> Result<
         notes.push(format!("Redis (experiment 7): skipped, {reason}"));
     }
     let tables = summary::tables(&plan, &records);
-    let pngs = charts::write_all(&out, &plan, &records)?;
-    let md = summary::markdown(&plan, &context, &tables, &records, &notes, &pngs);
+    let chart_files = charts::write_all(&out, &plan, &records)?;
+    let md = summary::markdown(&plan, &context, &tables, &records, &notes, &chart_files);
     let md_path = out.join("summary.md");
     std::fs::write(&md_path, &md).context(|| format!("cannot write {}", md_path.display()))?;
 
@@ -653,7 +654,8 @@ pub fn run_suite(args: &SuiteArgs, prefix: &str, intro: Option<&str>) -> Result<
         "Results in {}/: {} JSON files (one per run, {ok} ok), summary.md, {}\n",
         out.display(),
         records.len(),
-        pngs.iter()
+        chart_files
+            .iter()
             .map(|p| p.file_name().unwrap_or_default().to_string_lossy())
             .collect::<Vec<_>>()
             .join(", ")
@@ -804,9 +806,10 @@ fn human_secs(s: f64) -> String {
     }
 }
 
-/// Progress on stderr: a bar redrawn in place on a terminal, else one line per finished run.
+/// The suite's progress on stderr (a [`Bar`]): on a terminal, a bar with the run in progress
+/// and the time left, and each finished run's line above it; otherwise that line alone.
 struct Progress {
-    tty: bool,
+    bar: Bar,
     total: usize,
     done: usize,
     start: Instant,
@@ -823,7 +826,7 @@ struct Progress {
 impl Progress {
     fn new(plan: &Plan) -> Progress {
         Progress {
-            tty: std::io::stderr().is_terminal(),
+            bar: Bar::steps(plan.jobs.len() as u64),
             total: plan.jobs.len(),
             done: 0,
             start: Instant::now(),
@@ -841,6 +844,7 @@ impl Progress {
         self.current = job.describe();
         self.current_expected = job.expected_secs;
         self.current_start = Instant::now();
+        self.bar.set_prefix(format!("{}/{}", self.done + 1, self.total));
         self.draw();
     }
 
@@ -857,29 +861,16 @@ impl Progress {
     }
 
     fn tick(&mut self) {
-        if self.tty && self.last_draw.is_none_or(|t| t.elapsed() >= Duration::from_millis(500)) {
+        if self.last_draw.is_none_or(|t| t.elapsed() >= Duration::from_millis(500)) {
             self.draw();
         }
     }
 
     fn draw(&mut self) {
-        if !self.tty {
+        if self.bar.is_hidden() {
             return;
         }
-        const WIDTH: usize = 20;
-        let filled = (self.done * WIDTH).checked_div(self.total).unwrap_or(WIDTH);
-        let line = format!(
-            "[{}{}] {}/{} {}  ETA {}",
-            "#".repeat(filled),
-            ".".repeat(WIDTH - filled),
-            self.done + 1,
-            self.total,
-            self.current,
-            human_secs(self.eta())
-        );
-        let mut err = std::io::stderr().lock();
-        let _ = write!(err, "\r{line}\x1b[K");
-        let _ = err.flush();
+        self.bar.set_message(format!("{}  ETA {}", self.current, human_secs(self.eta())));
         self.last_draw = Some(Instant::now());
     }
 
@@ -887,42 +878,29 @@ impl Progress {
         self.done += 1;
         self.expected_done += r.job.expected_secs;
         self.actual_done += r.wall_seconds;
+        self.bar.set_position(self.done as u64);
         let result = match &r.outcome {
             Outcome::Ok(v) => summary::headline(r.job.experiment, v),
             Outcome::Failed { why, stderr } => format!("FAILED ({why}): {}", last_line(stderr)),
             Outcome::Skipped { reason } => format!("skipped: {reason}"),
         };
-        let line = format!(
+        self.bar.line(&format!(
             "[{:>w$}/{}] {}: {result} ({:.1} s)",
             self.done,
             self.total,
             r.job.describe(),
             r.wall_seconds,
             w = self.total.to_string().len()
-        );
-        let mut err = std::io::stderr().lock();
-        if self.tty {
-            // Keep failures on screen; the bar carries the rest.
-            if !matches!(r.outcome, Outcome::Ok(_)) {
-                let _ = writeln!(err, "\r{line}\x1b[K");
-            }
-        } else {
-            let _ = writeln!(err, "{line}");
-        }
+        ));
     }
 
     fn finish(&mut self) {
-        if self.tty {
-            let mut err = std::io::stderr().lock();
-            let _ = writeln!(
-                err,
-                "\r[{}] {}/{} done in {}\x1b[K",
-                "#".repeat(20),
-                self.done,
-                self.total,
-                human_secs(self.start.elapsed().as_secs_f64())
-            );
-        }
+        self.bar.finish(&format!(
+            "{}/{} runs done in {}",
+            self.done,
+            self.total,
+            human_secs(self.start.elapsed().as_secs_f64())
+        ));
     }
 }
 

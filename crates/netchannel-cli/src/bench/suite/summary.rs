@@ -616,7 +616,7 @@ pub fn markdown(
     tables: &[Table],
     records: &[Record],
     notes: &[String],
-    pngs: &[PathBuf],
+    charts: &[PathBuf],
 ) -> String {
     let mut md = String::from("# NetChannel bench suite\n\n");
     let _ = writeln!(md, "{}\n", context_line(plan, context));
@@ -626,9 +626,15 @@ pub fn markdown(
            repetitions, with min–max beside them.\n\n";
     for t in tables {
         md += &t.markdown();
-        let png = format!("{}.png", t.experiment.id());
-        if pngs.iter().any(|p| p.file_name().is_some_and(|n| n == png.as_str())) {
-            let _ = writeln!(md, "\n![{}]({png})", t.experiment.id());
+        let id = t.experiment.id();
+        let written = |f: &str| charts.iter().any(|p| p.file_name().is_some_and(|n| n == f));
+        let (png, svg) = (format!("{id}.png"), format!("{id}.svg"));
+        if written(&png) {
+            let _ = write!(md, "\n![{id}]({png})");
+            if written(&svg) {
+                let _ = write!(md, " ([SVG]({svg}))");
+            }
+            md += "\n";
         }
         md += "\n";
     }
