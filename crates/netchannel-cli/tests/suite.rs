@@ -28,7 +28,7 @@ const CHARTS: [(&str, u32, u32, &str); 6] = [
 ];
 
 /// The runs of the smoke suite (MPTCP's only when the binary has it).
-const RUNS: [&str; 18] = [
+const RUNS: [&str; 19] = [
     "stream_tcp_1flow_rep1.json",
     "stream_netchannel_ch1-cw1_rep1.json",
     "stream_netchannel_ch4-cw1_rep1.json",
@@ -43,6 +43,7 @@ const RUNS: [&str; 18] = [
     "pingpong_daemon_default_rep1.json",
     "connect_tcp_1conn_rep1.json",
     "connect_netchannel_default_rep1.json",
+    "connect_netchannel_optimistic_rep1.json",
     "connect_daemon_default_rep1.json",
     "isolation_all_bulk2_rep1.json",
     "redis_both_c50_rep1.json",

@@ -235,6 +235,13 @@ pub struct Config {
     /// vsocket's home channel itself when no worker is reading it, so the arrival wakes it
     /// alone. Default true.
     pub inline_read: bool,
+    /// `optimistic_open`: `Host::connect` (and `VStream::connect` on an embedded host) opens
+    /// optimistically, as `Host::connect_optimistic` does. Default false: confirmed.
+    pub optimistic_open: bool,
+    /// `open_credit`: the stream bytes an optimistic OPEN may carry: what this host sends
+    /// with one, and the most it accepts in one as a listener. Default 16 KiB.
+    #[serde(with = "de::size")]
+    pub open_credit: usize,
     /// `auth_key_file`: file holding the pre-shared key that authenticates channels (both
     /// hosts need the same key; at least 16 bytes; one trailing newline is ignored). Default
     /// none: channels are not authenticated.
@@ -385,6 +392,8 @@ impl Default for Config {
             busy_poll_us: 0,
             latency_spin_us: 0,
             inline_read: true,
+            optimistic_open: false,
+            open_credit: 16 << 10,
             copy_workers: 1,
             copy_threshold: 256 << 10,
             segment_size: 64 << 10,
@@ -807,6 +816,8 @@ impl Config {
             .map_err(|e| err("recv_buffer", format!("{} (must be at least segment_size)", e.message)))?;
         range("channel_queue", self.channel_queue, self.segment_size, usize::MAX)
             .map_err(|e| err("channel_queue", format!("{} (must be at least segment_size)", e.message)))?;
+        range("open_credit", self.open_credit, 0, self.recv_buffer.min(crate::wire::MAX_SEGMENT))
+            .map_err(|e| err("open_credit", format!("{} (at most recv_buffer and 1 MiB)", e.message)))?;
         if self.bulk_sndbuf != 0 {
             range("bulk_sndbuf", self.bulk_sndbuf, 4096, 1 << 30)
                 .map_err(|e| err("bulk_sndbuf", format!("{} (or 0 for the kernel's default)", e.message)))?;

@@ -163,11 +163,14 @@ impl VStream {
     /// # }
     /// ```
     pub async fn connect_class_with(host: &Host, addr: SocketAddr, class: Class) -> io::Result<VStream> {
+        // Optimistic when the host's configuration says so (`optimistic_open`): then the
+        // wait below ends at once.
+        let optimistic = host.config().optimistic_open;
         let (s, deadline) = if crate::VStream::can_start_now(host, addr) {
-            crate::VStream::connect_start(host.clone(), addr, class)?
+            crate::VStream::connect_start(host.clone(), addr, class, optimistic)?
         } else {
             let h = host.clone();
-            ::tokio::task::spawn_blocking(move || crate::VStream::connect_start(h, addr, class))
+            ::tokio::task::spawn_blocking(move || crate::VStream::connect_start(h, addr, class, optimistic))
                 .await
                 .map_err(|e| io::Error::other(format!("connect task failed: {e}")))??
         };

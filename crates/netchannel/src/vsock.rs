@@ -42,6 +42,11 @@ type Failure = Option<(ErrorKind, String)>;
 struct TxSide {
     st: TxState,
     opened: bool,
+    /// An optimistic connect (`Host::connect_optimistic`): writable before OPEN_OK, within
+    /// the open credit.
+    optimistic: bool,
+    /// Stream bytes (from offset 0) its OPEN carried, sent again with a re-sent OPEN.
+    open_payload: u32,
     error: Failure,
     closed: bool,
     waiting: bool,
@@ -97,6 +102,9 @@ pub(crate) struct VSock {
     /// for comes by another way (another channel, a local shutdown).
     inline_armed: AtomicBool,
     inline_waiter: Mutex<Option<Arc<OwnedFd>>>,
+    /// An optimistic connect whose OPEN is not sent yet: it goes with the first write, or
+    /// bare when the app reads, shuts down or closes first ([`VSock::send_deferred_open`]).
+    open_deferred: AtomicBool,
 }
 
 thread_local! {
@@ -184,6 +192,8 @@ impl VSock {
             tx: Mutex::new(TxSide {
                 st: TxState::new(cfg.send_buffer as u64, peer_credit),
                 opened: peer_credit > 0,
+                optimistic: false,
+                open_payload: 0,
                 error: None,
                 closed: false,
                 waiting: false,
@@ -210,6 +220,7 @@ impl VSock {
             ready: LazyReadiness::default(),
             inline_armed: AtomicBool::new(false),
             inline_waiter: Mutex::new(None),
+            open_deferred: AtomicBool::new(false),
         }))
     }
 
@@ -424,6 +435,9 @@ impl VSock {
     /// [`VSock::pump`]; `poller` says the daemon's doorbell poller calls it (taking in an
     /// app's writes), which then sends small messages itself instead of waking a worker.
     fn pump_from(self: &Arc<Self>, poller: bool) {
+        if self.open_deferred.load(Ordering::Acquire) {
+            return self.send_deferred_open();
+        }
         let mut tx = self.tx.lock().unwrap();
         if tx.error.is_some() || !tx.opened {
             return;
@@ -706,7 +720,7 @@ impl VSock {
     /// A write would not block.
     fn write_ready(&self) -> bool {
         let tx = self.tx.lock().unwrap();
-        tx.error.is_some() || tx.st.is_shutdown() || (tx.opened && tx.st.space() > 0)
+        tx.error.is_some() || tx.st.is_shutdown() || ((tx.opened || tx.optimistic) && tx.st.space() > 0)
     }
 
     /// The OUT gate reopens: an error, a shutdown, or a quarter of the send buffer free.
@@ -714,7 +728,7 @@ impl VSock {
         let tx = self.tx.lock().unwrap();
         tx.error.is_some()
             || tx.st.is_shutdown()
-            || (tx.opened && tx.st.space() >= (self.tx_ring.capacity() as u64 / 4).max(1))
+            || ((tx.opened || tx.optimistic) && tx.st.space() >= (self.tx_ring.capacity() as u64 / 4).max(1))
     }
 
     /// The readiness descriptor, created on first use with its gates set to the vsocket's
@@ -742,33 +756,70 @@ impl VSock {
         if let Some((kind, msg)) = &tx.error {
             return Some(Err(err(*kind, msg.clone())));
         }
-        tx.opened.then_some(Ok(()))
+        (tx.opened || tx.optimistic).then_some(Ok(()))
     }
 
     /// If this vsocket is still connecting (no OPEN_OK yet), send its OPEN again: the OPEN
     /// or its answer may have been lost with a channel. The peer answers a repeated OPEN with
     /// the same OPEN_OK. Returns whether it was connecting.
     pub(crate) fn reopen_if_connecting(&self) -> bool {
-        let connecting = {
+        let deferred = self.open_deferred.load(Ordering::Acquire);
+        let (connecting, payload) = {
             let tx = self.tx.lock().unwrap();
-            self.owns_port && !tx.opened && tx.error.is_none()
+            (self.owns_port && !tx.opened && tx.error.is_none(), tx.open_payload)
         };
-        if connecting {
+        // An OPEN not sent yet was lost with no channel: it goes when it is due.
+        if connecting && !deferred {
             if let Some(h) = self.host() {
-                self.send_control(&self.open_frame(h.cfg.recv_buffer));
+                self.send_control(&self.open_frame(h.cfg.recv_buffer, payload));
             }
         }
         connecting
     }
 
-    /// The OPEN frame that opens this (connecting) vsocket.
-    fn open_frame(&self, recv_buffer: usize) -> Frame<'static> {
+    /// The OPEN frame that opens this (connecting) vsocket, carrying the first `payload`
+    /// bytes of its stream (an optimistic open).
+    fn open_frame(&self, recv_buffer: usize, payload: u32) -> Frame<'_> {
+        let payload = if payload == 0 {
+            &[][..]
+        } else {
+            let [a, _] = self.tx_ring.parts(0, payload as usize);
+            // SAFETY: a part of the send ring, allocated while `self` lives. The bytes from
+            // offset 0 do not wrap (the ring is larger than a segment) and stay as written
+            // until acknowledged; a re-sent OPEN that carries rewritten bytes is a duplicate
+            // the acceptor discards by offset (module docs).
+            unsafe { std::slice::from_raw_parts(a.ptr.cast_const(), a.len) }
+        };
         Frame::Open {
             src_vsock: self.id,
             src_port: self.local.port(),
             dst_port: self.remote.port(),
             class: self.class(),
             credit: recv_buffer as u64,
+            payload,
+        }
+    }
+
+    /// Send an optimistic connect's deferred OPEN, with the first bytes written (at most one
+    /// segment, within the open credit), or bare if nothing was written yet.
+    fn send_deferred_open(&self) {
+        if !self.open_deferred.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let payload = {
+            let mut tx = self.tx.lock().unwrap();
+            if tx.error.is_some() {
+                return;
+            }
+            let n = tx.st.next_segment(self.seg_size).map_or(0, |seg| {
+                debug_assert_eq!(seg.offset, 0, "an OPEN carries the stream from its start");
+                seg.len
+            });
+            tx.open_payload = n;
+            n
+        };
+        if let Some(h) = self.host() {
+            self.send_control(&self.open_frame(h.cfg.recv_buffer, payload));
         }
     }
 
@@ -915,6 +966,13 @@ impl VSock {
             }
             if rx.st.eof() || rx.shut_read {
                 return Ok(0);
+            }
+            if self.open_deferred.load(Ordering::Acquire) {
+                // An optimistic connect that reads before it writes: the peer must hear of it.
+                drop(rx);
+                self.send_deferred_open();
+                rx = self.rx.lock().unwrap();
+                continue;
             }
             if self.nonblocking.load(Ordering::Relaxed) {
                 drop(rx);
@@ -1145,8 +1203,11 @@ impl VStream {
         Err(last)
     }
 
-    pub(crate) fn open(host: Host, addr: SocketAddr, class: Class) -> io::Result<VStream> {
-        let (stream, deadline) = VStream::connect_start(host, addr, class)?;
+    pub(crate) fn open(host: Host, addr: SocketAddr, class: Class, optimistic: bool) -> io::Result<VStream> {
+        let (stream, deadline) = VStream::connect_start(host, addr, class, optimistic)?;
+        if optimistic {
+            return Ok(stream);
+        }
         let vs = stream.engine_vsock().expect("embedded").clone();
         let mut inline = true;
         let mut tx = vs.tx.lock().unwrap();
@@ -1195,6 +1256,7 @@ impl VStream {
         host: Host,
         addr: SocketAddr,
         class: Class,
+        optimistic: bool,
     ) -> io::Result<(VStream, Instant)> {
         let inner = host.inner().clone();
         let class = if inner.cfg.latency_ports.contains(&addr.port()) { Class::Latency } else { class };
@@ -1205,11 +1267,22 @@ impl VStream {
         let local_ip = peer.local_ip.lock().unwrap().unwrap_or(inner.local.ip());
         let mut vs = VSock::new(&inner, id, peer.clone(), class, SocketAddr::new(local_ip, port), addr, 0)?;
         Arc::get_mut(&mut vs).expect("fresh vsocket").owns_port = true;
+        if optimistic {
+            // Writable at once within the credit every listener grants an OPEN; the OPEN
+            // itself waits for the first write so that it carries its bytes.
+            let mut tx = vs.tx.lock().unwrap();
+            tx.optimistic = true;
+            let _ = tx.st.on_credit(0, inner.cfg.open_credit as u64);
+            drop(tx);
+            vs.open_deferred.store(true, Ordering::Release);
+        }
         inner.vsocks.write().unwrap().insert(id, vs.clone());
         let stream = VStream { imp: StreamImp::Embedded(Arc::new(Handle { vs: vs.clone(), _host: host })) };
         // With no channel up (all being dialed again), OPEN goes out when one is back
         // (`VSock::recover`); the peer's loss fails this vsocket, and the deadline bounds it.
-        peer.send_control(class, id, &vs.open_frame(inner.cfg.recv_buffer));
+        if !optimistic {
+            peer.send_control(class, id, &vs.open_frame(inner.cfg.recv_buffer, 0));
+        }
         Ok((stream, deadline))
     }
 

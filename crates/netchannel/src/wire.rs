@@ -25,7 +25,7 @@
 //! |------|----------|--------------|-----------------|----------------------------|-----------------|--------------------|
 //! | 1    | HELLO    | 0            | 0               | 0                          | 0               | [`Hello`] body     |
 //! | 2    | HELLO_OK | 0            | 0               | 0                          | 0               | [`HelloOk`] body   |
-//! | 3    | OPEN     | 0            | opener's vsock  | src port << 16 \| dst port | initial credit  | none               |
+//! | 3    | OPEN     | 0            | opener's vsock  | src port << 16 \| dst port | initial credit  | 0..=MAX_SEGMENT stream bytes from offset 0 (optimistic open) |
 //! | 4    | OPEN_OK  | opener's id  | acceptor's id   | 0                          | initial credit  | none               |
 //! | 5    | REFUSED  | opener's id  | reason code     | 0                          | 0               | none               |
 //! | 6    | DATA     | receiver id  | 0               | stream offset of byte 0    | 0               | segment bytes      |
@@ -54,7 +54,11 @@
 //!   no AUTH exchange; a host with a key refuses one without. Version 1 hosts, whose proofs
 //!   covered only the nonces, are refused by version.
 //! * OPEN's `a` packs the opener's vsocket port (bits 16..32) and the destination port
-//!   (bits 0..16); bits 32..64 must be 0. Its `flags` bit 0 is the vsocket's class.
+//!   (bits 0..16); bits 32..64 must be 0. Its `flags` bit 0 is the vsocket's class. An
+//!   *optimistic* opener does not wait for OPEN_OK before it sends: its OPEN carries the
+//!   first bytes of its stream (from offset 0) as payload, within the credit listeners grant
+//!   by configuration (`open_credit`); its later bytes wait for OPEN_OK. An OPEN sent again
+//!   after a channel died carries the same bytes; the acceptor discards them by offset.
 //! * CREDIT: `a` is how far the receiver has the stream in order (the sender may free its
 //!   copy of everything below it); `b` is the absolute offset up to which the sender may
 //!   send. A sender never sends a byte at or beyond `b`. With [`FLAG_FIN_RECEIVED`] the
@@ -76,7 +80,8 @@ pub const MAX_REASON: usize = 1024;
 pub const MAGIC: u32 = 0x4E43_484E;
 /// Protocol version this build speaks.
 /// Version 2: the authentication proofs cover the whole handshake transcript (see above).
-pub const VERSION: u16 = 2;
+/// Version 3: OPEN may carry the opener's first stream bytes (optimistic open).
+pub const VERSION: u16 = 3;
 /// Length of an authentication proof (HMAC-SHA256) in HELLO_OK and AUTH.
 pub const AUTH_PROOF_LEN: usize = 32;
 /// Flag bit: the channel (HELLO) or vsocket (OPEN) is in the latency class.
@@ -284,6 +289,7 @@ impl Kind {
             Kind::HelloOk => (HelloOk::LEN, HelloOk::LEN),
             Kind::Auth => (AUTH_PROOF_LEN, AUTH_PROOF_LEN),
             Kind::Data => (1, MAX_SEGMENT),
+            Kind::Open => (0, MAX_SEGMENT),
             Kind::Reset => (0, MAX_REASON),
             _ => (0, 0),
         }
@@ -525,6 +531,8 @@ pub enum Frame<'a> {
         class: Class,
         /// Initial credit: the absolute offset up to which the acceptor may send (`b`).
         credit: u64,
+        /// The opener's stream from offset 0 (optimistic open); empty for a confirmed open.
+        payload: &'a [u8],
     },
     /// OPEN_OK: the connection was accepted.
     OpenOk {
@@ -652,7 +660,7 @@ impl Frame<'_> {
                 hello_ok.encode(&mut body);
                 out.extend_from_slice(&body);
             }
-            Frame::Data { payload, .. } => out.extend_from_slice(payload),
+            Frame::Data { payload, .. } | Frame::Open { payload, .. } => out.extend_from_slice(payload),
             Frame::Reset { message, .. } => out.extend_from_slice(truncate_reason(message).as_bytes()),
             Frame::Auth { proof } => out.extend_from_slice(proof),
             _ => {}
@@ -664,7 +672,7 @@ impl Frame<'_> {
         match self {
             Frame::Hello(_) => Hello::LEN,
             Frame::HelloOk(_) => HelloOk::LEN,
-            Frame::Data { payload, .. } => payload.len(),
+            Frame::Data { payload, .. } | Frame::Open { payload, .. } => payload.len(),
             Frame::Reset { message, .. } => truncate_reason(message).len(),
             Frame::Auth { .. } => AUTH_PROOF_LEN,
             _ => 0,
@@ -678,7 +686,7 @@ impl Frame<'_> {
         match *self {
             Frame::Hello(hello) => Header { flags: hello.class.flags(), ..header },
             Frame::HelloOk(_) => header,
-            Frame::Open { src_vsock, src_port, dst_port, class, credit } => Header {
+            Frame::Open { src_vsock, src_port, dst_port, class, credit, .. } => Header {
                 flags: class.flags(),
                 x: src_vsock,
                 a: (u64::from(src_port) << 16) | u64::from(dst_port),
@@ -893,6 +901,7 @@ fn parse<'a>(h: &Header, payload: &'a [u8]) -> Result<Frame<'a>, WireError> {
                 dst_port: h.a as u16,
                 class: Class::from_flags(h.flags),
                 credit: h.b,
+                payload,
             }
         }
         Kind::OpenOk => {
@@ -1107,7 +1116,22 @@ mod tests {
     #[test]
     fn round_trip_open() {
         for class in [Class::Throughput, Class::Latency] {
-            round_trip(&Frame::Open { src_vsock: 17, src_port: 40000, dst_port: 80, class, credit: 4 << 20 });
+            round_trip(&Frame::Open {
+                src_vsock: 17,
+                src_port: 40000,
+                dst_port: 80,
+                class,
+                credit: 4 << 20,
+                payload: &[],
+            });
+            round_trip(&Frame::Open {
+                src_vsock: 17,
+                src_port: 40000,
+                dst_port: 80,
+                class,
+                credit: 1,
+                payload: b"GET",
+            });
         }
     }
 
@@ -1119,6 +1143,7 @@ mod tests {
             dst_port: 0x1234,
             class: Class::Latency,
             credit: 0,
+            payload: &[],
         };
         let header = Header::decode(&encode(&frame)).unwrap();
         assert_eq!(header.a, 0xabcd_1234);
@@ -1299,7 +1324,14 @@ mod tests {
         buf[field::FLAGS] = FLAG_LATENCY;
         assert_eq!(decode(&buf), Err(WireError::Reserved { kind: Kind::Fin }));
         // Any other bit on OPEN.
-        let open = Frame::Open { src_vsock: 1, src_port: 1, dst_port: 2, class: Class::Latency, credit: 0 };
+        let open = Frame::Open {
+            src_vsock: 1,
+            src_port: 1,
+            dst_port: 2,
+            class: Class::Latency,
+            credit: 0,
+            payload: &[],
+        };
         let mut buf = encode(&open);
         buf[field::FLAGS] |= 0x02;
         assert_eq!(decode(&buf), Err(WireError::Reserved { kind: Kind::Open }));
@@ -1375,8 +1407,14 @@ mod tests {
 
     #[test]
     fn rejects_open_with_vsock() {
-        let open =
-            Frame::Open { src_vsock: 1, src_port: 1, dst_port: 2, class: Class::Throughput, credit: 0 };
+        let open = Frame::Open {
+            src_vsock: 1,
+            src_port: 1,
+            dst_port: 2,
+            class: Class::Throughput,
+            credit: 0,
+            payload: &[],
+        };
         let mut buf = encode(&open);
         buf[field::VSOCK.end - 1] = 1;
         assert_eq!(decode(&buf), bad_field(Kind::Open, "vsock"));
@@ -1387,7 +1425,14 @@ mod tests {
         // Frames `encode` writes as given but `decode` rejects, with the field it names.
         let cases: [(Frame, &str); 9] = [
             (
-                Frame::Open { src_vsock: 0, src_port: 1, dst_port: 2, class: Class::Throughput, credit: 0 },
+                Frame::Open {
+                    src_vsock: 0,
+                    src_port: 1,
+                    dst_port: 2,
+                    class: Class::Throughput,
+                    credit: 0,
+                    payload: &[],
+                },
                 "x",
             ),
             (Frame::OpenOk { vsock: 0, src_vsock: 1, credit: 0 }, "vsock"),
@@ -1410,7 +1455,14 @@ mod tests {
         let frames = [
             Frame::Hello(hello(Class::Throughput, listen)),
             Frame::HelloOk(HelloOk { version: 1, host_id: 1, proof: [0; 32], nonce: [0; 16] }),
-            Frame::Open { src_vsock: 1, src_port: 1, dst_port: 2, class: Class::Throughput, credit: 0 },
+            Frame::Open {
+                src_vsock: 1,
+                src_port: 1,
+                dst_port: 2,
+                class: Class::Throughput,
+                credit: 0,
+                payload: &[],
+            },
             Frame::OpenOk { vsock: 1, src_vsock: 1, credit: 0 },
             Frame::Refused { vsock: 1, reason: Reason::BacklogFull },
             Frame::Data { vsock: 1, offset: 0, payload: b"a", ack_request: false },
@@ -1510,7 +1562,8 @@ mod tests {
                     src_port,
                     dst_port,
                     class,
-                    credit
+                    credit,
+                    payload: &[]
                 }
             ),
             (id(), id(), any::<u64>()).prop_map(|(vsock, src_vsock, credit)| Frame::OpenOk {

@@ -626,3 +626,99 @@ fn a_small_vsocket_stays_on_one_channel() {
         server.join().unwrap();
     });
 }
+
+#[test]
+fn optimistic_open_carries_the_request_and_verifies_both_ways() {
+    within(60, || {
+        let (a, b) = two_hosts(|_| {});
+        let l = b.bind(5101).unwrap();
+        let dst = at(&b, 5101);
+        // Sizes below, at and above the open credit (16 KiB by default), and a reader-first one.
+        let sizes = [1usize, 4096, 16 << 10, (16 << 10) + 1, 1 << 20];
+        let server = std::thread::spawn(move || {
+            for (i, &n) in sizes.iter().enumerate() {
+                let (mut s, _) = l.accept().unwrap();
+                let mut req = vec![0u8; n];
+                s.read_exact(&mut req).unwrap();
+                assert_eq!(check(i as u64, 0, &req), None, "request {i} of {n} bytes");
+                s.write_all(&req).unwrap();
+                let mut end = [0u8; 1];
+                assert_eq!(s.read(&mut end).unwrap(), 0);
+            }
+            // The server speaks first on this one: the client reads before it writes.
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(b"hello").unwrap();
+        });
+        for (i, &n) in sizes.iter().enumerate() {
+            let mut s = a.connect_optimistic(dst).unwrap();
+            let mut req = vec![0u8; n];
+            fill(i as u64, 0, &mut req);
+            s.write_all(&req).unwrap();
+            let mut resp = vec![0u8; n];
+            s.read_exact(&mut resp).unwrap();
+            assert_eq!(check(i as u64, 0, &resp), None, "response {i} of {n} bytes");
+        }
+        let mut s = a.connect_optimistic(dst).unwrap();
+        let mut hello = Vec::new();
+        s.read_to_end(&mut hello).unwrap();
+        assert_eq!(hello, b"hello");
+        drop(s);
+        server.join().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while a.stats().vsockets + b.stats().vsockets > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "vsockets left behind: {:?} {:?}",
+                a.vsock_infos(),
+                b.vsock_infos()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+}
+
+#[test]
+fn an_optimistic_open_to_a_closed_port_fails_the_first_read_as_refused() {
+    within(30, || {
+        let (a, b) = two_hosts(|_| {});
+        let _l = b.bind(5102).unwrap();
+        let t = Instant::now();
+        // connect returns at once; the write is taken with the OPEN; the read sees the refusal.
+        let mut s = a.connect_optimistic(at(&b, 5103)).unwrap();
+        s.write_all(b"request").unwrap();
+        let mut buf = [0u8; 16];
+        let e = s.read(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
+        assert!(e.to_string().contains("5103"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(2));
+        assert_eq!(s.write(b"more").unwrap_err().kind(), ErrorKind::ConnectionRefused);
+        // The refusal harmed nothing: an optimistic open to the good port works.
+        let mut s = a.connect_optimistic(at(&b, 5102)).unwrap();
+        s.write_all(b"ok").unwrap();
+    });
+}
+
+#[test]
+fn an_open_carrying_more_than_the_listener_grants_is_refused() {
+    within(30, || {
+        // The opener believes in 64 KiB of open credit; the listener grants 1 KiB.
+        let (a, b) = common::two_hosts_with(|c| c.open_credit = 64 << 10, |c| c.open_credit = 1 << 10);
+        let l = b.bind(5104).unwrap();
+        let mut s = a.connect_optimistic(at(&b, 5104)).unwrap();
+        s.write_all(&[7u8; 4096]).unwrap();
+        let mut buf = [0u8; 16];
+        let e = s.read(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
+        assert!(e.to_string().contains("protocol"), "{e}");
+        // Nothing was queued for the listener; within the grant it works.
+        l.set_nonblocking(true).unwrap();
+        assert_eq!(l.accept().unwrap_err().kind(), ErrorKind::WouldBlock);
+        l.set_nonblocking(false).unwrap();
+        let mut s = a.connect_optimistic(at(&b, 5104)).unwrap();
+        s.write_all(&[7u8; 512]).unwrap();
+        let (mut got, _) = l.accept().unwrap();
+        let mut req = [0u8; 512];
+        got.read_exact(&mut req).unwrap();
+        assert_eq!(req, [7u8; 512]);
+    });
+}

@@ -43,6 +43,11 @@ pub struct ConnectArgs {
     #[arg(long)]
     pub verify: bool,
 
+    /// Open NetChannel vsockets optimistically (config `optimistic_open`): the OPEN leaves
+    /// with the request, no round trip first. Embedded hosts only; TCP runs as usual
+    #[arg(long)]
+    pub optimistic: bool,
+
     #[command(flatten)]
     pub common: CommonOpts,
 }
@@ -62,6 +67,8 @@ pub struct ConnectReport {
     pub connects_per_sec: f64,
     /// Connections measured (server-only run: connections served after its warm-up).
     pub samples: u64,
+    /// NetChannel vsockets were opened optimistically (`--optimistic`).
+    pub optimistic: bool,
     /// Latencies of connect + request/response + close, the measured window, its CPU, knobs.
     #[serde(flatten)]
     pub run: LatencyRun,
@@ -79,8 +86,9 @@ impl Report for ConnectReport {
     fn human(&self) -> String {
         let knobs = self.run.knobs.describe();
         format!(
-            "connect {}{}: {:.0} connections/s ({} in {:.2} s, {} request/response each); {}",
+            "connect {}{}{}: {:.0} connections/s ({} in {:.2} s, {} request/response each); {}",
             self.backend.name(),
+            if self.optimistic { " optimistic" } else { "" },
             if knobs.is_empty() { String::new() } else { format!(" ({knobs})") },
             self.connects_per_sec,
             self.samples,
@@ -101,6 +109,15 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
 
 fn run_one(stack: Stack, args: &ConnectArgs, config: &Config) -> Result<ConnectReport> {
     let common = &args.common;
+    let optimistic = args.optimistic && stack == Stack::Netchannel;
+    if args.optimistic && stack == Stack::Daemon {
+        return Err(Error::from(
+            "--optimistic applies to embedded NetChannel hosts: a daemon's connects are always confirmed",
+        ));
+    }
+    let mut config = config.clone();
+    config.optimistic_open |= optimistic;
+    let config = &config;
     let size = args.size;
     let warmup = rpc::warmup(args.warmup, args.duration);
     let mut net = Net::open(stack, common, config)?;
@@ -122,6 +139,7 @@ fn run_one(stack: Stack, args: &ConnectArgs, config: &Config) -> Result<ConnectR
         size,
         connects_per_sec: run.per_sec(samples as f64),
         samples,
+        optimistic: config.optimistic_open && stack == Stack::Netchannel,
         run,
     })
 }

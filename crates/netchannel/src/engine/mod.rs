@@ -371,13 +371,37 @@ impl Host {
     }
 
     /// Open a throughput-class vsocket to `addr`: the peer host's IP and a vsocket port.
+    /// The connect is confirmed (it returns once the peer accepted, and fails with
+    /// `ConnectionRefused` if nothing listens there), unless the configuration says
+    /// `optimistic_open` (then as [`Host::connect_optimistic`]).
     pub fn connect(&self, addr: SocketAddr) -> io::Result<VStream> {
         self.connect_class(addr, Class::Throughput)
     }
 
-    /// Open a vsocket of the given class to `addr`.
+    /// Open a vsocket of the given class to `addr` (confirmed unless `optimistic_open`).
     pub fn connect_class(&self, addr: SocketAddr, class: Class) -> io::Result<VStream> {
-        VStream::open(self.clone(), addr, class)
+        VStream::open(self.clone(), addr, class, self.guard.inner.cfg.optimistic_open)
+    }
+
+    /// Open a throughput-class vsocket to `addr` optimistically, as TCP Fast Open does:
+    /// return at once, and send the OPEN with the first write, carrying its first bytes (up
+    /// to `open_credit`, which the listening host grants every OPEN) — one frame and no
+    /// round trip before the request leaves. Bytes beyond that wait for the peer's answer.
+    /// A refusal fails the first read or write after it arrives with `ConnectionRefused`
+    /// (a first write may already have succeeded). A vsocket that reads first sends a bare
+    /// OPEN then.
+    ///
+    /// ```no_run
+    /// use std::io::{Read, Write};
+    /// let host = netchannel::Host::start(netchannel::Config::default())?;
+    /// let mut s = host.connect_optimistic("127.0.0.2:7000".parse().unwrap())?;
+    /// s.write_all(b"GET /")?; // leaves with the OPEN
+    /// let mut answer = Vec::new();
+    /// s.read_to_end(&mut answer)?; // a refusal shows here
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn connect_optimistic(&self, addr: SocketAddr) -> io::Result<VStream> {
+        VStream::open(self.clone(), addr, Class::Throughput, true)
     }
 
     /// Listen for vsockets on `port` of this host.
@@ -674,8 +698,8 @@ impl HostInner {
                 Some(v) => v.on_credit(received, limit, fin_received),
                 None => self.on_stale_frame(&peer, vsock, Stale::Credit),
             },
-            Frame::Open { src_vsock, src_port, dst_port, class, credit } => {
-                self.on_open(&peer, src_vsock, src_port, dst_port, class, credit);
+            Frame::Open { .. } => {
+                self.on_open(&peer, &frame);
             }
             Frame::OpenOk { vsock, src_vsock, credit } => {
                 if let Some(v) = mine(vsock) {
@@ -714,19 +738,22 @@ impl HostInner {
         Ok(())
     }
 
-    fn on_open(
-        self: &Arc<Self>,
-        peer: &Arc<Peer>,
-        src: u32,
-        src_port: u16,
-        dst_port: u16,
-        class: Class,
-        credit: u64,
-    ) {
+    /// An OPEN arrived (`open` is a [`Frame::Open`]).
+    fn on_open(self: &Arc<Self>, peer: &Arc<Peer>, open: &Frame<'_>) {
+        let &Frame::Open { src_vsock: src, src_port, dst_port, class, credit, payload } = open else {
+            return;
+        };
         let listener = self.listeners.lock().unwrap().get(&dst_port).cloned();
         let refuse = |reason| {
             peer.send_control(class, src, &Frame::Refused { vsock: src, reason });
         };
+        if payload.len() > self.cfg.open_credit {
+            // More than this host grants an optimistic OPEN: the opener does not follow
+            // the protocol (or its open_credit is larger than ours).
+            self.totals.bad_frames.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer = %peer.key, port = dst_port, bytes = payload.len(), grant = self.cfg.open_credit, "refused an OPEN carrying more than open_credit");
+            return refuse(Reason::Protocol);
+        }
         // An OPEN sent again after a channel died (its OPEN_OK may have been lost): answer
         // for the vsocket it opened already. Held until the new vsocket is in the table, so
         // two copies arriving on two channels at once open one vsocket.
@@ -741,6 +768,10 @@ impl HostInner {
         if let Some(v) = existing {
             let ok = Frame::OpenOk { vsock: src, src_vsock: v.id, credit: self.cfg.recv_buffer as u64 };
             peer.send_control(v.class(), src, &ok);
+            if !payload.is_empty() {
+                // A copy: discarded by offset unless the first one's bytes were lost.
+                v.on_data(0, payload, false);
+            }
             return;
         }
         let Some(l) = listener else { return refuse(Reason::NoListener) };
@@ -777,6 +808,10 @@ impl HostInner {
             src,
             &Frame::OpenOk { vsock: src, src_vsock: id, credit: self.cfg.recv_buffer as u64 },
         );
+        if !payload.is_empty() {
+            // An optimistic open's first bytes: readable as soon as it is accepted.
+            vs.on_data(0, payload, false);
+        }
         if !l.push(vs.clone()) {
             vs.close();
         }

@@ -363,6 +363,11 @@ impl Plan {
                 self.jobs.push(job("tcp", "1conn", "1 connection", base(mode, "tcp", d), expected));
                 let label = if e == Experiment::Pingpong { "latency class" } else { "a vsocket each" };
                 self.jobs.push(job("netchannel", "default", label, base(mode, "netchannel", d), expected));
+                if e == Experiment::Connect {
+                    let mut args = base(mode, "netchannel", d);
+                    args.push("--optimistic".to_string());
+                    self.jobs.push(job("netchannel", "optimistic", "optimistic open", args, expected));
+                }
                 let label = if e == Experiment::Pingpong {
                     "through daemons, latency class"
                 } else {
@@ -925,12 +930,13 @@ mod tests {
         // 4 channels with 1 copy worker is in both sweeps but runs once.
         assert_eq!(names.iter().filter(|n| *n == "stream_netchannel_ch4-cw1_rep1.json").count(), 1);
         assert!(names.contains(&"pingpong_daemon_default_rep2.json".to_string()));
-        // stream: tcp, 5 netchannel, daemon; short: tcp, 3 netchannel, daemon; ping-pong and
-        // connect: tcp, netchannel, daemon; isolation.
+        // stream: tcp, 5 netchannel, daemon; short: tcp, 3 netchannel, daemon; ping-pong:
+        // tcp, netchannel, daemon; connect: the same and netchannel optimistic; isolation.
+        assert!(names.contains(&"connect_netchannel_optimistic_rep1.json".to_string()));
         assert!(names.contains(&"redis_both_c50_rep1.json".to_string()));
         assert!(names.contains(&"redis_both_c1_rep2.json".to_string()));
         // ...; redis: 50 clients at every depth, 1 client at depth 1.
-        assert_eq!(names.len(), 2 * ((1 + 5 + 1) + (1 + 3 + 1) + 3 + 3 + 1 + 2));
+        assert_eq!(names.len(), 2 * ((1 + 5 + 1) + (1 + 3 + 1) + 3 + 4 + 1 + 2));
         let total = plan.expected_secs();
         assert!(total > 60.0 && total < 150.0, "{total}");
     }
