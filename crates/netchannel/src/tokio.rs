@@ -23,9 +23,15 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> std::io::Result<()> {
-//! // Two hosts in one process, on two loopback addresses.
-//! // A port free on 127.0.0.1 just now.
-//! let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+//! // Two hosts in one process, on two loopback addresses, with the same channel port: one
+//! // free on both just now.
+//! use std::net::TcpListener;
+//! let port = loop {
+//!     let p = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+//!     if TcpListener::bind(("127.0.0.2", p)).is_ok() {
+//!         break p;
+//!     }
+//! };
 //! let mut cfg = netchannel::Config::default();
 //! cfg.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
 //! let a = netchannel::Host::start(cfg.clone())?;
