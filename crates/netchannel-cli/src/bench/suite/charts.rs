@@ -266,7 +266,15 @@ fn connect(plan: &Plan, records: &[Record]) -> Figure {
         title: "Connection rate: connect + 4 KiB RPC + close".into(),
         x_title: "backend".into(),
         y_title: "connections per second".into(),
-        groups: vs.iter().map(|v| v.backend.to_string()).collect(),
+        // A variant other than a backend's default (netchannel's optimistic open) is named
+        // under its bar.
+        groups: vs
+            .iter()
+            .map(|v| match v.variant.as_str() {
+                "default" | "1conn" => v.backend.to_string(),
+                other => format!("{} {other}", v.backend),
+            })
+            .collect(),
         group_notes: vec![],
         series: vec![BarSeries {
             name: String::new(),
