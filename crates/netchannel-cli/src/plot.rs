@@ -404,6 +404,9 @@ pub struct LineChart {
     pub y_scale: Scale,
     /// Values the y axis must hold besides the data (to give panels side by side one range).
     pub y_include: Vec<f64>,
+    /// Labelled x ticks `(x, label)`; empty: a tick at each x value of the data, labelled
+    /// with it.
+    pub x_ticks: Vec<(f64, String)>,
     /// A line of small print under the chart.
     pub note: Option<String>,
 }
@@ -693,15 +696,32 @@ fn y_label_area<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, axis: &Axis) 
     widest + 2 * TICK as u32 + LABEL_PX as u32 + 14
 }
 
-/// The mesh every chart shares: light grey grid at the y ticks (lighter at a log axis' 2..9),
-/// black axes, the tick labels of `x` and `y`, the axis titles.
-fn draw_mesh<DB: DrawingBackend>(
-    chart: &mut Plot<'_, DB>,
+/// The coordinates and the mesh every chart shares in `plot_area` (inside the panel `area`):
+/// room under the plot for the x tick labels, `extra_lines` more lines of them and the x
+/// title, beside it for the y tick labels and title; a light grey grid at the y ticks
+/// (lighter at a log axis' 2..9), black axes.
+fn axes<'a, DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    plot_area: &'a DrawingArea<DB, Shift>,
     x: &Axis,
     y: &Axis,
     x_title: &str,
     y_title: &str,
-) -> Drawn {
+    extra_lines: u32,
+) -> Drawn<Plot<'a, DB>> {
+    let label = LABEL_PX as u32;
+    let x_area = 2 * TICK as u32
+        + label
+        + 8
+        + extra_lines * (label + 6)
+        + if x_title.is_empty() { 0 } else { label + 2 };
+    let mut chart = ChartBuilder::on(plot_area)
+        .margin_left(PAD)
+        .margin_right(PAD + 8)
+        .margin_top(8)
+        .x_label_area_size(x_area)
+        .y_label_area_size(y_label_area(area, y))
+        .build_cartesian_2d(x.clone(), y.clone())?;
     let black = rgb(BLACK);
     let x_fmt = |v: &f64| x.label(*v);
     let y_fmt = |v: &f64| y.label(*v);
@@ -722,7 +742,7 @@ fn draw_mesh<DB: DrawingBackend>(
         mesh.y_desc(y_title);
     }
     mesh.draw()?;
-    Ok(())
+    Ok(chart)
 }
 
 type Plot<'a, DB> = ChartContext<'a, DB, plotters::coord::cartesian::Cartesian2d<Axis, Axis>>;
@@ -795,19 +815,11 @@ impl LineChart {
     ) -> Drawn {
         let y = self.y_axis();
         let xs: Vec<f64> = self.series.iter().flat_map(|s| s.points.iter().map(|p| p.x)).collect();
-        let x = Axis::at_values(&xs);
-        let x_area = 2 * TICK as u32
-            + LABEL_PX as u32
-            + 8
-            + if self.x_title.is_empty() { 0 } else { LABEL_PX as u32 + 2 };
-        let mut chart = ChartBuilder::on(plot_area)
-            .margin_left(PAD)
-            .margin_right(PAD + 8)
-            .margin_top(8)
-            .x_label_area_size(x_area)
-            .y_label_area_size(y_label_area(area, &y))
-            .build_cartesian_2d(x.clone(), y.clone())?;
-        draw_mesh(&mut chart, &x, &y, &self.x_title, &self.y_title)?;
+        let mut x = Axis::at_values(&xs);
+        if !self.x_ticks.is_empty() {
+            x.ticks.clone_from(&self.x_ticks);
+        }
+        let mut chart = axes(area, plot_area, &x, &y, &self.x_title, &self.y_title, 0)?;
         if self.baselines.is_empty() && self.series.iter().all(|s| s.points.is_empty()) {
             no_data(&mut chart, &x, &y)?;
         }
@@ -879,19 +891,8 @@ impl BarChart {
         let y = self.y_axis();
         let x = Axis::categories(&self.groups);
         let has_notes = self.group_notes.iter().any(|n| !n.is_empty());
-        let x_area = 2 * TICK as u32
-            + LABEL_PX as u32
-            + 8
-            + if has_notes { LABEL_PX as u32 + 6 } else { 0 }
-            + if self.x_title.is_empty() { 0 } else { LABEL_PX as u32 + 2 };
-        let mut chart = ChartBuilder::on(plot_area)
-            .margin_left(PAD)
-            .margin_right(PAD + 8)
-            .margin_top(8)
-            .x_label_area_size(x_area)
-            .y_label_area_size(y_label_area(area, &y))
-            .build_cartesian_2d(x.clone(), y.clone())?;
-        draw_mesh(&mut chart, &x, &y, &self.x_title, &self.y_title)?;
+        let notes = u32::from(has_notes);
+        let mut chart = axes(area, plot_area, &x, &y, &self.x_title, &self.y_title, notes)?;
         if self.series.iter().all(|s| s.values.iter().all(Option::is_none)) {
             no_data(&mut chart, &x, &y)?;
         }
@@ -971,6 +972,7 @@ mod tests {
             }],
             y_scale: Scale::Linear,
             y_include: vec![],
+            x_ticks: vec![],
             note: Some("median of 3".into()),
         })
     }
@@ -1053,6 +1055,22 @@ mod tests {
             assert!(texts.iter().any(|t| t == text), "no text {text:?} in the SVG: {texts:?}");
         }
         assert!(svg.contains(r#"font-family="sans-serif""#), "text is in the sans-serif family");
+    }
+
+    #[test]
+    fn x_ticks_replace_the_data_values_as_labels() {
+        let Chart::Line(mut chart) = line_chart() else { unreachable!() };
+        for p in &mut chart.series[0].points {
+            p.x = p.x.log2(); // 1, 2, 4 at 0, 1, 2
+        }
+        chart.x_ticks = vec![(0.0, "-P 1".into()), (1.0, "-P 2".into()), (2.0, "-P 4".into())];
+        let fig = Figure { width: 800, height: 500, panels: vec![Chart::Line(chart)] };
+        let texts = svg_texts(&fig.to_svg().unwrap());
+        for label in ["-P 1", "-P 2", "-P 4"] {
+            assert!(texts.iter().any(|t| t == label), "no x label {label:?}: {texts:?}");
+        }
+        // The data's own x values (0, 1, 2; the y axis has 0) are not labels.
+        assert!(!texts.iter().any(|t| t == "1" || t == "2"), "{texts:?}");
     }
 
     /// The heights, in pixels, of the tallest column of each colour in `colors`.

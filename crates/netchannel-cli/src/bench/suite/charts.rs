@@ -112,6 +112,7 @@ fn stream(plan: &Plan, records: &[Record]) -> Figure {
             baselines: baselines.clone(),
             y_scale: Scale::Linear,
             y_include: y_include.clone(),
+            x_ticks: vec![],
             note: Some(line_note(plan)),
         })
     };
@@ -158,6 +159,7 @@ fn short(plan: &Plan, records: &[Record]) -> Figure {
             baselines,
             y_scale: Scale::Linear,
             y_include: vec![],
+            x_ticks: vec![],
             note: Some(line_note(plan)),
         })],
     }
@@ -264,7 +266,15 @@ fn connect(plan: &Plan, records: &[Record]) -> Figure {
         title: "Connection rate: connect + 4 KiB RPC + close".into(),
         x_title: "backend".into(),
         y_title: "connections per second".into(),
-        groups: vs.iter().map(|v| v.backend.to_string()).collect(),
+        // A variant other than a backend's default (netchannel's optimistic open) is named
+        // under its bar.
+        groups: vs
+            .iter()
+            .map(|v| match v.variant.as_str() {
+                "default" | "1conn" => v.backend.to_string(),
+                other => format!("{} {other}", v.backend),
+            })
+            .collect(),
         group_notes: vec![],
         series: vec![BarSeries {
             name: String::new(),
@@ -292,7 +302,7 @@ fn connect(plan: &Plan, records: &[Record]) -> Figure {
 }
 
 /// Experiment 7: requests/s against queue depth, one panel per redis-benchmark test, TCP and
-/// NetChannel (through daemons) as lines; x is log2 of the depth.
+/// NetChannel (through daemons) as lines; x is log2 of the depth, labelled with the depth.
 fn redis(plan: &Plan, records: &[Record]) -> Figure {
     let e = Experiment::Redis;
     let rs = reports(records, e, "both", "c50");
@@ -303,6 +313,9 @@ fn redis(plan: &Plan, records: &[Record]) -> Figure {
             tests.push(t.clone());
         }
     }
+    let mut depths: Vec<u32> = points.iter().map(|&(_, d)| d).collect();
+    depths.sort_unstable();
+    depths.dedup();
     if tests.is_empty() {
         tests = vec!["GET".into(), "SET".into()];
     }
@@ -316,7 +329,7 @@ fn redis(plan: &Plan, records: &[Record]) -> Figure {
         };
         Chart::Line(LineChart {
             title: format!("Redis (7): {test}, 50 clients"),
-            x_title: "log2 of queue depth (-P 1 = 0, -P 64 = 6)".into(),
+            x_title: "queue depth (redis-benchmark -P), log scale".into(),
             y_title: "requests per second".into(),
             series: vec![
                 Series {
@@ -329,6 +342,7 @@ fn redis(plan: &Plan, records: &[Record]) -> Figure {
             baselines: vec![],
             y_scale: Scale::Log,
             y_include: vec![],
+            x_ticks: depths.iter().map(|&d| (f64::from(d).log2(), d.to_string())).collect(),
             note: Some(note(plan)),
         })
     };
