@@ -43,7 +43,10 @@ impl Bar {
     /// A run of unknown length: a spinner, the time so far and the caller's message.
     pub fn spinner() -> Bar {
         let bar = Bar::styled(None, "{spinner} {elapsed:>4} {wide_msg}", ProgressDrawTarget::stderr());
-        bar.bar.enable_steady_tick(Duration::from_millis(200));
+        // The spinner turns on a ticker thread of its own; none where nothing is drawn.
+        if !bar.is_hidden() {
+            bar.bar.enable_steady_tick(Duration::from_millis(200));
+        }
         bar
     }
 
