@@ -306,9 +306,9 @@ fn connections_over_max_connections_are_refused_and_the_honest_stream_goes_on() 
     a_cap_refuses("cap-conn", "", "max_connections = 16", "connections", "daemon.max_connections");
 }
 
-/// Garbage, truncated and oversized messages on the control socket: the daemon hangs up on
-/// each such connection (after an error answer where one can be given), counts it, and the
-/// honest stream of another client goes on. Random bytes on its channel port are refused and
+/// Garbage, truncated, oversized and stalled messages on the control socket: the daemon hangs
+/// up on each such connection (after an error answer where one can be given), counts it, and
+/// the honest stream of another client goes on. Random bytes on its channel port are refused and
 /// counted too.
 #[test]
 fn garbage_truncated_and_oversized_control_messages_disconnect_only_that_client() {
@@ -339,13 +339,18 @@ fn garbage_truncated_and_oversized_control_messages_disconnect_only_that_client(
             let _ = s.shutdown(Shutdown::Write);
             hung_up(&mut s).unwrap_or_else(|e| panic!("the daemon did not hang up on {what}: {e}"));
         }
+        // A request begun and never finished: hung up on at the request timeout (5 s).
+        let mut stalled = UnixStream::connect(&da.socket).unwrap();
+        stalled.write_all(b"\x00\x00").unwrap();
+        stalled.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        hung_up(&mut stalled).unwrap_or_else(|e| panic!("the daemon waited on a stalled request: {e}"));
         let mut t = TcpStream::connect(da.addr).unwrap();
         t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let _ = t.write_all(&[0x5a; 4096]);
         let _ = t.read_to_end(&mut Vec::new());
         honest.finish();
         let st = da.status();
-        assert!(st["totals"]["clients_disconnected"].as_u64().unwrap() >= junk.len() as u64, "{st}");
+        assert!(st["totals"]["clients_disconnected"].as_u64().unwrap() > junk.len() as u64, "{st}");
         let bad =
             st["totals"]["channels_refused"].as_u64().unwrap() + st["totals"]["bad_frames"].as_u64().unwrap();
         assert!(bad >= 1, "garbage on the channel port is counted: {st}");
@@ -573,5 +578,30 @@ fn malformed_frame_warnings_are_rate_limited() {
         let lines = log.lines().filter(|l| l.contains("malformed frame")).count();
         assert!((1..64).contains(&lines), "{lines} warnings for 64 malformed frames:\n{log}");
         assert!(log.contains("suppressed="), "the count of warnings left out: {log}");
+    });
+}
+
+/// Defect 7: a daemon whose channel port is taken fails saying only why; the notice that its
+/// channels would not be authenticated comes only once the port is bound.
+#[test]
+fn a_daemon_whose_channel_port_is_in_use_says_only_why() {
+    within(60, || {
+        let d = dir("portinuse");
+        let (a, _) = addr_pair();
+        let _da = Daemon::start(&d.0, "a", a, "");
+        let cfg = d.0.join("second.toml");
+        let second = d.0.join("second.sock");
+        std::fs::write(&cfg, format!("listen = \"{a}\"\n[daemon]\nsocket = \"{}\"\n", second.display()))
+            .unwrap();
+        let out =
+            finish(netchannel(&["up", "--config", cfg.to_str().unwrap()]).spawn().unwrap(), "second up");
+        assert!(!out.status.success());
+        assert!(
+            out.stderr.contains("cannot listen for channels") && out.stderr.contains(&a.to_string()),
+            "{}",
+            out.stderr
+        );
+        assert!(!out.stderr.contains("not authenticated"), "{}", out.stderr);
+        assert!(!second.exists(), "the failed daemon left its socket behind");
     });
 }

@@ -8,9 +8,10 @@
 //! app with `SCM_RIGHTS` together with the vsocket's eventfd doorbell.
 //!
 //! Control messages are one length-prefixed JSON object each way: a 4-byte big-endian length
-//! (at most [`MAX_MESSAGE`]) then the object. A client that sends anything else, or lies in
+//! (at most [`MAX_MESSAGE`]) then the object. A client that sends anything else, does not
+//! finish a request within 5 s of its first byte or take an answer within 5 s, or lies in
 //! its vsocket headers, is disconnected; its vsockets are closed and no other client is
-//! touched.
+//! touched. Between requests a connection may stay idle for as long as the client likes.
 //!
 //! The daemon's caps (`[daemon] max_connections`, `max_connections_per_process`,
 //! `max_vsockets_per_process`, `max_buffer_per_process`, `max_buffer`; docs/config.md) bound

@@ -37,6 +37,9 @@ use crate::wire::Class;
 
 /// How long a connection answered at the descriptor limit may take to send its request.
 const AT_FD_LIMIT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a client has to send the rest of a request once it has begun one, and to take
+/// an answer: a stalled client cannot hold its daemon thread.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a blocked accept checks that its client is still there.
 const ACCEPT_SLICE: Duration = Duration::from_millis(100);
 
@@ -71,6 +74,8 @@ struct State {
     limits_refused: AtomicU64,
     /// Warnings of refusals by a cap.
     limit_warnings: Throttle,
+    /// Warnings of clients disconnected for bad control messages.
+    bad_clients: Throttle,
 }
 
 /// What the vsockets served to apps hold against the caps, per process and in total.
@@ -152,6 +157,20 @@ struct Conn {
     sock: Arc<UnixStream>,
 }
 
+/// Wait until `s` has something to read or hung up; false if polling failed.
+fn readable(s: &UnixStream) -> bool {
+    let mut p = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    loop {
+        // SAFETY: one valid pollfd, no timeout.
+        if unsafe { libc::poll(&mut p, 1, -1) } >= 0 {
+            return true;
+        }
+        if io::Error::last_os_error().kind() != ErrorKind::Interrupted {
+            return false;
+        }
+    }
+}
+
 /// The credentials of the process at the other end of a Unix socket.
 fn peer_cred(s: &UnixStream) -> io::Result<libc::ucred> {
     let mut c = libc::ucred { pid: 0, uid: 0, gid: 0 };
@@ -218,12 +237,6 @@ impl Server {
         // checked on every connection).
         let open = !cfg.daemon.allowed_uids.is_empty() || !cfg.daemon.allowed_gids.is_empty();
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(if open { 0o666 } else { 0o600 }))?;
-        if cfg.auth_key_file.is_none() {
-            tracing::warn!(
-                listen = %cfg.listen,
-                "channels of this daemon are not authenticated: any host can open them; set auth_key_file"
-            );
-        }
         let host = match Host::start_shared(cfg.clone()) {
             Ok(h) => h,
             Err(e) => {
@@ -231,6 +244,13 @@ impl Server {
                 return Err(e);
             }
         };
+        // Once the channel port is bound: a start that fails says only why.
+        if cfg.auth_key_file.is_none() {
+            tracing::warn!(
+                listen = %cfg.listen,
+                "channels of this daemon are not authenticated: any host can open them; set auth_key_file"
+            );
+        }
         let st = Arc::new(State {
             host,
             socket,
@@ -248,6 +268,7 @@ impl Server {
             ledger: Arc::new(Mutex::new(Ledger::default())),
             limits_refused: AtomicU64::new(0),
             limit_warnings: Throttle::new(),
+            bad_clients: Throttle::new(),
             cfg,
         });
         let p = st.clone();
@@ -530,14 +551,37 @@ impl State {
 
     fn serve(self: Arc<Self>, s: Arc<UnixStream>, conn: u64, pid: i32, uid: u32) {
         let _span = tracing::error_span!("client", pid, uid, conn).entered();
+        // An answer the client does not take within the timeout ends the connection.
+        let _ = s.set_write_timeout(Some(REQUEST_TIMEOUT));
         loop {
-            let (body, _fds) = match recv_msg(s.as_raw_fd(), MAX_REQUEST) {
+            // Idle between requests as long as the client likes; a request, once begun,
+            // must be whole within the timeout.
+            if !readable(&s) {
+                break;
+            }
+            let _ = s.set_read_timeout(Some(REQUEST_TIMEOUT));
+            let msg = recv_msg(s.as_raw_fd(), MAX_REQUEST);
+            let _ = s.set_read_timeout(None);
+            let (body, _fds) = match msg {
                 Ok(Some(m)) => m,
                 Ok(None) => break,
                 Err(e) => {
                     if !self.stopping.load(Ordering::SeqCst) && e.kind() != ErrorKind::ConnectionReset {
                         self.clients_disconnected.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(error = %e, "the client sent a bad control message: disconnected");
+                        let e = if e.kind() == ErrorKind::WouldBlock {
+                            io::Error::new(
+                                ErrorKind::TimedOut,
+                                format!(
+                                    "no whole request within {} s of its start",
+                                    REQUEST_TIMEOUT.as_secs()
+                                ),
+                            )
+                        } else {
+                            e
+                        };
+                        if let Some(n) = self.bad_clients.allow() {
+                            tracing::warn!(error = %e, "the client sent a bad control message: disconnected{}", suppressed_note(n));
+                        }
                     }
                     break;
                 }
@@ -546,7 +590,9 @@ impl State {
                 Ok(r) => r,
                 Err(e) => {
                     self.clients_disconnected.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "the client sent an invalid request: disconnected");
+                    if let Some(n) = self.bad_clients.allow() {
+                        tracing::warn!(error = %e, "the client sent an invalid request: disconnected{}", suppressed_note(n));
+                    }
                     let e = io::Error::new(ErrorKind::InvalidData, format!("invalid request: {e}"));
                     let _ = send_msg(s.as_raw_fd(), &Response::error(&e), &[]);
                     break;
