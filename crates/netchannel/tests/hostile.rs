@@ -349,3 +349,32 @@ fn the_daemon_refuses_a_socket_path_that_holds_a_regular_file() {
         let _ = std::fs::remove_dir_all(&dir);
     });
 }
+
+/// Defect 2: a channel that claims to belong to a live peer's mesh (its HELLO names the
+/// peer's address and host id) from another address is refused, naming both addresses,
+/// and the peer's channels are all still its own.
+#[test]
+fn a_hello_claiming_a_live_peers_address_from_another_ip_is_refused() {
+    within(60, || {
+        let (a, b) = common::two_hosts(|_| {});
+        let l = b.bind(7650).unwrap();
+        let c = a.connect(common::at(&b, 7650)).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let a_chan = a.local_addr();
+        let mut imp = dial_from(nearby_ip(a_chan, 5), b.local_addr());
+        imp.write_all(&hello_from(a_chan, 0x5EED)).unwrap();
+        let raw = read_raw(&mut imp).expect("an answer to the impostor");
+        match wire::decode(&raw) {
+            Ok((Frame::Reset { message, .. }, _)) => {
+                assert!(message.contains("claims") && message.contains(&a_chan.ip().to_string()), "{message}")
+            }
+            other => panic!("the impostor's HELLO was not refused: {other:?}"),
+        }
+        assert!(closed_within(&mut imp, 6), "the impostor's connection was kept");
+        assert!(b.stats().channels.iter().all(|ch| ch.peer == a_chan), "{:?}", b.stats().channels);
+        (&c).write_all(b"still").unwrap();
+        let mut got = [0u8; 5];
+        (&s).read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"still");
+    });
+}
