@@ -28,6 +28,18 @@ pub fn color(backend: &str) -> Rgb {
     }
 }
 
+/// The colour of each of `vs`: its backend's, lighter for each further variant of the same
+/// backend (netchannel's optimistic open beside its default), so bars and legend tell them apart.
+fn variant_colors(vs: &[super::summary::Variant]) -> Vec<Rgb> {
+    vs.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let earlier = vs[..i].iter().filter(|w| w.backend == v.backend).count();
+            lighten(color(v.backend), (0.45 * earlier as f64).min(0.8))
+        })
+        .collect()
+}
+
 fn note(plan: &Plan) -> String {
     format!("median of {} rep{}; whiskers: min-max", plan.reps, if plan.reps == 1 { "" } else { "s" })
 }
@@ -217,9 +229,10 @@ fn isolation(plan: &Plan, records: &[Record]) -> Figure {
 
 /// Bars per backend of the latency percentiles of a mode's report.
 fn percentile_bars(plan: &Plan, records: &[Record], e: Experiment) -> Vec<BarSeries> {
-    variants(plan, e)
-        .iter()
-        .map(|v| {
+    let vs = variants(plan, e);
+    vs.iter()
+        .zip(variant_colors(&vs))
+        .map(|(v, c)| {
             let stats: Vec<Option<Stat>> = ["p50_us", "p99_us", "p999_us"]
                 .iter()
                 .map(|k| stat(records, e, v.backend, &v.variant, &[k]))
@@ -230,7 +243,7 @@ fn percentile_bars(plan: &Plan, records: &[Record], e: Experiment) -> Vec<BarSer
                 } else {
                     format!("{} ({})", v.backend, v.label)
                 },
-                color: color(v.backend),
+                color: c,
                 bar_colors: vec![],
                 values: stats.iter().map(|s| s.map(|s| s.median)).collect(),
                 ranges: stats.iter().map(|s| s.map(|s| s.range())).collect(),
@@ -279,7 +292,7 @@ fn connect(plan: &Plan, records: &[Record]) -> Figure {
         series: vec![BarSeries {
             name: String::new(),
             color: BLUE,
-            bar_colors: vs.iter().map(|v| color(v.backend)).collect(),
+            bar_colors: variant_colors(&vs),
             values: stats.iter().map(|s| s.map(|s| s.median)).collect(),
             ranges: stats.iter().map(|s| s.map(|s| s.range())).collect(),
         }],
