@@ -85,11 +85,10 @@ pub(crate) struct Channel {
     host: Weak<HostInner>,
     /// Caps of one write: bytes and frames (`write_batch`, `write_batch_frames`).
     batch: (usize, usize),
-    /// Another descriptor of the socket, for reading its send queue depth without taking the
-    /// writer (whoever holds the writer must flush).
-    stat_sock: Option<std::net::TcpStream>,
     /// The descriptor that is read and registered in the worker's poll. It lives as long as
-    /// the channel, so its number is never reused while an app thread may poll it.
+    /// the channel, so its number is never reused while an app thread may poll it. Also
+    /// where the socket's send queue depth and congestion control are read, without taking
+    /// the writer (whoever holds the writer must flush).
     read_sock: std::net::TcpStream,
     /// Whoever reads the channel holds this: its worker, or an app thread reading inline.
     reader: Mutex<Reader>,
@@ -145,7 +144,6 @@ impl Channel {
         write_sock: std::net::TcpStream,
     ) -> Arc<Channel> {
         let token = host.next_token.fetch_add(1, Ordering::Relaxed);
-        let stat_sock = write_sock.try_clone().ok();
         // Latency channels get the latency workers when there are any.
         let bulk = host.cfg.channel_workers;
         let worker = match host.workers.len() - bulk {
@@ -166,7 +164,6 @@ impl Channel {
             counters: Counters::default(),
             host: Arc::downgrade(host),
             batch: (host.cfg.write_batch, host.cfg.write_batch_frames),
-            stat_sock,
             read_sock,
             reader: Mutex::new(Reader { rbuf: vec![0; READ_BUF], rstart: 0, rend: 0 }),
             watch: Mutex::new(Watch::default()),
@@ -251,10 +248,9 @@ impl Channel {
         [q.depth(Lane::Control), q.depth(Lane::Latency), q.depth(Lane::Bulk)]
     }
 
-    /// Bytes handed to the kernel socket and not yet sent (`SIOCOUTQNSD`); 0 if unknown.
     /// The congestion control of the channel's socket; empty when it is down.
     pub(crate) fn congestion(&self) -> String {
-        let Some(sock) = self.stat_sock.as_ref() else { return String::new() };
+        let sock = &self.read_sock;
         if !self.up.load(Ordering::Acquire) {
             return String::new();
         }
@@ -264,9 +260,9 @@ impl Channel {
             .unwrap_or_default()
     }
 
+    /// Bytes handed to the kernel socket and not yet sent (`SIOCOUTQNSD`); 0 if unknown.
     pub(crate) fn kernel_unsent(&self) -> usize {
-        use std::os::fd::AsRawFd;
-        let Some(sock) = self.stat_sock.as_ref() else { return 0 };
+        let sock = &self.read_sock;
         if !self.up.load(Ordering::Acquire) {
             return 0;
         }
