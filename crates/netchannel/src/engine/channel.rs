@@ -281,9 +281,16 @@ impl Channel {
     ///
     /// Must not be called while holding a vsocket's `tx` lock (writing takes it).
     pub(crate) fn push_frame(&self, frame: &Frame<'_>) {
-        let mut bytes = Vec::with_capacity(frame.encoded_len());
-        frame.encode(&mut bytes);
-        self.enqueue(OutFrame::Control(bytes));
+        self.push_frames(std::slice::from_ref(frame));
+    }
+
+    /// Queue control frames in order and write them (with whatever else is urgent) at once.
+    pub(crate) fn push_frames(&self, frames: &[Frame<'_>]) {
+        for frame in frames {
+            let mut bytes = Vec::with_capacity(frame.encoded_len());
+            frame.encode(&mut bytes);
+            self.enqueue(OutFrame::Control(bytes));
+        }
         self.send_now();
     }
 
@@ -575,7 +582,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
             // An app thread reading inline has it: it reads what arrived, and the edge for
             // anything it leaves comes back when it gives the channel back.
             let Ok(mut rd) = conn.ch.reader.try_lock() else { continue };
-            let res = read_some(&host, &conn.ch, &mut rd);
+            let res = read_some(&host, &conn.ch, &mut rd, &|| false);
             drop(rd);
             match res {
                 Ok(true) => again.push(t),
@@ -626,7 +633,15 @@ fn poll_spinning(
 }
 
 /// Read and dispatch frames. Ok(true): budget used up with more possibly left to read.
-fn read_some(host: &Arc<HostInner>, ch: &Arc<Channel>, c: &mut Reader) -> Result<bool, String> {
+/// Read and dispatch until the socket would block (`Ok(false)`), the read budget is spent
+/// (`Ok(true)`) or `enough` says the caller has what it waited for (`Ok(false)`: an inline
+/// reader stops there, and handing the channel back re-arms the worker's edge for the rest).
+fn read_some(
+    host: &Arc<HostInner>,
+    ch: &Arc<Channel>,
+    c: &mut Reader,
+    enough: &dyn Fn() -> bool,
+) -> Result<bool, String> {
     let mut budget = READ_BUDGET;
     loop {
         if c.rend == c.rbuf.len() {
@@ -646,6 +661,9 @@ fn read_some(host: &Arc<HostInner>, ch: &Arc<Channel>, c: &mut Reader) -> Result
                 c.rend += n;
                 ch.counters.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                 parse(host, ch, c)?;
+                if enough() {
+                    return Ok(false);
+                }
                 budget = budget.saturating_sub(n);
                 if budget == 0 {
                     return Ok(true);
@@ -859,7 +877,7 @@ pub(crate) fn read_inline(
     }
     let mut failed = None;
     loop {
-        if let Err(reason) = read_some(host, ch, &mut rd) {
+        if let Err(reason) = read_some(host, ch, &mut rd, &done) {
             failed = Some(reason);
             break;
         }
