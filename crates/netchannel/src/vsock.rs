@@ -395,7 +395,12 @@ impl VSock {
     }
 
     fn credit_frame(&self, c: Credit) -> Frame<'static> {
-        Frame::Credit { vsock: self.remote_id(), received: c.received, limit: c.limit, fin_received: c.fin_received }
+        Frame::Credit {
+            vsock: self.remote_id(),
+            received: c.received,
+            limit: c.limit,
+            fin_received: c.fin_received,
+        }
     }
 
     /// The DATA header and the send-ring parts of the queued segment `[offset, offset + len)`:
@@ -505,7 +510,8 @@ impl VSock {
             // same write.
             let held = self.rx.lock().unwrap().st.credit_due();
             let fin = Frame::Fin { vsock: self.remote_id(), offset };
-            let frames: Vec<Frame<'_>> = held.map(|c| self.credit_frame(c)).into_iter().chain([fin]).collect();
+            let frames: Vec<Frame<'_>> =
+                held.map(|c| self.credit_frame(c)).into_iter().chain([fin]).collect();
             self.peer.send_controls(self.class(), self.home, &frames);
         }
     }
