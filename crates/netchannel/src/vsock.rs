@@ -1305,8 +1305,11 @@ impl VStream {
             // its worker has read it.
             // Either way the state is looked at again: the lock was let go meanwhile.
             if inline {
-                drop(tx);
+                // Counted under the lock that OPEN_OK is recorded under: an answer recorded
+                // after the look above moves the count past `seen`. (Read after letting go,
+                // an answer in between was counted already and the wait slept to its deadline.)
                 let seen = vs.rx_events.load(Ordering::SeqCst);
+                drop(tx);
                 inline = vs.wait_inline(Some(deadline), || vs.rx_events.load(Ordering::SeqCst) != seen);
                 tx = vs.tx.lock().unwrap();
                 continue;
