@@ -159,7 +159,7 @@ fn total(d: &Daemon, key: &str) -> u64 {
 }
 
 #[test]
-fn c_program_socket_surface_over_vsockets() {
+fn c_program_socket_surface_over_the_relay_fallback() {
     c_program(DataPath::Relay);
 }
 
@@ -197,8 +197,79 @@ fn c_program(path: DataPath) {
     }
 }
 
+/// Compile tests/preload/sockets.c into `dir`; its path.
+fn sockets_program(dir: &Path) -> String {
+    let exe = dir.join("sockets");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/preload/sockets.c");
+    let st = Command::new("cc").args(["-O1", "-Wall", "-o"]).arg(&exe).arg(&src).status().unwrap();
+    assert!(st.success(), "cc {}", src.display());
+    exe.to_str().unwrap().to_string()
+}
+
+/// Kills a whole process group (a server and the workers it forked) when dropped.
+struct KillGroup(i32);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on a process group this test started.
+        unsafe { libc::kill(-self.0, libc::SIGKILL) };
+    }
+}
+
+fn open_fds(pid: u64) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Wait (at most 20 s) until neither daemon holds a vsocket or a parked arrival.
+fn wait_until_idle(ds: &[&Daemon]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for d in ds {
+        while total(d, "vsockets_open") > 0 || total(d, "arrivals_parked") > 0 {
+            assert!(Instant::now() < deadline, "vsockets left behind: {}", d.status());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Issue 12, defect 1: a master that listens and forks workers that accept (the shape of
+/// event-loop servers). Every arrival reaches the worker that accepts it, and ends when that
+/// worker closes it: after 2,000 connect/close cycles no vsocket is left in either daemon,
+/// and neither the master nor the server's daemon holds more descriptors than before.
 #[test]
-fn redis_benchmark_and_a_1mib_value_over_vsockets() {
+fn accept_in_forked_workers_leaks_no_vsocket_and_no_descriptor() {
+    if !have("cc") {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let (dir, a, b, port) = setup_with("preload-prefork", DataPath::Shm);
+    let exe = sockets_program(&dir.0);
+    let (ip, port_s) = (a.ip(), port.to_string());
+    let mut cmd = a.run(&[&exe, "prefork", &ip, &port_s, "2"]);
+    cmd.process_group(0);
+    let server = background(cmd, &format!("{ip}:{port}"));
+    let master = u64::from(server.0.as_ref().unwrap().id());
+    let _group = KillGroup(master as i32);
+    let daemon_pid = a.status()["daemon"]["pid"].as_u64().unwrap();
+    // A first round creates what is made once (the workers' daemon connections).
+    assert_eq!(ok(b.run(&[&exe, "churn", &ip, &port_s, "20"]), "churn 20").stdout.trim(), "ok");
+    wait_until_idle(&[&a, &b]);
+    let (master_fds, daemon_fds) = (open_fds(master), open_fds(daemon_pid));
+    let proxied = total(&a, "vsockets_proxied");
+    let out = ok(b.run(&[&exe, "churn", &ip, &port_s, "2000"]), "churn 2000");
+    assert_eq!(out.stdout.trim(), "ok", "stderr:\n{}", out.stderr);
+    // The workers got the arrivals as vsockets (with their readiness proxies).
+    assert_proxied(DataPath::Shm, &a, proxied, 2000);
+    wait_until_idle(&[&a, &b]);
+    assert!(open_fds(master) <= master_fds, "the master grew from {master_fds} to {} fds", open_fds(master));
+    assert!(
+        open_fds(daemon_pid) <= daemon_fds + 2,
+        "the server's daemon grew from {daemon_fds} to {} fds",
+        open_fds(daemon_pid)
+    );
+}
+
+#[test]
+fn redis_benchmark_and_a_1mib_value_over_the_relay_fallback() {
     redis(DataPath::Relay);
 }
 
@@ -279,7 +350,7 @@ fn redis(path: DataPath) {
 }
 
 #[test]
-fn iperf3_parallel_and_reverse_over_vsockets() {
+fn iperf3_parallel_and_reverse_over_the_relay_fallback() {
     iperf3(DataPath::Relay);
 }
 
@@ -314,7 +385,7 @@ fn iperf3(path: DataPath) {
 }
 
 #[test]
-fn sockperf_ping_pong_over_vsockets() {
+fn sockperf_ping_pong_over_the_relay_fallback() {
     sockperf(DataPath::Relay);
 }
 

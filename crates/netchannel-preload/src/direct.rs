@@ -74,49 +74,55 @@ pub fn fd_flags(fd: c_int) -> (bool, bool) {
     }
 }
 
-/// A vsocket arrival waiting in a listener's kernel queue, keyed by the loopback address of
-/// the placeholder connection.
-pub struct Arrival {
-    pub ps: ProxyStream,
-    pub a: OwnedFd,
-    pub remote: SocketAddr,
-}
-
-pub type Arrivals = Arc<Mutex<HashMap<SocketAddr, Arrival>>>;
-
 /// Take the arrivals of `l` and queue a placeholder connection for each on the program's
-/// listening socket at `target`.
-pub fn serve_listener(l: Arc<ProxyListener>, target: SocketAddr, arrivals: Arrivals) -> bool {
+/// listening socket at `target`. The arrival itself stays parked in the daemon, keyed by the
+/// placeholder's address, until the process that accepts the placeholder — this one or a
+/// forked worker sharing the listening socket — claims it ([`claim`]): this process holds
+/// nothing per arrival, so nothing of it leaks here when another process accepts.
+pub fn serve_listener(l: Arc<ProxyListener>, target: SocketAddr) -> bool {
     std::thread::Builder::new()
         .name("nc-listener".into())
         .stack_size(128 << 10)
         .spawn(move || {
             crate::relay::own_thread();
             loop {
-                let (ps, a) = match l.accept() {
-                    Ok(x) => x,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(_) => return,
-                };
-                let remote = ps.remote();
                 let Ok(sock) =
                     socket2::Socket::new(socket2::Domain::for_address(target), socket2::Type::STREAM, None)
                 else {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
                     continue;
                 };
                 if sock.bind(&SocketAddr::new(target.ip(), 0).into()).is_err() {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
                     continue;
                 }
                 let Some(from) = sock.local_addr().ok().and_then(|a| a.as_socket()) else { continue };
-                arrivals.lock().unwrap().insert(from, Arrival { ps, a, remote });
+                match l.park(from) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                }
                 if sock.connect(&target.into()).is_err() {
-                    arrivals.lock().unwrap().remove(&from);
+                    // Nobody can accept it: take it back; dropping its end A closes it.
+                    if let Some(c) = crate::client() {
+                        drop(c.claim_proxied(from));
+                    }
                 }
                 // The placeholder only carries the arrival into the accept queue.
                 drop(sock);
             }
         })
         .is_ok()
+}
+
+/// The arrival behind the accepted connection `nfd` (peer `from`), if it is a placeholder:
+/// a placeholder connects from the very address it connects to, so a kernel TCP client from
+/// elsewhere costs no daemon round trip.
+pub fn claim(nfd: c_int, from: SocketAddr) -> Option<(ProxyStream, OwnedFd)> {
+    if sys::local_addr(nfd)?.ip() != from.ip() {
+        return None;
+    }
+    crate::client()?.claim_proxied(from).ok()
 }
 
 fn fail(code: c_int) -> ssize_t {

@@ -524,9 +524,26 @@ impl ProxyListener {
 
     /// The next arrival and its end A, waiting for one.
     pub fn accept(&self) -> io::Result<(ProxyStream, OwnedFd)> {
-        let (resp, fds) =
-            self.client.request(&Request::Accept { listener: self.id, wait: true, proxy: true })?;
+        let (resp, fds) = self.client.request(&Request::Accept {
+            listener: self.id,
+            wait: true,
+            proxy: true,
+            park: None,
+        })?;
         ProxyStream::from_response(&self.client, resp, fds)
+    }
+
+    /// Wait for the next arrival and leave it parked in the daemon behind `placeholder`, the
+    /// local address of the loopback connection that will carry it into a kernel accept
+    /// queue; the arrival's peer address. Any process of the same user that accepts that
+    /// connection takes the arrival with [`Client::claim_proxied`]; nothing of it is held
+    /// here, so an arrival never outlives its last descriptor because of this process.
+    pub fn park(&self, placeholder: SocketAddr) -> io::Result<SocketAddr> {
+        let req = Request::Accept { listener: self.id, wait: true, proxy: true, park: Some(placeholder) };
+        match self.client.request(&req)?.0 {
+            Response::Parked { remote } => Ok(remote),
+            other => Err(unexpected_response(&other)),
+        }
     }
 
     /// Stop listening (a blocked accept then fails).
@@ -539,6 +556,13 @@ impl Client {
     /// Open a vsocket of `class` to `addr` with a readiness proxy: the stream and its end A.
     pub fn connect_proxied(&self, addr: SocketAddr, class: Class) -> io::Result<(ProxyStream, OwnedFd)> {
         let (resp, fds) = self.request(&Request::Connect { addr, class: class.into(), proxy: true })?;
+        ProxyStream::from_response(self, resp, fds)
+    }
+
+    /// Take the arrival a [`ProxyListener::park`] left behind the placeholder connection
+    /// from `placeholder`: the stream and its end A.
+    pub fn claim_proxied(&self, placeholder: SocketAddr) -> io::Result<(ProxyStream, OwnedFd)> {
+        let (resp, fds) = self.request(&Request::Claim { placeholder })?;
         ProxyStream::from_response(self, resp, fds)
     }
 
