@@ -268,6 +268,51 @@ fn accept_in_forked_workers_leaks_no_vsocket_and_no_descriptor() {
     );
 }
 
+/// Issue 12, defect 3: a long-running server under `netchannel run` whose daemon restarts
+/// gets its listener registered again with the new daemon, says so in one line, and takes
+/// vsockets again (not kernel TCP) without being restarted itself.
+#[test]
+fn a_listener_is_registered_again_when_the_daemon_restarts() {
+    if !have("cc") {
+        return;
+    }
+    let (dir, a, b, port) = setup_with("preload-restart", DataPath::Shm);
+    let exe = sockets_program(&dir.0);
+    let (ip, port_s) = (a.ip(), port.to_string());
+    let log = dir.0.join("server.log");
+    let mut cmd = a.run(&[&exe, "server", &ip, &port_s]);
+    cmd.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+    let mut server = KillOnDrop(Some(cmd.spawn().expect("spawn the server")));
+    let listening = |d: &Daemon| {
+        d.status()["listeners"].as_array().is_some_and(|ls| {
+            ls.iter().any(|l| l["local"].as_str().is_some_and(|x| x.ends_with(&format!(":{port}"))))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !listening(&a) {
+        assert!(Instant::now() < deadline, "the server's vsocket listener did not come up: {}", a.status());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = ok(b.run(&[&exe, "client", &ip, &port_s]), "client before the restart");
+    assert_eq!(out.stdout.trim(), "ok", "stderr:\n{}", out.stderr);
+    // The server's daemon goes away and comes back on the same socket and address.
+    let listen = SocketAddr::new(a.ip, port - 1);
+    drop(a);
+    let a = Daemon::start(&dir.0, "a", listen, DataPath::Shm.name());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !listening(&a) {
+        assert!(Instant::now() < deadline, "the listener was not registered again: {}", a.status());
+        assert!(server.0.as_mut().unwrap().try_wait().unwrap().is_none(), "the server exited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let proxied = total(&a, "vsockets_proxied");
+    let out = ok(b.run(&[&exe, "client", &ip, &port_s]), "client after the restart");
+    assert_eq!(out.stdout.trim(), "ok", "stderr:\n{}", out.stderr);
+    assert_proxied(DataPath::Shm, &a, proxied, 2);
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(said.matches("takes vsockets again").count(), 1, "the server's stderr:\n{said}");
+}
+
 #[test]
 fn redis_benchmark_and_a_1mib_value_over_the_relay_fallback() {
     redis(DataPath::Relay);

@@ -74,12 +74,65 @@ pub fn fd_flags(fd: c_int) -> (bool, bool) {
     }
 }
 
-/// Take the arrivals of `l` and queue a placeholder connection for each on the program's
+/// The vsocket listener behind a program's listening socket. When the daemon restarts, the
+/// listener thread registers the port again with the new daemon and says so in one line; the
+/// program's kernel listener never noticed anything.
+pub struct ListenerSlot {
+    current: Mutex<Arc<ProxyListener>>,
+    closed: AtomicBool,
+    port: u16,
+}
+
+impl ListenerSlot {
+    pub fn new(l: ProxyListener, port: u16) -> ListenerSlot {
+        ListenerSlot { current: Mutex::new(Arc::new(l)), closed: AtomicBool::new(false), port }
+    }
+
+    /// The vsocket address it listens on.
+    pub fn local(&self) -> SocketAddr {
+        self.current().local()
+    }
+
+    fn current(&self) -> Arc<ProxyListener> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The program closed its listening socket: stop taking vsockets for good.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.current().close();
+    }
+
+    /// After the daemon went away: wait until one answers again and listen there. False if
+    /// the program closed the socket meanwhile.
+    fn relisten(&self) -> bool {
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            if self.closed.load(Ordering::SeqCst) {
+                return false;
+            }
+            let Ok(c) = netchannel::daemon::Client::from_config(crate::config()) else { continue };
+            let Ok(l) = c.bind_proxied(self.port) else { continue };
+            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(l);
+            if self.closed.load(Ordering::SeqCst) {
+                self.current().close();
+                return false;
+            }
+            sys::say(&format!(
+                "the NetChannel daemon is back: the listening socket on port {} takes vsockets again",
+                self.port
+            ));
+            return true;
+        }
+    }
+}
+
+/// Take the arrivals of `slot` and queue a placeholder connection for each on the program's
 /// listening socket at `target`. The arrival itself stays parked in the daemon, keyed by the
 /// placeholder's address, until the process that accepts the placeholder — this one or a
 /// forked worker sharing the listening socket — claims it ([`claim`]): this process holds
 /// nothing per arrival, so nothing of it leaks here when another process accepts.
-pub fn serve_listener(l: Arc<ProxyListener>, target: SocketAddr) -> bool {
+pub fn serve_listener(slot: Arc<ListenerSlot>, target: SocketAddr) -> bool {
     std::thread::Builder::new()
         .name("nc-listener".into())
         .stack_size(128 << 10)
@@ -97,10 +150,21 @@ pub fn serve_listener(l: Arc<ProxyListener>, target: SocketAddr) -> bool {
                     continue;
                 }
                 let Some(from) = sock.local_addr().ok().and_then(|a| a.as_socket()) else { continue };
+                let l = slot.current();
                 match l.park(from) {
                     Ok(_) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(_) => return,
+                    Err(_) if slot.closed.load(Ordering::SeqCst) => return,
+                    Err(_) if l.daemon_gone() => {
+                        if !slot.relisten() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(_) => {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        continue;
+                    }
                 }
                 if sock.connect(&target.into()).is_err() {
                     // Nobody can accept it: take it back; dropping its end A closes it.

@@ -42,7 +42,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use libc::{c_int, c_ulong, sockaddr, socklen_t};
-use netchannel::daemon::proxy::ProxyListener;
 use netchannel::daemon::Client;
 use netchannel::{Class, Config, PreloadDatapath, VListener, VStream};
 
@@ -79,7 +78,7 @@ enum Kind {
     Listener(Arc<VListener>),
     /// The shared-memory data path: the fd is the vsocket's readiness proxy.
     Direct(Arc<Direct>),
-    ProxyListener(Arc<ProxyListener>),
+    ProxyListener(Arc<direct::ListenerSlot>),
 }
 
 #[derive(Clone)]
@@ -142,7 +141,7 @@ fn direct_of(fd: c_int) -> Option<(Arc<Direct>, bool)> {
     }
 }
 
-fn config() -> &'static Config {
+pub(crate) fn config() -> &'static Config {
     static CFG: OnceLock<Config> = OnceLock::new();
     CFG.get_or_init(|| match std::env::var_os("NETCHANNEL_CONFIG") {
         Some(p) => Config::load(std::path::Path::new(&p)).unwrap_or_else(|e| {
@@ -593,7 +592,7 @@ fn vlisten_direct(c: &Client, fd: c_int, family: c_int, bound: SocketAddr) {
         }
     };
     let l = match l {
-        Ok(l) => Arc::new(l),
+        Ok(l) => Arc::new(direct::ListenerSlot::new(l, bound.port())),
         Err(e) => {
             sys::say(&format!("port {} stays kernel TCP only: {e}", bound.port()));
             return;

@@ -546,6 +546,11 @@ impl ProxyListener {
         }
     }
 
+    /// Whether its daemon went away (it stopped or restarted): the listener is gone with it.
+    pub fn daemon_gone(&self) -> bool {
+        self.client.is_dead()
+    }
+
     /// Stop listening (a blocked accept then fails).
     pub fn close(&self) {
         let _ = self.client.request(&Request::CloseListener { listener: self.id });
