@@ -20,6 +20,8 @@ const TIMEOUT: Duration = Duration::from_secs(540);
 
 struct Daemon {
     _child: KillOnDrop,
+    /// The daemon's stderr (its log).
+    log: PathBuf,
     socket: PathBuf,
     config: PathBuf,
     ip: IpAddr,
@@ -38,7 +40,8 @@ impl Daemon {
         )
         .unwrap();
         let mut cmd = netchannel(&["up", "--config", config.to_str().unwrap()]);
-        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+        let log = dir.join(format!("{name}.log"));
+        cmd.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
         let mut child = KillOnDrop(Some(cmd.spawn().expect("spawn netchannel up")));
         let deadline = Instant::now() + Duration::from_secs(20);
         while Client::connect(&socket).is_err() {
@@ -48,7 +51,12 @@ impl Daemon {
             assert!(Instant::now() < deadline, "the daemon did not come up on {}", socket.display());
             std::thread::sleep(Duration::from_millis(20));
         }
-        Daemon { _child: child, socket, config, ip: listen.ip() }
+        Daemon { _child: child, log, socket, config, ip: listen.ip() }
+    }
+
+    /// What the daemon logged so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     fn status(&self) -> Value {
@@ -311,6 +319,47 @@ fn a_listener_is_registered_again_when_the_daemon_restarts() {
     assert_proxied(DataPath::Shm, &a, proxied, 2);
     let said = std::fs::read_to_string(&log).unwrap();
     assert_eq!(said.matches("takes vsockets again").count(), 1, "the server's stderr:\n{said}");
+}
+
+/// Issue 12 (e): io_uring is decided per socket operation, not per program. A program that
+/// reads its files through io_uring and drives its socket with epoll keeps its vsocket; an
+/// io_uring receive on a vsocket (an operation the shim cannot see) resets it, with one line
+/// in the daemon's log naming the program and the fd, instead of corrupting it or hanging.
+#[test]
+fn io_uring_for_files_keeps_vsockets_and_an_io_uring_recv_resets_the_vsocket_loudly() {
+    if !have("cc") {
+        return;
+    }
+    let (dir, a, b, port) = setup_with("preload-uring", DataPath::Shm);
+    let sockets = sockets_program(&dir.0);
+    let uring = dir.0.join("uring");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/preload/uring.c");
+    let st = Command::new("cc").args(["-O1", "-Wall", "-o"]).arg(&uring).arg(&src).status().unwrap();
+    assert!(st.success(), "cc {}", src.display());
+    let uring = uring.to_str().unwrap();
+    let (ip, port_s) = (a.ip(), port.to_string());
+    let _server = background(a.run(&[&sockets, "server", &ip, &port_s]), &format!("{ip}:{port}"));
+    let proxied = total(&b, "vsockets_proxied");
+    let out = ok(b.run(&[uring, "files", &ip, &port_s, src.to_str().unwrap()]), "uring files");
+    assert_eq!(out.stdout.trim(), "ok", "stderr:\n{}", out.stderr);
+    assert!(!out.stderr.contains("kernel TCP"), "{}", out.stderr);
+    assert_proxied(DataPath::Shm, &b, proxied, 1);
+    let proxied = total(&b, "vsockets_proxied");
+    let out = ok(b.run(&[uring, "recv", &ip, &port_s]), "uring recv");
+    assert_eq!(out.stdout.trim(), "reset", "stderr:\n{}\ndaemon log:\n{}", out.stderr, b.log());
+    assert_proxied(DataPath::Shm, &b, proxied, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lines = |log: String| {
+        log.lines().filter(|l| l.contains("cannot see")).map(str::to_string).collect::<Vec<_>>()
+    };
+    while lines(b.log()).is_empty() {
+        assert!(Instant::now() < deadline, "no line about it in the daemon's log:\n{}", b.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let said = lines(b.log());
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(said[0].contains("uring (pid ") && said[0].contains("vsocket fd "), "{said:?}");
+    assert!(!said[0].contains("fd ?"), "the fd is named: {said:?}");
 }
 
 #[test]

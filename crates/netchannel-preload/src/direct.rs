@@ -189,6 +189,17 @@ pub fn claim(nfd: c_int, from: SocketAddr) -> Option<(ProxyStream, OwnedFd)> {
     crate::client()?.claim_proxied(from).ok()
 }
 
+/// One line: the program read its vsocket `fd` with a call the shim cannot see.
+fn say_bypassed(fd: c_int) {
+    let program = std::fs::read_to_string("/proc/self/comm")
+        .map_or("this program".to_string(), |s| s.trim().to_string());
+    sys::say(&format!(
+        "{program} (pid {}) read vsocket fd {fd} with a call the preload shim cannot see (an io_uring data \
+         operation or a raw system call): the vsocket is reset; run it with [preload] datapath = \"relay\"",
+        crate::pid()
+    ));
+}
+
 fn fail(code: c_int) -> ssize_t {
     sys::set_errno(code);
     -1
@@ -221,7 +232,11 @@ pub unsafe fn read_iov(d: &Direct, fd: c_int, iov: *const libc::iovec, n: usize,
                 break;
             }
         }
-        match d.ps.read(fd, buf, f) {
+        let r = d.ps.read(fd, buf, f);
+        if d.ps.bypass_found() {
+            say_bypassed(fd);
+        }
+        match r {
             Ok(got) => {
                 total += got;
                 if got < buf.len() {

@@ -148,6 +148,9 @@ pub struct ProxyStream {
     /// Receive position at the last doorbell rung for reading.
     rx_kicked: AtomicU64,
     shut_rd: AtomicU32,
+    /// The IN token was gone when this side came to take it: something that bypassed the
+    /// shim read end A (see [`ProxyStream::bypass_found`]).
+    bypassed: AtomicU32,
 }
 
 impl std::fmt::Debug for ProxyStream {
@@ -220,6 +223,7 @@ impl ProxyStream {
                 remote,
                 rx_kicked: AtomicU64::new(0),
                 shut_rd: AtomicU32::new(0),
+                bypassed: AtomicU32::new(0),
             },
             a,
         ))
@@ -306,11 +310,14 @@ impl ProxyStream {
         let h = self.header();
         if h.rx_gate.compare_exchange(GATE_OPEN, GATE_CLOSING, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
             let mut b = [0u8; 16];
+            let mut taken = false;
             // The daemon sends the token right after it opened the gate: wait for it a moment.
             for _ in 0..1000 {
                 // SAFETY: a live buffer; non-blocking receive on the program's own proxy end.
                 let n = unsafe { libc::recv(a, b.as_mut_ptr().cast(), b.len(), libc::MSG_DONTWAIT) };
                 if n >= 0 {
+                    // A token, or the end of B's records (FIN): nothing was taken behind us.
+                    taken = true;
                     break;
                 }
                 let e = io::Error::last_os_error().raw_os_error();
@@ -322,6 +329,15 @@ impl ProxyStream {
                 }
             }
             let _ = h.rx_gate.compare_exchange(GATE_CLOSING, GATE_CLOSED, Ordering::SeqCst, Ordering::SeqCst);
+            if !taken && h.state.load(Ordering::SeqCst) & (shm::ERROR | shm::FIN) == 0 && !self.hung_up(a) {
+                // An open gate always has its token queued on A, and only this side takes it:
+                // a call that bypassed the shim (io_uring, a raw syscall) read it as data.
+                // Have the daemon reset the vsocket rather than let it be corrupted.
+                self.bypassed.store(1, Ordering::SeqCst);
+                h.app_flags.fetch_or(shm::BYPASSED, Ordering::SeqCst);
+                h.need_kick.store(0, Ordering::SeqCst);
+                self.ring_doorbell();
+            }
         }
         if h.rx_in_order.load(Ordering::SeqCst) > h.rx_consumed.load(Ordering::SeqCst)
             || h.state.load(Ordering::SeqCst) != 0
@@ -335,6 +351,18 @@ impl ProxyStream {
             return false;
         }
         true
+    }
+
+    /// Whether end A reports a hang-up or an error (the daemon closed B).
+    fn hung_up(&self, a: RawFd) -> bool {
+        poll_one(a, 0, 0) & (libc::POLLHUP | libc::POLLERR) != 0
+    }
+
+    /// True once, the first time after this side found that a call bypassing the shim (an
+    /// io_uring operation, a raw system call) read the vsocket's readiness proxy: the vsocket
+    /// is being reset, and the caller may say so.
+    pub fn bypass_found(&self) -> bool {
+        self.bypassed.compare_exchange(1, 2, Ordering::SeqCst, Ordering::SeqCst).is_ok()
     }
 
     /// Read into `buf` from the receive ring; `a` is the program's descriptor (end A).

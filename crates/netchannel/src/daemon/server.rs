@@ -142,6 +142,8 @@ struct Served {
     /// A, in any process, is closed (B hangs up).
     proxy_a: Mutex<Option<OwnedFd>>,
     proxied: bool,
+    /// Inode of end A (how the program's descriptor of it is found in /proc to name it).
+    proxy_ino: u64,
     /// Its share of the caps, given back with it.
     _charge: Charge,
 }
@@ -825,6 +827,7 @@ impl State {
             kick,
             conn,
             pid,
+            proxy_ino: proxy_a.as_ref().map_or(0, |a| inode(a.as_raw_fd())),
             proxy_a: Mutex::new(proxy_a),
             proxied: proxy,
             _charge: charge,
@@ -926,6 +929,35 @@ impl State {
 
     /// Proxied vsockets whose proxy closed on an error: nobody can reach them any more.
     fn reap_failed_proxies(&self) {
+        let bypassed: Vec<Arc<Served>> = self
+            .streams
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|s| {
+                s.proxied && s.vs.region().is_some_and(|r| r.proxy_bypassed() && r.proxy_fd().is_some())
+            })
+            .cloned()
+            .collect();
+        for s in bypassed {
+            // Reads and writes that bypass the shim would take readiness records for data:
+            // reset the vsocket, loudly, rather than corrupt it.
+            let (program, fd) = program_and_fd(s.pid, s.proxy_ino);
+            tracing::warn!(
+                pid = s.pid,
+                program = %program,
+                fd = %fd,
+                remote = %s.vs.remote,
+                "{program} (pid {}) used vsocket fd {fd} with a call the preload shim cannot see (an io_uring \
+                 data operation or a raw system call): the vsocket is reset; run it with [preload] \
+                 datapath = \"relay\"",
+                s.pid
+            );
+            s.vs.reset(
+                crate::wire::Reason::Closed,
+                &format!("{program} used fd {fd} with a call the preload shim cannot see (io_uring or a raw system call)"),
+            );
+        }
         let dead: Vec<u64> = self
             .streams
             .lock()
@@ -1197,6 +1229,34 @@ fn lanes(q: &crate::engine::LaneDepths) -> serde_json::Value {
 }
 
 /// A request about another process's vsocket or listener.
+/// The inode number of descriptor `fd`.
+fn inode(fd: RawFd) -> u64 {
+    // SAFETY: stat is plain data; fstat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a live stat buffer.
+    if unsafe { libc::fstat(fd, &mut st) } == 0 {
+        st.st_ino
+    } else {
+        0
+    }
+}
+
+/// The name of process `pid` and its descriptor of the socket with inode `ino` ("?" where
+/// /proc does not say).
+fn program_and_fd(pid: i32, ino: u64) -> (String, String) {
+    let program = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map_or("?".to_string(), |s| s.trim().to_string());
+    let want = format!("socket:[{ino}]");
+    let fd = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .and_then(|d| {
+            d.filter_map(|e| e.ok())
+                .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == want.as_str()))
+        })
+        .map_or("?".to_string(), |e| e.file_name().to_string_lossy().into_owned());
+    (program, fd)
+}
+
 /// Refuse a parked arrival to its peer (RESET), never drop it silently; one log line.
 fn reset_parked(p: Parked, why: &str) {
     if let Some(vs) = p.stream.engine_vsock() {
