@@ -564,9 +564,10 @@ mod tests {
     fn futex_wakes_a_sleeper() {
         let a = std::sync::Arc::new(Region::create(4096, 4096).unwrap());
         let b = a.clone();
+        // Read before the sleeper starts: a loaded machine may start it after the ring below.
+        let s = a.header().seq.load(Ordering::SeqCst);
         let t = std::thread::spawn(move || {
             let h = b.header();
-            let s = h.seq.load(Ordering::SeqCst);
             h.app_waiters.fetch_add(1, Ordering::SeqCst);
             let start = std::time::Instant::now();
             while h.seq.load(Ordering::SeqCst) == s && start.elapsed() < Duration::from_secs(10) {

@@ -390,12 +390,16 @@ impl VSock {
     /// Send a CREDIT computed by [`RxState::credit_due`], if one is due.
     fn send_credit(&self, credit: Option<Credit>) {
         if let Some(c) = credit {
-            self.send_control(&Frame::Credit {
-                vsock: self.remote_id(),
-                received: c.received,
-                limit: c.limit,
-                fin_received: c.fin_received,
-            });
+            self.send_control(&self.credit_frame(c));
+        }
+    }
+
+    fn credit_frame(&self, c: Credit) -> Frame<'static> {
+        Frame::Credit {
+            vsock: self.remote_id(),
+            received: c.received,
+            limit: c.limit,
+            fin_received: c.fin_received,
         }
     }
 
@@ -502,7 +506,13 @@ impl VSock {
             }
         }
         if let Some(offset) = fin {
-            self.send_control(&Frame::Fin { vsock: self.remote_id(), offset });
+            // An acknowledgement of the peer's FIN held back for this FIN leaves in the
+            // same write.
+            let held = self.rx.lock().unwrap().st.credit_due();
+            let fin = Frame::Fin { vsock: self.remote_id(), offset };
+            let frames: Vec<Frame<'_>> =
+                held.map(|c| self.credit_frame(c)).into_iter().chain([fin]).collect();
+            self.peer.send_controls(self.class(), self.home, &frames);
         }
     }
 
@@ -625,6 +635,12 @@ impl VSock {
 
     /// The peer's FIN arrived.
     pub(crate) fn on_fin(self: &Arc<Self>, offset: u64) {
+        // While this side has not shut down, its own FIN (on close or shutdown) will carry the
+        // acknowledgement: one write and one arrival fewer where both ends close, as in TCP.
+        let hold = {
+            let tx = self.tx.lock().unwrap();
+            !tx.st.is_shutdown() && tx.error.is_none()
+        };
         let mut rx = self.rx.lock().unwrap();
         if let Err(e) = rx.st.on_fin(offset) {
             drop(rx);
@@ -640,10 +656,15 @@ impl VSock {
             shm.header().state.fetch_or(crate::shm::FIN, Ordering::Release);
             shm.ring_app();
         }
-        let credit = rx.st.credit_due();
+        let credit = if hold { rx.st.credit_due_holding_fin() } else { rx.st.credit_due() };
         drop(rx);
         self.wake_pollers();
         self.send_credit(credit);
+        if hold && self.tx.lock().unwrap().st.is_shutdown() {
+            // Shut down meanwhile: its FIN may have left before this FIN was recorded.
+            let credit = self.rx.lock().unwrap().st.credit_due();
+            self.send_credit(credit);
+        }
         self.maybe_retire();
     }
 

@@ -64,7 +64,9 @@
 //!   send. A sender never sends a byte at or beyond `b`. With [`FLAG_FIN_RECEIVED`] the
 //!   receiver also has the sender's FIN at `a`: the stream is complete, and the sender need
 //!   never send FIN again (until then it re-sends FIN when a channel that may have carried it
-//!   dies).
+//!   dies). A receiver that has not sent its own FIN yet may hold that acknowledgement back
+//!   until it does, and then sends the CREDIT right before its FIN in one write (as TCP's FIN
+//!   acknowledges the peer's); a sender must not rely on it coming sooner.
 //! * DATA carries at most [`MAX_SEGMENT`] bytes; RESET text at most [`MAX_REASON`] bytes.
 
 use std::fmt;

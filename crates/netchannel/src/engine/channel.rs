@@ -85,11 +85,10 @@ pub(crate) struct Channel {
     host: Weak<HostInner>,
     /// Caps of one write: bytes and frames (`write_batch`, `write_batch_frames`).
     batch: (usize, usize),
-    /// Another descriptor of the socket, for reading its send queue depth without taking the
-    /// writer (whoever holds the writer must flush).
-    stat_sock: Option<std::net::TcpStream>,
     /// The descriptor that is read and registered in the worker's poll. It lives as long as
-    /// the channel, so its number is never reused while an app thread may poll it.
+    /// the channel, so its number is never reused while an app thread may poll it. Also
+    /// where the socket's send queue depth and congestion control are read, without taking
+    /// the writer (whoever holds the writer must flush).
     read_sock: std::net::TcpStream,
     /// Whoever reads the channel holds this: its worker, or an app thread reading inline.
     reader: Mutex<Reader>,
@@ -145,7 +144,6 @@ impl Channel {
         write_sock: std::net::TcpStream,
     ) -> Arc<Channel> {
         let token = host.next_token.fetch_add(1, Ordering::Relaxed);
-        let stat_sock = write_sock.try_clone().ok();
         // Latency channels get the latency workers when there are any.
         let bulk = host.cfg.channel_workers;
         let worker = match host.workers.len() - bulk {
@@ -166,7 +164,6 @@ impl Channel {
             counters: Counters::default(),
             host: Arc::downgrade(host),
             batch: (host.cfg.write_batch, host.cfg.write_batch_frames),
-            stat_sock,
             read_sock,
             reader: Mutex::new(Reader { rbuf: vec![0; READ_BUF], rstart: 0, rend: 0 }),
             watch: Mutex::new(Watch::default()),
@@ -251,10 +248,9 @@ impl Channel {
         [q.depth(Lane::Control), q.depth(Lane::Latency), q.depth(Lane::Bulk)]
     }
 
-    /// Bytes handed to the kernel socket and not yet sent (`SIOCOUTQNSD`); 0 if unknown.
     /// The congestion control of the channel's socket; empty when it is down.
     pub(crate) fn congestion(&self) -> String {
-        let Some(sock) = self.stat_sock.as_ref() else { return String::new() };
+        let sock = &self.read_sock;
         if !self.up.load(Ordering::Acquire) {
             return String::new();
         }
@@ -264,9 +260,9 @@ impl Channel {
             .unwrap_or_default()
     }
 
+    /// Bytes handed to the kernel socket and not yet sent (`SIOCOUTQNSD`); 0 if unknown.
     pub(crate) fn kernel_unsent(&self) -> usize {
-        use std::os::fd::AsRawFd;
-        let Some(sock) = self.stat_sock.as_ref() else { return 0 };
+        let sock = &self.read_sock;
         if !self.up.load(Ordering::Acquire) {
             return 0;
         }
@@ -285,9 +281,16 @@ impl Channel {
     ///
     /// Must not be called while holding a vsocket's `tx` lock (writing takes it).
     pub(crate) fn push_frame(&self, frame: &Frame<'_>) {
-        let mut bytes = Vec::with_capacity(frame.encoded_len());
-        frame.encode(&mut bytes);
-        self.enqueue(OutFrame::Control(bytes));
+        self.push_frames(std::slice::from_ref(frame));
+    }
+
+    /// Queue control frames in order and write them (with whatever else is urgent) at once.
+    pub(crate) fn push_frames(&self, frames: &[Frame<'_>]) {
+        for frame in frames {
+            let mut bytes = Vec::with_capacity(frame.encoded_len());
+            frame.encode(&mut bytes);
+            self.enqueue(OutFrame::Control(bytes));
+        }
         self.send_now();
     }
 
@@ -579,7 +582,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
             // An app thread reading inline has it: it reads what arrived, and the edge for
             // anything it leaves comes back when it gives the channel back.
             let Ok(mut rd) = conn.ch.reader.try_lock() else { continue };
-            let res = read_some(&host, &conn.ch, &mut rd);
+            let res = read_some(&host, &conn.ch, &mut rd, &|| false);
             drop(rd);
             match res {
                 Ok(true) => again.push(t),
@@ -630,7 +633,15 @@ fn poll_spinning(
 }
 
 /// Read and dispatch frames. Ok(true): budget used up with more possibly left to read.
-fn read_some(host: &Arc<HostInner>, ch: &Arc<Channel>, c: &mut Reader) -> Result<bool, String> {
+/// Read and dispatch until the socket would block (`Ok(false)`), the read budget is spent
+/// (`Ok(true)`) or `enough` says the caller has what it waited for (`Ok(false)`: an inline
+/// reader stops there, and handing the channel back re-arms the worker's edge for the rest).
+fn read_some(
+    host: &Arc<HostInner>,
+    ch: &Arc<Channel>,
+    c: &mut Reader,
+    enough: &dyn Fn() -> bool,
+) -> Result<bool, String> {
     let mut budget = READ_BUDGET;
     loop {
         if c.rend == c.rbuf.len() {
@@ -650,6 +661,9 @@ fn read_some(host: &Arc<HostInner>, ch: &Arc<Channel>, c: &mut Reader) -> Result
                 c.rend += n;
                 ch.counters.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                 parse(host, ch, c)?;
+                if enough() {
+                    return Ok(false);
+                }
                 budget = budget.saturating_sub(n);
                 if budget == 0 {
                     return Ok(true);
@@ -863,7 +877,7 @@ pub(crate) fn read_inline(
     }
     let mut failed = None;
     loop {
-        if let Err(reason) = read_some(host, ch, &mut rd) {
+        if let Err(reason) = read_some(host, ch, &mut rd, &done) {
             failed = Some(reason);
             break;
         }

@@ -457,19 +457,22 @@ impl Host {
     }
 
     /// Abort one channel to `peer` (its TCP connection is shut down), as a fault would.
-    /// Returns whether such a channel existed.
+    /// Returns whether such a channel existed; when it did, the channel is down when this
+    /// returns (its worker has taken it out; re-dialing may already have begun), so stats
+    /// read afterwards never count the killed channel.
     pub fn kill_channel(&self, peer: SocketAddr, class: Class, index: u16) -> bool {
         let inner = &self.guard.inner;
         let p = inner.peers.lock().unwrap().get(&peer).cloned();
         let Some(p) = p else { return false };
         let ch = p.channels().into_iter().find(|c| c.class == class && c.index == index);
-        match ch {
-            Some(c) => {
-                inner.workers[c.worker].command(Command::Close(c.token));
-                true
-            }
-            None => false,
+        let Some(c) = ch else { return false };
+        inner.workers[c.worker].command(Command::Close(c.token));
+        // The worker closes it on its next turn; a stopped host closes it too.
+        let give_up = Instant::now() + Duration::from_secs(2);
+        while c.up.load(Ordering::Acquire) && Instant::now() < give_up {
+            std::thread::sleep(Duration::from_millis(1));
         }
+        true
     }
 
     /// Stop the host: every vsocket fails with an error, channels close, threads are joined.

@@ -173,6 +173,17 @@ impl Peer {
         }
     }
 
+    /// [`Peer::send_control`] for several frames, written together.
+    pub(crate) fn send_controls(&self, class: Class, home: u32, frames: &[Frame<'_>]) -> bool {
+        match self.control_channel(class, home) {
+            Some(ch) => {
+                ch.push_frames(frames);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Park a vsocket until some channel of the class it waits for drains below its cap.
     pub(crate) fn park(&self, vs: &Arc<VSock>) {
         let mut b = self.blocked.lock().unwrap();

@@ -359,12 +359,23 @@ impl RxState {
     /// the peer asked for an acknowledgement that the in-order point now covers, or the stream
     /// is complete and its FIN not acknowledged since it (or a copy) arrived. Marks it sent.
     pub fn credit_due(&mut self) -> Option<Credit> {
+        self.credit_due_if(true)
+    }
+
+    /// [`RxState::credit_due`], except that the FIN's acknowledgement alone does not make a
+    /// CREDIT due: a receiver that will send its own FIN soon lets that FIN carry it (the
+    /// next `credit_due` still owes it), as TCP's FIN acknowledges the peer's.
+    pub fn credit_due_holding_fin(&mut self) -> Option<Credit> {
+        self.credit_due_if(false)
+    }
+
+    fn credit_due_if(&mut self, fin_alone: bool) -> Option<Credit> {
         let quarter = (self.cap / 4).max(1);
         let limit = self.consumed + self.cap;
         let in_order = self.reasm.in_order();
         let asked = self.ack_wanted.is_some_and(|w| in_order >= w && in_order > self.acked_sent);
         let complete = self.fin == Some(in_order);
-        let fin_due = complete && self.fin_ack_due;
+        let fin_due = fin_alone && complete && self.fin_ack_due;
         // A full window will not move until the application reads: acknowledge what is here
         // so the sender can free its buffer meanwhile.
         let window_full = in_order == self.granted && in_order > self.acked_sent;
@@ -561,5 +572,22 @@ mod tests {
         assert_eq!(rx.credit_due(), None);
         rx.consume(100);
         assert!(rx.eof());
+    }
+
+    #[test]
+    fn a_held_fin_acknowledgement_is_still_owed() {
+        let mut rx = RxState::new(1 << 20);
+        rx.on_data(0, 100, false, |_, _| {}).unwrap();
+        rx.on_fin(100).unwrap();
+        assert_eq!(rx.credit_due_holding_fin(), None, "the FIN alone waits for the local FIN");
+        assert_eq!(rx.credit_due(), Some(Credit { received: 100, limit: 1 << 20, fin_received: true }));
+        assert_eq!(rx.credit_due(), None);
+        // A CREDIT due for another reason acknowledges the FIN with it.
+        let mut rx = RxState::new(400);
+        rx.on_data(0, 400, false, |_, _| {}).unwrap();
+        rx.on_fin(400).unwrap();
+        let c = rx.credit_due_holding_fin().expect("the window is full");
+        assert!(c.fin_received);
+        assert_eq!(rx.credit_due(), None);
     }
 }
