@@ -33,12 +33,23 @@
 //! reads one atomic per event and makes no syscall. Each empty→non-empty edge costs one
 //! `send` (by the stack) and one `recv` (by the reader); each full→not-full edge one plug
 //! `send` and one `recv`. The descriptor exists only once asked for ([`std::os::fd::AsFd`]
-//! on `VStream`/`VListener`, or the `tokio` module): blocking users pay nothing.
+//! on `VStream`/`VListener`): blocking users pay nothing.
+//!
+//! **Tasks** ([`TaskWakers`]): the `tokio` module does not go through the descriptor for
+//! an embedded vsocket. A task that finds a read (write, accept) would block leaves its
+//! [`Waker`] in the vsocket, and the stack wakes it where it would open the gate. That
+//! costs no syscall at all on the vsocket: a wake from a channel worker is the runtime's own
+//! unpark, which the runtime makes once for however many tasks are woken while it sleeps
+//! (with a descriptor, each vsocket's edge was a `send` by the stack, an epoll event and a
+//! `recv` by the task). Registering and waking follow the gates' rule: the task stores its
+//! waker, then looks at the state under the vsocket's lock; the stack changes the state
+//! under that lock, then looks for wakers, so one of the two always sees the other.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Mutex, OnceLock};
+use std::task::Waker;
 
 /// A readiness descriptor and its two gates.
 ///
@@ -335,6 +346,44 @@ impl LazyReadiness {
         let r = self.cell.get_or_init(|| fresh);
         sync(r);
         Ok(r)
+    }
+}
+
+/// The tasks waiting for one direction of a vsocket (or a listener's accept): woken, all of
+/// them, by the next [`TaskWakers::wake`].
+#[derive(Default)]
+pub(crate) struct TaskWakers {
+    /// Some task is registered: the stack's only cost while nobody waits is this load.
+    armed: AtomicBool,
+    wakers: Mutex<Vec<Waker>>,
+}
+
+impl TaskWakers {
+    /// Wake `waker` at the next [`TaskWakers::wake`]. The caller looks at the state again
+    /// afterwards: what changed before this call wakes nobody.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn register(&self, waker: &Waker) {
+        let mut w = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+        if !w.iter().any(|o| o.will_wake(waker)) {
+            w.push(waker.clone());
+        }
+        self.armed.store(true, SeqCst);
+    }
+
+    /// The state changed (call it with no vsocket lock held): wake every registered task.
+    #[inline]
+    pub(crate) fn wake(&self) {
+        if !self.armed.load(SeqCst) {
+            return;
+        }
+        let woken = {
+            let mut w = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+            self.armed.store(false, SeqCst);
+            std::mem::take(&mut *w)
+        };
+        for w in woken {
+            w.wake();
+        }
     }
 }
 

@@ -2,20 +2,17 @@
 //!
 //! The types mirror `tokio::net::TcpStream` and `tokio::net::TcpListener`, so a program
 //! switches from TCP to NetChannel by changing an import. Each wraps its blocking
-//! counterpart ([`crate::VStream`], [`crate::VListener`]) in non-blocking mode inside a
-//! [`tokio::io::unix::AsyncFd`] over the vsocket's pollable descriptor
-//! ([`crate::VStream::poll_fd`]), whose readiness the stack drives: the runtime's reactor
-//! (epoll, edge-triggered) wakes a task exactly when a read, write or accept stops blocking,
-//! and a busy stream costs no syscall per message.
+//! counterpart ([`crate::VStream`], [`crate::VListener`]) in non-blocking mode. A task that
+//! finds an embedded vsocket not ready leaves its waker in the vsocket, and the stack wakes
+//! it exactly when a read, write or accept stops blocking: no descriptor, no syscall on the
+//! vsocket, and one unpark of the runtime for however many tasks a burst of frames wakes
+//! (`crate::readiness`). A daemon-served vsocket's readiness comes through its pollable
+//! descriptor ([`crate::VStream::poll_fd`]) in the runtime's reactor.
 //!
 //! They work on the current-thread and the multi-thread runtime; the runtime needs its I/O
 //! and time drivers (`enable_all`, as `#[tokio::main]` does). Errors carry the same
 //! [`std::io::ErrorKind`]s as the blocking API. [`VListener::accept`] and reads are
 //! cancellation-safe: a dropped future loses no vsocket and no byte.
-//!
-//! The vsockets of an embedded host are served; those of the host's daemon
-//! (`deployment = "daemon"`) are not pollable yet, and converting one fails with
-//! [`std::io::ErrorKind::Unsupported`].
 //!
 //! ```
 //! use netchannel::tokio::{VListener, VStream};
@@ -59,14 +56,19 @@
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
 
 use ::tokio::io::unix::AsyncFd;
 use ::tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
+use crate::engine::channel::{self, Channel, LentRead};
+use crate::engine::HostInner;
+use crate::readiness::TaskWakers;
 use crate::vsock::{deployed, Deployed};
 use crate::{Class, Host};
 
@@ -76,7 +78,7 @@ struct Stream(crate::VStream);
 
 impl AsRawFd for Stream {
     fn as_raw_fd(&self) -> RawFd {
-        // `VStream::new` made the descriptor before wrapping: this cannot fail.
+        // `VStream::from_std` made the descriptor before wrapping: this cannot fail.
         self.0.as_raw_fd()
     }
 }
@@ -88,6 +90,184 @@ impl AsRawFd for Listener {
     fn as_raw_fd(&self) -> RawFd {
         self.0.as_raw_fd()
     }
+}
+
+/// How a stream's tasks learn that it is ready.
+#[derive(Debug)]
+enum StreamIo {
+    /// Embedded: the stack wakes the waiting task itself (`crate::readiness`, tasks); a
+    /// latency-class stream's runtime reads its home channel ([`Lend`]).
+    Direct(crate::VStream, LendSlot),
+    /// Daemon-served: its readiness descriptor, in the runtime's reactor.
+    Polled(AsyncFd<Stream>),
+}
+
+/// How a listener's tasks learn that an accept would not block.
+#[derive(Debug)]
+enum ListenerIo {
+    Direct(crate::VListener),
+    Polled(AsyncFd<Listener>),
+}
+
+fn interest(write: bool) -> Interest {
+    if write {
+        Interest::WRITABLE
+    } else {
+        Interest::READABLE
+    }
+}
+
+/// How long a stream waits before it asks again for a lend it was refused (the channel
+/// read inline by a blocking thread, no runtime, out of descriptors).
+const LEND_RETRY: Duration = Duration::from_millis(50);
+
+/// A runtime's hold on the reading of one channel (`engine::channel::lend`): while any
+/// stream holds it, a task of the runtime that made it reads the channel whenever the
+/// runtime's reactor reports the socket readable, instead of the channel's worker. A frame's
+/// arrival then wakes the runtime alone (not the worker, which then woke the runtime): one
+/// wake-up per message instead of two, and on a VM each one that crosses CPUs costs ~46 µs.
+/// The frames it reads wake their vsockets' tasks, of this runtime or any other (a blocking
+/// reader too). The channel goes back to its worker when the last stream lets go of the
+/// lend, when it fails, and when the runtime shuts down (the reading task is dropped).
+/// Meanwhile the channel is read only as often as the runtime runs that task.
+struct Lend(Arc<LendCore>);
+
+struct LendCore {
+    host: Weak<HostInner>,
+    ch: Arc<Channel>,
+    /// Every stream let go: the reading task ends.
+    done: AtomicBool,
+    /// The reading task ended: the channel is back with its worker.
+    ended: AtomicBool,
+    /// The reading task, woken when `done` is set.
+    reader: TaskWakers,
+}
+
+impl Drop for Lend {
+    fn drop(&mut self) {
+        self.0.done.store(true, SeqCst);
+        self.0.reader.wake();
+    }
+}
+
+/// The lends in force, by channel (the address of its `Arc`, alive while the lend is).
+static LENDS: Mutex<Vec<(usize, Weak<Lend>)>> = Mutex::new(Vec::new());
+
+/// A stream's part in a [`Lend`].
+#[derive(Default)]
+struct LendSlot(Mutex<LendState>);
+
+#[derive(Default)]
+enum LendState {
+    #[default]
+    None,
+    Held(Arc<Lend>),
+    Refused(Instant),
+}
+
+impl std::fmt::Debug for LendSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = matches!(*self.0.lock().unwrap_or_else(|p| p.into_inner()), LendState::Held(_));
+        write!(f, "LendSlot(held: {held})")
+    }
+}
+
+impl LendSlot {
+    /// About to wait for `s` to become readable: make sure a runtime reads its home channel
+    /// (this one, unless another holds it already).
+    fn ensure(&self, s: &crate::VStream) {
+        let mut st = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match &*st {
+            LendState::Held(l) if !l.0.ended.load(SeqCst) => return,
+            LendState::Refused(at) if at.elapsed() < LEND_RETRY => return,
+            _ => {}
+        }
+        *st = match join_lend(s) {
+            Some(l) => LendState::Held(l),
+            None => LendState::Refused(Instant::now()),
+        };
+    }
+}
+
+/// The lend in force on `s`'s home channel, or a new one made by the current runtime.
+fn join_lend(s: &crate::VStream) -> Option<Arc<Lend>> {
+    let (host, ch) = s.lendable_channel()?;
+    let key = Arc::as_ptr(&ch) as usize;
+    let mut lends = LENDS.lock().unwrap_or_else(|p| p.into_inner());
+    lends.retain(|(_, l)| l.strong_count() > 0);
+    if let Some(l) = lends.iter().find(|(k, _)| *k == key).and_then(|(_, l)| l.upgrade()) {
+        if !l.0.ended.load(SeqCst) {
+            return Some(l);
+        }
+    }
+    let rt = ::tokio::runtime::Handle::try_current().ok()?;
+    // A duplicate, so that the runtime's registration is its own. Registered before the
+    // worker lets go, so that no arrival falls between the two.
+    // SAFETY: the channel's read descriptor is open while `ch` lives.
+    let dup = unsafe { libc::fcntl(channel::read_fd(&ch), libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return None;
+    }
+    // SAFETY: a fresh descriptor that nobody else owns.
+    let dup = unsafe { OwnedFd::from_raw_fd(dup) };
+    let fd = {
+        let _in = rt.enter();
+        // SAFETY: the duplicate is owned by the AsyncFd, and closed only after it deregisters.
+        unsafe { AsyncFd::register_with_interest(dup, Interest::READABLE) }.ok()?
+    };
+    if !channel::lend(&host, &ch) {
+        return None;
+    }
+    let core = Arc::new(LendCore {
+        host: Arc::downgrade(&host),
+        ch,
+        done: AtomicBool::new(false),
+        ended: AtomicBool::new(false),
+        reader: TaskWakers::default(),
+    });
+    let lend = Arc::new(Lend(core.clone()));
+    lends.retain(|(k, _)| *k != key);
+    lends.push((key, Arc::downgrade(&lend)));
+    drop(lends);
+    rt.spawn(read_lent_channel(core, fd));
+    Some(lend)
+}
+
+/// The task that reads a lent channel until its lend ends.
+async fn read_lent_channel(core: Arc<LendCore>, fd: AsyncFd<OwnedFd>) {
+    /// Gives the channel back to its worker however the task ends (runtime shutdown too).
+    struct Back(Arc<LendCore>);
+    impl Drop for Back {
+        fn drop(&mut self) {
+            self.0.ended.store(true, SeqCst);
+            if let Some(h) = self.0.host.upgrade() {
+                channel::end_lend(&h, &self.0.ch);
+            }
+        }
+    }
+    let _back = Back(core.clone());
+    std::future::poll_fn(|cx| loop {
+        core.reader.register(cx.waker());
+        if core.done.load(SeqCst) {
+            return Poll::Ready(());
+        }
+        let mut g = match fd.poll_read_ready(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(_)) => return Poll::Ready(()),
+            Poll::Ready(Ok(g)) => g,
+        };
+        let Some(host) = core.host.upgrade() else { return Poll::Ready(()) };
+        match channel::read_lent(&host, &core.ch) {
+            LentRead::Drained => g.clear_ready(),
+            // Let the runtime's other tasks run before reading on.
+            LentRead::Again => {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            LentRead::Down => return Poll::Ready(()),
+        }
+    })
+    .await
 }
 
 /// A vsocket stream for tokio, used like [`tokio::net::TcpStream`].
@@ -107,7 +287,7 @@ impl AsRawFd for Listener {
 /// ```
 #[derive(Debug)]
 pub struct VStream {
-    io: AsyncFd<Stream>,
+    io: StreamIo,
 }
 
 impl VStream {
@@ -181,15 +361,14 @@ impl VStream {
                 .map_err(|e| io::Error::other(format!("connect task failed: {e}")))??
         };
         let s = VStream::from_std(s)?;
-        let wait = async {
-            loop {
-                let mut g = s.io.writable().await?;
-                match s.inner().open_result() {
-                    Some(r) => return r,
-                    None => g.clear_ready(),
-                }
+        // The peer's answer, or the vsocket's failure, wakes the writers.
+        let wait = std::future::poll_fn(|cx| {
+            if let Some(r) = s.inner().open_result() {
+                return Poll::Ready(r);
             }
-        };
+            s.inner().register_task(true, cx.waker());
+            s.inner().open_result().map_or(Poll::Pending, Poll::Ready)
+        });
         match ::tokio::time::timeout_at(deadline.into(), wait).await {
             Ok(r) => r.map(|()| s),
             Err(_) => Err(s.inner().connect_timed_out()),
@@ -197,9 +376,10 @@ impl VStream {
     }
 
     /// Wrap a blocking stream (of the process-wide host, a [`Host`]'s or a listener's): it
-    /// is put in non-blocking mode and its pollable descriptor is registered with the
-    /// current runtime, as [`tokio::net::TcpStream::from_std`] does. Must be called within
-    /// a runtime. Fails with [`ErrorKind::Unsupported`] for a daemon-served vsocket.
+    /// is put in non-blocking mode and, if the host's daemon serves it, its pollable
+    /// descriptor is registered with the current runtime, as
+    /// [`tokio::net::TcpStream::from_std`] does (an embedded vsocket wakes its tasks
+    /// itself). Must be called within a runtime.
     ///
     /// ```no_run
     /// # async fn f(host: netchannel::Host) -> std::io::Result<()> {
@@ -209,14 +389,19 @@ impl VStream {
     /// # }
     /// ```
     pub fn from_std(stream: crate::VStream) -> io::Result<VStream> {
-        stream.poll_fd()?;
         stream.set_nonblocking(true)?;
+        if !stream.is_daemon() {
+            // Wakers need no reactor, but the documented contract is tokio's.
+            ::tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+            return Ok(VStream { io: StreamIo::Direct(stream, LendSlot::default()) });
+        }
+        stream.poll_fd()?;
         // SAFETY: the descriptor is the vsocket's readiness descriptor, created above and
         // kept open, the same one, for the vsocket's whole life, which `Stream` extends.
         let io = unsafe {
             AsyncFd::register_with_interest(Stream(stream), Interest::READABLE | Interest::WRITABLE)
         }?;
-        Ok(VStream { io })
+        Ok(VStream { io: StreamIo::Polled(io) })
     }
 
     /// The blocking stream back, in blocking mode again.
@@ -228,13 +413,80 @@ impl VStream {
     /// # }
     /// ```
     pub fn into_std(self) -> io::Result<crate::VStream> {
-        let s = self.io.into_inner().0;
+        let s = match self.io {
+            StreamIo::Direct(s, _) => s,
+            StreamIo::Polled(io) => io.into_inner().0,
+        };
         s.set_nonblocking(false)?;
         Ok(s)
     }
 
     fn inner(&self) -> &crate::VStream {
-        &self.io.get_ref().0
+        match &self.io {
+            StreamIo::Direct(s, _) => s,
+            StreamIo::Polled(io) => &io.get_ref().0,
+        }
+    }
+
+    /// Ready when a read (`write` false) or a write would not block; else the task is woken
+    /// when it would not. Readiness is kept until an operation reports `WouldBlock`.
+    fn poll_ready(&self, cx: &mut Context<'_>, write: bool) -> Poll<io::Result<()>> {
+        match &self.io {
+            StreamIo::Direct(s, lend) => match s.register_task(write, cx.waker()) {
+                Some(true) => Poll::Ready(Ok(())),
+                _ => {
+                    if !write {
+                        lend.ensure(s);
+                    }
+                    Poll::Pending
+                }
+            },
+            StreamIo::Polled(io) => {
+                let g = if write { ready!(io.poll_write_ready(cx)) } else { ready!(io.poll_read_ready(cx)) };
+                g?.retain_ready();
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+
+    /// Run `f` until it does not report `WouldBlock`, waiting for readiness in between.
+    fn poll_io<R>(
+        &self,
+        cx: &mut Context<'_>,
+        write: bool,
+        mut f: impl FnMut(&crate::VStream) -> io::Result<R>,
+    ) -> Poll<io::Result<R>> {
+        match &self.io {
+            StreamIo::Direct(s, lend) => loop {
+                match f(s) {
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    r => return Poll::Ready(r),
+                }
+                // Registered first, then looked at again: a change meanwhile is not missed.
+                if s.register_task(write, cx.waker()) != Some(true) {
+                    if !write {
+                        lend.ensure(s);
+                    }
+                    return Poll::Pending;
+                }
+            },
+            StreamIo::Polled(io) => loop {
+                let mut g =
+                    if write { ready!(io.poll_write_ready(cx)) } else { ready!(io.poll_read_ready(cx)) }?;
+                match g.try_io(|s| f(&s.get_ref().0)) {
+                    Ok(r) => return Poll::Ready(r),
+                    Err(_would_block) => continue,
+                }
+            },
+        }
+    }
+
+    /// `f` once; a `WouldBlock` clears the readiness it reports.
+    fn try_io<R>(&self, write: bool, f: impl FnOnce(&crate::VStream) -> io::Result<R>) -> io::Result<R> {
+        match &self.io {
+            StreamIo::Direct(s, _) => f(s),
+            StreamIo::Polled(io) => io.try_io(interest(write), |s| f(&s.0)),
+        }
     }
 
     /// The peer's address: its host IP and its vsocket port.
@@ -299,8 +551,7 @@ impl VStream {
     /// # }
     /// ```
     pub async fn readable(&self) -> io::Result<()> {
-        self.io.readable().await?.retain_ready();
-        Ok(())
+        std::future::poll_fn(|cx| self.poll_ready(cx, false)).await
     }
 
     /// Wait until the stream is writable; then [`VStream::try_write`] may succeed.
@@ -314,8 +565,7 @@ impl VStream {
     /// # }
     /// ```
     pub async fn writable(&self) -> io::Result<()> {
-        self.io.writable().await?.retain_ready();
-        Ok(())
+        std::future::poll_fn(|cx| self.poll_ready(cx, true)).await
     }
 
     /// Poll for read readiness: `Ready` when a read would not block, else the task is woken
@@ -330,8 +580,7 @@ impl VStream {
     /// # }
     /// ```
     pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(self.io.poll_read_ready(cx))?.retain_ready();
-        Poll::Ready(Ok(()))
+        self.poll_ready(cx, false)
     }
 
     /// Poll for write readiness, as [`tokio::net::TcpStream::poll_write_ready`].
@@ -345,8 +594,7 @@ impl VStream {
     /// # }
     /// ```
     pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(self.io.poll_write_ready(cx))?.retain_ready();
-        Poll::Ready(Ok(()))
+        self.poll_ready(cx, true)
     }
 
     /// Read what is there without waiting: `Ok(0)` at end of stream, `WouldBlock` if
@@ -360,7 +608,7 @@ impl VStream {
     /// # }
     /// ```
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.io.try_io(Interest::READABLE, |s| (&s.0).read(buf))
+        self.try_io(false, |s| (&*s).read(buf))
     }
 
     /// Write what fits without waiting: `WouldBlock` if the send buffer is full.
@@ -372,32 +620,18 @@ impl VStream {
     /// # }
     /// ```
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-        self.io.try_io(Interest::WRITABLE, |s| (&s.0).write(buf))
+        self.try_io(true, |s| (&*s).write(buf))
     }
 
     fn poll_read_inner(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        loop {
-            let mut g = ready!(self.io.poll_read_ready(cx))?;
-            let dst = buf.initialize_unfilled();
-            match g.try_io(|s| (&s.get_ref().0).read(dst)) {
-                Ok(Ok(n)) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
-            }
-        }
+        let dst = buf.initialize_unfilled();
+        let n = ready!(self.poll_io(cx, false, |s| (&*s).read(&mut *dst)))?;
+        buf.advance(n);
+        Poll::Ready(Ok(()))
     }
 
     fn poll_write_inner(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        loop {
-            let mut g = ready!(self.io.poll_write_ready(cx))?;
-            match g.try_io(|s| (&s.get_ref().0).write(buf)) {
-                Ok(r) => return Poll::Ready(r),
-                Err(_would_block) => continue,
-            }
-        }
+        self.poll_io(cx, true, |s| (&*s).write(buf))
     }
 
     fn half_close(&self) -> io::Result<()> {
@@ -460,9 +694,14 @@ impl AsyncWrite for VStream {
     }
 }
 
+/// The vsocket's pollable descriptor ([`crate::VStream::poll_fd`]).
+///
+/// # Panics
+///
+/// If the descriptor cannot be made (out of descriptors).
 impl AsRawFd for VStream {
     fn as_raw_fd(&self) -> RawFd {
-        self.io.as_raw_fd()
+        self.inner().as_raw_fd()
     }
 }
 
@@ -680,7 +919,7 @@ write_half!(OwnedWriteHalf, h => h.s);
 /// ```
 #[derive(Debug)]
 pub struct VListener {
-    io: AsyncFd<Listener>,
+    io: ListenerIo,
 }
 
 impl VListener {
@@ -698,8 +937,8 @@ impl VListener {
     }
 
     /// Wrap a blocking listener (of the process-wide host or a [`Host`]'s): it is put in
-    /// non-blocking mode and registered with the current runtime. Must be called within a
-    /// runtime. Fails with [`ErrorKind::Unsupported`] for a daemon-served listener.
+    /// non-blocking mode and, if the host's daemon serves it, registered with the current
+    /// runtime. Must be called within a runtime.
     ///
     /// ```no_run
     /// # async fn f(host: netchannel::Host) -> std::io::Result<()> {
@@ -708,12 +947,23 @@ impl VListener {
     /// # }
     /// ```
     pub fn from_std(listener: crate::VListener) -> io::Result<VListener> {
-        listener.poll_fd()?;
         listener.set_nonblocking(true)?;
+        if !listener.is_daemon() {
+            ::tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+            return Ok(VListener { io: ListenerIo::Direct(listener) });
+        }
+        listener.poll_fd()?;
         // SAFETY: the descriptor is the listener's readiness descriptor, created above and
         // kept open, the same one, for the listener's whole life, which `Listener` extends.
         let io = unsafe { AsyncFd::register_with_interest(Listener(listener), Interest::READABLE) }?;
-        Ok(VListener { io })
+        Ok(VListener { io: ListenerIo::Polled(io) })
+    }
+
+    fn inner(&self) -> &crate::VListener {
+        match &self.io {
+            ListenerIo::Direct(l) => l,
+            ListenerIo::Polled(io) => &io.get_ref().0,
+        }
     }
 
     /// The blocking listener back, in blocking mode again.
@@ -725,7 +975,10 @@ impl VListener {
     /// # }
     /// ```
     pub fn into_std(self) -> io::Result<crate::VListener> {
-        let l = self.io.into_inner().0;
+        let l = match self.io {
+            ListenerIo::Direct(l) => l,
+            ListenerIo::Polled(io) => io.into_inner().0,
+        };
         l.set_nonblocking(false)?;
         Ok(l)
     }
@@ -753,14 +1006,24 @@ impl VListener {
     /// # }
     /// ```
     pub fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(VStream, SocketAddr)>> {
-        loop {
-            let mut g = ready!(self.io.poll_read_ready(cx))?;
-            match g.try_io(|l| l.get_ref().0.accept()) {
-                Ok(Ok((s, a))) => return Poll::Ready(VStream::from_std(s).map(|s| (s, a))),
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
-            }
-        }
+        let r = match &self.io {
+            ListenerIo::Direct(l) => loop {
+                match l.accept() {
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    r => break r,
+                }
+                if l.register_task(cx.waker()) != Some(true) {
+                    return Poll::Pending;
+                }
+            },
+            ListenerIo::Polled(io) => loop {
+                let mut g = ready!(io.poll_read_ready(cx))?;
+                if let Ok(r) = g.try_io(|l| l.get_ref().0.accept()) {
+                    break r;
+                }
+            },
+        };
+        Poll::Ready(r.and_then(|(s, a)| VStream::from_std(s).map(|s| (s, a))))
     }
 
     /// This listener's address: the host's IP and the port.
@@ -772,13 +1035,18 @@ impl VListener {
     /// # }
     /// ```
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.io.get_ref().0.local_addr()
+        self.inner().local_addr()
     }
 }
 
+/// The listener's pollable descriptor ([`crate::VListener::poll_fd`]).
+///
+/// # Panics
+///
+/// If the descriptor cannot be made (out of descriptors).
 impl AsRawFd for VListener {
     fn as_raw_fd(&self) -> RawFd {
-        self.io.as_raw_fd()
+        self.inner().as_raw_fd()
     }
 }
 

@@ -27,7 +27,7 @@ use crate::engine::peer::Peer;
 use crate::engine::{Host, HostInner};
 use crate::proto::stream::{Credit, RxState, TxState};
 use crate::proto::ProtoError;
-use crate::readiness::{LazyReadiness, Readiness};
+use crate::readiness::{LazyReadiness, Readiness, TaskWakers};
 use crate::ring::Ring;
 use crate::wire::{self, Class, Frame, Reason, HEADER_LEN};
 
@@ -97,6 +97,9 @@ pub(crate) struct VSock {
     totals: Arc<crate::engine::Totals>,
     /// The pollable descriptor, once an application asked for it (`crate::readiness`).
     ready: LazyReadiness,
+    /// Async tasks waiting until a read, or a write, would not block (`crate::readiness`).
+    read_tasks: TaskWakers,
+    write_tasks: TaskWakers,
     /// An app thread waiting for this vsocket reads its home channel itself
     /// (`engine::channel::read_inline`): set with its eventfd, to write when what it waits
     /// for comes by another way (another channel, a local shutdown).
@@ -218,6 +221,8 @@ impl VSock {
             shm,
             totals: host.totals.clone(),
             ready: LazyReadiness::default(),
+            read_tasks: TaskWakers::default(),
+            write_tasks: TaskWakers::default(),
             inline_armed: AtomicBool::new(false),
             inline_waiter: Mutex::new(None),
             open_deferred: AtomicBool::new(false),
@@ -719,19 +724,23 @@ impl VSock {
         self.wake_writers();
     }
 
-    /// Readers may see something new (data, end of stream, an error): open the readiness
-    /// descriptor's IN gate, if there is one. Called with no vsocket lock held.
+    /// Readers may see something new (data, end of stream, an error): wake the tasks
+    /// waiting to read and open the readiness descriptor's IN gate, if there is one. Called
+    /// with no vsocket lock held.
     #[inline]
     fn wake_pollers(&self) {
+        self.read_tasks.wake();
         if let Some(r) = self.ready.get() {
             r.rx_publish(|| self.read_ready());
         }
     }
 
-    /// Send space was freed, or writes stopped blocking (error, shutdown, open): unplug the
-    /// readiness descriptor's OUT gate if it is plugged. Called with no vsocket lock held.
+    /// Send space was freed, or writes stopped blocking (error, shutdown, open): wake the
+    /// tasks waiting to write and unplug the readiness descriptor's OUT gate if it is
+    /// plugged. Called with no vsocket lock held.
     #[inline]
     fn wake_writers(&self) {
+        self.write_tasks.wake();
         if let Some(r) = self.ready.get() {
             r.tx_freed(|| self.writable_enough());
         }
@@ -1487,6 +1496,38 @@ impl VStream {
         }
     }
 
+    /// An embedded stream: wake `waker` once a read (`write` false) or a write would not
+    /// block any more, and say whether it would not block already (looked at after the
+    /// registration, so nothing is missed). `None` for a daemon-served stream, whose
+    /// readiness comes only through its descriptor.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn register_task(&self, write: bool, waker: &std::task::Waker) -> Option<bool> {
+        let StreamImp::Embedded(h) = &self.imp else { return None };
+        let vs = &h.vs;
+        Some(if write {
+            vs.write_tasks.register(waker);
+            vs.write_ready()
+        } else {
+            vs.read_tasks.register(waker);
+            vs.read_ready()
+        })
+    }
+
+    /// The channel whose reading an async runtime may borrow for this stream
+    /// (`crate::tokio`): the home channel of an embedded latency-class vsocket, if its host
+    /// reads channels inline (`inline_read`), with the host.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn lendable_channel(&self) -> Option<(Arc<HostInner>, Arc<crate::engine::channel::Channel>)> {
+        let StreamImp::Embedded(h) = &self.imp else { return None };
+        let vs = &h.vs;
+        let host = vs.host()?;
+        if !host.cfg.inline_read || vs.class() != Class::Latency {
+            return None;
+        }
+        let ch = vs.peer.control_channel(Class::Latency, vs.home)?;
+        Some((host, ch))
+    }
+
     /// Whether the connect of a stream made by [`VStream::connect_start`] finished: `None`
     /// while the peer has not answered, then its outcome (the stream is writable from then).
     pub(crate) fn open_result(&self) -> Option<io::Result<()>> {
@@ -1553,6 +1594,8 @@ pub(crate) struct ListenQueue {
     cv: Condvar,
     /// The pollable descriptor, once an application asked for it (`crate::readiness`).
     ready: LazyReadiness,
+    /// Async tasks waiting until an accept would not block.
+    tasks: TaskWakers,
 }
 
 impl ListenQueue {
@@ -1574,6 +1617,7 @@ impl ListenQueue {
     }
 
     fn wake_pollers(&self) {
+        self.tasks.wake();
         if let Some(r) = self.ready.get() {
             r.rx_publish(|| self.accept_ready());
         }
@@ -1696,6 +1740,7 @@ impl VListener {
             q: Mutex::new((VecDeque::new(), false)),
             cv: Condvar::new(),
             ready: LazyReadiness::default(),
+            tasks: TaskWakers::default(),
         });
         ls.insert(port, q.clone());
         drop(ls);
@@ -1784,6 +1829,21 @@ impl VListener {
                 "a listener served by the NetChannel daemon has no pollable descriptor yet",
             )),
         }
+    }
+
+    /// Whether the host's daemon serves this listener (else an engine in this process does).
+    pub fn is_daemon(&self) -> bool {
+        matches!(self.imp, ListenerImp::Daemon(_))
+    }
+
+    /// An embedded listener: wake `waker` once an accept would not block, and say whether
+    /// it would not already. `None` for a daemon-served listener (see
+    /// [`VStream::register_task`]).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn register_task(&self, waker: &std::task::Waker) -> Option<bool> {
+        let ListenerImp::Embedded(l) = &self.imp else { return None };
+        l.q.tasks.register(waker);
+        Some(l.q.accept_ready())
     }
 
     /// An iterator over accepted vsockets, like [`std::net::TcpListener::incoming`].

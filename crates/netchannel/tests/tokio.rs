@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{check, fill, two_hosts, within};
 use netchannel::tokio::{VListener, VStream};
-use netchannel::Config;
+use netchannel::{Class, Config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn small_buffers(c: &mut Config) {
@@ -54,8 +54,9 @@ fn fds_now() -> Vec<String> {
     v
 }
 
-/// `n` concurrent vsockets, each echoing `rounds` messages of random sizes, all verified.
-fn many_echoes(multi: bool, n: usize) {
+/// `n` concurrent vsockets of `class`, each echoing messages of random sizes, all verified.
+/// Latency-class vsockets have each runtime read their home channel (the lend).
+fn many_echoes(multi: bool, n: usize, class: Class) {
     within(120, move || {
         let (a, b) = two_hosts(small_buffers);
         let rt = runtime(multi);
@@ -83,7 +84,7 @@ fn many_echoes(multi: bool, n: usize) {
             for i in 0..n {
                 let a = a.clone();
                 clients.push(tokio::spawn(async move {
-                    let mut s = VStream::connect_with(&a, addr).await.expect("connect");
+                    let mut s = VStream::connect_class_with(&a, addr, class).await.expect("connect");
                     let mut x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
                     let mut off = 0u64;
                     for _ in 0..4 {
@@ -119,13 +120,92 @@ fn many_echoes(multi: bool, n: usize) {
 }
 
 #[test]
+fn a_thousand_concurrent_latency_echoes_current_thread() {
+    many_echoes(false, 1000, Class::Latency);
+}
+
+#[test]
+fn a_thousand_concurrent_latency_echoes_multi_thread() {
+    many_echoes(true, 1000, Class::Latency);
+}
+
+/// A latency-class stream makes its runtime the reader of the home channel (the lend); a
+/// runtime that does not run meanwhile (a current-thread runtime outside `block_on`) must
+/// not stall the channel's other vsockets: a blocking writer waiting for credit that only
+/// that channel brings, and blocking readers, still finish; a runtime dropped gives the
+/// channel back, and the next runtime's streams work.
+#[test]
+fn a_runtime_that_does_not_run_stalls_no_one_else_on_its_channel() {
+    within(120, || {
+        let (a, b) = two_hosts(small_buffers);
+        let lat = b.bind(0).unwrap();
+        let addr = common::at(&b, lat.local_addr().unwrap().port());
+        let rt = runtime(false);
+        // A pending read on a latency stream: the runtime now holds A's latency channel.
+        let (held, peer) = rt.block_on(async {
+            let c = VStream::connect_class_with(&a, addr, Class::Latency).await.unwrap();
+            let (s, _) = lat.accept().unwrap();
+            let mut buf = [0u8; 1];
+            let mut c = c;
+            assert!(tokio::time::timeout(Duration::from_millis(20), c.read(&mut buf)).await.is_err());
+            (c, s)
+        });
+        // The runtime is not running now. A blocking latency stream on the same channel:
+        // 4 MiB through a 256 KiB send buffer needs credit, which A's latency channel
+        // brings.
+        let mut w = a.connect_class(addr, Class::Latency).unwrap();
+        let (mut r, _) = lat.accept().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; 4 << 20];
+            r.read_exact(&mut got).unwrap();
+            assert_eq!(check(7, 0, &got), None, "the blocking stream's bytes");
+            r.write_all(b"done").unwrap();
+        });
+        let mut msg = vec![0u8; 4 << 20];
+        fill(7, 0, &mut msg);
+        w.write_all(&msg).unwrap();
+        let mut done = [0u8; 4];
+        w.read_exact(&mut done).unwrap();
+        assert_eq!(&done, b"done");
+        reader.join().unwrap();
+        // The held stream still works once its runtime runs again.
+        let mut peer = peer;
+        peer.write_all(b"x").unwrap();
+        rt.block_on(async {
+            let mut held = held;
+            let mut buf = [0u8; 1];
+            held.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"x");
+            drop(held);
+        });
+        drop(rt);
+        // A new runtime: its latency streams echo.
+        runtime(true).block_on(async {
+            let mut c = VStream::connect_class_with(&a, addr, Class::Latency).await.unwrap();
+            let s = lat.accept().unwrap();
+            let echo = std::thread::spawn(move || {
+                let mut s = s.0;
+                let mut buf = [0u8; 5];
+                s.read_exact(&mut buf).unwrap();
+                s.write_all(&buf).unwrap();
+            });
+            c.write_all(b"again").await.unwrap();
+            let mut buf = [0u8; 5];
+            c.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"again");
+            echo.join().unwrap();
+        });
+    });
+}
+
+#[test]
 fn a_thousand_concurrent_echoes_current_thread() {
-    many_echoes(false, 1000);
+    many_echoes(false, 1000, Class::Throughput);
 }
 
 #[test]
 fn a_thousand_concurrent_echoes_multi_thread() {
-    many_echoes(true, 1000);
+    many_echoes(true, 1000, Class::Throughput);
 }
 
 #[test]

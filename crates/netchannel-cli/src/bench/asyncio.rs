@@ -42,7 +42,7 @@ pub struct TokioArgs {
     #[arg(long, value_name = "SIZE", default_value = "64", value_parser = parse_io_size)]
     pub size: usize,
 
-    /// Ping-pong connection counts to measure, comma-separated
+    /// Ping-pong connection counts to measure, comma-separated (0 skips the ping-pong)
     #[arg(long, value_name = "N,..", value_delimiter = ',', default_value = "1,64")]
     pub conns: Vec<usize>,
 
@@ -57,6 +57,10 @@ pub struct TokioArgs {
     /// Repetitions, alternating the stacks (TCP, then NetChannel)
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub repeat: usize,
+
+    /// Stacks to measure, comma-separated (both by default; one alone is for profiling it)
+    #[arg(long, value_enum, value_name = "STACK,..", value_delimiter = ',', default_values_t = [Stack::Tcp, Stack::Netchannel])]
+    pub stacks: Vec<Stack>,
 
     /// NetChannel: traffic class of the vsockets
     #[arg(long, value_enum, default_value_t = super::rpc::TrafficClass::Latency)]
@@ -86,9 +90,12 @@ pub struct Sample {
     pub p99_us: Option<f64>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Stack {
+/// A stack `bench tokio` measures.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Stack {
+    /// tokio over kernel TCP on loopback
     Tcp,
+    /// tokio over vsockets of two embedded hosts
     Netchannel,
 }
 
@@ -388,15 +395,21 @@ pub fn run(args: &TokioArgs) -> Result<()> {
     if args.repeat == 0 {
         return Err("--repeat must be at least 1".into());
     }
+    let mut stacks = Vec::new();
+    for s in [Stack::Tcp, Stack::Netchannel] {
+        if args.stacks.contains(&s) {
+            stacks.push(s);
+        }
+    }
     let mut samples = Vec::new();
     for rep in 0..args.repeat {
-        for &conns in &args.conns {
-            for stack in [Stack::Tcp, Stack::Netchannel] {
+        for &conns in args.conns.iter().filter(|&&c| c > 0) {
+            for &stack in &stacks {
                 samples.push(pingpong(stack, conns, rep, args)?);
             }
         }
         if args.http_clients > 0 {
-            for stack in [Stack::Tcp, Stack::Netchannel] {
+            for &stack in &stacks {
                 samples.push(http(stack, args.http_clients, rep, args)?);
             }
         }
@@ -422,7 +435,7 @@ pub fn run(args: &TokioArgs) -> Result<()> {
     }
     for (w, c) in groups {
         let mut med = Vec::new();
-        for stack in ["tcp", "netchannel"] {
+        for stack in stacks.iter().map(|s| s.name()) {
             let of: Vec<&Sample> =
                 samples.iter().filter(|s| s.workload == w && s.conns == c && s.stack == stack).collect();
             let per = median(of.iter().map(|s| s.per_sec).collect());
@@ -438,7 +451,7 @@ pub fn run(args: &TokioArgs) -> Result<()> {
             );
             med.push((per, p50, p99));
         }
-        let (t, n) = (med[0], med[1]);
+        let [t, n] = med[..] else { continue };
         if w == "pingpong" {
             println!(
                 "{:<9} {c:>5} {:<11} {:>11.2}x {:>9.2}x {:>9.2}x   (netchannel / tcp)",

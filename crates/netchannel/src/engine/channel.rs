@@ -16,6 +16,14 @@
 //! wake the worker as well; putting it back re-arms the edge for whatever is left unread.
 //! Write interest is registered only while a flush is blocked on a full socket, so that
 //! neither change reports a spurious writable edge.
+//!
+//! **Lending** ([`lend`], feature `tokio`): the async counterpart. An async runtime whose
+//! tasks wait on latency-class vsockets registers the channel's socket in its own reactor
+//! and reads it from a task of its own for as long as such streams live; the worker leaves
+//! it alone meanwhile. As a runtime may stop running (a current-thread runtime outside
+//! `block_on`, a task that blocks), the worker looks every [`LENT_LOOK`] whether the
+//! borrower read anything since its last look while bytes wait, and reads them itself if
+//! not. App threads still read a lent channel inline.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
@@ -33,6 +41,8 @@ use crate::proto::sched::{Batch, Depth, FrameQueue, Lane, Next};
 use crate::vsock::VSock;
 use crate::wire::{self, Class, Frame, HEADER_LEN};
 
+/// How often a worker looks whether the borrower of a lent channel ([`lend`]) still reads it.
+const LENT_LOOK: Duration = Duration::from_millis(10);
 /// Bytes a worker reads from one channel before turning to the others.
 const READ_BUDGET: usize = 1 << 20;
 /// Initial size of a channel's read buffer.
@@ -94,6 +104,11 @@ pub(crate) struct Channel {
     reader: Mutex<Reader>,
     /// The worker's interest in the socket; changed only under this lock.
     watch: Mutex<Watch>,
+    /// The channel's reading is lent to an async runtime ([`lend`]): the worker only looks
+    /// now and then whether the borrower still reads it.
+    lent: AtomicBool,
+    /// Reads by the borrower of a lent channel ([`read_lent`]).
+    lent_reads: AtomicU64,
 }
 
 /// The reading half of a channel: bytes read and not yet dispatched.
@@ -110,6 +125,8 @@ struct Watch {
     registered: bool,
     /// An app thread reads the channel (no read interest for the worker meanwhile).
     inline: bool,
+    /// An async runtime reads the channel ([`lend`]; no read interest for the worker either).
+    lent: bool,
     /// A flush is blocked on a full socket (write interest).
     want_write: bool,
 }
@@ -167,6 +184,8 @@ impl Channel {
             read_sock,
             reader: Mutex::new(Reader { rbuf: vec![0; READ_BUF], rstart: 0, rend: 0 }),
             watch: Mutex::new(Watch::default()),
+            lent: AtomicBool::new(false),
+            lent_reads: AtomicU64::new(0),
         })
     }
 
@@ -175,7 +194,7 @@ impl Channel {
     /// is blocked. The kernel re-checks readiness and reports an edge for what is pending.
     fn apply_watch(&self, host: &HostInner, w: &Watch) -> io::Result<()> {
         let mut events = libc::EPOLLET;
-        if !w.inline {
+        if !w.inline && !w.lent {
             events |= libc::EPOLLIN | libc::EPOLLRDHUP;
         }
         if w.want_write {
@@ -215,6 +234,27 @@ impl Channel {
             Ok(()) => true,
             Err(e) => {
                 w.inline = false;
+                tracing::warn!(class = self.class.name(), index = self.index, error = %e, "channel: cannot change the worker's interest");
+                false
+            }
+        }
+    }
+
+    /// An async runtime starts (`true`) or stops reading the channel ([`lend`]). Starting
+    /// fails (returns `false`) when it is lent already or the worker does not poll it.
+    #[cfg(feature = "tokio")]
+    fn set_lent(&self, host: &HostInner, on: bool) -> bool {
+        let mut w = self.watch.lock().unwrap();
+        if !w.registered || w.lent == on {
+            return !on;
+        }
+        w.lent = on;
+        self.lent.store(on, Ordering::SeqCst);
+        match self.apply_watch(host, &w) {
+            Ok(()) => true,
+            Err(e) => {
+                w.lent = false;
+                self.lent.store(false, Ordering::SeqCst);
                 tracing::warn!(class = self.class.name(), index = self.index, error = %e, "channel: cannot change the worker's interest");
                 false
             }
@@ -463,6 +503,8 @@ impl WorkerHandle {
 /// A channel as its worker serves it.
 struct Conn {
     ch: Arc<Channel>,
+    /// The borrower's read count ([`Channel::lent_reads`]) at the worker's last look.
+    lent_seen: u64,
 }
 
 impl Conn {
@@ -495,13 +537,39 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
     let mut events = Events::with_capacity(256);
     let mut conns: HashMap<usize, Conn> = HashMap::new();
     let mut again: Vec<usize> = Vec::new(); // channels with reading left over
+    let mut last_look = Instant::now();
     loop {
-        let timeout = if again.is_empty() { None } else { Some(Duration::ZERO) };
+        let any_lent = conns.values().any(|c| c.ch.lent.load(Ordering::Relaxed));
+        let timeout = if !again.is_empty() {
+            Some(Duration::ZERO)
+        } else if any_lent {
+            Some(LENT_LOOK.saturating_sub(last_look.elapsed()))
+        } else {
+            None
+        };
         if let Err(e) = poll_spinning(&mut poll, &mut events, timeout, busy_poll) {
             tracing::error!(worker = me, error = %e, "channel worker: poll failed");
             return;
         }
         let mut readable: Vec<usize> = std::mem::take(&mut again);
+        if any_lent && last_look.elapsed() >= LENT_LOOK {
+            // A lent channel whose borrower read nothing since the last look while bytes
+            // wait: its runtime is not running the reading task (blocked, busy): read it here.
+            last_look = Instant::now();
+            for (t, c) in conns.iter_mut() {
+                if !c.ch.lent.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let reads = c.ch.lent_reads.load(Ordering::Relaxed);
+                let idle = reads == c.lent_seen;
+                c.lent_seen = reads;
+                let mut p = libc::pollfd { fd: c.ch.read_sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: one live pollfd on the channel's open socket, no wait.
+                if idle && unsafe { libc::poll(&mut p, 1, 0) } == 1 {
+                    readable.push(*t);
+                }
+            }
+        }
         let mut writable: Vec<usize> = Vec::new();
         for ev in events.iter() {
             if ev.token() == WAKER {
@@ -532,7 +600,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
                     }
                     w.registered = true;
                     drop(w);
-                    conns.insert(token, Conn { ch });
+                    conns.insert(token, Conn { ch, lent_seen: 0 });
                     readable.push(token);
                     writable.push(token);
                 }
@@ -850,6 +918,65 @@ pub(crate) fn channel_down(host: &Arc<HostInner>, ch: &Arc<Channel>, reason: &st
     ch.queued.store(0, Ordering::Relaxed);
     if let Some(peer) = ch.peer.upgrade() {
         host.on_channel_down(&peer, ch, reason);
+    }
+}
+
+/// How one [`read_lent`] ended.
+#[cfg(feature = "tokio")]
+pub(crate) enum LentRead {
+    /// Everything that had arrived was read: wait for the socket's next readable edge.
+    Drained,
+    /// The read budget ran out, or another thread holds the reader for a moment: read again
+    /// soon.
+    Again,
+    /// The channel failed (it is down now) or is not up.
+    Down,
+}
+
+/// Lend the reading of `ch` to an async runtime (`crate::tokio`): the worker stops polling
+/// it for reading, and the borrower reads it with [`read_lent`] whenever its own reactor
+/// reports the socket readable, until it gives it back with [`end_lend`]. Returns `false`
+/// (nothing lent) when an app thread reads the channel inline or the worker does not poll
+/// it. Like [`read_inline`], this is what spares the wake-up of the worker and then of the
+/// reader: a frame's arrival wakes the runtime alone.
+#[cfg(feature = "tokio")]
+pub(crate) fn lend(host: &HostInner, ch: &Channel) -> bool {
+    ch.up.load(Ordering::Acquire) && ch.set_lent(host, true)
+}
+
+/// Give a lent channel back to its worker (re-arming the worker's interest reports an
+/// edge for whatever is left unread).
+#[cfg(feature = "tokio")]
+pub(crate) fn end_lend(host: &HostInner, ch: &Channel) {
+    ch.set_lent(host, false);
+}
+
+/// The descriptor a borrower polls for the lent channel's arrivals (the borrower registers
+/// a duplicate of it; it lives as long as the channel).
+#[cfg(feature = "tokio")]
+pub(crate) fn read_fd(ch: &Channel) -> RawFd {
+    ch.read_sock.as_raw_fd()
+}
+
+/// Read and dispatch what arrived on a lent channel, from the borrower's thread. A failure
+/// takes the channel down, after giving it back to its worker.
+#[cfg(feature = "tokio")]
+pub(crate) fn read_lent(host: &Arc<HostInner>, ch: &Arc<Channel>) -> LentRead {
+    if !ch.up.load(Ordering::Acquire) {
+        return LentRead::Down;
+    }
+    let Ok(mut rd) = ch.reader.try_lock() else { return LentRead::Again };
+    ch.lent_reads.fetch_add(1, Ordering::Relaxed);
+    let res = read_some(host, ch, &mut rd, &|| false);
+    drop(rd);
+    match res {
+        Ok(false) => LentRead::Drained,
+        Ok(true) => LentRead::Again,
+        Err(reason) => {
+            end_lend(host, ch);
+            channel_down(host, ch, &reason);
+            LentRead::Down
+        }
     }
 }
 
