@@ -15,32 +15,11 @@
  *   sockets churn IP PORT N  N connect / "ping" / "pong" / close cycles, one at a time.
  *                            Prints "ok".
  */
-#define _GNU_SOURCE
-#include <arpa/inet.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <netinet/in.h>
+#include "check.h"
 #include <netinet/tcp.h>
-#include <poll.h>
 #include <signal.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/epoll.h>
-#include <sys/ioctl.h>
 #include <sys/select.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
-#include <unistd.h>
-
-#define CHECK(c, what)                                                          \
-    do {                                                                        \
-        if (!(c)) {                                                             \
-            fprintf(stderr, "FAILED: %s (line %d, errno %d %s)\n", what,        \
-                    __LINE__, errno, strerror(errno));                          \
-            exit(1);                                                            \
-        }                                                                       \
-    } while (0)
 
 static struct sockaddr_in addr_of(const char *ip, int port) {
     struct sockaddr_in a;
@@ -49,6 +28,18 @@ static struct sockaddr_in addr_of(const char *ip, int port) {
     a.sin_port = htons(port);
     inet_pton(AF_INET, ip, &a.sin_addr);
     return a;
+}
+
+/* A non-blocking, close-on-exec TCP listener on ip:port. */
+static int listen_on(const char *ip, int port, int backlog) {
+    int l = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    CHECK(l >= 0, "socket");
+    int one = 1;
+    CHECK(setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) == 0, "SO_REUSEADDR");
+    struct sockaddr_in a = addr_of(ip, port);
+    CHECK(bind(l, (struct sockaddr *)&a, sizeof a) == 0, "bind");
+    CHECK(listen(l, backlog) == 0, "listen");
+    return l;
 }
 
 static void write_all(int fd, const char *p, size_t n) {
@@ -97,13 +88,7 @@ static void echo(int fd) {
 
 static int server(const char *ip, int port) {
     signal(SIGCHLD, SIG_IGN);
-    int l = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    CHECK(l >= 0, "socket");
-    int one = 1;
-    CHECK(setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) == 0, "SO_REUSEADDR");
-    struct sockaddr_in a = addr_of(ip, port);
-    CHECK(bind(l, (struct sockaddr *)&a, sizeof a) == 0, "bind");
-    CHECK(listen(l, 64) == 0, "listen");
+    int l = listen_on(ip, port, 64);
     int ep = epoll_create1(EPOLL_CLOEXEC);
     struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.fd = l};
     CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, l, &ev) == 0, "epoll_ctl listener");
@@ -315,13 +300,7 @@ static void prefork_worker(int l) {
 }
 
 static int prefork(const char *ip, int port, int workers) {
-    int l = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    CHECK(l >= 0, "socket");
-    int one = 1;
-    CHECK(setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) == 0, "SO_REUSEADDR");
-    struct sockaddr_in a = addr_of(ip, port);
-    CHECK(bind(l, (struct sockaddr *)&a, sizeof a) == 0, "bind");
-    CHECK(listen(l, 512) == 0, "listen");
+    int l = listen_on(ip, port, 512);
     for (int i = 0; i < workers; i++) {
         pid_t p = fork();
         CHECK(p >= 0, "fork a worker");

@@ -12,32 +12,11 @@
  *                             program sends more, reads with plain read() until an error
  *                             and prints "reset" if it got ECONNRESET, else what it got.
  */
-#define _GNU_SOURCE
-#include <arpa/inet.h>
-#include <errno.h>
-#include <fcntl.h>
+#include "check.h"
 #include <linux/io_uring.h>
-#include <netinet/in.h>
-#include <poll.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/epoll.h>
-#include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
-#include <unistd.h>
-
-#define CHECK(c, what)                                                          \
-    do {                                                                        \
-        if (!(c)) {                                                             \
-            fprintf(stderr, "FAILED: %s (line %d, errno %d %s)\n", what,        \
-                    __LINE__, errno, strerror(errno));                          \
-            exit(1);                                                            \
-        }                                                                       \
-    } while (0)
 
 struct ring {
     int fd;
