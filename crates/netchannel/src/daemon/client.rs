@@ -523,7 +523,8 @@ impl DListener {
 
     pub(crate) fn accept(&self) -> io::Result<(crate::VStream, SocketAddr)> {
         let wait = !self.nonblocking.load(Ordering::Relaxed);
-        let (resp, fds) = self.client.request(&Request::Accept { listener: self.id, wait, proxy: false })?;
+        let (resp, fds) =
+            self.client.request(&Request::Accept { listener: self.id, wait, proxy: false, park: None })?;
         let s = DStream::from_response(&self.client, resp, fds)?;
         let remote = s.remote;
         Ok((crate::VStream::from_daemon(s), remote))
