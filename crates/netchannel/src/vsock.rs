@@ -108,6 +108,10 @@ pub(crate) struct VSock {
     /// An optimistic connect whose OPEN is not sent yet: it goes with the first write, or
     /// bare when the app reads, shuts down or closes first ([`VSock::send_deferred_open`]).
     open_deferred: AtomicBool,
+    /// The accepting end of an optimistic open owes its OPEN_OK: it leaves in the same write
+    /// as this vsocket's first frame (the response, usually), or alone when the app would
+    /// wait for more, so the opener is not woken by an answer it does not wait for.
+    open_ok_deferred: AtomicBool,
 }
 
 thread_local! {
@@ -226,6 +230,7 @@ impl VSock {
             inline_armed: AtomicBool::new(false),
             inline_waiter: Mutex::new(None),
             open_deferred: AtomicBool::new(false),
+            open_ok_deferred: AtomicBool::new(false),
         }))
     }
 
@@ -395,7 +400,25 @@ impl VSock {
     }
 
     fn send_control(&self, f: &Frame<'_>) {
-        self.peer.send_control(self.class(), self.home, f);
+        match self.take_open_ok() {
+            Some(ok) => self.peer.send_controls(self.class(), self.home, &[ok, f.clone()]),
+            None => self.peer.send_control(self.class(), self.home, f),
+        };
+    }
+
+    /// Hold this (accepting) vsocket's OPEN_OK back until its first frame or until its app
+    /// would wait ([`VSock::open_ok_deferred`]).
+    pub(crate) fn defer_open_ok(&self) {
+        self.open_ok_deferred.store(true, Ordering::Release);
+    }
+
+    /// The OPEN_OK still owed, if any (taking it: it is sent once).
+    pub(crate) fn take_open_ok(&self) -> Option<Frame<'static>> {
+        if !self.open_ok_deferred.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        let credit = self.host().map_or(0, |h| h.cfg.recv_buffer as u64);
+        Some(Frame::OpenOk { vsock: self.remote_id(), src_vsock: self.id, credit })
     }
 
     /// Send a CREDIT computed by [`RxState::credit_due`], if one is due.
@@ -458,6 +481,12 @@ impl VSock {
             return;
         }
         let class = self.class();
+        // An OPEN_OK still owed goes first, in the same write as what this pump sends.
+        let open_ok = self.take_open_ok().and_then(|ok| {
+            let ch = self.peer.control_channel(class, self.home)?;
+            ch.enqueue_frame(&ok);
+            Some(ch)
+        });
         let mut parked = false;
         // The channels used, each with whether its queue was empty before this pump.
         let mut used: Vec<(Arc<crate::engine::channel::Channel>, bool)> = Vec::new();
@@ -502,6 +531,11 @@ impl VSock {
         }
         let fin = tx.st.take_fin();
         drop(tx);
+        if let Some(ch) = open_ok {
+            if fin.is_none() && !used.iter().any(|(c, _)| Arc::ptr_eq(c, &ch)) {
+                ch.send_now();
+            }
+        }
         for (ch, idle) in used {
             if class == Class::Latency && bytes <= INLINE_MAX {
                 ch.send_now();
@@ -1012,6 +1046,15 @@ impl VSock {
                 // An optimistic connect that reads before it writes: the peer must hear of it.
                 drop(rx);
                 self.send_deferred_open();
+                rx = self.rx.lock().unwrap();
+                continue;
+            }
+            if self.open_ok_deferred.load(Ordering::Acquire) {
+                // The opener may be waiting for credit (or to close): answer it before waiting.
+                drop(rx);
+                if let Some(ok) = self.take_open_ok() {
+                    self.peer.send_control(self.class(), self.home, &ok);
+                }
                 rx = self.rx.lock().unwrap();
                 continue;
             }

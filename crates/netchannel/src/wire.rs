@@ -59,6 +59,9 @@
 //!   first bytes of its stream (from offset 0) as payload, within the credit listeners grant
 //!   by configuration (`open_credit`); its later bytes wait for OPEN_OK. An OPEN sent again
 //!   after a channel died carries the same bytes; the acceptor discards them by offset.
+//!   The acceptor of an OPEN that carries bytes may hold its OPEN_OK back and send it right
+//!   before the vsocket's first frame (in the same write), or alone once its application
+//!   would wait for more: the opener, which is not waiting for it, is not woken by it alone.
 //! * CREDIT: `a` is how far the receiver has the stream in order (the sender may free its
 //!   copy of everything below it); `b` is the absolute offset up to which the sender may
 //!   send. A sender never sends a byte at or beyond `b`. With [`FLAG_FIN_RECEIVED`] the

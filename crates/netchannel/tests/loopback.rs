@@ -678,6 +678,49 @@ fn optimistic_open_carries_the_request_and_verifies_both_ways() {
 }
 
 #[test]
+fn an_optimistic_open_whose_server_never_writes_still_ends_cleanly() {
+    // The accepting end holds its OPEN_OK back for its first frame; a server that only reads
+    // (an upload past the open credit: the opener needs the answer's credit) or that closes
+    // without a word must still answer, so both ends finish and leave their tables.
+    within(60, || {
+        let (a, b) = two_hosts(|_| {});
+        let l = b.bind(5104).unwrap();
+        let dst = at(&b, 5104);
+        let sizes = [100usize, 1 << 20];
+        let server = std::thread::spawn(move || {
+            for (i, &n) in sizes.iter().enumerate() {
+                let (mut s, _) = l.accept().unwrap();
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).unwrap();
+                assert_eq!(got.len(), n);
+                assert_eq!(check(i as u64, 0, &got), None, "upload {i} of {n} bytes");
+            }
+        });
+        for (i, &n) in sizes.iter().enumerate() {
+            let mut s = a.connect_optimistic(dst).unwrap();
+            let mut up = vec![0u8; n];
+            fill(i as u64, 0, &mut up);
+            s.write_all(&up).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty());
+        }
+        server.join().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while a.stats().vsockets + b.stats().vsockets > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "vsockets left behind: {:?} {:?}",
+                a.vsock_infos(),
+                b.vsock_infos()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+}
+
+#[test]
 fn an_optimistic_open_to_a_closed_port_fails_the_first_read_as_refused() {
     within(30, || {
         let (a, b) = two_hosts(|_| {});

@@ -327,11 +327,17 @@ impl Channel {
     /// Queue control frames in order and write them (with whatever else is urgent) at once.
     pub(crate) fn push_frames(&self, frames: &[Frame<'_>]) {
         for frame in frames {
-            let mut bytes = Vec::with_capacity(frame.encoded_len());
-            frame.encode(&mut bytes);
-            self.enqueue(OutFrame::Control(bytes));
+            self.enqueue_frame(frame);
         }
         self.send_now();
+    }
+
+    /// Queue an encoded control frame; the caller sends it ([`Channel::send_now`], or a
+    /// write of this channel it is about to make).
+    pub(crate) fn enqueue_frame(&self, frame: &Frame<'_>) {
+        let mut bytes = Vec::with_capacity(frame.encoded_len());
+        frame.encode(&mut bytes);
+        self.enqueue(OutFrame::Control(bytes));
     }
 
     /// Write the queued control frames and latency segments from this thread, saving the

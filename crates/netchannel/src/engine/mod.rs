@@ -769,6 +769,8 @@ impl HostInner {
             .find(|v| Arc::ptr_eq(&v.peer, peer) && v.remote_id() == src && v.remote.port() == src_port)
             .cloned();
         if let Some(v) = existing {
+            // One answer: an OPEN_OK still held back is this one.
+            let _ = v.take_open_ok();
             let ok = Frame::OpenOk { vsock: src, src_vsock: v.id, credit: self.cfg.recv_buffer as u64 };
             peer.send_control(v.class(), src, &ok);
             if !payload.is_empty() {
@@ -806,11 +808,18 @@ impl HostInner {
         vs.set_remote_id(src);
         self.vsocks.write().unwrap().insert(id, vs.clone());
         self.totals.vsockets_opened.fetch_add(1, Ordering::Relaxed);
-        peer.send_control(
-            class,
-            src,
-            &Frame::OpenOk { vsock: src, src_vsock: id, credit: self.cfg.recv_buffer as u64 },
-        );
+        if !payload.is_empty() && vs.region().is_none() {
+            // An optimistic opener sends on without waiting for the answer: it leaves with
+            // this vsocket's first frame (the response, usually) instead of waking the opener
+            // on its own. (A daemon-served app's waits are not seen here: answered at once.)
+            vs.defer_open_ok();
+        } else {
+            peer.send_control(
+                class,
+                src,
+                &Frame::OpenOk { vsock: src, src_vsock: id, credit: self.cfg.recv_buffer as u64 },
+            );
+        }
         if !payload.is_empty() {
             // An optimistic open's first bytes: readable as soon as it is accepted.
             vs.on_data(0, payload, false);
