@@ -849,6 +849,9 @@ impl State {
                 crate::wire::Reason::Closed,
                 &format!("the daemon disconnected the owning process: {why}"),
             );
+            // Proxied ones too (the cleanup leaves those to their proxy's hang-up): another
+            // doorbell of a liar must not take in its header again.
+            self.close_stream(s.handle);
         }
         if let Some((pid, sock)) = c {
             tracing::warn!(pid, conn, why, "client disconnected");
