@@ -3,8 +3,10 @@
 //! vsockets served by the local daemon.
 //!
 //! Before it replaces itself with the program (`exec`), `run` checks what the shim could not
-//! fix later: a program it cannot serve (statically linked, or built on io_uring) runs
-//! unchanged on kernel TCP, and so does every program when no daemon answers (after one
+//! fix later: a program it cannot serve (statically linked) runs unchanged on kernel TCP.
+//! A program linked with io_uring keeps its vsockets: io_uring is decided per socket
+//! operation (one that bypasses the shim on a vsocket resets it, with one line in the
+//! daemon's log naming the program and fd), and so does every program when no daemon answers (after one
 //! warning line; `[preload] require_daemon = true` makes that an error).
 
 use std::ffi::OsString;
@@ -101,10 +103,6 @@ pub fn unservable(bytes: &[u8]) -> Option<&'static str> {
     });
     if !has_interp {
         return Some("it is statically linked, so the preload library cannot be loaded into it");
-    }
-    let uses = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
-    if uses(b"liburing.so") || uses(b"io_uring_setup") {
-        return Some("it does its networking through io_uring, which the preload library cannot see");
     }
     None
 }

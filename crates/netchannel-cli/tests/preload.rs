@@ -20,6 +20,8 @@ const TIMEOUT: Duration = Duration::from_secs(540);
 
 struct Daemon {
     _child: KillOnDrop,
+    /// The daemon's stderr (its log).
+    log: PathBuf,
     socket: PathBuf,
     config: PathBuf,
     ip: IpAddr,
@@ -38,7 +40,8 @@ impl Daemon {
         )
         .unwrap();
         let mut cmd = netchannel(&["up", "--config", config.to_str().unwrap()]);
-        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+        let log = dir.join(format!("{name}.log"));
+        cmd.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
         let mut child = KillOnDrop(Some(cmd.spawn().expect("spawn netchannel up")));
         let deadline = Instant::now() + Duration::from_secs(20);
         while Client::connect(&socket).is_err() {
@@ -48,7 +51,12 @@ impl Daemon {
             assert!(Instant::now() < deadline, "the daemon did not come up on {}", socket.display());
             std::thread::sleep(Duration::from_millis(20));
         }
-        Daemon { _child: child, socket, config, ip: listen.ip() }
+        Daemon { _child: child, log, socket, config, ip: listen.ip() }
+    }
+
+    /// What the daemon logged so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     fn status(&self) -> Value {
@@ -159,7 +167,7 @@ fn total(d: &Daemon, key: &str) -> u64 {
 }
 
 #[test]
-fn c_program_socket_surface_over_vsockets() {
+fn c_program_socket_surface_over_the_relay_fallback() {
     c_program(DataPath::Relay);
 }
 
@@ -197,8 +205,165 @@ fn c_program(path: DataPath) {
     }
 }
 
+/// Compile tests/preload/sockets.c into `dir`; its path.
+fn sockets_program(dir: &Path) -> String {
+    let exe = dir.join("sockets");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/preload/sockets.c");
+    let st = Command::new("cc").args(["-O1", "-Wall", "-o"]).arg(&exe).arg(&src).status().unwrap();
+    assert!(st.success(), "cc {}", src.display());
+    exe.to_str().unwrap().to_string()
+}
+
+/// Kills a whole process group (a server and the workers it forked) when dropped.
+struct KillGroup(i32);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on a process group this test started.
+        unsafe { libc::kill(-self.0, libc::SIGKILL) };
+    }
+}
+
+fn open_fds(pid: u64) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Wait (at most 20 s) until neither daemon holds a vsocket or a parked arrival.
+fn wait_until_idle(ds: &[&Daemon]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for d in ds {
+        while total(d, "vsockets_open") > 0 || total(d, "arrivals_parked") > 0 {
+            assert!(Instant::now() < deadline, "vsockets left behind: {}", d.status());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Issue 12, defect 1: a master that listens and forks workers that accept (the shape of
+/// event-loop servers). Every arrival reaches the worker that accepts it, and ends when that
+/// worker closes it: after 2,000 connect/close cycles no vsocket is left in either daemon,
+/// and neither the master nor the server's daemon holds more descriptors than before.
 #[test]
-fn redis_benchmark_and_a_1mib_value_over_vsockets() {
+fn accept_in_forked_workers_leaks_no_vsocket_and_no_descriptor() {
+    if !have("cc") {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let (dir, a, b, port) = setup_with("preload-prefork", DataPath::Shm);
+    let exe = sockets_program(&dir.0);
+    let (ip, port_s) = (a.ip(), port.to_string());
+    let mut cmd = a.run(&[&exe, "prefork", &ip, &port_s, "2"]);
+    cmd.process_group(0);
+    let server = background(cmd, &format!("{ip}:{port}"));
+    let master = u64::from(server.0.as_ref().unwrap().id());
+    let _group = KillGroup(master as i32);
+    let daemon_pid = a.status()["daemon"]["pid"].as_u64().unwrap();
+    // A first round creates what is made once (the workers' daemon connections).
+    assert_eq!(ok(b.run(&[&exe, "churn", &ip, &port_s, "20"]), "churn 20").stdout.trim(), "ok");
+    wait_until_idle(&[&a, &b]);
+    let (master_fds, daemon_fds) = (open_fds(master), open_fds(daemon_pid));
+    let proxied = total(&a, "vsockets_proxied");
+    let out = ok(b.run(&[&exe, "churn", &ip, &port_s, "2000"]), "churn 2000");
+    assert_eq!(out.stdout.trim(), "ok", "stderr:\n{}", out.stderr);
+    // The workers got the arrivals as vsockets (with their readiness proxies).
+    assert_proxied(DataPath::Shm, &a, proxied, 2000);
+    wait_until_idle(&[&a, &b]);
+    assert!(open_fds(master) <= master_fds, "the master grew from {master_fds} to {} fds", open_fds(master));
+    assert!(
+        open_fds(daemon_pid) <= daemon_fds + 2,
+        "the server's daemon grew from {daemon_fds} to {} fds",
+        open_fds(daemon_pid)
+    );
+}
+
+/// Issue 12, defect 3: a long-running server under `netchannel run` whose daemon restarts
+/// gets its listener registered again with the new daemon, says so in one line, and takes
+/// vsockets again (not kernel TCP) without being restarted itself.
+#[test]
+fn a_listener_is_registered_again_when_the_daemon_restarts() {
+    if !have("cc") {
+        return;
+    }
+    let (dir, a, b, port) = setup_with("preload-restart", DataPath::Shm);
+    let exe = sockets_program(&dir.0);
+    let (ip, port_s) = (a.ip(), port.to_string());
+    let log = dir.0.join("server.log");
+    let mut cmd = a.run(&[&exe, "server", &ip, &port_s]);
+    cmd.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+    let mut server = KillOnDrop(Some(cmd.spawn().expect("spawn the server")));
+    let listening = |d: &Daemon| {
+        d.status()["listeners"].as_array().is_some_and(|ls| {
+            ls.iter().any(|l| l["local"].as_str().is_some_and(|x| x.ends_with(&format!(":{port}"))))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !listening(&a) {
+        assert!(Instant::now() < deadline, "the server's vsocket listener did not come up: {}", a.status());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = ok(b.run(&[&exe, "client", &ip, &port_s]), "client before the restart");
+    assert_eq!(out.stdout.trim(), "ok", "stderr:\n{}", out.stderr);
+    // The server's daemon goes away and comes back on the same socket and address.
+    let listen = SocketAddr::new(a.ip, port - 1);
+    drop(a);
+    let a = Daemon::start(&dir.0, "a", listen, DataPath::Shm.name());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !listening(&a) {
+        assert!(Instant::now() < deadline, "the listener was not registered again: {}", a.status());
+        assert!(server.0.as_mut().unwrap().try_wait().unwrap().is_none(), "the server exited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let proxied = total(&a, "vsockets_proxied");
+    let out = ok(b.run(&[&exe, "client", &ip, &port_s]), "client after the restart");
+    assert_eq!(out.stdout.trim(), "ok", "stderr:\n{}", out.stderr);
+    assert_proxied(DataPath::Shm, &a, proxied, 2);
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(said.matches("takes vsockets again").count(), 1, "the server's stderr:\n{said}");
+}
+
+/// Issue 12 (e): io_uring is decided per socket operation, not per program. A program that
+/// reads its files through io_uring and drives its socket with epoll keeps its vsocket; an
+/// io_uring receive on a vsocket (an operation the shim cannot see) resets it, with one line
+/// in the daemon's log naming the program and the fd, instead of corrupting it or hanging.
+#[test]
+fn io_uring_for_files_keeps_vsockets_and_an_io_uring_recv_resets_the_vsocket_loudly() {
+    if !have("cc") {
+        return;
+    }
+    let (dir, a, b, port) = setup_with("preload-uring", DataPath::Shm);
+    let sockets = sockets_program(&dir.0);
+    let uring = dir.0.join("uring");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/preload/uring.c");
+    let st = Command::new("cc").args(["-O1", "-Wall", "-o"]).arg(&uring).arg(&src).status().unwrap();
+    assert!(st.success(), "cc {}", src.display());
+    let uring = uring.to_str().unwrap();
+    let (ip, port_s) = (a.ip(), port.to_string());
+    let _server = background(a.run(&[&sockets, "server", &ip, &port_s]), &format!("{ip}:{port}"));
+    let proxied = total(&b, "vsockets_proxied");
+    let out = ok(b.run(&[uring, "files", &ip, &port_s, src.to_str().unwrap()]), "uring files");
+    assert_eq!(out.stdout.trim(), "ok", "stderr:\n{}", out.stderr);
+    assert!(!out.stderr.contains("kernel TCP"), "{}", out.stderr);
+    assert_proxied(DataPath::Shm, &b, proxied, 1);
+    let proxied = total(&b, "vsockets_proxied");
+    let out = ok(b.run(&[uring, "recv", &ip, &port_s]), "uring recv");
+    assert_eq!(out.stdout.trim(), "reset", "stderr:\n{}\ndaemon log:\n{}", out.stderr, b.log());
+    assert_proxied(DataPath::Shm, &b, proxied, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lines = |log: String| {
+        log.lines().filter(|l| l.contains("cannot see")).map(str::to_string).collect::<Vec<_>>()
+    };
+    while lines(b.log()).is_empty() {
+        assert!(Instant::now() < deadline, "no line about it in the daemon's log:\n{}", b.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let said = lines(b.log());
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(said[0].contains("uring (pid ") && said[0].contains("vsocket fd "), "{said:?}");
+    assert!(!said[0].contains("fd ?"), "the fd is named: {said:?}");
+}
+
+#[test]
+fn redis_benchmark_and_a_1mib_value_over_the_relay_fallback() {
     redis(DataPath::Relay);
 }
 
@@ -279,7 +444,7 @@ fn redis(path: DataPath) {
 }
 
 #[test]
-fn iperf3_parallel_and_reverse_over_vsockets() {
+fn iperf3_parallel_and_reverse_over_the_relay_fallback() {
     iperf3(DataPath::Relay);
 }
 
@@ -314,7 +479,7 @@ fn iperf3(path: DataPath) {
 }
 
 #[test]
-fn sockperf_ping_pong_over_vsockets() {
+fn sockperf_ping_pong_over_the_relay_fallback() {
     sockperf(DataPath::Relay);
 }
 

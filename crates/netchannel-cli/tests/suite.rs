@@ -93,6 +93,7 @@ fn check_results(dir: &Path) -> Vec<(String, Value)> {
         let r = &v["report"];
         assert_eq!(r["runs"].as_array().map(Vec::len), Some(2), "{name}: tcp and daemon: {v}");
         assert!(r["runs"][1]["vsockets_opened"].as_u64().is_some_and(|n| n > 0), "{name}: {v}");
+        assert_eq!(r["datapath"], "shm", "{name}: experiment 7 runs on the default data path: {v}");
         assert!(r["ratios"].as_array().is_some_and(|a| !a.is_empty()), "{name}: {v}");
     }
     let (_, iso) = runs.iter().find(|(n, _)| n.starts_with("isolation")).unwrap();

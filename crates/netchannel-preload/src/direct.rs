@@ -74,49 +74,130 @@ pub fn fd_flags(fd: c_int) -> (bool, bool) {
     }
 }
 
-/// A vsocket arrival waiting in a listener's kernel queue, keyed by the loopback address of
-/// the placeholder connection.
-pub struct Arrival {
-    pub ps: ProxyStream,
-    pub a: OwnedFd,
-    pub remote: SocketAddr,
+/// The vsocket listener behind a program's listening socket. When the daemon restarts, the
+/// listener thread registers the port again with the new daemon and says so in one line; the
+/// program's kernel listener never noticed anything.
+pub struct ListenerSlot {
+    current: Mutex<Arc<ProxyListener>>,
+    closed: AtomicBool,
+    port: u16,
 }
 
-pub type Arrivals = Arc<Mutex<HashMap<SocketAddr, Arrival>>>;
+impl ListenerSlot {
+    pub fn new(l: ProxyListener, port: u16) -> ListenerSlot {
+        ListenerSlot { current: Mutex::new(Arc::new(l)), closed: AtomicBool::new(false), port }
+    }
 
-/// Take the arrivals of `l` and queue a placeholder connection for each on the program's
-/// listening socket at `target`.
-pub fn serve_listener(l: Arc<ProxyListener>, target: SocketAddr, arrivals: Arrivals) -> bool {
+    /// The vsocket address it listens on.
+    pub fn local(&self) -> SocketAddr {
+        self.current().local()
+    }
+
+    fn current(&self) -> Arc<ProxyListener> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The program closed its listening socket: stop taking vsockets for good.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.current().close();
+    }
+
+    /// After the daemon went away: wait until one answers again and listen there. False if
+    /// the program closed the socket meanwhile.
+    fn relisten(&self) -> bool {
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            if self.closed.load(Ordering::SeqCst) {
+                return false;
+            }
+            let Ok(c) = netchannel::daemon::Client::from_config(crate::config()) else { continue };
+            let Ok(l) = c.bind_proxied(self.port) else { continue };
+            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(l);
+            if self.closed.load(Ordering::SeqCst) {
+                self.current().close();
+                return false;
+            }
+            sys::say(&format!(
+                "the NetChannel daemon is back: the listening socket on port {} takes vsockets again",
+                self.port
+            ));
+            return true;
+        }
+    }
+}
+
+/// Take the arrivals of `slot` and queue a placeholder connection for each on the program's
+/// listening socket at `target`. The arrival itself stays parked in the daemon, keyed by the
+/// placeholder's address, until the process that accepts the placeholder — this one or a
+/// forked worker sharing the listening socket — claims it ([`claim`]): this process holds
+/// nothing per arrival, so nothing of it leaks here when another process accepts.
+pub fn serve_listener(slot: Arc<ListenerSlot>, target: SocketAddr) -> bool {
     std::thread::Builder::new()
         .name("nc-listener".into())
         .stack_size(128 << 10)
         .spawn(move || {
             crate::relay::own_thread();
             loop {
-                let (ps, a) = match l.accept() {
-                    Ok(x) => x,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(_) => return,
-                };
-                let remote = ps.remote();
                 let Ok(sock) =
                     socket2::Socket::new(socket2::Domain::for_address(target), socket2::Type::STREAM, None)
                 else {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
                     continue;
                 };
                 if sock.bind(&SocketAddr::new(target.ip(), 0).into()).is_err() {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
                     continue;
                 }
                 let Some(from) = sock.local_addr().ok().and_then(|a| a.as_socket()) else { continue };
-                arrivals.lock().unwrap().insert(from, Arrival { ps, a, remote });
+                let l = slot.current();
+                match l.park(from) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) if slot.closed.load(Ordering::SeqCst) => return,
+                    Err(_) if l.daemon_gone() => {
+                        if !slot.relisten() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(_) => {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        continue;
+                    }
+                }
                 if sock.connect(&target.into()).is_err() {
-                    arrivals.lock().unwrap().remove(&from);
+                    // Nobody can accept it: take it back; dropping its end A closes it.
+                    if let Some(c) = crate::client() {
+                        drop(c.claim_proxied(from));
+                    }
                 }
                 // The placeholder only carries the arrival into the accept queue.
                 drop(sock);
             }
         })
         .is_ok()
+}
+
+/// The arrival behind the accepted connection `nfd` (peer `from`), if it is a placeholder:
+/// a placeholder connects from the very address it connects to, so a kernel TCP client from
+/// elsewhere costs no daemon round trip.
+pub fn claim(nfd: c_int, from: SocketAddr) -> Option<(ProxyStream, OwnedFd)> {
+    if sys::local_addr(nfd)?.ip() != from.ip() {
+        return None;
+    }
+    crate::client()?.claim_proxied(from).ok()
+}
+
+/// One line: the program read its vsocket `fd` with a call the shim cannot see.
+fn say_bypassed(fd: c_int) {
+    let program = std::fs::read_to_string("/proc/self/comm")
+        .map_or("this program".to_string(), |s| s.trim().to_string());
+    sys::say(&format!(
+        "{program} (pid {}) read vsocket fd {fd} with a call the preload shim cannot see (an io_uring data \
+         operation or a raw system call): the vsocket is reset; run it with [preload] datapath = \"relay\"",
+        crate::pid()
+    ));
 }
 
 fn fail(code: c_int) -> ssize_t {
@@ -151,7 +232,11 @@ pub unsafe fn read_iov(d: &Direct, fd: c_int, iov: *const libc::iovec, n: usize,
                 break;
             }
         }
-        match d.ps.read(fd, buf, f) {
+        let r = d.ps.read(fd, buf, f);
+        if d.ps.bypass_found() {
+            say_bypassed(fd);
+        }
+        match r {
             Ok(got) => {
                 total += got;
                 if got < buf.len() {

@@ -42,7 +42,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use libc::{c_int, c_ulong, sockaddr, socklen_t};
-use netchannel::daemon::proxy::ProxyListener;
 use netchannel::daemon::Client;
 use netchannel::{Class, Config, PreloadDatapath, VListener, VStream};
 
@@ -65,6 +64,11 @@ const MAX_FD: usize = 1 << 16;
 
 /// Which descriptors have an entry in the table: checked without a lock by every hook.
 static MARK: [AtomicBool; MAX_FD] = [const { AtomicBool::new(false) }; MAX_FD];
+/// TCP sockets made by `socket()` and not yet connected or listening: the descriptors whose
+/// epoll registrations the shim records, since connect may swap them (see [`EpollRecord`]).
+static PENDING: [AtomicBool; MAX_FD] = [const { AtomicBool::new(false) }; MAX_FD];
+/// How many epoll registrations are recorded (so `close` of other fds skips the lock).
+static RECORDED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// This process's id, refreshed in the child after fork.
 static PID: AtomicI32 = AtomicI32::new(0);
 
@@ -74,7 +78,7 @@ enum Kind {
     Listener(Arc<VListener>),
     /// The shared-memory data path: the fd is the vsocket's readiness proxy.
     Direct(Arc<Direct>),
-    ProxyListener(Arc<ProxyListener>),
+    ProxyListener(Arc<direct::ListenerSlot>),
 }
 
 #[derive(Clone)]
@@ -87,8 +91,21 @@ struct Entry {
     remote: SocketAddr,
 }
 
+/// An epoll registration of a not-yet-connected TCP socket. `connect` onto the shared-memory
+/// data path replaces the socket with the readiness proxy by `dup3`, which silently drops
+/// the old file's registrations; they are added again on the new one (nginx registers a
+/// socket before it connects it).
+#[derive(Clone, Copy)]
+struct EpollRecord {
+    fd: c_int,
+    epfd: c_int,
+    events: u32,
+    data: u64,
+}
+
 #[derive(Default)]
 struct Shim {
+    epoll: Vec<EpollRecord>,
     table: Option<HashMap<c_int, Entry>>,
     client: Option<Client>,
     retry_at: Option<Instant>,
@@ -96,10 +113,10 @@ struct Shim {
     negative: Option<HashMap<IpAddr, Instant>>,
     relay: Option<Arc<RelayListener>>,
     arrivals: Option<Arrivals>,
-    proxy_arrivals: Option<direct::Arrivals>,
 }
 
 static SHIM: ForkLock<Shim> = ForkLock::new(Shim {
+    epoll: Vec::new(),
     table: None,
     client: None,
     retry_at: None,
@@ -107,7 +124,6 @@ static SHIM: ForkLock<Shim> = ForkLock::new(Shim {
     negative: None,
     relay: None,
     arrivals: None,
-    proxy_arrivals: None,
 });
 
 fn shm_datapath() -> bool {
@@ -125,7 +141,7 @@ fn direct_of(fd: c_int) -> Option<(Arc<Direct>, bool)> {
     }
 }
 
-fn config() -> &'static Config {
+pub(crate) fn config() -> &'static Config {
     static CFG: OnceLock<Config> = OnceLock::new();
     CFG.get_or_init(|| match std::env::var_os("NETCHANNEL_CONFIG") {
         Some(p) => Config::load(std::path::Path::new(&p)).unwrap_or_else(|e| {
@@ -159,7 +175,6 @@ extern "C" fn fork_child() {
     std::mem::forget(s.client.take());
     std::mem::forget(s.relay.take());
     std::mem::forget(s.arrivals.take());
-    std::mem::forget(s.proxy_arrivals.take());
     s.retry_at = None;
     // SAFETY: as above.
     unsafe { SHIM.release() };
@@ -244,7 +259,7 @@ fn remove(fd: c_int) {
 }
 
 /// The daemon client of this process, connecting (again) if need be.
-fn client() -> Option<Client> {
+pub(crate) fn client() -> Option<Client> {
     {
         let mut s = SHIM.lock();
         if let Some(c) = &s.client {
@@ -305,10 +320,6 @@ fn relay_listener() -> Option<Arc<RelayListener>> {
 
 fn arrivals() -> Arrivals {
     SHIM.lock().arrivals.get_or_insert_with(Default::default).clone()
-}
-
-fn proxy_arrivals() -> direct::Arrivals {
-    SHIM.lock().proxy_arrivals.get_or_insert_with(Default::default).clone()
 }
 
 type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
@@ -402,10 +413,100 @@ fn vconnect_direct(c: &Client, fd: c_int, dst: SocketAddr, class: Class, v6: boo
     if !direct::swap_in(fd, a, cloexec, nonblocking) {
         return None;
     }
+    readd_epoll(fd);
     let d = Arc::new(Direct::new(ps, nonblocking));
     insert(fd, Entry { pid: pid(), kind: Kind::Direct(d), v6, local, remote: dst });
     sys::set_errno(0);
     Some(0)
+}
+
+type EpollCtlFn = unsafe extern "C" fn(c_int, c_int, c_int, *mut libc::epoll_event) -> c_int;
+
+fn real_epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut libc::epoll_event) -> c_int {
+    let f: EpollCtlFn = real!(epoll_ctl: fn(c_int, c_int, c_int, *mut libc::epoll_event) -> c_int);
+    // SAFETY: the caller's arguments, passed on.
+    unsafe { f(epfd, op, fd, ev) }
+}
+
+fn pending(fd: c_int) -> bool {
+    fd >= 0 && (fd as usize) < MAX_FD && PENDING[fd as usize].load(Ordering::Relaxed)
+}
+
+/// `fd` is no longer a socket that connect may swap: forget its registrations.
+fn settled(fd: c_int) {
+    if fd < 0 || fd as usize >= MAX_FD || !PENDING[fd as usize].swap(false, Ordering::Relaxed) {
+        return;
+    }
+    forget_epoll(|r| r.fd == fd);
+}
+
+fn forget_epoll(which: impl Fn(&EpollRecord) -> bool) {
+    if RECORDED.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    let mut s = SHIM.lock();
+    s.epoll.retain(|r| !which(r));
+    RECORDED.store(s.epoll.len(), Ordering::Relaxed);
+}
+
+/// Add `fd`'s recorded registrations again, now that it names the readiness proxy.
+fn readd_epoll(fd: c_int) {
+    if !pending(fd) {
+        return;
+    }
+    let mine: Vec<EpollRecord> = SHIM.lock().epoll.iter().filter(|r| r.fd == fd).copied().collect();
+    for r in mine {
+        let mut ev = libc::epoll_event { events: r.events, u64: r.data };
+        if real_epoll_ctl(r.epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) != 0 {
+            sys::say(&format!(
+                "fd {fd}: its epoll registration in epoll fd {} did not survive connect: errno {}",
+                r.epfd,
+                sys::errno()
+            ));
+        }
+    }
+}
+
+/// # Safety
+/// The C `socket` contract.
+#[no_mangle]
+pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_int {
+    let f = real!(socket: fn(c_int, c_int, c_int) -> c_int);
+    let fd = f(domain, ty, protocol);
+    let tcp = (domain == libc::AF_INET || domain == libc::AF_INET6)
+        && ty & 0xf == libc::SOCK_STREAM
+        && (protocol == 0 || protocol == libc::IPPROTO_TCP);
+    if fd >= 0 && (fd as usize) < MAX_FD {
+        PENDING[fd as usize].store(tcp && !busy(), Ordering::Relaxed);
+    }
+    fd
+}
+
+/// Bookkeeping only: registrations of sockets that `connect` may still swap are recorded
+/// (see [`EpollRecord`]); the kernel answers every call.
+///
+/// # Safety
+/// The C `epoll_ctl` contract.
+#[no_mangle]
+pub unsafe extern "C" fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut libc::epoll_event) -> c_int {
+    let rc = real_epoll_ctl(epfd, op, fd, ev);
+    if rc == 0 && pending(fd) && !busy() {
+        let err = sys::errno();
+        let (events, data) = if ev.is_null() { (0, 0) } else { ((*ev).events, (*ev).u64) };
+        shield(
+            || (),
+            || {
+                let mut s = SHIM.lock();
+                s.epoll.retain(|r| !(r.fd == fd && r.epfd == epfd));
+                if op != libc::EPOLL_CTL_DEL {
+                    s.epoll.push(EpollRecord { fd, epfd, events, data });
+                }
+                RECORDED.store(s.epoll.len(), Ordering::Relaxed);
+            },
+        );
+        sys::set_errno(err);
+    }
+    rc
 }
 
 /// # Safety
@@ -415,6 +516,14 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
     if busy() {
         return real_connect(fd, addr, len);
     }
+    let rc = connect_hooked(fd, addr, len);
+    let err = sys::errno();
+    settled(fd);
+    sys::set_errno(err);
+    rc
+}
+
+unsafe fn connect_hooked(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     let Some(dst) = sys::read_addr(addr, len) else { return real_connect(fd, addr, len) };
     let r = shield(|| None, || vconnect(fd, dst));
     match r {
@@ -483,14 +592,14 @@ fn vlisten_direct(c: &Client, fd: c_int, family: c_int, bound: SocketAddr) {
         }
     };
     let l = match l {
-        Ok(l) => Arc::new(l),
+        Ok(l) => Arc::new(direct::ListenerSlot::new(l, bound.port())),
         Err(e) => {
             sys::say(&format!("port {} stays kernel TCP only: {e}", bound.port()));
             return;
         }
     };
     let local = l.local();
-    if direct::serve_listener(l.clone(), relay::listener_target(bound), proxy_arrivals()) {
+    if direct::serve_listener(l.clone(), relay::listener_target(bound)) {
         insert(
             fd,
             Entry {
@@ -510,6 +619,9 @@ fn vlisten_direct(c: &Client, fd: c_int, family: c_int, bound: SocketAddr) {
 pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
     let f = real!(listen: fn(c_int, c_int) -> c_int);
     let rc = f(fd, backlog);
+    if rc == 0 {
+        settled(fd);
+    }
     if rc == 0 && !busy() {
         let err = sys::errno();
         shield(|| (), || vlisten(fd));
@@ -524,17 +636,17 @@ fn vaccept(fd: c_int, nfd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flag
     let Some(l) = entry(fd) else { return };
     let Some(from) = sys::peer_addr(nfd) else { return };
     if matches!(l.kind, Kind::ProxyListener(_)) {
-        let Some(arr) = SHIM.lock().proxy_arrivals.clone() else { return };
-        let Some(a) = arr.lock().unwrap().remove(&from) else { return };
+        // The arrival is parked in the daemon: claim it, whichever process this is.
+        let Some((ps, a)) = direct::claim(nfd, from) else { return };
         let nonblocking = flags & libc::SOCK_NONBLOCK != 0;
-        if !direct::swap_in(nfd, a.a, flags & libc::SOCK_CLOEXEC != 0, nonblocking) {
+        if !direct::swap_in(nfd, a, flags & libc::SOCK_CLOEXEC != 0, nonblocking) {
             return;
         }
-        let local = a.ps.local();
+        let (local, remote) = (ps.local(), ps.remote());
         // SAFETY: the caller's addr/len, as accept(2) fills them.
-        unsafe { sys::write_addr(a.remote, l.v6, addr, len) };
-        let d = Arc::new(Direct::new(a.ps, nonblocking));
-        insert(nfd, Entry { pid: pid(), kind: Kind::Direct(d), v6: l.v6, local, remote: a.remote });
+        unsafe { sys::write_addr(remote, l.v6, addr, len) };
+        let d = Arc::new(Direct::new(ps, nonblocking));
+        insert(nfd, Entry { pid: pid(), kind: Kind::Direct(d), v6: l.v6, local, remote });
         return;
     }
     let Some(arr) = SHIM.lock().arrivals.clone() else { return };
@@ -658,6 +770,22 @@ pub unsafe extern "C" fn setsockopt(
 /// The C `close` contract.
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    if RECORDED.load(Ordering::Relaxed) != 0 {
+        let err = sys::errno();
+        // A closed socket's registrations are gone, and so are those in a closed epoll fd.
+        shield(
+            || (),
+            || {
+                if fd >= 0 && (fd as usize) < MAX_FD {
+                    PENDING[fd as usize].store(false, Ordering::Relaxed);
+                }
+                forget_epoll(|r| r.fd == fd || r.epfd == fd);
+            },
+        );
+        sys::set_errno(err);
+    } else if pending(fd) {
+        PENDING[fd as usize].store(false, Ordering::Relaxed);
+    }
     if marked(fd) {
         let err = sys::errno();
         shield(|| (), || remove(fd));
@@ -703,6 +831,11 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
 pub unsafe extern "C" fn dup2(fd: c_int, newfd: c_int) -> c_int {
     let f = real!(dup2: fn(c_int, c_int) -> c_int);
     let n = f(fd, newfd);
+    if n >= 0 && n != fd {
+        let err = sys::errno();
+        settled(n);
+        sys::set_errno(err);
+    }
     if n >= 0 && (marked(fd) || marked(newfd)) {
         copied(fd, n);
     }
@@ -715,6 +848,11 @@ pub unsafe extern "C" fn dup2(fd: c_int, newfd: c_int) -> c_int {
 pub unsafe extern "C" fn dup3(fd: c_int, newfd: c_int, flags: c_int) -> c_int {
     let f = real!(dup3: fn(c_int, c_int, c_int) -> c_int);
     let n = f(fd, newfd, flags);
+    if n >= 0 && n != fd {
+        let err = sys::errno();
+        settled(n);
+        sys::set_errno(err);
+    }
     if n >= 0 && (marked(fd) || marked(newfd)) {
         copied(fd, n);
     }

@@ -341,28 +341,36 @@ pub struct PreloadConfig {
     /// `netchannel` binary.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub library: Option<std::path::PathBuf>,
-    /// `datapath`: `"relay"` (the program's fd is a loopback TCP socket relayed to the
-    /// vsocket by two threads) or `"shm"` (the fd is a readiness proxy and data moves straight
-    /// between the program's buffers and the shared rings). Default `"relay"`.
+    /// `datapath`: `"shm"` (the fd is a readiness proxy and data moves straight between the
+    /// program's buffers and the shared rings) or `"relay"` (the program's fd is a loopback
+    /// TCP socket relayed to the vsocket by two threads: the per-program fallback). Default
+    /// `"shm"`.
     pub datapath: PreloadDatapath,
 }
 
 /// `[preload] datapath`: how a program's vsocket descriptors move their bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PreloadDatapath {
-    /// A loopback TCP socket per vsocket, relayed by two threads.
-    #[default]
+    /// A loopback TCP socket per vsocket, relayed by two threads (the fallback).
     Relay,
     /// A readiness proxy per vsocket; hooked data calls use the shared rings.
+    #[default]
     Shm,
+}
+
+impl PreloadDatapath {
+    /// The name in the configuration: `"relay"` or `"shm"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PreloadDatapath::Relay => "relay",
+            PreloadDatapath::Shm => "shm",
+        }
+    }
 }
 
 impl Serialize for PreloadDatapath {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(match self {
-            PreloadDatapath::Relay => "relay",
-            PreloadDatapath::Shm => "shm",
-        })
+        s.serialize_str(self.name())
     }
 }
 

@@ -51,6 +51,9 @@ pub const ERROR_MSG_MAX: usize = 480;
 pub const SHUT_WR: u32 = 1;
 /// `app_flags`: the app closed the vsocket (dropped its last handle).
 pub const CLOSED: u32 = 2;
+/// `app_flags`: the app's shim found its readiness proxy read by a call it cannot see
+/// (io_uring, a raw system call): the daemon resets the vsocket.
+pub const BYPASSED: u32 = 4;
 /// `state`: the peer's FIN arrived; the stream ends at `rx_fin`.
 pub const FIN: u32 = 1;
 /// `state`: the vsocket failed; `error_kind` and `error_msg` say how.
@@ -167,6 +170,14 @@ pub struct Region {
     proxy: std::sync::RwLock<Option<OwnedFd>>,
     /// Daemon side: `shutdown(B, SHUT_WR)` was done (the app saw the FIN).
     proxy_fin: std::sync::atomic::AtomicBool,
+    /// Daemon side: opening the IN gate and sending its token are one step (so that a look
+    /// at B's queue never falls between them).
+    proxy_tx: std::sync::Mutex<()>,
+    /// Daemon side: `rx_consumed` at the last look with the IN gate open.
+    rx_seen: AtomicU64,
+    /// Daemon side: something the shim cannot see (an io_uring operation, a raw system call)
+    /// read a readiness record off end A or wrote one into B: the vsocket is to be reset.
+    stray: std::sync::atomic::AtomicBool,
     ptr: *mut u8,
     len: usize,
     tx_cap: usize,
@@ -269,6 +280,9 @@ impl Region {
             fd: Some(fd),
             proxy: std::sync::RwLock::new(None),
             proxy_fin: std::sync::atomic::AtomicBool::new(false),
+            proxy_tx: std::sync::Mutex::new(()),
+            rx_seen: AtomicU64::new(0),
+            stray: std::sync::atomic::AtomicBool::new(false),
             ptr: ptr.cast(),
             len,
             tx_cap,
@@ -303,6 +317,12 @@ impl Region {
         self.proxy.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|b| b.as_raw_fd())
     }
 
+    /// Daemon side: whether something that bypassed the shim (io_uring, a raw system call)
+    /// read or wrote the readiness proxy's end A (see [`Region::drive_proxy`]).
+    pub fn proxy_bypassed(&self) -> bool {
+        self.stray.load(Ordering::SeqCst)
+    }
+
     /// Tell the app something changed: wake futex sleepers, and drive the readiness proxy's
     /// gates if the vsocket has one. Engine side.
     pub fn ring_app(&self) {
@@ -322,6 +342,9 @@ impl Region {
         let Some(b) = guard.as_ref().map(|b| b.as_raw_fd()) else { return };
         let h = self.header();
         let state = h.state.load(Ordering::SeqCst);
+        if h.app_flags.load(Ordering::SeqCst) & BYPASSED != 0 {
+            self.stray.store(true, Ordering::SeqCst);
+        }
         if state & ERROR != 0 {
             drop(guard);
             // Closing B with the base record unread in its queue resets A (ECONNRESET).
@@ -333,9 +356,23 @@ impl Region {
             || state & FIN != 0
             || h.rx_reopen.load(Ordering::SeqCst) != 0;
         if readable {
+            let _one = self.proxy_tx.lock().unwrap_or_else(|p| p.into_inner());
             h.rx_reopen.store(0, Ordering::SeqCst);
+            let consumed = h.rx_consumed.load(Ordering::SeqCst);
             if h.rx_gate.swap(GATE_OPEN, Ordering::SeqCst) != GATE_OPEN {
                 proxy_send(b, &[TOKEN]);
+                self.rx_seen.store(consumed, Ordering::SeqCst);
+            } else if self.rx_seen.swap(consumed, Ordering::SeqCst) == consumed
+                && state & FIN == 0
+                && !self.proxy_fin.load(Ordering::SeqCst)
+                && unread_by_a(b) == Some(0)
+                && h.rx_gate.load(Ordering::SeqCst) == GATE_OPEN
+                && !hung_up(b)
+            {
+                // The gate stayed open and the app has not read the ring since it opened,
+                // yet A's token is gone: only the app's own close_in may take it (after its
+                // OPEN -> CLOSING), so something that bypassed the shim read A.
+                self.stray.store(true, Ordering::SeqCst);
             }
         }
         if state & FIN != 0 && !self.proxy_fin.swap(true, Ordering::SeqCst) {
@@ -350,11 +387,16 @@ impl Region {
                     .compare_exchange(TX_PLUGGED, TX_UNPLUGGING, Ordering::SeqCst, Ordering::SeqCst)
                     .is_ok()
             {
-                // The queue is [old base, plug, new base]: take the first two.
+                // The queue is [old base, plug, new base]: take the first two. Anything else
+                // was written into A by something that bypassed the shim.
                 let mut buf = [0u8; PLUG_MAX];
-                for _ in 0..2 {
+                for want_base in [true, false] {
                     // SAFETY: a live buffer; non-blocking receive on our own socket.
-                    unsafe { libc::recv(b, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+                    let n = unsafe { libc::recv(b, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+                    let ok = if want_base { n == 1 && buf[0] == b'b' } else { n >= 512 && buf[0] == 0 };
+                    if !ok {
+                        self.stray.store(true, Ordering::SeqCst);
+                    }
                 }
                 h.tx_gate.store(TX_OPEN, Ordering::SeqCst);
             }
@@ -401,6 +443,21 @@ pub const PLUG_MAX: usize = 8192;
 /// Free send space below which the app plugs OUT (TCP's rule: half the buffer).
 pub fn low_water(cap: u64) -> u64 {
     cap / 2
+}
+
+/// Bytes sent on unix socket `fd` that its peer has not read yet (SIOCOUTQ).
+fn unread_by_a(fd: RawFd) -> Option<i32> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int.
+    (unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) } == 0).then_some(n)
+}
+
+/// Whether the peer of `fd` closed (every descriptor of it).
+fn hung_up(fd: RawFd) -> bool {
+    let mut p = libc::pollfd { fd, events: 0, revents: 0 };
+    // SAFETY: one valid pollfd, no wait.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 1 && p.revents & libc::POLLHUP != 0
 }
 
 /// Send one record on a proxy end, never blocking; a full queue (EAGAIN) is ignored: the

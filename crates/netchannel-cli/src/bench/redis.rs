@@ -19,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use netchannel::PreloadDatapath;
 use serde::Serialize;
 
 use super::daemons::Daemon;
@@ -50,6 +51,18 @@ pub struct RedisArgs {
     /// Repetitions of every (stack, depth) run; the report holds medians
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub reps: u32,
+
+    /// The shim's data path for the programs under `netchannel run`: shm or relay [default: shm, or preload.datapath from --config]
+    #[arg(long, value_name = "PATH", value_parser = parse_datapath)]
+    pub datapath: Option<PreloadDatapath>,
+}
+
+fn parse_datapath(s: &str) -> std::result::Result<PreloadDatapath, String> {
+    match s {
+        "shm" => Ok(PreloadDatapath::Shm),
+        "relay" => Ok(PreloadDatapath::Relay),
+        other => Err(format!("{other:?} is not shm or relay")),
+    }
 }
 
 /// One test at one depth on one stack, over the repetitions.
@@ -114,6 +127,8 @@ pub struct RedisReport {
     pub reps: u32,
     /// Depths run.
     pub depths: Vec<u32>,
+    /// The shim's data path under `netchannel run` (`[preload] datapath`): "shm" or "relay".
+    pub datapath: &'static str,
     /// One per stack.
     pub runs: Vec<StackRun>,
     /// Per test and depth, when both stacks ran.
@@ -351,7 +366,10 @@ pub fn run(args: &RedisArgs) -> Result<()> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    let config = args.common.engine_config()?;
+    let mut config = args.common.engine_config()?;
+    if let Some(d) = args.datapath {
+        config.preload.datapath = d;
+    }
     let dir = std::env::temp_dir().join(format!("netchannel-bench-redis-{}", std::process::id()));
     std::fs::create_dir_all(&dir)
         .map_err(|e| format!("cannot create {}: {}", dir.display(), describe(&e)))?;
@@ -478,6 +496,7 @@ fn run_in(
         clients: args.clients,
         reps: args.reps,
         depths: args.depths.clone(),
+        datapath: config.preload.datapath.name(),
         runs,
         ratios,
     })
@@ -485,11 +504,12 @@ fn run_in(
 
 fn human(r: &RedisReport) -> String {
     let mut s = format!(
-        "redis-benchmark, {} clients, median of {} rep{} ({})\n",
+        "redis-benchmark, {} clients, median of {} rep{} ({}); shim data path: {}\n",
         r.clients,
         r.reps,
         if r.reps == 1 { "" } else { "s" },
-        r.redis_version
+        r.redis_version,
+        r.datapath
     );
     s += &format!(
         "{:<6} {:>4} {:>14} {:>9} {:>14} {:>9} {:>8} {:>8}\n",

@@ -7,34 +7,19 @@
  *   sockets client IP PORT   non-blocking connect (EINPROGRESS, then SO_ERROR), flags kept,
  *                            edge- and level-triggered epoll, poll, select, FIONREAD,
  *                            MSG_PEEK, half close with EPOLLRDHUP, fork with an inherited
- *                            socket. Prints "ok" and exits 0, or names the failed check.
+ *                            socket, an epoll registration made before connect. Prints "ok" and exits 0, or names the failed check.
+ *   sockets prefork IP PORT N
+ *                            the shape of event-loop servers: the master listens, forks N
+ *                            workers and only waits; each worker accepts (epoll on the
+ *                            inherited listener), answers "ping" with "pong" and closes.
+ *   sockets churn IP PORT N  N connect / "ping" / "pong" / close cycles, one at a time.
+ *                            Prints "ok".
  */
-#define _GNU_SOURCE
-#include <arpa/inet.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <netinet/in.h>
+#include "check.h"
 #include <netinet/tcp.h>
-#include <poll.h>
 #include <signal.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/epoll.h>
-#include <sys/ioctl.h>
 #include <sys/select.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
-#include <unistd.h>
-
-#define CHECK(c, what)                                                          \
-    do {                                                                        \
-        if (!(c)) {                                                             \
-            fprintf(stderr, "FAILED: %s (line %d, errno %d %s)\n", what,        \
-                    __LINE__, errno, strerror(errno));                          \
-            exit(1);                                                            \
-        }                                                                       \
-    } while (0)
 
 static struct sockaddr_in addr_of(const char *ip, int port) {
     struct sockaddr_in a;
@@ -43,6 +28,18 @@ static struct sockaddr_in addr_of(const char *ip, int port) {
     a.sin_port = htons(port);
     inet_pton(AF_INET, ip, &a.sin_addr);
     return a;
+}
+
+/* A non-blocking, close-on-exec TCP listener on ip:port. */
+static int listen_on(const char *ip, int port, int backlog) {
+    int l = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    CHECK(l >= 0, "socket");
+    int one = 1;
+    CHECK(setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) == 0, "SO_REUSEADDR");
+    struct sockaddr_in a = addr_of(ip, port);
+    CHECK(bind(l, (struct sockaddr *)&a, sizeof a) == 0, "bind");
+    CHECK(listen(l, backlog) == 0, "listen");
+    return l;
 }
 
 static void write_all(int fd, const char *p, size_t n) {
@@ -91,13 +88,7 @@ static void echo(int fd) {
 
 static int server(const char *ip, int port) {
     signal(SIGCHLD, SIG_IGN);
-    int l = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    CHECK(l >= 0, "socket");
-    int one = 1;
-    CHECK(setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) == 0, "SO_REUSEADDR");
-    struct sockaddr_in a = addr_of(ip, port);
-    CHECK(bind(l, (struct sockaddr *)&a, sizeof a) == 0, "bind");
-    CHECK(listen(l, 64) == 0, "listen");
+    int l = listen_on(ip, port, 64);
     int ep = epoll_create1(EPOLL_CLOEXEC);
     struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.fd = l};
     CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, l, &ev) == 0, "epoll_ctl listener");
@@ -216,6 +207,32 @@ static int client(const char *ip, int port) {
     }
     CHECK(waitpid(p, &st, 0) == p && WIFEXITED(st) && WEXITSTATUS(st) == 0, "child's own vsocket");
 
+    /* An epoll registration made before connect (nginx makes them) survives the connect. */
+    {
+        int c = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        CHECK(c >= 0, "socket");
+        int pe = epoll_create1(EPOLL_CLOEXEC);
+        struct epoll_event pev = {.events = EPOLLIN | EPOLLOUT | EPOLLET, .data.u64 = 77};
+        CHECK(epoll_ctl(pe, EPOLL_CTL_ADD, c, &pev) == 0, "epoll_ctl before connect");
+        struct sockaddr_in a = addr_of(ip, port);
+        int r = connect(c, (struct sockaddr *)&a, sizeof a);
+        CHECK(r == 0 || errno == EINPROGRESS, "connect after epoll_ctl");
+        CHECK(epoll_wait(pe, &got, 1, 10000) == 1 && got.data.u64 == 77 && (got.events & EPOLLOUT),
+              "EPOLLOUT through the registration made before connect");
+        write_all(c, "pre", 3);
+        int in = 0;
+        for (int i = 0; i < 10 && !in; i++) {
+            CHECK(epoll_wait(pe, &got, 1, 10000) == 1 && got.data.u64 == 77,
+                  "an event through the registration made before connect");
+            in = (got.events & EPOLLIN) != 0;
+        }
+        CHECK(in, "EPOLLIN through the registration made before connect");
+        read_exact(c, buf, 3);
+        CHECK(memcmp(buf, "pre", 3) == 0, "echo on the socket registered before connect");
+        close(c);
+        close(pe);
+    }
+
     /* A larger exchange through writev/readv-sized buffers. */
     static char big[1 << 20], back[1 << 20];
     for (size_t i = 0; i < sizeof big; i++)
@@ -252,13 +269,78 @@ static int client(const char *ip, int port) {
     return 0;
 }
 
+static void prefork_worker(int l) {
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLEXCLUSIVE, .data.fd = l};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, l, &ev) == 0, "epoll_ctl listener in a worker");
+    for (;;) {
+        struct epoll_event got;
+        int n = epoll_wait(ep, &got, 1, -1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        CHECK(n == 1, "epoll_wait in a worker");
+        int c = accept4(l, NULL, NULL, SOCK_CLOEXEC);
+        if (c < 0 && errno == EAGAIN)
+            continue; /* another worker took it */
+        CHECK(c >= 0, "accept4 in a worker");
+        char buf[4];
+        size_t have = 0;
+        while (have < 4) { /* a probe that connects and closes sends nothing: skip it */
+            ssize_t r = recv(c, buf + have, 4 - have, 0);
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r <= 0)
+                break;
+            have += (size_t)r;
+        }
+        if (have == 4 && memcmp(buf, "ping", 4) == 0)
+            write_all(c, "pong", 4);
+        close(c);
+    }
+}
+
+static int prefork(const char *ip, int port, int workers) {
+    int l = listen_on(ip, port, 512);
+    for (int i = 0; i < workers; i++) {
+        pid_t p = fork();
+        CHECK(p >= 0, "fork a worker");
+        if (p == 0) {
+            prefork_worker(l);
+            _exit(0);
+        }
+    }
+    /* The master keeps the listener open and never accepts, as nginx's does. */
+    for (;;)
+        pause();
+}
+
+static int churn(const char *ip, int port, int n) {
+    struct sockaddr_in a = addr_of(ip, port);
+    for (int i = 0; i < n; i++) {
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        CHECK(s >= 0, "socket");
+        CHECK(connect(s, (struct sockaddr *)&a, sizeof a) == 0, "connect");
+        write_all(s, "ping", 4);
+        char buf[4];
+        read_exact(s, buf, 4);
+        CHECK(memcmp(buf, "pong", 4) == 0, "pong from a worker");
+        close(s);
+    }
+    printf("ok\n");
+    return 0;
+}
+
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: sockets server|client IP PORT\n");
+    if (argc < 4) {
+        fprintf(stderr, "usage: sockets server|client IP PORT | prefork|churn IP PORT N\n");
         return 2;
     }
     int port = atoi(argv[3]);
     if (strcmp(argv[1], "server") == 0)
         return server(argv[2], port);
+    if (strcmp(argv[1], "prefork") == 0 && argc == 5)
+        return prefork(argv[2], port, atoi(argv[4]));
+    if (strcmp(argv[1], "churn") == 0 && argc == 5)
+        return churn(argv[2], port, atoi(argv[4]));
     return client(argv[2], port);
 }

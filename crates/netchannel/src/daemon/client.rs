@@ -382,7 +382,7 @@ impl DStream {
     /// The ring is empty: close the IN gate. False if something came meanwhile (look again).
     fn drained(&self) -> bool {
         match self.gates() {
-            Some(a) => super::proxy::close_in(self.region.header(), a, self.kick.as_raw_fd()),
+            Some(a) => super::proxy::close_in(self.region.header(), a, self.kick.as_raw_fd(), None),
             None => true,
         }
     }
@@ -594,7 +594,8 @@ impl DListener {
 
     pub(crate) fn accept(&self) -> io::Result<(crate::VStream, SocketAddr)> {
         let wait = !self.nonblocking.load(Ordering::Relaxed);
-        let (resp, fds) = self.client.request(&Request::Accept { listener: self.id, wait, proxy: true })?;
+        let (resp, fds) =
+            self.client.request(&Request::Accept { listener: self.id, wait, proxy: true, park: None })?;
         let s = DStream::from_response(&self.client, resp, fds)?;
         let remote = s.remote;
         Ok((crate::VStream::from_daemon(s), remote))

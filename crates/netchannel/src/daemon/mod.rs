@@ -65,12 +65,21 @@ pub(crate) enum Request {
         poll: bool,
     },
     /// Take the next vsocket of a listener; `wait` false answers `WouldBlock` at once.
+    /// With `park`, the vsocket is not served yet: the daemon keeps it, answers `Parked`, and
+    /// serves it to whichever process claims it with the address of the loopback placeholder
+    /// connection `park` names (the preload shim's accept, in any process sharing the
+    /// listening socket).
     Accept {
         listener: u64,
         wait: bool,
         #[serde(default)]
         proxy: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        park: Option<SocketAddr>,
     },
+    /// Serve the parked arrival whose placeholder connection comes from `placeholder`, with
+    /// its readiness proxy. Answered with `Stream` (and its descriptors).
+    Claim { placeholder: SocketAddr },
     /// Stop listening.
     CloseListener { listener: u64 },
     /// Move a vsocket to another class.
@@ -89,6 +98,8 @@ pub(crate) enum Response {
     Stream { handle: u64, local: SocketAddr, remote: SocketAddr, class: ClassName },
     /// A listener.
     Listener { listener: u64, local: SocketAddr },
+    /// `Accept` with `park`: an arrival from `remote` waits to be claimed.
+    Parked { remote: SocketAddr },
     /// Done.
     Ok,
     /// `Status`.

@@ -148,6 +148,9 @@ pub struct ProxyStream {
     /// Receive position at the last doorbell rung for reading.
     rx_kicked: AtomicU64,
     shut_rd: AtomicU32,
+    /// The IN token was gone when this side came to take it: something that bypassed the
+    /// shim read end A (see [`ProxyStream::bypass_found`]).
+    bypassed: AtomicU32,
 }
 
 impl std::fmt::Debug for ProxyStream {
@@ -220,6 +223,7 @@ impl ProxyStream {
                 remote,
                 rx_kicked: AtomicU64::new(0),
                 shut_rd: AtomicU32::new(0),
+                bypassed: AtomicU32::new(0),
             },
             a,
         ))
@@ -303,7 +307,14 @@ impl ProxyStream {
     /// Take the IN token out of A once the ring is empty; true if the gate closed with the
     /// ring still empty (else the caller reads again).
     fn close_in(&self, a: RawFd) -> bool {
-        close_in(self.header(), a, self.kick.as_raw_fd())
+        close_in(self.header(), a, self.kick.as_raw_fd(), Some(&self.bypassed))
+    }
+
+    /// True once, the first time after this side found that a call bypassing the shim (an
+    /// io_uring operation, a raw system call) read the vsocket's readiness proxy: the vsocket
+    /// is being reset, and the caller may say so.
+    pub fn bypass_found(&self) -> bool {
+        self.bypassed.compare_exchange(1, 2, Ordering::SeqCst, Ordering::SeqCst).is_ok()
     }
 
     /// Read into `buf` from the receive ring; `a` is the program's descriptor (end A).
@@ -472,15 +483,20 @@ fn sndtimeo_ms(a: RawFd) -> libc::c_int {
 /// App side of a proxied vsocket (this module's shim, and `daemon::client`'s vsockets):
 /// take the IN token out of end `a` once the ring is empty. True if the gate closed with the
 /// ring still empty; false if bytes, FIN or an error came in between (the caller reads
-/// again; the daemon was asked to open the gate again, through doorbell `kick`).
-pub(crate) fn close_in(h: &shm::Header, a: RawFd, kick: RawFd) -> bool {
+/// again; the daemon was asked, through doorbell `kick`, to open the gate again). A token
+/// found gone (read by a call that bypassed the shim) has the daemon reset the vsocket, and
+/// sets `bypassed` to 1.
+pub(crate) fn close_in(h: &shm::Header, a: RawFd, kick: RawFd, bypassed: Option<&AtomicU32>) -> bool {
     if h.rx_gate.compare_exchange(GATE_OPEN, GATE_CLOSING, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
         let mut b = [0u8; 16];
+        let mut taken = false;
         // The daemon sends the token right after it opened the gate: wait for it a moment.
         for _ in 0..1000 {
             // SAFETY: a live buffer; non-blocking receive on the program's own proxy end.
             let n = unsafe { libc::recv(a, b.as_mut_ptr().cast(), b.len(), libc::MSG_DONTWAIT) };
             if n >= 0 {
+                // A token, or the end of B's records (FIN): nothing was taken behind us.
+                taken = true;
                 break;
             }
             let e = io::Error::last_os_error().raw_os_error();
@@ -492,6 +508,17 @@ pub(crate) fn close_in(h: &shm::Header, a: RawFd, kick: RawFd) -> bool {
             }
         }
         let _ = h.rx_gate.compare_exchange(GATE_CLOSING, GATE_CLOSED, Ordering::SeqCst, Ordering::SeqCst);
+        if !taken && h.state.load(Ordering::SeqCst) & (shm::ERROR | shm::FIN) == 0 && !hung_up(a) {
+            // An open gate always has its token queued on A, and only this side takes it:
+            // a call that bypassed the shim (io_uring, a raw syscall) read it as data.
+            // Have the daemon reset the vsocket rather than let it be corrupted.
+            if let Some(b) = bypassed {
+                b.store(1, Ordering::SeqCst);
+            }
+            h.app_flags.fetch_or(shm::BYPASSED, Ordering::SeqCst);
+            h.need_kick.store(0, Ordering::SeqCst);
+            shm::eventfd_ring(kick);
+        }
     }
     if h.rx_in_order.load(Ordering::SeqCst) > h.rx_consumed.load(Ordering::SeqCst)
         || h.state.load(Ordering::SeqCst) != 0
@@ -505,6 +532,11 @@ pub(crate) fn close_in(h: &shm::Header, a: RawFd, kick: RawFd) -> bool {
         return false;
     }
     true
+}
+
+/// Whether end A reports a hang-up or an error (the daemon closed B).
+fn hung_up(a: RawFd) -> bool {
+    poll_one(a, 0, 0) & (libc::POLLHUP | libc::POLLERR) != 0
 }
 
 /// App side of a proxied vsocket: make end `a` not writable until the daemon sees room in
@@ -536,9 +568,31 @@ impl ProxyListener {
 
     /// The next arrival and its end A, waiting for one.
     pub fn accept(&self) -> io::Result<(ProxyStream, OwnedFd)> {
-        let (resp, fds) =
-            self.client.request(&Request::Accept { listener: self.id, wait: true, proxy: true })?;
+        let (resp, fds) = self.client.request(&Request::Accept {
+            listener: self.id,
+            wait: true,
+            proxy: true,
+            park: None,
+        })?;
         ProxyStream::from_response(&self.client, resp, fds)
+    }
+
+    /// Wait for the next arrival and leave it parked in the daemon behind `placeholder`, the
+    /// local address of the loopback connection that will carry it into a kernel accept
+    /// queue; the arrival's peer address. Any process of the same user that accepts that
+    /// connection takes the arrival with [`Client::claim_proxied`]; nothing of it is held
+    /// here, so an arrival never outlives its last descriptor because of this process.
+    pub fn park(&self, placeholder: SocketAddr) -> io::Result<SocketAddr> {
+        let req = Request::Accept { listener: self.id, wait: true, proxy: true, park: Some(placeholder) };
+        match self.client.request(&req)?.0 {
+            Response::Parked { remote } => Ok(remote),
+            other => Err(unexpected_response(&other)),
+        }
+    }
+
+    /// Whether its daemon went away (it stopped or restarted): the listener is gone with it.
+    pub fn daemon_gone(&self) -> bool {
+        self.client.is_dead()
     }
 
     /// Stop listening (a blocked accept then fails).
@@ -551,6 +605,13 @@ impl Client {
     /// Open a vsocket of `class` to `addr` with a readiness proxy: the stream and its end A.
     pub fn connect_proxied(&self, addr: SocketAddr, class: Class) -> io::Result<(ProxyStream, OwnedFd)> {
         let (resp, fds) = self.request(&Request::Connect { addr, class: class.into(), proxy: true })?;
+        ProxyStream::from_response(self, resp, fds)
+    }
+
+    /// Take the arrival a [`ProxyListener::park`] left behind the placeholder connection
+    /// from `placeholder`: the stream and its end A.
+    pub fn claim_proxied(&self, placeholder: SocketAddr) -> io::Result<(ProxyStream, OwnedFd)> {
+        let (resp, fds) = self.request(&Request::Claim { placeholder })?;
         ProxyStream::from_response(self, resp, fds)
     }
 

@@ -42,6 +42,10 @@ const AT_FD_LIMIT_TIMEOUT: Duration = Duration::from_millis(500);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a blocked accept checks that its client is still there.
 const ACCEPT_SLICE: Duration = Duration::from_millis(100);
+/// How long a parked arrival waits for the process that accepts its placeholder connection
+/// before it is reset (the placeholder went to a process without the shim, or nobody
+/// accepts).
+const PARK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running daemon.
 pub struct Server {
@@ -59,6 +63,8 @@ struct State {
     next: AtomicU64,
     streams: Mutex<HashMap<u64, Arc<Served>>>,
     listeners: Mutex<HashMap<u64, Arc<ServedListener>>>,
+    /// Arrivals taken off listeners for the preload shim, by their placeholder's address.
+    parked: Mutex<HashMap<SocketAddr, Parked>>,
     conns: Mutex<HashMap<u64, Conn>>,
     poller: Poller,
     stopping: AtomicBool,
@@ -136,6 +142,8 @@ struct Served {
     /// A, in any process, is closed (B hangs up).
     proxy_a: Mutex<Option<OwnedFd>>,
     proxied: bool,
+    /// Inode of end A (how the program's descriptor of it is found in /proc to name it).
+    proxy_ino: u64,
     /// Its share of the caps, given back with it.
     _charge: Charge,
 }
@@ -148,6 +156,19 @@ struct ServedListener {
     conn: u64,
     /// The process that bound it: only it may accept on it or close it.
     pid: i32,
+}
+
+/// A vsocket arrival the preload shim's listener thread took off a listener and queued, as a
+/// loopback placeholder connection, on the program's kernel listening socket. Whichever
+/// process accepts that connection — the one that listened, or a forked worker — claims the
+/// arrival by the placeholder's address and gets it with its readiness proxy; the process
+/// that parked it holds nothing for it.
+struct Parked {
+    stream: VStream,
+    listener: u64,
+    /// The user of the listener's owner: only its processes (or root) may claim.
+    uid: u32,
+    since: Instant,
 }
 
 struct Conn {
@@ -258,6 +279,7 @@ impl Server {
             next: AtomicU64::new(1),
             streams: Mutex::new(HashMap::new()),
             listeners: Mutex::new(HashMap::new()),
+            parked: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             poller: Poller::new()?,
             stopping: AtomicBool::new(false),
@@ -351,6 +373,7 @@ impl Server {
         let served: Vec<_> = st.streams.lock().unwrap().drain().map(|(_, s)| s).collect();
         drop(served);
         st.listeners.lock().unwrap().clear();
+        st.parked.lock().unwrap().clear();
         st.host.shutdown();
         tracing::info!(socket = %st.socket.display(), "daemon stopped");
     }
@@ -654,7 +677,7 @@ impl State {
                 self.listeners.lock().unwrap().insert(id, Arc::new(ServedListener { l, conn, pid }));
                 Ok((Response::Listener { listener: id, local }, None))
             }
-            Request::Accept { listener, wait, proxy } => {
+            Request::Accept { listener, wait, proxy, park } => {
                 let unknown = || io::Error::new(ErrorKind::InvalidInput, format!("no listener {listener}"));
                 let l = self.listeners.lock().unwrap().get(&listener).cloned().ok_or_else(unknown)?;
                 if l.pid != pid {
@@ -664,6 +687,20 @@ impl State {
                 self.check_limits(pid)?;
                 loop {
                     match l.l.accept_timeout(if wait { ACCEPT_SLICE } else { Duration::ZERO })? {
+                        Some((stream, remote)) if park.is_some() => {
+                            let uid = self.conns.lock().unwrap().get(&conn).map_or(u32::MAX, |c| c.uid);
+                            let placeholder = park.expect("checked");
+                            self.reap_parked(false);
+                            let old = self
+                                .parked
+                                .lock()
+                                .unwrap()
+                                .insert(placeholder, Parked { stream, listener, uid, since: Instant::now() });
+                            if let Some(old) = old {
+                                reset_parked(old, "its placeholder address was reused before it was claimed");
+                            }
+                            return Ok((Response::Parked { remote }, None));
+                        }
                         Some((stream, _)) => {
                             // (Another thread of the process may have taken the last share
                             // meanwhile: the vsocket is then reset.)
@@ -691,6 +728,39 @@ impl State {
                     }
                 }
             }
+            Request::Claim { placeholder } => {
+                let uid = self.conns.lock().unwrap().get(&conn).map_or(u32::MAX, |c| c.uid);
+                let p = {
+                    let mut parked = self.parked.lock().unwrap();
+                    match parked.get(&placeholder) {
+                        Some(p) if p.uid != uid && uid != 0 => {
+                            return Err(io::Error::new(
+                                ErrorKind::PermissionDenied,
+                                format!(
+                                    "the vsocket arrival behind placeholder {placeholder} belongs to uid {}",
+                                    p.uid
+                                ),
+                            ))
+                        }
+                        _ => parked.remove(&placeholder),
+                    }
+                };
+                let p = p.ok_or_else(|| {
+                    io::Error::new(
+                        ErrorKind::NotFound,
+                        format!("no vsocket arrival waits behind placeholder connection {placeholder}"),
+                    )
+                })?;
+                let charge = match self.charge(pid) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        reset_parked(p, "the accepting process is at a daemon limit");
+                        return Err(e);
+                    }
+                };
+                let sv = self.register(p.stream, conn, pid, true, charge)?;
+                Ok((stream_response(&sv), Some(sv)))
+            }
             Request::CloseListener { listener } => {
                 let l = {
                     let mut ls = self.listeners.lock().unwrap();
@@ -703,6 +773,7 @@ impl State {
                 if let Some(l) = l {
                     l.l.close();
                 }
+                self.drop_parked_of(&[listener]);
                 Ok((Response::Ok, None))
             }
             Request::SetClass { handle, class } => {
@@ -767,6 +838,7 @@ impl State {
             kick,
             conn,
             pid,
+            proxy_ino: proxy_a.as_ref().map_or(0, |a| inode(a.as_raw_fd())),
             proxy_a: Mutex::new(proxy_a),
             proxied: proxy,
             _charge: charge,
@@ -793,7 +865,51 @@ impl State {
             let _ = s.vs.sync_app();
             self.poller.remove(s.kick.as_raw_fd());
         }
-        self.listeners.lock().unwrap().retain(|_, l| l.conn != conn);
+        let gone: Vec<u64> = {
+            let mut ls = self.listeners.lock().unwrap();
+            let ids: Vec<u64> = ls.iter().filter(|(_, l)| l.conn == conn).map(|(id, _)| *id).collect();
+            for id in &ids {
+                ls.remove(id);
+            }
+            ids
+        };
+        self.drop_parked_of(&gone);
+    }
+
+    /// Reset the parked arrivals of closed listeners: their placeholders can no longer be
+    /// accepted by anyone who would claim them.
+    fn drop_parked_of(&self, listeners: &[u64]) {
+        if listeners.is_empty() {
+            return;
+        }
+        let dropped: Vec<Parked> = {
+            let mut parked = self.parked.lock().unwrap();
+            let keys: Vec<SocketAddr> =
+                parked.iter().filter(|(_, p)| listeners.contains(&p.listener)).map(|(k, _)| *k).collect();
+            keys.iter().filter_map(|k| parked.remove(k)).collect()
+        };
+        for p in dropped {
+            reset_parked(p, "its listener closed before the program accepted it");
+        }
+    }
+
+    /// Reset the arrivals parked longer than [`PARK_TIMEOUT`] (all of them with `all`).
+    fn reap_parked(&self, all: bool) {
+        let old: Vec<Parked> = {
+            let mut parked = self.parked.lock().unwrap();
+            if parked.is_empty() {
+                return;
+            }
+            let keys: Vec<SocketAddr> = parked
+                .iter()
+                .filter(|(_, p)| all || p.since.elapsed() >= PARK_TIMEOUT)
+                .map(|(k, _)| *k)
+                .collect();
+            keys.iter().filter_map(|k| parked.remove(k)).collect()
+        };
+        for p in old {
+            reset_parked(p, "no process claimed it in time");
+        }
     }
 
     /// Close a vsocket its app let go of.
@@ -824,6 +940,35 @@ impl State {
 
     /// Proxied vsockets whose proxy closed on an error: nobody can reach them any more.
     fn reap_failed_proxies(&self) {
+        let bypassed: Vec<Arc<Served>> = self
+            .streams
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|s| {
+                s.proxied && s.vs.region().is_some_and(|r| r.proxy_bypassed() && r.proxy_fd().is_some())
+            })
+            .cloned()
+            .collect();
+        for s in bypassed {
+            // Reads and writes that bypass the shim would take readiness records for data:
+            // reset the vsocket, loudly, rather than corrupt it.
+            let (program, fd) = program_and_fd(s.pid, s.proxy_ino);
+            tracing::warn!(
+                pid = s.pid,
+                program = %program,
+                fd = %fd,
+                remote = %s.vs.remote,
+                "{program} (pid {}) used vsocket fd {fd} with a call the preload shim cannot see (an io_uring \
+                 data operation or a raw system call): the vsocket is reset; run it with [preload] \
+                 datapath = \"relay\"",
+                s.pid
+            );
+            s.vs.reset(
+                crate::wire::Reason::Closed,
+                &format!("{program} used fd {fd} with a call the preload shim cannot see (io_uring or a raw system call)"),
+            );
+        }
         let dead: Vec<u64> = self
             .streams
             .lock()
@@ -909,6 +1054,7 @@ impl State {
                     last_move = Instant::now();
                 }
                 self.reap_failed_proxies();
+                self.reap_parked(false);
                 1000
             };
             let n = self.poller.wait(&mut events, timeout);
@@ -1084,6 +1230,7 @@ impl State {
                 "limits_refused": self.limits_refused.load(Ordering::Relaxed),
                 "doorbells": self.doorbells.load(Ordering::Relaxed),
                 "vsockets_proxied": self.proxied.load(Ordering::Relaxed),
+                "arrivals_parked": self.parked.lock().unwrap().len(),
             },
         })
     }
@@ -1096,6 +1243,42 @@ fn lanes(q: &crate::engine::LaneDepths) -> serde_json::Value {
 }
 
 /// A request about another process's vsocket or listener.
+/// The inode number of descriptor `fd`.
+fn inode(fd: RawFd) -> u64 {
+    // SAFETY: stat is plain data; fstat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a live stat buffer.
+    if unsafe { libc::fstat(fd, &mut st) } == 0 {
+        st.st_ino
+    } else {
+        0
+    }
+}
+
+/// The name of process `pid` and its descriptor of the socket with inode `ino` ("?" where
+/// /proc does not say).
+fn program_and_fd(pid: i32, ino: u64) -> (String, String) {
+    let program = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map_or("?".to_string(), |s| s.trim().to_string());
+    let want = format!("socket:[{ino}]");
+    let fd = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .and_then(|d| {
+            d.filter_map(|e| e.ok())
+                .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == want.as_str()))
+        })
+        .map_or("?".to_string(), |e| e.file_name().to_string_lossy().into_owned());
+    (program, fd)
+}
+
+/// Refuse a parked arrival to its peer (RESET), never drop it silently; one log line.
+fn reset_parked(p: Parked, why: &str) {
+    if let Some(vs) = p.stream.engine_vsock() {
+        tracing::warn!(remote = %vs.remote, why, "a vsocket arrival for the preload shim was not delivered: reset");
+        vs.reset(crate::wire::Reason::Closed, &format!("not delivered to the program: {why}"));
+    }
+}
+
 fn not_yours(what: &str, id: u64, owner: i32) -> io::Error {
     io::Error::new(ErrorKind::PermissionDenied, format!("{what} {id} belongs to process {owner}"))
 }

@@ -498,12 +498,25 @@ pub fn tables(plan: &Plan, records: &[Record]) -> Vec<Table> {
             ]);
         }
     }
+    // The shim's data path the runs used (`bench redis` reports it).
+    let paths: Vec<&str> = {
+        let mut p: Vec<&str> = variants(plan, e)
+            .iter()
+            .flat_map(|v| reports(records, e, v.backend, &v.variant))
+            .filter_map(|r| r["datapath"].as_str())
+            .collect();
+        p.sort_unstable();
+        p.dedup();
+        p
+    };
+    let path = if paths.is_empty() { "unknown".to_string() } else { paths.join(", ") };
     out.push(Table::new(
         e,
         "Redis (experiment 7): unmodified redis-server and redis-benchmark, queue depth 1…64".to_string(),
         format!(
             "Requests per second, {med}: plain loopback TCP beside both programs under `netchannel run` \
-             through two daemons (the preload shim). Higher rate is better; p50 latency in ms, lower is better."
+             through two daemons (the preload shim, data path `{path}`). Higher rate is better; p50 latency \
+             in ms, lower is better."
         ),
         &[
             "clients",
