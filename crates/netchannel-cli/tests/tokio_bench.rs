@@ -1,4 +1,4 @@
-//! `bench tokio` end to end: a short run of every workload on both stacks gives one JSON
+//! `bench tokio` end to end: a short run of every workload on every stack gives one JSON
 //! object whose samples are all there, counted and ordered. It asserts behaviour, never speed.
 #![cfg(feature = "tokio")]
 
@@ -30,7 +30,7 @@ fn bench_tokio_measures_both_stacks_for_every_workload() {
     let samples = v["samples"].as_array().expect("samples");
     let want = [("pingpong", 1), ("pingpong", 4), ("http", 4)];
     for (w, c) in want {
-        for stack in ["tcp", "netchannel"] {
+        for stack in ["tcp", "netchannel", "daemon"] {
             let s: Vec<&Value> = samples
                 .iter()
                 .filter(|s| s["workload"] == w && s["conns"] == c && s["stack"] == stack)

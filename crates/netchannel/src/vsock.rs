@@ -318,6 +318,12 @@ impl VSock {
         let flags = h.app_flags.load(Ordering::Acquire);
         let written = h.tx_written.load(Ordering::Acquire);
         let consumed = h.rx_consumed.load(Ordering::Acquire);
+        // An app that closed with bytes unread gets its vsocket reset by the close, as TCP
+        // does: no FIN first (the peer would read end of stream before the reset).
+        let aborting = flags & crate::shm::CLOSED != 0 && {
+            let rx = self.rx.lock().unwrap();
+            rx.error.is_none() && consumed < rx.st.in_order()
+        };
         let mut pump = false;
         {
             let mut tx = self.tx.lock().unwrap();
@@ -337,7 +343,7 @@ impl VSock {
                 self.totals.bytes_sent.fetch_add(written - cur, Ordering::Relaxed);
                 pump = true;
             }
-            if flags & (crate::shm::SHUT_WR | crate::shm::CLOSED) != 0 && !tx.st.is_shutdown() {
+            if flags & (crate::shm::SHUT_WR | crate::shm::CLOSED) != 0 && !tx.st.is_shutdown() && !aborting {
                 tx.st.shutdown();
                 pump = true;
             }
@@ -1520,8 +1526,9 @@ impl VStream {
     /// `poll(2)`, epoll (level- or edge-triggered) or mio, with
     /// [`set_nonblocking(true)`](VStream::set_nonblocking). Also available as [`AsFd`].
     ///
-    /// Fails if the process is out of descriptors, or for a vsocket served by the daemon
-    /// (not pollable yet).
+    /// For a vsocket served by the daemon it is the end A of its readiness proxy
+    /// (`daemon::proxy`), whose gates the daemon drives. Fails if the process is out of
+    /// descriptors.
     ///
     /// ```no_run
     /// use std::os::fd::AsRawFd;
@@ -1535,10 +1542,7 @@ impl VStream {
     pub fn poll_fd(&self) -> io::Result<BorrowedFd<'_>> {
         match &self.imp {
             StreamImp::Embedded(h) => h.vs.readiness().map(|r| r.as_fd()),
-            StreamImp::Daemon(_) => Err(err(
-                ErrorKind::Unsupported,
-                "a vsocket served by the NetChannel daemon has no pollable descriptor yet",
-            )),
+            StreamImp::Daemon(d) => d.poll_fd(),
         }
     }
 
@@ -1755,6 +1759,12 @@ impl VListener {
         let mut q = l.q.q.lock().unwrap();
         loop {
             if let Some(vs) = q.0.pop_front() {
+                let empty = q.0.is_empty();
+                drop(q);
+                // The daemon's app polls a duplicate of the readiness descriptor.
+                if empty {
+                    let _ = l.q.drained();
+                }
                 let addr = vs.remote;
                 let h = Handle { vs, _host: l.host.clone() };
                 return Ok(Some((VStream { imp: StreamImp::Embedded(Arc::new(h)) }, addr)));
@@ -1764,6 +1774,11 @@ impl VListener {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                drop(q);
+                if l.q.drained() {
+                    q = l.q.q.lock().unwrap();
+                    continue;
+                }
                 return Ok(None);
             }
             q = l.q.cv.wait_timeout(q, left).unwrap().0;
@@ -1859,8 +1874,8 @@ impl VListener {
     /// closed). Use it with `poll(2)`, epoll or mio, with
     /// [`set_nonblocking(true)`](VListener::set_nonblocking). Also available as [`AsFd`].
     ///
-    /// Fails if the process is out of descriptors, or for a listener served by the daemon
-    /// (not pollable yet).
+    /// For a listener served by the daemon it is a duplicate of the daemon's listener's own
+    /// descriptor. Fails if the process is out of descriptors.
     ///
     /// ```no_run
     /// let l = netchannel::VListener::bind("0.0.0.0:7000")?;
@@ -1870,10 +1885,7 @@ impl VListener {
     pub fn poll_fd(&self) -> io::Result<BorrowedFd<'_>> {
         match &self.imp {
             ListenerImp::Embedded(l) => l.q.readiness().map(|r| r.as_fd()),
-            ListenerImp::Daemon(_) => Err(err(
-                ErrorKind::Unsupported,
-                "a listener served by the NetChannel daemon has no pollable descriptor yet",
-            )),
+            ListenerImp::Daemon(d) => d.poll_fd(),
         }
     }
 

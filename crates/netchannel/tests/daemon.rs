@@ -7,55 +7,11 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use common::{addr_pair, check, fill, within};
-use netchannel::daemon::{Client, Server};
+use common::{addr_pair, check, daemon, fill, within, Daemon};
+use netchannel::daemon::Client;
 use netchannel::{Class, Config};
-
-struct Daemon {
-    socket: PathBuf,
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn tmp_dir() -> PathBuf {
-    use std::sync::atomic::AtomicU32;
-    static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "nc-daemon-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn daemon(listen: SocketAddr, tweak: &dyn Fn(&mut Config)) -> Daemon {
-    let socket = tmp_dir().join("nc.sock");
-    let mut cfg = Config { listen, ..Config::default() };
-    cfg.daemon.socket = Some(socket.clone());
-    tweak(&mut cfg);
-    let server = Server::start(cfg).expect("start daemon");
-    let stop = Arc::new(AtomicBool::new(false));
-    let s2 = stop.clone();
-    let thread = std::thread::spawn(move || server.run(&s2).unwrap());
-    Daemon { socket, addr: listen, stop, thread: Some(thread) }
-}
 
 fn pair(tweak: &dyn Fn(&mut Config)) -> (Daemon, Daemon) {
     let (a, b) = addr_pair();

@@ -1,8 +1,10 @@
 //! `bench tokio`: async Rust over vsockets against async Rust over kernel TCP, in one run.
 //!
 //! Both sides are tokio programs that differ only in their import: `netchannel::tokio`'s
-//! `VStream`/`VListener` on two embedded hosts (127.0.0.1 and 127.0.0.2) or
-//! `tokio::net::TcpStream`/`TcpListener` over loopback. Two workloads:
+//! `VStream`/`VListener` on two embedded hosts (127.0.0.1 and 127.0.0.2, stack
+//! `netchannel`), the same through two daemons run in this process (stack `daemon`: the
+//! apps' vsockets in shared memory, their readiness through the daemon's proxies), or
+//! `tokio::net::TcpStream`/`TcpListener` over loopback (`tcp`). Two workloads:
 //!
 //! * **pingpong**: for each `--conns` count, that many connections each keep one `--size`
 //!   request in flight (write it, read its whole echo) for `--duration` seconds after a
@@ -12,8 +14,8 @@
 //!   requests/s.
 //!
 //! The server and the clients run on two separate multi-thread runtimes of `--threads`
-//! workers each. Stacks alternate (TCP, then NetChannel) `--repeat` times; the table shows
-//! each repetition's figures and the medians, with NetChannel's ratio to TCP.
+//! workers each. Stacks alternate (TCP, NetChannel, daemon) `--repeat` times; the table
+//! shows each repetition's figures and the medians, with each stack's ratio to TCP.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -54,12 +56,12 @@ pub struct TokioArgs {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub threads: usize,
 
-    /// Repetitions, alternating the stacks (TCP, then NetChannel)
+    /// Repetitions, alternating the stacks (TCP, NetChannel, daemon)
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub repeat: usize,
 
     /// Stacks to measure, comma-separated (both by default; one alone is for profiling it)
-    #[arg(long, value_enum, value_name = "STACK,..", value_delimiter = ',', default_values_t = [Stack::Tcp, Stack::Netchannel])]
+    #[arg(long, value_enum, value_name = "STACK,..", value_delimiter = ',', default_values_t = [Stack::Tcp, Stack::Netchannel, Stack::Daemon])]
     pub stacks: Vec<Stack>,
 
     /// NetChannel: traffic class of the vsockets
@@ -76,7 +78,7 @@ pub struct TokioArgs {
 pub struct Sample {
     /// "pingpong" or "http".
     pub workload: &'static str,
-    /// "tcp" or "netchannel".
+    /// "tcp", "netchannel" or "daemon".
     pub stack: &'static str,
     /// Concurrent connections (HTTP: clients).
     pub conns: usize,
@@ -97,6 +99,8 @@ pub enum Stack {
     Tcp,
     /// tokio over vsockets of two embedded hosts
     Netchannel,
+    /// tokio over vsockets served by two daemons (in this process, as apps reach them)
+    Daemon,
 }
 
 impl Stack {
@@ -104,6 +108,7 @@ impl Stack {
         match self {
             Stack::Tcp => "tcp",
             Stack::Netchannel => "netchannel",
+            Stack::Daemon => "daemon",
         }
     }
 }
@@ -113,6 +118,7 @@ impl Stack {
 enum Target {
     Tcp(SocketAddr),
     Netchannel(netchannel::Host, SocketAddr, netchannel::Class),
+    Daemon(netchannel::daemon::Client, SocketAddr, netchannel::Class),
 }
 
 impl Target {
@@ -125,6 +131,13 @@ impl Target {
             }
             Target::Netchannel(h, a, class) => {
                 Box::new(netchannel::tokio::VStream::connect_class_with(h, *a, *class).await?)
+            }
+            Target::Daemon(c, a, class) => {
+                let (c, a, class) = (c.clone(), *a, *class);
+                let s = tokio::task::spawn_blocking(move || c.connect_class(a, class))
+                    .await
+                    .map_err(std::io::Error::other)??;
+                Box::new(netchannel::tokio::VStream::from_std(s)?)
             }
         })
     }
@@ -185,17 +198,78 @@ fn two_hosts() -> Result<(netchannel::Host, netchannel::Host)> {
     Err(Error::from(format!("cannot start two NetChannel hosts on 127.0.0.1/127.0.0.2: {last}")))
 }
 
+/// Two daemons on 127.0.0.1 and 127.0.0.2, run on threads of this process, with a channel
+/// port free on both and their sockets in a fresh directory; stopped when dropped.
+struct Daemons {
+    clients: (netchannel::daemon::Client, netchannel::daemon::Client),
+    _run: Running,
+}
+
+/// The daemons' threads, stopped and joined when dropped.
+struct Running {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn two_daemons() -> Result<Daemons> {
+    let dir = std::env::temp_dir().join(format!("netchannel-bench-tokio-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).context(|| format!("cannot create {}", dir.display()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut run = Running { stop: stop.clone(), threads: Vec::new(), dir: dir.clone() };
+    let base = 33000 + (std::process::id() % 20000) as u16;
+    let mut last = String::new();
+    'port: for port in base..base + 50 {
+        let mut servers = Vec::new();
+        for (ip, name) in [([127, 0, 0, 1], "a.sock"), ([127, 0, 0, 2], "b.sock")] {
+            let mut cfg = netchannel::Config { listen: SocketAddr::from((ip, port)), ..Default::default() };
+            cfg.daemon.socket = Some(dir.join(name));
+            match netchannel::daemon::Server::start(cfg) {
+                Ok(s) => servers.push(s),
+                Err(e) => {
+                    last = e.to_string();
+                    continue 'port;
+                }
+            }
+        }
+        for s in servers {
+            let stop = stop.clone();
+            run.threads.push(std::thread::spawn(move || {
+                let _ = s.run(&stop);
+            }));
+        }
+        let client = |name: &str| {
+            netchannel::daemon::Client::connect(dir.join(name))
+                .context(|| format!("cannot reach the bench's daemon {name}"))
+        };
+        return Ok(Daemons { clients: (client("a.sock")?, client("b.sock")?), _run: run });
+    }
+    Err(Error::from(format!("cannot start two NetChannel daemons on 127.0.0.1/127.0.0.2: {last}")))
+}
+
 /// The server side of one stack, and where its clients go.
 struct Served {
     /// The server's runtime: dropping it stops the server.
     _rt: tokio::runtime::Runtime,
     target: Target,
     _hosts: Option<(netchannel::Host, netchannel::Host)>,
+    _daemons: Option<Daemons>,
 }
 
 fn serve(stack: Stack, args: &TokioArgs, http: bool) -> Result<Served> {
     let rt = runtime(args.threads, "bench-server")?;
     let class = args.class.class();
+    let mut daemons = None;
     let (acceptor, target, hosts) = match stack {
         Stack::Tcp => {
             let l = rt
@@ -214,6 +288,19 @@ fn serve(stack: Stack, args: &TokioArgs, http: bool) -> Result<Served> {
             };
             let addr = l.local_addr().context(|| "listener address".into())?;
             (Acceptor::Netchannel(l), Target::Netchannel(a.clone(), addr, class), Some((a, b)))
+        }
+        Stack::Daemon => {
+            let d = two_daemons()?;
+            let l = d.clients.1.bind(0).context(|| "cannot bind a vsocket port through the daemon".into())?;
+            let l = {
+                let _g = rt.enter();
+                netchannel::tokio::VListener::from_std(l)
+                    .context(|| "cannot make the daemon's listener async".into())?
+            };
+            let addr = l.local_addr().context(|| "listener address".into())?;
+            let target = Target::Daemon(d.clients.0.clone(), addr, class);
+            daemons = Some(d);
+            (Acceptor::Netchannel(l), target, None)
         }
     };
     let size = args.size;
@@ -244,7 +331,7 @@ fn serve(stack: Stack, args: &TokioArgs, http: bool) -> Result<Served> {
             }
         }
     });
-    Ok(Served { _rt: rt, target, _hosts: hosts })
+    Ok(Served { _rt: rt, target, _hosts: hosts, _daemons: daemons })
 }
 
 fn pingpong(stack: Stack, conns: usize, rep: usize, args: &TokioArgs) -> Result<Sample> {
@@ -396,7 +483,7 @@ pub fn run(args: &TokioArgs) -> Result<()> {
         return Err("--repeat must be at least 1".into());
     }
     let mut stacks = Vec::new();
-    for s in [Stack::Tcp, Stack::Netchannel] {
+    for s in [Stack::Tcp, Stack::Netchannel, Stack::Daemon] {
         if args.stacks.contains(&s) {
             stacks.push(s);
         }
@@ -449,20 +536,23 @@ pub fn run(args: &TokioArgs) -> Result<()> {
                 lat(p99),
                 reps.join(" ")
             );
-            med.push((per, p50, p99));
+            med.push((stack, per, p50, p99));
         }
-        let [t, n] = med[..] else { continue };
-        if w == "pingpong" {
-            println!(
-                "{:<9} {c:>5} {:<11} {:>11.2}x {:>9.2}x {:>9.2}x   (netchannel / tcp)",
-                "",
-                "ratio",
-                n.0 / t.0,
-                n.1 / t.1,
-                n.2 / t.2
-            );
-        } else {
-            println!("{:<9} {c:>5} {:<11} {:>11.2}x   (netchannel / tcp)", "", "ratio", n.0 / t.0);
+        let Some(&(_, t0, t1, t2)) = med.iter().find(|m| m.0 == "tcp") else { continue };
+        for &(stack, n0, n1, n2) in med.iter().filter(|m| m.0 != "tcp") {
+            let what = format!("({stack} / tcp)");
+            if w == "pingpong" {
+                println!(
+                    "{:<9} {c:>5} {:<11} {:>11.2}x {:>9.2}x {:>9.2}x   {what}",
+                    "",
+                    "ratio",
+                    n0 / t0,
+                    n1 / t1,
+                    n2 / t2
+                );
+            } else {
+                println!("{:<9} {c:>5} {:<11} {:>11.2}x   {what}", "", "ratio", n0 / t0);
+            }
         }
     }
     Ok(())

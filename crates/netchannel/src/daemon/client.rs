@@ -3,7 +3,17 @@
 //!
 //! Data never crosses the Unix socket: a stream's bytes go through its shared rings, and
 //! its positions through the shared header (`crate::shm`), so a busy stream costs no
-//! syscall per message. Control requests (connect, bind, accept, status) each take a
+//! syscall per message.
+//!
+//! Pollable descriptors: every vsocket comes with the readiness proxy of the preload shim's
+//! shared-memory path (`super::proxy`: end A of an `AF_UNIX`/`SOCK_SEQPACKET` pair whose IN
+//! and OUT gates the daemon drives), so both homes have one readiness mechanism, records on
+//! a socketpair. A blocking program never closes the IN gate, so after the first token the
+//! daemon pays one atomic swap per event; once [`DStream::poll_fd`] was asked for, reads
+//! close the gate when they drain the ring and writes plug it when the ring is full. A
+//! listener's descriptor is a duplicate of the daemon's own embedded listener's readiness
+//! descriptor (`crate::readiness`): readable exactly when the daemon's accept queue holds a
+//! vsocket, its token taken by the daemon's accept that empties the queue. Control requests (connect, bind, accept, status) each take a
 //! connection from a pool (opened on demand, kept for the life of the process), so a blocked
 //! accept does not hold up another thread's connect. A separate *lifeline* connection tells
 //! the process, through a watcher thread, that the daemon is gone: every blocked or later
@@ -12,7 +22,7 @@
 
 use std::io::{self, ErrorKind};
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -163,21 +173,22 @@ impl Client {
 
     /// Open a vsocket of `class` to `addr`.
     pub fn connect_class(&self, addr: SocketAddr, class: Class) -> io::Result<crate::VStream> {
-        let (resp, fds) = self.request(&Request::Connect { addr, class: class.into(), proxy: false })?;
+        let (resp, fds) = self.request(&Request::Connect { addr, class: class.into(), proxy: true })?;
         Ok(crate::VStream::from_daemon(DStream::from_response(self, resp, fds)?))
     }
 
     /// Listen on vsocket `port` of this host (0: any free port).
     pub fn bind(&self, port: u16) -> io::Result<crate::VListener> {
-        match self.request(&Request::Bind { port })?.0 {
-            Response::Listener { listener, local } => Ok(crate::VListener::from_daemon(DListener {
+        match self.request(&Request::Bind { port, poll: true })? {
+            (Response::Listener { listener, local }, fds) => Ok(crate::VListener::from_daemon(DListener {
                 client: self.clone(),
                 id: listener,
                 local,
                 nonblocking: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
+                poll: fds.into_iter().next(),
             })),
-            other => Err(unexpected(&other)),
+            (other, _) => Err(unexpected(&other)),
         }
     }
 
@@ -266,6 +277,10 @@ pub(crate) struct DStream {
     tx: Ring,
     rx: Ring,
     kick: OwnedFd,
+    /// End A of the vsocket's readiness proxy (`super::proxy`).
+    proxy: Option<OwnedFd>,
+    /// [`DStream::poll_fd`] was asked for: reads and writes drive the proxy's gates.
+    polled: AtomicBool,
     local: SocketAddr,
     remote: SocketAddr,
     class: AtomicU8,
@@ -286,7 +301,11 @@ impl DStream {
                 "the daemon sent a vsocket without its memory",
             ));
         };
-        let region = Arc::new(Region::open(mem)?);
+        let proxy = fds.next();
+        let mut region = Region::open(mem)?;
+        // One descriptor less: the mapping is all it needs.
+        region.close_fd();
+        let region = Arc::new(region);
         Ok(DStream {
             client: client.clone(),
             handle,
@@ -294,6 +313,8 @@ impl DStream {
             rx: Ring::in_region(&region, false),
             region,
             kick,
+            proxy,
+            polled: AtomicBool::new(false),
             local,
             remote,
             class: AtomicU8::new(Class::from(class) as u8),
@@ -337,6 +358,33 @@ impl DStream {
     #[cfg(test)]
     pub(crate) fn ring_doorbell(&self) {
         shm::eventfd_ring(self.kick.as_raw_fd());
+    }
+
+    /// The vsocket's pollable descriptor: end A of its readiness proxy. From now on reads
+    /// and writes drive its gates.
+    pub(crate) fn poll_fd(&self) -> io::Result<BorrowedFd<'_>> {
+        let a = self.proxy.as_ref().ok_or_else(|| {
+            io::Error::new(ErrorKind::Unsupported, "the daemon sent this vsocket without a readiness proxy")
+        })?;
+        self.polled.store(true, Ordering::SeqCst);
+        Ok(a.as_fd())
+    }
+
+    /// The proxy's end A, if reads and writes must drive its gates.
+    fn gates(&self) -> Option<RawFd> {
+        if self.polled.load(Ordering::Relaxed) {
+            self.proxy.as_ref().map(|a| a.as_raw_fd())
+        } else {
+            None
+        }
+    }
+
+    /// The ring is empty: close the IN gate. False if something came meanwhile (look again).
+    fn drained(&self) -> bool {
+        match self.gates() {
+            Some(a) => super::proxy::close_in(self.region.header(), a, self.kick.as_raw_fd(), None),
+            None => true,
+        }
     }
 
     /// Tell the daemon's poller that a position moved, if it is not polling already.
@@ -398,6 +446,10 @@ impl DStream {
                 unsafe { self.rx.read(consumed, &mut buf[..n]) };
                 h.rx_consumed.store(consumed + n as u64, Ordering::Release);
                 self.kick();
+                if consumed + n as u64 == in_order {
+                    // Whether more came meanwhile does not matter: the gate is right either way.
+                    let _ = self.drained();
+                }
                 return Ok(n);
             }
             let state = h.state.load(Ordering::Acquire);
@@ -412,6 +464,9 @@ impl DStream {
             }
             if self.client.is_dead() {
                 return Err(self.client.gone());
+            }
+            if !self.drained() {
+                continue;
             }
             if self.nonblocking.load(Ordering::Relaxed) {
                 return Err(io::Error::new(ErrorKind::WouldBlock, "no data available"));
@@ -450,6 +505,9 @@ impl DStream {
             let acked = h.tx_acked.load(Ordering::Acquire);
             let space = cap - (written - acked);
             if space == 0 {
+                if let Some(a) = self.gates() {
+                    super::proxy::plug(h, a, self.kick.as_raw_fd());
+                }
                 if self.nonblocking.load(Ordering::Relaxed) {
                     return if done > 0 {
                         Ok(done)
@@ -514,6 +572,8 @@ pub(crate) struct DListener {
     local: SocketAddr,
     pub(crate) nonblocking: AtomicBool,
     closed: AtomicBool,
+    /// A duplicate of the daemon's listener's readiness descriptor.
+    poll: Option<OwnedFd>,
 }
 
 impl DListener {
@@ -521,10 +581,21 @@ impl DListener {
         self.local
     }
 
+    /// The listener's pollable descriptor: readable exactly when the daemon holds a vsocket
+    /// for it to accept (or the listener was closed).
+    pub(crate) fn poll_fd(&self) -> io::Result<BorrowedFd<'_>> {
+        self.poll.as_ref().map(|p| p.as_fd()).ok_or_else(|| {
+            io::Error::new(
+                ErrorKind::Unsupported,
+                "the daemon sent this listener without a pollable descriptor",
+            )
+        })
+    }
+
     pub(crate) fn accept(&self) -> io::Result<(crate::VStream, SocketAddr)> {
         let wait = !self.nonblocking.load(Ordering::Relaxed);
         let (resp, fds) =
-            self.client.request(&Request::Accept { listener: self.id, wait, proxy: false, park: None })?;
+            self.client.request(&Request::Accept { listener: self.id, wait, proxy: true, park: None })?;
         let s = DStream::from_response(&self.client, resp, fds)?;
         let remote = s.remote;
         Ok((crate::VStream::from_daemon(s), remote))

@@ -56,8 +56,14 @@ pub(crate) enum Request {
         #[serde(default)]
         proxy: bool,
     },
-    /// Listen on a vsocket port (0: any). Answered with `Listener`.
-    Bind { port: u16 },
+    /// Listen on a vsocket port (0: any). Answered with `Listener`; with `poll`, a
+    /// duplicate of the listener's readiness descriptor comes with it (readable exactly
+    /// when an `Accept` would not block).
+    Bind {
+        port: u16,
+        #[serde(default)]
+        poll: bool,
+    },
     /// Take the next vsocket of a listener; `wait` false answers `WouldBlock` at once.
     /// With `park`, the vsocket is not served yet: the daemon keeps it, answers `Parked`, and
     /// serves it to whichever process claims it with the address of the loopback placeholder

@@ -307,55 +307,7 @@ impl ProxyStream {
     /// Take the IN token out of A once the ring is empty; true if the gate closed with the
     /// ring still empty (else the caller reads again).
     fn close_in(&self, a: RawFd) -> bool {
-        let h = self.header();
-        if h.rx_gate.compare_exchange(GATE_OPEN, GATE_CLOSING, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
-            let mut b = [0u8; 16];
-            let mut taken = false;
-            // The daemon sends the token right after it opened the gate: wait for it a moment.
-            for _ in 0..1000 {
-                // SAFETY: a live buffer; non-blocking receive on the program's own proxy end.
-                let n = unsafe { libc::recv(a, b.as_mut_ptr().cast(), b.len(), libc::MSG_DONTWAIT) };
-                if n >= 0 {
-                    // A token, or the end of B's records (FIN): nothing was taken behind us.
-                    taken = true;
-                    break;
-                }
-                let e = io::Error::last_os_error().raw_os_error();
-                if e != Some(libc::EAGAIN) && e != Some(libc::EINTR) {
-                    break;
-                }
-                if poll_one(a, libc::POLLIN, 1) == 0 {
-                    continue;
-                }
-            }
-            let _ = h.rx_gate.compare_exchange(GATE_CLOSING, GATE_CLOSED, Ordering::SeqCst, Ordering::SeqCst);
-            if !taken && h.state.load(Ordering::SeqCst) & (shm::ERROR | shm::FIN) == 0 && !self.hung_up(a) {
-                // An open gate always has its token queued on A, and only this side takes it:
-                // a call that bypassed the shim (io_uring, a raw syscall) read it as data.
-                // Have the daemon reset the vsocket rather than let it be corrupted.
-                self.bypassed.store(1, Ordering::SeqCst);
-                h.app_flags.fetch_or(shm::BYPASSED, Ordering::SeqCst);
-                h.need_kick.store(0, Ordering::SeqCst);
-                self.ring_doorbell();
-            }
-        }
-        if h.rx_in_order.load(Ordering::SeqCst) > h.rx_consumed.load(Ordering::SeqCst)
-            || h.state.load(Ordering::SeqCst) != 0
-        {
-            if h.rx_gate.load(Ordering::SeqCst) == GATE_CLOSED {
-                // Bytes came in while we closed: have the daemon open the gate again.
-                h.rx_reopen.store(1, Ordering::SeqCst);
-                h.need_kick.store(0, Ordering::SeqCst);
-                self.ring_doorbell();
-            }
-            return false;
-        }
-        true
-    }
-
-    /// Whether end A reports a hang-up or an error (the daemon closed B).
-    fn hung_up(&self, a: RawFd) -> bool {
-        poll_one(a, 0, 0) & (libc::POLLHUP | libc::POLLERR) != 0
+        close_in(self.header(), a, self.kick.as_raw_fd(), Some(&self.bypassed))
     }
 
     /// True once, the first time after this side found that a call bypassing the shim (an
@@ -485,15 +437,7 @@ impl ProxyStream {
 
     /// Make A not writable until the daemon sees room again (no-op if plugged already).
     fn plug(&self, a: RawFd) {
-        let h = self.header();
-        if h.tx_gate.compare_exchange(TX_OPEN, TX_PLUGGED, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
-            let rec = vec![0u8; plug_len()];
-            proxy_send(a, &rec);
-            proxy_send(a, &[BASE]);
-            // Room may have come back before the plug landed: let the daemon look.
-            h.need_kick.store(0, Ordering::SeqCst);
-            self.ring_doorbell();
-        }
+        plug(self.header(), a, self.kick.as_raw_fd())
     }
 
     /// Half close: `Write` sends FIN after the bytes written; `Read` makes reads return 0.
@@ -534,6 +478,78 @@ fn sndtimeo_ms(a: RawFd) -> libc::c_int {
         return -1;
     }
     (tv.tv_sec * 1000 + tv.tv_usec / 1000).clamp(1, i32::MAX as i64) as libc::c_int
+}
+
+/// App side of a proxied vsocket (this module's shim, and `daemon::client`'s vsockets):
+/// take the IN token out of end `a` once the ring is empty. True if the gate closed with the
+/// ring still empty; false if bytes, FIN or an error came in between (the caller reads
+/// again; the daemon was asked, through doorbell `kick`, to open the gate again). A token
+/// found gone (read by a call that bypassed the shim) has the daemon reset the vsocket, and
+/// sets `bypassed` to 1.
+pub(crate) fn close_in(h: &shm::Header, a: RawFd, kick: RawFd, bypassed: Option<&AtomicU32>) -> bool {
+    if h.rx_gate.compare_exchange(GATE_OPEN, GATE_CLOSING, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+        let mut b = [0u8; 16];
+        let mut taken = false;
+        // The daemon sends the token right after it opened the gate: wait for it a moment.
+        for _ in 0..1000 {
+            // SAFETY: a live buffer; non-blocking receive on the program's own proxy end.
+            let n = unsafe { libc::recv(a, b.as_mut_ptr().cast(), b.len(), libc::MSG_DONTWAIT) };
+            if n >= 0 {
+                // A token, or the end of B's records (FIN): nothing was taken behind us.
+                taken = true;
+                break;
+            }
+            let e = io::Error::last_os_error().raw_os_error();
+            if e != Some(libc::EAGAIN) && e != Some(libc::EINTR) {
+                break;
+            }
+            if poll_one(a, libc::POLLIN, 1) == 0 {
+                continue;
+            }
+        }
+        let _ = h.rx_gate.compare_exchange(GATE_CLOSING, GATE_CLOSED, Ordering::SeqCst, Ordering::SeqCst);
+        if !taken && h.state.load(Ordering::SeqCst) & (shm::ERROR | shm::FIN) == 0 && !hung_up(a) {
+            // An open gate always has its token queued on A, and only this side takes it:
+            // a call that bypassed the shim (io_uring, a raw syscall) read it as data.
+            // Have the daemon reset the vsocket rather than let it be corrupted.
+            if let Some(b) = bypassed {
+                b.store(1, Ordering::SeqCst);
+            }
+            h.app_flags.fetch_or(shm::BYPASSED, Ordering::SeqCst);
+            h.need_kick.store(0, Ordering::SeqCst);
+            shm::eventfd_ring(kick);
+        }
+    }
+    if h.rx_in_order.load(Ordering::SeqCst) > h.rx_consumed.load(Ordering::SeqCst)
+        || h.state.load(Ordering::SeqCst) != 0
+    {
+        if h.rx_gate.load(Ordering::SeqCst) == GATE_CLOSED {
+            // Bytes came in while we closed: have the daemon open the gate again.
+            h.rx_reopen.store(1, Ordering::SeqCst);
+            h.need_kick.store(0, Ordering::SeqCst);
+            shm::eventfd_ring(kick);
+        }
+        return false;
+    }
+    true
+}
+
+/// Whether end A reports a hang-up or an error (the daemon closed B).
+fn hung_up(a: RawFd) -> bool {
+    poll_one(a, 0, 0) & (libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// App side of a proxied vsocket: make end `a` not writable until the daemon sees room in
+/// the send ring again (no-op if plugged already); doorbell `kick` has it look at once.
+pub(crate) fn plug(h: &shm::Header, a: RawFd, kick: RawFd) {
+    if h.tx_gate.compare_exchange(TX_OPEN, TX_PLUGGED, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+        let rec = vec![0u8; plug_len()];
+        proxy_send(a, &rec);
+        proxy_send(a, &[BASE]);
+        // Room may have come back before the plug landed: let the daemon look.
+        h.need_kick.store(0, Ordering::SeqCst);
+        shm::eventfd_ring(kick);
+    }
 }
 
 /// A daemon listener whose arrivals come with readiness proxies.
@@ -601,7 +617,7 @@ impl Client {
 
     /// Listen on vsocket `port`, arrivals with readiness proxies.
     pub fn bind_proxied(&self, port: u16) -> io::Result<ProxyListener> {
-        match self.request(&Request::Bind { port })?.0 {
+        match self.request(&Request::Bind { port, poll: false })?.0 {
             Response::Listener { listener, local } => {
                 Ok(ProxyListener { client: self.clone(), id: listener, local })
             }

@@ -621,9 +621,19 @@ impl State {
                     break;
                 }
             };
+            let poll_listener = matches!(req, Request::Bind { poll: true, .. });
             let (resp, served) = match self.handle(req, conn, pid, &s) {
                 Ok(r) => r,
                 Err(e) => (Response::error(&e), None),
+            };
+            // A listener asked for with `poll` comes with its readiness descriptor (a
+            // duplicate: the daemon's accept takes its token, the app polls it).
+            let listener_fd = match &resp {
+                Response::Listener { listener, .. } if poll_listener => {
+                    let l = self.listeners.lock().unwrap().get(listener).cloned();
+                    l.and_then(|l| l.l.poll_fd().and_then(|fd| fd.try_clone_to_owned()).ok())
+                }
+                _ => None,
             };
             let a = served.as_ref().and_then(|sv| sv.proxy_a.lock().unwrap().take());
             let mut fds: Vec<RawFd> = match &served {
@@ -634,6 +644,7 @@ impl State {
                 None => Vec::new(),
             };
             fds.extend(a.as_ref().map(|a| a.as_raw_fd()));
+            fds.extend(listener_fd.as_ref().map(|l| l.as_raw_fd()));
             if send_msg(s.as_raw_fd(), &resp, &fds).is_err() {
                 break;
             }
@@ -659,7 +670,7 @@ impl State {
                 let sv = self.register(stream, conn, pid, proxy, charge)?;
                 Ok((stream_response(&sv), Some(sv)))
             }
-            Request::Bind { port } => {
+            Request::Bind { port, .. } => {
                 let l = self.host.bind(port)?;
                 let local = l.local_addr()?;
                 let id = self.next.fetch_add(1, Ordering::Relaxed);
@@ -983,6 +994,9 @@ impl State {
                 crate::wire::Reason::Closed,
                 &format!("the daemon disconnected the owning process: {why}"),
             );
+            // Proxied ones too (the cleanup leaves those to their proxy's hang-up): another
+            // doorbell of a liar must not take in its header again.
+            self.close_stream(s.handle);
         }
         if let Some((pid, sock)) = c {
             tracing::warn!(pid, conn, why, "client disconnected");

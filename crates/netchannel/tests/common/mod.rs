@@ -2,9 +2,13 @@
 #![allow(dead_code)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
+use netchannel::daemon::Server;
 use netchannel::{Config, Host};
 
 /// A distinct pair of loopback addresses and a port for each pair of hosts, so tests can
@@ -74,4 +78,46 @@ pub fn fill(seed: u64, off: u64, buf: &mut [u8]) {
 /// Index of the first byte of `buf` (at stream offset `off`) that differs from the pattern.
 pub fn check(seed: u64, off: u64, buf: &[u8]) -> Option<u64> {
     buf.iter().enumerate().find(|(i, &b)| b != pattern(seed, off + *i as u64)).map(|(i, _)| off + i as u64)
+}
+
+/// A daemon (`Server`) running on a thread of the test process; dropping it stops it.
+pub struct Daemon {
+    pub socket: PathBuf,
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A fresh directory under the system's temporary directory.
+pub fn tmp_dir() -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "nc-daemon-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Start a daemon listening on `listen`, its socket in a fresh directory.
+pub fn daemon(listen: SocketAddr, tweak: &dyn Fn(&mut Config)) -> Daemon {
+    let socket = tmp_dir().join("nc.sock");
+    let mut cfg = Config { listen, ..Config::default() };
+    cfg.daemon.socket = Some(socket.clone());
+    tweak(&mut cfg);
+    let server = Server::start(cfg).expect("start daemon");
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let thread = std::thread::spawn(move || server.run(&s2).unwrap());
+    Daemon { socket, addr: listen, stop, thread: Some(thread) }
 }
