@@ -664,16 +664,7 @@ fn optimistic_open_carries_the_request_and_verifies_both_ways() {
         assert_eq!(hello, b"hello");
         drop(s);
         server.join().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while a.stats().vsockets + b.stats().vsockets > 0 {
-            assert!(
-                Instant::now() < deadline,
-                "vsockets left behind: {:?} {:?}",
-                a.vsock_infos(),
-                b.vsock_infos()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        both_tables_empty(&a, &b);
     });
 }
 
@@ -707,16 +698,7 @@ fn an_optimistic_open_whose_server_never_writes_still_ends_cleanly() {
             assert!(rest.is_empty());
         }
         server.join().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while a.stats().vsockets + b.stats().vsockets > 0 {
-            assert!(
-                Instant::now() < deadline,
-                "vsockets left behind: {:?} {:?}",
-                a.vsock_infos(),
-                b.vsock_infos()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        both_tables_empty(&a, &b);
     });
 }
 
@@ -764,4 +746,18 @@ fn an_open_carrying_more_than_the_listener_grants_is_refused() {
         got.read_exact(&mut req).unwrap();
         assert_eq!(req, [7u8; 512]);
     });
+}
+
+/// Wait (at most 10 s) until neither host has a vsocket left in its table.
+fn both_tables_empty(a: &Host, b: &Host) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.stats().vsockets + b.stats().vsockets > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "vsockets left behind: {:?} {:?}",
+            a.vsock_infos(),
+            b.vsock_infos()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
