@@ -826,6 +826,7 @@ impl VSock {
     }
 
     /// Whether the connect finished: `None` while waiting for the peer's answer.
+    #[cfg(feature = "tokio")]
     pub(crate) fn open_result(&self) -> Option<io::Result<()>> {
         let tx = self.tx.lock().unwrap();
         if let Some((kind, msg)) = &tx.error {
@@ -1330,6 +1331,7 @@ impl VStream {
 
     /// Whether a connect to `addr` through `host` can start without waiting: the channels
     /// to its host are up (else [`VStream::connect_start`] dials them first).
+    #[cfg(feature = "tokio")]
     pub(crate) fn can_start_now(host: &Host, addr: SocketAddr) -> bool {
         let inner = host.inner();
         let key = SocketAddr::new(addr.ip(), inner.cfg.peer_port());
@@ -1376,6 +1378,7 @@ impl VStream {
     }
 
     /// Fail a connect that passed its deadline (`connect_timeout`) without an answer.
+    #[cfg(feature = "tokio")]
     pub(crate) fn connect_timed_out(&self) -> io::Error {
         match &self.imp {
             StreamImp::Embedded(h) => h.vs.connect_timed_out(),
@@ -1580,6 +1583,7 @@ impl VStream {
 
     /// Whether the connect of a stream made by [`VStream::connect_start`] finished: `None`
     /// while the peer has not answered, then its outcome (the stream is writable from then).
+    #[cfg(feature = "tokio")]
     pub(crate) fn open_result(&self) -> Option<io::Result<()>> {
         match &self.imp {
             StreamImp::Embedded(h) => h.vs.open_result(),

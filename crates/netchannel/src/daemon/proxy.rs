@@ -541,15 +541,23 @@ fn hung_up(a: RawFd) -> bool {
 
 /// App side of a proxied vsocket: make end `a` not writable until the daemon sees room in
 /// the send ring again (no-op if plugged already); doorbell `kick` has it look at once.
+/// Called with the header's write lock held, so one plug at a time.
+///
+/// The records go into B's queue *before* the gate says PLUGGED: the daemon unplugs as soon
+/// as it sees PLUGGED with room in the ring, and takes the old base and the plug out then;
+/// marked first, it could look between the mark and the records, find the plug missing and
+/// take that for a stray write into A (a reset of a healthy vsocket).
 pub(crate) fn plug(h: &shm::Header, a: RawFd, kick: RawFd) {
-    if h.tx_gate.compare_exchange(TX_OPEN, TX_PLUGGED, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
-        let rec = vec![0u8; plug_len()];
-        proxy_send(a, &rec);
-        proxy_send(a, &[BASE]);
-        // Room may have come back before the plug landed: let the daemon look.
-        h.need_kick.store(0, Ordering::SeqCst);
-        shm::eventfd_ring(kick);
+    if h.tx_gate.load(Ordering::SeqCst) != TX_OPEN {
+        return;
     }
+    let rec = vec![0u8; plug_len()];
+    proxy_send(a, &rec);
+    proxy_send(a, &[BASE]);
+    h.tx_gate.store(TX_PLUGGED, Ordering::SeqCst);
+    // Room may have come back before the plug landed: let the daemon look.
+    h.need_kick.store(0, Ordering::SeqCst);
+    shm::eventfd_ring(kick);
 }
 
 /// A daemon listener whose arrivals come with readiness proxies.
