@@ -246,7 +246,9 @@ pub(crate) struct Doorbell {
 }
 
 impl Doorbell {
-    /// A new eventfd registered with epoll set `ep` under `token`.
+    /// A new eventfd registered with epoll set `ep` under `token`, edge-triggered: every
+    /// ring is a new edge, so its counter is never read back (it cannot fill up: 2^64 − 2
+    /// rings).
     pub(crate) fn new(ep: &Arc<OwnedFd>, token: u64) -> io::Result<Doorbell> {
         let kick = shm::eventfd()?;
         let mut ev = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: token };

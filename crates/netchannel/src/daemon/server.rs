@@ -32,6 +32,7 @@ use serde_json::json;
 use super::regions::{Doorbell, Naming, PoolKey, PoolNote, Pools};
 use super::{hung_up, recv_msg, send_msg, LimitExceeded, Request, Response, MAX_REQUEST};
 use crate::config::Config;
+use crate::engine::channel::batching_small_sends;
 use crate::engine::handshake::{suppressed_note, Reserve, Throttle, FD_BACKOFF};
 use crate::engine::Host;
 use crate::shm;
@@ -1144,9 +1145,12 @@ impl State {
                         s.vs.region().expect("shared").header().need_kick.store(1, Ordering::SeqCst);
                     }
                 }
-                for h in std::mem::take(&mut active) {
-                    moved |= self.sync(h);
-                }
+                let was_active = std::mem::take(&mut active);
+                batching_small_sends(|| {
+                    for h in was_active {
+                        moved |= self.sync(h);
+                    }
+                });
                 if moved {
                     last_move = Instant::now();
                 }
@@ -1155,29 +1159,8 @@ impl State {
                 1000
             };
             let n = self.poller.wait(&mut events, timeout);
-            for ev in &events[..n] {
-                let h = ev.u64;
-                if h == 0 {
-                    shm::eventfd_clear(self.poller.waker.as_raw_fd());
-                    continue;
-                }
-                if h & PROXY_TOKEN != 0 {
-                    self.proxy_hung_up(h & !PROXY_TOKEN);
-                    continue;
-                }
-                let Some(h) = self.bells.lock().unwrap().get(&h).copied() else { continue };
-                if let Some(s) = self.streams.lock().unwrap().get(&h) {
-                    shm::eventfd_clear(s.bell.fd());
-                }
-                self.doorbells.fetch_add(1, Ordering::Relaxed);
-                if !active.contains(&h) {
-                    active.push(h);
-                }
-            }
-            let mut moved = false;
-            for &h in &active {
-                moved |= self.sync(h);
-            }
+            // The requests of every app rung in this pass leave in one write per channel.
+            let moved = batching_small_sends(|| self.take_doorbells(&events[..n], &mut active));
             let streams = self.streams.lock().unwrap();
             active.retain(|h| streams.contains_key(h));
             drop(streams);
@@ -1185,6 +1168,34 @@ impl State {
                 last_move = Instant::now();
             }
         }
+    }
+
+    /// The poller's pass over what woke it: hang-ups of proxies, and doorbells, whose
+    /// vsockets join `active` and are all taken in; whether anything moved.
+    fn take_doorbells(&self, events: &[libc::epoll_event], active: &mut Vec<u64>) -> bool {
+        for ev in events {
+            let h = ev.u64;
+            if h == 0 {
+                shm::eventfd_clear(self.poller.waker.as_raw_fd());
+                continue;
+            }
+            if h & PROXY_TOKEN != 0 {
+                self.proxy_hung_up(h & !PROXY_TOKEN);
+                continue;
+            }
+            // Edge-triggered (`Doorbell::new`): nothing to clear. The token is the doorbell's;
+            // a pooled slot's outlives its vsockets.
+            let Some(h) = self.bells.lock().unwrap().get(&h).copied() else { continue };
+            self.doorbells.fetch_add(1, Ordering::Relaxed);
+            if !active.contains(&h) {
+                active.push(h);
+            }
+        }
+        let mut moved = false;
+        for &h in active.iter() {
+            moved |= self.sync(h);
+        }
+        moved
     }
 
     fn status(&self) -> serde_json::Value {
