@@ -557,7 +557,9 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
             tracing::error!(worker = me, error = %e, "channel worker: poll failed");
             return;
         }
-        let mut readable: Vec<usize> = std::mem::take(&mut again);
+        // (token, whether a short read drains it: see `read_some`'s `short_drains`)
+        let mut readable: Vec<(usize, bool)> =
+            std::mem::take(&mut again).into_iter().map(|t| (t, false)).collect();
         if any_lent && last_look.elapsed() >= LENT_LOOK {
             // A lent channel whose borrower read nothing since the last look while bytes
             // wait: its runtime is not running the reading task (blocked, busy): read it here.
@@ -572,7 +574,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
                 let mut p = libc::pollfd { fd: c.ch.read_sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
                 // SAFETY: one live pollfd on the channel's open socket, no wait.
                 if idle && unsafe { libc::poll(&mut p, 1, 0) } == 1 {
-                    readable.push(*t);
+                    readable.push((*t, false));
                 }
             }
         }
@@ -582,7 +584,9 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
                 continue;
             }
             if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                readable.push(ev.token().0);
+                // An end of stream or an error reported with the edge is only seen by reading
+                // on to it; anything that arrives after this edge brings an edge of its own.
+                readable.push((ev.token().0, !(ev.is_read_closed() || ev.is_error())));
             }
             if ev.is_writable() {
                 writable.push(ev.token().0);
@@ -607,7 +611,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
                     w.registered = true;
                     drop(w);
                     conns.insert(token, Conn { ch, lent_seen: 0 });
-                    readable.push(token);
+                    readable.push((token, false));
                     writable.push(token);
                 }
                 Command::Kick(t) => writable.push(t),
@@ -651,12 +655,12 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
                 }
             }
         }
-        for t in readable {
+        for (t, short_drains) in readable {
             let Some(conn) = conns.get(&t) else { continue };
             // An app thread reading inline has it: it reads what arrived, and the edge for
             // anything it leaves comes back when it gives the channel back.
             let Ok(mut rd) = conn.ch.reader.try_lock() else { continue };
-            let res = read_some(&host, &conn.ch, &mut rd, &|| false);
+            let res = read_some(&host, &conn.ch, &mut rd, short_drains, &|| false);
             drop(rd);
             match res {
                 Ok(true) => again.push(t),
@@ -706,14 +710,20 @@ fn poll_spinning(
     }
 }
 
-/// Read and dispatch frames. Ok(true): budget used up with more possibly left to read.
 /// Read and dispatch until the socket would block (`Ok(false)`), the read budget is spent
 /// (`Ok(true)`) or `enough` says the caller has what it waited for (`Ok(false)`: an inline
 /// reader stops there, and handing the channel back re-arms the worker's edge for the rest).
+///
+/// `short_drains`: a read that returns less than it asked for emptied the socket's receive
+/// queue, so stop there (`Ok(false)`) instead of paying a system call to hear `EAGAIN`.
+/// Right for whoever learns of later arrivals anyway: an edge-triggered poll (each arrival
+/// after the edge was reported raises a new one), a level-triggered `poll(2)`. Not when the
+/// edge came with an end of stream or an error, which only a read that reaches it reports.
 fn read_some(
     host: &Arc<HostInner>,
     ch: &Arc<Channel>,
     c: &mut Reader,
+    short_drains: bool,
     enough: &dyn Fn() -> bool,
 ) -> Result<bool, String> {
     let mut budget = READ_BUDGET;
@@ -729,13 +739,14 @@ fn read_some(
                 c.rbuf.resize(n.min(HEADER_LEN + wire::MAX_SEGMENT).max(c.rend + 1), 0);
             }
         }
+        let asked = c.rbuf.len() - c.rend;
         match (&ch.read_sock).read(&mut c.rbuf[c.rend..]) {
             Ok(0) => return Err("peer closed the connection".into()),
             Ok(n) => {
                 c.rend += n;
                 ch.counters.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                 parse(host, ch, c)?;
-                if enough() {
+                if enough() || (short_drains && n < asked) {
                     return Ok(false);
                 }
                 budget = budget.saturating_sub(n);
@@ -973,7 +984,9 @@ pub(crate) fn read_lent(host: &Arc<HostInner>, ch: &Arc<Channel>) -> LentRead {
     }
     let Ok(mut rd) = ch.reader.try_lock() else { return LentRead::Again };
     ch.lent_reads.fetch_add(1, Ordering::Relaxed);
-    let res = read_some(host, ch, &mut rd, &|| false);
+    // Short reads drain: the runtime's reactor is edge-triggered, and keeps an end of
+    // stream or an error reported until a read reaches it.
+    let res = read_some(host, ch, &mut rd, true, &|| false);
     drop(rd);
     match res {
         Ok(false) => LentRead::Drained,
@@ -1009,10 +1022,16 @@ pub(crate) fn read_inline(
         return false;
     }
     let mut failed = None;
+    // The caller found nothing to read, so the socket is most likely empty too: ask poll(2)
+    // first (it returns at once if not) rather than read to hear EAGAIN.
+    let mut readable = false;
     loop {
-        if let Err(reason) = read_some(host, ch, &mut rd, &done) {
-            failed = Some(reason);
-            break;
+        // poll(2) below is level-triggered: it reports whatever a short read left.
+        if readable {
+            if let Err(reason) = read_some(host, ch, &mut rd, true, &done) {
+                failed = Some(reason);
+                break;
+            }
         }
         if done() || !ch.up.load(Ordering::Acquire) {
             break;
@@ -1038,6 +1057,7 @@ pub(crate) fn read_inline(
         if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
             break;
         }
+        readable = fds[0].revents != 0;
         if fds[1].revents & libc::POLLIN != 0 {
             let mut v = 0u64;
             // SAFETY: reads 8 bytes into a live u64 from the eventfd.
