@@ -64,6 +64,8 @@ pub(crate) struct HostInner {
     pub shm_rings: bool,
     /// Vsockets that recently left the table (answers to their peers' late frames).
     tombstones: Mutex<recovery::Tombstones>,
+    /// Channels parked by inline reads, and threads waiting for what channels carry.
+    pub parking: channel::Parking,
 }
 
 /// Host-wide counters.
@@ -306,6 +308,7 @@ impl Host {
             totals: Arc::new(Totals::default()),
             shm_rings,
             tombstones: Mutex::new(recovery::Tombstones::default()),
+            parking: channel::Parking::default(),
             cfg: config,
         });
         let mut threads = Vec::new();
