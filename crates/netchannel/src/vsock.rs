@@ -606,7 +606,6 @@ impl VSock {
             self.totals.bytes_received.fetch_add(after - before, Ordering::Relaxed);
             if let Some(shm) = &self.shm {
                 shm.header().rx_in_order.store(after, Ordering::Release);
-                shm.ring_app();
             }
             if rx.waiting {
                 self.rx_cv.notify_all();
@@ -615,6 +614,12 @@ impl VSock {
         let credit = rx.st.credit_due();
         drop(rx);
         if after > before {
+            // Outside the rx lock: a readiness proxy's token is a system call (and a wake-up
+            // of the app), which another channel's worker delivering to this vsocket need
+            // not wait for.
+            if let Some(shm) = &self.shm {
+                shm.ring_app();
+            }
             self.wake_pollers();
         }
         self.send_credit(credit);

@@ -376,7 +376,29 @@ impl Channel {
     /// Write what is queued from the calling thread (bulk included) if that is little — at
     /// most [`SMALL_QUEUE`] bytes — else leave it to the worker. The daemon's doorbell poller
     /// sends an app's small messages this way, sparing the hand-off to a channel worker.
-    pub(crate) fn send_small_now(&self) {
+    ///
+    /// Inside [`batching_small_sends`] the write waits for the end of the batch, where every
+    /// channel used is written once.
+    pub(crate) fn send_small_now(self: &Arc<Self>) {
+        if self.queued.load(Ordering::Relaxed) > SMALL_QUEUE {
+            return self.kick();
+        }
+        let deferred = DEFERRED_SENDS.with(|d| match d.borrow_mut().as_mut() {
+            Some(v) => {
+                if !v.iter().any(|c| Arc::ptr_eq(c, self)) {
+                    v.push(self.clone());
+                }
+                true
+            }
+            None => false,
+        });
+        if deferred {
+            return;
+        }
+        self.write_small_now();
+    }
+
+    fn write_small_now(&self) {
         if self.queued.load(Ordering::Relaxed) > SMALL_QUEUE {
             return self.kick();
         }
@@ -474,6 +496,27 @@ impl Channel {
     }
 }
 
+thread_local! {
+    /// The channels whose small sends wait for the end of this thread's
+    /// [`batching_small_sends`] (none outside one).
+    static DEFERRED_SENDS: std::cell::RefCell<Option<Vec<Arc<Channel>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Run `f` with the small sends it makes ([`Channel::send_small_now`]) held back, then write
+/// each channel they used once: the daemon's poller takes in many apps' doorbells in one
+/// pass, and their requests leave in one write per channel instead of one each (on
+/// loopback each write also pays the receiver's TCP processing and, often, a wake-up).
+pub(crate) fn batching_small_sends<R>(f: impl FnOnce() -> R) -> R {
+    let outer = DEFERRED_SENDS.with(|d| d.borrow_mut().replace(Vec::new()));
+    let r = f();
+    let used = DEFERRED_SENDS.with(|d| std::mem::replace(&mut *d.borrow_mut(), outer)).unwrap_or_default();
+    for ch in used {
+        ch.write_small_now();
+    }
+    r
+}
+
 /// What a worker is asked to do.
 pub(crate) enum Command {
     /// Serve a new channel.
@@ -561,6 +604,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
     let mut events = Events::with_capacity(256);
     let mut conns: HashMap<usize, Conn> = HashMap::new();
     let mut again: Vec<usize> = Vec::new(); // channels with reading left over
+    let mut closing_again: Vec<usize> = Vec::new(); // those of them that reported end of stream
     let mut last_look = Instant::now();
     let mut last_tick = Instant::now();
     loop {
@@ -580,9 +624,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
             tracing::error!(worker = me, error = %e, "channel worker: poll failed");
             return;
         }
-        // (token, whether a short read drains it: see `read_some`'s `short_drains`)
-        let mut readable: Vec<(usize, bool)> =
-            std::mem::take(&mut again).into_iter().map(|t| (t, false)).collect();
+        let mut readable: Vec<usize> = std::mem::take(&mut again);
         if any_lent && last_look.elapsed() >= LENT_LOOK {
             // A lent channel whose borrower read nothing since the last look while bytes
             // wait: its runtime is not running the reading task (blocked, busy): read it here.
@@ -597,7 +639,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
                 let mut p = libc::pollfd { fd: c.ch.read_sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
                 // SAFETY: one live pollfd on the channel's open socket, no wait.
                 if idle && unsafe { libc::poll(&mut p, 1, 0) } == 1 {
-                    readable.push((*t, false));
+                    readable.push(*t);
                 }
             }
         }
@@ -608,14 +650,17 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
             }
         }
         let mut writable: Vec<usize> = Vec::new();
+        // Channels whose event reported end of stream or an error: read to the end.
+        let mut closing: Vec<usize> = std::mem::take(&mut closing_again);
         for ev in events.iter() {
             if ev.token() == WAKER {
                 continue;
             }
+            if ev.is_read_closed() || ev.is_error() {
+                closing.push(ev.token().0);
+            }
             if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                // An end of stream or an error reported with the edge is only seen by reading
-                // on to it; anything that arrives after this edge brings an edge of its own.
-                readable.push((ev.token().0, !(ev.is_read_closed() || ev.is_error())));
+                readable.push(ev.token().0);
             }
             if ev.is_writable() {
                 writable.push(ev.token().0);
@@ -640,7 +685,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
                     w.registered = true;
                     drop(w);
                     conns.insert(token, Conn { ch, lent_seen: 0 });
-                    readable.push((token, false));
+                    readable.push(token);
                     writable.push(token);
                 }
                 Command::Kick(t) => writable.push(t),
@@ -684,15 +729,20 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
                 }
             }
         }
-        for (t, short_drains) in readable {
+        for t in readable {
             let Some(conn) = conns.get(&t) else { continue };
             // An app thread reading inline has it: it reads what arrived, and the edge for
             // anything it leaves comes back when it gives the channel back.
             let Ok(mut rd) = conn.ch.reader.try_lock() else { continue };
-            let res = read_some(&host, &conn.ch, &mut rd, short_drains, &|| false);
+            let res = read_some(&host, &conn.ch, &mut rd, &|| false, !closing.contains(&t));
             drop(rd);
             match res {
-                Ok(true) => again.push(t),
+                Ok(true) => {
+                    again.push(t);
+                    if closing.contains(&t) {
+                        closing_again.push(t);
+                    }
+                }
                 Ok(false) => {}
                 Err(reason) => {
                     if let Some(c) = conns.remove(&t) {
@@ -743,17 +793,17 @@ fn poll_spinning(
 /// (`Ok(true)`) or `enough` says the caller has what it waited for (`Ok(false)`: an inline
 /// reader stops there, and handing the channel back re-arms the worker's edge for the rest).
 ///
-/// `short_drains`: a read that returns less than it asked for emptied the socket's receive
-/// queue, so stop there (`Ok(false)`) instead of paying a system call to hear `EAGAIN`.
-/// Right for whoever learns of later arrivals anyway: an edge-triggered poll (each arrival
-/// after the edge was reported raises a new one), a level-triggered `poll(2)`. Not when the
-/// edge came with an end of stream or an error, which only a read that reaches it reports.
+/// With `short_read_drains`, a read that fills less than the free buffer also ends it
+/// (`Ok(false)`): the socket's queue was empty then, and for the worker's edge-triggered
+/// poll every later arrival is a new edge, so the read that would only say EAGAIN is
+/// spared (one system call per wake-up). The worker passes it only when its event did not
+/// report end of stream or an error, which a short read could leave unread behind the data.
 fn read_some(
     host: &Arc<HostInner>,
     ch: &Arc<Channel>,
     c: &mut Reader,
-    short_drains: bool,
     enough: &dyn Fn() -> bool,
+    short_read_drains: bool,
 ) -> Result<bool, String> {
     let mut budget = READ_BUDGET;
     loop {
@@ -768,14 +818,15 @@ fn read_some(
                 c.rbuf.resize(n.min(HEADER_LEN + wire::MAX_SEGMENT).max(c.rend + 1), 0);
             }
         }
-        let asked = c.rbuf.len() - c.rend;
+        let room = c.rbuf.len() - c.rend;
         match (&ch.read_sock).read(&mut c.rbuf[c.rend..]) {
             Ok(0) => return Err("peer closed the connection".into()),
             Ok(n) => {
+                let drained = short_read_drains && n < room;
                 c.rend += n;
                 ch.counters.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                 parse(host, ch, c)?;
-                if enough() || (short_drains && n < asked) {
+                if drained || enough() {
                     return Ok(false);
                 }
                 budget = budget.saturating_sub(n);
@@ -1013,9 +1064,7 @@ pub(crate) fn read_lent(host: &Arc<HostInner>, ch: &Arc<Channel>) -> LentRead {
     }
     let Ok(mut rd) = ch.reader.try_lock() else { return LentRead::Again };
     ch.lent_reads.fetch_add(1, Ordering::Relaxed);
-    // Short reads drain: the runtime's reactor is edge-triggered, and keeps an end of
-    // stream or an error reported until a read reaches it.
-    let res = read_some(host, ch, &mut rd, true, &|| false);
+    let res = read_some(host, ch, &mut rd, &|| false, false);
     drop(rd);
     match res {
         Ok(false) => LentRead::Drained,
@@ -1060,9 +1109,10 @@ pub(crate) fn read_inline(
     // first (it returns at once if not) rather than read to hear EAGAIN.
     let mut readable = false;
     loop {
-        // poll(2) below is level-triggered: it reports whatever a short read left.
+        // poll(2) below is level-triggered: it reports whatever a short read left, so a
+        // short read drains.
         if readable {
-            if let Err(reason) = read_some(host, ch, &mut rd, true, &done) {
+            if let Err(reason) = read_some(host, ch, &mut rd, &done, true) {
                 failed = Some(reason);
                 break;
             }
@@ -1110,7 +1160,6 @@ pub(crate) fn read_inline(
     }
     true
 }
-
 /// How long a channel stays parked after an inline read before its worker takes it back
 /// (and how often a worker with parked channels looks). What arrives meanwhile for a
 /// vsocket nobody waits on inline waits at most about twice this.
