@@ -166,6 +166,9 @@ impl VSock {
         tracing::error_span!("vsocket", id = self.id, local = %self.local, remote = %self.remote)
     }
 
+    /// A new vsocket; on a host with shared rings, in `region` (a daemon app's recycled
+    /// one, `crate::daemon::regions`) or else in a new region.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         host: &Arc<HostInner>,
         id: u32,
@@ -174,12 +177,15 @@ impl VSock {
         local: SocketAddr,
         remote: SocketAddr,
         peer_credit: u64,
+        region: Option<Arc<crate::shm::Region>>,
     ) -> io::Result<Arc<VSock>> {
         let cfg = &host.cfg;
-        let shm = if host.shm_rings {
-            Some(Arc::new(crate::shm::Region::create(cfg.send_buffer, cfg.recv_buffer)?))
-        } else {
-            None
+        let shm = match region {
+            Some(r) if host.shm_rings => Some(r),
+            _ if host.shm_rings => {
+                Some(Arc::new(crate::shm::Region::create(cfg.send_buffer, cfg.recv_buffer)?))
+            }
+            _ => None,
         };
         let (tx_ring, rx_ring) = match &shm {
             Some(r) => (Ring::in_region(r, true), Ring::in_region(r, false)),
@@ -1307,7 +1313,19 @@ impl VStream {
     }
 
     pub(crate) fn open(host: Host, addr: SocketAddr, class: Class, optimistic: bool) -> io::Result<VStream> {
-        let (stream, deadline) = VStream::connect_start(host, addr, class, optimistic)?;
+        VStream::open_in(host, addr, class, optimistic, None)
+    }
+
+    /// [`VStream::open`], the vsocket's rings in `region` if the host keeps them in shared
+    /// memory (the daemon's recycled regions).
+    pub(crate) fn open_in(
+        host: Host,
+        addr: SocketAddr,
+        class: Class,
+        optimistic: bool,
+        region: Option<Arc<crate::shm::Region>>,
+    ) -> io::Result<VStream> {
+        let (stream, deadline) = VStream::connect_start_in(host, addr, class, optimistic, region)?;
         if optimistic {
             return Ok(stream);
         }
@@ -1363,11 +1381,22 @@ impl VStream {
     /// the connecting stream with the connect's deadline, without waiting for the answer.
     /// [`VStream::open_result`] then tells the outcome; the stream's readiness descriptor is
     /// not writable until then.
+    #[cfg(feature = "tokio")]
     pub(crate) fn connect_start(
         host: Host,
         addr: SocketAddr,
         class: Class,
         optimistic: bool,
+    ) -> io::Result<(VStream, Instant)> {
+        VStream::connect_start_in(host, addr, class, optimistic, None)
+    }
+
+    fn connect_start_in(
+        host: Host,
+        addr: SocketAddr,
+        class: Class,
+        optimistic: bool,
+        region: Option<Arc<crate::shm::Region>>,
     ) -> io::Result<(VStream, Instant)> {
         let inner = host.inner().clone();
         let class = if inner.cfg.latency_ports.contains(&addr.port()) { Class::Latency } else { class };
@@ -1376,7 +1405,8 @@ impl VStream {
         let id = inner.alloc_id();
         let port = inner.alloc_port()?;
         let local_ip = peer.local_ip.lock().unwrap().unwrap_or(inner.local.ip());
-        let mut vs = VSock::new(&inner, id, peer.clone(), class, SocketAddr::new(local_ip, port), addr, 0)?;
+        let mut vs =
+            VSock::new(&inner, id, peer.clone(), class, SocketAddr::new(local_ip, port), addr, 0, region)?;
         Arc::get_mut(&mut vs).expect("fresh vsocket").owns_port = true;
         if optimistic {
             // Writable at once within the credit every listener grants an OPEN; the OPEN
