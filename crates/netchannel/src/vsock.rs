@@ -22,7 +22,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use crate::copy::CopyTask;
-use crate::engine::channel::OutFrame;
+use crate::engine::channel::{OutFrame, Sleeping};
 use crate::engine::peer::Peer;
 use crate::engine::{Host, HostInner};
 use crate::proto::stream::{Credit, RxState, TxState};
@@ -276,6 +276,15 @@ impl VSock {
         self.inline_armed.store(false, Ordering::SeqCst);
         *self.inline_waiter.lock().unwrap() = None;
         ran
+    }
+
+    /// Give this vsocket's home channel back to its worker if an inline read left it
+    /// parked (`engine::channel::park`): a thread about to wait for something else the
+    /// channel carries (credit, acknowledgements) must not wait on a channel nobody polls.
+    fn unpark_home(&self) {
+        if let (Some(host), Some(ch)) = (self.host(), self.peer.control_channel(self.class(), self.home)) {
+            crate::engine::channel::unpark(&host, &ch, Duration::ZERO);
+        }
     }
 
     /// The shared memory of a daemon-served vsocket.
@@ -1101,6 +1110,8 @@ impl VSock {
                 continue;
             }
             rx.waiting = true;
+            let host = self.host();
+            let _sleeping = host.as_deref().map(Sleeping::new);
             rx = Self::wait(&self.rx_cv, rx, deadline)?;
             rx.waiting = false;
         };
@@ -1163,6 +1174,7 @@ impl VSock {
                 }
                 if self.nonblocking.load(Ordering::Relaxed) {
                     drop(tx);
+                    self.unpark_home();
                     if self.ready.get().is_some_and(|r| r.tx_full(|| self.writable_enough())) {
                         // Space came back while the gate was being plugged: try again.
                         tx = self.tx.lock().unwrap();
@@ -1174,6 +1186,7 @@ impl VSock {
                     return Err(err(ErrorKind::WouldBlock, "send buffer full"));
                 }
                 tx.waiting = true;
+                let _sleeping = Sleeping::new(&host);
                 tx = match Self::wait(&self.tx_cv, tx, deadline) {
                     Ok(g) => g,
                     // A timeout after a partial write reports what was written.
@@ -1345,6 +1358,8 @@ impl VStream {
                 continue;
             }
             tx.waiting = true;
+            let host = vs.host();
+            let _sleeping = host.as_deref().map(Sleeping::new);
             tx = vs.tx_cv.wait_timeout(tx, left).unwrap().0;
             tx.waiting = false;
         }
@@ -1592,6 +1607,8 @@ impl VStream {
     pub(crate) fn register_task(&self, write: bool, waker: &std::task::Waker) -> Option<bool> {
         let StreamImp::Embedded(h) = &self.imp else { return None };
         let vs = &h.vs;
+        // A task that waits is woken by frames the worker reads.
+        vs.unpark_home();
         Some(if write {
             vs.write_tasks.register(waker);
             vs.write_ready()
@@ -1820,6 +1837,7 @@ impl VListener {
                 }
                 return Ok(None);
             }
+            let _sleeping = Sleeping::new(l.host.inner());
             q = l.q.cv.wait_timeout(q, left).unwrap().0;
         }
     }
@@ -1878,6 +1896,7 @@ impl VListener {
                 }
                 return Err(err(ErrorKind::WouldBlock, "no vsocket waiting"));
             }
+            let _sleeping = Sleeping::new(l.host.inner());
             q = l.q.cv.wait(q).unwrap();
         }
     }

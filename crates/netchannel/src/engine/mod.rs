@@ -67,6 +67,8 @@ pub(crate) struct HostInner {
     pub arrival_regions: OnceLock<ArrivalRegions>,
     /// Vsockets that recently left the table (answers to their peers' late frames).
     tombstones: Mutex<recovery::Tombstones>,
+    /// Channels parked by inline reads, and threads waiting for what channels carry.
+    pub parking: channel::Parking,
 }
 
 /// Picks the shared region of a vsocket arriving on a local port (see
@@ -314,6 +316,7 @@ impl Host {
             shm_rings,
             arrival_regions: OnceLock::new(),
             tombstones: Mutex::new(recovery::Tombstones::default()),
+            parking: channel::Parking::default(),
             cfg: config,
         });
         let mut threads = Vec::new();
