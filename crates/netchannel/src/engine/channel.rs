@@ -1213,7 +1213,9 @@ impl Drop for Sleeping<'_> {
 /// longer than [`PARK_GRACE`].
 fn park(host: &HostInner, ch: &Arc<Channel>, rd: &mut Reader) -> bool {
     let p = &host.parking;
-    if p.sleepers.load(Ordering::SeqCst) > 0 {
+    // A daemon's own inline waits (a connect it makes for a client) never come back to read:
+    // its vsockets are read by other processes, through shared memory.
+    if host.shm_rings || p.sleepers.load(Ordering::SeqCst) > 0 {
         return false;
     }
     rd.parked_at = Some(Instant::now());
