@@ -268,13 +268,20 @@ pub(crate) fn send_msg(sock: RawFd, msg: &impl Serialize, fds: &[RawFd]) -> io::
 }
 
 /// Receive one message of at most `max` bytes and the fds that came with it. `Ok(None)` at a
-/// clean end of stream before the message started.
+/// clean end of stream before the message started. A read timeout (`SO_RCVTIMEO`) before
+/// the message started is `WouldBlock`; inside it, `TimedOut`.
 pub(crate) fn recv_msg(sock: RawFd, max: usize) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
     let mut fds = Vec::new();
     let mut len = [0u8; 4];
     let mut got = 0;
+    let inside = |e: io::Error| match e.kind() {
+        ErrorKind::WouldBlock => {
+            io::Error::new(ErrorKind::TimedOut, "the rest of a control message did not come in time")
+        }
+        _ => e,
+    };
     while got < 4 {
-        let n = recvmsg(sock, &mut len[got..], &mut fds)?;
+        let n = recvmsg(sock, &mut len[got..], &mut fds).map_err(|e| if got > 0 { inside(e) } else { e })?;
         if n == 0 {
             if got == 0 {
                 return Ok(None);
@@ -293,7 +300,7 @@ pub(crate) fn recv_msg(sock: RawFd, max: usize) -> io::Result<Option<(Vec<u8>, V
     let mut body = vec![0u8; len];
     let mut got = 0;
     while got < len {
-        let n = recvmsg(sock, &mut body[got..], &mut fds)?;
+        let n = recvmsg(sock, &mut body[got..], &mut fds).map_err(inside)?;
         if n == 0 {
             return Err(io::Error::new(ErrorKind::UnexpectedEof, "control connection closed mid-message"));
         }

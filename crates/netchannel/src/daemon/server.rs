@@ -195,20 +195,6 @@ struct Conn {
     sock: Arc<UnixStream>,
 }
 
-/// Wait until `s` has something to read or hung up; false if polling failed.
-fn readable(s: &UnixStream) -> bool {
-    let mut p = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    loop {
-        // SAFETY: one valid pollfd, no timeout.
-        if unsafe { libc::poll(&mut p, 1, -1) } >= 0 {
-            return true;
-        }
-        if io::Error::last_os_error().kind() != ErrorKind::Interrupted {
-            return false;
-        }
-    }
-}
-
 /// The credentials of the process at the other end of a Unix socket.
 fn peer_cred(s: &UnixStream) -> io::Result<libc::ucred> {
     let mut c = libc::ucred { pid: 0, uid: 0, gid: 0 };
@@ -606,22 +592,22 @@ impl State {
         let _span = tracing::error_span!("client", pid, uid, conn).entered();
         // An answer the client does not take within the timeout ends the connection.
         let _ = s.set_write_timeout(Some(REQUEST_TIMEOUT));
+        // Set once (not around each request: two system calls per request): a read that
+        // times out before a request began is an idle client, which may stay idle as long
+        // as it likes; one that times out inside a request (`TimedOut`) ends the connection.
+        let _ = s.set_read_timeout(Some(REQUEST_TIMEOUT));
         loop {
-            // Idle between requests as long as the client likes; a request, once begun,
-            // must be whole within the timeout.
-            if !readable(&s) {
-                break;
-            }
-            let _ = s.set_read_timeout(Some(REQUEST_TIMEOUT));
             let msg = recv_msg(s.as_raw_fd(), MAX_REQUEST);
-            let _ = s.set_read_timeout(None);
             let (body, _fds) = match msg {
                 Ok(Some(m)) => m,
                 Ok(None) => break,
+                Err(e) if e.kind() == ErrorKind::WouldBlock && !self.stopping.load(Ordering::SeqCst) => {
+                    continue
+                }
                 Err(e) => {
                     if !self.stopping.load(Ordering::SeqCst) && e.kind() != ErrorKind::ConnectionReset {
                         self.clients_disconnected.fetch_add(1, Ordering::Relaxed);
-                        let e = if e.kind() == ErrorKind::WouldBlock {
+                        let e = if e.kind() == ErrorKind::TimedOut {
                             io::Error::new(
                                 ErrorKind::TimedOut,
                                 format!(
@@ -1499,6 +1485,32 @@ mod tests {
             assert!(Instant::now() < deadline, "connections were not released");
             std::thread::sleep(Duration::from_millis(10));
         }
+        stop.store(true, Ordering::SeqCst);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_idle_client_stays_and_one_stalled_inside_a_request_is_cut_off() {
+        let dir = std::env::temp_dir().join(format!("nc-stall-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (sa, stop) = start("127.61.2.1:9000", &dir);
+        let idle = UnixStream::connect(&sa).unwrap();
+        let stalled = UnixStream::connect(&sa).unwrap();
+        // Half a length prefix, then nothing.
+        (&stalled).write_all(&[0, 0]).unwrap();
+        stalled.set_read_timeout(Some(REQUEST_TIMEOUT * 3)).unwrap();
+        let started = Instant::now();
+        let mut b = [0u8; 16];
+        let n = (&stalled).read(&mut b).unwrap_or(0);
+        assert_eq!(n, 0, "the stalled client is hung up on");
+        assert!(started.elapsed() < REQUEST_TIMEOUT * 2, "cut off after {:?}", started.elapsed());
+        // The idle one, as old by now as a request may take, is still served.
+        assert!(started.elapsed() >= REQUEST_TIMEOUT - Duration::from_millis(100));
+        super::super::send_msg(idle.as_raw_fd(), &Request::Hello, &[]).unwrap();
+        let (body, _) = super::super::recv_msg(idle.as_raw_fd(), 1 << 16).unwrap().unwrap();
+        assert!(matches!(serde_json::from_slice(&body).unwrap(), Response::Ok));
+        let st = Client::connect(&sa).unwrap().status().unwrap();
+        assert_eq!(st["totals"]["clients_disconnected"], 1, "{st}");
         stop.store(true, Ordering::SeqCst);
         let _ = std::fs::remove_dir_all(&dir);
     }
