@@ -475,7 +475,16 @@ fn channels_run_the_configured_congestion_control() {
             let mut one = [0u8; 1];
             r.read_exact(&mut one).unwrap();
             for h in [&a, &b] {
-                let channels = h.stats().channels;
+                // A byte flows once one channel of its class is up; the others may still be
+                // finishing their handshakes.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let channels = loop {
+                    let channels = h.stats().channels;
+                    if channels.len() == 3 || Instant::now() > deadline {
+                        break channels;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                };
                 assert_eq!(channels.len(), 3, "{channels:?}");
                 for c in channels {
                     assert_eq!(

@@ -1219,13 +1219,10 @@ impl Drop for Sleeping<'_> {
 /// when it does not. A thread that starts to wait otherwise ([`Sleeping`], or an async task
 /// registering) takes parked channels back at once; the worker takes back a channel parked
 /// longer than [`PARK_GRACE`].
-///
-/// A daemon's host never parks: its only inline reader is a connect waiting for OPEN_OK on
-/// behalf of an app, which then reads the shared rings, never the channel; parked, the
-/// channel would hold that app's next frames until the worker's tick (bench connect
-/// --backend daemon: p50 250 µs → 1.3 ms).
 fn park(host: &HostInner, ch: &Arc<Channel>, rd: &mut Reader) -> bool {
     let p = &host.parking;
+    // A daemon's own inline waits (a connect it makes for a client) never come back to read:
+    // its vsockets are read by other processes, through shared memory.
     if host.shm_rings || p.sleepers.load(Ordering::SeqCst) > 0 {
         return false;
     }
