@@ -282,7 +282,11 @@ impl VSock {
     /// parked (`engine::channel::park`): a thread about to wait for something else the
     /// channel carries (credit, acknowledgements) must not wait on a channel nobody polls.
     fn unpark_home(&self) {
-        if let (Some(host), Some(ch)) = (self.host(), self.peer.control_channel(self.class(), self.home)) {
+        let Some(host) = self.host() else { return };
+        if !host.parking.any() {
+            return;
+        }
+        if let Some(ch) = self.peer.control_channel(self.class(), self.home) {
             crate::engine::channel::unpark(&host, &ch, Duration::ZERO);
         }
     }

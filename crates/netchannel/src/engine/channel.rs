@@ -1184,6 +1184,14 @@ impl Parking {
     }
 }
 
+impl Parking {
+    /// Whether any channel of the host is parked (one atomic load: callers look before they
+    /// search for a channel to take back).
+    pub(crate) fn any(&self) -> bool {
+        self.any.load(Ordering::SeqCst)
+    }
+}
+
 /// A thread of the host sleeping (on a condition variable) until a frame changes what it
 /// waits for — a read, a write waiting for credit, a connect, an accept — without reading a
 /// channel itself: parked channels go back to their workers first, and none is parked
