@@ -1177,14 +1177,6 @@ pub(crate) struct Parking {
 }
 
 impl Parking {
-    /// Whether any channel is parked now.
-    #[cfg(test)]
-    pub(crate) fn any(&self) -> bool {
-        self.any.load(Ordering::SeqCst)
-    }
-}
-
-impl Parking {
     /// Whether any channel of the host is parked (one atomic load: callers look before they
     /// search for a channel to take back).
     pub(crate) fn any(&self) -> bool {
