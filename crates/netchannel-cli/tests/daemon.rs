@@ -336,12 +336,18 @@ fn an_app_killed_mid_transfer_is_cleaned_up() {
     writer.wait_line("writing");
     let pid = writer.pid() as u64;
     let owned = |st: &Value| st["vsockets"].as_array().unwrap().iter().filter(|v| v["pid"] == pid).count();
-    assert_eq!(owned(&da.status()), 1, "the writer's vsocket is listed with its pid");
+    let pooled = |st: &Value| st["region_pools"].as_array().unwrap().iter().any(|p| p["pid"] == pid);
+    let st = da.status();
+    assert_eq!(owned(&st), 1, "the writer's vsocket is listed with its pid");
+    assert!(pooled(&st), "the writer's vsocket is in a region of its pool: {st}");
     writer.kill();
     let killed = Instant::now();
     loop {
         let st = da.status();
-        if owned(&st) == 0 && st["clients"].as_array().unwrap().iter().all(|c| c["pid"] != pid) {
+        if owned(&st) == 0
+            && st["clients"].as_array().unwrap().iter().all(|c| c["pid"] != pid)
+            && !pooled(&st)
+        {
             break;
         }
         assert!(

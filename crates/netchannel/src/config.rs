@@ -127,11 +127,16 @@ impl Default for DaemonConfig {
     }
 }
 
-/// The host's physical memory, bytes (0 if unknown).
+/// The host's physical memory, bytes (0 if unknown). Asked once: the daemon's caps are
+/// checked for every vsocket, and each ask is a `sysinfo` system call.
 fn physical_memory() -> u64 {
-    // SAFETY: sysconf has no memory arguments.
-    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
-    (pages.max(0) as u64).saturating_mul(size.max(0) as u64)
+    static MEMORY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *MEMORY.get_or_init(|| {
+        // SAFETY: sysconf has no memory arguments.
+        let (pages, size) =
+            unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+        (pages.max(0) as u64).saturating_mul(size.max(0) as u64)
+    })
 }
 
 /// Fewer CPUs than this and spinning costs more than the wake-up it saves (measured on 2

@@ -3,7 +3,9 @@
 //!
 //! One sealed memfd per vsocket holds a one-page [`Header`] followed by the send ring and the
 //! receive ring (`crate::ring::Ring`, the same ring type the embedded host uses with private
-//! memory). The header carries each side's stream positions as atomics; only one side ever
+//! memory). When the vsocket is over, its region serves the next vsocket of the same app
+//! process, reset ([`Region::reset_for_reuse`], checked by [`Region::check_fresh`]), rather
+//! than being unmapped (`crate::daemon::regions`). The header carries each side's stream positions as atomics; only one side ever
 //! writes a given field:
 //!
 //! | field | written by | meaning |
@@ -154,6 +156,60 @@ impl Header {
         self.state.fetch_or(ERROR, Ordering::Release);
     }
 
+    /// Put every field a vsocket moves back to its initial state (positions, flags, state,
+    /// error, doorbells, gates, futex locks) and write the layout fields anew from the
+    /// daemon's own record of them: a region about to serve another vsocket. Daemon side.
+    fn reset(&self, tx_cap: usize, rx_cap: usize) {
+        for w in [&self.tx_written, &self.rx_consumed, &self.tx_acked, &self.rx_in_order, &self.rx_fin] {
+            w.store(0, Ordering::Relaxed);
+        }
+        for w in [
+            &self.app_flags,
+            &self.state,
+            &self.error_kind,
+            &self.seq,
+            &self.app_waiters,
+            &self.rx_gate,
+            &self.tx_gate,
+            &self.rx_lock,
+            &self.tx_lock,
+            &self.rx_reopen,
+        ] {
+            w.store(0, Ordering::Relaxed);
+        }
+        if self.error_len.swap(0, Ordering::Relaxed) != 0 {
+            for b in &self.error_msg {
+                b.store(0, Ordering::Relaxed);
+            }
+        }
+        self.tx_cap.store(tx_cap as u64, Ordering::Relaxed);
+        self.rx_cap.store(rx_cap as u64, Ordering::Relaxed);
+        self.need_kick.store(1, Ordering::Relaxed);
+        self.magic.store(MAGIC, Ordering::Release);
+    }
+
+    /// Whether the header is that of a new vsocket with rings of `tx_cap` and `rx_cap`
+    /// bytes: every field the app writes (positions, flags, its gate, its locks, its
+    /// waiter count) at zero, nothing acknowledged. The engine's fields may have moved
+    /// already (an accepted vsocket's first bytes, an error). App side.
+    fn is_fresh(&self, tx_cap: usize, rx_cap: usize) -> bool {
+        let app64 = [&self.tx_written, &self.rx_consumed, &self.tx_acked];
+        let app32 = [
+            &self.app_flags,
+            &self.app_waiters,
+            &self.tx_gate,
+            &self.rx_lock,
+            &self.tx_lock,
+            &self.rx_reopen,
+        ];
+        self.magic.load(Ordering::Acquire) == MAGIC
+            && self.tx_cap.load(Ordering::Relaxed) == tx_cap as u64
+            && self.rx_cap.load(Ordering::Relaxed) == rx_cap as u64
+            && self.rx_in_order.load(Ordering::Relaxed) <= rx_cap as u64
+            && app64.iter().all(|w| w.load(Ordering::Relaxed) == 0)
+            && app32.iter().all(|w| w.load(Ordering::Relaxed) == 0)
+    }
+
     /// Tell the app something changed: bump `seq`, wake sleepers if any. Engine side.
     pub fn ring_app(&self) {
         self.seq.fetch_add(1, Ordering::SeqCst);
@@ -178,6 +234,8 @@ pub struct Region {
     /// Daemon side: something the shim cannot see (an io_uring operation, a raw system call)
     /// read a readiness record off end A or wrote one into B: the vsocket is to be reset.
     stray: std::sync::atomic::AtomicBool,
+    /// Daemon side: its slot in the app process's pool (`crate::daemon::regions`), if pooled.
+    slot: std::sync::OnceLock<u32>,
     ptr: *mut u8,
     len: usize,
     tx_cap: usize,
@@ -283,11 +341,54 @@ impl Region {
             proxy_tx: std::sync::Mutex::new(()),
             rx_seen: AtomicU64::new(0),
             stray: std::sync::atomic::AtomicBool::new(false),
+            slot: std::sync::OnceLock::new(),
             ptr: ptr.cast(),
             len,
             tx_cap,
             rx_cap,
         })
+    }
+
+    /// Make this region ready for another vsocket of the same app process (see
+    /// `crate::daemon::regions`): the header back to its initial state, the readiness proxy
+    /// gone, and, if the last vsocket moved more than `keep` bytes either way, the ring
+    /// pages given back to the kernel (`FALLOC_FL_PUNCH_HOLE`), so that a pooled region pins
+    /// little memory. Old ring bytes below that stay: harmless, as no offset is read before
+    /// it has been written. Daemon side; `&mut` because no vsocket may use it meanwhile.
+    pub fn reset_for_reuse(&mut self, keep: u64) {
+        let h = self.header();
+        let touched = h.tx_written.load(Ordering::Relaxed).max(h.rx_in_order.load(Ordering::Relaxed));
+        if touched > keep {
+            if let Some(fd) = &self.fd {
+                // SAFETY: fallocate on our own memfd; the seals forbid growing and shrinking,
+                // not punching (the size stays, the pages read as zeros again).
+                unsafe {
+                    libc::fallocate(
+                        fd.as_raw_fd(),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        HEADER_BYTES as libc::off_t,
+                        (self.tx_cap + self.rx_cap) as libc::off_t,
+                    );
+                }
+            }
+        }
+        self.header().reset(self.tx_cap, self.rx_cap);
+        *self.proxy.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.proxy_fin.get_mut() = false;
+        *self.rx_seen.get_mut() = 0;
+        *self.stray.get_mut() = false;
+    }
+
+    /// Check that a region the daemon names for a new vsocket was reset: every field the
+    /// app writes at zero, the layout unchanged (see `Header::is_fresh`). App side.
+    pub fn check_fresh(&self) -> io::Result<()> {
+        if self.header().is_fresh(self.tx_cap, self.rx_cap) {
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the daemon reused a vsocket memory region that was not reset (daemon of another version?)",
+        ))
     }
 
     /// The shared header.
@@ -305,6 +406,16 @@ impl Region {
     /// Close the memfd and keep only the mapping (an app holds one descriptor less).
     pub fn close_fd(&mut self) {
         self.fd = None;
+    }
+
+    /// Daemon side: record the region's slot in its app process's pool (once).
+    pub(crate) fn set_slot(&self, slot: u32) {
+        let _ = self.slot.set(slot);
+    }
+
+    /// Daemon side: the region's slot in its app process's pool, if pooled.
+    pub(crate) fn slot(&self) -> Option<u32> {
+        self.slot.get().copied()
     }
 
     /// Daemon side: give the vsocket its readiness proxy end B.
@@ -561,6 +672,48 @@ mod tests {
         let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(a.fd().unwrap().as_raw_fd())) };
         let e = Region::open(dup).err().unwrap();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn a_reset_region_is_fresh_again_and_a_used_one_is_not() {
+        let mut a = Region::create(8192, 8192).unwrap();
+        // SAFETY: dup of a valid fd.
+        let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(a.fd().unwrap().as_raw_fd())) };
+        let app = Region::open(dup).unwrap();
+        app.check_fresh().unwrap();
+        // A vsocket's life, from both sides: positions, flags, gates, locks, an error.
+        let h = app.header();
+        h.tx_written.store(5000, Ordering::Release);
+        h.rx_consumed.store(300, Ordering::Release);
+        h.app_flags.store(SHUT_WR | CLOSED, Ordering::Release);
+        h.tx_gate.store(TX_PLUGGED, Ordering::Release);
+        h.rx_lock.store(2, Ordering::Release);
+        h.app_waiters.store(1, Ordering::Release);
+        a.header().tx_acked.store(5000, Ordering::Release);
+        a.header().rx_in_order.store(300, Ordering::Release);
+        a.header().set_error(io::ErrorKind::ConnectionReset, "reset by the peer");
+        assert!(app.check_fresh().is_err(), "a used header is not fresh");
+        // A lying app rewrote the layout too: the daemon writes it anew from its own record.
+        h.rx_cap.store(1 << 40, Ordering::Relaxed);
+        a.reset_for_reuse(1 << 20);
+        app.check_fresh().unwrap();
+        let h = app.header();
+        assert!(h.error().is_none());
+        assert_eq!(h.state.load(Ordering::Acquire), 0);
+        assert_eq!(h.need_kick.load(Ordering::Acquire), 1, "the doorbell is armed again");
+        assert_eq!(h.rx_cap.load(Ordering::Acquire), 8192);
+        // Beyond `keep`, the ring pages go back to the kernel: they read as zeros.
+        // SAFETY: writing inside our own send area.
+        unsafe { *a.tx_area().0.add(100) = 7 };
+        a.header().tx_written.store(200, Ordering::Release);
+        a.reset_for_reuse(1 << 20);
+        // SAFETY: reading inside the app's mapping of the same area.
+        assert_eq!(unsafe { *app.tx_area().0.add(100) }, 7, "below keep the bytes stay");
+        a.header().tx_written.store(200, Ordering::Release);
+        a.reset_for_reuse(100);
+        // SAFETY: as above.
+        assert_eq!(unsafe { *app.tx_area().0.add(100) }, 0, "punched pages read as zeros");
+        app.check_fresh().unwrap();
     }
 
     #[test]

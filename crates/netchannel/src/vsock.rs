@@ -22,7 +22,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use crate::copy::CopyTask;
-use crate::engine::channel::OutFrame;
+use crate::engine::channel::{OutFrame, Sleeping};
 use crate::engine::peer::Peer;
 use crate::engine::{Host, HostInner};
 use crate::proto::stream::{Credit, RxState, TxState};
@@ -166,6 +166,9 @@ impl VSock {
         tracing::error_span!("vsocket", id = self.id, local = %self.local, remote = %self.remote)
     }
 
+    /// A new vsocket; on a host with shared rings, in `region` (a daemon app's recycled
+    /// one, `crate::daemon::regions`) or else in a new region.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         host: &Arc<HostInner>,
         id: u32,
@@ -174,12 +177,15 @@ impl VSock {
         local: SocketAddr,
         remote: SocketAddr,
         peer_credit: u64,
+        region: Option<Arc<crate::shm::Region>>,
     ) -> io::Result<Arc<VSock>> {
         let cfg = &host.cfg;
-        let shm = if host.shm_rings {
-            Some(Arc::new(crate::shm::Region::create(cfg.send_buffer, cfg.recv_buffer)?))
-        } else {
-            None
+        let shm = match region {
+            Some(r) if host.shm_rings => Some(r),
+            _ if host.shm_rings => {
+                Some(Arc::new(crate::shm::Region::create(cfg.send_buffer, cfg.recv_buffer)?))
+            }
+            _ => None,
         };
         let (tx_ring, rx_ring) = match &shm {
             Some(r) => (Ring::in_region(r, true), Ring::in_region(r, false)),
@@ -270,6 +276,15 @@ impl VSock {
         self.inline_armed.store(false, Ordering::SeqCst);
         *self.inline_waiter.lock().unwrap() = None;
         ran
+    }
+
+    /// Give this vsocket's home channel back to its worker if an inline read left it
+    /// parked (`engine::channel::park`): a thread about to wait for something else the
+    /// channel carries (credit, acknowledgements) must not wait on a channel nobody polls.
+    fn unpark_home(&self) {
+        if let (Some(host), Some(ch)) = (self.host(), self.peer.control_channel(self.class(), self.home)) {
+            crate::engine::channel::unpark(&host, &ch, Duration::ZERO);
+        }
     }
 
     /// The shared memory of a daemon-served vsocket.
@@ -1097,6 +1112,8 @@ impl VSock {
                 continue;
             }
             rx.waiting = true;
+            let host = self.host();
+            let _sleeping = host.as_deref().map(Sleeping::new);
             rx = Self::wait(&self.rx_cv, rx, deadline)?;
             rx.waiting = false;
         };
@@ -1159,6 +1176,7 @@ impl VSock {
                 }
                 if self.nonblocking.load(Ordering::Relaxed) {
                     drop(tx);
+                    self.unpark_home();
                     if self.ready.get().is_some_and(|r| r.tx_full(|| self.writable_enough())) {
                         // Space came back while the gate was being plugged: try again.
                         tx = self.tx.lock().unwrap();
@@ -1170,6 +1188,7 @@ impl VSock {
                     return Err(err(ErrorKind::WouldBlock, "send buffer full"));
                 }
                 tx.waiting = true;
+                let _sleeping = Sleeping::new(&host);
                 tx = match Self::wait(&self.tx_cv, tx, deadline) {
                     Ok(g) => g,
                     // A timeout after a partial write reports what was written.
@@ -1296,7 +1315,19 @@ impl VStream {
     }
 
     pub(crate) fn open(host: Host, addr: SocketAddr, class: Class, optimistic: bool) -> io::Result<VStream> {
-        let (stream, deadline) = VStream::connect_start(host, addr, class, optimistic)?;
+        VStream::open_in(host, addr, class, optimistic, None)
+    }
+
+    /// [`VStream::open`], the vsocket's rings in `region` if the host keeps them in shared
+    /// memory (the daemon's recycled regions).
+    pub(crate) fn open_in(
+        host: Host,
+        addr: SocketAddr,
+        class: Class,
+        optimistic: bool,
+        region: Option<Arc<crate::shm::Region>>,
+    ) -> io::Result<VStream> {
+        let (stream, deadline) = VStream::connect_start_in(host, addr, class, optimistic, region)?;
         if optimistic {
             return Ok(stream);
         }
@@ -1329,6 +1360,8 @@ impl VStream {
                 continue;
             }
             tx.waiting = true;
+            let host = vs.host();
+            let _sleeping = host.as_deref().map(Sleeping::new);
             tx = vs.tx_cv.wait_timeout(tx, left).unwrap().0;
             tx.waiting = false;
         }
@@ -1350,11 +1383,22 @@ impl VStream {
     /// the connecting stream with the connect's deadline, without waiting for the answer.
     /// [`VStream::open_result`] then tells the outcome; the stream's readiness descriptor is
     /// not writable until then.
+    #[cfg(feature = "tokio")]
     pub(crate) fn connect_start(
         host: Host,
         addr: SocketAddr,
         class: Class,
         optimistic: bool,
+    ) -> io::Result<(VStream, Instant)> {
+        VStream::connect_start_in(host, addr, class, optimistic, None)
+    }
+
+    fn connect_start_in(
+        host: Host,
+        addr: SocketAddr,
+        class: Class,
+        optimistic: bool,
+        region: Option<Arc<crate::shm::Region>>,
     ) -> io::Result<(VStream, Instant)> {
         let inner = host.inner().clone();
         let class = if inner.cfg.latency_ports.contains(&addr.port()) { Class::Latency } else { class };
@@ -1363,7 +1407,8 @@ impl VStream {
         let id = inner.alloc_id();
         let port = inner.alloc_port()?;
         let local_ip = peer.local_ip.lock().unwrap().unwrap_or(inner.local.ip());
-        let mut vs = VSock::new(&inner, id, peer.clone(), class, SocketAddr::new(local_ip, port), addr, 0)?;
+        let mut vs =
+            VSock::new(&inner, id, peer.clone(), class, SocketAddr::new(local_ip, port), addr, 0, region)?;
         Arc::get_mut(&mut vs).expect("fresh vsocket").owns_port = true;
         if optimistic {
             // Writable at once within the credit every listener grants an OPEN; the OPEN
@@ -1564,6 +1609,8 @@ impl VStream {
     pub(crate) fn register_task(&self, write: bool, waker: &std::task::Waker) -> Option<bool> {
         let StreamImp::Embedded(h) = &self.imp else { return None };
         let vs = &h.vs;
+        // A task that waits is woken by frames the worker reads.
+        vs.unpark_home();
         Some(if write {
             vs.write_tasks.register(waker);
             vs.write_ready()
@@ -1792,6 +1839,7 @@ impl VListener {
                 }
                 return Ok(None);
             }
+            let _sleeping = Sleeping::new(l.host.inner());
             q = l.q.cv.wait_timeout(q, left).unwrap().0;
         }
     }
@@ -1850,6 +1898,7 @@ impl VListener {
                 }
                 return Err(err(ErrorKind::WouldBlock, "no vsocket waiting"));
             }
+            let _sleeping = Sleeping::new(l.host.inner());
             q = l.q.cv.wait(q).unwrap();
         }
     }

@@ -155,3 +155,124 @@ fn reset_and_timeouts_and_nonblocking() {
         let _ = (&peer).read(&mut b);
     });
 }
+
+/// Descriptors and memory mappings of this process (the daemons and apps of these tests).
+fn fds_and_maps() -> (usize, usize) {
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    let maps = std::fs::read_to_string("/proc/self/maps").map_or(0, |m| m.lines().count());
+    (fds, maps)
+}
+
+/// Wait until daemon `c` serves no vsocket (the engine and the app let go of every region).
+fn until_idle(c: &Client) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = c.status().unwrap();
+        let served = st["clients"].as_array().unwrap().iter().any(|c| c["vsockets"] != 0);
+        if st["vsockets"].as_array().unwrap().is_empty() && !served {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "the daemon kept vsockets: {st}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn regions(c: &Client) -> (u64, u64) {
+    let st = c.status().unwrap();
+    (st["totals"]["regions_created"].as_u64().unwrap(), st["totals"]["regions_reused"].as_u64().unwrap())
+}
+
+#[test]
+fn recycled_regions_never_show_a_previous_vsockets_bytes_and_hold_nothing_more() {
+    within(120, || {
+        let (da, db) = pair(&|_| {});
+        let (ca, cb) = (Client::connect(&da.socket).unwrap(), Client::connect(&db.socket).unwrap());
+        let l = cb.bind(7020).unwrap();
+        const N: u64 = 1500;
+        const WARM: u64 = 100;
+        let len = |i: u64| 1 + (i * 7919) % 20_000;
+        let server = std::thread::spawn(move || {
+            for i in 0..N {
+                let (mut s, _) = l.accept().unwrap();
+                assert_eq!(recv_pattern(&mut s, i), len(i), "connection {i}: request length");
+                send_pattern(&mut s, 1_000_000 + i, len(i), 4096);
+            }
+        });
+        let target = at(&db, 7020);
+        let mut before = (0, 0);
+        for i in 0..N {
+            if i == WARM {
+                before = fds_and_maps();
+            }
+            let mut s = ca.connect_stream(target).unwrap();
+            s.set_nonblocking(true).unwrap();
+            let mut b = [0u8; 1];
+            assert_eq!(
+                s.read(&mut b).unwrap_err().kind(),
+                ErrorKind::WouldBlock,
+                "connection {i}: stale bytes"
+            );
+            s.set_nonblocking(false).unwrap();
+            send_pattern(&mut s, i, len(i), 3000);
+            assert_eq!(recv_pattern(&mut s, 1_000_000 + i), len(i), "connection {i}: response length");
+        }
+        server.join().unwrap();
+        let after = fds_and_maps();
+        // Each side's pool holds at most POOL_MAX free regions (32): a memfd, an eventfd and
+        // the app's doorbell each, and two mappings (daemon, app). A leak per connection would
+        // be over a thousand.
+        assert!(after.0 <= before.0 + 3 * 2 * 32, "descriptors grew from {} to {}", before.0, after.0);
+        assert!(after.1 <= before.1 + 2 * 2 * 32, "mappings grew from {} to {}", before.1, after.1);
+        for (name, c) in [("connecting", &ca), ("accepting", &cb)] {
+            let (created, reused) = regions(c);
+            assert!(reused >= N / 2, "the {name} daemon reused {reused} regions of {N} (created {created})");
+            assert!(created <= 64, "the {name} daemon created {created} regions for {N} connections");
+        }
+    });
+}
+
+#[test]
+fn a_region_mapped_when_the_process_forked_is_not_reused() {
+    within(60, || {
+        let (da, db) = pair(&|_| {});
+        let (ca, cb) = (Client::connect(&da.socket).unwrap(), Client::connect(&db.socket).unwrap());
+        let l = cb.bind(7030).unwrap();
+        let server = std::thread::spawn(move || {
+            for _ in 0..5 {
+                let (mut s, _) = l.accept().unwrap();
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest).unwrap();
+            }
+        });
+        let target = at(&db, 7030);
+        let cycle = |fork: bool| {
+            let s = ca.connect_stream(target).unwrap();
+            if fork {
+                // SAFETY: the child only exits; the parent reaps it.
+                unsafe {
+                    let pid = libc::fork();
+                    if pid == 0 {
+                        libc::_exit(0);
+                    }
+                    assert!(pid > 0, "fork failed");
+                    libc::waitpid(pid, std::ptr::null_mut(), 0);
+                }
+            }
+            drop(s);
+            until_idle(&ca);
+        };
+        cycle(false);
+        let (c0, r0) = regions(&ca);
+        cycle(false);
+        assert_eq!(regions(&ca), (c0, r0 + 1), "a finished vsocket's region is reused");
+        // The region of this vsocket is mapped in the child too: not reused.
+        cycle(true);
+        assert_eq!(regions(&ca), (c0, r0 + 2), "the forked-across region still served this one");
+        cycle(false);
+        assert_eq!(regions(&ca), (c0 + 1, r0 + 2), "a region mapped when the process forked was reused");
+        // A region mapped after the fork is the parent's alone again.
+        cycle(false);
+        assert_eq!(regions(&ca), (c0 + 1, r0 + 3));
+        server.join().unwrap();
+    });
+}

@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::regions::{Lease, SlotTable};
 use super::{error_of, recv_msg, send_msg, ClassName, Request, Response, MAX_MESSAGE};
 use crate::config::Config;
 use crate::ring::Ring;
@@ -60,6 +61,8 @@ struct ClientInner {
     dead: Arc<AtomicBool>,
     spin: Duration,
     lifeline: UnixStream,
+    /// Its mappings of the daemon's regions (`super::regions`).
+    table: Arc<SlotTable>,
 }
 
 impl Drop for ClientInner {
@@ -117,8 +120,14 @@ impl Client {
                 dead,
                 spin,
                 lifeline,
+                table: SlotTable::new(),
             }),
         })
+    }
+
+    /// Its regions of the daemon.
+    pub(crate) fn table(&self) -> &Arc<SlotTable> {
+        &self.inner.table
     }
 
     /// The process-wide client used by `VStream::connect`/`VListener::bind` when the
@@ -173,13 +182,16 @@ impl Client {
 
     /// Open a vsocket of `class` to `addr`.
     pub fn connect_class(&self, addr: SocketAddr, class: Class) -> io::Result<crate::VStream> {
-        let (resp, fds) = self.request(&Request::Connect { addr, class: class.into(), proxy: true })?;
+        let pool = self.inner.table.note();
+        let (resp, fds) = self.request(&Request::Connect { addr, class: class.into(), proxy: true, pool })?;
         Ok(crate::VStream::from_daemon(DStream::from_response(self, resp, fds)?))
     }
 
     /// Listen on vsocket `port` of this host (0: any free port).
     pub fn bind(&self, port: u16) -> io::Result<crate::VListener> {
-        match self.request(&Request::Bind { port, poll: true })? {
+        // Only this process accepts on it: its arrivals may go in this process's regions.
+        let pool = self.inner.table.note().map(|n| n.token);
+        match self.request(&Request::Bind { port, poll: true, pool })? {
             (Response::Listener { listener, local }, fds) => Ok(crate::VListener::from_daemon(DListener {
                 client: self.clone(),
                 id: listener,
@@ -276,7 +288,7 @@ pub(crate) struct DStream {
     region: Arc<Region>,
     tx: Ring,
     rx: Ring,
-    kick: OwnedFd,
+    kick: Arc<OwnedFd>,
     /// End A of the vsocket's readiness proxy (`super::proxy`).
     proxy: Option<OwnedFd>,
     /// [`DStream::poll_fd`] was asked for: reads and writes drive the proxy's gates.
@@ -289,23 +301,19 @@ pub(crate) struct DStream {
     shut_rd: AtomicBool,
     pub(crate) nonblocking: AtomicBool,
     pub(crate) timeouts: Mutex<(Option<Duration>, Option<Duration>)>,
+    /// Its slot of the process's pool, given back after the last look at the region.
+    _lease: Option<Lease>,
 }
 
 impl DStream {
     fn from_response(client: &Client, resp: Response, fds: Vec<OwnedFd>) -> io::Result<DStream> {
-        let Response::Stream { handle, local, remote, class } = resp else { return Err(unexpected(&resp)) };
-        let mut fds = fds.into_iter();
-        let (Some(mem), Some(kick)) = (fds.next(), fds.next()) else {
-            return Err(io::Error::new(
-                ErrorKind::InvalidData,
-                "the daemon sent a vsocket without its memory",
-            ));
+        let Response::Stream { handle, local, remote, class, slot, mapped } = resp else {
+            return Err(unexpected(&resp));
         };
+        let mut fds = fds.into_iter();
+        let adopted = client.inner.table.adopt(slot, mapped, &mut fds)?;
+        let (region, kick) = (adopted.region, adopted.kick);
         let proxy = fds.next();
-        let mut region = Region::open(mem)?;
-        // One descriptor less: the mapping is all it needs.
-        region.close_fd();
-        let region = Arc::new(region);
         Ok(DStream {
             client: client.clone(),
             handle,
@@ -323,6 +331,7 @@ impl DStream {
             shut_rd: AtomicBool::new(false),
             nonblocking: AtomicBool::new(false),
             timeouts: Mutex::new((None, None)),
+            _lease: adopted.lease,
         })
     }
 
@@ -594,8 +603,14 @@ impl DListener {
 
     pub(crate) fn accept(&self) -> io::Result<(crate::VStream, SocketAddr)> {
         let wait = !self.nonblocking.load(Ordering::Relaxed);
-        let (resp, fds) =
-            self.client.request(&Request::Accept { listener: self.id, wait, proxy: true, park: None })?;
+        let pool = self.client.inner.table.note();
+        let (resp, fds) = self.client.request(&Request::Accept {
+            listener: self.id,
+            wait,
+            proxy: true,
+            park: None,
+            pool,
+        })?;
         let s = DStream::from_response(&self.client, resp, fds)?;
         let remote = s.remote;
         Ok((crate::VStream::from_daemon(s), remote))

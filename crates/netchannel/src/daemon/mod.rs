@@ -5,7 +5,9 @@
 //! with `SO_PEERCRED` against the uid/gid policy), and a doorbell poller that takes in what
 //! apps write and read. Apps use a [`Client`] (through `VStream`/`VListener`): control
 //! requests go over the Unix socket, data goes through each vsocket's memfd, handed to the
-//! app with `SCM_RIGHTS` together with the vsocket's eventfd doorbell.
+//! app with `SCM_RIGHTS` together with the vsocket's eventfd doorbell — the first time: a
+//! finished vsocket's region and doorbell serve the next vsocket of the same process
+//! (`regions`), so a short connection creates and unmaps no memory.
 //!
 //! Control messages are one length-prefixed JSON object each way: a 4-byte big-endian length
 //! (at most [`MAX_MESSAGE`]) then the object. A client that sends anything else, does not
@@ -21,6 +23,7 @@
 
 pub mod client;
 pub mod proxy;
+mod regions;
 pub mod server;
 
 use std::io::{self, ErrorKind};
@@ -34,6 +37,7 @@ pub use client::Client;
 pub use server::Server;
 
 use crate::wire::Class;
+use regions::PoolNote;
 
 /// Largest control message, either way.
 pub const MAX_MESSAGE: usize = 4 << 20;
@@ -49,20 +53,26 @@ pub(crate) enum Request {
     /// Check that this process may use the daemon. Answered with `Ok` or a refusal.
     Hello,
     /// Open a vsocket to `addr` (peer host IP and vsocket port). Answered with `Stream`;
-    /// with `proxy`, its readiness proxy end A comes with it (see [`proxy`]).
+    /// with `proxy`, its readiness proxy end A comes with it (see [`proxy`]). With `pool`,
+    /// the vsocket goes in a region of the app's pool (see [`regions`]).
     Connect {
         addr: SocketAddr,
         class: ClassName,
         #[serde(default)]
         proxy: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pool: Option<PoolNote>,
     },
     /// Listen on a vsocket port (0: any). Answered with `Listener`; with `poll`, a
     /// duplicate of the listener's readiness descriptor comes with it (readable exactly
-    /// when an `Accept` would not block).
+    /// when an `Accept` would not block). With `pool` (the app table's token), arrivals go
+    /// in regions of that pool; such a listener cannot park.
     Bind {
         port: u16,
         #[serde(default)]
         poll: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pool: Option<u64>,
     },
     /// Take the next vsocket of a listener; `wait` false answers `WouldBlock` at once.
     /// With `park`, the vsocket is not served yet: the daemon keeps it, answers `Parked`, and
@@ -76,10 +86,16 @@ pub(crate) enum Request {
         proxy: bool,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         park: Option<SocketAddr>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pool: Option<PoolNote>,
     },
     /// Serve the parked arrival whose placeholder connection comes from `placeholder`, with
     /// its readiness proxy. Answered with `Stream` (and its descriptors).
-    Claim { placeholder: SocketAddr },
+    Claim {
+        placeholder: SocketAddr,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pool: Option<PoolNote>,
+    },
     /// Stop listening.
     CloseListener { listener: u64 },
     /// Move a vsocket to another class.
@@ -94,8 +110,18 @@ pub(crate) enum Request {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "r", rename_all = "snake_case")]
 pub(crate) enum Response {
-    /// A vsocket: its memfd and doorbell eventfd come with the message.
-    Stream { handle: u64, local: SocketAddr, remote: SocketAddr, class: ClassName },
+    /// A vsocket: its memfd and doorbell eventfd come with the message, unless `mapped`:
+    /// the app holds the region of pool `slot` mapped already (see [`regions`]).
+    Stream {
+        handle: u64,
+        local: SocketAddr,
+        remote: SocketAddr,
+        class: ClassName,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slot: Option<u32>,
+        #[serde(default)]
+        mapped: bool,
+    },
     /// A listener.
     Listener { listener: u64, local: SocketAddr },
     /// `Accept` with `park`: an arrival from `remote` waits to be claimed.
@@ -242,13 +268,20 @@ pub(crate) fn send_msg(sock: RawFd, msg: &impl Serialize, fds: &[RawFd]) -> io::
 }
 
 /// Receive one message of at most `max` bytes and the fds that came with it. `Ok(None)` at a
-/// clean end of stream before the message started.
+/// clean end of stream before the message started. A read timeout (`SO_RCVTIMEO`) before
+/// the message started is `WouldBlock`; inside it, `TimedOut`.
 pub(crate) fn recv_msg(sock: RawFd, max: usize) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
     let mut fds = Vec::new();
     let mut len = [0u8; 4];
     let mut got = 0;
+    let inside = |e: io::Error| match e.kind() {
+        ErrorKind::WouldBlock => {
+            io::Error::new(ErrorKind::TimedOut, "the rest of a control message did not come in time")
+        }
+        _ => e,
+    };
     while got < 4 {
-        let n = recvmsg(sock, &mut len[got..], &mut fds)?;
+        let n = recvmsg(sock, &mut len[got..], &mut fds).map_err(|e| if got > 0 { inside(e) } else { e })?;
         if n == 0 {
             if got == 0 {
                 return Ok(None);
@@ -267,7 +300,7 @@ pub(crate) fn recv_msg(sock: RawFd, max: usize) -> io::Result<Option<(Vec<u8>, V
     let mut body = vec![0u8; len];
     let mut got = 0;
     while got < len {
-        let n = recvmsg(sock, &mut body[got..], &mut fds)?;
+        let n = recvmsg(sock, &mut body[got..], &mut fds).map_err(inside)?;
         if n == 0 {
             return Err(io::Error::new(ErrorKind::UnexpectedEof, "control connection closed mid-message"));
         }

@@ -34,6 +34,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use super::client::Client;
+use super::regions::Lease;
 use super::{unexpected_response, ClassName, Request, Response};
 use crate::ring::Ring;
 use crate::shm::{
@@ -142,7 +143,7 @@ pub struct ProxyStream {
     region: Arc<Region>,
     tx: Ring,
     rx: Ring,
-    kick: OwnedFd,
+    kick: Arc<OwnedFd>,
     local: SocketAddr,
     remote: SocketAddr,
     /// Receive position at the last doorbell rung for reading.
@@ -151,6 +152,8 @@ pub struct ProxyStream {
     /// The IN token was gone when this side came to take it: something that bypassed the
     /// shim read end A (see [`ProxyStream::bypass_found`]).
     bypassed: AtomicU32,
+    /// Its slot of the process's pool (`super::regions`), given back with the last handle.
+    _lease: Option<Lease>,
 }
 
 impl std::fmt::Debug for ProxyStream {
@@ -197,20 +200,18 @@ impl ProxyStream {
         resp: Response,
         fds: Vec<OwnedFd>,
     ) -> io::Result<(ProxyStream, OwnedFd)> {
-        let Response::Stream { handle, local, remote, .. } = resp else {
+        let Response::Stream { handle, local, remote, slot, mapped, .. } = resp else {
             return Err(unexpected_response(&resp));
         };
         let mut fds = fds.into_iter();
-        let (Some(mem), Some(kick), Some(a)) = (fds.next(), fds.next(), fds.next()) else {
+        let adopted = client.table().adopt(slot, mapped, &mut fds)?;
+        let (region, kick) = (adopted.region, adopted.kick);
+        let Some(a) = fds.next() else {
             return Err(io::Error::new(
                 ErrorKind::InvalidData,
                 "the daemon sent a vsocket without its proxy",
             ));
         };
-        let mut region = Region::open(mem)?;
-        // One descriptor less in the program: the mapping is all it needs.
-        region.close_fd();
-        let region = Arc::new(region);
         Ok((
             ProxyStream {
                 client: client.clone(),
@@ -224,6 +225,7 @@ impl ProxyStream {
                 rx_kicked: AtomicU64::new(0),
                 shut_rd: AtomicU32::new(0),
                 bypassed: AtomicU32::new(0),
+                _lease: adopted.lease,
             },
             a,
         ))
@@ -581,6 +583,7 @@ impl ProxyListener {
             wait: true,
             proxy: true,
             park: None,
+            pool: self.client.table().note(),
         })?;
         ProxyStream::from_response(&self.client, resp, fds)
     }
@@ -591,7 +594,13 @@ impl ProxyListener {
     /// connection takes the arrival with [`Client::claim_proxied`]; nothing of it is held
     /// here, so an arrival never outlives its last descriptor because of this process.
     pub fn park(&self, placeholder: SocketAddr) -> io::Result<SocketAddr> {
-        let req = Request::Accept { listener: self.id, wait: true, proxy: true, park: Some(placeholder) };
+        let req = Request::Accept {
+            listener: self.id,
+            wait: true,
+            proxy: true,
+            park: Some(placeholder),
+            pool: self.client.table().note(),
+        };
         match self.client.request(&req)?.0 {
             Response::Parked { remote } => Ok(remote),
             other => Err(unexpected_response(&other)),
@@ -612,20 +621,22 @@ impl ProxyListener {
 impl Client {
     /// Open a vsocket of `class` to `addr` with a readiness proxy: the stream and its end A.
     pub fn connect_proxied(&self, addr: SocketAddr, class: Class) -> io::Result<(ProxyStream, OwnedFd)> {
-        let (resp, fds) = self.request(&Request::Connect { addr, class: class.into(), proxy: true })?;
+        let pool = self.table().note();
+        let (resp, fds) = self.request(&Request::Connect { addr, class: class.into(), proxy: true, pool })?;
         ProxyStream::from_response(self, resp, fds)
     }
 
     /// Take the arrival a [`ProxyListener::park`] left behind the placeholder connection
     /// from `placeholder`: the stream and its end A.
     pub fn claim_proxied(&self, placeholder: SocketAddr) -> io::Result<(ProxyStream, OwnedFd)> {
-        let (resp, fds) = self.request(&Request::Claim { placeholder })?;
+        let (resp, fds) = self.request(&Request::Claim { placeholder, pool: self.table().note() })?;
         ProxyStream::from_response(self, resp, fds)
     }
 
     /// Listen on vsocket `port`, arrivals with readiness proxies.
     pub fn bind_proxied(&self, port: u16) -> io::Result<ProxyListener> {
-        match self.request(&Request::Bind { port, poll: false })?.0 {
+        // Arrivals park for whichever process accepts them: no pool.
+        match self.request(&Request::Bind { port, poll: false, pool: None })?.0 {
             Response::Listener { listener, local } => {
                 Ok(ProxyListener { client: self.clone(), id: listener, local })
             }

@@ -3,9 +3,11 @@
 //! Every vsocket served to an app has an entry ([`Served`]) owned by the client connection
 //! that opened or accepted it. The connection's end — the app closed it, exited or was
 //! killed — closes every vsocket it owns (FIN after the data already written, or RESET if
-//! data was left unread, as TCP does) and frees their memory. The poller thread sleeps on
-//! the vsockets' eventfds and, while vsockets are busy, polls their headers for a short
-//! while (`poll_spin_us`) so that busy apps need not ring.
+//! data was left unread, as TCP does); their regions go back to the process's pool
+//! (`super::regions`), which goes when the process's last connection ends. The poller thread
+//! sleeps on the vsockets' eventfds (edge-triggered, each registered once for the life of its
+//! pooled slot and mapped to the slot's current vsocket) and, while vsockets are busy, polls
+//! their headers for a short while (`poll_spin_us`) so that busy apps need not ring.
 //!
 //! What clients can make the daemon hold is capped (`[daemon] max_*`): control connections
 //! in total and per process, and per process the vsockets and the ring memory they pin (a
@@ -27,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use super::regions::{Doorbell, Naming, PoolKey, PoolNote, Pools};
 use super::{hung_up, recv_msg, send_msg, LimitExceeded, Request, Response, MAX_REQUEST};
 use crate::config::Config;
 use crate::engine::channel::batching_small_sends;
@@ -67,6 +70,14 @@ struct State {
     /// Arrivals taken off listeners for the preload shim, by their placeholder's address.
     parked: Mutex<HashMap<SocketAddr, Parked>>,
     conns: Mutex<HashMap<u64, Conn>>,
+    /// Every app process's recycled regions (`super::regions`).
+    pools: Arc<Pools>,
+    /// Where doorbell tokens come from (apart from handles: a slot's doorbell outlives them).
+    next_bell: Arc<AtomicU64>,
+    /// Listening ports whose arrivals go in regions of the listening app's pool.
+    pooled_ports: Arc<Mutex<HashMap<u16, PoolKey>>>,
+    /// Doorbell tokens (of the poller) → the vsocket served with that doorbell now.
+    bells: Mutex<HashMap<u64, u64>>,
     poller: Poller,
     stopping: AtomicBool,
     clients_refused: AtomicU64,
@@ -135,7 +146,10 @@ struct Served {
     handle: u64,
     stream: VStream,
     vs: Arc<VSock>,
-    kick: OwnedFd,
+    /// The app → daemon doorbell (its slot's, if the region is pooled).
+    bell: Arc<Doorbell>,
+    /// How the region is named to the app.
+    naming: Naming,
     conn: u64,
     pid: i32,
     /// Readiness proxy: end A until it is sent to the app (end B lives in the region). A
@@ -157,6 +171,8 @@ struct ServedListener {
     conn: u64,
     /// The process that bound it: only it may accept on it or close it.
     pid: i32,
+    /// The pool its arrivals' regions come from (it then cannot park).
+    pool: Option<PoolKey>,
 }
 
 /// A vsocket arrival the preload shim's listener thread took off a listener and queued, as a
@@ -177,20 +193,6 @@ struct Conn {
     uid: u32,
     /// Shared with the connection's thread (a second descriptor would cost one more).
     sock: Arc<UnixStream>,
-}
-
-/// Wait until `s` has something to read or hung up; false if polling failed.
-fn readable(s: &UnixStream) -> bool {
-    let mut p = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    loop {
-        // SAFETY: one valid pollfd, no timeout.
-        if unsafe { libc::poll(&mut p, 1, -1) } >= 0 {
-            return true;
-        }
-        if io::Error::last_os_error().kind() != ErrorKind::Interrupted {
-            return false;
-        }
-    }
 }
 
 /// The credentials of the process at the other end of a Unix socket.
@@ -282,6 +284,10 @@ impl Server {
             listeners: Mutex::new(HashMap::new()),
             parked: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
+            pools: Arc::new(Pools::default()),
+            next_bell: Arc::new(AtomicU64::new(1)),
+            pooled_ports: Arc::new(Mutex::new(HashMap::new())),
+            bells: Mutex::new(HashMap::new()),
             poller: Poller::new()?,
             stopping: AtomicBool::new(false),
             clients_refused: AtomicU64::new(0),
@@ -294,6 +300,15 @@ impl Server {
             bad_clients: Throttle::new(),
             cfg,
         });
+        // Arrivals on a pooled listener's port go in a region of the listening app's pool.
+        let (pools, ports, ep, bells, cfg) =
+            (st.pools.clone(), st.pooled_ports.clone(), st.poller.ep.clone(), st.next_bell.clone(), &st.cfg);
+        let (tx_cap, rx_cap) = (cfg.send_buffer, cfg.recv_buffer);
+        let _ = st.host.inner().arrival_regions.set(Box::new(move |port| {
+            let key = *ports.lock().unwrap().get(&port)?;
+            let taken = pools.take(key, tx_cap, rx_cap, &ep, || bells.fetch_add(1, Ordering::Relaxed));
+            taken.ok()
+        }));
         let p = st.clone();
         std::thread::Builder::new().name("nc-doorbell".into()).spawn(move || p.run_poller())?;
         tracing::info!(socket = %st.socket.display(), channels = %st.host.local_addr(), "daemon serving");
@@ -577,22 +592,22 @@ impl State {
         let _span = tracing::error_span!("client", pid, uid, conn).entered();
         // An answer the client does not take within the timeout ends the connection.
         let _ = s.set_write_timeout(Some(REQUEST_TIMEOUT));
+        // Set once (not around each request: two system calls per request): a read that
+        // times out before a request began is an idle client, which may stay idle as long
+        // as it likes; one that times out inside a request (`TimedOut`) ends the connection.
+        let _ = s.set_read_timeout(Some(REQUEST_TIMEOUT));
         loop {
-            // Idle between requests as long as the client likes; a request, once begun,
-            // must be whole within the timeout.
-            if !readable(&s) {
-                break;
-            }
-            let _ = s.set_read_timeout(Some(REQUEST_TIMEOUT));
             let msg = recv_msg(s.as_raw_fd(), MAX_REQUEST);
-            let _ = s.set_read_timeout(None);
             let (body, _fds) = match msg {
                 Ok(Some(m)) => m,
                 Ok(None) => break,
+                Err(e) if e.kind() == ErrorKind::WouldBlock && !self.stopping.load(Ordering::SeqCst) => {
+                    continue
+                }
                 Err(e) => {
                     if !self.stopping.load(Ordering::SeqCst) && e.kind() != ErrorKind::ConnectionReset {
                         self.clients_disconnected.fetch_add(1, Ordering::Relaxed);
-                        let e = if e.kind() == ErrorKind::WouldBlock {
+                        let e = if e.kind() == ErrorKind::TimedOut {
                             io::Error::new(
                                 ErrorKind::TimedOut,
                                 format!(
@@ -637,12 +652,13 @@ impl State {
                 _ => None,
             };
             let a = served.as_ref().and_then(|sv| sv.proxy_a.lock().unwrap().take());
+            // The region and its doorbell go the first time only (see `super::regions`).
             let mut fds: Vec<RawFd> = match &served {
-                Some(sv) => vec![
+                Some(sv) if !sv.naming.mapped => vec![
                     sv.vs.region().and_then(|r| r.fd()).expect("daemon vsockets are shared").as_raw_fd(),
-                    sv.kick.as_raw_fd(),
+                    sv.bell.fd(),
                 ],
-                None => Vec::new(),
+                _ => Vec::new(),
             };
             fds.extend(a.as_ref().map(|a| a.as_raw_fd()));
             fds.extend(listener_fd.as_ref().map(|l| l.as_raw_fd()));
@@ -664,25 +680,47 @@ impl State {
     ) -> io::Result<(Response, Option<Arc<Served>>)> {
         match req {
             Request::Hello => Ok((Response::Ok, None)),
-            Request::Connect { addr, class, proxy } => {
+            Request::Connect { addr, class, proxy, pool } => {
+                let key = self.take_note(pid, pool.as_ref());
                 let charge = self.charge(pid)?;
+                let region = match key {
+                    Some(k) => Some(self.pools.take(
+                        k,
+                        self.cfg.send_buffer,
+                        self.cfg.recv_buffer,
+                        &self.poller.ep,
+                        || self.next_bell.fetch_add(1, Ordering::Relaxed),
+                    )?),
+                    None => None,
+                };
                 // Always confirmed: the shim's blocking connect reports a refusal itself.
-                let stream = crate::VStream::open(self.host.clone(), addr, class.into(), false)?;
-                let sv = self.register(stream, conn, pid, proxy, charge)?;
+                let stream = crate::VStream::open_in(self.host.clone(), addr, class.into(), false, region)?;
+                let sv = self.register(stream, conn, pid, proxy, charge, key)?;
                 Ok((stream_response(&sv), Some(sv)))
             }
-            Request::Bind { port, .. } => {
+            Request::Bind { port, pool, .. } => {
                 let l = self.host.bind(port)?;
                 let local = l.local_addr()?;
                 let id = self.next.fetch_add(1, Ordering::Relaxed);
-                self.listeners.lock().unwrap().insert(id, Arc::new(ServedListener { l, conn, pid }));
+                let pool = pool.map(|token| PoolKey { pid, token });
+                if let Some(k) = pool {
+                    self.pooled_ports.lock().unwrap().insert(local.port(), k);
+                }
+                self.listeners.lock().unwrap().insert(id, Arc::new(ServedListener { l, conn, pid, pool }));
                 Ok((Response::Listener { listener: id, local }, None))
             }
-            Request::Accept { listener, wait, proxy, park } => {
+            Request::Accept { listener, wait, proxy, park, pool } => {
+                let key = self.take_note(pid, pool.as_ref());
                 let unknown = || io::Error::new(ErrorKind::InvalidInput, format!("no listener {listener}"));
                 let l = self.listeners.lock().unwrap().get(&listener).cloned().ok_or_else(unknown)?;
                 if l.pid != pid {
                     return Err(not_yours("listener", listener, l.pid));
+                }
+                if park.is_some() && l.pool.is_some() {
+                    return Err(io::Error::new(
+                        ErrorKind::InvalidInput,
+                        format!("listener {listener} puts its arrivals in its process's regions: it cannot park them for another"),
+                    ));
                 }
                 // At a cap, fail without taking a vsocket off the queue.
                 self.check_limits(pid)?;
@@ -706,7 +744,7 @@ impl State {
                             // (Another thread of the process may have taken the last share
                             // meanwhile: the vsocket is then reset.)
                             let charge = self.charge(pid)?;
-                            let sv = self.register(stream, conn, pid, proxy, charge)?;
+                            let sv = self.register(stream, conn, pid, proxy, charge, key)?;
                             return Ok((stream_response(&sv), Some(sv)));
                         }
                         None if !wait => {
@@ -729,7 +767,8 @@ impl State {
                     }
                 }
             }
-            Request::Claim { placeholder } => {
+            Request::Claim { placeholder, pool } => {
+                let key = self.take_note(pid, pool.as_ref());
                 let uid = self.conns.lock().unwrap().get(&conn).map_or(u32::MAX, |c| c.uid);
                 let p = {
                     let mut parked = self.parked.lock().unwrap();
@@ -759,7 +798,7 @@ impl State {
                         return Err(e);
                     }
                 };
-                let sv = self.register(p.stream, conn, pid, true, charge)?;
+                let sv = self.register(p.stream, conn, pid, true, charge, key)?;
                 Ok((stream_response(&sv), Some(sv)))
             }
             Request::CloseListener { listener } => {
@@ -772,6 +811,7 @@ impl State {
                 };
                 // Wake a blocked accept at once, so the port is free again right away.
                 if let Some(l) = l {
+                    self.unpool_port(&l);
                     l.l.close();
                 }
                 self.drop_parked_of(&[listener]);
@@ -811,6 +851,23 @@ impl State {
         }
     }
 
+    /// Take in what an app says about its regions; the key of its pool, if it has one.
+    fn take_note(&self, pid: i32, note: Option<&PoolNote>) -> Option<PoolKey> {
+        let note = note?;
+        self.pools.note(pid, note);
+        Some(PoolKey { pid, token: note.token })
+    }
+
+    /// A listener is gone: its port's arrivals no longer go in its app's pool.
+    fn unpool_port(&self, l: &ServedListener) {
+        if let (Some(k), Ok(local)) = (l.pool, l.l.local_addr()) {
+            let mut ports = self.pooled_ports.lock().unwrap();
+            if ports.get(&local.port()) == Some(&k) {
+                ports.remove(&local.port());
+            }
+        }
+    }
+
     fn register(
         &self,
         stream: VStream,
@@ -818,11 +875,22 @@ impl State {
         pid: i32,
         proxy: bool,
         charge: Charge,
+        pool: Option<PoolKey>,
     ) -> io::Result<Arc<Served>> {
         let vs = stream.engine_vsock().expect("the daemon's host is embedded").clone();
-        let kick = shm::eventfd()?;
-        let handle = self.next.fetch_add(1, Ordering::Relaxed);
         let region = vs.region().expect("daemon vsockets are shared").clone();
+        let (naming, bell) = match self.pools.name(pool, pid, &region) {
+            Ok(n) => n,
+            Err(e) => {
+                vs.reset(crate::wire::Reason::Closed, &e.to_string());
+                return Err(e);
+            }
+        };
+        let bell = match bell {
+            Some(b) => b,
+            None => Arc::new(Doorbell::new(&self.poller.ep, self.next_bell.fetch_add(1, Ordering::Relaxed))?),
+        };
+        let handle = self.next.fetch_add(1, Ordering::Relaxed);
         let proxy_a = if proxy {
             let (a, b) = super::proxy::pair()?;
             self.poller.ctl_events(libc::EPOLL_CTL_ADD, b.as_raw_fd(), handle | PROXY_TOKEN, 0)?;
@@ -836,7 +904,8 @@ impl State {
             handle,
             stream,
             vs,
-            kick,
+            bell,
+            naming,
             conn,
             pid,
             proxy_ino: proxy_a.as_ref().map_or(0, |a| inode(a.as_raw_fd())),
@@ -845,7 +914,7 @@ impl State {
             _charge: charge,
         });
         self.streams.lock().unwrap().insert(handle, sv.clone());
-        self.poller.add(handle, sv.kick.as_raw_fd())?;
+        self.bells.lock().unwrap().insert(sv.bell.token, handle);
         // Something may have arrived already (an accepted vsocket's first bytes).
         region.drive_proxy();
         Ok(sv)
@@ -853,7 +922,7 @@ impl State {
 
     /// The connection `conn` ended: close everything it owned.
     fn cleanup(&self, conn: u64) {
-        self.conns.lock().unwrap().remove(&conn);
+        let pid = self.conns.lock().unwrap().remove(&conn).map(|c| c.pid);
         let mine: Vec<Arc<Served>> = {
             let mut m = self.streams.lock().unwrap();
             // Proxied vsockets end with their last descriptor (B's hang-up), not with this.
@@ -864,17 +933,31 @@ impl State {
         for s in mine {
             // What the app wrote before it went is still delivered.
             let _ = s.vs.sync_app();
-            self.poller.remove(s.kick.as_raw_fd());
+            self.forget_bell(&s);
         }
-        let gone: Vec<u64> = {
+        let gone: Vec<(u64, Arc<ServedListener>)> = {
             let mut ls = self.listeners.lock().unwrap();
             let ids: Vec<u64> = ls.iter().filter(|(_, l)| l.conn == conn).map(|(id, _)| *id).collect();
-            for id in &ids {
-                ls.remove(id);
-            }
-            ids
+            ids.iter().filter_map(|id| ls.remove(id).map(|l| (*id, l))).collect()
         };
-        self.drop_parked_of(&gone);
+        for (_, l) in &gone {
+            self.unpool_port(l);
+        }
+        self.drop_parked_of(&gone.iter().map(|(id, _)| *id).collect::<Vec<_>>());
+        if let Some(pid) = pid {
+            if !self.conns.lock().unwrap().values().any(|c| c.pid == pid) {
+                self.pools.drop_process(pid);
+            }
+        }
+    }
+
+    /// A served vsocket is done: its doorbell no longer rings for it (a pooled slot's stays
+    /// registered for the slot's next vsocket; another's leaves the poller with it).
+    fn forget_bell(&self, s: &Served) {
+        let mut bells = self.bells.lock().unwrap();
+        if bells.get(&s.bell.token) == Some(&s.handle) {
+            bells.remove(&s.bell.token);
+        }
     }
 
     /// Reset the parked arrivals of closed listeners: their placeholders can no longer be
@@ -917,7 +1000,7 @@ impl State {
     fn close_stream(&self, handle: u64) {
         let s = self.streams.lock().unwrap().remove(&handle);
         if let Some(s) = s {
-            self.poller.remove(s.kick.as_raw_fd());
+            self.forget_bell(&s);
             if let Some(b) = s.vs.region().and_then(|r| r.proxy_fd()) {
                 self.poller.remove(b);
             }
@@ -1086,7 +1169,9 @@ impl State {
                 self.proxy_hung_up(h & !PROXY_TOKEN);
                 continue;
             }
-            // Edge-triggered (Poller::add): nothing to clear.
+            // Edge-triggered (`Doorbell::new`): nothing to clear. The token is the doorbell's;
+            // a pooled slot's outlives its vsockets.
+            let Some(h) = self.bells.lock().unwrap().get(&h).copied() else { continue };
             self.doorbells.fetch_add(1, Ordering::Relaxed);
             if !active.contains(&h) {
                 active.push(h);
@@ -1218,6 +1303,7 @@ impl State {
             "vsockets": vsockets,
             "listeners": listeners,
             "clients": clients,
+            "region_pools": self.pools.status(),
             "limits": {
                 "max_connections": d.max_connections,
                 "max_connections_per_process": d.max_connections_per_process,
@@ -1240,6 +1326,8 @@ impl State {
                 "limits_refused": self.limits_refused.load(Ordering::Relaxed),
                 "doorbells": self.doorbells.load(Ordering::Relaxed),
                 "vsockets_proxied": self.proxied.load(Ordering::Relaxed),
+                "regions_created": self.pools.created.load(Ordering::Relaxed),
+                "regions_reused": self.pools.reused.load(Ordering::Relaxed),
                 "arrivals_parked": self.parked.lock().unwrap().len(),
             },
         })
@@ -1299,12 +1387,15 @@ fn stream_response(sv: &Served) -> Response {
         local: sv.vs.local,
         remote: sv.vs.remote,
         class: sv.stream.class().into(),
+        slot: sv.naming.slot,
+        mapped: sv.naming.mapped,
     }
 }
 
 /// An epoll set of vsocket doorbells plus a waker (token 0).
 struct Poller {
-    ep: OwnedFd,
+    /// Shared with the doorbells, which take themselves out of it when they go.
+    ep: Arc<OwnedFd>,
     waker: OwnedFd,
 }
 
@@ -1317,7 +1408,7 @@ impl Poller {
         }
         // SAFETY: a fresh fd owned here.
         let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-        let p = Poller { ep, waker: shm::eventfd()? };
+        let p = Poller { ep: Arc::new(ep), waker: shm::eventfd()? };
         p.ctl(libc::EPOLL_CTL_ADD, p.waker.as_raw_fd(), 0)?;
         Ok(p)
     }
@@ -1333,13 +1424,6 @@ impl Poller {
             return Err(io::Error::last_os_error());
         }
         Ok(())
-    }
-
-    /// Watch a vsocket's doorbell, edge-triggered: every ring of an eventfd is a new edge
-    /// (its counter is never read back, which spares the poller a `read` per wake-up; it
-    /// cannot fill up: 2^64 − 2 rings).
-    fn add(&self, handle: u64, fd: RawFd) -> io::Result<()> {
-        self.ctl_events(libc::EPOLL_CTL_ADD, fd, handle, (libc::EPOLLIN | libc::EPOLLET) as u32)
     }
 
     fn remove(&self, fd: RawFd) {
@@ -1401,6 +1485,32 @@ mod tests {
             assert!(Instant::now() < deadline, "connections were not released");
             std::thread::sleep(Duration::from_millis(10));
         }
+        stop.store(true, Ordering::SeqCst);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_idle_client_stays_and_one_stalled_inside_a_request_is_cut_off() {
+        let dir = std::env::temp_dir().join(format!("nc-stall-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (sa, stop) = start("127.61.2.1:9000", &dir);
+        let idle = UnixStream::connect(&sa).unwrap();
+        let stalled = UnixStream::connect(&sa).unwrap();
+        // Half a length prefix, then nothing.
+        (&stalled).write_all(&[0, 0]).unwrap();
+        stalled.set_read_timeout(Some(REQUEST_TIMEOUT * 3)).unwrap();
+        let started = Instant::now();
+        let mut b = [0u8; 16];
+        let n = (&stalled).read(&mut b).unwrap_or(0);
+        assert_eq!(n, 0, "the stalled client is hung up on");
+        assert!(started.elapsed() < REQUEST_TIMEOUT * 2, "cut off after {:?}", started.elapsed());
+        // The idle one, as old by now as a request may take, is still served.
+        assert!(started.elapsed() >= REQUEST_TIMEOUT - Duration::from_millis(100));
+        super::super::send_msg(idle.as_raw_fd(), &Request::Hello, &[]).unwrap();
+        let (body, _) = super::super::recv_msg(idle.as_raw_fd(), 1 << 16).unwrap().unwrap();
+        assert!(matches!(serde_json::from_slice(&body).unwrap(), Response::Ok));
+        let st = Client::connect(&sa).unwrap().status().unwrap();
+        assert_eq!(st["totals"]["clients_disconnected"], 1, "{st}");
         stop.store(true, Ordering::SeqCst);
         let _ = std::fs::remove_dir_all(&dir);
     }

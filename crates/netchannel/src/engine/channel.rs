@@ -109,6 +109,10 @@ pub(crate) struct Channel {
     lent: AtomicBool,
     /// Reads by the borrower of a lent channel ([`read_lent`]).
     lent_reads: AtomicU64,
+    /// An app thread that read the channel inline left it parked: the worker still does not
+    /// poll it, so the thread's next wait takes it back without a system call ([`park`]).
+    /// Set and cleared under `reader`.
+    parked: AtomicBool,
 }
 
 /// The reading half of a channel: bytes read and not yet dispatched.
@@ -116,6 +120,8 @@ pub(crate) struct Reader {
     rbuf: Vec<u8>,
     rstart: usize,
     rend: usize,
+    /// When the channel was last parked ([`Channel::parked`]).
+    parked_at: Option<Instant>,
 }
 
 /// What the channel's worker polls the socket for.
@@ -182,10 +188,11 @@ impl Channel {
             host: Arc::downgrade(host),
             batch: (host.cfg.write_batch, host.cfg.write_batch_frames),
             read_sock,
-            reader: Mutex::new(Reader { rbuf: vec![0; READ_BUF], rstart: 0, rend: 0 }),
+            reader: Mutex::new(Reader { rbuf: vec![0; READ_BUF], rstart: 0, rend: 0, parked_at: None }),
             watch: Mutex::new(Watch::default()),
             lent: AtomicBool::new(false),
             lent_reads: AtomicU64::new(0),
+            parked: AtomicBool::new(false),
         })
     }
 
@@ -530,6 +537,9 @@ pub(crate) struct WorkerHandle {
     epoll: OwnedFd,
     /// Pending commands, and whether the worker has stopped (then nobody will run them).
     commands: Mutex<(Vec<Command>, bool)>,
+    /// The worker wakes every [`PARK_GRACE`] to take back channels parked longer than that
+    /// (it ticks while any of its channels is parked; [`park`] wakes it to start).
+    ticking: AtomicBool,
 }
 
 impl WorkerHandle {
@@ -576,7 +586,15 @@ pub(crate) fn new_worker() -> io::Result<(Poll, WorkerHandle)> {
     }
     // SAFETY: `dup` is a fresh descriptor nobody else owns.
     let epoll = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup as RawFd) };
-    Ok((poll, WorkerHandle { waker, epoll, commands: Mutex::new((Vec::new(), false)) }))
+    Ok((
+        poll,
+        WorkerHandle {
+            waker,
+            epoll,
+            commands: Mutex::new((Vec::new(), false)),
+            ticking: AtomicBool::new(false),
+        },
+    ))
 }
 
 /// The channel worker loop.
@@ -589,10 +607,15 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
     let mut closing_again: Vec<usize> = Vec::new(); // those of them that reported end of stream
     let mut last_look = Instant::now();
     let reply_spin = host.cfg.daemon.reply_spin();
+    let mut last_tick = Instant::now();
     loop {
         let any_lent = conns.values().any(|c| c.ch.lent.load(Ordering::Relaxed));
+        let ticking = keep_ticking(&host.workers[me], &conns);
         let timeout = if !again.is_empty() {
             Some(Duration::ZERO)
+        } else if ticking {
+            let tick = PARK_GRACE.saturating_sub(last_tick.elapsed());
+            Some(if any_lent { tick.min(LENT_LOOK.saturating_sub(last_look.elapsed())) } else { tick })
         } else if any_lent {
             Some(LENT_LOOK.saturating_sub(last_look.elapsed()))
         } else {
@@ -619,6 +642,12 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
                 if idle && unsafe { libc::poll(&mut p, 1, 0) } == 1 {
                     readable.push(*t);
                 }
+            }
+        }
+        if ticking && last_tick.elapsed() >= PARK_GRACE {
+            last_tick = Instant::now();
+            for c in conns.values() {
+                unpark(&host, &c.ch, PARK_GRACE);
             }
         }
         let mut writable: Vec<usize> = Vec::new();
@@ -1069,14 +1098,26 @@ pub(crate) fn read_inline(
         return false;
     }
     let Ok(mut rd) = ch.reader.try_lock() else { return false };
-    if !ch.set_inline(host, true) {
+    if ch.parked.load(Ordering::SeqCst) {
+        // Parked by the last inline read: the worker's interest is still off.
+        ch.parked.store(false, Ordering::SeqCst);
+        rd.parked_at = None;
+        unlist(host, ch);
+    } else if !ch.set_inline(host, true) {
         return false;
     }
     let mut failed = None;
+    // The caller found nothing to read, so the socket is most likely empty too: ask poll(2)
+    // first (it returns at once if not) rather than read to hear EAGAIN.
+    let mut readable = false;
     loop {
-        if let Err(reason) = read_some(host, ch, &mut rd, &done, false) {
-            failed = Some(reason);
-            break;
+        // poll(2) below is level-triggered: it reports whatever a short read left, so a
+        // short read drains.
+        if readable {
+            if let Err(reason) = read_some(host, ch, &mut rd, &done, true) {
+                failed = Some(reason);
+                break;
+            }
         }
         if done() || !ch.up.load(Ordering::Acquire) {
             break;
@@ -1102,17 +1143,143 @@ pub(crate) fn read_inline(
         if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
             break;
         }
+        readable = fds[0].revents != 0;
         if fds[1].revents & libc::POLLIN != 0 {
             let mut v = 0u64;
             // SAFETY: reads 8 bytes into a live u64 from the eventfd.
             unsafe { libc::read(kick, (&mut v as *mut u64).cast(), 8) };
         }
     }
-    drop(rd);
-    // Back to the worker: re-arming its read interest reports an edge for what is left.
-    ch.set_inline(host, false);
+    if failed.is_none() && ch.up.load(Ordering::Acquire) && park(host, ch, &mut rd) {
+        drop(rd);
+    } else {
+        drop(rd);
+        // Back to the worker: re-arming its read interest reports an edge for what is left.
+        ch.set_inline(host, false);
+    }
     if let Some(reason) = failed {
         channel_down(host, ch, &reason);
     }
     true
+}
+/// How long a channel stays parked after an inline read before its worker takes it back
+/// (and how often a worker with parked channels looks). What arrives meanwhile for a
+/// vsocket nobody waits on inline waits at most about twice this.
+pub(crate) const PARK_GRACE: Duration = Duration::from_millis(1);
+
+/// Channels parked by inline reads ([`park`]), and how many threads of the host sleep
+/// waiting for something channels carry without reading one themselves ([`Sleeping`]).
+/// While any does, no channel is parked: what it waits for must not sit on a channel that
+/// nobody polls.
+#[derive(Default)]
+pub(crate) struct Parking {
+    sleepers: AtomicUsize,
+    parked: Mutex<Vec<Arc<Channel>>>,
+    any: AtomicBool,
+}
+
+/// A thread of the host sleeping (on a condition variable) until a frame changes what it
+/// waits for — a read, a write waiting for credit, a connect, an accept — without reading a
+/// channel itself: parked channels go back to their workers first, and none is parked
+/// until it wakes.
+pub(crate) struct Sleeping<'a>(&'a HostInner);
+
+impl<'a> Sleeping<'a> {
+    pub(crate) fn new(host: &'a HostInner) -> Sleeping<'a> {
+        host.parking.sleepers.fetch_add(1, Ordering::SeqCst);
+        if host.parking.any.load(Ordering::SeqCst) {
+            let parked = std::mem::take(&mut *host.parking.parked.lock().unwrap());
+            for ch in parked {
+                unpark(host, &ch, Duration::ZERO);
+            }
+        }
+        Sleeping(host)
+    }
+}
+
+impl Drop for Sleeping<'_> {
+    fn drop(&mut self) {
+        self.0.parking.sleepers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Leave `ch` parked after an inline read (the caller holds its reader, `rd`); `false`
+/// (nothing done) while another thread of the host sleeps waiting for a frame. Parked, the
+/// worker still does not poll the channel, so the next inline wait on it — most often the
+/// same thread's, one round trip later — starts without changing the worker's interest,
+/// and a frame that arrives in between wakes the thread that will read it, not the worker.
+/// This is Linux's preferred busy polling (`SO_PREFER_BUSY_POLL` with `gro_flush_timeout`):
+/// the interrupt stays off while the application keeps coming back, and a timer turns it on
+/// when it does not. A thread that starts to wait otherwise ([`Sleeping`], or an async task
+/// registering) takes parked channels back at once; the worker takes back a channel parked
+/// longer than [`PARK_GRACE`].
+fn park(host: &HostInner, ch: &Arc<Channel>, rd: &mut Reader) -> bool {
+    let p = &host.parking;
+    // A daemon's own inline waits (a connect it makes for a client) never come back to read:
+    // its vsockets are read by other processes, through shared memory.
+    if host.shm_rings || p.sleepers.load(Ordering::SeqCst) > 0 {
+        return false;
+    }
+    rd.parked_at = Some(Instant::now());
+    ch.parked.store(true, Ordering::SeqCst);
+    p.parked.lock().unwrap().push(ch.clone());
+    p.any.store(true, Ordering::SeqCst);
+    // Parked first, then look at the sleepers; a sleeper counts itself first, then looks
+    // for parked channels: one of the two sees the other.
+    if p.sleepers.load(Ordering::SeqCst) > 0 {
+        unlist(host, ch);
+        ch.parked.store(false, Ordering::SeqCst);
+        rd.parked_at = None;
+        return false;
+    }
+    let w = &host.workers[ch.worker];
+    if !w.ticking.swap(true, Ordering::SeqCst) {
+        let _ = w.waker.wake();
+    }
+    true
+}
+
+/// Take `ch` off the host's list of parked channels.
+fn unlist(host: &HostInner, ch: &Arc<Channel>) {
+    let mut list = host.parking.parked.lock().unwrap();
+    list.retain(|c| !Arc::ptr_eq(c, ch));
+    host.parking.any.store(!list.is_empty(), Ordering::SeqCst);
+}
+
+/// Give a parked channel back to its worker if it has been parked for `at_least` (zero:
+/// whenever it is parked). Nothing happens while an app thread reads it (that thread
+/// parks it again only if nobody sleeps).
+pub(crate) fn unpark(host: &HostInner, ch: &Arc<Channel>, at_least: Duration) {
+    if !ch.parked.load(Ordering::SeqCst) {
+        return;
+    }
+    let Ok(mut rd) = ch.reader.try_lock() else { return };
+    if !ch.parked.load(Ordering::SeqCst) || rd.parked_at.is_some_and(|t| t.elapsed() < at_least) {
+        return;
+    }
+    ch.parked.store(false, Ordering::SeqCst);
+    rd.parked_at = None;
+    drop(rd);
+    unlist(host, ch);
+    // Re-arming the worker's read interest reports an edge for whatever arrived meanwhile.
+    ch.set_inline(host, false);
+}
+
+/// Whether worker `w` should keep waking every [`PARK_GRACE`]: while any of its channels
+/// is parked. Clearing `ticking` and then looking again pairs with [`park`], which sets a
+/// channel parked and then `ticking`: one of the two sees the other.
+fn keep_ticking(w: &WorkerHandle, conns: &HashMap<usize, Conn>) -> bool {
+    let parked = || conns.values().any(|c| c.ch.parked.load(Ordering::SeqCst));
+    if !w.ticking.load(Ordering::SeqCst) {
+        return false;
+    }
+    if parked() {
+        return true;
+    }
+    w.ticking.store(false, Ordering::SeqCst);
+    if parked() {
+        w.ticking.store(true, Ordering::SeqCst);
+        return true;
+    }
+    false
 }

@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -62,9 +62,18 @@ pub(crate) struct HostInner {
     pub totals: Arc<Totals>,
     /// Vsocket rings live in shared memory (the daemon serves them to app processes).
     pub shm_rings: bool,
+    /// The daemon's choice of region for a vsocket arriving on a port (a recycled region of
+    /// the listening app process, `crate::daemon::regions`); `None`: a new one.
+    pub arrival_regions: OnceLock<ArrivalRegions>,
     /// Vsockets that recently left the table (answers to their peers' late frames).
     tombstones: Mutex<recovery::Tombstones>,
+    /// Channels parked by inline reads, and threads waiting for what channels carry.
+    pub parking: channel::Parking,
 }
+
+/// Picks the shared region of a vsocket arriving on a local port (see
+/// [`HostInner::arrival_regions`]).
+pub(crate) type ArrivalRegions = Box<dyn Fn(u16) -> Option<Arc<crate::shm::Region>> + Send + Sync>;
 
 /// Host-wide counters.
 #[derive(Default, Debug)]
@@ -305,7 +314,9 @@ impl Host {
             threads: Mutex::new(Vec::new()),
             totals: Arc::new(Totals::default()),
             shm_rings,
+            arrival_regions: OnceLock::new(),
             tombstones: Mutex::new(recovery::Tombstones::default()),
+            parking: channel::Parking::default(),
             cfg: config,
         });
         let mut threads = Vec::new();
@@ -786,6 +797,7 @@ impl HostInner {
         let id = self.alloc_id();
         let local_ip = peer.local_ip.lock().unwrap().unwrap_or(self.local.ip());
         let class = if self.cfg.latency_ports.contains(&dst_port) { Class::Latency } else { class };
+        let region = self.arrival_regions.get().and_then(|f| f(dst_port));
         let vs = match VSock::new(
             self,
             id,
@@ -794,6 +806,7 @@ impl HostInner {
             SocketAddr::new(local_ip, dst_port),
             SocketAddr::new(peer.key.ip(), src_port),
             credit,
+            region,
         ) {
             Ok(mut v) => {
                 // Both hosts key the vsocket's home channel on the connecting end's id.
