@@ -2060,7 +2060,7 @@ pub(crate) fn spin_for_replies(budget: std::time::Duration) {
         }
         spins += 1;
         // Now and then give the CPU to the app, should it be waiting for this one.
-        if spins % 64 == 0 {
+        if spins.is_multiple_of(64) {
             std::thread::yield_now();
         } else {
             std::hint::spin_loop();
