@@ -1490,6 +1490,32 @@ mod tests {
     }
 
     #[test]
+    fn a_connect_through_the_daemon_leaves_no_channel_parked() {
+        let dir = std::env::temp_dir().join(format!("nc-park-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("a.sock");
+        let mut cfg = Config { listen: "127.61.3.1:9000".parse().unwrap(), ..Config::default() };
+        cfg.daemon.socket = Some(socket.clone());
+        let server = Server::start(cfg).unwrap();
+        let host = server.st.host.clone();
+        let stop_a = Arc::new(AtomicBool::new(false));
+        let s2 = stop_a.clone();
+        std::thread::spawn(move || server.run(&s2));
+        let (sb, stop_b) = start("127.61.3.2:9000", &dir);
+        let (ca, cb) = (Client::connect(&socket).unwrap(), Client::connect(&sb).unwrap());
+        let _l = cb.bind(7000).unwrap();
+        for _ in 0..20 {
+            let _s = ca.connect_stream("127.61.3.2:7000".parse().unwrap()).unwrap();
+            // The connect read its home channel inline for OPEN_OK; the app now reads the
+            // shared rings, so nothing must be left for the worker's tick.
+            assert!(!host.inner().parking.any(), "a daemon connect left its home channel parked");
+        }
+        stop_a.store(true, Ordering::SeqCst);
+        stop_b.store(true, Ordering::SeqCst);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn an_idle_client_stays_and_one_stalled_inside_a_request_is_cut_off() {
         let dir = std::env::temp_dir().join(format!("nc-stall-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

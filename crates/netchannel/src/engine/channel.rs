@@ -1178,6 +1178,14 @@ pub(crate) struct Parking {
     any: AtomicBool,
 }
 
+impl Parking {
+    /// Whether any channel is parked now.
+    #[cfg(test)]
+    pub(crate) fn any(&self) -> bool {
+        self.any.load(Ordering::SeqCst)
+    }
+}
+
 /// A thread of the host sleeping (on a condition variable) until a frame changes what it
 /// waits for — a read, a write waiting for credit, a connect, an accept — without reading a
 /// channel itself: parked channels go back to their workers first, and none is parked
