@@ -436,21 +436,22 @@ impl Region {
 
     /// Tell the app something changed: wake futex sleepers, and drive the readiness proxy's
     /// gates if the vsocket has one. Engine side.
-    pub fn ring_app(&self) {
+    /// Returns whether it opened the proxy's IN gate (the app was waiting to read).
+    pub fn ring_app(&self) -> bool {
         let h = self.header();
         h.ring_app();
-        if self.proxy_fd().is_some() {
-            self.drive_proxy();
-        }
+        self.proxy_fd().is_some() && self.drive_proxy()
     }
 
     /// Daemon side: bring the proxy's gates in line with the header (see
     /// `crate::daemon::proxy`): open IN when there is something to read, FIN as a half close
     /// of B, an error as the close of B (the app's fd then reports ERR|HUP), and unplug OUT
-    /// when the send ring has room again.
-    pub fn drive_proxy(&self) {
+    /// when the send ring has room again. Returns whether it opened the IN gate (sent a
+    /// token: the app had read everything before).
+    pub fn drive_proxy(&self) -> bool {
         let guard = self.proxy.read().unwrap_or_else(|p| p.into_inner());
-        let Some(b) = guard.as_ref().map(|b| b.as_raw_fd()) else { return };
+        let Some(b) = guard.as_ref().map(|b| b.as_raw_fd()) else { return false };
+        let mut opened = false;
         let h = self.header();
         let state = h.state.load(Ordering::SeqCst);
         if h.app_flags.load(Ordering::SeqCst) & BYPASSED != 0 {
@@ -461,7 +462,7 @@ impl Region {
             // Closing B with the base record unread in its queue resets A (ECONNRESET).
             let b = self.proxy.write().unwrap_or_else(|p| p.into_inner()).take();
             drop(b);
-            return;
+            return false;
         }
         let readable = h.rx_in_order.load(Ordering::SeqCst) > h.rx_consumed.load(Ordering::SeqCst)
             || state & FIN != 0
@@ -472,6 +473,7 @@ impl Region {
             let consumed = h.rx_consumed.load(Ordering::SeqCst);
             if h.rx_gate.swap(GATE_OPEN, Ordering::SeqCst) != GATE_OPEN {
                 proxy_send(b, &[TOKEN]);
+                opened = true;
                 self.rx_seen.store(consumed, Ordering::SeqCst);
             } else if self.rx_seen.swap(consumed, Ordering::SeqCst) == consumed
                 && state & FIN == 0
@@ -512,6 +514,7 @@ impl Region {
                 h.tx_gate.store(TX_OPEN, Ordering::SeqCst);
             }
         }
+        opened
     }
 
     /// Start of the send ring and its capacity.

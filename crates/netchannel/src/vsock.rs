@@ -628,7 +628,9 @@ impl VSock {
             // of the app), which another channel's worker delivering to this vsocket need
             // not wait for.
             if let Some(shm) = &self.shm {
-                shm.ring_app();
+                if shm.ring_app() {
+                    watch_for_reply(self);
+                }
             }
             self.wake_pollers();
         }
@@ -2000,6 +2002,97 @@ impl Drop for EmbeddedListener {
         self.q.close();
         if let Some(r) = self.q.ready.get() {
             r.close();
+        }
+    }
+}
+
+thread_local! {
+    /// Proxied vsockets whose app this thread just woke with bytes to read (see
+    /// [`spin_for_replies`]).
+    static REPLY_WATCH: std::cell::RefCell<Vec<Arc<VSock>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Remember `vs` for this thread's next [`spin_for_replies`] (at most 64 vsockets).
+fn watch_for_reply(vs: &Arc<VSock>) {
+    REPLY_WATCH.with(|w| {
+        let mut w = w.borrow_mut();
+        if w.len() < 64 && !w.iter().any(|v| Arc::ptr_eq(v, vs)) {
+            w.push(vs.clone());
+        }
+    });
+}
+
+/// Channel worker, after a round of reads (`[daemon] reply_spin_us`, `budget`): the apps it
+/// woke (a token on their readiness proxy) usually answer within microseconds. Watch their
+/// headers for up to `budget` instead of letting them ring the poller: an answer seen here
+/// is taken in and sent from this thread, sparing the app's doorbell and the poller's
+/// wake-up. While watched, a vsocket's `need_kick` is 0 (the app does not ring); when the
+/// watch ends it is 1 again and the header is taken in once more, so nothing the app did
+/// meanwhile waits for a doorbell that was never rung.
+pub(crate) fn spin_for_replies(budget: std::time::Duration) {
+    let list: Vec<Arc<VSock>> = REPLY_WATCH.with(|w| std::mem::take(&mut *w.borrow_mut()));
+    if list.is_empty() || budget.is_zero() {
+        return;
+    }
+    let pos = |v: &VSock| {
+        let h = v.shm.as_ref().expect("watched vsockets are shared").header();
+        (h.tx_written.load(Ordering::SeqCst), h.rx_consumed.load(Ordering::SeqCst))
+    };
+    let mut pending: Vec<(Arc<VSock>, (u64, u64))> = list
+        .into_iter()
+        .map(|v| {
+            let p = pos(&v);
+            v.shm.as_ref().expect("shared").header().need_kick.store(0, Ordering::SeqCst);
+            (v, p)
+        })
+        .collect();
+    let start = std::time::Instant::now();
+    let mut spins = 0u32;
+    // Until an answer (a write) shows up, or the budget is spent.
+    loop {
+        pending.retain_mut(|(v, p)| {
+            let now = pos(v);
+            if now.0 == p.0 {
+                return true;
+            }
+            *p = now;
+            finish_watch(v);
+            false
+        });
+        if pending.is_empty() || start.elapsed() >= budget {
+            break;
+        }
+        spins += 1;
+        // Now and then give the CPU to the app, should it be waiting for this one.
+        if spins.is_multiple_of(64) {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+    for (v, _) in pending {
+        finish_watch(&v);
+    }
+}
+
+/// The app rings again from here on; whatever it did without ringing is taken in now. Not
+/// only what differs from a snapshot: a write made just before the watch began, whose ring
+/// the watch's `need_kick = 0` then suppressed, is in every snapshot.
+fn finish_watch(v: &Arc<VSock>) {
+    let h = v.shm.as_ref().expect("shared").header();
+    h.need_kick.store(1, Ordering::SeqCst);
+    v.take_reply();
+}
+
+impl VSock {
+    /// Take in what the app of a watched vsocket did, as the daemon's poller would. What the
+    /// poller must handle itself — the app's close (B's hang-up), an impossible position
+    /// (the poller disconnects the app on its next look) — is left to it.
+    fn take_reply(self: &Arc<Self>) {
+        if let Ok((false, true)) = self.sync_app() {
+            if let Some(r) = &self.shm {
+                r.drive_proxy();
+            }
         }
     }
 }

@@ -606,6 +606,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
     let mut again: Vec<usize> = Vec::new(); // channels with reading left over
     let mut closing_again: Vec<usize> = Vec::new(); // those of them that reported end of stream
     let mut last_look = Instant::now();
+    let reply_spin = host.cfg.daemon.reply_spin();
     let mut last_tick = Instant::now();
     loop {
         let any_lent = conns.values().any(|c| c.ch.lent.load(Ordering::Relaxed));
@@ -753,6 +754,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
                 }
             }
         }
+        crate::vsock::spin_for_replies(reply_spin);
         writable.sort_unstable();
         writable.dedup();
         for t in writable {
