@@ -1100,9 +1100,7 @@ pub(crate) fn read_inline(
     let Ok(mut rd) = ch.reader.try_lock() else { return false };
     if ch.parked.load(Ordering::SeqCst) {
         // Parked by the last inline read: the worker's interest is still off.
-        ch.parked.store(false, Ordering::SeqCst);
-        rd.parked_at = None;
-        unlist(host, ch);
+        unmark(host, ch, &mut rd);
     } else if !ch.set_inline(host, true) {
         return false;
     }
@@ -1195,7 +1193,7 @@ pub(crate) struct Sleeping<'a>(&'a HostInner);
 impl<'a> Sleeping<'a> {
     pub(crate) fn new(host: &'a HostInner) -> Sleeping<'a> {
         host.parking.sleepers.fetch_add(1, Ordering::SeqCst);
-        if host.parking.any.load(Ordering::SeqCst) {
+        if host.parking.any() {
             let parked = std::mem::take(&mut *host.parking.parked.lock().unwrap());
             for ch in parked {
                 unpark(host, &ch, Duration::ZERO);
@@ -1235,9 +1233,7 @@ fn park(host: &HostInner, ch: &Arc<Channel>, rd: &mut Reader) -> bool {
     // Parked first, then look at the sleepers; a sleeper counts itself first, then looks
     // for parked channels: one of the two sees the other.
     if p.sleepers.load(Ordering::SeqCst) > 0 {
-        unlist(host, ch);
-        ch.parked.store(false, Ordering::SeqCst);
-        rd.parked_at = None;
+        unmark(host, ch, rd);
         return false;
     }
     let w = &host.workers[ch.worker];
@@ -1247,8 +1243,11 @@ fn park(host: &HostInner, ch: &Arc<Channel>, rd: &mut Reader) -> bool {
     true
 }
 
-/// Take `ch` off the host's list of parked channels.
-fn unlist(host: &HostInner, ch: &Arc<Channel>) {
+/// `ch` is parked no more (the caller holds its reader, `rd`): clear its mark and take it
+/// off the host's list. Its worker's interest is left as it is.
+fn unmark(host: &HostInner, ch: &Arc<Channel>, rd: &mut Reader) {
+    ch.parked.store(false, Ordering::SeqCst);
+    rd.parked_at = None;
     let mut list = host.parking.parked.lock().unwrap();
     list.retain(|c| !Arc::ptr_eq(c, ch));
     host.parking.any.store(!list.is_empty(), Ordering::SeqCst);
@@ -1265,10 +1264,8 @@ pub(crate) fn unpark(host: &HostInner, ch: &Arc<Channel>, at_least: Duration) {
     if !ch.parked.load(Ordering::SeqCst) || rd.parked_at.is_some_and(|t| t.elapsed() < at_least) {
         return;
     }
-    ch.parked.store(false, Ordering::SeqCst);
-    rd.parked_at = None;
+    unmark(host, ch, &mut rd);
     drop(rd);
-    unlist(host, ch);
     // Re-arming the worker's read interest reports an edge for whatever arrived meanwhile.
     ch.set_inline(host, false);
 }
