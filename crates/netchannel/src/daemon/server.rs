@@ -157,6 +157,8 @@ struct Served {
     /// A, in any process, is closed (B hangs up).
     proxy_a: Mutex<Option<OwnedFd>>,
     proxied: bool,
+    /// A vsocket handed over while still connecting (`early`): when it fails unless answered.
+    connect_deadline: Option<Instant>,
     /// Inode of end A (how the program's descriptor of it is found in /proc to name it).
     proxy_ino: u64,
     /// Its share of the caps, given back with it.
@@ -680,7 +682,7 @@ impl State {
     ) -> io::Result<(Response, Option<Arc<Served>>)> {
         match req {
             Request::Hello => Ok((Response::Ok, None)),
-            Request::Connect { addr, class, proxy, pool } => {
+            Request::Connect { addr, class, proxy, pool, early } => {
                 let key = self.take_note(pid, pool.as_ref());
                 let charge = self.charge(pid)?;
                 let region = match key {
@@ -693,9 +695,16 @@ impl State {
                     )?),
                     None => None,
                 };
-                // Always confirmed: the shim's blocking connect reports a refusal itself.
-                let stream = crate::VStream::open_in(self.host.clone(), addr, class.into(), false, region)?;
-                let sv = self.register(stream, conn, pid, proxy, charge, key)?;
+                // Confirmed: a blocking connect reports a refusal itself, a non-blocking one
+                // (`early`, proxied only) through its proxy once the answer comes.
+                let (stream, deadline) = if early && proxy {
+                    let (s, deadline) =
+                        crate::VStream::connect_start_in(self.host.clone(), addr, class.into(), false, region)?;
+                    (s, Some(deadline))
+                } else {
+                    (crate::VStream::open_in(self.host.clone(), addr, class.into(), false, region)?, None)
+                };
+                let sv = self.register(stream, conn, pid, proxy, charge, key, deadline)?;
                 Ok((stream_response(&sv), Some(sv)))
             }
             Request::Bind { port, pool, .. } => {
@@ -744,7 +753,7 @@ impl State {
                             // (Another thread of the process may have taken the last share
                             // meanwhile: the vsocket is then reset.)
                             let charge = self.charge(pid)?;
-                            let sv = self.register(stream, conn, pid, proxy, charge, key)?;
+                            let sv = self.register(stream, conn, pid, proxy, charge, key, None)?;
                             return Ok((stream_response(&sv), Some(sv)));
                         }
                         None if !wait => {
@@ -798,7 +807,7 @@ impl State {
                         return Err(e);
                     }
                 };
-                let sv = self.register(p.stream, conn, pid, true, charge, key)?;
+                let sv = self.register(p.stream, conn, pid, true, charge, key, None)?;
                 Ok((stream_response(&sv), Some(sv)))
             }
             Request::CloseListener { listener } => {
@@ -876,6 +885,7 @@ impl State {
         proxy: bool,
         charge: Charge,
         pool: Option<PoolKey>,
+        connect_deadline: Option<Instant>,
     ) -> io::Result<Arc<Served>> {
         let vs = stream.engine_vsock().expect("the daemon's host is embedded").clone();
         let region = vs.region().expect("daemon vsockets are shared").clone();
@@ -911,6 +921,7 @@ impl State {
             proxy_ino: proxy_a.as_ref().map_or(0, |a| inode(a.as_raw_fd())),
             proxy_a: Mutex::new(proxy_a),
             proxied: proxy,
+            connect_deadline,
             _charge: charge,
         });
         self.streams.lock().unwrap().insert(handle, sv.clone());
@@ -1066,6 +1077,24 @@ impl State {
         }
     }
 
+    /// Fail the vsockets handed over while connecting whose answer did not come in time (the
+    /// app's descriptor then reports ERR|HUP and `SO_ERROR` ETIMEDOUT). Looked at on the
+    /// poller's idle passes, at least once a second.
+    fn time_out_connects(&self) {
+        let now = Instant::now();
+        let late: Vec<Arc<Served>> = self
+            .streams
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|s| s.connect_deadline.is_some_and(|d| d <= now) && s.vs.connecting())
+            .cloned()
+            .collect();
+        for s in late {
+            let _ = s.vs.connect_timed_out();
+        }
+    }
+
     /// An app broke the shared-memory contract: disconnect its connection.
     fn disconnect(&self, conn: u64, why: &str) {
         self.clients_disconnected.fetch_add(1, Ordering::Relaxed);
@@ -1142,6 +1171,7 @@ impl State {
                 }
                 self.reap_failed_proxies();
                 self.reap_parked(false);
+                self.time_out_connects();
                 1000
             };
             let n = self.poller.wait(&mut events, timeout);
