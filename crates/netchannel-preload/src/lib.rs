@@ -1170,7 +1170,9 @@ pub unsafe extern "C" fn getsockopt(
     len: *mut socklen_t,
 ) -> c_int {
     if let Some((d, v6)) = direct_call(fd) {
-        if (level, name) == (libc::SOL_SOCKET, libc::SO_ERROR) && d.ps.error_code() == Some(libc::ECONNREFUSED) {
+        if (level, name) == (libc::SOL_SOCKET, libc::SO_ERROR)
+            && d.ps.error_code() == Some(libc::ECONNREFUSED)
+        {
             // The listener went away: the next connect there asks before it answers.
             note_listener(d.ps.remote(), false);
         }

@@ -17,9 +17,11 @@
  *   sockets many IP PORT N   N non-blocking connects at once from one epoll loop (an event
  *                            loop's burst), each then "ping" / "pong" / close. Prints
  *                            "ok N inprogress K": K of the connects answered EINPROGRESS.
- *   sockets gone IP PORT     one "ping" / "pong" with a prefork server (the address now has a
+ *   sockets gone IP PORT [timeout]
+ *                            one "ping" / "pong" with a prefork server (the address now has a
  *                            vsocket listener), prints "connected" and waits for a line on
- *                            stdin (the server is stopped meanwhile), then as "refused".
+ *                            stdin (the server is stopped meanwhile), then as "refused" (with
+ *                            "timeout": the peer is frozen, SO_ERROR ETIMEDOUT).
  *   sockets refused IP PORT  a non-blocking connect to a port nobody listens on: reported
  *                            as ERR|HUP to an events = 0 epoll registration, then SO_ERROR
  *                            ECONNREFUSED. Prints "ok".
@@ -400,31 +402,38 @@ static int many(const char *ip, int port, int n) {
     return 0;
 }
 
-static int refused(const char *ip, int port) {
+/* A failed non-blocking connect: EINPROGRESS (or the error at once), then ERR|HUP to an
+ * events = 0 registration and SO_ERROR `want`. */
+static int failed_connect(const char *ip, int port, int want) {
     int s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     CHECK(s >= 0, "socket");
     struct sockaddr_in a = addr_of(ip, port);
     int r = connect(s, (struct sockaddr *)&a, sizeof a);
-    if (r < 0 && errno == ECONNREFUSED) {
+    if (r < 0 && errno == want) {
         printf("ok\n");
         return 0;
     }
-    CHECK(r < 0 && errno == EINPROGRESS, "non-blocking connect to a closed port: EINPROGRESS or ECONNREFUSED");
+    CHECK(r < 0 && errno == EINPROGRESS, "failing non-blocking connect: EINPROGRESS or its error");
     int ep = epoll_create1(EPOLL_CLOEXEC);
     struct epoll_event ev = {.events = 0, .data.fd = s};
     CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev) == 0, "epoll_ctl events = 0");
     struct epoll_event got;
-    CHECK(epoll_wait(ep, &got, 1, 10000) == 1, "the refusal reported within 10 s");
+    CHECK(epoll_wait(ep, &got, 1, 10000) == 1, "the failure reported within 10 s");
     CHECK((got.events & EPOLLERR) && (got.events & EPOLLHUP), "ERR|HUP to an events = 0 registration");
     int err = 0;
     socklen_t el = sizeof err;
-    CHECK(getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &el) == 0 && err == ECONNREFUSED, "SO_ERROR ECONNREFUSED");
+    CHECK(getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &el) == 0, "getsockopt SO_ERROR");
+    if (err != want)
+        fprintf(stderr, "SO_ERROR %d (%s), expected %d (%s)\n", err, strerror(err), want, strerror(want));
+    CHECK(err == want, "SO_ERROR says why");
     close(s);
     printf("ok\n");
     return 0;
 }
 
-static int gone(const char *ip, int port) {
+static int refused(const char *ip, int port) { return failed_connect(ip, port, ECONNREFUSED); }
+
+static int gone(const char *ip, int port, int want) {
     struct sockaddr_in a = addr_of(ip, port);
     int s = socket(AF_INET, SOCK_STREAM, 0);
     CHECK(s >= 0 && connect(s, (struct sockaddr *)&a, sizeof a) == 0, "connect while listening");
@@ -437,7 +446,7 @@ static int gone(const char *ip, int port) {
     fflush(stdout);
     char line[16];
     CHECK(fgets(line, sizeof line, stdin) != NULL, "a line on stdin once the server is gone");
-    return refused(ip, port);
+    return failed_connect(ip, port, want);
 }
 
 int main(int argc, char **argv) {
@@ -455,7 +464,7 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "many") == 0 && argc == 5)
         return many(argv[2], port, atoi(argv[4]));
     if (strcmp(argv[1], "gone") == 0)
-        return gone(argv[2], port);
+        return gone(argv[2], port, argc == 5 && strcmp(argv[4], "timeout") == 0 ? ETIMEDOUT : ECONNREFUSED);
     if (strcmp(argv[1], "refused") == 0)
         return refused(argv[2], port);
     return client(argv[2], port);

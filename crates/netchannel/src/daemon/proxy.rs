@@ -646,7 +646,8 @@ impl Client {
         early: bool,
     ) -> io::Result<(ProxyStream, OwnedFd)> {
         let pool = self.table().note();
-        let (resp, fds) = self.request(&Request::Connect { addr, class: class.into(), proxy: true, pool, early })?;
+        let (resp, fds) =
+            self.request(&Request::Connect { addr, class: class.into(), proxy: true, pool, early })?;
         ProxyStream::from_response(self, resp, fds)
     }
 

@@ -698,8 +698,13 @@ impl State {
                 // Confirmed: a blocking connect reports a refusal itself, a non-blocking one
                 // (`early`, proxied only) through its proxy once the answer comes.
                 let (stream, deadline) = if early && proxy {
-                    let (s, deadline) =
-                        crate::VStream::connect_start_in(self.host.clone(), addr, class.into(), false, region)?;
+                    let (s, deadline) = crate::VStream::connect_start_in(
+                        self.host.clone(),
+                        addr,
+                        class.into(),
+                        false,
+                        region,
+                    )?;
                     (s, Some(deadline))
                 } else {
                     (crate::VStream::open_in(self.host.clone(), addr, class.into(), false, region)?, None)
