@@ -300,7 +300,6 @@ fn hundreds_of_non_blocking_connects_from_one_event_loop_all_succeed() {
     if !have("cc") {
         return;
     }
-    use std::io::{BufRead, Write};
     use std::os::unix::process::CommandExt;
     let (dir, a, b, port) = setup_with("preload-many", DataPath::Shm);
     let exe = sockets_program(&dir.0);

@@ -24,7 +24,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -158,7 +158,7 @@ struct Served {
     proxy_a: Mutex<Option<OwnedFd>>,
     proxied: bool,
     /// A vsocket handed over while still connecting (`early`): when it fails unless answered.
-    connect_deadline: Option<Instant>,
+    connect_deadline: OnceLock<Instant>,
     /// Inode of end A (how the program's descriptor of it is found in /proc to name it).
     proxy_ino: u64,
     /// Its share of the caps, given back with it.
@@ -709,7 +709,10 @@ impl State {
                 } else {
                     (crate::VStream::open_in(self.host.clone(), addr, class.into(), false, region)?, None)
                 };
-                let sv = self.register(stream, conn, pid, proxy, charge, key, deadline)?;
+                let sv = self.register(stream, conn, pid, proxy, charge, key)?;
+                if let Some(d) = deadline {
+                    let _ = sv.connect_deadline.set(d);
+                }
                 Ok((stream_response(&sv), Some(sv)))
             }
             Request::Bind { port, pool, .. } => {
@@ -758,7 +761,7 @@ impl State {
                             // (Another thread of the process may have taken the last share
                             // meanwhile: the vsocket is then reset.)
                             let charge = self.charge(pid)?;
-                            let sv = self.register(stream, conn, pid, proxy, charge, key, None)?;
+                            let sv = self.register(stream, conn, pid, proxy, charge, key)?;
                             return Ok((stream_response(&sv), Some(sv)));
                         }
                         None if !wait => {
@@ -812,7 +815,7 @@ impl State {
                         return Err(e);
                     }
                 };
-                let sv = self.register(p.stream, conn, pid, true, charge, key, None)?;
+                let sv = self.register(p.stream, conn, pid, true, charge, key)?;
                 Ok((stream_response(&sv), Some(sv)))
             }
             Request::CloseListener { listener } => {
@@ -890,7 +893,6 @@ impl State {
         proxy: bool,
         charge: Charge,
         pool: Option<PoolKey>,
-        connect_deadline: Option<Instant>,
     ) -> io::Result<Arc<Served>> {
         let vs = stream.engine_vsock().expect("the daemon's host is embedded").clone();
         let region = vs.region().expect("daemon vsockets are shared").clone();
@@ -926,7 +928,7 @@ impl State {
             proxy_ino: proxy_a.as_ref().map_or(0, |a| inode(a.as_raw_fd())),
             proxy_a: Mutex::new(proxy_a),
             proxied: proxy,
-            connect_deadline,
+            connect_deadline: OnceLock::new(),
             _charge: charge,
         });
         self.streams.lock().unwrap().insert(handle, sv.clone());
@@ -1092,7 +1094,7 @@ impl State {
             .lock()
             .unwrap()
             .values()
-            .filter(|s| s.connect_deadline.is_some_and(|d| d <= now) && s.vs.connecting())
+            .filter(|s| s.connect_deadline.get().is_some_and(|&d| d <= now) && s.vs.connecting())
             .cloned()
             .collect();
         for s in late {
