@@ -500,11 +500,14 @@ impl VSock {
             return;
         }
         let class = self.class();
-        // An OPEN_OK still owed goes first, in the same write as what this pump sends.
+        // An OPEN_OK still owed goes first, in the same write as what this pump sends. Its
+        // channel counts as idle if it was before the OPEN_OK was queued: the response that
+        // follows it is still the first small send there (written from this thread).
         let open_ok = self.take_open_ok().and_then(|ok| {
             let ch = self.peer.control_channel(class, self.home)?;
+            let idle = ch.queued.load(Ordering::Relaxed) == 0;
             ch.enqueue_frame(&ok);
-            Some(ch)
+            Some((ch, idle))
         });
         let mut parked = false;
         // The channels used, each with whether its queue was empty before this pump.
@@ -537,7 +540,10 @@ impl VSock {
                 }
             };
             if !used.iter().any(|(c, _)| Arc::ptr_eq(c, &ch)) {
-                let idle = ch.queued.load(Ordering::Relaxed) == 0;
+                let idle = match &open_ok {
+                    Some((c, idle)) if Arc::ptr_eq(c, &ch) => *idle,
+                    _ => ch.queued.load(Ordering::Relaxed) == 0,
+                };
                 used.push((ch.clone(), idle));
             }
             ch.enqueue(OutFrame::Segment {
@@ -550,7 +556,7 @@ impl VSock {
         }
         let fin = tx.st.take_fin();
         drop(tx);
-        if let Some(ch) = open_ok {
+        if let Some((ch, _)) = open_ok {
             if fin.is_none() && !used.iter().any(|(c, _)| Arc::ptr_eq(c, &ch)) {
                 ch.send_now();
             }
