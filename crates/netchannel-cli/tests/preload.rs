@@ -319,6 +319,14 @@ fn hundreds_of_non_blocking_connects_from_one_event_loop_all_succeed() {
     assert_proxied(DataPath::Shm, &b, proxied, n);
     wait_until_idle(&[&a, &b]);
 
+    // Issue 12, defect 2: a vsocket costs the program one descriptor, as a TCP connection
+    // does (its proxy end; the memfd is closed once mapped, the doorbell is one per process).
+    let out = ok(b.run(&[&exe, "hold", &ip, &port_s, "64"]), "hold");
+    let fds: usize =
+        out.stdout.trim().strip_prefix("ok fds ").and_then(|k| k.parse().ok()).unwrap_or(usize::MAX);
+    assert!(fds <= 64, "64 vsockets took {fds} descriptors in the program (stdout {:?})", out.stdout);
+    wait_until_idle(&[&a, &b]);
+
     // The program connects once, then the server goes away, then it connects again.
     let opened = total(&b, "vsockets_proxied");
     connect_again_after(&b, &exe, &ip, port, "refused", || {
