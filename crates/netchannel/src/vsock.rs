@@ -705,6 +705,11 @@ impl VSock {
             self.tx_cv.notify_all();
         }
         drop(tx);
+        if let Some(shm) = &self.shm {
+            // A shim's non-blocking connect keeps its descriptor not writable until now.
+            shm.header().state.fetch_and(!crate::shm::OPENING, Ordering::SeqCst);
+            shm.ring_app();
+        }
         // A connect waiting inline for this answer looks at the event count.
         self.rx_event();
         self.totals.vsockets_opened.fetch_add(1, Ordering::Relaxed);
@@ -875,7 +880,7 @@ impl VSock {
     }
 
     /// Fail this connecting vsocket: its deadline passed without an answer.
-    fn connect_timed_out(&self) -> io::Error {
+    pub(crate) fn connect_timed_out(&self) -> io::Error {
         let t = self.host().map(|h| h.cfg.connect_timeout).unwrap_or_default();
         let msg = format!("connect to {} timed out after {t:?}", self.remote);
         self.fail(ErrorKind::TimedOut, msg.clone());
@@ -890,6 +895,12 @@ impl VSock {
             return Some(Err(err(*kind, msg.clone())));
         }
         (tx.opened || tx.optimistic).then_some(Ok(()))
+    }
+
+    /// Whether this vsocket still waits for the answer to its OPEN (no OPEN_OK, no failure).
+    pub(crate) fn connecting(&self) -> bool {
+        let tx = self.tx.lock().unwrap();
+        self.owns_port && !tx.opened && !tx.optimistic && tx.error.is_none()
     }
 
     /// If this vsocket is still connecting (no OPEN_OK yet), send its OPEN again: the OPEN
@@ -1428,7 +1439,7 @@ impl VStream {
         VStream::connect_start_in(host, addr, class, optimistic, None)
     }
 
-    fn connect_start_in(
+    pub(crate) fn connect_start_in(
         host: Host,
         addr: SocketAddr,
         class: Class,
@@ -1453,6 +1464,11 @@ impl VStream {
             let _ = tx.st.on_credit(0, inner.cfg.open_credit as u64);
             drop(tx);
             vs.open_deferred.store(true, Ordering::Release);
+        }
+        if let (Some(shm), false) = (&vs.shm, optimistic) {
+            // Until OPEN_OK (`on_open_ok`) or a failure: what a daemon's shim app, handed this
+            // vsocket before the answer, reads to know it is still connecting.
+            shm.header().state.fetch_or(crate::shm::OPENING, Ordering::SeqCst);
         }
         inner.vsocks.write().unwrap().insert(id, vs.clone());
         let stream = VStream { imp: StreamImp::Embedded(Arc::new(Handle { vs: vs.clone(), _host: host })) };
