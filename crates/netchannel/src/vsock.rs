@@ -523,17 +523,14 @@ impl VSock {
             return;
         }
         let class = self.class();
-        // An OPEN_OK still owed goes first, in the same write as what this pump sends. Its
-        // channel counts as idle if it was before the OPEN_OK was queued: the response that
-        // follows it is still the first small send there (written from this thread).
+        // An OPEN_OK still owed goes first, in the same write as what this pump sends.
         let open_ok = self.take_open_ok().and_then(|ok| {
             let ch = self.peer.control_channel(class, self.home)?;
-            let idle = ch.queued.load(Ordering::Relaxed) == 0;
             ch.enqueue_frame(&ok);
-            Some((ch, idle))
+            Some(ch)
         });
         let mut parked = false;
-        // The channels used, each with whether its queue was empty before this pump.
+        // The channels used, each with whether it was idle before this pump (`Channel::idle`).
         let mut used: Vec<(Arc<crate::engine::channel::Channel>, bool)> = Vec::new();
         let mut bytes = 0usize;
         // Whether every segment of this pump is among the stream's first INLINE_MAX bytes.
@@ -563,10 +560,7 @@ impl VSock {
                 }
             };
             if !used.iter().any(|(c, _)| Arc::ptr_eq(c, &ch)) {
-                let idle = match &open_ok {
-                    Some((c, idle)) if Arc::ptr_eq(c, &ch) => *idle,
-                    _ => ch.queued.load(Ordering::Relaxed) == 0,
-                };
+                let idle = ch.idle();
                 used.push((ch.clone(), idle));
             }
             ch.enqueue(OutFrame::Segment {
@@ -579,7 +573,7 @@ impl VSock {
         }
         let fin = tx.st.take_fin();
         drop(tx);
-        if let Some((ch, _)) = open_ok {
+        if let Some(ch) = open_ok {
             if fin.is_none() && !used.iter().any(|(c, _)| Arc::ptr_eq(c, &ch)) {
                 ch.send_now();
             }
@@ -764,7 +758,15 @@ impl VSock {
         let credit = if hold { rx.st.credit_due_holding_fin() } else { rx.st.credit_due() };
         drop(rx);
         self.wake_pollers();
-        self.send_credit(credit);
+        match credit {
+            // This side had shut down already: the CREDIT acknowledges the peer's FIN, which
+            // only lets the peer's vsocket leave its table (its app sent FIN, so it writes no
+            // more and waits for no credit). It leaves with the next write on the channel.
+            Some(c) if !hold && !self.open_ok_deferred.load(Ordering::Acquire) => {
+                self.peer.send_control_lazy(self.class(), self.home, &self.credit_frame(c));
+            }
+            _ => self.send_credit(credit),
+        }
         if hold && self.tx.lock().unwrap().st.is_shutdown() {
             // Shut down meanwhile: its FIN may have left before this FIN was recorded.
             let credit = self.rx.lock().unwrap().st.credit_due();

@@ -900,6 +900,36 @@ fn an_accept_reading_parked_channels_still_delivers_to_others_and_accepts_from_w
     });
 }
 
+/// The acknowledgement of a FIN that arrives after this end closed waits for the next write
+/// on its channel; when none comes, the channel's worker sends it, so the peer's vsocket
+/// still leaves its table (it waits for nothing else).
+#[test]
+fn a_fin_acknowledgement_waiting_for_a_write_that_never_comes_still_leaves() {
+    within(30, || {
+        let (a, b) = two_hosts(|_| {});
+        let l = b.bind(9731).unwrap();
+        for round in 0..3u8 {
+            let c = a.connect(at(&b, 9731)).unwrap();
+            let (s, _) = l.accept().unwrap();
+            // Blocking reads on both ends: their channels are read inline and left parked,
+            // so the workers tick.
+            (&c).write_all(&[round; 64]).unwrap();
+            let mut got = [0u8; 64];
+            (&s).read_exact(&mut got).unwrap();
+            (&s).write_all(&got).unwrap();
+            (&c).read_exact(&mut got).unwrap();
+            assert_eq!(got, [round; 64]);
+            // The client closes first; the server's FIN arrives after, and nothing is
+            // written on any channel afterwards.
+            drop(c);
+            let mut end = [0u8; 1];
+            assert_eq!((&s).read(&mut end).unwrap(), 0);
+            drop(s);
+            both_tables_empty(&a, &b);
+        }
+    });
+}
+
 fn both_tables_empty(a: &Host, b: &Host) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while a.stats().vsockets + b.stats().vsockets > 0 {

@@ -113,6 +113,10 @@ pub(crate) struct Channel {
     /// poll it, so the thread's next wait takes it back without a system call ([`park`]).
     /// Set and cleared under `reader`.
     parked: AtomicBool,
+    /// Since when a control frame nobody waits for ([`Channel::push_lazy`]) has waited in
+    /// the queue for the next write on this channel; the worker writes it at the latest
+    /// about [`PARK_GRACE`] later.
+    lazy_since: Mutex<Option<Instant>>,
 }
 
 /// The reading half of a channel: bytes read and not yet dispatched.
@@ -193,6 +197,7 @@ impl Channel {
             lent: AtomicBool::new(false),
             lent_reads: AtomicU64::new(0),
             parked: AtomicBool::new(false),
+            lazy_since: Mutex::new(None),
         })
     }
 
@@ -289,6 +294,15 @@ impl Channel {
         }
     }
 
+    /// Nothing but control frames waits to be sent: no segment is queued, and nothing
+    /// gathered is left unwritten. A small send then is the first one on the channel, which
+    /// the sender may write itself (an OPEN_OK owed, or a FIN acknowledgement waiting for the
+    /// next write, leaves with it); behind segments, it waits for the worker, which batches.
+    pub(crate) fn idle(&self) -> bool {
+        let queued = self.queued.load(Ordering::Relaxed);
+        queued == 0 || queued == self.out.lock().unwrap().depth(Lane::Control).bytes
+    }
+
     /// What waits in this channel's queue, per lane (control, latency, bulk).
     pub(crate) fn depths(&self) -> [Depth; 3] {
         let q = self.out.lock().unwrap();
@@ -337,6 +351,41 @@ impl Channel {
             self.enqueue_frame(frame);
         }
         self.send_now();
+    }
+
+    /// Queue a control frame that nobody waits for (the acknowledgement of a FIN whose
+    /// vsocket is finished here): it leaves with the next write on this channel, whoever
+    /// makes it, instead of in a write (and an arrival at the peer) of its own; the worker
+    /// writes it if no write comes within about [`PARK_GRACE`]. Written now when the worker
+    /// does not tick (a tick only for this would cost more than the write).
+    pub(crate) fn push_lazy(&self, frame: &Frame<'_>) {
+        self.enqueue_frame(frame);
+        self.lazy_since.lock().unwrap().get_or_insert_with(Instant::now);
+        // Marked first, then the worker's ticking looked at; the worker clears `ticking`
+        // and then looks for marked channels (`keep_ticking`): one of the two sees the other.
+        let ticking =
+            self.host.upgrade().is_some_and(|h| h.workers[self.worker].ticking.load(Ordering::SeqCst));
+        if !ticking {
+            self.send_now();
+        }
+    }
+
+    /// Whether a lazy frame waits ([`Channel::push_lazy`]).
+    fn has_lazy(&self) -> bool {
+        self.lazy_since.lock().unwrap().is_some()
+    }
+
+    /// The worker's tick: a lazy frame that waited `at_least` is written now (returns
+    /// `true`: the caller flushes); one that left meanwhile with another write is forgotten.
+    fn lazy_due(&self, at_least: Duration) -> bool {
+        let mut since = self.lazy_since.lock().unwrap();
+        match *since {
+            Some(t) if t.elapsed() >= at_least => {
+                *since = None;
+                self.queued.load(Ordering::Relaxed) > 0
+            }
+            _ => false,
+        }
     }
 
     /// Queue an encoded control frame; the caller sends it ([`Channel::send_now`], or a
@@ -644,13 +693,16 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
                 }
             }
         }
+        let mut writable: Vec<usize> = Vec::new();
         if ticking && last_tick.elapsed() >= PARK_GRACE {
             last_tick = Instant::now();
-            for c in conns.values() {
+            for (t, c) in conns.iter() {
                 unpark(&host, &c.ch, PARK_GRACE);
+                if c.ch.lazy_due(PARK_GRACE) {
+                    writable.push(*t);
+                }
             }
         }
-        let mut writable: Vec<usize> = Vec::new();
         // Channels whose event reported end of stream or an error: read to the end.
         let mut closing: Vec<usize> = std::mem::take(&mut closing_again);
         for ev in events.iter() {
@@ -1348,10 +1400,12 @@ pub(crate) fn unpark(host: &HostInner, ch: &Arc<Channel>, at_least: Duration) {
 }
 
 /// Whether worker `w` should keep waking every [`PARK_GRACE`]: while any of its channels
-/// is parked. Clearing `ticking` and then looking again pairs with [`park`], which sets a
-/// channel parked and then `ticking`: one of the two sees the other.
+/// is parked or holds a lazy frame. Clearing `ticking` and then looking again pairs with
+/// [`park`], which sets a channel parked and then `ticking` (and with
+/// [`Channel::push_lazy`], which marks the channel and then looks at `ticking`): one of the
+/// two sees the other.
 fn keep_ticking(w: &WorkerHandle, conns: &HashMap<usize, Conn>) -> bool {
-    let parked = || conns.values().any(|c| c.ch.parked.load(Ordering::SeqCst));
+    let parked = || conns.values().any(|c| c.ch.parked.load(Ordering::SeqCst) || c.ch.has_lazy());
     if !w.ticking.load(Ordering::SeqCst) {
         return false;
     }
