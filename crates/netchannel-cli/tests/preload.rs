@@ -48,7 +48,8 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Client::connect(&socket).is_err() {
             if let Some(st) = child.0.as_mut().unwrap().try_wait().unwrap() {
-                panic!("netchannel up exited: {st}");
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("netchannel up ({listen}) exited: {st}; it said:\n{said}");
             }
             assert!(Instant::now() < deadline, "the daemon did not come up on {}", socket.display());
             std::thread::sleep(Duration::from_millis(20));
