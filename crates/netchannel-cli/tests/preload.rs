@@ -287,6 +287,120 @@ fn accept_in_forked_workers_leaks_no_vsocket_and_no_descriptor() {
     );
 }
 
+/// Issue 12 item 4 (SHIM.md 10): an event loop that opens hundreds of non-blocking connects
+/// at once gets every one of them as a vsocket, each writable once connected (`SO_ERROR` 0)
+/// and answered; none fails, none is left behind. Once a connect reached the address, the
+/// others return without waiting for the peer's answer (EINPROGRESS, or 0 where the answer
+/// was quicker than the daemon's reply). A refused non-blocking connect
+/// looks as the kernel's does (SHIM.md 2: ERR|HUP to an `events = 0` registration, then
+/// `SO_ERROR` ECONNREFUSED): to a port nobody listens on, and through a vsocket whose
+/// listener went away after the program had connected there.
+#[test]
+fn hundreds_of_non_blocking_connects_from_one_event_loop_all_succeed() {
+    if !have("cc") {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let (dir, a, b, port) = setup_with("preload-many", DataPath::Shm);
+    let exe = sockets_program(&dir.0);
+    let (ip, port_s) = (a.ip(), port.to_string());
+    let mut cmd = a.run(&[&exe, "prefork", &ip, &port_s, "2"]);
+    cmd.process_group(0);
+    let server = background(cmd, &format!("{ip}:{port}"));
+    let group = KillGroup(server.0.as_ref().unwrap().id() as i32);
+    let proxied = total(&b, "vsockets_proxied");
+    let n: u64 = 300;
+    let out = ok(b.run(&[&exe, "many", &ip, &port_s, &n.to_string()]), "many");
+    let said: Vec<&str> = out.stdout.split_whitespace().collect();
+    let in_progress: u64 = said.get(3).and_then(|k| k.parse().ok()).unwrap_or(0);
+    assert_eq!(said.get(..2), Some(&["ok", "300"][..]), "stdout {:?}, stderr:\n{}", out.stdout, out.stderr);
+    // The others were answered before the daemon's reply came back: connected at once (0).
+    assert!(in_progress > 0, "none of {n} connects answered EINPROGRESS");
+    assert_proxied(DataPath::Shm, &b, proxied, n);
+    wait_until_idle(&[&a, &b]);
+
+    // The program connects once, then the server goes away, then it connects again.
+    let opened = total(&b, "vsockets_proxied");
+    connect_again_after(&b, &exe, &ip, port, "refused", || {
+        drop(group);
+        drop(server);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while a.status()["listeners"].as_array().is_some_and(|l| !l.is_empty()) {
+            assert!(Instant::now() < deadline, "the server's listener stayed: {}", a.status());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    assert!(
+        total(&b, "vsockets_proxied") >= opened + 2,
+        "the second connect was not a vsocket: {}",
+        b.status()
+    );
+    wait_until_idle(&[&a, &b]);
+
+    // A port nobody listens on (the program never reached it before).
+    let closed = (port + 7).to_string();
+    let out = ok(b.run(&[&exe, "refused", &ip, &closed]), "refused");
+    assert_eq!(out.stdout.trim(), "ok", "stderr:\n{}", out.stderr);
+}
+
+/// `sockets gone`: the program reaches `ip:port` once, `between` runs, and the program's
+/// next non-blocking connect there (EINPROGRESS at once: the address is known) must fail as
+/// `how` says ("refused": ECONNREFUSED, "timeout": ETIMEDOUT) through ERR|HUP and SO_ERROR.
+fn connect_again_after(b: &Daemon, exe: &str, ip: &str, port: u16, how: &str, between: impl FnOnce()) {
+    use std::io::{BufRead, Write};
+    let port_s = port.to_string();
+    let mut cmd = b.run(&[exe, "gone", ip, &port_s, how]);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = KillOnDrop(Some(cmd.spawn().expect("spawn sockets gone")));
+    let c = child.0.as_mut().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(c.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "connected");
+    between();
+    c.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let out = finish(child.0.take().unwrap(), "sockets gone");
+    assert!(
+        out.status.success() && out.stdout.trim() == "ok",
+        "stdout {:?}, stderr:\n{}",
+        out.stdout,
+        out.stderr
+    );
+}
+
+/// A non-blocking connect whose OPEN is never answered (the peer's daemon is frozen) fails
+/// at `connect_timeout` (3 s by default): ERR|HUP and `SO_ERROR` ETIMEDOUT, never a hang.
+#[test]
+fn a_non_blocking_connect_nobody_answers_times_out() {
+    if !have("cc") {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let (dir, a, b, port) = setup_with("preload-frozen", DataPath::Shm);
+    let exe = sockets_program(&dir.0);
+    let ip = a.ip();
+    let mut cmd = a.run(&[&exe, "prefork", &ip, &port.to_string(), "1"]);
+    cmd.process_group(0);
+    let server = background(cmd, &format!("{ip}:{port}"));
+    let _group = KillGroup(server.0.as_ref().unwrap().id() as i32);
+    let daemon = a.status()["daemon"]["pid"].as_i64().unwrap() as i32;
+    /// Thaws the frozen daemon, whatever happens.
+    struct Thaw(i32);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on the daemon this test started.
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    let mut thaw = None;
+    connect_again_after(&b, &exe, &ip, port, "timeout", || {
+        // SAFETY: kill(2) on the daemon this test started.
+        assert_eq!(unsafe { libc::kill(daemon, libc::SIGSTOP) }, 0);
+        thaw = Some(Thaw(daemon));
+    });
+    drop(thaw);
+    wait_until_idle(&[&b]);
+}
+
 /// Issue 12, defect 3: a long-running server under `netchannel run` whose daemon restarts
 /// gets its listener registered again with the new daemon, says so in one line, and takes
 /// vsockets again (not kernel TCP) without being restarted itself.

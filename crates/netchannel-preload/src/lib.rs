@@ -33,7 +33,7 @@ mod relay;
 mod sys;
 
 use std::cell::Cell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -113,6 +113,10 @@ struct Shim {
     negative: Option<HashMap<IpAddr, Instant>>,
     relay: Option<Arc<RelayListener>>,
     arrivals: Option<Arrivals>,
+    /// Vsocket addresses a confirmed connect reached: a non-blocking connect to one of them
+    /// answers EINPROGRESS at once (the first one to an address waits for the answer, so
+    /// that a port without a vsocket listener can still fall back to kernel TCP).
+    listening: Option<HashSet<SocketAddr>>,
 }
 
 static SHIM: ForkLock<Shim> = ForkLock::new(Shim {
@@ -124,6 +128,7 @@ static SHIM: ForkLock<Shim> = ForkLock::new(Shim {
     negative: None,
     relay: None,
     arrivals: None,
+    listening: None,
 });
 
 fn shm_datapath() -> bool {
@@ -343,10 +348,21 @@ fn connect_sock(fd: c_int, to: SocketAddr, v6: bool) -> c_int {
 /// `connect` onto a vsocket: `None` means "not ours, do the real connect".
 fn vconnect(fd: c_int, dst: SocketAddr) -> Option<c_int> {
     if marked(fd) {
-        // Connecting again (after EINPROGRESS): the kernel socket answers for itself.
+        // Connecting again (after EINPROGRESS): the kernel socket answers for itself; a
+        // vsocket still connecting EALREADY, a failed connect its error, else EISCONN.
         let e = entry(fd)?;
-        if matches!(e.kind, Kind::Direct(_)) {
-            sys::set_errno(libc::EISCONN);
+        if let Kind::Direct(d) = &e.kind {
+            let errno = match d.ps.error_code() {
+                Some(code) => {
+                    if code == libc::ECONNREFUSED {
+                        note_listener(e.remote, false);
+                    }
+                    code
+                }
+                None if d.ps.connecting() => libc::EALREADY,
+                None => libc::EISCONN,
+            };
+            sys::set_errno(errno);
             return Some(-1);
         }
         let target = SHIM.lock().relay.as_ref().map(|r| r.addr)?;
@@ -397,9 +413,30 @@ fn vconnect(fd: c_int, dst: SocketAddr) -> Option<c_int> {
     Some(rc)
 }
 
-/// The connecting socket becomes the vsocket's readiness proxy (no kernel connection).
+/// Whether a confirmed connect reached a vsocket listener at `dst` before.
+fn known_listener(dst: SocketAddr) -> bool {
+    SHIM.lock().listening.as_ref().is_some_and(|l| l.contains(&dst))
+}
+
+/// Remember (or, after a refusal, forget) that `dst` has a vsocket listener.
+fn note_listener(dst: SocketAddr, listening: bool) {
+    let mut s = SHIM.lock();
+    let set = s.listening.get_or_insert_with(HashSet::new);
+    if listening {
+        set.insert(dst);
+    } else {
+        set.remove(&dst);
+    }
+}
+
+/// The connecting socket becomes the vsocket's readiness proxy (no kernel connection). A
+/// non-blocking connect to an address known to have a vsocket listener returns EINPROGRESS
+/// without waiting for the peer: the descriptor turns writable when the peer accepts, or
+/// reports ERR|HUP with `SO_ERROR` ECONNREFUSED / ETIMEDOUT.
 fn vconnect_direct(c: &Client, fd: c_int, dst: SocketAddr, class: Class, v6: bool) -> Option<c_int> {
-    let (ps, a) = match c.connect_proxied(dst, class) {
+    let (nonblocking, cloexec) = direct::fd_flags(fd);
+    let early = nonblocking && known_listener(dst);
+    let (ps, a) = match c.connect_proxied(dst, class, early) {
         Ok(x) => x,
         Err(e) => {
             if !(e.kind() == ErrorKind::ConnectionRefused && e.to_string().contains("no vsocket listener")) {
@@ -408,7 +445,14 @@ fn vconnect_direct(c: &Client, fd: c_int, dst: SocketAddr, class: Class, v6: boo
             return None;
         }
     };
-    let (nonblocking, cloexec) = direct::fd_flags(fd);
+    if !early {
+        note_listener(dst, true);
+    }
+    // Not writable until connected: plugged before the program can see the descriptor.
+    let in_progress = early && (ps.connecting() || ps.error_code().is_some());
+    if ps.connecting() {
+        ps.hold_until_connected(std::os::fd::AsRawFd::as_raw_fd(&a));
+    }
     let local = ps.local();
     if !direct::swap_in(fd, a, cloexec, nonblocking) {
         return None;
@@ -416,6 +460,10 @@ fn vconnect_direct(c: &Client, fd: c_int, dst: SocketAddr, class: Class, v6: boo
     readd_epoll(fd);
     let d = Arc::new(Direct::new(ps, nonblocking));
     insert(fd, Entry { pid: pid(), kind: Kind::Direct(d), v6, local, remote: dst });
+    if in_progress {
+        sys::set_errno(libc::EINPROGRESS);
+        return Some(-1);
+    }
     sys::set_errno(0);
     Some(0)
 }
@@ -1122,6 +1170,12 @@ pub unsafe extern "C" fn getsockopt(
     len: *mut socklen_t,
 ) -> c_int {
     if let Some((d, v6)) = direct_call(fd) {
+        if (level, name) == (libc::SOL_SOCKET, libc::SO_ERROR)
+            && d.ps.error_code() == Some(libc::ECONNREFUSED)
+        {
+            // The listener went away: the next connect there asks before it answers.
+            note_listener(d.ps.remote(), false);
+        }
         return shield(|| -1, || direct::getsockopt(&d, fd, v6, level, name, val, len));
     }
     let f = real!(getsockopt: fn(c_int, c_int, c_int, *mut libc::c_void, *mut socklen_t) -> c_int);

@@ -60,6 +60,9 @@ pub const BYPASSED: u32 = 4;
 pub const FIN: u32 = 1;
 /// `state`: the vsocket failed; `error_kind` and `error_msg` say how.
 pub const ERROR: u32 = 2;
+/// `state`: the vsocket is connecting (its OPEN not answered yet): the readiness proxy's OUT
+/// gate stays plugged (a shim's non-blocking connect, EINPROGRESS) until the answer clears it.
+pub const OPENING: u32 = 4;
 
 /// The shared header of one vsocket (see the module docs for who writes what).
 #[repr(C)]
@@ -492,7 +495,7 @@ impl Region {
             // SAFETY: shutdown of our own socket.
             unsafe { libc::shutdown(b, libc::SHUT_WR) };
         }
-        if h.tx_gate.load(Ordering::SeqCst) == TX_PLUGGED {
+        if h.tx_gate.load(Ordering::SeqCst) == TX_PLUGGED && state & OPENING == 0 {
             let cap = self.tx_cap as u64;
             let used = h.tx_written.load(Ordering::SeqCst).saturating_sub(h.tx_acked.load(Ordering::SeqCst));
             if cap.saturating_sub(used) >= low_water(cap)

@@ -22,7 +22,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use crate::copy::CopyTask;
-use crate::engine::channel::{OutFrame, Sleeping};
+use crate::engine::channel::{read_inline, InlineTarget, OutFrame, Sleeping};
 use crate::engine::peer::Peer;
 use crate::engine::{Host, HostInner};
 use crate::proto::stream::{Credit, RxState, TxState};
@@ -101,10 +101,9 @@ pub(crate) struct VSock {
     read_tasks: TaskWakers,
     write_tasks: TaskWakers,
     /// An app thread waiting for this vsocket reads its home channel itself
-    /// (`engine::channel::read_inline`): set with its eventfd, to write when what it waits
-    /// for comes by another way (another channel, a local shutdown).
-    inline_armed: AtomicBool,
-    inline_waiter: Mutex<Option<Arc<OwnedFd>>>,
+    /// (`engine::channel::read_inline`), to be kicked when what it waits for comes by
+    /// another way (another channel, a local shutdown).
+    inline: InlineWaiter,
     /// An optimistic connect whose OPEN is not sent yet: it goes with the first write, or
     /// bare when the app reads, shuts down or closes first ([`VSock::send_deferred_open`]).
     open_deferred: AtomicBool,
@@ -131,6 +130,47 @@ fn inline_kick() -> Option<Arc<OwnedFd>> {
         })
         .clone()
     })
+}
+
+/// The app thread that waits for a vsocket or an accept queue by reading channels itself
+/// (`engine::channel::read_inline`): its eventfd, which whoever delivers what it waits for
+/// by another way (a channel worker, another thread, a local close) writes.
+#[derive(Default)]
+struct InlineWaiter {
+    armed: AtomicBool,
+    fd: Mutex<Option<Arc<OwnedFd>>>,
+}
+
+impl InlineWaiter {
+    /// Run the inline wait `f` with this thread's eventfd (passed to `f`) published; `None`
+    /// (nothing run) if the thread has no eventfd.
+    fn during<T>(&self, f: impl FnOnce(RawFd) -> T) -> Option<T> {
+        let kick = inline_kick()?;
+        *self.fd.lock().unwrap() = Some(kick.clone());
+        self.armed.store(true, Ordering::SeqCst);
+        let r = f(kick.as_raw_fd());
+        self.armed.store(false, Ordering::SeqCst);
+        *self.fd.lock().unwrap() = None;
+        Some(r)
+    }
+
+    /// Wake the waiting thread, if any, unless it is the calling one (which looks at what
+    /// it waits for after each frame it dispatches). The caller changed that state first.
+    fn kick(&self) {
+        if !self.armed.load(Ordering::SeqCst) {
+            return;
+        }
+        let w = self.fd.lock().unwrap();
+        if let Some(fd) = w.as_ref() {
+            let mine =
+                INLINE_KICK.with(|c| c.get().and_then(|m| m.as_ref()).is_some_and(|m| Arc::ptr_eq(m, fd)));
+            if !mine {
+                let one = 1u64;
+                // SAFETY: writes 8 bytes from a live u64 to an eventfd that the Arc keeps open.
+                unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            }
+        }
+    }
 }
 
 /// A snapshot of one vsocket, for `netchannel status`.
@@ -233,8 +273,7 @@ impl VSock {
             ready: LazyReadiness::default(),
             read_tasks: TaskWakers::default(),
             write_tasks: TaskWakers::default(),
-            inline_armed: AtomicBool::new(false),
-            inline_waiter: Mutex::new(None),
+            inline: InlineWaiter::default(),
             open_deferred: AtomicBool::new(false),
             open_ok_deferred: AtomicBool::new(false),
         }))
@@ -245,18 +284,7 @@ impl VSock {
     /// the calling thread (it looks at the count after each frame it dispatches).
     fn rx_event(&self) {
         self.rx_events.fetch_add(1, Ordering::SeqCst);
-        if self.inline_armed.load(Ordering::SeqCst) {
-            let w = self.inline_waiter.lock().unwrap();
-            if let Some(fd) = w.as_ref() {
-                let mine = INLINE_KICK
-                    .with(|c| c.get().and_then(|m| m.as_ref()).is_some_and(|m| Arc::ptr_eq(m, fd)));
-                if !mine {
-                    let one = 1u64;
-                    // SAFETY: writes 8 bytes from a live u64 to an eventfd that the Arc keeps open.
-                    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-                }
-            }
-        }
+        self.inline.kick();
     }
 
     /// Instead of sleeping until `done()`, read this vsocket's home channel from this thread
@@ -269,13 +297,8 @@ impl VSock {
             return false;
         }
         let Some(ch) = self.peer.control_channel(self.class(), self.home) else { return false };
-        let Some(kick) = inline_kick() else { return false };
-        *self.inline_waiter.lock().unwrap() = Some(kick.clone());
-        self.inline_armed.store(true, Ordering::SeqCst);
-        let ran = crate::engine::channel::read_inline(&host, &ch, kick.as_raw_fd(), deadline, done);
-        self.inline_armed.store(false, Ordering::SeqCst);
-        *self.inline_waiter.lock().unwrap() = None;
-        ran
+        let target = InlineTarget::Channel(&ch);
+        self.inline.during(|kick| read_inline(&host, target, kick, deadline, done)).unwrap_or(false)
     }
 
     /// Give this vsocket's home channel back to its worker if an inline read left it
@@ -507,7 +530,7 @@ impl VSock {
             Some(ch)
         });
         let mut parked = false;
-        // The channels used, each with whether its queue was empty before this pump.
+        // The channels used, each with whether it was idle before this pump (`Channel::idle`).
         let mut used: Vec<(Arc<crate::engine::channel::Channel>, bool)> = Vec::new();
         let mut bytes = 0usize;
         // Whether every segment of this pump is among the stream's first INLINE_MAX bytes.
@@ -537,7 +560,7 @@ impl VSock {
                 }
             };
             if !used.iter().any(|(c, _)| Arc::ptr_eq(c, &ch)) {
-                let idle = ch.queued.load(Ordering::Relaxed) == 0;
+                let idle = ch.idle();
                 used.push((ch.clone(), idle));
             }
             ch.enqueue(OutFrame::Segment {
@@ -682,6 +705,11 @@ impl VSock {
             self.tx_cv.notify_all();
         }
         drop(tx);
+        if let Some(shm) = &self.shm {
+            // A shim's non-blocking connect keeps its descriptor not writable until now.
+            shm.header().state.fetch_and(!crate::shm::OPENING, Ordering::SeqCst);
+            shm.ring_app();
+        }
         // A connect waiting inline for this answer looks at the event count.
         self.rx_event();
         self.totals.vsockets_opened.fetch_add(1, Ordering::Relaxed);
@@ -730,7 +758,15 @@ impl VSock {
         let credit = if hold { rx.st.credit_due_holding_fin() } else { rx.st.credit_due() };
         drop(rx);
         self.wake_pollers();
-        self.send_credit(credit);
+        match credit {
+            // This side had shut down already: the CREDIT acknowledges the peer's FIN, which
+            // only lets the peer's vsocket leave its table (its app sent FIN, so it writes no
+            // more and waits for no credit). It leaves with the next write on the channel.
+            Some(c) if !hold && !self.open_ok_deferred.load(Ordering::Acquire) => {
+                self.peer.send_control_lazy(self.class(), self.home, &self.credit_frame(c));
+            }
+            _ => self.send_credit(credit),
+        }
         if hold && self.tx.lock().unwrap().st.is_shutdown() {
             // Shut down meanwhile: its FIN may have left before this FIN was recorded.
             let credit = self.rx.lock().unwrap().st.credit_due();
@@ -844,7 +880,7 @@ impl VSock {
     }
 
     /// Fail this connecting vsocket: its deadline passed without an answer.
-    fn connect_timed_out(&self) -> io::Error {
+    pub(crate) fn connect_timed_out(&self) -> io::Error {
         let t = self.host().map(|h| h.cfg.connect_timeout).unwrap_or_default();
         let msg = format!("connect to {} timed out after {t:?}", self.remote);
         self.fail(ErrorKind::TimedOut, msg.clone());
@@ -859,6 +895,12 @@ impl VSock {
             return Some(Err(err(*kind, msg.clone())));
         }
         (tx.opened || tx.optimistic).then_some(Ok(()))
+    }
+
+    /// Whether this vsocket still waits for the answer to its OPEN (no OPEN_OK, no failure).
+    pub(crate) fn connecting(&self) -> bool {
+        let tx = self.tx.lock().unwrap();
+        self.owns_port && !tx.opened && !tx.optimistic && tx.error.is_none()
     }
 
     /// If this vsocket is still connecting (no OPEN_OK yet), send its OPEN again: the OPEN
@@ -1397,7 +1439,7 @@ impl VStream {
         VStream::connect_start_in(host, addr, class, optimistic, None)
     }
 
-    fn connect_start_in(
+    pub(crate) fn connect_start_in(
         host: Host,
         addr: SocketAddr,
         class: Class,
@@ -1422,6 +1464,11 @@ impl VStream {
             let _ = tx.st.on_credit(0, inner.cfg.open_credit as u64);
             drop(tx);
             vs.open_deferred.store(true, Ordering::Release);
+        }
+        if let (Some(shm), false) = (&vs.shm, optimistic) {
+            // Until OPEN_OK (`on_open_ok`) or a failure: what a daemon's shim app, handed this
+            // vsocket before the answer, reads to know it is still connecting.
+            shm.header().state.fetch_or(crate::shm::OPENING, Ordering::SeqCst);
         }
         inner.vsocks.write().unwrap().insert(id, vs.clone());
         let stream = VStream { imp: StreamImp::Embedded(Arc::new(Handle { vs: vs.clone(), _host: host })) };
@@ -1702,30 +1749,67 @@ impl Write for &VStream {
 pub(crate) struct ListenQueue {
     port: u16,
     backlog: usize,
-    q: Mutex<(VecDeque<Arc<VSock>>, bool)>,
+    q: Mutex<Arrivals>,
     cv: Condvar,
+    /// Bumped (under `q`) whenever an accept may find something new: a vsocket queued, the
+    /// listener closed. What an accept reading channels inline waits on.
+    events: AtomicU64,
+    /// A blocking accept reads the host's parked channels itself (`read_inline`): kicked
+    /// when a vsocket arrives by another way (a channel worker) or the listener closes.
+    inline: InlineWaiter,
     /// The pollable descriptor, once an application asked for it (`crate::readiness`).
     ready: LazyReadiness,
     /// Async tasks waiting until an accept would not block.
     tasks: TaskWakers,
 }
 
+/// What waits in an accept queue.
+#[derive(Default)]
+struct Arrivals {
+    /// Opened vsockets, oldest first.
+    queue: VecDeque<Arc<VSock>>,
+    /// The listener was closed.
+    closed: bool,
+    /// Accepts sleeping on the condition variable (only they need its notify).
+    sleepers: usize,
+}
+
 impl ListenQueue {
     pub(crate) fn is_full(&self) -> bool {
-        self.q.lock().unwrap().0.len() >= self.backlog
+        self.q.lock().unwrap().queue.len() >= self.backlog
     }
 
     /// Queue an opened vsocket; false if the listener is closed.
     pub(crate) fn push(&self, vs: Arc<VSock>) -> bool {
         let mut q = self.q.lock().unwrap();
-        if q.1 {
+        if q.closed {
             return false;
         }
-        q.0.push_back(vs);
-        self.cv.notify_one();
-        drop(q);
+        q.queue.push_back(vs);
+        self.arrived(q);
         self.wake_pollers();
         true
+    }
+
+    /// Something an accept waits for happened (under `q`, given back here): wake it.
+    fn arrived(&self, q: MutexGuard<'_, Arrivals>) {
+        self.events.fetch_add(1, Ordering::SeqCst);
+        if q.sleepers > 0 {
+            self.cv.notify_one();
+        }
+        drop(q);
+        self.inline.kick();
+    }
+
+    /// Instead of sleeping until `done()`, read the host's parked channels from this thread
+    /// (`engine::channel::read_inline`): the OPEN that ends the wait then wakes this thread
+    /// alone, not a channel worker and then this thread. Returns `false` if it did not (no
+    /// channel is parked; the caller sleeps as usual).
+    fn wait_inline(&self, host: &Arc<HostInner>, done: impl Fn() -> bool) -> bool {
+        if !host.cfg.inline_read {
+            return false;
+        }
+        self.inline.during(|kick| read_inline(host, InlineTarget::Parked, kick, None, done)).unwrap_or(false)
     }
 
     fn wake_pollers(&self) {
@@ -1738,7 +1822,7 @@ impl ListenQueue {
     /// An accept would not block: a vsocket is waiting or the listener is closed.
     fn accept_ready(&self) -> bool {
         let q = self.q.lock().unwrap();
-        !q.0.is_empty() || q.1
+        !q.queue.is_empty() || q.closed
     }
 
     /// The accepting side found the queue empty: close the IN gate unless it is not.
@@ -1757,10 +1841,12 @@ impl ListenQueue {
     pub(crate) fn close(&self) {
         let pending: Vec<_> = {
             let mut q = self.q.lock().unwrap();
-            q.1 = true;
-            q.0.drain(..).collect()
+            q.closed = true;
+            self.events.fetch_add(1, Ordering::SeqCst);
+            q.queue.drain(..).collect()
         };
         self.cv.notify_all();
+        self.inline.kick();
         self.wake_pollers();
         for vs in pending {
             vs.reset(Reason::Closed, "the listener was closed before accepting");
@@ -1820,8 +1906,8 @@ impl VListener {
         let deadline = Instant::now() + t;
         let mut q = l.q.q.lock().unwrap();
         loop {
-            if let Some(vs) = q.0.pop_front() {
-                let empty = q.0.is_empty();
+            if let Some(vs) = q.queue.pop_front() {
+                let empty = q.queue.is_empty();
                 drop(q);
                 // The daemon's app polls a duplicate of the readiness descriptor.
                 if empty {
@@ -1831,7 +1917,7 @@ impl VListener {
                 let h = Handle { vs, _host: l.host.clone() };
                 return Ok(Some((VStream { imp: StreamImp::Embedded(Arc::new(h)) }, addr)));
             }
-            if q.1 {
+            if q.closed {
                 return Err(err(ErrorKind::ConnectionAborted, "the listener was closed"));
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -1844,7 +1930,9 @@ impl VListener {
                 return Ok(None);
             }
             let _sleeping = Sleeping::new(l.host.inner());
+            q.sleepers += 1;
             q = l.q.cv.wait_timeout(q, left).unwrap().0;
+            q.sleepers -= 1;
         }
     }
 
@@ -1861,8 +1949,10 @@ impl VListener {
         let q = Arc::new(ListenQueue {
             port,
             backlog: inner.cfg.accept_backlog,
-            q: Mutex::new((VecDeque::new(), false)),
+            q: Mutex::new(Arrivals::default()),
             cv: Condvar::new(),
+            events: AtomicU64::new(0),
+            inline: InlineWaiter::default(),
             ready: LazyReadiness::default(),
             tasks: TaskWakers::default(),
         });
@@ -1879,10 +1969,13 @@ impl VListener {
             ListenerImp::Embedded(l) => l,
             ListenerImp::Daemon(d) => return d.accept(),
         };
+        // Whether to read the host's parked channels before sleeping (once it could not,
+        // this call sleeps on the queue).
+        let mut inline = true;
         let mut q = l.q.q.lock().unwrap();
         loop {
-            if let Some(vs) = q.0.pop_front() {
-                let empty = q.0.is_empty();
+            if let Some(vs) = q.queue.pop_front() {
+                let empty = q.queue.is_empty();
                 drop(q);
                 if empty {
                     let _ = l.q.drained();
@@ -1891,7 +1984,7 @@ impl VListener {
                 let h = Handle { vs, _host: l.host.clone() };
                 return Ok((VStream { imp: StreamImp::Embedded(Arc::new(h)) }, addr));
             }
-            if q.1 {
+            if q.closed {
                 return Err(err(ErrorKind::ConnectionAborted, "the listener was closed"));
             }
             if l.nonblocking.load(Ordering::Relaxed) {
@@ -1902,8 +1995,19 @@ impl VListener {
                 }
                 return Err(err(ErrorKind::WouldBlock, "no vsocket waiting"));
             }
+            if inline {
+                // Counted under the lock that arrivals are queued under: one queued after
+                // the look above moves the count past `seen`.
+                let seen = l.q.events.load(Ordering::SeqCst);
+                drop(q);
+                inline = l.q.wait_inline(l.host.inner(), || l.q.events.load(Ordering::SeqCst) != seen);
+                q = l.q.q.lock().unwrap();
+                continue;
+            }
             let _sleeping = Sleeping::new(l.host.inner());
+            q.sleepers += 1;
             q = l.q.cv.wait(q).unwrap();
+            q.sleepers -= 1;
         }
     }
 

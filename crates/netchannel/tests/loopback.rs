@@ -816,6 +816,120 @@ fn a_channel_parked_by_an_inline_read_still_delivers_to_others_and_to_writers() 
     });
 }
 
+/// A blocking accept reads the host's parked channels itself while it waits (the OPEN then
+/// wakes it alone). What those channels carry for other vsockets meanwhile — bytes for a
+/// thread blocked in read, bytes for a non-blocking reader — is delivered, vsockets whose
+/// OPEN comes on a channel nobody parked (read by its worker) are accepted as well, and
+/// closing the listener ends the wait.
+#[test]
+fn an_accept_reading_parked_channels_still_delivers_to_others_and_accepts_from_workers() {
+    within(60, || {
+        let (a, b) = two_hosts(|c| c.throughput_channels = 4);
+        let l = std::sync::Arc::new(b.bind(9730).unwrap());
+        let dst = at(&b, 9730);
+        // Server ends that read blocking: their home channels on b are left parked.
+        let mut pairs = Vec::new();
+        for i in 0..6u8 {
+            let c = a.connect(dst).unwrap();
+            let (s, _) = l.accept().unwrap();
+            (&c).write_all(&[i; 100]).unwrap();
+            let mut got = [0u8; 100];
+            (&s).read_exact(&mut got).unwrap();
+            assert_eq!(got, [i; 100]);
+            pairs.push((c, s));
+        }
+        let (c0, s0) = pairs.remove(0);
+        let (c1, s1) = pairs.remove(0);
+        let acceptor = std::thread::spawn({
+            let l = l.clone();
+            move || {
+                let mut served = 0;
+                loop {
+                    match l.accept() {
+                        Ok((s, _)) => {
+                            let mut req = [0u8; 5];
+                            (&s).read_exact(&mut req).unwrap();
+                            (&s).write_all(&req).unwrap();
+                            served += 1;
+                        }
+                        Err(e) => {
+                            assert_eq!(e.kind(), ErrorKind::ConnectionAborted, "{e}");
+                            return served;
+                        }
+                    }
+                }
+            }
+        });
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; 4096];
+            (&s0).read_exact(&mut got).unwrap();
+            check(40, 0, &got)
+        });
+        // Let the accept and the read block before anything arrives.
+        std::thread::sleep(Duration::from_millis(50));
+        let mut m = vec![0u8; 4096];
+        fill(40, 0, &mut m);
+        (&c0).write_all(&m).unwrap();
+        assert_eq!(reader.join().unwrap(), None, "the blocked reader got other bytes");
+        s1.set_nonblocking(true).unwrap();
+        fill(41, 0, &mut m);
+        (&c1).write_all(&m).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while got.len() < m.len() {
+            match (&s1).read(&mut buf) {
+                Ok(0) => panic!("the non-blocking vsocket ended early"),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_micros(200)),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, m);
+        // New vsockets while the accept waits: their OPENs come on parked channels and on
+        // channels their workers read.
+        for i in 0..8u8 {
+            let c = a.connect(dst).unwrap();
+            (&c).write_all(&[i; 5]).unwrap();
+            let mut echo = [0u8; 5];
+            (&c).read_exact(&mut echo).unwrap();
+            assert_eq!(echo, [i; 5]);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        l.close();
+        assert_eq!(acceptor.join().unwrap(), 8);
+    });
+}
+
+/// The acknowledgement of a FIN that arrives after this end closed waits for the next write
+/// on its channel; when none comes, the channel's worker sends it, so the peer's vsocket
+/// still leaves its table (it waits for nothing else).
+#[test]
+fn a_fin_acknowledgement_waiting_for_a_write_that_never_comes_still_leaves() {
+    within(30, || {
+        let (a, b) = two_hosts(|_| {});
+        let l = b.bind(9731).unwrap();
+        for round in 0..3u8 {
+            let c = a.connect(at(&b, 9731)).unwrap();
+            let (s, _) = l.accept().unwrap();
+            // Blocking reads on both ends: their channels are read inline and left parked,
+            // so the workers tick.
+            (&c).write_all(&[round; 64]).unwrap();
+            let mut got = [0u8; 64];
+            (&s).read_exact(&mut got).unwrap();
+            (&s).write_all(&got).unwrap();
+            (&c).read_exact(&mut got).unwrap();
+            assert_eq!(got, [round; 64]);
+            // The client closes first; the server's FIN arrives after, and nothing is
+            // written on any channel afterwards.
+            drop(c);
+            let mut end = [0u8; 1];
+            assert_eq!((&s).read(&mut end).unwrap(), 0);
+            drop(s);
+            both_tables_empty(&a, &b);
+        }
+    });
+}
+
 fn both_tables_empty(a: &Host, b: &Host) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while a.stats().vsockets + b.stats().vsockets > 0 {

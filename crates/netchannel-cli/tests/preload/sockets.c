@@ -14,12 +14,24 @@
  *                            inherited listener), answers "ping" with "pong" and closes.
  *   sockets churn IP PORT N  N connect / "ping" / "pong" / close cycles, one at a time.
  *                            Prints "ok".
+ *   sockets many IP PORT N   N non-blocking connects at once from one epoll loop (an event
+ *                            loop's burst), each then "ping" / "pong" / close. Prints
+ *                            "ok N inprogress K": K of the connects answered EINPROGRESS.
+ *   sockets gone IP PORT [timeout]
+ *                            one "ping" / "pong" with a prefork server (the address now has a
+ *                            vsocket listener), prints "connected" and waits for a line on
+ *                            stdin (the server is stopped meanwhile), then as "refused" (with
+ *                            "timeout": the peer is frozen, SO_ERROR ETIMEDOUT).
+ *   sockets refused IP PORT  a non-blocking connect to a port nobody listens on: reported
+ *                            as ERR|HUP to an events = 0 epoll registration, then SO_ERROR
+ *                            ECONNREFUSED. Prints "ok".
  */
 #include "check.h"
 #include <netinet/tcp.h>
 #include <signal.h>
 #include <sys/select.h>
 #include <sys/wait.h>
+#include <time.h>
 
 static struct sockaddr_in addr_of(const char *ip, int port) {
     struct sockaddr_in a;
@@ -330,9 +342,116 @@ static int churn(const char *ip, int port, int n) {
     return 0;
 }
 
+/* One pass of many()'s event loop: what epoll reports within timeout_ms. A connection
+ * reported writable must take its "ping" at once (writable means connected). */
+static int many_pass(int ep, int *fds, int timeout_ms) {
+    struct epoll_event got[64];
+    int k = epoll_wait(ep, got, 64, timeout_ms);
+    if (k < 0 && errno == EINTR)
+        return 0;
+    CHECK(k >= 0, "epoll_wait");
+    int done = 0;
+    for (int j = 0; j < k; j++) {
+        int i = (int)got[j].data.u32, s = fds[i];
+        CHECK(!(got[j].events & (EPOLLERR | EPOLLHUP)), "no connection failed");
+        if (got[j].events & EPOLLOUT) {
+            int err = -1;
+            socklen_t el = sizeof err;
+            CHECK(getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &el) == 0 && err == 0, "SO_ERROR 0 once writable");
+            CHECK(send(s, "ping", 4, MSG_NOSIGNAL) == 4, "a socket reported writable takes its ping");
+            struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
+            CHECK(epoll_ctl(ep, EPOLL_CTL_MOD, s, &ev) == 0, "epoll_ctl MOD to EPOLLIN");
+        } else if (got[j].events & EPOLLIN) {
+            char buf[4];
+            ssize_t r = recv(s, buf, sizeof buf, MSG_WAITALL);
+            CHECK(r == 4 && memcmp(buf, "pong", 4) == 0, "pong");
+            CHECK(epoll_ctl(ep, EPOLL_CTL_DEL, s, NULL) == 0, "epoll_ctl DEL");
+            close(s);
+            done++;
+        }
+    }
+    return done;
+}
+
+static int many(const char *ip, int port, int n) {
+    struct sockaddr_in a = addr_of(ip, port);
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    int *fds = calloc((size_t)n, sizeof *fds);
+    int inprogress = 0, done = 0;
+    /* Each connection: writable (connected) -> "ping" -> readable -> "pong" -> close, with
+     * the events of earlier connections handled between the connects, as event loops do. */
+    for (int i = 0; i < n; i++) {
+        int s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        CHECK(s >= 0, "socket");
+        int r = connect(s, (struct sockaddr *)&a, sizeof a);
+        CHECK(r == 0 || errno == EINPROGRESS, "non-blocking connect: 0 or EINPROGRESS");
+        inprogress += r < 0;
+        struct epoll_event ev = {.events = EPOLLOUT | EPOLLET, .data.u32 = (uint32_t)i};
+        CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev) == 0, "epoll_ctl of a connecting socket");
+        fds[i] = s;
+        done += many_pass(ep, fds, 0);
+    }
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    while (done < n) {
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        CHECK(t.tv_sec - t0.tv_sec < 30, "every connection answered within 30 s");
+        done += many_pass(ep, fds, 1000);
+    }
+    printf("ok %d inprogress %d\n", n, inprogress);
+    return 0;
+}
+
+/* A failed non-blocking connect: EINPROGRESS (or the error at once), then ERR|HUP to an
+ * events = 0 registration and SO_ERROR `want`. */
+static int failed_connect(const char *ip, int port, int want) {
+    int s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    CHECK(s >= 0, "socket");
+    struct sockaddr_in a = addr_of(ip, port);
+    int r = connect(s, (struct sockaddr *)&a, sizeof a);
+    if (r < 0 && errno == want) {
+        printf("ok\n");
+        return 0;
+    }
+    CHECK(r < 0 && errno == EINPROGRESS, "failing non-blocking connect: EINPROGRESS or its error");
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event ev = {.events = 0, .data.fd = s};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev) == 0, "epoll_ctl events = 0");
+    struct epoll_event got;
+    CHECK(epoll_wait(ep, &got, 1, 10000) == 1, "the failure reported within 10 s");
+    CHECK((got.events & EPOLLERR) && (got.events & EPOLLHUP), "ERR|HUP to an events = 0 registration");
+    int err = 0;
+    socklen_t el = sizeof err;
+    CHECK(getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &el) == 0, "getsockopt SO_ERROR");
+    if (err != want)
+        fprintf(stderr, "SO_ERROR %d (%s), expected %d (%s)\n", err, strerror(err), want, strerror(want));
+    CHECK(err == want, "SO_ERROR says why");
+    close(s);
+    printf("ok\n");
+    return 0;
+}
+
+static int refused(const char *ip, int port) { return failed_connect(ip, port, ECONNREFUSED); }
+
+static int gone(const char *ip, int port, int want) {
+    struct sockaddr_in a = addr_of(ip, port);
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    CHECK(s >= 0 && connect(s, (struct sockaddr *)&a, sizeof a) == 0, "connect while listening");
+    write_all(s, "ping", 4);
+    char buf[4];
+    read_exact(s, buf, 4);
+    CHECK(memcmp(buf, "pong", 4) == 0, "pong");
+    close(s);
+    printf("connected\n");
+    fflush(stdout);
+    char line[16];
+    CHECK(fgets(line, sizeof line, stdin) != NULL, "a line on stdin once the server is gone");
+    return failed_connect(ip, port, want);
+}
+
 int main(int argc, char **argv) {
     if (argc < 4) {
-        fprintf(stderr, "usage: sockets server|client IP PORT | prefork|churn IP PORT N\n");
+        fprintf(stderr, "usage: sockets server|client|refused|gone IP PORT | prefork|churn|many IP PORT N\n");
         return 2;
     }
     int port = atoi(argv[3]);
@@ -342,5 +461,11 @@ int main(int argc, char **argv) {
         return prefork(argv[2], port, atoi(argv[4]));
     if (strcmp(argv[1], "churn") == 0 && argc == 5)
         return churn(argv[2], port, atoi(argv[4]));
+    if (strcmp(argv[1], "many") == 0 && argc == 5)
+        return many(argv[2], port, atoi(argv[4]));
+    if (strcmp(argv[1], "gone") == 0)
+        return gone(argv[2], port, argc == 5 && strcmp(argv[4], "timeout") == 0 ? ETIMEDOUT : ECONNREFUSED);
+    if (strcmp(argv[1], "refused") == 0)
+        return refused(argv[2], port);
     return client(argv[2], port);
 }

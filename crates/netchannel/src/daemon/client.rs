@@ -183,7 +183,8 @@ impl Client {
     /// Open a vsocket of `class` to `addr`.
     pub fn connect_class(&self, addr: SocketAddr, class: Class) -> io::Result<crate::VStream> {
         let pool = self.inner.table.note();
-        let (resp, fds) = self.request(&Request::Connect { addr, class: class.into(), proxy: true, pool })?;
+        let (resp, fds) =
+            self.request(&Request::Connect { addr, class: class.into(), proxy: true, pool, early: false })?;
         Ok(crate::VStream::from_daemon(DStream::from_response(self, resp, fds)?))
     }
 

@@ -62,6 +62,11 @@ pub(crate) enum Request {
         proxy: bool,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pool: Option<PoolNote>,
+        /// Answer once the OPEN is sent, without waiting for the peer's answer (a shim's
+        /// non-blocking connect): the region's `OPENING` state bit says it is still
+        /// connecting, and the peer's answer (or the connect timeout) ends it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        early: bool,
     },
     /// Listen on a vsocket port (0: any). Answered with `Listener`; with `poll`, a
     /// duplicate of the listener's readiness descriptor comes with it (readable exactly

@@ -267,6 +267,20 @@ impl ProxyStream {
         })
     }
 
+    /// Whether the vsocket still waits for the peer's answer to its OPEN (an `early`
+    /// connect): neither failed nor connected yet.
+    pub fn connecting(&self) -> bool {
+        self.header().state.load(Ordering::SeqCst) & (shm::OPENING | shm::ERROR) == shm::OPENING
+    }
+
+    /// Make end `a` not writable until the connect finishes: the daemon takes the plug out
+    /// when the peer's answer clears `OPENING` (or closes B on a failure, which makes A
+    /// report ERR|HUP). Call it before `a` is handed to the program.
+    pub fn hold_until_connected(&self, a: RawFd) {
+        let _one_writer = FutexLock::take(&self.header().tx_lock);
+        self.plug(a);
+    }
+
     /// Bytes ready to read (FIONREAD).
     pub fn readable(&self) -> usize {
         let h = self.header();
@@ -406,7 +420,8 @@ impl ProxyStream {
             }
             let written = h.tx_written.load(Ordering::Relaxed);
             let acked = h.tx_acked.load(Ordering::Acquire);
-            let space = cap - (written - acked);
+            // Connecting: not writable yet (as a TCP socket in SYN-SENT), whatever the room.
+            let space = if self.connecting() { 0 } else { cap - (written - acked) };
             if space == 0 {
                 self.plug(a);
                 if nonblocking || done > 0 {
@@ -620,9 +635,19 @@ impl ProxyListener {
 
 impl Client {
     /// Open a vsocket of `class` to `addr` with a readiness proxy: the stream and its end A.
-    pub fn connect_proxied(&self, addr: SocketAddr, class: Class) -> io::Result<(ProxyStream, OwnedFd)> {
+    /// With `early`, the daemon answers once the OPEN is sent, not once the peer accepted it:
+    /// [`ProxyStream::connecting`] then tells whether the answer is still to come, and
+    /// [`ProxyStream::hold_until_connected`] keeps A not writable until it has come (a
+    /// non-blocking connect's EINPROGRESS).
+    pub fn connect_proxied(
+        &self,
+        addr: SocketAddr,
+        class: Class,
+        early: bool,
+    ) -> io::Result<(ProxyStream, OwnedFd)> {
         let pool = self.table().note();
-        let (resp, fds) = self.request(&Request::Connect { addr, class: class.into(), proxy: true, pool })?;
+        let (resp, fds) =
+            self.request(&Request::Connect { addr, class: class.into(), proxy: true, pool, early })?;
         ProxyStream::from_response(self, resp, fds)
     }
 

@@ -24,7 +24,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -157,6 +157,8 @@ struct Served {
     /// A, in any process, is closed (B hangs up).
     proxy_a: Mutex<Option<OwnedFd>>,
     proxied: bool,
+    /// A vsocket handed over while still connecting (`early`): when it fails unless answered.
+    connect_deadline: OnceLock<Instant>,
     /// Inode of end A (how the program's descriptor of it is found in /proc to name it).
     proxy_ino: u64,
     /// Its share of the caps, given back with it.
@@ -680,7 +682,7 @@ impl State {
     ) -> io::Result<(Response, Option<Arc<Served>>)> {
         match req {
             Request::Hello => Ok((Response::Ok, None)),
-            Request::Connect { addr, class, proxy, pool } => {
+            Request::Connect { addr, class, proxy, pool, early } => {
                 let key = self.take_note(pid, pool.as_ref());
                 let charge = self.charge(pid)?;
                 let region = match key {
@@ -693,9 +695,24 @@ impl State {
                     )?),
                     None => None,
                 };
-                // Always confirmed: the shim's blocking connect reports a refusal itself.
-                let stream = crate::VStream::open_in(self.host.clone(), addr, class.into(), false, region)?;
+                // Confirmed: a blocking connect reports a refusal itself, a non-blocking one
+                // (`early`, proxied only) through its proxy once the answer comes.
+                let (stream, deadline) = if early && proxy {
+                    let (s, deadline) = crate::VStream::connect_start_in(
+                        self.host.clone(),
+                        addr,
+                        class.into(),
+                        false,
+                        region,
+                    )?;
+                    (s, Some(deadline))
+                } else {
+                    (crate::VStream::open_in(self.host.clone(), addr, class.into(), false, region)?, None)
+                };
                 let sv = self.register(stream, conn, pid, proxy, charge, key)?;
+                if let Some(d) = deadline {
+                    let _ = sv.connect_deadline.set(d);
+                }
                 Ok((stream_response(&sv), Some(sv)))
             }
             Request::Bind { port, pool, .. } => {
@@ -911,6 +928,7 @@ impl State {
             proxy_ino: proxy_a.as_ref().map_or(0, |a| inode(a.as_raw_fd())),
             proxy_a: Mutex::new(proxy_a),
             proxied: proxy,
+            connect_deadline: OnceLock::new(),
             _charge: charge,
         });
         self.streams.lock().unwrap().insert(handle, sv.clone());
@@ -1066,6 +1084,24 @@ impl State {
         }
     }
 
+    /// Fail the vsockets handed over while connecting whose answer did not come in time (the
+    /// app's descriptor then reports ERR|HUP and `SO_ERROR` ETIMEDOUT). Looked at on the
+    /// poller's idle passes, at least once a second.
+    fn time_out_connects(&self) {
+        let now = Instant::now();
+        let late: Vec<Arc<Served>> = self
+            .streams
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|s| s.connect_deadline.get().is_some_and(|&d| d <= now) && s.vs.connecting())
+            .cloned()
+            .collect();
+        for s in late {
+            let _ = s.vs.connect_timed_out();
+        }
+    }
+
     /// An app broke the shared-memory contract: disconnect its connection.
     fn disconnect(&self, conn: u64, why: &str) {
         self.clients_disconnected.fetch_add(1, Ordering::Relaxed);
@@ -1142,6 +1178,7 @@ impl State {
                 }
                 self.reap_failed_proxies();
                 self.reap_parked(false);
+                self.time_out_connects();
                 1000
             };
             let n = self.poller.wait(&mut events, timeout);

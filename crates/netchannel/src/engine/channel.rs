@@ -121,6 +121,10 @@ pub(crate) struct Channel {
     /// poll it, so the thread's next wait takes it back without a system call ([`park`]).
     /// Set and cleared under `reader`.
     parked: AtomicBool,
+    /// Since when a control frame nobody waits for ([`Channel::push_lazy`]) has waited in
+    /// the queue for the next write on this channel; the worker writes it at the latest
+    /// about [`PARK_GRACE`] later.
+    lazy_since: Mutex<Option<Instant>>,
 }
 
 /// The reading half of a channel: bytes read and not yet dispatched.
@@ -205,6 +209,7 @@ impl Channel {
             #[cfg(feature = "tokio")]
             fan_out: std::sync::atomic::AtomicU32::new(0),
             parked: AtomicBool::new(false),
+            lazy_since: Mutex::new(None),
         })
     }
 
@@ -301,6 +306,15 @@ impl Channel {
         }
     }
 
+    /// Nothing but control frames waits to be sent: no segment is queued, and nothing
+    /// gathered is left unwritten. A small send then is the first one on the channel, which
+    /// the sender may write itself (an OPEN_OK owed, or a FIN acknowledgement waiting for the
+    /// next write, leaves with it); behind segments, it waits for the worker, which batches.
+    pub(crate) fn idle(&self) -> bool {
+        let queued = self.queued.load(Ordering::Relaxed);
+        queued == 0 || queued == self.out.lock().unwrap().depth(Lane::Control).bytes
+    }
+
     /// What waits in this channel's queue, per lane (control, latency, bulk).
     pub(crate) fn depths(&self) -> [Depth; 3] {
         let q = self.out.lock().unwrap();
@@ -349,6 +363,41 @@ impl Channel {
             self.enqueue_frame(frame);
         }
         self.send_now();
+    }
+
+    /// Queue a control frame that nobody waits for (the acknowledgement of a FIN whose
+    /// vsocket is finished here): it leaves with the next write on this channel, whoever
+    /// makes it, instead of in a write (and an arrival at the peer) of its own; the worker
+    /// writes it if no write comes within about [`PARK_GRACE`]. Written now when the worker
+    /// does not tick (a tick only for this would cost more than the write).
+    pub(crate) fn push_lazy(&self, frame: &Frame<'_>) {
+        self.enqueue_frame(frame);
+        self.lazy_since.lock().unwrap().get_or_insert_with(Instant::now);
+        // Marked first, then the worker's ticking looked at; the worker clears `ticking`
+        // and then looks for marked channels (`keep_ticking`): one of the two sees the other.
+        let ticking =
+            self.host.upgrade().is_some_and(|h| h.workers[self.worker].ticking.load(Ordering::SeqCst));
+        if !ticking {
+            self.send_now();
+        }
+    }
+
+    /// Whether a lazy frame waits ([`Channel::push_lazy`]).
+    fn has_lazy(&self) -> bool {
+        self.lazy_since.lock().unwrap().is_some()
+    }
+
+    /// The worker's tick: a lazy frame that waited `at_least` is written now (returns
+    /// `true`: the caller flushes); one that left meanwhile with another write is forgotten.
+    fn lazy_due(&self, at_least: Duration) -> bool {
+        let mut since = self.lazy_since.lock().unwrap();
+        match *since {
+            Some(t) if t.elapsed() >= at_least => {
+                *since = None;
+                self.queued.load(Ordering::Relaxed) > 0
+            }
+            _ => false,
+        }
     }
 
     /// Queue an encoded control frame; the caller sends it ([`Channel::send_now`], or a
@@ -749,13 +798,16 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
                 }
             }
         }
+        let mut writable: Vec<usize> = Vec::new();
         if ticking && last_tick.elapsed() >= PARK_GRACE {
             last_tick = Instant::now();
-            for c in conns.values() {
+            for (t, c) in conns.iter() {
                 unpark(&host, &c.ch, PARK_GRACE);
+                if c.ch.lazy_due(PARK_GRACE) {
+                    writable.push(*t);
+                }
             }
         }
-        let mut writable: Vec<usize> = Vec::new();
         // Channels whose event reported end of stream or an error: read to the end.
         let mut closing: Vec<usize> = std::mem::take(&mut closing_again);
         for ev in events.iter() {
@@ -1189,47 +1241,111 @@ pub(crate) fn read_lent(host: &Arc<HostInner>, ch: &Arc<Channel>) -> LentRead {
     }
 }
 
-/// Read `ch` from the calling app thread until `done()` holds, `deadline` passes or the
-/// channel fails, sleeping in `poll(2)` on the channel's socket and on `kick` (the calling
+/// What [`read_inline`] reads: one vsocket's home channel, or every channel of the host
+/// that is parked (a blocking accept, whose arrivals may come on any channel).
+pub(crate) enum InlineTarget<'a> {
+    /// The channel that carries what the caller waits for.
+    Channel(&'a Arc<Channel>),
+    /// The host's parked channels (nobody else polls them).
+    Parked,
+}
+
+/// Read channels from the calling app thread until `done()` holds, `deadline` passes or a
+/// read channel fails, sleeping in `poll(2)` on their sockets and on `kick` (the calling
 /// thread's eventfd, which other threads write when what `done` waits for arrives by
-/// another way). Every frame read is dispatched as the worker would. Returns `false`, having
-/// done nothing, when the channel's worker (or another app thread) is reading it or the
-/// channel is not up: the caller then waits as usual.
+/// another way). Every frame read is dispatched as the worker would. Returns `false`,
+/// having done nothing, when there is nothing to read this way: the target channel's worker
+/// (or another app thread) is reading it or it is not up, or (for
+/// [`InlineTarget::Parked`]) no channel is parked. The caller then waits as usual.
+///
+/// With [`InlineTarget::Parked`] the caller counts as a sleeper ([`Sleeping`]) while it
+/// waits: a channel that another thread would park meanwhile goes back to its worker
+/// instead, so an arrival on it is not left unread.
 ///
 /// The caller holds no vsocket lock, and publishes `kick` before it first checks `done`.
 pub(crate) fn read_inline(
     host: &Arc<HostInner>,
-    ch: &Arc<Channel>,
+    target: InlineTarget<'_>,
     kick: RawFd,
     deadline: Option<Instant>,
     done: impl Fn() -> bool,
 ) -> bool {
-    if !ch.up.load(Ordering::Acquire) {
+    let chans: Vec<Arc<Channel>> = match target {
+        InlineTarget::Channel(ch) => vec![ch.clone()],
+        InlineTarget::Parked => {
+            if !host.parking.any() {
+                return false;
+            }
+            // Counted first, then the list read: a channel parked after the look below
+            // sees this thread sleeping and goes back to its worker (see `park`).
+            host.parking.sleepers.fetch_add(1, Ordering::SeqCst);
+            host.parking.parked.lock().unwrap().clone()
+        }
+    };
+    let parked_only = matches!(target, InlineTarget::Parked);
+    let mut held: Vec<(&Arc<Channel>, std::sync::MutexGuard<'_, Reader>)> = Vec::with_capacity(chans.len());
+    for ch in &chans {
+        if !ch.up.load(Ordering::Acquire) {
+            continue;
+        }
+        let Ok(mut rd) = ch.reader.try_lock() else { continue };
+        if ch.parked.load(Ordering::SeqCst) {
+            // Parked by the last inline read: the worker's interest is still off.
+            unmark(host, ch, &mut rd);
+        } else if parked_only || !ch.set_inline(host, true) {
+            // Taken back by its worker meanwhile: the worker reads it.
+            continue;
+        }
+        held.push((ch, rd));
+    }
+    if held.is_empty() {
+        if parked_only {
+            host.parking.sleepers.fetch_sub(1, Ordering::SeqCst);
+        }
         return false;
     }
-    let Ok(mut rd) = ch.reader.try_lock() else { return false };
-    if ch.parked.load(Ordering::SeqCst) {
-        // Parked by the last inline read: the worker's interest is still off.
-        unmark(host, ch, &mut rd);
-    } else if !ch.set_inline(host, true) {
-        return false;
-    }
-    let mut failed = None;
-    // The caller found nothing to read, so the socket is most likely empty too: ask poll(2)
-    // first (it returns at once if not) rather than read to hear EAGAIN.
-    let mut readable = false;
+    let mut failed: Vec<(&Arc<Channel>, String)> = Vec::new();
+    let mut down: Vec<&Arc<Channel>> = Vec::new();
+    // The caller found nothing to read, so the sockets are most likely empty too: ask
+    // poll(2) first (it returns at once if not) rather than read to hear EAGAIN.
+    let mut fds: Vec<libc::pollfd> = Vec::with_capacity(held.len() + 1);
+    let mut readable: Vec<bool> = vec![false; held.len()];
     loop {
         // poll(2) below is level-triggered: it reports whatever a short read left, so a
-        // short read drains.
-        if readable {
-            if let Err(reason) = read_some(host, ch, &mut rd, &done, true) {
-                failed = Some(reason);
-                break;
+        // short read drains. Every channel it reported is read, even once `done` holds:
+        // what came for others is not left behind on a channel nobody polls.
+        let mut i = 0;
+        while i < held.len() {
+            if std::mem::take(&mut readable[i]) {
+                let (ch, rd) = &mut held[i];
+                if let Err(reason) = read_some(host, ch, rd, &done, true) {
+                    let (ch, rd) = held.remove(i);
+                    readable.remove(i);
+                    drop(rd);
+                    failed.push((ch, reason));
+                    continue;
+                }
             }
+            i += 1;
         }
-        if done() || !ch.up.load(Ordering::Acquire) {
+        if done() || (!parked_only && !failed.is_empty()) {
             break;
         }
+        // A channel taken down meanwhile (by its worker or another thread) is left alone.
+        let mut i = 0;
+        while i < held.len() {
+            if held[i].0.up.load(Ordering::Acquire) {
+                i += 1;
+            } else {
+                let (ch, rd) = held.remove(i);
+                drop(rd);
+                down.push(ch);
+            }
+        }
+        if held.is_empty() {
+            break;
+        }
+        readable.resize(held.len(), false);
         let timeout = match deadline {
             None => -1,
             Some(d) => {
@@ -1241,31 +1357,44 @@ pub(crate) fn read_inline(
                 left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
             }
         };
-        let mut fds = [
-            libc::pollfd { fd: ch.read_sock.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: kick, events: libc::POLLIN, revents: 0 },
-        ];
-        // SAFETY: two live pollfds on open descriptors (the channel's socket lives as long
-        // as `ch`, the eventfd as long as the caller's thread).
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+        fds.clear();
+        fds.extend(held.iter().map(|(ch, _)| libc::pollfd {
+            fd: ch.read_sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }));
+        fds.push(libc::pollfd { fd: kick, events: libc::POLLIN, revents: 0 });
+        // SAFETY: live pollfds on open descriptors (each channel's socket lives as long as
+        // its channel, which `chans` holds; the eventfd as long as the caller's thread).
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
             break;
         }
-        readable = fds[0].revents != 0;
-        if fds[1].revents & libc::POLLIN != 0 {
+        for (i, f) in fds[..held.len()].iter().enumerate() {
+            readable[i] = f.revents != 0;
+        }
+        if fds[held.len()].revents & libc::POLLIN != 0 {
             let mut v = 0u64;
             // SAFETY: reads 8 bytes into a live u64 from the eventfd.
             unsafe { libc::read(kick, (&mut v as *mut u64).cast(), 8) };
         }
     }
-    if failed.is_none() && ch.up.load(Ordering::Acquire) && park(host, ch, &mut rd) {
+    if parked_only {
+        host.parking.sleepers.fetch_sub(1, Ordering::SeqCst);
+    }
+    for (ch, mut rd) in held {
+        if ch.up.load(Ordering::Acquire) && park(host, ch, &mut rd) {
+            continue;
+        }
         drop(rd);
-    } else {
-        drop(rd);
-        // Back to the worker: re-arming its read interest reports an edge for what is left.
+        down.push(ch);
+    }
+    // Back to the worker: re-arming its read interest reports an edge for what is left (and
+    // for a failed channel, the end its worker then meets, taking it out of its poll).
+    for ch in down.into_iter().chain(failed.iter().map(|(ch, _)| *ch)) {
         ch.set_inline(host, false);
     }
-    if let Some(reason) = failed {
+    for (ch, reason) in failed {
         channel_down(host, ch, &reason);
     }
     true
@@ -1381,10 +1510,12 @@ pub(crate) fn unpark(host: &HostInner, ch: &Arc<Channel>, at_least: Duration) {
 }
 
 /// Whether worker `w` should keep waking every [`PARK_GRACE`]: while any of its channels
-/// is parked. Clearing `ticking` and then looking again pairs with [`park`], which sets a
-/// channel parked and then `ticking`: one of the two sees the other.
+/// is parked or holds a lazy frame. Clearing `ticking` and then looking again pairs with
+/// [`park`], which sets a channel parked and then `ticking` (and with
+/// [`Channel::push_lazy`], which marks the channel and then looks at `ticking`): one of the
+/// two sees the other.
 fn keep_ticking(w: &WorkerHandle, conns: &HashMap<usize, Conn>) -> bool {
-    let parked = || conns.values().any(|c| c.ch.parked.load(Ordering::SeqCst));
+    let parked = || conns.values().any(|c| c.ch.parked.load(Ordering::SeqCst) || c.ch.has_lazy());
     if !w.ticking.load(Ordering::SeqCst) {
         return false;
     }

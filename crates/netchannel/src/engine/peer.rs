@@ -173,6 +173,17 @@ impl Peer {
         }
     }
 
+    /// [`Peer::send_control`] for a frame nobody waits for ([`Channel::push_lazy`]).
+    pub(crate) fn send_control_lazy(&self, class: Class, home: u32, frame: &Frame<'_>) -> bool {
+        match self.control_channel(class, home) {
+            Some(ch) => {
+                ch.push_lazy(frame);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// [`Peer::send_control`] for several frames, written together.
     pub(crate) fn send_controls(&self, class: Class, home: u32, frames: &[Frame<'_>]) -> bool {
         match self.control_channel(class, home) {
