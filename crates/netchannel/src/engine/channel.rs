@@ -370,7 +370,7 @@ impl Channel {
     /// makes it, instead of in a write (and an arrival at the peer) of its own; the worker
     /// writes it if no write comes within about [`PARK_GRACE`]. Written now when the worker
     /// does not tick (a tick only for this would cost more than the write).
-    pub(crate) fn push_lazy(&self, frame: &Frame<'_>) {
+    pub(crate) fn push_lazy(self: &Arc<Self>, frame: &Frame<'_>) {
         self.enqueue_frame(frame);
         self.lazy_since.lock().unwrap().get_or_insert_with(Instant::now);
         // Marked first, then the worker's ticking looked at; the worker clears `ticking`
