@@ -365,13 +365,16 @@ impl Channel {
         self.send_now();
     }
 
-    /// Queue a control frame that nobody waits for (the acknowledgement of a FIN whose
-    /// vsocket is finished here): it leaves with the next write on this channel, whoever
-    /// makes it, instead of in a write (and an arrival at the peer) of its own; the worker
-    /// writes it if no write comes within about [`PARK_GRACE`]. Written now when the worker
-    /// does not tick (a tick only for this would cost more than the write).
-    pub(crate) fn push_lazy(self: &Arc<Self>, frame: &Frame<'_>) {
-        self.enqueue_frame(frame);
+    /// Queue control frames that nobody waits for (the acknowledgement of a FIN whose
+    /// vsocket is finished here, a FIN to a peer whose application closed): they leave with
+    /// the next write on this channel, whoever makes it, instead of in a write (and an
+    /// arrival at the peer) of their own; the worker writes them if no write comes within
+    /// about [`PARK_GRACE`]. Written now when the worker does not tick (a tick only for this
+    /// would cost more than the write).
+    pub(crate) fn push_lazy(self: &Arc<Self>, frames: &[Frame<'_>]) {
+        for frame in frames {
+            self.enqueue_frame(frame);
+        }
         self.lazy_since.lock().unwrap().get_or_insert_with(Instant::now);
         // Marked first, then the worker's ticking looked at; the worker clears `ticking`
         // and then looks for marked channels (`keep_ticking`): one of the two sees the other.
