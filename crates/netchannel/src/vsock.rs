@@ -111,6 +111,8 @@ pub(crate) struct VSock {
     /// as this vsocket's first frame (the response, usually), or alone when the app would
     /// wait for more, so the opener is not woken by an answer it does not wait for.
     open_ok_deferred: AtomicBool,
+    /// The peer's application has closed the vsocket (its FIN said so, [`wire::FLAG_CLOSED`]).
+    peer_closed: AtomicBool,
 }
 
 thread_local! {
@@ -276,6 +278,7 @@ impl VSock {
             inline: InlineWaiter::default(),
             open_deferred: AtomicBool::new(false),
             open_ok_deferred: AtomicBool::new(false),
+            peer_closed: AtomicBool::new(false),
         }))
     }
 
@@ -595,11 +598,19 @@ impl VSock {
         if let Some(offset) = fin {
             // An acknowledgement of the peer's FIN held back for this FIN leaves in the
             // same write.
-            let held = self.rx.lock().unwrap().st.credit_due();
-            let fin = Frame::Fin { vsock: self.remote_id(), offset };
+            let (held, closed) = {
+                let mut rx = self.rx.lock().unwrap();
+                (rx.st.credit_due(), rx.closed)
+            };
+            let fin = Frame::Fin { vsock: self.remote_id(), offset, closed };
             let frames: Vec<Frame<'_>> =
                 held.map(|c| self.credit_frame(c)).into_iter().chain([fin]).collect();
-            self.peer.send_controls(self.class(), self.home, &frames);
+            if self.peer_closed.load(Ordering::Acquire) && !self.open_ok_deferred.load(Ordering::Acquire) {
+                // The peer's app has closed: nobody there waits for this FIN.
+                self.peer.send_controls_lazy(self.class(), self.home, &frames);
+            } else {
+                self.peer.send_controls(self.class(), self.home, &frames);
+            }
         }
     }
 
@@ -733,7 +744,14 @@ impl VSock {
     }
 
     /// The peer's FIN arrived.
-    pub(crate) fn on_fin(self: &Arc<Self>, offset: u64) {
+    ///
+    /// `closed`: the peer's application has closed the vsocket ([`wire::FLAG_CLOSED`]), so
+    /// this end's FIN, when its app closes too, wakes nobody there and may wait for the next
+    /// write on its channel.
+    pub(crate) fn on_fin(self: &Arc<Self>, offset: u64, closed: bool) {
+        if closed {
+            self.peer_closed.store(true, Ordering::Release);
+        }
         // While this side has not shut down, its own FIN (on close or shutdown) will carry the
         // acknowledgement: one write and one arrival fewer where both ends close, as in TCP.
         let hold = {
@@ -763,7 +781,7 @@ impl VSock {
             // only lets the peer's vsocket leave its table (its app sent FIN, so it writes no
             // more and waits for no credit). It leaves with the next write on the channel.
             Some(c) if !hold && !self.open_ok_deferred.load(Ordering::Acquire) => {
-                self.peer.send_control_lazy(self.class(), self.home, &self.credit_frame(c));
+                self.peer.send_controls_lazy(self.class(), self.home, &[self.credit_frame(c)]);
             }
             _ => self.send_credit(credit),
         }

@@ -11,7 +11,7 @@
 //! | off | size | field      | meaning                                                        |
 //! |-----|------|------------|----------------------------------------------------------------|
 //! | 0   | 1    | `kind`     | frame kind, see [`Kind`]                                       |
-//! | 1   | 1    | `flags`    | bit 0: latency class (HELLO, OPEN); bit 1: ack request (DATA); bit 2: FIN received (CREDIT); every other bit must be 0 |
+//! | 1   | 1    | `flags`    | bit 0: latency class (HELLO, OPEN); bit 1: ack request (DATA); bit 2: FIN received (CREDIT); bit 3: closed (FIN); every other bit must be 0 |
 //! | 2   | 2    | reserved   | must be 0                                                      |
 //! | 4   | 4    | `len`      | payload bytes that follow the header                           |
 //! | 8   | 4    | `vsock`    | the *receiver's* vsocket id the frame is for; 0 = none         |
@@ -70,6 +70,10 @@
 //!   dies). A receiver that has not sent its own FIN yet may hold that acknowledgement back
 //!   until it does, and then sends the CREDIT right before its FIN in one write (as TCP's FIN
 //!   acknowledges the peer's); a sender must not rely on it coming sooner.
+//! * FIN with [`FLAG_CLOSED`]: the sender's application has closed the vsocket, so nothing
+//!   sent to it from now on is read (data would be answered with RESET). The receiver's own
+//!   FIN (and the acknowledgement it carries) then wakes nobody there, and may wait in its
+//!   channel's queue for the next write on that channel, for a bounded time.
 //! * DATA carries at most [`MAX_SEGMENT`] bytes; RESET text at most [`MAX_REASON`] bytes.
 
 use std::fmt;
@@ -86,7 +90,8 @@ pub const MAGIC: u32 = 0x4E43_484E;
 /// Protocol version this build speaks.
 /// Version 2: the authentication proofs cover the whole handshake transcript (see above).
 /// Version 3: OPEN may carry the opener's first stream bytes (optimistic open).
-pub const VERSION: u16 = 3;
+/// Version 4: FIN may carry [`FLAG_CLOSED`].
+pub const VERSION: u16 = 4;
 /// Length of an authentication proof (HMAC-SHA256) in HELLO_OK and AUTH.
 pub const AUTH_PROOF_LEN: usize = 32;
 /// Flag bit: the channel (HELLO) or vsocket (OPEN) is in the latency class.
@@ -96,6 +101,8 @@ pub const FLAG_LATENCY: u8 = 0x01;
 pub const FLAG_ACK_REQUEST: u8 = 0x02;
 /// Flag bit on CREDIT: the receiver has the FIN, and `received` is the final offset.
 pub const FLAG_FIN_RECEIVED: u8 = 0x04;
+/// Flag bit on FIN: the sender's application has closed the vsocket (it reads nothing more).
+pub const FLAG_CLOSED: u8 = 0x08;
 
 /// Byte offsets of every field on the wire, in the order of the tables above.
 mod field {
@@ -283,6 +290,7 @@ impl Kind {
             Kind::Hello | Kind::Open => FLAG_LATENCY,
             Kind::Data => FLAG_ACK_REQUEST,
             Kind::Credit => FLAG_FIN_RECEIVED,
+            Kind::Fin => FLAG_CLOSED,
             _ => 0,
         }
     }
@@ -583,6 +591,8 @@ pub enum Frame<'a> {
         vsock: u32,
         /// Final stream offset (`a`).
         offset: u64,
+        /// [`FLAG_CLOSED`]: the sender's application has closed the vsocket.
+        closed: bool,
     },
     /// RESET: abort a vsocket, or the whole channel when `vsock` is 0.
     Reset {
@@ -714,7 +724,9 @@ impl Frame<'_> {
                 flags: if fin_received { FLAG_FIN_RECEIVED } else { 0 },
                 ..header
             },
-            Frame::Fin { vsock, offset } => Header { vsock, a: offset, ..header },
+            Frame::Fin { vsock, offset, closed } => {
+                Header { flags: if closed { FLAG_CLOSED } else { 0 }, vsock, a: offset, ..header }
+            }
             Frame::Reset { vsock, reason, .. } => Header { vsock, x: reason.code(), ..header },
             Frame::Ping { nonce } | Frame::Pong { nonce } => Header { b: nonce, ..header },
             Frame::Auth { .. } | Frame::AuthOk => header,
@@ -943,7 +955,7 @@ fn parse<'a>(h: &Header, payload: &'a [u8]) -> Result<Frame<'a>, WireError> {
             some_vsock()?;
             zero_x()?;
             zero_b()?;
-            Frame::Fin { vsock: h.vsock, offset: h.a }
+            Frame::Fin { vsock: h.vsock, offset: h.a, closed: h.flags & FLAG_CLOSED != 0 }
         }
         Kind::Reset => {
             zero_a()?;
@@ -1190,7 +1202,8 @@ mod tests {
 
     #[test]
     fn round_trip_fin() {
-        round_trip(&Frame::Fin { vsock: 5, offset: 123_456 });
+        round_trip(&Frame::Fin { vsock: 5, offset: 123_456, closed: false });
+        round_trip(&Frame::Fin { vsock: 5, offset: 123_456, closed: true });
     }
 
     #[test]
@@ -1316,7 +1329,7 @@ mod tests {
     #[test]
     fn rejects_nonzero_reserved_bytes() {
         for byte in field::RESERVED {
-            let mut buf = encode(&Frame::Fin { vsock: 1, offset: 2 });
+            let mut buf = encode(&Frame::Fin { vsock: 1, offset: 2, closed: false });
             buf[byte] = 0x80;
             assert_eq!(decode(&buf), Err(WireError::Reserved { kind: Kind::Fin }));
         }
@@ -1325,7 +1338,7 @@ mod tests {
     #[test]
     fn rejects_undefined_flags() {
         // The latency flag on a kind that does not define it.
-        let mut buf = encode(&Frame::Fin { vsock: 1, offset: 2 });
+        let mut buf = encode(&Frame::Fin { vsock: 1, offset: 2, closed: false });
         buf[field::FLAGS] = FLAG_LATENCY;
         assert_eq!(decode(&buf), Err(WireError::Reserved { kind: Kind::Fin }));
         // Any other bit on OPEN.
@@ -1446,7 +1459,7 @@ mod tests {
             (Frame::Data { vsock: 0, offset: 0, payload: b"a", ack_request: false }, "vsock"),
             (Frame::Data { vsock: 1, offset: u64::MAX, payload: b"a", ack_request: false }, "a"),
             (Frame::Credit { vsock: 0, received: 0, limit: 0, fin_received: false }, "vsock"),
-            (Frame::Fin { vsock: 0, offset: 0 }, "vsock"),
+            (Frame::Fin { vsock: 0, offset: 0, closed: false }, "vsock"),
             (Frame::Data { vsock: 1, offset: u64::MAX - 1, payload: b"ab", ack_request: false }, "a"),
         ];
         for (frame, field) in cases {
@@ -1472,7 +1485,7 @@ mod tests {
             Frame::Refused { vsock: 1, reason: Reason::BacklogFull },
             Frame::Data { vsock: 1, offset: 0, payload: b"a", ack_request: false },
             Frame::Credit { vsock: 1, received: 0, limit: 0, fin_received: false },
-            Frame::Fin { vsock: 1, offset: 0 },
+            Frame::Fin { vsock: 1, offset: 0, closed: true },
             Frame::Reset { vsock: 0, reason: Reason::Shutdown, message: "bye" },
             Frame::Ping { nonce: 0 },
             Frame::Pong { nonce: 0 },
@@ -1580,7 +1593,11 @@ mod tests {
             (id(), any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(vsock, p, q, fin_received)| {
                 Frame::Credit { vsock, received: p.min(q), limit: p.max(q), fin_received }
             }),
-            (id(), any::<u64>()).prop_map(|(vsock, offset)| Frame::Fin { vsock, offset }),
+            (id(), any::<u64>(), any::<bool>()).prop_map(|(vsock, offset, closed)| Frame::Fin {
+                vsock,
+                offset,
+                closed
+            }),
             any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
             any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
         ]

@@ -726,8 +726,8 @@ impl HostInner {
                     self.remove_vsock(vsock);
                 }
             }
-            Frame::Fin { vsock, offset } => match mine(vsock) {
-                Some(v) => v.on_fin(offset),
+            Frame::Fin { vsock, offset, closed } => match mine(vsock) {
+                Some(v) => v.on_fin(offset, closed),
                 None => self.on_stale_frame(&peer, vsock, Stale::Fin(offset)),
             },
             Frame::Reset { vsock: 0, reason: Reason::Shutdown, .. } => {

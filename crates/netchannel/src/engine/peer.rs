@@ -173,11 +173,11 @@ impl Peer {
         }
     }
 
-    /// [`Peer::send_control`] for a frame nobody waits for ([`Channel::push_lazy`]).
-    pub(crate) fn send_control_lazy(&self, class: Class, home: u32, frame: &Frame<'_>) -> bool {
+    /// [`Peer::send_controls`] for frames nobody waits for ([`Channel::push_lazy`]).
+    pub(crate) fn send_controls_lazy(&self, class: Class, home: u32, frames: &[Frame<'_>]) -> bool {
         match self.control_channel(class, home) {
             Some(ch) => {
-                ch.push_lazy(frame);
+                ch.push_lazy(frames);
                 true
             }
             None => false,
