@@ -1,14 +1,15 @@
 //! The shared-memory data path (`[preload] datapath = "shm"`): the program's descriptor of a
 //! vsocket is end A of its readiness proxy (`netchannel::daemon::proxy`), and the hooked data
-//! calls — `read`, `readv`, `recv`, `recvfrom`, `recvmsg`, `write`, `writev`, `send`,
-//! `sendto`, `sendmsg`, `sendfile`, `shutdown`, `getsockopt`/`setsockopt`, `ioctl`
+//! calls — `read`, `readv`, `recv`, `recvfrom`, `recvmsg`, `recvmmsg`, `write`, `writev`,
+//! `send`, `sendto`, `sendmsg`, `sendmmsg`, `sendfile`, `shutdown`, `getsockopt`/`setsockopt`, `ioctl`
 //! FIONREAD/SIOCOUTQ/FIONBIO — move bytes straight between the program's buffers and the
 //! vsocket's shared rings: no kernel TCP socket, no relay thread, no loopback hop. `poll`,
 //! `select` and `epoll` are not hooked: the kernel answers them on A, whose readiness the
 //! daemon drives.
 //!
 //! `connect` replaces the program's TCP socket by A with `dup3` (close-on-exec and
-//! `O_NONBLOCK` carried over). A listening socket stays a kernel TCP listener; a thread takes
+//! `O_NONBLOCK` carried over); a non-blocking one to an address already reached returns
+//! EINPROGRESS with A's OUT gate plugged until the peer answers. A listening socket stays a kernel TCP listener; a thread takes
 //! the vsocket arrivals from the daemon and, for each, connects a loopback socket into the
 //! listener's queue (so `accept` and its readiness are the kernel's) and closes it at once;
 //! the `accept` hook then swaps the accepted socket for the arrival's A before the program

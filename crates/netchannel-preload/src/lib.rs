@@ -1027,20 +1027,114 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const libc::iovec, n: c_int) -> 
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int) -> libc::ssize_t {
     if !msg.is_null() {
         if let Some((d, v6)) = direct_call(fd) {
-            let m = &mut *msg;
-            let r = shield(|| -1, || direct::read_iov(&d, fd, m.msg_iov, m.msg_iovlen, flags));
-            if r >= 0 {
-                if !m.msg_name.is_null() {
-                    sys::write_addr(d.ps.remote(), v6, m.msg_name.cast(), &mut m.msg_namelen);
-                }
-                m.msg_controllen = 0;
-                m.msg_flags = 0;
-            }
-            return r;
+            return direct_recvmsg(&d, v6, fd, &mut *msg, flags);
         }
     }
     let f = real!(recvmsg: fn(c_int, *mut libc::msghdr, c_int) -> libc::ssize_t);
     f(fd, msg, flags)
+}
+
+/// `recvmsg` on a direct vsocket: the bytes, the peer's address, no control data.
+///
+/// # Safety
+/// `m` is a valid `msghdr` whose buffers the caller owns.
+unsafe fn direct_recvmsg(
+    d: &Direct,
+    v6: bool,
+    fd: c_int,
+    m: &mut libc::msghdr,
+    flags: c_int,
+) -> libc::ssize_t {
+    let r = shield(|| -1, || direct::read_iov(d, fd, m.msg_iov, m.msg_iovlen, flags));
+    if r >= 0 {
+        if !m.msg_name.is_null() {
+            sys::write_addr(d.ps.remote(), v6, m.msg_name.cast(), &mut m.msg_namelen);
+        }
+        m.msg_controllen = 0;
+        m.msg_flags = 0;
+    }
+    r
+}
+
+/// `recvmmsg` on a stream socket, as the kernel does it: one `recvmsg` per entry until
+/// `vlen` are filled, end of stream, an error after the first (the count is returned), or
+/// `timeout` has passed after an entry; with `MSG_WAITFORONE`, entries after the first do
+/// not wait.
+///
+/// # Safety
+/// The C `recvmmsg` contract.
+#[no_mangle]
+pub unsafe extern "C" fn recvmmsg(
+    fd: c_int,
+    msgvec: *mut libc::mmsghdr,
+    vlen: libc::c_uint,
+    flags: c_int,
+    timeout: *mut libc::timespec,
+) -> c_int {
+    if !msgvec.is_null() {
+        if let Some((d, v6)) = direct_call(fd) {
+            let limit = timeout.as_ref().map(|t| {
+                Instant::now() + Duration::new(t.tv_sec.max(0) as u64, t.tv_nsec.clamp(0, 999_999_999) as u32)
+            });
+            let mut got: c_int = 0;
+            for i in 0..vlen as usize {
+                let mut fl = flags & !libc::MSG_WAITFORONE;
+                if i > 0 && flags & libc::MSG_WAITFORONE != 0 {
+                    fl |= libc::MSG_DONTWAIT;
+                }
+                let mm = &mut *msgvec.add(i);
+                let r = direct_recvmsg(&d, v6, fd, &mut mm.msg_hdr, fl);
+                if r < 0 {
+                    return if got > 0 { got } else { -1 };
+                }
+                mm.msg_len = r as libc::c_uint;
+                got += 1;
+                if r == 0 || limit.is_some_and(|l| Instant::now() >= l) {
+                    break;
+                }
+            }
+            return got;
+        }
+    }
+    let f = real!(recvmmsg: fn(c_int, *mut libc::mmsghdr, libc::c_uint, c_int, *mut libc::timespec) -> c_int);
+    f(fd, msgvec, vlen, flags, timeout)
+}
+
+/// `sendmmsg` on a stream socket: one `sendmsg` per entry, in order, stopping at an error
+/// after the first (the count is returned) or after a short write (its `msg_len` says how
+/// much went).
+///
+/// # Safety
+/// The C `sendmmsg` contract.
+#[no_mangle]
+pub unsafe extern "C" fn sendmmsg(
+    fd: c_int,
+    msgvec: *mut libc::mmsghdr,
+    vlen: libc::c_uint,
+    flags: c_int,
+) -> c_int {
+    if !msgvec.is_null() {
+        if let Some((d, _)) = direct_call(fd) {
+            let mut sent: c_int = 0;
+            for i in 0..vlen as usize {
+                let mm = &mut *msgvec.add(i);
+                let m = &mm.msg_hdr;
+                let r = shield(|| -1, || direct::write_iov(&d, fd, m.msg_iov, m.msg_iovlen, flags));
+                if r < 0 {
+                    return if sent > 0 { sent } else { -1 };
+                }
+                mm.msg_len = r as libc::c_uint;
+                sent += 1;
+                let want: usize = (0..m.msg_iovlen).map(|k| (*m.msg_iov.add(k)).iov_len).sum();
+                if (r as usize) < want {
+                    break;
+                }
+            }
+            return sent;
+        }
+    }
+    let f = real!(sendmmsg: fn(c_int, *mut libc::mmsghdr, libc::c_uint, c_int) -> c_int);
+    f(fd, msgvec, vlen, flags)
 }
 
 /// # Safety

@@ -7,7 +7,8 @@
  *   sockets client IP PORT   non-blocking connect (EINPROGRESS, then SO_ERROR), flags kept,
  *                            edge- and level-triggered epoll, poll, select, FIONREAD,
  *                            MSG_PEEK, half close with EPOLLRDHUP, fork with an inherited
- *                            socket, an epoll registration made before connect. Prints "ok" and exits 0, or names the failed check.
+ *                            socket, an epoll registration made before connect, sendmmsg and
+ *                            recvmmsg. Prints "ok" and exits 0, or names the failed check.
  *   sockets prefork IP PORT N
  *                            the shape of event-loop servers: the master listens, forks N
  *                            workers and only waits; each worker accepts (epoll on the
@@ -246,6 +247,41 @@ static int client(const char *ip, int port) {
         CHECK(memcmp(buf, "pre", 3) == 0, "echo on the socket registered before connect");
         close(c);
         close(pe);
+    }
+
+    /* sendmmsg / recvmmsg: three messages out, their bytes back in order. */
+    {
+        struct iovec out[3] = {{(void *)"ab", 2}, {(void *)"cd", 2}, {(void *)"ef", 2}};
+        struct mmsghdr om[3];
+        memset(om, 0, sizeof om);
+        for (int i = 0; i < 3; i++) {
+            om[i].msg_hdr.msg_iov = &out[i];
+            om[i].msg_hdr.msg_iovlen = 1;
+        }
+        CHECK(sendmmsg(s, om, 3, MSG_NOSIGNAL) == 3 && om[0].msg_len == 2 && om[2].msg_len == 2, "sendmmsg of 3");
+        char in[4][6], got[6];
+        size_t have = 0;
+        while (have < 6) {
+            struct iovec iv[4];
+            struct mmsghdr im[4];
+            memset(im, 0, sizeof im);
+            for (int i = 0; i < 4; i++) {
+                iv[i].iov_base = in[i];
+                iv[i].iov_len = 6 - have;
+                im[i].msg_hdr.msg_iov = &iv[i];
+                im[i].msg_hdr.msg_iovlen = 1;
+            }
+            struct pollfd pf = {s, POLLIN, 0};
+            CHECK(poll(&pf, 1, 10000) == 1, "the echo of the mmsg bytes within 10 s");
+            int n = recvmmsg(s, im, 4, MSG_WAITFORONE, NULL);
+            CHECK(n >= 1, "recvmmsg with MSG_WAITFORONE");
+            for (int i = 0; i < n; i++) {
+                CHECK(have + im[i].msg_len <= 6, "no more bytes than were sent");
+                memcpy(got + have, in[i], im[i].msg_len);
+                have += im[i].msg_len;
+            }
+        }
+        CHECK(memcmp(got, "abcdef", 6) == 0, "sendmmsg/recvmmsg bytes in order");
     }
 
     /* A larger exchange through writev/readv-sized buffers. */
