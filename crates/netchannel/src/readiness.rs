@@ -381,10 +381,23 @@ impl TaskWakers {
             self.armed.store(false, SeqCst);
             std::mem::take(&mut *w)
         };
+        WOKEN.set(WOKEN.get().wrapping_add(woken.len() as u64));
         for w in woken {
             w.wake();
         }
     }
+}
+
+thread_local! {
+    /// Tasks this thread woke ([`TaskWakers::wake`]), ever.
+    static WOKEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many tasks this thread has woken so far: the difference across a pass of work is
+/// how many tasks that pass woke.
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+pub(crate) fn tasks_woken() -> u64 {
+    WOKEN.get()
 }
 
 #[cfg(test)]

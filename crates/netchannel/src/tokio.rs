@@ -257,7 +257,7 @@ async fn read_lent_channel(core: Arc<LendCore>, fd: AsyncFd<OwnedFd>) {
             Poll::Ready(Ok(g)) => g,
         };
         let Some(host) = core.host.upgrade() else { return Poll::Ready(()) };
-        match channel::read_lent(&host, &core.ch) {
+        match channel::coalescing(|| channel::read_lent(&host, &core.ch)) {
             LentRead::Drained => g.clear_ready(),
             // Let the runtime's other tasks run before reading on.
             LentRead::Again => {
@@ -458,7 +458,7 @@ impl VStream {
     ) -> Poll<io::Result<R>> {
         match &self.io {
             StreamIo::Direct(s, lend) => loop {
-                match f(s) {
+                match channel::coalescing(|| f(s)) {
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {}
                     r => return Poll::Ready(r),
                 }
@@ -484,7 +484,7 @@ impl VStream {
     /// `f` once; a `WouldBlock` clears the readiness it reports.
     fn try_io<R>(&self, write: bool, f: impl FnOnce(&crate::VStream) -> io::Result<R>) -> io::Result<R> {
         match &self.io {
-            StreamIo::Direct(s, _) => f(s),
+            StreamIo::Direct(s, _) => channel::coalescing(|| f(s)),
             StreamIo::Polled(io) => io.try_io(interest(write), |s| f(&s.0)),
         }
     }

@@ -109,6 +109,14 @@ pub(crate) struct Channel {
     lent: AtomicBool,
     /// Reads by the borrower of a lent channel ([`read_lent`]).
     lent_reads: AtomicU64,
+    /// Urgent frames queued by async tasks wait for a flush at the end of the runtime's tick
+    /// ([`coalescing`]): one is on its way, later ones join it.
+    #[cfg(feature = "tokio")]
+    tick_flush: AtomicBool,
+    /// How many tasks the borrower's last read of the lent channel that woke any woke: with
+    /// one, nobody else is about to write, and a task's frames go out at once.
+    #[cfg(feature = "tokio")]
+    fan_out: std::sync::atomic::AtomicU32,
     /// An app thread that read the channel inline left it parked: the worker still does not
     /// poll it, so the thread's next wait takes it back without a system call ([`park`]).
     /// Set and cleared under `reader`.
@@ -196,6 +204,10 @@ impl Channel {
             watch: Mutex::new(Watch::default()),
             lent: AtomicBool::new(false),
             lent_reads: AtomicU64::new(0),
+            #[cfg(feature = "tokio")]
+            tick_flush: AtomicBool::new(false),
+            #[cfg(feature = "tokio")]
+            fan_out: std::sync::atomic::AtomicU32::new(0),
             parked: AtomicBool::new(false),
             lazy_since: Mutex::new(None),
         })
@@ -341,12 +353,12 @@ impl Channel {
     /// Queue an encoded control frame and send it now.
     ///
     /// Must not be called while holding a vsocket's `tx` lock (writing takes it).
-    pub(crate) fn push_frame(&self, frame: &Frame<'_>) {
+    pub(crate) fn push_frame(self: &Arc<Self>, frame: &Frame<'_>) {
         self.push_frames(std::slice::from_ref(frame));
     }
 
     /// Queue control frames in order and write them (with whatever else is urgent) at once.
-    pub(crate) fn push_frames(&self, frames: &[Frame<'_>]) {
+    pub(crate) fn push_frames(self: &Arc<Self>, frames: &[Frame<'_>]) {
         for frame in frames {
             self.enqueue_frame(frame);
         }
@@ -359,7 +371,7 @@ impl Channel {
     /// arrival at the peer) of their own; the worker writes them if no write comes within
     /// about [`PARK_GRACE`]. Written now when the worker does not tick (a tick only for this
     /// would cost more than the write).
-    pub(crate) fn push_lazy(&self, frames: &[Frame<'_>]) {
+    pub(crate) fn push_lazy(self: &Arc<Self>, frames: &[Frame<'_>]) {
         for frame in frames {
             self.enqueue_frame(frame);
         }
@@ -406,8 +418,20 @@ impl Channel {
     /// the channel it will see the new frames; if the socket is full the worker takes over
     /// when it drains.
     ///
+    /// Inside [`coalescing`] (an async task's vsocket operation) the write waits for the end
+    /// of the runtime's tick, where one write carries what all its tasks queued.
+    ///
     /// Must not be called while holding a vsocket's `tx` lock (writing takes it).
-    pub(crate) fn send_now(&self) {
+    pub(crate) fn send_now(self: &Arc<Self>) {
+        #[cfg(feature = "tokio")]
+        if COALESCING.get() && self.flush_at_tick_end() {
+            return;
+        }
+        self.write_urgent_now();
+    }
+
+    /// [`Channel::send_now`] from this thread, now.
+    fn write_urgent_now(&self) {
         loop {
             let Ok(mut w) = self.writer.try_lock() else { return };
             let res = self.flush_locked(&mut w, true);
@@ -545,6 +569,87 @@ impl Channel {
     fn clear(&self) {
         let mut q = self.out.lock().unwrap();
         q.clear();
+    }
+}
+
+#[cfg(feature = "tokio")]
+thread_local! {
+    /// This thread runs a vsocket operation of an async task ([`coalescing`]).
+    static COALESCING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f`, a vsocket operation of an async task (a read, a write, the reading of a lent
+/// channel), with the urgent writes it makes ([`Channel::send_now`]) held back until the
+/// end of the runtime's tick: when the runtime has run every task that was ready, before it
+/// waits for events (and at least every `event_interval` polls, when it looks at its
+/// events anyway). There one write per channel carries the frames of every task that ran.
+/// A runtime that wakes 64 tasks with one read of a channel then answers them with one
+/// write instead of 64 (on loopback each write also pays the receiver's TCP processing),
+/// as a kernel socket's `MSG_MORE` or `TCP_CORK` would, only bounded by the tick and not
+/// by a timer. Outside a runtime the writes go out at once.
+#[cfg(feature = "tokio")]
+pub(crate) fn coalescing<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            COALESCING.set(self.0);
+        }
+    }
+    let _restore = Restore(COALESCING.replace(true));
+    f()
+}
+
+/// The end-of-tick flush of one channel ([`coalescing`]); if the runtime drops it unrun (it
+/// shuts down), the channel's worker writes instead.
+#[cfg(feature = "tokio")]
+struct TickFlush(Option<Arc<Channel>>);
+
+#[cfg(feature = "tokio")]
+impl TickFlush {
+    fn run(mut self) {
+        if let Some(ch) = self.0.take() {
+            // Cleared first: a frame queued after this flush gathered sends a flush of its own.
+            ch.tick_flush.store(false, Ordering::SeqCst);
+            ch.write_urgent_now();
+        }
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl Drop for TickFlush {
+    fn drop(&mut self) {
+        if let Some(ch) = self.0.take() {
+            ch.tick_flush.store(false, Ordering::SeqCst);
+            ch.kick();
+        }
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl Channel {
+    /// Leave the urgent frames just queued to a flush at the end of the current runtime's
+    /// tick; `false` (nothing done) outside a runtime, and while the last read of the lent
+    /// channel woke a single task. The flush is a task that yields once:
+    /// tokio wakes a yielded task only once its ready tasks ran (`yield_now` defers the
+    /// wake-up to the worker's next look at its events).
+    fn flush_at_tick_end(self: &Arc<Self>) -> bool {
+        // One task woken by the last read (one busy stream): a flush at the end of the tick
+        // would only add its cost (a task, a look at the events) to the round trip.
+        if self.fan_out.load(Ordering::Relaxed) < 2 {
+            return false;
+        }
+        let Ok(rt) = ::tokio::runtime::Handle::try_current() else { return false };
+        // The queue was pushed before this swap, and the flush clears the flag before it
+        // gathers: a frame that finds the flag set is in the flush's write.
+        if self.tick_flush.swap(true, Ordering::SeqCst) {
+            return true;
+        }
+        let flush = TickFlush(Some(self.clone()));
+        rt.spawn(async move {
+            ::tokio::task::yield_now().await;
+            flush.run();
+        });
+        true
     }
 }
 
@@ -1121,8 +1226,13 @@ pub(crate) fn read_lent(host: &Arc<HostInner>, ch: &Arc<Channel>) -> LentRead {
     }
     let Ok(mut rd) = ch.reader.try_lock() else { return LentRead::Again };
     ch.lent_reads.fetch_add(1, Ordering::Relaxed);
+    let woken = crate::readiness::tasks_woken();
     let res = read_some(host, ch, &mut rd, &|| false, false);
     drop(rd);
+    let woke = crate::readiness::tasks_woken().wrapping_sub(woken);
+    if woke > 0 {
+        ch.fan_out.store(woke.min(u32::MAX as u64) as u32, Ordering::Relaxed);
+    }
     match res {
         Ok(false) => LentRead::Drained,
         Ok(true) => LentRead::Again,
