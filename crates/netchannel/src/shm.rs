@@ -15,13 +15,15 @@
 //! | `app_flags` | app | `SHUT_WR` (half close), `CLOSED` (the app let go of the vsocket) |
 //! | `tx_acked` | engine | the peer holds every send byte below this: the ring below it is free |
 //! | `rx_in_order` | engine | every receive byte below this offset is in the receive ring |
-//! | `rx_fin`, `state` | engine | `FIN` (end of stream at `rx_fin`), `ERROR` (`error_kind`, `error_msg`) |
+//! | `rx_fin`, `state` | engine | `FIN` (end of stream at `rx_fin`), `ERROR` (`error_kind`, `error_msg`), `OPENING` (no answer to the OPEN yet) |
 //!
 //! Doorbells, each one-sided so that a busy stream costs no syscall per message:
 //! * app → engine: after moving a position the app swaps `need_kick` to 0 and writes the
-//!   vsocket's eventfd only if it was 1. The daemon's poller sets `need_kick` back to 1 only
-//!   when it has spun idle for a while and is about to sleep (and re-reads the positions after
-//!   setting it, so no update is missed).
+//!   vsocket's eventfd only if it was 1 (every other ring also stores 0 first: the vsockets
+//!   of one app table share one eventfd, and `need_kick` 0 is how the daemon tells which
+//!   rang). The daemon's poller sets `need_kick` back to 1 only when it has spun idle for a
+//!   while and is about to sleep (and re-reads the positions after setting it, so no update
+//!   is missed).
 //! * engine → app: the engine bumps `seq` after every change and issues a futex wake only if
 //!   `app_waiters` is non-zero. A waiting app thread spins briefly, then registers in
 //!   `app_waiters`, re-checks and sleeps on `seq` (a shared futex on the mapping).

@@ -17,6 +17,8 @@
  *   sockets many IP PORT N   N non-blocking connects at once from one epoll loop (an event
  *                            loop's burst), each then "ping" / "pong" / close. Prints
  *                            "ok N inprogress K": K of the connects answered EINPROGRESS.
+ *   sockets hold IP PORT N   one connection, then N more held open at once: prints "ok fds K",
+ *                            K the descriptors the N took (a TCP connection takes one).
  *   sockets gone IP PORT [timeout]
  *                            one "ping" / "pong" with a prefork server (the address now has a
  *                            vsocket listener), prints "connected" and waits for a line on
@@ -28,6 +30,7 @@
  */
 #include "check.h"
 #include <netinet/tcp.h>
+#include <dirent.h>
 #include <signal.h>
 #include <sys/select.h>
 #include <sys/wait.h>
@@ -431,6 +434,35 @@ static int failed_connect(const char *ip, int port, int want) {
     return 0;
 }
 
+static int open_fds(void) {
+    DIR *d = opendir("/proc/self/fd");
+    CHECK(d != NULL, "opendir /proc/self/fd");
+    int n = 0;
+    while (readdir(d) != NULL)
+        n++;
+    closedir(d);
+    return n;
+}
+
+static int hold(const char *ip, int port, int n) {
+    struct sockaddr_in a = addr_of(ip, port);
+    /* The first connection makes what a process makes once (its daemon connection...). */
+    int first = socket(AF_INET, SOCK_STREAM, 0);
+    CHECK(first >= 0 && connect(first, (struct sockaddr *)&a, sizeof a) == 0, "first connect");
+    int before = open_fds();
+    int *fds = calloc((size_t)n, sizeof *fds);
+    for (int i = 0; i < n; i++) {
+        fds[i] = socket(AF_INET, SOCK_STREAM, 0);
+        CHECK(fds[i] >= 0 && connect(fds[i], (struct sockaddr *)&a, sizeof a) == 0, "connect");
+    }
+    int after = open_fds();
+    for (int i = 0; i < n; i++)
+        close(fds[i]);
+    close(first);
+    printf("ok fds %d\n", after - before);
+    return 0;
+}
+
 static int refused(const char *ip, int port) { return failed_connect(ip, port, ECONNREFUSED); }
 
 static int gone(const char *ip, int port, int want) {
@@ -451,7 +483,7 @@ static int gone(const char *ip, int port, int want) {
 
 int main(int argc, char **argv) {
     if (argc < 4) {
-        fprintf(stderr, "usage: sockets server|client|refused|gone IP PORT | prefork|churn|many IP PORT N\n");
+        fprintf(stderr, "usage: sockets server|client|refused|gone IP PORT | prefork|churn|many|hold IP PORT N\n");
         return 2;
     }
     int port = atoi(argv[3]);
@@ -463,6 +495,8 @@ int main(int argc, char **argv) {
         return churn(argv[2], port, atoi(argv[4]));
     if (strcmp(argv[1], "many") == 0 && argc == 5)
         return many(argv[2], port, atoi(argv[4]));
+    if (strcmp(argv[1], "hold") == 0 && argc == 5)
+        return hold(argv[2], port, atoi(argv[4]));
     if (strcmp(argv[1], "gone") == 0)
         return gone(argv[2], port, argc == 5 && strcmp(argv[4], "timeout") == 0 ? ETIMEDOUT : ECONNREFUSED);
     if (strcmp(argv[1], "refused") == 0)

@@ -367,6 +367,7 @@ impl DStream {
     /// Ring the daemon's doorbell for this vsocket unconditionally.
     #[cfg(test)]
     pub(crate) fn ring_doorbell(&self) {
+        self.region.header().need_kick.store(0, Ordering::SeqCst);
         shm::eventfd_ring(self.kick.as_raw_fd());
     }
 
@@ -571,6 +572,8 @@ impl Drop for DStream {
     fn drop(&mut self) {
         // The daemon takes in the last positions, then closes the vsocket as TCP would.
         self.region.header().app_flags.fetch_or(shm::CLOSED, Ordering::Release);
+        // need_kick 0 says which of the vsockets sharing the doorbell rang.
+        self.region.header().need_kick.store(0, Ordering::SeqCst);
         shm::eventfd_ring(self.kick.as_raw_fd());
     }
 }

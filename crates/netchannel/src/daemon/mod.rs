@@ -116,7 +116,8 @@ pub(crate) enum Request {
 #[serde(tag = "r", rename_all = "snake_case")]
 pub(crate) enum Response {
     /// A vsocket: its memfd and doorbell eventfd come with the message, unless `mapped`:
-    /// the app holds the region of pool `slot` mapped already (see [`regions`]).
+    /// the app holds the region of pool `slot` mapped already (see [`regions`]). A pooled
+    /// vsocket's doorbell is its table's, shared by all its vsockets.
     Stream {
         handle: u64,
         local: SocketAddr,

@@ -298,6 +298,8 @@ impl ProxyStream {
         (self.tx.capacity(), self.rx.capacity())
     }
 
+    /// Ring unconditionally. `need_kick` must be 0 first: it is how the daemon tells which of
+    /// the vsockets sharing a doorbell rang.
     fn ring_doorbell(&self) {
         shm::eventfd_ring(self.kick.as_raw_fd());
     }
@@ -471,6 +473,7 @@ impl ProxyStream {
         if matches!(how, std::net::Shutdown::Read | std::net::Shutdown::Both) {
             self.shut_rd.store(1, Ordering::Relaxed);
             h.rx_reopen.store(1, Ordering::SeqCst);
+            h.need_kick.store(0, Ordering::SeqCst);
             self.ring_doorbell();
         }
         Ok(())

@@ -7,8 +7,12 @@
 //!
 //! * The daemon keeps one [`Pools`] entry per app process *table* — the pid from
 //!   `SO_PEERCRED` and a token the process drew — holding every region it handed that table,
-//!   by slot number. A vsocket's response names its slot; the memfd and the doorbell come
-//!   with it only the first time ([`Response::Stream`]'s `mapped`).
+//!   by slot number, and one doorbell for them all. A vsocket's response names its slot; the
+//!   memfd and the doorbell come with it only the first time ([`Response::Stream`]'s
+//!   `mapped`), and the app keeps the first copy of the table's doorbell it gets (closing
+//!   later ones), so a pooled vsocket costs the program one descriptor: its proxy end. The
+//!   daemon tells which of a table's vsockets rang by their `need_kick` (0 once the app
+//!   rang; see `shm`).
 //! * The app keeps one [`SlotTable`] per `Client` (each with its own token, so two clients
 //!   of one process never share a pool; the process-wide `Client::global` is one). A
 //!   vsocket holds its slot through a
@@ -88,6 +92,8 @@ pub(crate) struct SlotTable {
     pid: i32,
     token: u64,
     inner: Mutex<TableInner>,
+    /// The table's one doorbell, shared by all its vsockets (sent with the first of them).
+    bell: Mutex<Option<Arc<OwnedFd>>>,
 }
 
 #[derive(Default)]
@@ -130,7 +136,12 @@ impl SlotTable {
     /// A new, empty table of this process.
     pub(crate) fn new() -> Arc<SlotTable> {
         watch_forks();
-        Arc::new(SlotTable { pid: getpid(), token: random_token(), inner: Mutex::default() })
+        Arc::new(SlotTable {
+            pid: getpid(),
+            token: random_token(),
+            inner: Mutex::default(),
+            bell: Mutex::default(),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, TableInner> {
@@ -180,7 +191,9 @@ impl SlotTable {
 
     /// Take the region of a vsocket the daemon handed over: `slot` (if pooled), whether
     /// this process has it `mapped` already, and the descriptors that came with the answer
-    /// (memfd and doorbell first, unless `mapped`).
+    /// (memfd and doorbell first, unless `mapped`). A pooled vsocket's doorbell is the
+    /// table's: the first copy received is kept, later ones (with new regions) are closed,
+    /// so that the table's vsockets cost one descriptor each (their proxy end), not two.
     pub(crate) fn adopt(
         self: &Arc<Self>,
         slot: Option<u32>,
@@ -205,12 +218,21 @@ impl SlotTable {
         let (Some(mem), Some(kick)) = (fds.next(), fds.next()) else {
             return Err(bad("the daemon sent a vsocket without its memory".into()));
         };
+        let kick = match slot {
+            Some(_) => self
+                .bell
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert_with(|| Arc::new(kick))
+                .clone(),
+            None => Arc::new(kick),
+        };
         // Read before mapping: a fork from here on counts as sharing the mapping.
         let forks = FORKS.load(Ordering::SeqCst);
         let mut region = Region::open(mem)?;
         // One descriptor less: the mapping is all it needs.
         region.close_fd();
-        let (region, kick) = (Arc::new(region), Arc::new(kick));
+        let region = Arc::new(region);
         let Some(slot) = slot else { return Ok(Adopted { region, kick, lease: None }) };
         let mut t = self.lock();
         if t.slots.get(&slot).is_some_and(|s| s.in_use) {
@@ -286,7 +308,6 @@ enum Held {
 
 struct PoolSlot {
     region: Arc<Region>,
-    bell: Arc<Doorbell>,
     held: Held,
 }
 
@@ -302,6 +323,9 @@ impl PoolSlot {
 struct Pool {
     slots: HashMap<u32, PoolSlot>,
     next: u32,
+    /// The table's doorbell, rung for any of its vsockets (the app keeps one descriptor of
+    /// it, not one per vsocket).
+    bell: Option<Arc<Doorbell>>,
 }
 
 /// How a served vsocket's region is named to its app.
@@ -351,8 +375,9 @@ impl Pools {
     }
 
     /// A region of `tx_cap` + `rx_cap` bytes for a new vsocket of table `key`: a free one
-    /// of its pool, reset, or a new one (with a doorbell registered in `ep` under a token
-    /// from `token`). The slot stays unnamed until [`Pools::name`].
+    /// of its pool, reset, or a new one (the table's doorbell, registered in `ep` under a
+    /// token from `token`, is made with its first region). The slot stays unnamed until
+    /// [`Pools::name`].
     pub(crate) fn take(
         &self,
         key: PoolKey,
@@ -373,17 +398,19 @@ impl Pools {
             }
         }
         let region = Arc::new(Region::create(tx_cap, rx_cap)?);
-        let bell = Arc::new(Doorbell::new(ep, token())?);
+        if pool.bell.is_none() {
+            pool.bell = Some(Arc::new(Doorbell::new(ep, token())?));
+        }
         pool.next = pool.next.wrapping_add(1);
         let slot = pool.next;
         region.set_slot(slot);
-        pool.slots.insert(slot, PoolSlot { region: region.clone(), bell: bell.clone(), held: Held::Never });
+        pool.slots.insert(slot, PoolSlot { region: region.clone(), held: Held::Never });
         self.created.fetch_add(1, Ordering::Relaxed);
         Ok(region)
     }
 
     /// The vsocket in `region` is being handed to table `key`: how to name it, and the
-    /// doorbell that goes with it if it is pooled. A region of another table of the same
+    /// table's doorbell if it is pooled (else it needs a doorbell of its own). A region of another table of the same
     /// process leaves its pool and goes as an unpooled one; of another process's table, only
     /// if that app never had it mapped (else `PermissionDenied`: it is never shown to
     /// another process).
@@ -397,14 +424,14 @@ impl Pools {
         let Some(slot) = region.slot() else { return Ok((unpooled, None)) };
         let mut pools = self.lock();
         if let Some(k) = key {
-            if let Some(s) = pools
-                .get_mut(&k)
-                .and_then(|p| p.slots.get_mut(&slot))
-                .filter(|s| Arc::ptr_eq(&s.region, region))
-            {
-                let mapped = s.held == Held::Free;
-                s.held = Held::ByApp;
-                return Ok((Naming { slot: Some(slot), mapped }, Some(s.bell.clone())));
+            if let Some(p) = pools.get_mut(&k) {
+                if let (Some(s), Some(bell)) = (p.slots.get_mut(&slot), p.bell.clone()) {
+                    if Arc::ptr_eq(&s.region, region) {
+                        let mapped = s.held == Held::Free;
+                        s.held = Held::ByApp;
+                        return Ok((Naming { slot: Some(slot), mapped }, Some(bell)));
+                    }
+                }
             }
         }
         let owner = pools.iter_mut().find_map(|(k, p)| {

@@ -76,8 +76,8 @@ struct State {
     next_bell: Arc<AtomicU64>,
     /// Listening ports whose arrivals go in regions of the listening app's pool.
     pooled_ports: Arc<Mutex<HashMap<u16, PoolKey>>>,
-    /// Doorbell tokens (of the poller) → the vsocket served with that doorbell now.
-    bells: Mutex<HashMap<u64, u64>>,
+    /// Doorbell tokens (of the poller) → the vsocket(s) that doorbell rings for now.
+    bells: Mutex<HashMap<u64, Rings>>,
     poller: Poller,
     stopping: AtomicBool,
     clients_refused: AtomicU64,
@@ -163,6 +163,13 @@ struct Served {
     proxy_ino: u64,
     /// Its share of the caps, given back with it.
     _charge: Charge,
+}
+
+/// What a doorbell rings for: one unpooled vsocket, or every vsocket of an app table (which
+/// share one doorbell, so that a vsocket costs the app one descriptor).
+enum Rings {
+    One(u64),
+    Table(Vec<u64>),
 }
 
 /// Poller tokens of proxy ends B carry this bit beside the vsocket handle.
@@ -656,11 +663,15 @@ impl State {
             let a = served.as_ref().and_then(|sv| sv.proxy_a.lock().unwrap().take());
             // The region and its doorbell go the first time only (see `super::regions`).
             let mut fds: Vec<RawFd> = match &served {
-                Some(sv) if !sv.naming.mapped => vec![
-                    sv.vs.region().and_then(|r| r.fd()).expect("daemon vsockets are shared").as_raw_fd(),
-                    sv.bell.fd(),
-                ],
-                _ => Vec::new(),
+                Some(sv) => {
+                    let mem = sv.vs.region().and_then(|r| r.fd()).expect("daemon vsockets are shared");
+                    if sv.naming.mapped {
+                        Vec::new()
+                    } else {
+                        vec![mem.as_raw_fd(), sv.bell.fd()]
+                    }
+                }
+                None => Vec::new(),
             };
             fds.extend(a.as_ref().map(|a| a.as_raw_fd()));
             fds.extend(listener_fd.as_ref().map(|l| l.as_raw_fd()));
@@ -932,7 +943,17 @@ impl State {
             _charge: charge,
         });
         self.streams.lock().unwrap().insert(handle, sv.clone());
-        self.bells.lock().unwrap().insert(sv.bell.token, handle);
+        let mut bells = self.bells.lock().unwrap();
+        if sv.naming.slot.is_some() {
+            // A pooled vsocket rings its table's doorbell.
+            match bells.entry(sv.bell.token).or_insert_with(|| Rings::Table(Vec::new())) {
+                Rings::Table(v) => v.push(handle),
+                one => *one = Rings::Table(vec![handle]),
+            }
+        } else {
+            bells.insert(sv.bell.token, Rings::One(handle));
+        }
+        drop(bells);
         // Something may have arrived already (an accepted vsocket's first bytes).
         region.drive_proxy();
         Ok(sv)
@@ -973,8 +994,12 @@ impl State {
     /// registered for the slot's next vsocket; another's leaves the poller with it).
     fn forget_bell(&self, s: &Served) {
         let mut bells = self.bells.lock().unwrap();
-        if bells.get(&s.bell.token) == Some(&s.handle) {
-            bells.remove(&s.bell.token);
+        match bells.get_mut(&s.bell.token) {
+            Some(Rings::One(h)) if *h == s.handle => {
+                bells.remove(&s.bell.token);
+            }
+            Some(Rings::Table(v)) => v.retain(|h| *h != s.handle),
+            _ => {}
         }
     }
 
@@ -1208,10 +1233,26 @@ impl State {
             }
             // Edge-triggered (`Doorbell::new`): nothing to clear. The token is the doorbell's;
             // a pooled slot's outlives its vsockets.
-            let Some(h) = self.bells.lock().unwrap().get(&h).copied() else { continue };
+            let rung = match self.bells.lock().unwrap().get(&h) {
+                Some(Rings::One(h)) => vec![*h],
+                Some(Rings::Table(v)) => v.clone(),
+                None => continue,
+            };
             self.doorbells.fetch_add(1, Ordering::Relaxed);
-            if !active.contains(&h) {
-                active.push(h);
+            let table = rung.len() > 1;
+            let streams = self.streams.lock().unwrap();
+            for h in rung {
+                // Of a table's vsockets, those whose app rang: it swaps `need_kick` to 0
+                // before it rings (and the poller sets it back to 1 only when it stops
+                // watching the vsocket), so the others still say 1.
+                let rang = !table
+                    || streams
+                        .get(&h)
+                        .and_then(|s| s.vs.region())
+                        .is_some_and(|r| r.header().need_kick.load(Ordering::SeqCst) == 0);
+                if rang && !active.contains(&h) {
+                    active.push(h);
+                }
             }
         }
         let mut moved = false;
