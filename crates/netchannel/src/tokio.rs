@@ -58,7 +58,8 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -116,6 +117,10 @@ fn interest(write: bool) -> Interest {
         Interest::READABLE
     }
 }
+
+/// The smallest and largest read window of a stream ([`VStream::poll_read_inner`]).
+const READ_WINDOW_MIN: usize = 1024;
+const READ_WINDOW_MAX: usize = 1 << 20;
 
 /// How long a stream waits before it asks again for a lend it was refused (the channel
 /// read inline by a blocking thread, no runtime, out of descriptors).
@@ -288,6 +293,9 @@ async fn read_lent_channel(core: Arc<LendCore>, fd: AsyncFd<OwnedFd>) {
 #[derive(Debug)]
 pub struct VStream {
     io: StreamIo,
+    /// How much of a caller's uninitialized read buffer the next read zeroes first
+    /// ([`VStream::poll_read_inner`]).
+    read_window: AtomicUsize,
 }
 
 impl VStream {
@@ -393,7 +401,7 @@ impl VStream {
         if !stream.is_daemon() {
             // Wakers need no reactor, but the documented contract is tokio's.
             ::tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
-            return Ok(VStream { io: StreamIo::Direct(stream, LendSlot::default()) });
+            return Ok(VStream::with(StreamIo::Direct(stream, LendSlot::default())));
         }
         stream.poll_fd()?;
         // SAFETY: the descriptor is the vsocket's readiness descriptor, created above and
@@ -401,7 +409,7 @@ impl VStream {
         let io = unsafe {
             AsyncFd::register_with_interest(Stream(stream), Interest::READABLE | Interest::WRITABLE)
         }?;
-        Ok(VStream { io: StreamIo::Polled(io) })
+        Ok(VStream::with(StreamIo::Polled(io)))
     }
 
     /// The blocking stream back, in blocking mode again.
@@ -623,9 +631,25 @@ impl VStream {
         self.try_io(true, |s| (&*s).write(buf))
     }
 
+    fn with(io: StreamIo) -> VStream {
+        VStream { io, read_window: AtomicUsize::new(READ_WINDOW_MIN) }
+    }
+
+    /// Read into `buf`. A caller's uninitialized space (hyper's read buffer: 8 KiB and more)
+    /// is zeroed before the read only as far as the stream's read window, which doubles
+    /// while reads fill it and halves while they use less than a quarter: a small message,
+    /// and a read that finds nothing, zero a little, not the whole buffer each time.
     fn poll_read_inner(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let dst = buf.initialize_unfilled();
+        let initialized = buf.initialized().len() - buf.filled().len();
+        let window = self.read_window.load(Relaxed);
+        let want = buf.remaining().min(window).max(initialized);
+        let dst = buf.initialize_unfilled_to(want);
         let n = ready!(self.poll_io(cx, false, |s| (&*s).read(&mut *dst)))?;
+        if n == want && window < READ_WINDOW_MAX {
+            self.read_window.store(window * 2, Relaxed);
+        } else if n < window / 4 && window > READ_WINDOW_MIN {
+            self.read_window.store(window / 2, Relaxed);
+        }
         buf.advance(n);
         Poll::Ready(Ok(()))
     }
