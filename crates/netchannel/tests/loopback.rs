@@ -789,19 +789,7 @@ fn a_channel_parked_by_an_inline_read_still_delivers_to_others_and_to_writers() 
             let mut m = vec![0u8; 4096];
             fill(1000 + round, 0, &mut m);
             (&q).write_all(&m).unwrap();
-            let mut got = Vec::new();
-            let mut buf = [0u8; 4096];
-            while got.len() < m.len() {
-                match (&q_s).read(&mut buf) {
-                    Ok(0) => panic!("q ended early"),
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_micros(200))
-                    }
-                    Err(e) => panic!("{e}"),
-                }
-            }
-            assert_eq!(got, m, "round {round}");
+            assert_eq!(read_without_blocking(&q_s, m.len()), m, "round {round}");
         }
         // A blocking read parks the channel, then the same thread writes far more than the
         // send window: the credit that frees it comes in on the parked channel.
@@ -874,17 +862,7 @@ fn an_accept_reading_parked_channels_still_delivers_to_others_and_accepts_from_w
         s1.set_nonblocking(true).unwrap();
         fill(41, 0, &mut m);
         (&c1).write_all(&m).unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while got.len() < m.len() {
-            match (&s1).read(&mut buf) {
-                Ok(0) => panic!("the non-blocking vsocket ended early"),
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_micros(200)),
-                Err(e) => panic!("{e}"),
-            }
-        }
-        assert_eq!(got, m);
+        assert_eq!(read_without_blocking(&s1, m.len()), m);
         // New vsockets while the accept waits: their OPENs come on parked channels and on
         // channels their workers read.
         for i in 0..8u8 {
@@ -928,6 +906,21 @@ fn a_fin_acknowledgement_waiting_for_a_write_that_never_comes_still_leaves() {
             both_tables_empty(&a, &b);
         }
     });
+}
+
+/// Read `n` bytes from the non-blocking `s`, napping while it would block.
+fn read_without_blocking(s: &netchannel::VStream, n: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while got.len() < n {
+        match { s }.read(&mut buf) {
+            Ok(0) => panic!("the vsocket ended after {} of {n} bytes", got.len()),
+            Ok(k) => got.extend_from_slice(&buf[..k]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_micros(200)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    got
 }
 
 fn both_tables_empty(a: &Host, b: &Host) {

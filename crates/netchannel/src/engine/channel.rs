@@ -1263,7 +1263,9 @@ pub(crate) enum InlineTarget<'a> {
 ///
 /// With [`InlineTarget::Parked`] the caller counts as a sleeper ([`Sleeping`]) while it
 /// waits: a channel that another thread would park meanwhile goes back to its worker
-/// instead, so an arrival on it is not left unread.
+/// instead, so an arrival on it is not left unread. Such a wait that finds itself reading
+/// bulk for others (more than [`READ_BUDGET`] bytes) ends and gives the channels back to
+/// their workers.
 ///
 /// The caller holds no vsocket lock, and publishes `kick` before it first checks `done`.
 pub(crate) fn read_inline(
@@ -1273,8 +1275,9 @@ pub(crate) fn read_inline(
     deadline: Option<Instant>,
     done: impl Fn() -> bool,
 ) -> bool {
-    let chans: Vec<Arc<Channel>> = match target {
-        InlineTarget::Channel(ch) => vec![ch.clone()],
+    let parked_list: Vec<Arc<Channel>>;
+    let chans: &[Arc<Channel>] = match target {
+        InlineTarget::Channel(ch) => std::slice::from_ref(ch),
         InlineTarget::Parked => {
             if !host.parking.any() {
                 return false;
@@ -1282,12 +1285,15 @@ pub(crate) fn read_inline(
             // Counted first, then the list read: a channel parked after the look below
             // sees this thread sleeping and goes back to its worker (see `park`).
             host.parking.sleepers.fetch_add(1, Ordering::SeqCst);
-            host.parking.parked.lock().unwrap().clone()
+            parked_list = host.parking.parked.lock().unwrap().clone();
+            &parked_list
         }
     };
     let parked_only = matches!(target, InlineTarget::Parked);
-    let mut held: Vec<(&Arc<Channel>, std::sync::MutexGuard<'_, Reader>)> = Vec::with_capacity(chans.len());
-    for ch in &chans {
+    // Each channel read, its reader, and whether the last poll reported it readable.
+    let mut held: Vec<(&Arc<Channel>, std::sync::MutexGuard<'_, Reader>, bool)> =
+        Vec::with_capacity(chans.len());
+    for ch in chans {
         if !ch.up.load(Ordering::Acquire) {
             continue;
         }
@@ -1299,7 +1305,7 @@ pub(crate) fn read_inline(
             // Taken back by its worker meanwhile: the worker reads it.
             continue;
         }
-        held.push((ch, rd));
+        held.push((ch, rd, false));
     }
     if held.is_empty() {
         if parked_only {
@@ -1309,21 +1315,27 @@ pub(crate) fn read_inline(
     }
     let mut failed: Vec<(&Arc<Channel>, String)> = Vec::new();
     let mut down: Vec<&Arc<Channel>> = Vec::new();
+    // Bytes the held channels had carried when the wait began: a wait on parked channels
+    // that finds itself reading bulk for others (more than READ_BUDGET) gives them back to
+    // their workers, which spread it over cores, rather than serve it from this thread.
+    let carried = |held: &[(&Arc<Channel>, std::sync::MutexGuard<'_, Reader>, bool)]| -> u64 {
+        held.iter().map(|(ch, _, _)| ch.counters.bytes_received.load(Ordering::Relaxed)).sum()
+    };
+    let carried_before = carried(&held);
+    let mut bulk = false;
     // The caller found nothing to read, so the sockets are most likely empty too: ask
     // poll(2) first (it returns at once if not) rather than read to hear EAGAIN.
     let mut fds: Vec<libc::pollfd> = Vec::with_capacity(held.len() + 1);
-    let mut readable: Vec<bool> = vec![false; held.len()];
     loop {
         // poll(2) below is level-triggered: it reports whatever a short read left, so a
         // short read drains. Every channel it reported is read, even once `done` holds:
         // what came for others is not left behind on a channel nobody polls.
         let mut i = 0;
         while i < held.len() {
-            if std::mem::take(&mut readable[i]) {
-                let (ch, rd) = &mut held[i];
+            let (ch, rd, readable) = &mut held[i];
+            if std::mem::take(readable) {
                 if let Err(reason) = read_some(host, ch, rd, &done, true) {
-                    let (ch, rd) = held.remove(i);
-                    readable.remove(i);
+                    let (ch, rd, _) = held.remove(i);
                     drop(rd);
                     failed.push((ch, reason));
                     continue;
@@ -1334,13 +1346,17 @@ pub(crate) fn read_inline(
         if done() || (!parked_only && !failed.is_empty()) {
             break;
         }
+        if parked_only && carried(&held).saturating_sub(carried_before) > READ_BUDGET as u64 {
+            bulk = true;
+            break;
+        }
         // A channel taken down meanwhile (by its worker or another thread) is left alone.
         let mut i = 0;
         while i < held.len() {
             if held[i].0.up.load(Ordering::Acquire) {
                 i += 1;
             } else {
-                let (ch, rd) = held.remove(i);
+                let (ch, rd, _) = held.remove(i);
                 drop(rd);
                 down.push(ch);
             }
@@ -1348,7 +1364,6 @@ pub(crate) fn read_inline(
         if held.is_empty() {
             break;
         }
-        readable.resize(held.len(), false);
         let timeout = match deadline {
             None => -1,
             Some(d) => {
@@ -1361,7 +1376,7 @@ pub(crate) fn read_inline(
             }
         };
         fds.clear();
-        fds.extend(held.iter().map(|(ch, _)| libc::pollfd {
+        fds.extend(held.iter().map(|(ch, _, _)| libc::pollfd {
             fd: ch.read_sock.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
@@ -1373,8 +1388,8 @@ pub(crate) fn read_inline(
         if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
             break;
         }
-        for (i, f) in fds[..held.len()].iter().enumerate() {
-            readable[i] = f.revents != 0;
+        for (h, f) in held.iter_mut().zip(&fds) {
+            h.2 = f.revents != 0;
         }
         if fds[held.len()].revents & libc::POLLIN != 0 {
             let mut v = 0u64;
@@ -1385,8 +1400,8 @@ pub(crate) fn read_inline(
     if parked_only {
         host.parking.sleepers.fetch_sub(1, Ordering::SeqCst);
     }
-    for (ch, mut rd) in held {
-        if ch.up.load(Ordering::Acquire) && park(host, ch, &mut rd) {
+    for (ch, mut rd, _) in held {
+        if !bulk && ch.up.load(Ordering::Acquire) && park(host, ch, &mut rd) {
             continue;
         }
         drop(rd);
