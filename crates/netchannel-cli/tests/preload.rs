@@ -236,6 +236,29 @@ impl Drop for KillGroup {
     }
 }
 
+/// A `sockets prefork` server (a master and its workers) on `a`'s host, killed whole when
+/// dropped.
+struct Prefork {
+    _group: KillGroup,
+    server: KillOnDrop,
+}
+
+impl Prefork {
+    fn master(&self) -> u32 {
+        self.server.0.as_ref().unwrap().id()
+    }
+}
+
+fn prefork_server(a: &Daemon, exe: &str, port: u16, workers: u32) -> Prefork {
+    use std::os::unix::process::CommandExt;
+    let ip = a.ip();
+    let mut cmd = a.run(&[exe, "prefork", &ip, &port.to_string(), &workers.to_string()]);
+    cmd.process_group(0);
+    let server = background(cmd, &format!("{ip}:{port}"));
+    let master = server.0.as_ref().unwrap().id() as i32;
+    Prefork { _group: KillGroup(master), server }
+}
+
 fn open_fds(pid: u64) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
@@ -260,15 +283,11 @@ fn accept_in_forked_workers_leaks_no_vsocket_and_no_descriptor() {
     if !have("cc") {
         return;
     }
-    use std::os::unix::process::CommandExt;
     let (dir, a, b, port) = setup_with("preload-prefork", DataPath::Shm);
     let exe = sockets_program(&dir.0);
     let (ip, port_s) = (a.ip(), port.to_string());
-    let mut cmd = a.run(&[&exe, "prefork", &ip, &port_s, "2"]);
-    cmd.process_group(0);
-    let server = background(cmd, &format!("{ip}:{port}"));
-    let master = u64::from(server.0.as_ref().unwrap().id());
-    let _group = KillGroup(master as i32);
+    let server = prefork_server(&a, &exe, port, 2);
+    let master = u64::from(server.master());
     let daemon_pid = a.status()["daemon"]["pid"].as_u64().unwrap();
     // A first round creates what is made once (the workers' daemon connections).
     assert_eq!(ok(b.run(&[&exe, "churn", &ip, &port_s, "20"]), "churn 20").stdout.trim(), "ok");
@@ -301,14 +320,10 @@ fn hundreds_of_non_blocking_connects_from_one_event_loop_all_succeed() {
     if !have("cc") {
         return;
     }
-    use std::os::unix::process::CommandExt;
     let (dir, a, b, port) = setup_with("preload-many", DataPath::Shm);
     let exe = sockets_program(&dir.0);
     let (ip, port_s) = (a.ip(), port.to_string());
-    let mut cmd = a.run(&[&exe, "prefork", &ip, &port_s, "2"]);
-    cmd.process_group(0);
-    let server = background(cmd, &format!("{ip}:{port}"));
-    let group = KillGroup(server.0.as_ref().unwrap().id() as i32);
+    let server = prefork_server(&a, &exe, port, 2);
     let proxied = total(&b, "vsockets_proxied");
     let n: u64 = 300;
     let out = ok(b.run(&[&exe, "many", &ip, &port_s, &n.to_string()]), "many");
@@ -331,7 +346,6 @@ fn hundreds_of_non_blocking_connects_from_one_event_loop_all_succeed() {
     // The program connects once, then the server goes away, then it connects again.
     let opened = total(&b, "vsockets_proxied");
     connect_again_after(&b, &exe, &ip, port, "refused", || {
-        drop(group);
         drop(server);
         let deadline = Instant::now() + Duration::from_secs(20);
         while a.status()["listeners"].as_array().is_some_and(|l| !l.is_empty()) {
@@ -383,14 +397,10 @@ fn a_non_blocking_connect_nobody_answers_times_out() {
     if !have("cc") {
         return;
     }
-    use std::os::unix::process::CommandExt;
     let (dir, a, b, port) = setup_with("preload-frozen", DataPath::Shm);
     let exe = sockets_program(&dir.0);
     let ip = a.ip();
-    let mut cmd = a.run(&[&exe, "prefork", &ip, &port.to_string(), "1"]);
-    cmd.process_group(0);
-    let server = background(cmd, &format!("{ip}:{port}"));
-    let _group = KillGroup(server.0.as_ref().unwrap().id() as i32);
+    let _server = prefork_server(&a, &exe, port, 1);
     let daemon = a.status()["daemon"]["pid"].as_i64().unwrap() as i32;
     /// Thaws the frozen daemon, whatever happens.
     struct Thaw(i32);

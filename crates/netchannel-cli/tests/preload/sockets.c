@@ -365,16 +365,21 @@ static int prefork(const char *ip, int port, int workers) {
         pause();
 }
 
+/* "ping" to a prefork worker, its "pong" back. */
+static void ping_pong(int s) {
+    write_all(s, "ping", 4);
+    char buf[4];
+    read_exact(s, buf, 4);
+    CHECK(memcmp(buf, "pong", 4) == 0, "pong from a worker");
+}
+
 static int churn(const char *ip, int port, int n) {
     struct sockaddr_in a = addr_of(ip, port);
     for (int i = 0; i < n; i++) {
         int s = socket(AF_INET, SOCK_STREAM, 0);
         CHECK(s >= 0, "socket");
         CHECK(connect(s, (struct sockaddr *)&a, sizeof a) == 0, "connect");
-        write_all(s, "ping", 4);
-        char buf[4];
-        read_exact(s, buf, 4);
-        CHECK(memcmp(buf, "pong", 4) == 0, "pong from a worker");
+        ping_pong(s);
         close(s);
     }
     printf("ok\n");
@@ -505,10 +510,7 @@ static int gone(const char *ip, int port, int want) {
     struct sockaddr_in a = addr_of(ip, port);
     int s = socket(AF_INET, SOCK_STREAM, 0);
     CHECK(s >= 0 && connect(s, (struct sockaddr *)&a, sizeof a) == 0, "connect while listening");
-    write_all(s, "ping", 4);
-    char buf[4];
-    read_exact(s, buf, 4);
-    CHECK(memcmp(buf, "pong", 4) == 0, "pong");
+    ping_pong(s);
     close(s);
     printf("connected\n");
     fflush(stdout);
