@@ -307,6 +307,26 @@ fn accept_in_forked_workers_leaks_no_vsocket_and_no_descriptor() {
     );
 }
 
+/// An event loop's writes kick the daemon once per pass (`[preload] eager_doorbells`), but
+/// never wait for more than the thread's next call that may wait: a server that answers the
+/// first of two ready connections and then sleeps has its first answer delivered at once,
+/// not after the sleep with the second.
+#[test]
+fn an_answer_owed_by_an_event_loop_pass_leaves_when_the_loop_sleeps() {
+    if !have("cc") {
+        return;
+    }
+    let (dir, a, b, port) = setup_with("preload-pass", DataPath::Shm);
+    let exe = sockets_program(&dir.0);
+    let (ip, port_s) = (a.ip(), port.to_string());
+    let _server = background(a.run(&[&exe, "pass", &ip, &port_s]), &format!("{ip}:{port}"));
+    let proxied = total(&a, "vsockets_proxied");
+    let out = ok(b.run(&[&exe, "pass_client", &ip, &port_s]), "pass_client");
+    let ms: u64 = out.stdout.trim().strip_prefix("ok ").and_then(|k| k.parse().ok()).unwrap_or(u64::MAX);
+    assert!(ms < 2000, "the first answer took {ms} ms: it waited for the server's 3 s sleep (stdout {:?}, stderr:\n{})", out.stdout, out.stderr);
+    assert_proxied(DataPath::Shm, &a, proxied, 2);
+}
+
 /// Issue 12 item 4 (SHIM.md 10): an event loop that opens hundreds of non-blocking connects
 /// at once gets every one of them as a vsocket, each writable once connected (`SO_ERROR` 0)
 /// and answered; none fails, none is left behind. Once a connect reached the address, the

@@ -37,11 +37,12 @@ use std::collections::{HashMap, HashSet};
 use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use libc::{c_int, c_ulong, sockaddr, socklen_t};
+use netchannel::daemon::proxy::{batch_doorbells, flush_doorbells};
 use netchannel::daemon::Client;
 use netchannel::{Class, Config, PreloadDatapath, VListener, VStream};
 
@@ -162,6 +163,7 @@ fn pid() -> i32 {
 }
 
 extern "C" fn fork_prepare() {
+    end_pass();
     SHIM.acquire();
 }
 
@@ -190,7 +192,13 @@ extern "C" fn init() {
     unsafe {
         PID.store(libc::getpid(), Ordering::Relaxed);
         libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child));
+        // exit() runs no thread-local destructors: what the exiting thread owes rings here.
+        libc::atexit(at_exit);
     }
+}
+
+extern "C" fn at_exit() {
+    end_pass();
 }
 
 #[used]
@@ -561,6 +569,7 @@ pub unsafe extern "C" fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut l
 /// The C `connect` contract.
 #[no_mangle]
 pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    end_pass();
     if busy() {
         return real_connect(fd, addr, len);
     }
@@ -709,6 +718,7 @@ fn vaccept(fd: c_int, nfd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flag
 /// The C `accept4` contract.
 #[no_mangle]
 pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
+    end_pass();
     let f = real!(accept4: fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int);
     let nfd = f(fd, addr, len, flags);
     if nfd >= 0 && marked(fd) && !busy() {
@@ -721,6 +731,7 @@ pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut sockl
 /// The C `accept` contract.
 #[no_mangle]
 pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    end_pass();
     let f = real!(accept: fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int);
     let nfd = f(fd, addr, len);
     if nfd >= 0 && marked(fd) && !busy() {
@@ -818,6 +829,7 @@ pub unsafe extern "C" fn setsockopt(
 /// The C `close` contract.
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    end_pass();
     if RECORDED.load(Ordering::Relaxed) != 0 {
         let err = sys::errno();
         // A closed socket's registrations are gone, and so are those in a closed epoll fd.
@@ -966,6 +978,7 @@ pub unsafe extern "C" fn read(fd: c_int, buf: *mut libc::c_void, n: libc::size_t
         let iov = libc::iovec { iov_base: buf, iov_len: n };
         return shield(|| -1, || direct::read_iov(&d, fd, &iov, 1, 0));
     }
+    end_pass();
     let f = real!(read: fn(c_int, *mut libc::c_void, libc::size_t) -> libc::ssize_t);
     f(fd, buf, n)
 }
@@ -983,6 +996,7 @@ pub unsafe extern "C" fn recv(
         let iov = libc::iovec { iov_base: buf, iov_len: n };
         return shield(|| -1, || direct::read_iov(&d, fd, &iov, 1, flags));
     }
+    end_pass();
     let f = real!(recv: fn(c_int, *mut libc::c_void, libc::size_t, c_int) -> libc::ssize_t);
     f(fd, buf, n, flags)
 }
@@ -1006,6 +1020,7 @@ pub unsafe extern "C" fn recvfrom(
         }
         return r;
     }
+    end_pass();
     let f = real!(recvfrom: fn(c_int, *mut libc::c_void, libc::size_t, c_int, *mut sockaddr, *mut socklen_t) -> libc::ssize_t);
     f(fd, buf, n, flags, addr, len)
 }
@@ -1017,6 +1032,7 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const libc::iovec, n: c_int) -> 
     if let Some((d, _)) = direct_call(fd) {
         return shield(|| -1, || direct::read_iov(&d, fd, iov, n.max(0) as usize, 0));
     }
+    end_pass();
     let f = real!(readv: fn(c_int, *const libc::iovec, c_int) -> libc::ssize_t);
     f(fd, iov, n)
 }
@@ -1030,6 +1046,7 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int
             return direct_recvmsg(&d, v6, fd, &mut *msg, flags);
         }
     }
+    end_pass();
     let f = real!(recvmsg: fn(c_int, *mut libc::msghdr, c_int) -> libc::ssize_t);
     f(fd, msg, flags)
 }
@@ -1246,6 +1263,7 @@ pub unsafe extern "C" fn sendfile64(
 /// The C `shutdown` contract.
 #[no_mangle]
 pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
+    end_pass();
     if let Some((d, _)) = direct_call(fd) {
         return shield(|| -1, || direct::shutdown(&d, how));
     }
@@ -1290,4 +1308,162 @@ pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: *mut libc::c_void) 
     }
     let f = real!(ioctl: fn(c_int, c_ulong, *mut libc::c_void) -> c_int);
     f(fd, req, arg)
+}
+
+/// The program (not the shim itself, whose own `recv`/`poll` calls land in these hooks too)
+/// is about to do something that may wait: ring the doorbells its thread owes.
+#[inline]
+fn end_pass() {
+    if !busy() {
+        flush_doorbells();
+    }
+}
+
+/// After a wait call returned `n`: an event-loop pass begins, whose doorbell kicks ring
+/// together at its end (`netchannel::daemon::proxy::batch_doorbells`), unless
+/// `[preload] eager_doorbells`.
+fn pass_begins(n: c_int) {
+    static EAGER: AtomicU8 = AtomicU8::new(0);
+    if n < 2 || busy() {
+        return;
+    }
+    let mut eager = EAGER.load(Ordering::Relaxed);
+    if eager == 0 {
+        eager = shield(|| 2, || if config().preload.eager_doorbells { 2 } else { 1 });
+        EAGER.store(eager, Ordering::Relaxed);
+    }
+    if eager == 1 {
+        batch_doorbells(n as usize);
+    }
+}
+
+/// # Safety
+/// The C `epoll_wait` contract.
+#[no_mangle]
+pub unsafe extern "C" fn epoll_wait(epfd: c_int, ev: *mut libc::epoll_event, max: c_int, timeout: c_int) -> c_int {
+    end_pass();
+    let f = real!(epoll_wait: fn(c_int, *mut libc::epoll_event, c_int, c_int) -> c_int);
+    let n = f(epfd, ev, max, timeout);
+    pass_begins(n);
+    n
+}
+
+/// # Safety
+/// The C `epoll_pwait` contract.
+#[no_mangle]
+pub unsafe extern "C" fn epoll_pwait(
+    epfd: c_int,
+    ev: *mut libc::epoll_event,
+    max: c_int,
+    timeout: c_int,
+    sigmask: *const libc::sigset_t,
+) -> c_int {
+    end_pass();
+    let f = real!(epoll_pwait: fn(c_int, *mut libc::epoll_event, c_int, c_int, *const libc::sigset_t) -> c_int);
+    let n = f(epfd, ev, max, timeout, sigmask);
+    pass_begins(n);
+    n
+}
+
+/// # Safety
+/// The C `poll` contract.
+#[no_mangle]
+pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, nfds: libc::nfds_t, timeout: c_int) -> c_int {
+    end_pass();
+    let f = real!(poll: fn(*mut libc::pollfd, libc::nfds_t, c_int) -> c_int);
+    let n = f(fds, nfds, timeout);
+    pass_begins(n);
+    n
+}
+
+/// # Safety
+/// The C `ppoll` contract.
+#[no_mangle]
+pub unsafe extern "C" fn ppoll(
+    fds: *mut libc::pollfd,
+    nfds: libc::nfds_t,
+    timeout: *const libc::timespec,
+    sigmask: *const libc::sigset_t,
+) -> c_int {
+    end_pass();
+    let f = real!(ppoll: fn(*mut libc::pollfd, libc::nfds_t, *const libc::timespec, *const libc::sigset_t) -> c_int);
+    let n = f(fds, nfds, timeout, sigmask);
+    pass_begins(n);
+    n
+}
+
+/// # Safety
+/// The C `select` contract.
+#[no_mangle]
+pub unsafe extern "C" fn select(
+    nfds: c_int,
+    r: *mut libc::fd_set,
+    w: *mut libc::fd_set,
+    e: *mut libc::fd_set,
+    timeout: *mut libc::timeval,
+) -> c_int {
+    end_pass();
+    let f = real!(select: fn(c_int, *mut libc::fd_set, *mut libc::fd_set, *mut libc::fd_set, *mut libc::timeval) -> c_int);
+    let n = f(nfds, r, w, e, timeout);
+    pass_begins(n);
+    n
+}
+
+/// # Safety
+/// The C `pselect` contract.
+#[no_mangle]
+pub unsafe extern "C" fn pselect(
+    nfds: c_int,
+    r: *mut libc::fd_set,
+    w: *mut libc::fd_set,
+    e: *mut libc::fd_set,
+    timeout: *const libc::timespec,
+    sigmask: *const libc::sigset_t,
+) -> c_int {
+    end_pass();
+    let f = real!(pselect: fn(c_int, *mut libc::fd_set, *mut libc::fd_set, *mut libc::fd_set, *const libc::timespec, *const libc::sigset_t) -> c_int);
+    let n = f(nfds, r, w, e, timeout, sigmask);
+    pass_begins(n);
+    n
+}
+
+/// # Safety
+/// The C `nanosleep` contract.
+#[no_mangle]
+pub unsafe extern "C" fn nanosleep(req: *const libc::timespec, rem: *mut libc::timespec) -> c_int {
+    end_pass();
+    let f = real!(nanosleep: fn(*const libc::timespec, *mut libc::timespec) -> c_int);
+    f(req, rem)
+}
+
+/// # Safety
+/// The C `clock_nanosleep` contract.
+#[no_mangle]
+pub unsafe extern "C" fn clock_nanosleep(
+    clock: libc::clockid_t,
+    flags: c_int,
+    req: *const libc::timespec,
+    rem: *mut libc::timespec,
+) -> c_int {
+    end_pass();
+    let f = real!(clock_nanosleep: fn(libc::clockid_t, c_int, *const libc::timespec, *mut libc::timespec) -> c_int);
+    f(clock, flags, req, rem)
+}
+
+/// # Safety
+/// The C `usleep` contract.
+#[no_mangle]
+pub unsafe extern "C" fn usleep(us: libc::c_uint) -> c_int {
+    end_pass();
+    let f = real!(usleep: fn(libc::c_uint) -> c_int);
+    f(us)
+}
+
+/// # Safety
+/// The C `sleep` contract.
+#[no_mangle]
+pub unsafe extern "C" fn sleep(secs: libc::c_uint) -> libc::c_uint {
+    end_pass();
+    let f = real!(sleep: fn(libc::c_uint) -> libc::c_uint);
+    f(secs)
 }

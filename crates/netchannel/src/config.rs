@@ -364,6 +364,10 @@ pub struct PreloadConfig {
     /// TCP socket relayed to the vsocket by two threads: the per-program fallback). Default
     /// `"shm"`.
     pub datapath: PreloadDatapath,
+    /// `eager_doorbells`: kick the daemon on every write that needs it, instead of once at
+    /// the end of an event-loop pass (after a `epoll_wait`/`poll`/`select` that returned
+    /// several ready descriptors; see `netchannel::daemon::proxy`). Default false.
+    pub eager_doorbells: bool,
 }
 
 /// `[preload] datapath`: how a program's vsocket descriptors move their bytes.

@@ -28,6 +28,14 @@
  *   sockets refused IP PORT  a non-blocking connect to a port nobody listens on: reported
  *                            as ERR|HUP to an events = 0 epoll registration, then SO_ERROR
  *                            ECONNREFUSED. Prints "ok".
+ *   sockets pass IP PORT     an event loop that pauses inside a pass: it accepts two
+ *                            connections, waits until epoll reports both readable in one
+ *                            call, answers the first, sleeps 3 s (nanosleep), then answers
+ *                            the second. Repeats for the next two.
+ *   sockets pass_client IP PORT
+ *                            two connections each send "ping" at once; prints "ok MS", MS
+ *                            the milliseconds until the first "pong" arrived (an answer
+ *                            waiting for the server's sleep would take 3000).
  */
 #include "check.h"
 #include <netinet/tcp.h>
@@ -519,6 +527,85 @@ static int gone(const char *ip, int port, int want) {
     return failed_connect(ip, port, want);
 }
 
+static long ms_since(const struct timespec *t0) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (t.tv_sec - t0->tv_sec) * 1000 + (t.tv_nsec - t0->tv_nsec) / 1000000;
+}
+
+static int pass(const char *ip, int port) {
+    int l = listen_on(ip, port, 16);
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    for (;;) {
+        int c[2];
+        for (int i = 0; i < 2;) {
+            struct pollfd pf = {l, POLLIN, 0};
+            CHECK(poll(&pf, 1, -1) == 1, "poll the listener");
+            c[i] = accept4(l, NULL, NULL, SOCK_NONBLOCK);
+            CHECK(c[i] >= 0, "accept4");
+            /* A connection that closes without a ping (the test's probe) is not a client. */
+            struct pollfd cf = {c[i], POLLIN, 0};
+            char b;
+            if (poll(&cf, 1, 5000) != 1 || recv(c[i], &b, 1, MSG_PEEK) != 1) {
+                close(c[i]);
+                continue;
+            }
+            struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
+            CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, c[i], &ev) == 0, "epoll_ctl");
+            i++;
+        }
+        /* Both requests in: one epoll_wait reports the two. */
+        struct epoll_event got[2];
+        int k = 0;
+        for (int tries = 0; tries < 100 && k < 2; tries++) {
+            struct pollfd pf[2] = {{c[0], POLLIN, 0}, {c[1], POLLIN, 0}};
+            poll(pf, 2, 100);
+            if ((pf[0].revents & POLLIN) && (pf[1].revents & POLLIN))
+                k = epoll_wait(ep, got, 2, 1000);
+        }
+        CHECK(k == 2, "one epoll_wait reports both connections");
+        for (int j = 0; j < 2; j++) {
+            int s = c[got[j].data.u32];
+            char buf[4];
+            CHECK(recv(s, buf, 4, MSG_WAITALL) == 4 && memcmp(buf, "ping", 4) == 0, "ping");
+            CHECK(send(s, "pong", 4, MSG_NOSIGNAL) == 4, "send pong");
+            if (j == 0) {
+                struct timespec pause = {3, 0};
+                nanosleep(&pause, NULL);
+            }
+        }
+        for (int i = 0; i < 2; i++) {
+            epoll_ctl(ep, EPOLL_CTL_DEL, c[i], NULL);
+            close(c[i]);
+        }
+    }
+}
+
+static int pass_client(const char *ip, int port) {
+    struct sockaddr_in a = addr_of(ip, port);
+    int s[2];
+    for (int i = 0; i < 2; i++) {
+        s[i] = socket(AF_INET, SOCK_STREAM, 0);
+        CHECK(s[i] >= 0, "socket");
+        CHECK(connect(s[i], (struct sockaddr *)&a, sizeof a) == 0, "connect");
+    }
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int i = 0; i < 2; i++)
+        write_all(s[i], "ping", 4);
+    struct pollfd pf[2] = {{s[0], POLLIN, 0}, {s[1], POLLIN, 0}};
+    CHECK(poll(pf, 2, 10000) >= 1, "a pong within 10 s");
+    long first = ms_since(&t0);
+    for (int i = 0; i < 2; i++) {
+        char buf[4];
+        read_exact(s[i], buf, 4);
+        CHECK(memcmp(buf, "pong", 4) == 0, "pong");
+        close(s[i]);
+    }
+    printf("ok %ld\n", first);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 4) {
         fprintf(stderr, "usage: sockets server|client|refused|gone IP PORT | prefork|churn|many|hold IP PORT N\n");
@@ -539,5 +626,9 @@ int main(int argc, char **argv) {
         return gone(argv[2], port, argc == 5 && strcmp(argv[4], "timeout") == 0 ? ETIMEDOUT : ECONNREFUSED);
     if (strcmp(argv[1], "refused") == 0)
         return refused(argv[2], port);
+    if (strcmp(argv[1], "pass") == 0)
+        return pass(argv[2], port);
+    if (strcmp(argv[1], "pass_client") == 0)
+        return pass_client(argv[2], port);
     return client(argv[2], port);
 }

@@ -26,6 +26,7 @@
 //! kernel's. The app side's read and write locks are futexes in the shared header, so forked
 //! processes sharing a vsocket exclude each other as threads do.
 
+use std::cell::Cell;
 use std::io::{self, ErrorKind};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -190,6 +191,108 @@ impl Drop for FutexLock<'_> {
     }
 }
 
+/// Doorbells owed by one thread: an event-loop pass defers its writes' kicks to its end.
+///
+/// A program's event loop wakes from `epoll_wait` (or `poll`, `select`) with several
+/// descriptors ready and answers each: redis-server writes fifty replies, then waits again.
+/// Kicking the daemon on every write wakes its poller fifty times, and each wake-up takes in
+/// one vsocket and writes one frame. Instead, after a wait call that returned `n ≥ 2` ready
+/// descriptors ([`batch_doorbells`]), the thread's next `n − 1` kicks are owed rather than
+/// rung, and ring together ([`flush_doorbells`]) at the `n`-th kick, or as soon as the thread
+/// does anything that could make it wait: its next wait call, a read that would block or say
+/// EAGAIN, a write that finds the ring full, accept, connect, close, shutdown, fork, a sleep,
+/// or a read of another descriptor (the shim's hooks call `flush_doorbells` there), and when
+/// the thread or the process exits. The poller then takes in every vsocket that rang and
+/// sends their frames in one write per channel. A thread that never calls a hooked wait
+/// function never defers. What stays possible: an event-loop thread that, between two such
+/// points, blocks in a call the shim does not see (a futex, `fsync`) delays its owed kicks
+/// until it returns; `[preload] eager_doorbells = true` rings on every write instead.
+struct Owed {
+    /// Kicks that may still be deferred in this pass.
+    budget: Cell<u32>,
+    len: Cell<usize>,
+    fds: [Cell<RawFd>; OWED_MAX],
+}
+
+/// Distinct doorbells one pass may owe (the vsockets of a process table share one; accepted
+/// vsockets have their own): more ring at once.
+const OWED_MAX: usize = 16;
+
+/// Most kicks one pass defers, however many descriptors were ready.
+const BUDGET_MAX: usize = 256;
+
+impl Owed {
+    fn flush(&self) {
+        self.budget.set(0);
+        for c in &self.fds[..self.len.replace(0)] {
+            shm::eventfd_ring(c.replace(-1));
+        }
+    }
+}
+
+impl Drop for Owed {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+thread_local! {
+    static OWED: Owed = const {
+        Owed { budget: Cell::new(0), len: Cell::new(0), fds: [const { Cell::new(-1) }; OWED_MAX] }
+    };
+}
+
+/// Ring doorbell `fd` now, or owe it if this thread is inside an event-loop pass.
+fn ring_or_defer(fd: RawFd) {
+    let deferred = OWED
+        .try_with(|o| {
+            let budget = o.budget.get();
+            if budget == 0 {
+                return false;
+            }
+            let len = o.len.get();
+            if !o.fds[..len].iter().any(|c| c.get() == fd) {
+                if len == OWED_MAX {
+                    return false;
+                }
+                o.fds[len].set(fd);
+                o.len.set(len + 1);
+            }
+            o.budget.set(budget - 1);
+            if budget == 1 {
+                o.flush();
+            }
+            true
+        })
+        .unwrap_or(false);
+    if !deferred {
+        shm::eventfd_ring(fd);
+    }
+}
+
+/// App side: a wait call of this thread returned `ready` descriptors; if two or more, its
+/// next `ready - 1` doorbell kicks are owed and ring with the `ready`-th (see [`Owed`]). Any kicks still owed ring
+/// first.
+pub fn batch_doorbells(ready: usize) {
+    let _ = OWED.try_with(|o| {
+        o.flush();
+        if ready >= 2 {
+            // The n-th kick finds budget 1 and rings them all.
+            o.budget.set(ready.min(BUDGET_MAX) as u32);
+        }
+    });
+}
+
+/// App side: ring every doorbell this thread owes, and end its pass (see [`Owed`]).
+#[inline]
+pub fn flush_doorbells() {
+    let _ = OWED.try_with(|o| {
+        if o.budget.get() != 0 || o.len.get() != 0 {
+            o.flush();
+        }
+    });
+}
+
 fn errno_error(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
 }
@@ -200,11 +303,11 @@ impl ProxyStream {
         resp: Response,
         fds: Vec<OwnedFd>,
     ) -> io::Result<(ProxyStream, OwnedFd)> {
-        let Response::Stream { handle, local, remote, slot, mapped, .. } = resp else {
+        let Response::Stream { handle, local, remote, slot, mapped, table_bell, .. } = resp else {
             return Err(unexpected_response(&resp));
         };
         let mut fds = fds.into_iter();
-        let adopted = client.table().adopt(slot, mapped, &mut fds)?;
+        let adopted = client.table().adopt(slot, mapped, table_bell, &mut fds)?;
         let (region, kick) = (adopted.region, adopted.kick);
         let Some(a) = fds.next() else {
             return Err(io::Error::new(
@@ -306,7 +409,7 @@ impl ProxyStream {
 
     fn kick(&self) {
         if self.header().need_kick.swap(0, Ordering::SeqCst) == 1 {
-            self.ring_doorbell();
+            ring_or_defer(self.kick.as_raw_fd());
         }
     }
 
@@ -383,6 +486,8 @@ impl ProxyStream {
             if done > 0 && !flags.wait_all {
                 return Ok(done);
             }
+            // About to say EAGAIN or to sleep: whatever this thread wrote must be on its way.
+            flush_doorbells();
             if flags.nonblocking {
                 return if done > 0 { Ok(done) } else { Err(errno_error(libc::EAGAIN)) };
             }
@@ -425,6 +530,7 @@ impl ProxyStream {
             // Connecting: not writable yet (as a TCP socket in SYN-SENT), whatever the room.
             let space = if self.connecting() { 0 } else { cap - (written - acked) };
             if space == 0 {
+                flush_doorbells();
                 self.plug(a);
                 if nonblocking || done > 0 {
                     return if done > 0 { Ok(done) } else { Err(errno_error(libc::EAGAIN)) };
@@ -676,6 +782,60 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// How many times `fd` (an eventfd) was rung since the last look.
+    fn rings(fd: RawFd) -> u64 {
+        let mut v = 0u64;
+        // SAFETY: an 8-byte read into a live u64 from a non-blocking eventfd.
+        let n = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+        if n == 8 {
+            v
+        } else {
+            0
+        }
+    }
+
+    #[test]
+    fn an_event_loop_pass_rings_each_doorbell_once_and_waits_for_nothing_else() {
+        // In a thread of its own: the owed doorbells are the thread's.
+        std::thread::spawn(|| {
+            let (table, own) = (shm::eventfd().unwrap(), shm::eventfd().unwrap());
+            let (t, o) = (table.as_raw_fd(), own.as_raw_fd());
+            // Outside a pass every kick rings at once.
+            ring_or_defer(t);
+            assert_eq!(rings(t), 1);
+            // A wait returned 3: the first two kicks are owed, the third rings them all, and
+            // each doorbell once however many of its vsockets kicked.
+            batch_doorbells(3);
+            ring_or_defer(t);
+            ring_or_defer(o);
+            assert_eq!((rings(t), rings(o)), (0, 0), "owed during the pass");
+            ring_or_defer(t);
+            assert_eq!((rings(t), rings(o)), (1, 1), "rung at the pass's last kick");
+            // The pass is over: the next kick rings at once.
+            ring_or_defer(t);
+            assert_eq!(rings(t), 1);
+            // A pass cut short (the thread is about to wait) rings what it owes.
+            batch_doorbells(50);
+            ring_or_defer(o);
+            assert_eq!(rings(o), 0);
+            flush_doorbells();
+            assert_eq!(rings(o), 1);
+            ring_or_defer(o);
+            assert_eq!(rings(o), 1, "and ends the pass");
+            // A wait that returned one descriptor starts no pass.
+            batch_doorbells(1);
+            ring_or_defer(t);
+            assert_eq!(rings(t), 1);
+            // A thread that ends owing rings as it goes.
+            batch_doorbells(10);
+            ring_or_defer(t);
+            (table, own)
+        })
+        .join()
+        .map(|(table, _own)| assert_eq!(rings(table.as_raw_fd()), 1, "rung at thread exit"))
+        .unwrap();
+    }
 
     #[test]
     fn the_plug_makes_a_not_writable_and_its_removal_gives_it_back() {

@@ -150,6 +150,8 @@ struct Served {
     bell: Arc<Doorbell>,
     /// How the region is named to the app.
     naming: Naming,
+    /// Unpooled, but rings its app table's doorbell (`bell` is the table's).
+    table_bell: bool,
     conn: u64,
     pid: i32,
     /// Readiness proxy: end A until it is sent to the app (end B lives in the region). A
@@ -914,9 +916,16 @@ impl State {
                 return Err(e);
             }
         };
-        let bell = match bell {
-            Some(b) => b,
-            None => Arc::new(Doorbell::new(&self.poller.ep, self.next_bell.fetch_add(1, Ordering::Relaxed))?),
+        // Pooled: the table's doorbell. Unpooled but for an app with a table: that table's too
+        // (`Response::Stream::table_bell`). Else one of its own.
+        let (bell, table_bell) = match (bell, pool) {
+            (Some(b), _) => (b, false),
+            (None, Some(k)) => {
+                (self.pools.table_bell(k, &self.poller.ep, || self.next_bell.fetch_add(1, Ordering::Relaxed))?, true)
+            }
+            (None, None) => {
+                (Arc::new(Doorbell::new(&self.poller.ep, self.next_bell.fetch_add(1, Ordering::Relaxed))?), false)
+            }
         };
         let handle = self.next.fetch_add(1, Ordering::Relaxed);
         let proxy_a = if proxy {
@@ -934,6 +943,7 @@ impl State {
             vs,
             bell,
             naming,
+            table_bell,
             conn,
             pid,
             proxy_ino: proxy_a.as_ref().map_or(0, |a| inode(a.as_raw_fd())),
@@ -944,8 +954,8 @@ impl State {
         });
         self.streams.lock().unwrap().insert(handle, sv.clone());
         let mut bells = self.bells.lock().unwrap();
-        if sv.naming.slot.is_some() {
-            // A pooled vsocket rings its table's doorbell.
+        if sv.naming.slot.is_some() || sv.table_bell {
+            // A pooled vsocket (or one of an app with a table) rings its table's doorbell.
             match bells.entry(sv.bell.token).or_insert_with(|| Rings::Table(Vec::new())) {
                 Rings::Table(v) => v.push(handle),
                 one => *one = Rings::Table(vec![handle]),
@@ -1467,6 +1477,7 @@ fn stream_response(sv: &Served) -> Response {
         class: sv.stream.class().into(),
         slot: sv.naming.slot,
         mapped: sv.naming.mapped,
+        table_bell: sv.table_bell,
     }
 }
 
