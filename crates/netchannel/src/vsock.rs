@@ -962,9 +962,22 @@ impl VSock {
         }
     }
 
+    /// Whether this vsocket holds its OPEN or its OPEN_OK back ([`HostInner::owe_frame`]).
+    pub(crate) fn owes_frame(&self) -> bool {
+        self.open_deferred.load(Ordering::Acquire) || self.open_ok_deferred.load(Ordering::Acquire)
+    }
+
+    /// Send the OPEN (bare, or with what was written meanwhile) or the OPEN_OK held back.
+    pub(crate) fn send_owed_frames(&self) {
+        self.send_deferred_open();
+        if let Some(ok) = self.take_open_ok() {
+            self.peer.send_control(self.class(), self.home, &ok);
+        }
+    }
+
     /// Send an optimistic connect's deferred OPEN, with the first bytes written (at most one
     /// segment, within the open credit), or bare if nothing was written yet.
-    fn send_deferred_open(&self) {
+    pub(crate) fn send_deferred_open(&self) {
         if !self.open_deferred.swap(false, Ordering::AcqRel) {
             return;
         }
@@ -1293,6 +1306,30 @@ impl VSock {
     }
 }
 
+/// Whether a connect waits for the peer's answer to its OPEN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpenMode {
+    /// Always: a refusal fails the connect itself.
+    Confirmed,
+    /// Unless the peer announced that the port listens (`engine::announce`): then the
+    /// connect returns at once and a refusal (the listener closed in the meantime) fails
+    /// the first read or write, as with an optimistic open. The default of `Host::connect`.
+    Announced,
+    /// Never ([`Host::connect_optimistic`]).
+    Optimistic,
+}
+
+impl OpenMode {
+    /// [`OpenMode::Optimistic`] or the default, [`OpenMode::Announced`].
+    pub(crate) fn from_optimistic(optimistic: bool) -> OpenMode {
+        if optimistic {
+            OpenMode::Optimistic
+        } else {
+            OpenMode::Announced
+        }
+    }
+}
+
 /// A vsocket stream between two hosts, used like [`std::net::TcpStream`].
 ///
 /// Dropping the last handle closes it: data already written is still delivered, then the
@@ -1379,7 +1416,7 @@ impl VStream {
     }
 
     pub(crate) fn open(host: Host, addr: SocketAddr, class: Class, optimistic: bool) -> io::Result<VStream> {
-        VStream::open_in(host, addr, class, optimistic, None)
+        VStream::open_in(host, addr, class, OpenMode::from_optimistic(optimistic), None)
     }
 
     /// [`VStream::open`], the vsocket's rings in `region` if the host keeps them in shared
@@ -1388,13 +1425,10 @@ impl VStream {
         host: Host,
         addr: SocketAddr,
         class: Class,
-        optimistic: bool,
+        mode: OpenMode,
         region: Option<Arc<crate::shm::Region>>,
     ) -> io::Result<VStream> {
-        let (stream, deadline) = VStream::connect_start_in(host, addr, class, optimistic, region)?;
-        if optimistic {
-            return Ok(stream);
-        }
+        let (stream, deadline) = VStream::connect_start_in(host, addr, class, mode, region)?;
         let vs = stream.engine_vsock().expect("embedded").clone();
         let mut inline = true;
         let mut tx = vs.tx.lock().unwrap();
@@ -1402,7 +1436,8 @@ impl VStream {
             if let Some((kind, msg)) = &tx.error {
                 return Err(err(*kind, msg.clone()));
             }
-            if tx.opened {
+            // Opened, or not waiting for the answer (optimistic, or an announced port).
+            if tx.opened || tx.optimistic {
                 break;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -1454,35 +1489,60 @@ impl VStream {
         class: Class,
         optimistic: bool,
     ) -> io::Result<(VStream, Instant)> {
-        VStream::connect_start_in(host, addr, class, optimistic, None)
+        VStream::connect_start_in(host, addr, class, OpenMode::from_optimistic(optimistic), None)
     }
 
+    /// Start a connect in `mode` (see [`OpenMode`]): with an optimistic open, or a
+    /// confirmed one to a port the peer announced (`engine::announce`), the stream is
+    /// writable at once, within the credit the peer's LISTEN granted (an optimistic open to a
+    /// port not announced assumes this host's `open_credit`), and its OPEN waits for the
+    /// first write so that it carries its bytes; a refusal fails the first read or write.
     pub(crate) fn connect_start_in(
         host: Host,
         addr: SocketAddr,
         class: Class,
-        optimistic: bool,
+        mode: OpenMode,
         region: Option<Arc<crate::shm::Region>>,
     ) -> io::Result<(VStream, Instant)> {
         let inner = host.inner().clone();
         let class = if inner.cfg.latency_ports.contains(&addr.port()) { Class::Latency } else { class };
         let deadline = Instant::now() + inner.cfg.connect_timeout;
         let peer = inner.peer_for(addr.ip(), deadline)?;
+        let grant = match mode {
+            OpenMode::Confirmed => None,
+            OpenMode::Announced | OpenMode::Optimistic => peer.announced.lock().unwrap().grant(addr.port()),
+        };
+        let early = match mode {
+            OpenMode::Optimistic => Some(grant.unwrap_or(inner.cfg.open_credit as u64)),
+            OpenMode::Announced => grant,
+            OpenMode::Confirmed => None,
+        };
         let id = inner.alloc_id();
         let port = inner.alloc_port()?;
         let local_ip = peer.local_ip.lock().unwrap().unwrap_or(inner.local.ip());
         let mut vs =
             VSock::new(&inner, id, peer.clone(), class, SocketAddr::new(local_ip, port), addr, 0, region)?;
         Arc::get_mut(&mut vs).expect("fresh vsocket").owns_port = true;
-        if optimistic {
-            // Writable at once within the credit every listener grants an OPEN; the OPEN
-            // itself waits for the first write so that it carries its bytes.
+        if let Some(credit) = early {
+            // Writable at once within the credit the listener grants an OPEN; the OPEN
+            // itself waits for the first write so that it carries its bytes (a listener that
+            // grants nothing gets it now: writes wait for its answer).
             let mut tx = vs.tx.lock().unwrap();
             tx.optimistic = true;
-            let _ = tx.st.on_credit(0, inner.cfg.open_credit as u64);
+            let _ = tx.st.on_credit(0, credit);
             drop(tx);
-            vs.open_deferred.store(true, Ordering::Release);
+            vs.open_deferred.store(credit > 0, Ordering::Release);
+            if mode == OpenMode::Announced {
+                inner.totals.connects_announced.fetch_add(1, Ordering::Relaxed);
+                if credit > 0 {
+                    // Confirmed: the connection reaches the listener even if the app never
+                    // writes (an optimistic open's OPEN waits for the app, as TCP_FASTOPEN_CONNECT).
+                    let worker = peer.control_channel(class, id).map_or(0, |c| c.worker);
+                    inner.owe_frame(&vs, worker);
+                }
+            }
         }
+        let optimistic = early.is_some();
         if let (Some(shm), false) = (&vs.shm, optimistic) {
             // Until OPEN_OK (`on_open_ok`) or a failure: what a daemon's shim app, handed this
             // vsocket before the answer, reads to know it is still connecting.
@@ -1492,7 +1552,7 @@ impl VStream {
         let stream = VStream { imp: StreamImp::Embedded(Arc::new(Handle { vs: vs.clone(), _host: host })) };
         // With no channel up (all being dialed again), OPEN goes out when one is back
         // (`VSock::recover`); the peer's loss fails this vsocket, and the deadline bounds it.
-        if !optimistic {
+        if !vs.open_deferred.load(Ordering::Acquire) {
             peer.send_control(class, id, &vs.open_frame(inner.cfg.recv_buffer, 0));
         }
         Ok((stream, deadline))
@@ -1975,7 +2035,11 @@ impl VListener {
             tasks: TaskWakers::default(),
         });
         ls.insert(port, q.clone());
+        // Numbered under the table's lock, so that the peers apply binds and closes of
+        // this port in the order they happened (`engine::announce`).
+        let listen = inner.listen_frame(port);
         drop(ls);
+        inner.announce(&listen);
         Ok(VListener {
             imp: ListenerImp::Embedded(EmbeddedListener { q, host, nonblocking: AtomicBool::new(false) }),
         })
@@ -2046,11 +2110,12 @@ impl VListener {
         Ok(())
     }
 
-    /// Stop listening now: vsockets not yet accepted are refused, and an `accept` blocked in
-    /// another thread fails with `ConnectionAborted`.
+    /// Stop listening now: vsockets not yet accepted are refused, an `accept` blocked in
+    /// another thread fails with `ConnectionAborted`, and the port is free again (the peer
+    /// hosts are told it no longer listens; OPENs to it are refused).
     pub fn close(&self) {
         match &self.imp {
-            ListenerImp::Embedded(l) => l.q.close(),
+            ListenerImp::Embedded(l) => l.unlisten(),
             ListenerImp::Daemon(d) => d.close(),
         }
     }
@@ -2113,15 +2178,29 @@ impl AsRawFd for VListener {
     }
 }
 
-impl Drop for EmbeddedListener {
-    fn drop(&mut self) {
+impl EmbeddedListener {
+    /// Stop listening: out of the host's table (its peers are told, `engine::announce`),
+    /// and the queue closed. Once only: the port may be listening again by then.
+    fn unlisten(&self) {
         let inner = self.host.inner();
         let mut ls = inner.listeners.lock().unwrap();
-        if ls.get(&self.q.port).is_some_and(|q| Arc::ptr_eq(q, &self.q)) {
+        let gone = if ls.get(&self.q.port).is_some_and(|q| Arc::ptr_eq(q, &self.q)) {
             ls.remove(&self.q.port);
-        }
+            Some(inner.unlisten_frame(self.q.port))
+        } else {
+            None
+        };
         drop(ls);
+        if let Some(f) = gone {
+            inner.announce(&f);
+        }
         self.q.close();
+    }
+}
+
+impl Drop for EmbeddedListener {
+    fn drop(&mut self) {
+        self.unlisten();
         if let Some(r) = self.q.ready.get() {
             r.close();
         }

@@ -767,7 +767,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
     let mut last_tick = Instant::now();
     loop {
         let any_lent = conns.values().any(|c| c.ch.lent.load(Ordering::Relaxed));
-        let ticking = keep_ticking(&host.workers[me], &conns);
+        let ticking = keep_ticking(&host, &host.workers[me], &conns);
         let timeout = if !again.is_empty() {
             Some(Duration::ZERO)
         } else if ticking {
@@ -804,6 +804,8 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
         let mut writable: Vec<usize> = Vec::new();
         if ticking && last_tick.elapsed() >= PARK_GRACE {
             last_tick = Instant::now();
+            // OPENs and OPEN_OKs held back for a first write that has not come.
+            host.send_owed(PARK_GRACE);
             for (t, c) in conns.iter() {
                 unpark(&host, &c.ch, PARK_GRACE);
                 if c.ch.lazy_due(PARK_GRACE) {
@@ -1527,13 +1529,24 @@ pub(crate) fn unpark(host: &HostInner, ch: &Arc<Channel>, at_least: Duration) {
     ch.set_inline(host, false);
 }
 
+/// Make worker `w` wake every [`PARK_GRACE`] (for a frame owed, `HostInner::owe_frame`),
+/// waking it if it was not ticking. Pairs with [`keep_ticking`] as [`park`] does.
+pub(crate) fn start_ticking(host: &HostInner, w: usize) {
+    let w = &host.workers[w];
+    if !w.ticking.swap(true, Ordering::SeqCst) {
+        let _ = w.waker.wake();
+    }
+}
+
 /// Whether worker `w` should keep waking every [`PARK_GRACE`]: while any of its channels
-/// is parked or holds a lazy frame. Clearing `ticking` and then looking again pairs with
+/// is parked or holds a lazy frame, or a vsocket owes a frame (`HostInner::owe_frame`). Clearing `ticking` and then looking again pairs with
 /// [`park`], which sets a channel parked and then `ticking` (and with
 /// [`Channel::push_lazy`], which marks the channel and then looks at `ticking`): one of the
 /// two sees the other.
-fn keep_ticking(w: &WorkerHandle, conns: &HashMap<usize, Conn>) -> bool {
-    let parked = || conns.values().any(|c| c.ch.parked.load(Ordering::SeqCst) || c.ch.has_lazy());
+fn keep_ticking(host: &HostInner, w: &WorkerHandle, conns: &HashMap<usize, Conn>) -> bool {
+    let parked = || {
+        host.opens_owed() || conns.values().any(|c| c.ch.parked.load(Ordering::SeqCst) || c.ch.has_lazy())
+    };
     if !w.ticking.load(Ordering::SeqCst) {
         return false;
     }
