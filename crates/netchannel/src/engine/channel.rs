@@ -137,6 +137,10 @@ pub(crate) struct Reader {
     /// The DATA payload being read straight into its vsocket's receive ring, if any: the
     /// next bytes of the socket are its rest (`rbuf` is empty meanwhile).
     direct: Option<Direct>,
+    /// The last frame was a DATA frame large enough to be read into its ring ([`DIRECT_MIN`]):
+    /// the next is most likely one too, so its header is read alone (the read that would
+    /// take more would copy its payload through `rbuf`).
+    expect_direct: bool,
 }
 
 /// A DATA payload read from the socket straight into the receive ring, into the range its
@@ -230,6 +234,7 @@ impl Channel {
                 rend: 0,
                 parked_at: None,
                 direct: None,
+                expect_direct: false,
             }),
             watch: Mutex::new(Watch::default()),
             lent: AtomicBool::new(false),
@@ -1034,8 +1039,12 @@ fn read_frames(
                         c.rbuf.resize(n.min(HEADER_LEN + wire::MAX_SEGMENT).max(c.rend + 1), 0);
                     }
                 }
-                let room = c.rbuf.len() - c.rend;
-                let res = (&ch.read_sock).read(&mut c.rbuf[c.rend..]).inspect(|&n| c.rend += n);
+                let mut room = c.rbuf.len() - c.rend;
+                let have = c.rend - c.rstart;
+                if c.expect_direct && have < HEADER_LEN {
+                    room = room.min(HEADER_LEN - have);
+                }
+                let res = (&ch.read_sock).read(&mut c.rbuf[c.rend..c.rend + room]).inspect(|&n| c.rend += n);
                 (res, room)
             }
         };
@@ -1046,6 +1055,7 @@ fn read_frames(
                 ch.counters.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                 if c.direct.as_ref().is_some_and(|d| d.done == d.len) {
                     let d = c.direct.take().expect("checked");
+                    c.expect_direct = true;
                     ch.counters.frames_received.fetch_add(1, Ordering::Relaxed);
                     d.vs.finish_rx(d.offset, d.len, d.ack_request);
                 }
@@ -1098,6 +1108,7 @@ fn parse(host: &Arc<HostInner>, ch: &Arc<Channel>, c: &mut Reader) -> Result<(),
     loop {
         match wire::decode(&c.rbuf[c.rstart..c.rend]) {
             Ok((frame, used)) => {
+                c.expect_direct = matches!(frame, Frame::Data { payload, .. } if payload.len() >= DIRECT_MIN);
                 ch.counters.frames_received.fetch_add(1, Ordering::Relaxed);
                 host.dispatch(ch, frame).map_err(|e| e.0)?;
                 c.rstart += used;
