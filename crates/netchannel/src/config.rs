@@ -276,7 +276,7 @@ pub struct Config {
     /// `copy_threshold`: bytes from which one read/write is split among copy workers. Default 256 KiB.
     #[serde(with = "de::size")]
     pub copy_threshold: usize,
-    /// `segment_size`: largest DATA segment, bytes. Default 64 KiB.
+    /// `segment_size`: largest DATA segment, bytes. Default 256 KiB.
     #[serde(with = "de::size")]
     pub segment_size: usize,
     /// `send_buffer`: per-vsocket send buffer, bytes. Default 4 MiB.
@@ -428,7 +428,7 @@ impl Default for Config {
             open_credit: 16 << 10,
             copy_workers: 1,
             copy_threshold: 256 << 10,
-            segment_size: 64 << 10,
+            segment_size: 256 << 10,
             send_buffer: 4 << 20,
             recv_buffer: 4 << 20,
             channel_queue: 512 << 10,

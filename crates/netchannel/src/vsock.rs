@@ -9,9 +9,13 @@
 //! * send ring: the writing app thread owns `[written, acked + cap)` while it holds no lock;
 //!   channel workers read `[acked, written)` only while holding the `tx` lock, and `acked`
 //!   only moves under that lock.
-//! * receive ring: channel workers write new, never-received ranges in `[in_order, granted)`
-//!   only while holding the `rx` lock; the reading app thread reads `[consumed, in_order)`
-//!   as it saw them under the lock, and `consumed` only moves under the lock after the copy.
+//! * receive ring: channel readers write new, never-received ranges in `[in_order, granted)`
+//!   that they claimed under the `rx` lock (`RxState::claim`) and write without it — a
+//!   DATA payload read straight from its channel's socket, or copied there — until they
+//!   complete or release the claim, again under the lock; a segment repeating bytes already
+//!   here has its new parts copied under the lock. The reading app thread reads
+//!   `[consumed, in_order)` as it saw them under the lock, and `consumed` only moves under
+//!   the lock after the copy.
 
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
@@ -58,6 +62,10 @@ struct RxSide {
     closed: bool,
     shut_read: bool,
     waiting: bool,
+    /// Segments that arrived over a range claimed by another channel's reader
+    /// ([`RxState::claim`]; a copy sent again after a channel died): offset, ack request and
+    /// payload, taken in once no claim overlaps them.
+    deferred: Vec<(u64, bool, Vec<u8>)>,
 }
 
 /// One vsocket's engine-side state.
@@ -260,6 +268,7 @@ impl VSock {
                 closed: false,
                 shut_read: false,
                 waiting: false,
+                deferred: Vec::new(),
             }),
             rx_cv: Condvar::new(),
             rx_events: AtomicU64::new(0),
@@ -615,14 +624,20 @@ impl VSock {
     }
 
     /// A DATA segment arrived (protocol errors reset the vsocket, not the channel).
+    ///
+    /// A segment that is all new is claimed ([`RxState::claim`]) and copied into the receive
+    /// ring without the rx lock, so that neither the reading app nor another channel's
+    /// worker waits for the copy; one that repeats bytes already here (a copy sent again
+    /// after a channel died) has its new parts copied under the lock.
     pub(crate) fn on_data(self: &Arc<Self>, offset: u64, payload: &[u8], ack_request: bool) {
+        let len = payload.len() as u64;
         let mut rx = self.rx.lock().unwrap();
         if rx.error.is_some() {
             return;
         }
         if rx.closed {
             // A copy of bytes already received, re-sent after a channel died: nothing new.
-            if offset.saturating_add(payload.len() as u64) <= rx.st.in_order() {
+            if offset.saturating_add(len) <= rx.st.in_order() {
                 return;
             }
             // The application closed this vsocket; new data still arriving is refused as TCP does.
@@ -630,13 +645,34 @@ impl VSock {
             self.reset(Reason::Closed, "data arrived after the vsocket was closed");
             return;
         }
+        if rx.st.overlaps_claim(offset, len) {
+            // Another channel's reader is filling (part of) this range: take it in after.
+            rx.deferred.push((offset, ack_request, payload.to_vec()));
+            return;
+        }
+        match rx.st.claim(offset, len) {
+            Ok(true) => {
+                drop(rx);
+                // SAFETY: [offset, offset + len) is claimed by this call: nobody else writes
+                // it and no reader looks at it before `finish_rx` (module docs).
+                unsafe { self.rx_ring.write(offset, payload) };
+                self.finish_rx(offset, payload.len() as u32, ack_request);
+                return;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                drop(rx);
+                self.protocol_error(e);
+                return;
+            }
+        }
         let before = rx.st.in_order();
         let ring = &self.rx_ring;
-        let res = rx.st.on_data(offset, payload.len() as u64, ack_request, |s, e| {
+        let res = rx.st.on_data(offset, len, ack_request, |s, e| {
             let from = (s - offset) as usize;
             let to = (e - offset) as usize;
-            // SAFETY: [s, e) is new and within [in_order, granted): no reader looks at it and
-            // other writers are excluded by the rx lock (module docs).
+            // SAFETY: [s, e) is new, unclaimed and within [in_order, granted): no reader looks
+            // at it and other writers are excluded by the rx lock (module docs).
             unsafe { ring.write(s, &payload[from..to]) };
         });
         if let Err(e) = res {
@@ -644,6 +680,82 @@ impl VSock {
             self.protocol_error(e);
             return;
         }
+        self.arrived(rx, before);
+    }
+
+    /// Claim the DATA segment `[offset, offset + len)` for the channel reader about to read
+    /// its payload straight into the receive ring; the ring's parts to read it into, or
+    /// `None` (nothing claimed: the reader reads the frame whole and dispatches it) if the
+    /// vsocket failed or closed, or the segment is not all new. The reader then calls
+    /// [`VSock::finish_rx`] or [`VSock::release_rx`].
+    pub(crate) fn claim_rx(&self, offset: u64, len: u32) -> Option<[crate::ring::RawPart; 2]> {
+        let mut rx = self.rx.lock().unwrap();
+        if rx.error.is_some() || rx.closed || !matches!(rx.st.claim(offset, u64::from(len)), Ok(true)) {
+            return None;
+        }
+        Some(self.rx_ring.parts(offset, len as usize))
+    }
+
+    /// The receive ring's parts holding `[offset, offset + len)`.
+    pub(crate) fn rx_parts(&self, offset: u64, len: usize) -> [crate::ring::RawPart; 2] {
+        self.rx_ring.parts(offset, len)
+    }
+
+    /// The claimed segment `[offset, offset + len)` ([`VSock::claim_rx`]) is in the receive
+    /// ring: it arrived.
+    pub(crate) fn finish_rx(self: &Arc<Self>, offset: u64, len: u32, ack_request: bool) {
+        let mut rx = self.rx.lock().unwrap();
+        if rx.error.is_some() || rx.closed {
+            rx.st.release(offset, u64::from(len));
+            let closed = rx.error.is_none();
+            let deferred = self.take_deferred(&mut rx);
+            drop(rx);
+            if closed {
+                self.reset(Reason::Closed, "data arrived after the vsocket was closed");
+            }
+            self.take_in(deferred);
+            return;
+        }
+        let before = rx.st.in_order();
+        if let Err(e) = rx.st.complete(offset, u64::from(len), ack_request) {
+            drop(rx);
+            self.protocol_error(e);
+            return;
+        }
+        self.arrived(rx, before);
+    }
+
+    /// The claimed segment `[offset, offset + len)` did not arrive whole (its channel died):
+    /// its bytes come again by the sender's recovery.
+    pub(crate) fn release_rx(self: &Arc<Self>, offset: u64, len: u32) {
+        let mut rx = self.rx.lock().unwrap();
+        rx.st.release(offset, u64::from(len));
+        let deferred = self.take_deferred(&mut rx);
+        drop(rx);
+        self.take_in(deferred);
+    }
+
+    /// The deferred segments that no claim overlaps any more.
+    fn take_deferred(&self, rx: &mut RxSide) -> Vec<(u64, bool, Vec<u8>)> {
+        if rx.deferred.is_empty() {
+            return Vec::new();
+        }
+        let (ready, wait) = std::mem::take(&mut rx.deferred)
+            .into_iter()
+            .partition(|(o, _, p)| !rx.st.overlaps_claim(*o, p.len() as u64));
+        rx.deferred = wait;
+        ready
+    }
+
+    fn take_in(self: &Arc<Self>, deferred: Vec<(u64, bool, Vec<u8>)>) {
+        for (offset, ack_request, payload) in deferred {
+            self.on_data(offset, &payload, ack_request);
+        }
+    }
+
+    /// Bytes arrived (the in-order point was `before`): tell the reader, send the credit due
+    /// and take in the deferred segments no claim holds back any more.
+    fn arrived(self: &Arc<Self>, mut rx: MutexGuard<'_, RxSide>, before: u64) {
         let after = rx.st.in_order();
         if after > before {
             self.rx_event();
@@ -656,6 +768,7 @@ impl VSock {
             }
         }
         let credit = rx.st.credit_due();
+        let deferred = self.take_deferred(&mut rx);
         drop(rx);
         if after > before {
             // Outside the rx lock: a readiness proxy's token is a system call (and a wake-up
@@ -669,6 +782,7 @@ impl VSock {
             self.wake_pollers();
         }
         self.send_credit(credit);
+        self.take_in(deferred);
     }
 
     /// A CREDIT arrived.

@@ -948,6 +948,37 @@ pub fn decode(buf: &[u8]) -> Result<(Frame<'_>, usize), WireError> {
     Ok((parse(&header, payload)?, frame_len))
 }
 
+/// The head of a DATA frame whose payload has not all arrived: what a reader needs to read
+/// the payload straight into its vsocket's receive buffer ([`decode_data_head`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataHead {
+    /// The receiver's vsocket id.
+    pub vsock: u32,
+    /// Stream offset of the payload's first byte.
+    pub offset: u64,
+    /// Payload bytes that follow the header.
+    pub len: u32,
+    /// The sender asks for a prompt acknowledgement ([`FLAG_ACK_REQUEST`]).
+    pub ack_request: bool,
+}
+
+/// The DATA frame that starts `buf`, from its header alone: `Some` if `buf` starts with a
+/// complete header of a DATA frame that passes every rule [`decode`] checks (the payload
+/// itself may be missing, in part or whole); `None` for any other kind, too few bytes, or a
+/// header [`decode`] would reject (which [`decode`] then reports, with its error).
+pub fn decode_data_head(buf: &[u8]) -> Option<DataHead> {
+    let h = Header::decode(buf).ok()?;
+    if h.kind != Kind::Data {
+        return None;
+    }
+    match parse(&h, &[]).ok()? {
+        Frame::Data { vsock, offset, ack_request, .. } => {
+            Some(DataHead { vsock, offset, len: h.len, ack_request })
+        }
+        _ => None,
+    }
+}
+
 /// Checks the per-kind rules of a validated header and its payload, and builds the frame.
 fn parse<'a>(h: &Header, payload: &'a [u8]) -> Result<Frame<'a>, WireError> {
     // Header fields the frame table marks 0, in wire order.
@@ -1177,6 +1208,24 @@ mod tests {
 
     fn bad_field(kind: Kind, field: &'static str) -> Result<(Frame<'static>, usize), WireError> {
         Err(WireError::BadField { kind, field })
+    }
+
+    #[test]
+    fn a_data_head_is_read_from_the_header_alone_and_only_if_decode_would_take_it() {
+        let payload = vec![7u8; 5000];
+        let buf = encode(&Frame::Data { vsock: 9, offset: 1 << 33, payload: &payload, ack_request: true });
+        let head = DataHead { vsock: 9, offset: 1 << 33, len: 5000, ack_request: true };
+        assert_eq!(decode_data_head(&buf[..HEADER_LEN]), Some(head));
+        assert_eq!(decode_data_head(&buf[..HEADER_LEN + 10]), Some(head));
+        assert_eq!(decode_data_head(&buf[..HEADER_LEN - 1]), None, "header incomplete");
+        let credit = encode(&Frame::Credit { vsock: 9, received: 1, limit: 2, fin_received: false });
+        assert_eq!(decode_data_head(&credit), None, "not DATA");
+        // A DATA header whose vsock is 0 is malformed: no head, and decode names the field.
+        let mut bad = buf[..HEADER_LEN].to_vec();
+        bad[field::VSOCK].fill(0);
+        assert_eq!(decode_data_head(&bad), None);
+        bad.extend_from_slice(&payload);
+        assert!(matches!(decode(&bad), Err(WireError::BadField { field: "vsock", .. })));
     }
 
     #[test]

@@ -278,7 +278,7 @@ pub struct EngineFlags {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub copy_workers: Option<usize>,
 
-    /// Largest DATA segment, e.g. 64KiB [default: 64KiB, or segment_size from --config]
+    /// Largest DATA segment, e.g. 64KiB [default: 256KiB, or segment_size from --config]
     #[arg(long, value_name = "SIZE", value_parser = parse_size_usize)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub segment_size: Option<usize>,
