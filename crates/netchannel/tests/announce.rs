@@ -254,7 +254,8 @@ fn an_optimistic_open_to_an_announced_port_carries_what_the_listener_grants() {
 fn read_raw(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; HEADER_LEN];
     s.read_exact(&mut buf)?;
-    let h = wire::Header::decode(&buf).map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e.to_string()))?;
+    let h =
+        wire::Header::decode(&buf).map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e.to_string()))?;
     buf.resize(HEADER_LEN + h.len as usize, 0);
     s.read_exact(&mut buf[HEADER_LEN..])?;
     Ok(buf)
@@ -294,7 +295,12 @@ fn a_listener_closed_while_its_withdrawal_is_in_flight_fails_the_first_read_as_r
         let raw = read_raw(&mut ch).unwrap();
         let Ok((Frame::Hello(hello), _)) = wire::decode(&raw) else { panic!("A did not send HELLO") };
         assert_eq!(hello.version, wire::VERSION);
-        let ok = HelloOk { version: wire::VERSION, host_id: 0x5EED_0000_0000_0002, proof: [0; 32], nonce: [0; 16] };
+        let ok = HelloOk {
+            version: wire::VERSION,
+            host_id: 0x5EED_0000_0000_0002,
+            proof: [0; 32],
+            nonce: [0; 16],
+        };
         send(&mut ch, &Frame::HelloOk(ok));
         send(&mut ch, &Frame::ListenSet { seq: 1 });
         send(&mut ch, &Frame::Listen { port: 7000, seq: 1, credit: 4096 });

@@ -1688,9 +1688,8 @@ pub(crate) fn start_ticking(host: &HostInner, w: usize) {
 /// [`Channel::push_lazy`], which marks the channel and then looks at `ticking`): one of the
 /// two sees the other.
 fn keep_ticking(host: &HostInner, w: &WorkerHandle, conns: &HashMap<usize, Conn>) -> bool {
-    let parked = || {
-        host.opens_owed() || conns.values().any(|c| c.ch.parked.load(Ordering::SeqCst) || c.ch.has_lazy())
-    };
+    let parked =
+        || host.opens_owed() || conns.values().any(|c| c.ch.parked.load(Ordering::SeqCst) || c.ch.has_lazy());
     if !w.ticking.load(Ordering::SeqCst) {
         return false;
     }
