@@ -253,6 +253,11 @@ pub struct Config {
     /// vsocket's home channel itself when no worker is reading it, so the arrival wakes it
     /// alone. Default true.
     pub inline_read: bool,
+    /// `announce_listeners`: tell every peer host which vsocket ports listen here (and what
+    /// an OPEN to them may carry), so that a confirmed connect to an announced port returns
+    /// without waiting for the answer (`engine::announce`). Default true; false = no
+    /// announcements: the peers' connects to this host wait a round trip each.
+    pub announce_listeners: bool,
     /// `optimistic_open`: `Host::connect` (and `VStream::connect` on an embedded host) opens
     /// optimistically, as `Host::connect_optimistic` does. Default false: confirmed.
     pub optimistic_open: bool,
@@ -271,7 +276,7 @@ pub struct Config {
     /// `copy_threshold`: bytes from which one read/write is split among copy workers. Default 256 KiB.
     #[serde(with = "de::size")]
     pub copy_threshold: usize,
-    /// `segment_size`: largest DATA segment, bytes. Default 64 KiB.
+    /// `segment_size`: largest DATA segment, bytes. Default 256 KiB.
     #[serde(with = "de::size")]
     pub segment_size: usize,
     /// `send_buffer`: per-vsocket send buffer, bytes. Default 4 MiB.
@@ -422,11 +427,12 @@ impl Default for Config {
             busy_poll_us: 0,
             latency_spin_us: 0,
             inline_read: true,
+            announce_listeners: true,
             optimistic_open: false,
             open_credit: 16 << 10,
             copy_workers: 1,
             copy_threshold: 256 << 10,
-            segment_size: 64 << 10,
+            segment_size: 256 << 10,
             send_buffer: 4 << 20,
             recv_buffer: 4 << 20,
             channel_queue: 512 << 10,

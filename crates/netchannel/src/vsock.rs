@@ -9,9 +9,13 @@
 //! * send ring: the writing app thread owns `[written, acked + cap)` while it holds no lock;
 //!   channel workers read `[acked, written)` only while holding the `tx` lock, and `acked`
 //!   only moves under that lock.
-//! * receive ring: channel workers write new, never-received ranges in `[in_order, granted)`
-//!   only while holding the `rx` lock; the reading app thread reads `[consumed, in_order)`
-//!   as it saw them under the lock, and `consumed` only moves under the lock after the copy.
+//! * receive ring: channel readers write new, never-received ranges in `[in_order, granted)`
+//!   that they claimed under the `rx` lock (`RxState::claim`) and write without it — a
+//!   DATA payload read straight from its channel's socket, or copied there — until they
+//!   complete or release the claim, again under the lock; a segment repeating bytes already
+//!   here has its new parts copied under the lock. The reading app thread reads
+//!   `[consumed, in_order)` as it saw them under the lock, and `consumed` only moves under
+//!   the lock after the copy.
 
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
@@ -58,6 +62,10 @@ struct RxSide {
     closed: bool,
     shut_read: bool,
     waiting: bool,
+    /// Segments that arrived over a range claimed by another channel's reader
+    /// ([`RxState::claim`]; a copy sent again after a channel died): offset, ack request and
+    /// payload, taken in once no claim overlaps them.
+    deferred: Vec<(u64, bool, Vec<u8>)>,
 }
 
 /// One vsocket's engine-side state.
@@ -260,6 +268,7 @@ impl VSock {
                 closed: false,
                 shut_read: false,
                 waiting: false,
+                deferred: Vec::new(),
             }),
             rx_cv: Condvar::new(),
             rx_events: AtomicU64::new(0),
@@ -615,14 +624,20 @@ impl VSock {
     }
 
     /// A DATA segment arrived (protocol errors reset the vsocket, not the channel).
+    ///
+    /// A segment that is all new is claimed ([`RxState::claim`]) and copied into the receive
+    /// ring without the rx lock, so that neither the reading app nor another channel's
+    /// worker waits for the copy; one that repeats bytes already here (a copy sent again
+    /// after a channel died) has its new parts copied under the lock.
     pub(crate) fn on_data(self: &Arc<Self>, offset: u64, payload: &[u8], ack_request: bool) {
+        let len = payload.len() as u64;
         let mut rx = self.rx.lock().unwrap();
         if rx.error.is_some() {
             return;
         }
         if rx.closed {
             // A copy of bytes already received, re-sent after a channel died: nothing new.
-            if offset.saturating_add(payload.len() as u64) <= rx.st.in_order() {
+            if offset.saturating_add(len) <= rx.st.in_order() {
                 return;
             }
             // The application closed this vsocket; new data still arriving is refused as TCP does.
@@ -630,13 +645,34 @@ impl VSock {
             self.reset(Reason::Closed, "data arrived after the vsocket was closed");
             return;
         }
+        if rx.st.overlaps_claim(offset, len) {
+            // Another channel's reader is filling (part of) this range: take it in after.
+            rx.deferred.push((offset, ack_request, payload.to_vec()));
+            return;
+        }
+        match rx.st.claim(offset, len) {
+            Ok(true) => {
+                drop(rx);
+                // SAFETY: [offset, offset + len) is claimed by this call: nobody else writes
+                // it and no reader looks at it before `finish_rx` (module docs).
+                unsafe { self.rx_ring.write(offset, payload) };
+                self.finish_rx(offset, payload.len() as u32, ack_request);
+                return;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                drop(rx);
+                self.protocol_error(e);
+                return;
+            }
+        }
         let before = rx.st.in_order();
         let ring = &self.rx_ring;
-        let res = rx.st.on_data(offset, payload.len() as u64, ack_request, |s, e| {
+        let res = rx.st.on_data(offset, len, ack_request, |s, e| {
             let from = (s - offset) as usize;
             let to = (e - offset) as usize;
-            // SAFETY: [s, e) is new and within [in_order, granted): no reader looks at it and
-            // other writers are excluded by the rx lock (module docs).
+            // SAFETY: [s, e) is new, unclaimed and within [in_order, granted): no reader looks
+            // at it and other writers are excluded by the rx lock (module docs).
             unsafe { ring.write(s, &payload[from..to]) };
         });
         if let Err(e) = res {
@@ -644,6 +680,82 @@ impl VSock {
             self.protocol_error(e);
             return;
         }
+        self.arrived(rx, before);
+    }
+
+    /// Claim the DATA segment `[offset, offset + len)` for the channel reader about to read
+    /// its payload straight into the receive ring; the ring's parts to read it into, or
+    /// `None` (nothing claimed: the reader reads the frame whole and dispatches it) if the
+    /// vsocket failed or closed, or the segment is not all new. The reader then calls
+    /// [`VSock::finish_rx`] or [`VSock::release_rx`].
+    pub(crate) fn claim_rx(&self, offset: u64, len: u32) -> Option<[crate::ring::RawPart; 2]> {
+        let mut rx = self.rx.lock().unwrap();
+        if rx.error.is_some() || rx.closed || !matches!(rx.st.claim(offset, u64::from(len)), Ok(true)) {
+            return None;
+        }
+        Some(self.rx_ring.parts(offset, len as usize))
+    }
+
+    /// The receive ring's parts holding `[offset, offset + len)`.
+    pub(crate) fn rx_parts(&self, offset: u64, len: usize) -> [crate::ring::RawPart; 2] {
+        self.rx_ring.parts(offset, len)
+    }
+
+    /// The claimed segment `[offset, offset + len)` ([`VSock::claim_rx`]) is in the receive
+    /// ring: it arrived.
+    pub(crate) fn finish_rx(self: &Arc<Self>, offset: u64, len: u32, ack_request: bool) {
+        let mut rx = self.rx.lock().unwrap();
+        if rx.error.is_some() || rx.closed {
+            rx.st.release(offset, u64::from(len));
+            let closed = rx.error.is_none();
+            let deferred = self.take_deferred(&mut rx);
+            drop(rx);
+            if closed {
+                self.reset(Reason::Closed, "data arrived after the vsocket was closed");
+            }
+            self.take_in(deferred);
+            return;
+        }
+        let before = rx.st.in_order();
+        if let Err(e) = rx.st.complete(offset, u64::from(len), ack_request) {
+            drop(rx);
+            self.protocol_error(e);
+            return;
+        }
+        self.arrived(rx, before);
+    }
+
+    /// The claimed segment `[offset, offset + len)` did not arrive whole (its channel died):
+    /// its bytes come again by the sender's recovery.
+    pub(crate) fn release_rx(self: &Arc<Self>, offset: u64, len: u32) {
+        let mut rx = self.rx.lock().unwrap();
+        rx.st.release(offset, u64::from(len));
+        let deferred = self.take_deferred(&mut rx);
+        drop(rx);
+        self.take_in(deferred);
+    }
+
+    /// The deferred segments that no claim overlaps any more.
+    fn take_deferred(&self, rx: &mut RxSide) -> Vec<(u64, bool, Vec<u8>)> {
+        if rx.deferred.is_empty() {
+            return Vec::new();
+        }
+        let (ready, wait) = std::mem::take(&mut rx.deferred)
+            .into_iter()
+            .partition(|(o, _, p)| !rx.st.overlaps_claim(*o, p.len() as u64));
+        rx.deferred = wait;
+        ready
+    }
+
+    fn take_in(self: &Arc<Self>, deferred: Vec<(u64, bool, Vec<u8>)>) {
+        for (offset, ack_request, payload) in deferred {
+            self.on_data(offset, &payload, ack_request);
+        }
+    }
+
+    /// Bytes arrived (the in-order point was `before`): tell the reader, send the credit due
+    /// and take in the deferred segments no claim holds back any more.
+    fn arrived(self: &Arc<Self>, mut rx: MutexGuard<'_, RxSide>, before: u64) {
         let after = rx.st.in_order();
         if after > before {
             self.rx_event();
@@ -656,6 +768,7 @@ impl VSock {
             }
         }
         let credit = rx.st.credit_due();
+        let deferred = self.take_deferred(&mut rx);
         drop(rx);
         if after > before {
             // Outside the rx lock: a readiness proxy's token is a system call (and a wake-up
@@ -669,6 +782,7 @@ impl VSock {
             self.wake_pollers();
         }
         self.send_credit(credit);
+        self.take_in(deferred);
     }
 
     /// A CREDIT arrived.
@@ -962,9 +1076,22 @@ impl VSock {
         }
     }
 
+    /// Whether this vsocket holds its OPEN or its OPEN_OK back ([`HostInner::owe_frame`]).
+    pub(crate) fn owes_frame(&self) -> bool {
+        self.open_deferred.load(Ordering::Acquire) || self.open_ok_deferred.load(Ordering::Acquire)
+    }
+
+    /// Send the OPEN (bare, or with what was written meanwhile) or the OPEN_OK held back.
+    pub(crate) fn send_owed_frames(&self) {
+        self.send_deferred_open();
+        if let Some(ok) = self.take_open_ok() {
+            self.peer.send_control(self.class(), self.home, &ok);
+        }
+    }
+
     /// Send an optimistic connect's deferred OPEN, with the first bytes written (at most one
     /// segment, within the open credit), or bare if nothing was written yet.
-    fn send_deferred_open(&self) {
+    pub(crate) fn send_deferred_open(&self) {
         if !self.open_deferred.swap(false, Ordering::AcqRel) {
             return;
         }
@@ -1293,6 +1420,30 @@ impl VSock {
     }
 }
 
+/// Whether a connect waits for the peer's answer to its OPEN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpenMode {
+    /// Always: a refusal fails the connect itself.
+    Confirmed,
+    /// Unless the peer announced that the port listens (`engine::announce`): then the
+    /// connect returns at once and a refusal (the listener closed in the meantime) fails
+    /// the first read or write, as with an optimistic open. The default of `Host::connect`.
+    Announced,
+    /// Never ([`Host::connect_optimistic`]).
+    Optimistic,
+}
+
+impl OpenMode {
+    /// [`OpenMode::Optimistic`] or the default, [`OpenMode::Announced`].
+    pub(crate) fn from_optimistic(optimistic: bool) -> OpenMode {
+        if optimistic {
+            OpenMode::Optimistic
+        } else {
+            OpenMode::Announced
+        }
+    }
+}
+
 /// A vsocket stream between two hosts, used like [`std::net::TcpStream`].
 ///
 /// Dropping the last handle closes it: data already written is still delivered, then the
@@ -1379,7 +1530,7 @@ impl VStream {
     }
 
     pub(crate) fn open(host: Host, addr: SocketAddr, class: Class, optimistic: bool) -> io::Result<VStream> {
-        VStream::open_in(host, addr, class, optimistic, None)
+        VStream::open_in(host, addr, class, OpenMode::from_optimistic(optimistic), None)
     }
 
     /// [`VStream::open`], the vsocket's rings in `region` if the host keeps them in shared
@@ -1388,13 +1539,10 @@ impl VStream {
         host: Host,
         addr: SocketAddr,
         class: Class,
-        optimistic: bool,
+        mode: OpenMode,
         region: Option<Arc<crate::shm::Region>>,
     ) -> io::Result<VStream> {
-        let (stream, deadline) = VStream::connect_start_in(host, addr, class, optimistic, region)?;
-        if optimistic {
-            return Ok(stream);
-        }
+        let (stream, deadline) = VStream::connect_start_in(host, addr, class, mode, region)?;
         let vs = stream.engine_vsock().expect("embedded").clone();
         let mut inline = true;
         let mut tx = vs.tx.lock().unwrap();
@@ -1402,7 +1550,8 @@ impl VStream {
             if let Some((kind, msg)) = &tx.error {
                 return Err(err(*kind, msg.clone()));
             }
-            if tx.opened {
+            // Opened, or not waiting for the answer (optimistic, or an announced port).
+            if tx.opened || tx.optimistic {
                 break;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -1454,35 +1603,60 @@ impl VStream {
         class: Class,
         optimistic: bool,
     ) -> io::Result<(VStream, Instant)> {
-        VStream::connect_start_in(host, addr, class, optimistic, None)
+        VStream::connect_start_in(host, addr, class, OpenMode::from_optimistic(optimistic), None)
     }
 
+    /// Start a connect in `mode` (see [`OpenMode`]): with an optimistic open, or a
+    /// confirmed one to a port the peer announced (`engine::announce`), the stream is
+    /// writable at once, within the credit the peer's LISTEN granted (an optimistic open to a
+    /// port not announced assumes this host's `open_credit`), and its OPEN waits for the
+    /// first write so that it carries its bytes; a refusal fails the first read or write.
     pub(crate) fn connect_start_in(
         host: Host,
         addr: SocketAddr,
         class: Class,
-        optimistic: bool,
+        mode: OpenMode,
         region: Option<Arc<crate::shm::Region>>,
     ) -> io::Result<(VStream, Instant)> {
         let inner = host.inner().clone();
         let class = if inner.cfg.latency_ports.contains(&addr.port()) { Class::Latency } else { class };
         let deadline = Instant::now() + inner.cfg.connect_timeout;
         let peer = inner.peer_for(addr.ip(), deadline)?;
+        let grant = match mode {
+            OpenMode::Confirmed => None,
+            OpenMode::Announced | OpenMode::Optimistic => peer.announced.lock().unwrap().grant(addr.port()),
+        };
+        let early = match mode {
+            OpenMode::Optimistic => Some(grant.unwrap_or(inner.cfg.open_credit as u64)),
+            OpenMode::Announced => grant,
+            OpenMode::Confirmed => None,
+        };
         let id = inner.alloc_id();
         let port = inner.alloc_port()?;
         let local_ip = peer.local_ip.lock().unwrap().unwrap_or(inner.local.ip());
         let mut vs =
             VSock::new(&inner, id, peer.clone(), class, SocketAddr::new(local_ip, port), addr, 0, region)?;
         Arc::get_mut(&mut vs).expect("fresh vsocket").owns_port = true;
-        if optimistic {
-            // Writable at once within the credit every listener grants an OPEN; the OPEN
-            // itself waits for the first write so that it carries its bytes.
+        if let Some(credit) = early {
+            // Writable at once within the credit the listener grants an OPEN; the OPEN
+            // itself waits for the first write so that it carries its bytes (a listener that
+            // grants nothing gets it now: writes wait for its answer).
             let mut tx = vs.tx.lock().unwrap();
             tx.optimistic = true;
-            let _ = tx.st.on_credit(0, inner.cfg.open_credit as u64);
+            let _ = tx.st.on_credit(0, credit);
             drop(tx);
-            vs.open_deferred.store(true, Ordering::Release);
+            vs.open_deferred.store(credit > 0, Ordering::Release);
+            if mode == OpenMode::Announced {
+                inner.totals.connects_announced.fetch_add(1, Ordering::Relaxed);
+                if credit > 0 {
+                    // Confirmed: the connection reaches the listener even if the app never
+                    // writes (an optimistic open's OPEN waits for the app, as TCP_FASTOPEN_CONNECT).
+                    let worker = peer.control_channel(class, id).map_or(0, |c| c.worker);
+                    inner.owe_frame(&vs, worker);
+                }
+            }
         }
+        let optimistic = early.is_some();
         if let (Some(shm), false) = (&vs.shm, optimistic) {
             // Until OPEN_OK (`on_open_ok`) or a failure: what a daemon's shim app, handed this
             // vsocket before the answer, reads to know it is still connecting.
@@ -1492,7 +1666,7 @@ impl VStream {
         let stream = VStream { imp: StreamImp::Embedded(Arc::new(Handle { vs: vs.clone(), _host: host })) };
         // With no channel up (all being dialed again), OPEN goes out when one is back
         // (`VSock::recover`); the peer's loss fails this vsocket, and the deadline bounds it.
-        if !optimistic {
+        if !vs.open_deferred.load(Ordering::Acquire) {
             peer.send_control(class, id, &vs.open_frame(inner.cfg.recv_buffer, 0));
         }
         Ok((stream, deadline))
@@ -1975,7 +2149,11 @@ impl VListener {
             tasks: TaskWakers::default(),
         });
         ls.insert(port, q.clone());
+        // Numbered under the table's lock, so that the peers apply binds and closes of
+        // this port in the order they happened (`engine::announce`).
+        let listen = inner.listen_frame(port);
         drop(ls);
+        inner.announce(&listen);
         Ok(VListener {
             imp: ListenerImp::Embedded(EmbeddedListener { q, host, nonblocking: AtomicBool::new(false) }),
         })
@@ -2046,11 +2224,12 @@ impl VListener {
         Ok(())
     }
 
-    /// Stop listening now: vsockets not yet accepted are refused, and an `accept` blocked in
-    /// another thread fails with `ConnectionAborted`.
+    /// Stop listening now: vsockets not yet accepted are refused, an `accept` blocked in
+    /// another thread fails with `ConnectionAborted`, and the port is free again (the peer
+    /// hosts are told it no longer listens; OPENs to it are refused).
     pub fn close(&self) {
         match &self.imp {
-            ListenerImp::Embedded(l) => l.q.close(),
+            ListenerImp::Embedded(l) => l.unlisten(),
             ListenerImp::Daemon(d) => d.close(),
         }
     }
@@ -2113,15 +2292,29 @@ impl AsRawFd for VListener {
     }
 }
 
-impl Drop for EmbeddedListener {
-    fn drop(&mut self) {
+impl EmbeddedListener {
+    /// Stop listening: out of the host's table (its peers are told, `engine::announce`),
+    /// and the queue closed. Once only: the port may be listening again by then.
+    fn unlisten(&self) {
         let inner = self.host.inner();
         let mut ls = inner.listeners.lock().unwrap();
-        if ls.get(&self.q.port).is_some_and(|q| Arc::ptr_eq(q, &self.q)) {
+        let gone = if ls.get(&self.q.port).is_some_and(|q| Arc::ptr_eq(q, &self.q)) {
             ls.remove(&self.q.port);
-        }
+            Some(inner.unlisten_frame(self.q.port))
+        } else {
+            None
+        };
         drop(ls);
+        if let Some(f) = gone {
+            inner.announce(&f);
+        }
         self.q.close();
+    }
+}
+
+impl Drop for EmbeddedListener {
+    fn drop(&mut self) {
+        self.unlisten();
         if let Some(r) = self.q.ready.get() {
             r.close();
         }

@@ -36,6 +36,9 @@
 //! | 11   | PONG     | 0            | 0               | 0                          | echoed nonce    | none               |
 //! | 12   | AUTH     | 0            | 0               | 0                          | 0               | 32-byte proof      |
 //! | 13   | AUTH_OK  | 0            | 0               | 0                          | 0               | none               |
+//! | 14   | LISTEN   | 0            | port            | announcement sequence (≠ 0) | initial credit the listener grants an OPEN (≤ MAX_SEGMENT) | none |
+//! | 15   | UNLISTEN | 0            | port            | announcement sequence (≠ 0) | 0               | none               |
+//! | 16   | LISTEN_SET | 0          | 0               | announcement sequence (≠ 0) | 0               | none               |
 //!
 //! * HELLO is the first frame a dialing host sends on a new channel; the accepting host
 //!   answers HELLO_OK, or RESET (vsock 0) with a reason — for instance a protocol version it
@@ -75,6 +78,25 @@
 //!   FIN (and the acknowledgement it carries) then wakes nobody there, and may wait in its
 //!   channel's queue for the next write on that channel, for a bounded time.
 //! * DATA carries at most [`MAX_SEGMENT`] bytes; RESET text at most [`MAX_REASON`] bytes.
+//! * Listener announcements (LISTEN, UNLISTEN, LISTEN_SET): a host tells each peer which
+//!   vsocket ports it listens on, so that a confirmed connect to an announced port needs no
+//!   round trip (its OPEN leaves with the first bytes, as an optimistic one does, under the
+//!   credit the LISTEN granted; a refusal fails the first read or write). LISTEN: `port`
+//!   (`x`, at most 65535) listens, and an OPEN to it may carry up to `b` stream bytes.
+//!   UNLISTEN: `port` no longer listens (its last listener closed). LISTEN_SET: a full set
+//!   follows — forget every announcement with a sequence below `a`; the LISTENs of the
+//!   set, one per listening port, follow on the same channel with the same sequence. A host
+//!   sends LISTEN or UNLISTEN on one of the peer's channels when a listener is bound or
+//!   closed, and LISTEN_SET with its set on every channel that joins the mesh (both hosts,
+//!   after the handshake), so that what a dead channel lost is replaced when its successor
+//!   comes up. Sequences are one counter per sending host, strictly increasing across
+//!   ports: announcements may arrive out of order over different channels, and a receiver
+//!   applies one for a port only if its sequence is above the last it applied for that port
+//!   (and not below the last LISTEN_SET's). The set a receiver holds is a hint, never a
+//!   proof: a port it lacks may have been bound a moment ago (its LISTEN in flight), so an
+//!   unannounced port is opened with a round trip and nothing is refused locally; a port
+//!   it holds may have closed a moment ago (its UNLISTEN in flight), and the OPEN is then
+//!   refused as usual.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -91,7 +113,8 @@ pub const MAGIC: u32 = 0x4E43_484E;
 /// Version 2: the authentication proofs cover the whole handshake transcript (see above).
 /// Version 3: OPEN may carry the opener's first stream bytes (optimistic open).
 /// Version 4: FIN may carry [`FLAG_CLOSED`].
-pub const VERSION: u16 = 4;
+/// Version 5: listener announcements (LISTEN, UNLISTEN, LISTEN_SET).
+pub const VERSION: u16 = 5;
 /// Length of an authentication proof (HMAC-SHA256) in HELLO_OK and AUTH.
 pub const AUTH_PROOF_LEN: usize = 32;
 /// Flag bit: the channel (HELLO) or vsocket (OPEN) is in the latency class.
@@ -240,8 +263,16 @@ pub enum Kind {
     Ping = 10,
     /// 11: answer to PING.
     Pong = 11,
+    /// 12: the dialing host's authentication proof.
     Auth = 12,
+    /// 13: the accepting host verified AUTH.
     AuthOk = 13,
+    /// 14: a vsocket port of the sending host listens.
+    Listen = 14,
+    /// 15: a vsocket port of the sending host no longer listens.
+    Unlisten = 15,
+    /// 16: the sending host's whole set of listening ports follows.
+    ListenSet = 16,
 }
 
 impl Kind {
@@ -261,6 +292,9 @@ impl Kind {
             11 => Kind::Pong,
             12 => Kind::Auth,
             13 => Kind::AuthOk,
+            14 => Kind::Listen,
+            15 => Kind::Unlisten,
+            16 => Kind::ListenSet,
             _ => return None,
         })
     }
@@ -281,6 +315,9 @@ impl Kind {
             Kind::Pong => "PONG",
             Kind::Auth => "AUTH",
             Kind::AuthOk => "AUTH_OK",
+            Kind::Listen => "LISTEN",
+            Kind::Unlisten => "UNLISTEN",
+            Kind::ListenSet => "LISTEN_SET",
         }
     }
 
@@ -620,6 +657,27 @@ pub enum Frame<'a> {
     },
     /// AUTH_OK: the accepting host verified AUTH; the channel is open.
     AuthOk,
+    /// LISTEN: the sender listens on `port`.
+    Listen {
+        /// The listening vsocket port (`x`).
+        port: u16,
+        /// Announcement sequence (`a`, never 0).
+        seq: u64,
+        /// Stream bytes an OPEN to this port may carry (`b`, at most [`MAX_SEGMENT`]).
+        credit: u64,
+    },
+    /// UNLISTEN: the sender no longer listens on `port`.
+    Unlisten {
+        /// The vsocket port (`x`).
+        port: u16,
+        /// Announcement sequence (`a`, never 0).
+        seq: u64,
+    },
+    /// LISTEN_SET: the sender's whole set of listening ports follows (as LISTENs with `seq`).
+    ListenSet {
+        /// Announcement sequence (`a`, never 0).
+        seq: u64,
+    },
 }
 
 impl Frame<'_> {
@@ -639,6 +697,9 @@ impl Frame<'_> {
             Frame::Pong { .. } => Kind::Pong,
             Frame::Auth { .. } => Kind::Auth,
             Frame::AuthOk => Kind::AuthOk,
+            Frame::Listen { .. } => Kind::Listen,
+            Frame::Unlisten { .. } => Kind::Unlisten,
+            Frame::ListenSet { .. } => Kind::ListenSet,
         }
     }
 
@@ -730,6 +791,9 @@ impl Frame<'_> {
             Frame::Reset { vsock, reason, .. } => Header { vsock, x: reason.code(), ..header },
             Frame::Ping { nonce } | Frame::Pong { nonce } => Header { b: nonce, ..header },
             Frame::Auth { .. } | Frame::AuthOk => header,
+            Frame::Listen { port, seq, credit } => Header { x: u32::from(port), a: seq, b: credit, ..header },
+            Frame::Unlisten { port, seq } => Header { x: u32::from(port), a: seq, ..header },
+            Frame::ListenSet { seq } => Header { a: seq, ..header },
         }
     }
 }
@@ -872,7 +936,9 @@ impl Header {
 /// or the body field (`"magic"`, `"message"`): fields the table marks 0 are 0; OPEN has a
 /// nonzero `x` (the opener's id), `a` below 2³² and `vsock` 0; OPEN_OK has nonzero `vsock` and
 /// `x`; REFUSED, DATA, CREDIT and FIN have a nonzero `vsock`; CREDIT has `a <= b`; DATA's
-/// `a + len` fits a `u64`; RESET's text is UTF-8.
+/// `a + len` fits a `u64`; RESET's text is UTF-8; LISTEN, UNLISTEN and LISTEN_SET have `vsock`
+/// 0 and a nonzero `a`, LISTEN and UNLISTEN an `x` below 2¹⁶, LISTEN a `b` of at most
+/// [`MAX_SEGMENT`].
 ///
 /// Never panics, and allocates nothing.
 pub fn decode(buf: &[u8]) -> Result<(Frame<'_>, usize), WireError> {
@@ -880,6 +946,37 @@ pub fn decode(buf: &[u8]) -> Result<(Frame<'_>, usize), WireError> {
     let frame_len = header.frame_len();
     let payload = buf.get(HEADER_LEN..frame_len).ok_or(WireError::Incomplete { needed: frame_len })?;
     Ok((parse(&header, payload)?, frame_len))
+}
+
+/// The head of a DATA frame whose payload has not all arrived: what a reader needs to read
+/// the payload straight into its vsocket's receive buffer ([`decode_data_head`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataHead {
+    /// The receiver's vsocket id.
+    pub vsock: u32,
+    /// Stream offset of the payload's first byte.
+    pub offset: u64,
+    /// Payload bytes that follow the header.
+    pub len: u32,
+    /// The sender asks for a prompt acknowledgement ([`FLAG_ACK_REQUEST`]).
+    pub ack_request: bool,
+}
+
+/// The DATA frame that starts `buf`, from its header alone: `Some` if `buf` starts with a
+/// complete header of a DATA frame that passes every rule [`decode`] checks (the payload
+/// itself may be missing, in part or whole); `None` for any other kind, too few bytes, or a
+/// header [`decode`] would reject (which [`decode`] then reports, with its error).
+pub fn decode_data_head(buf: &[u8]) -> Option<DataHead> {
+    let h = Header::decode(buf).ok()?;
+    if h.kind != Kind::Data {
+        return None;
+    }
+    match parse(&h, &[]).ok()? {
+        Frame::Data { vsock, offset, ack_request, .. } => {
+            Some(DataHead { vsock, offset, len: h.len, ack_request })
+        }
+        _ => None,
+    }
 }
 
 /// Checks the per-kind rules of a validated header and its payload, and builds the frame.
@@ -984,6 +1081,27 @@ fn parse<'a>(h: &Header, payload: &'a [u8]) -> Result<Frame<'a>, WireError> {
             } else {
                 Frame::AuthOk
             }
+        }
+        Kind::Listen => {
+            zero_vsock()?;
+            h.check(h.x <= u32::from(u16::MAX), "x")?;
+            h.check(h.a != 0, "a")?;
+            h.check(h.b <= MAX_SEGMENT as u64, "b")?;
+            Frame::Listen { port: h.x as u16, seq: h.a, credit: h.b }
+        }
+        Kind::Unlisten => {
+            zero_vsock()?;
+            h.check(h.x <= u32::from(u16::MAX), "x")?;
+            h.check(h.a != 0, "a")?;
+            zero_b()?;
+            Frame::Unlisten { port: h.x as u16, seq: h.a }
+        }
+        Kind::ListenSet => {
+            zero_vsock()?;
+            zero_x()?;
+            h.check(h.a != 0, "a")?;
+            zero_b()?;
+            Frame::ListenSet { seq: h.a }
         }
     };
     Ok(frame)
@@ -1093,6 +1211,24 @@ mod tests {
     }
 
     #[test]
+    fn a_data_head_is_read_from_the_header_alone_and_only_if_decode_would_take_it() {
+        let payload = vec![7u8; 5000];
+        let buf = encode(&Frame::Data { vsock: 9, offset: 1 << 33, payload: &payload, ack_request: true });
+        let head = DataHead { vsock: 9, offset: 1 << 33, len: 5000, ack_request: true };
+        assert_eq!(decode_data_head(&buf[..HEADER_LEN]), Some(head));
+        assert_eq!(decode_data_head(&buf[..HEADER_LEN + 10]), Some(head));
+        assert_eq!(decode_data_head(&buf[..HEADER_LEN - 1]), None, "header incomplete");
+        let credit = encode(&Frame::Credit { vsock: 9, received: 1, limit: 2, fin_received: false });
+        assert_eq!(decode_data_head(&credit), None, "not DATA");
+        // A DATA header whose vsock is 0 is malformed: no head, and decode names the field.
+        let mut bad = buf[..HEADER_LEN].to_vec();
+        bad[field::VSOCK].fill(0);
+        assert_eq!(decode_data_head(&bad), None);
+        bad.extend_from_slice(&payload);
+        assert!(matches!(decode(&bad), Err(WireError::BadField { field: "vsock", .. })));
+    }
+
+    #[test]
     fn round_trip_hello() {
         let v4 = SocketAddr::from((Ipv4Addr::new(10, 0, 0, 1), 9000));
         let v6 = SocketAddr::from((Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2), 9001));
@@ -1165,6 +1301,36 @@ mod tests {
         let header = Header::decode(&encode(&frame)).unwrap();
         assert_eq!(header.a, 0xabcd_1234);
         assert_eq!(header.flags, FLAG_LATENCY);
+    }
+
+    #[test]
+    fn round_trip_announcements() {
+        round_trip(&Frame::Listen { port: 7000, seq: 1, credit: 16 << 10 });
+        round_trip(&Frame::Listen { port: u16::MAX, seq: u64::MAX, credit: MAX_SEGMENT as u64 });
+        round_trip(&Frame::Listen { port: 0, seq: 3, credit: 0 });
+        round_trip(&Frame::Unlisten { port: 7000, seq: 2 });
+        round_trip(&Frame::ListenSet { seq: 9 });
+        let header = Header::decode(&encode(&Frame::Listen { port: 0x1234, seq: 5, credit: 6 })).unwrap();
+        assert_eq!((header.x, header.a, header.b), (0x1234, 5, 6));
+    }
+
+    #[test]
+    fn announcements_with_bad_fields_are_rejected() {
+        let bytes = |kind, x, a, b| {
+            let mut out = [0; HEADER_LEN];
+            Header { x, a, b, ..Header::empty(kind, 0) }.encode(&mut out);
+            out
+        };
+        assert_eq!(decode(&bytes(Kind::Listen, 0x1_0000, 1, 0)), bad_field(Kind::Listen, "x"));
+        assert_eq!(decode(&bytes(Kind::Listen, 80, 0, 0)), bad_field(Kind::Listen, "a"));
+        assert_eq!(decode(&bytes(Kind::Listen, 80, 1, MAX_SEGMENT as u64 + 1)), bad_field(Kind::Listen, "b"));
+        assert_eq!(decode(&bytes(Kind::Unlisten, 80, 1, 1)), bad_field(Kind::Unlisten, "b"));
+        assert_eq!(decode(&bytes(Kind::Unlisten, 80, 0, 0)), bad_field(Kind::Unlisten, "a"));
+        assert_eq!(decode(&bytes(Kind::ListenSet, 1, 1, 0)), bad_field(Kind::ListenSet, "x"));
+        assert_eq!(decode(&bytes(Kind::ListenSet, 0, 0, 0)), bad_field(Kind::ListenSet, "a"));
+        let mut with_vsock = bytes(Kind::Listen, 80, 1, 0);
+        with_vsock[field::VSOCK].copy_from_slice(&1u32.to_be_bytes());
+        assert_eq!(decode(&with_vsock), bad_field(Kind::Listen, "vsock"));
     }
 
     #[test]
@@ -1319,7 +1485,7 @@ mod tests {
 
     #[test]
     fn rejects_unknown_kind() {
-        for kind in [0, 14, 0xff] {
+        for kind in [0, 17, 0xff] {
             let mut buf = encode(&Frame::Ping { nonce: 1 });
             buf[field::KIND] = kind;
             assert_eq!(decode(&buf), Err(WireError::UnknownKind(kind)));
@@ -1600,6 +1766,10 @@ mod tests {
             }),
             any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
             any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
+            (any::<u16>(), 1..=u64::MAX, 0..=MAX_SEGMENT as u64)
+                .prop_map(|(port, seq, credit)| Frame::Listen { port, seq, credit }),
+            (any::<u16>(), 1..=u64::MAX).prop_map(|(port, seq)| Frame::Unlisten { port, seq }),
+            (1..=u64::MAX).prop_map(|seq| Frame::ListenSet { seq }),
         ]
     }
 

@@ -132,6 +132,8 @@ fn latency_and_bulk_on_their_own_channels_keep_data_exact_with_bounded_bulk() {
             |c| {
                 c.latency_channels = 1;
                 c.bulk_sndbuf = 32 << 10;
+                // A queue of one segment (channel_queue is at least segment_size).
+                c.segment_size = 64 << 10;
                 c.channel_queue = 64 << 10;
                 c.write_batch = 64 << 10;
                 c.latency_spin_us = 50;

@@ -278,7 +278,7 @@ pub struct EngineFlags {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub copy_workers: Option<usize>,
 
-    /// Largest DATA segment, e.g. 64KiB [default: 64KiB, or segment_size from --config]
+    /// Largest DATA segment, e.g. 64KiB [default: 256KiB, or segment_size from --config]
     #[arg(long, value_name = "SIZE", value_parser = parse_size_usize)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub segment_size: Option<usize>,
@@ -328,6 +328,11 @@ pub struct EngineFlags {
     #[arg(long, value_name = "BOOL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inline_read: Option<bool>,
+
+    /// Whether the hosts announce their listening ports to each other (a confirmed connect to an announced port needs no round trip), true or false [default: true, or announce_listeners from --config]
+    #[arg(long, value_name = "BOOL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub announce_listeners: Option<bool>,
 
     /// Microseconds a latency worker polls its channels before it sleeps [default: 0, or busy_poll_us from --config]
     #[arg(long, value_name = "US")]

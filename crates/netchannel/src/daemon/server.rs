@@ -715,12 +715,21 @@ impl State {
                         self.host.clone(),
                         addr,
                         class.into(),
-                        false,
+                        crate::vsock::OpenMode::Confirmed,
                         region,
                     )?;
                     (s, Some(deadline))
                 } else {
-                    (crate::VStream::open_in(self.host.clone(), addr, class.into(), false, region)?, None)
+                    (
+                        crate::VStream::open_in(
+                            self.host.clone(),
+                            addr,
+                            class.into(),
+                            crate::vsock::OpenMode::Confirmed,
+                            region,
+                        )?,
+                        None,
+                    )
                 };
                 let sv = self.register(stream, conn, pid, proxy, charge, key)?;
                 if let Some(d) = deadline {

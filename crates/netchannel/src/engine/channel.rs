@@ -134,6 +134,34 @@ pub(crate) struct Reader {
     rend: usize,
     /// When the channel was last parked ([`Channel::parked`]).
     parked_at: Option<Instant>,
+    /// The DATA payload being read straight into its vsocket's receive ring, if any: the
+    /// next bytes of the socket are its rest (`rbuf` is empty meanwhile).
+    direct: Option<Direct>,
+    /// The last frame was a DATA frame large enough to be read into its ring ([`DIRECT_MIN`]):
+    /// the next is most likely one too, so its header is read alone (the read that would
+    /// take more would copy its payload through `rbuf`).
+    expect_direct: bool,
+}
+
+/// A DATA payload read from the socket straight into the receive ring, into the range its
+/// vsocket claimed for it ([`VSock::claim_rx`]).
+struct Direct {
+    vs: Arc<VSock>,
+    offset: u64,
+    len: u32,
+    ack_request: bool,
+    /// Payload bytes in the ring so far.
+    done: u32,
+}
+
+impl Reader {
+    /// Give up the payload being read into a receive ring (the channel died before it all
+    /// came): its vsocket gets it again from the sender's recovery.
+    fn abandon_direct(&mut self) {
+        if let Some(d) = self.direct.take() {
+            d.vs.release_rx(d.offset, d.len);
+        }
+    }
 }
 
 /// What the channel's worker polls the socket for.
@@ -200,7 +228,14 @@ impl Channel {
             host: Arc::downgrade(host),
             batch: (host.cfg.write_batch, host.cfg.write_batch_frames),
             read_sock,
-            reader: Mutex::new(Reader { rbuf: vec![0; READ_BUF], rstart: 0, rend: 0, parked_at: None }),
+            reader: Mutex::new(Reader {
+                rbuf: vec![0; READ_BUF],
+                rstart: 0,
+                rend: 0,
+                parked_at: None,
+                direct: None,
+                expect_direct: false,
+            }),
             watch: Mutex::new(Watch::default()),
             lent: AtomicBool::new(false),
             lent_reads: AtomicU64::new(0),
@@ -767,7 +802,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
     let mut last_tick = Instant::now();
     loop {
         let any_lent = conns.values().any(|c| c.ch.lent.load(Ordering::Relaxed));
-        let ticking = keep_ticking(&host.workers[me], &conns);
+        let ticking = keep_ticking(&host, &host.workers[me], &conns);
         let timeout = if !again.is_empty() {
             Some(Duration::ZERO)
         } else if ticking {
@@ -804,6 +839,8 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
         let mut writable: Vec<usize> = Vec::new();
         if ticking && last_tick.elapsed() >= PARK_GRACE {
             last_tick = Instant::now();
+            // OPENs and OPEN_OKs held back for a first write that has not come.
+            host.send_owed(PARK_GRACE);
             for (t, c) in conns.iter() {
                 unpark(&host, &c.ch, PARK_GRACE);
                 if c.ch.lazy_due(PARK_GRACE) {
@@ -967,27 +1004,66 @@ fn read_some(
     enough: &dyn Fn() -> bool,
     short_read_drains: bool,
 ) -> Result<bool, String> {
+    let res = read_frames(host, ch, c, enough, short_read_drains);
+    if res.is_err() || !ch.up.load(Ordering::Acquire) {
+        c.abandon_direct();
+    }
+    res
+}
+
+/// DATA payloads of at least this many bytes are read straight into the receive ring
+/// ([`Direct`]); smaller ones go through the read buffer, which takes many frames per read.
+const DIRECT_MIN: usize = 16 << 10;
+
+fn read_frames(
+    host: &Arc<HostInner>,
+    ch: &Arc<Channel>,
+    c: &mut Reader,
+    enough: &dyn Fn() -> bool,
+    short_read_drains: bool,
+) -> Result<bool, String> {
     let mut budget = READ_BUDGET;
     loop {
-        if c.rend == c.rbuf.len() {
-            // Make room: move the partial frame to the front, or grow for a large one.
-            if c.rstart > 0 {
-                c.rbuf.copy_within(c.rstart..c.rend, 0);
-                c.rend -= c.rstart;
-                c.rstart = 0;
-            } else {
-                let n = c.rbuf.len() * 2;
-                c.rbuf.resize(n.min(HEADER_LEN + wire::MAX_SEGMENT).max(c.rend + 1), 0);
+        let (res, room) = match &c.direct {
+            Some(d) => {
+                let room = (d.len - d.done) as usize + HEADER_LEN;
+                (read_direct(ch, c), room)
             }
-        }
-        let room = c.rbuf.len() - c.rend;
-        match (&ch.read_sock).read(&mut c.rbuf[c.rend..]) {
+            None => {
+                if c.rend == c.rbuf.len() {
+                    // Make room: move the partial frame to the front, or grow for a large one.
+                    if c.rstart > 0 {
+                        c.rbuf.copy_within(c.rstart..c.rend, 0);
+                        c.rend -= c.rstart;
+                        c.rstart = 0;
+                    } else {
+                        let n = c.rbuf.len() * 2;
+                        c.rbuf.resize(n.min(HEADER_LEN + wire::MAX_SEGMENT).max(c.rend + 1), 0);
+                    }
+                }
+                let mut room = c.rbuf.len() - c.rend;
+                let have = c.rend - c.rstart;
+                if c.expect_direct && have < HEADER_LEN {
+                    room = room.min(HEADER_LEN - have);
+                }
+                let res = (&ch.read_sock).read(&mut c.rbuf[c.rend..c.rend + room]).inspect(|&n| c.rend += n);
+                (res, room)
+            }
+        };
+        match res {
             Ok(0) => return Err("peer closed the connection".into()),
             Ok(n) => {
                 let drained = short_read_drains && n < room;
-                c.rend += n;
                 ch.counters.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
-                parse(host, ch, c)?;
+                if c.direct.as_ref().is_some_and(|d| d.done == d.len) {
+                    let d = c.direct.take().expect("checked");
+                    c.expect_direct = true;
+                    ch.counters.frames_received.fetch_add(1, Ordering::Relaxed);
+                    d.vs.finish_rx(d.offset, d.len, d.ack_request);
+                }
+                if c.direct.is_none() {
+                    parse(host, ch, c)?;
+                }
                 if drained || enough() {
                     return Ok(false);
                 }
@@ -1003,15 +1079,46 @@ fn read_some(
     }
 }
 
+/// One `readv` of the rest of the payload being read straight into its receive ring, and
+/// of the next frame's header behind it (into the empty read buffer): the header says
+/// whether the next payload goes the same way. Returns the bytes read.
+fn read_direct(ch: &Channel, c: &mut Reader) -> io::Result<usize> {
+    let d = c.direct.as_mut().expect("a direct read");
+    let rest = (d.len - d.done) as usize;
+    let [a, b] = d.vs.rx_parts(d.offset + u64::from(d.done), rest);
+    debug_assert!(c.rstart == 0 && c.rend == 0, "read buffer not empty during a direct read");
+    let iov = [
+        libc::iovec { iov_base: a.ptr.cast(), iov_len: a.len },
+        libc::iovec { iov_base: b.ptr.cast(), iov_len: b.len },
+        libc::iovec { iov_base: c.rbuf.as_mut_ptr().cast(), iov_len: HEADER_LEN },
+    ];
+    // SAFETY: the first two iovecs are the ring range this reader claimed (nobody else
+    // writes or reads it until the claim ends, module docs of `crate::vsock`), kept mapped by
+    // the `Arc<VSock>`; the third is the start of the read buffer (at least HEADER_LEN long).
+    let n = unsafe { libc::readv(ch.read_sock.as_raw_fd(), iov.as_ptr(), 3) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    let into_ring = n.min(rest);
+    d.done += into_ring as u32;
+    c.rend = n - into_ring;
+    Ok(n)
+}
+
 fn parse(host: &Arc<HostInner>, ch: &Arc<Channel>, c: &mut Reader) -> Result<(), String> {
     loop {
         match wire::decode(&c.rbuf[c.rstart..c.rend]) {
             Ok((frame, used)) => {
+                c.expect_direct = matches!(frame, Frame::Data { payload, .. } if payload.len() >= DIRECT_MIN);
                 ch.counters.frames_received.fetch_add(1, Ordering::Relaxed);
                 host.dispatch(ch, frame).map_err(|e| e.0)?;
                 c.rstart += used;
             }
             Err(wire::WireError::Incomplete { needed }) => {
+                if start_direct(host, ch, c) {
+                    return Ok(());
+                }
                 if c.rstart == c.rend {
                     c.rstart = 0;
                     c.rend = 0;
@@ -1038,6 +1145,42 @@ fn parse(host: &Arc<HostInner>, ch: &Arc<Channel>, c: &mut Reader) -> Result<(),
             }
         }
     }
+}
+
+/// The read buffer ends in an incomplete frame: if it is a DATA frame with a large payload
+/// for a vsocket of this channel's peer that can take all of it, claim the payload's range
+/// in the receive ring, copy the part already read there and read the rest straight into
+/// it ([`Direct`]); the read buffer is empty then. `false` (nothing done) otherwise.
+fn start_direct(host: &Arc<HostInner>, ch: &Arc<Channel>, c: &mut Reader) -> bool {
+    let buf = &c.rbuf[c.rstart..c.rend];
+    let Some(head) = wire::decode_data_head(buf) else { return false };
+    if (head.len as usize) < DIRECT_MIN {
+        return false;
+    }
+    // As `dispatch` does: a vsocket's frames are only taken from its own peer's channels.
+    let Some(vs) = host.vsock(head.vsock).filter(|v| std::ptr::eq(Arc::as_ptr(&v.peer), ch.peer.as_ptr()))
+    else {
+        return false;
+    };
+    let Some([a, b]) = vs.claim_rx(head.offset, head.len) else { return false };
+    let have = &buf[HEADER_LEN..];
+    let (h0, h1) = have.split_at(have.len().min(a.len));
+    // SAFETY: the claimed range, which only this reader writes (module docs of
+    // `crate::vsock`); `have` is shorter than the payload, so both copies fit their parts.
+    unsafe {
+        std::ptr::copy_nonoverlapping(h0.as_ptr(), a.ptr, h0.len());
+        std::ptr::copy_nonoverlapping(h1.as_ptr(), b.ptr, h1.len());
+    }
+    c.direct = Some(Direct {
+        vs,
+        offset: head.offset,
+        len: head.len,
+        ack_request: head.ack_request,
+        done: have.len() as u32,
+    });
+    c.rstart = 0;
+    c.rend = 0;
+    true
 }
 
 /// Most pieces one `writev` takes (the kernel's `IOV_MAX`); a batch needing more is written
@@ -1175,6 +1318,9 @@ pub(crate) fn channel_down(host: &Arc<HostInner>, ch: &Arc<Channel>, reason: &st
     ch.close_writer();
     ch.clear();
     ch.queued.store(0, Ordering::Relaxed);
+    // A payload half read into a receive ring will not come whole on this channel. Whoever
+    // reads the channel now meets the shutdown just made and lets go of the reader.
+    ch.reader.lock().unwrap().abandon_direct();
     if let Some(peer) = ch.peer.upgrade() {
         host.on_channel_down(&peer, ch, reason);
     }
@@ -1527,13 +1673,23 @@ pub(crate) fn unpark(host: &HostInner, ch: &Arc<Channel>, at_least: Duration) {
     ch.set_inline(host, false);
 }
 
+/// Make worker `w` wake every [`PARK_GRACE`] (for a frame owed, `HostInner::owe_frame`),
+/// waking it if it was not ticking. Pairs with [`keep_ticking`] as [`park`] does.
+pub(crate) fn start_ticking(host: &HostInner, w: usize) {
+    let w = &host.workers[w];
+    if !w.ticking.swap(true, Ordering::SeqCst) {
+        let _ = w.waker.wake();
+    }
+}
+
 /// Whether worker `w` should keep waking every [`PARK_GRACE`]: while any of its channels
-/// is parked or holds a lazy frame. Clearing `ticking` and then looking again pairs with
+/// is parked or holds a lazy frame, or a vsocket owes a frame (`HostInner::owe_frame`). Clearing `ticking` and then looking again pairs with
 /// [`park`], which sets a channel parked and then `ticking` (and with
 /// [`Channel::push_lazy`], which marks the channel and then looks at `ticking`): one of the
 /// two sees the other.
-fn keep_ticking(w: &WorkerHandle, conns: &HashMap<usize, Conn>) -> bool {
-    let parked = || conns.values().any(|c| c.ch.parked.load(Ordering::SeqCst) || c.ch.has_lazy());
+fn keep_ticking(host: &HostInner, w: &WorkerHandle, conns: &HashMap<usize, Conn>) -> bool {
+    let parked =
+        || host.opens_owed() || conns.values().any(|c| c.ch.parked.load(Ordering::SeqCst) || c.ch.has_lazy());
     if !w.ticking.load(Ordering::SeqCst) {
         return false;
     }
@@ -1546,4 +1702,62 @@ fn keep_ticking(w: &WorkerHandle, conns: &HashMap<usize, Conn>) -> bool {
         return true;
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Host;
+    use crate::Config;
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+    /// Two hosts on loopback addresses of their own (this test process's).
+    fn two_hosts() -> (Host, Host) {
+        let pid = std::process::id();
+        let (b, port) = ((pid % 200) as u8 + 20, 20000 + (pid % 20000) as u16);
+        let at = |d| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, b, 253, d)), port);
+        let start = |listen| Host::start(Config { listen, ..Config::default() }).expect("start a host");
+        (start(at(1)), start(at(2)))
+    }
+
+    /// A reader of a throughput channel claimed a DATA payload's range in a receive ring and
+    /// read part of it when the channel dies; the same bytes, sent again meanwhile on another
+    /// channel, wait for the claim. Taking the channel down releases the claim, and the bytes
+    /// that waited arrive, whole.
+    #[test]
+    fn a_payload_half_read_into_a_ring_is_released_with_its_channel_and_what_waited_arrives() {
+        let (a, b) = two_hosts();
+        let l = b.bind(7000).unwrap();
+        let _c = a.connect(SocketAddr::new(b.local_addr().ip(), 7000)).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let inner = b.guard.inner.clone();
+        let peer = inner.peers.lock().unwrap().values().next().cloned().expect("B knows A");
+        let vs = inner.peer_vsocks(&peer).into_iter().next().expect("the accepted vsocket");
+        // A channel of B's peer that no worker serves (none reads it behind the test's back).
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let read_sock = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let _far_end = l.accept().unwrap();
+        let write_sock = read_sock.try_clone().unwrap();
+        let ch = Channel::new(&inner, &peer, Class::Throughput, 99, read_sock, write_sock);
+        let len = 100u32 << 10;
+        assert!(vs.claim_rx(0, len).is_some(), "the range is new");
+        ch.reader.lock().unwrap().direct =
+            Some(Direct { vs: vs.clone(), offset: 0, len, ack_request: false, done: 10 });
+        let payload: Vec<u8> = (0..150u32 << 10).map(|i| (i % 251) as u8).collect();
+        vs.on_data(0, &payload, false);
+        assert_eq!(vs.info().bytes_received, 0, "bytes over a claimed range wait for the claim");
+        channel_down(&inner, &ch, "killed by the test");
+        assert_eq!(vs.info().bytes_received, payload.len() as u64, "the waiting bytes arrived");
+        // Read from the ring, not by the app: host A, which never sent these bytes, resets
+        // the vsocket when B acknowledges them.
+        let mut got = vec![0u8; payload.len()];
+        let [p0, p1] = vs.rx_parts(0, got.len());
+        // SAFETY: the range arrived, so nobody writes it again; `got` is ours.
+        unsafe {
+            std::ptr::copy_nonoverlapping(p0.ptr, got.as_mut_ptr(), p0.len);
+            std::ptr::copy_nonoverlapping(p1.ptr, got.as_mut_ptr().add(p0.len), p1.len);
+        }
+        assert!(got == payload, "the ring holds the bytes that waited");
+        drop(s);
+    }
 }

@@ -6,6 +6,7 @@
 //! engine stops when the last handle — a `Host` clone, a `VStream` or a `VListener` — is
 //! dropped, or at [`Host::shutdown`].
 
+pub(crate) mod announce;
 pub(crate) mod auth;
 pub(crate) mod channel;
 pub(crate) mod handshake;
@@ -49,6 +50,14 @@ pub(crate) struct HostInner {
     pub peers: Mutex<HashMap<SocketAddr, Arc<Peer>>>,
     pub vsocks: RwLock<HashMap<u32, Arc<VSock>>>,
     pub listeners: Mutex<HashMap<u16, Arc<ListenQueue>>>,
+    /// The last listener announcement's sequence (`engine::announce`; taken under
+    /// `listeners`).
+    announce_seq: AtomicU64,
+    /// Vsockets holding their OPEN or OPEN_OK back for their first write
+    /// (`HostInner::owe_frame`), since when.
+    owed_opens: Mutex<Vec<(Instant, std::sync::Weak<VSock>)>>,
+    /// `owed_opens` is not empty.
+    any_owed: AtomicBool,
     ports: Mutex<(u16, HashSet<u16>)>,
     next_id: AtomicU32,
     pub next_token: AtomicUsize,
@@ -88,6 +97,8 @@ pub(crate) struct Totals {
     pub bad_frames: AtomicU64,
     pub channels_redialed: AtomicU64,
     pub peers_lost: AtomicU64,
+    /// Confirmed connects that did not wait for OPEN_OK: the port was announced.
+    pub connects_announced: AtomicU64,
 }
 
 /// Counters of one channel.
@@ -183,6 +194,9 @@ pub struct HostStats {
     /// Peers given up (every channel down too long, orderly shutdown, or restart): their
     /// vsockets failed with `ConnectionReset`.
     pub peers_lost: u64,
+    /// Confirmed connects that returned without waiting for OPEN_OK because the peer had
+    /// announced the port (`engine::announce`); optimistic opens are not counted.
+    pub connects_announced: u64,
 }
 
 /// An embedded NetChannel host: the whole engine inside this process.
@@ -303,6 +317,9 @@ impl Host {
             peers: Mutex::new(HashMap::new()),
             vsocks: RwLock::new(HashMap::new()),
             listeners: Mutex::new(HashMap::new()),
+            announce_seq: AtomicU64::new(0),
+            owed_opens: Mutex::new(Vec::new()),
+            any_owed: AtomicBool::new(false),
             ports: Mutex::new((EPHEMERAL_FIRST, HashSet::new())),
             next_id: AtomicU32::new(1),
             next_token: AtomicUsize::new(0),
@@ -382,9 +399,15 @@ impl Host {
     }
 
     /// Open a throughput-class vsocket to `addr`: the peer host's IP and a vsocket port.
-    /// The connect is confirmed (it returns once the peer accepted, and fails with
-    /// `ConnectionRefused` if nothing listens there), unless the configuration says
-    /// `optimistic_open` (then as [`Host::connect_optimistic`]).
+    /// The connect is confirmed, unless the configuration says `optimistic_open` (then as
+    /// [`Host::connect_optimistic`]): to a port the peer has not announced (config
+    /// `announce_listeners`) it returns once the peer accepted, and fails with
+    /// `ConnectionRefused` if nothing listens there; to a port the peer announced it
+    /// returns at once and the OPEN leaves with the first write, carrying its first bytes
+    /// (within what the listener granted) — should the listener have closed meanwhile, the
+    /// first read or write fails with `ConnectionRefused`, as TCP resets a connection its
+    /// listener closed before accepting it. [`Host::announced_ports`] tells which ports
+    /// those are.
     pub fn connect(&self, addr: SocketAddr) -> io::Result<VStream> {
         self.connect_class(addr, Class::Throughput)
     }
@@ -413,6 +436,15 @@ impl Host {
     /// ```
     pub fn connect_optimistic(&self, addr: SocketAddr) -> io::Result<VStream> {
         VStream::open(self.clone(), addr, Class::Throughput, true)
+    }
+
+    /// The vsocket ports the host whose channels are accepted at `peer` (its IP and
+    /// channel port, as in [`ChannelStats::peer`]) announced it listens on, as this host
+    /// knows them now (empty for a host without channels to this one). A hint: a port bound
+    /// there a moment ago may be missing, one closed a moment ago may still be here.
+    pub fn announced_ports(&self, peer: SocketAddr) -> Vec<u16> {
+        let p = self.guard.inner.peers.lock().unwrap().get(&peer).cloned();
+        p.map(|p| p.announced.lock().unwrap().listening()).unwrap_or_default()
     }
 
     /// Listen for vsockets on `port` of this host.
@@ -456,6 +488,7 @@ impl Host {
             bad_frames: inner.totals.bad_frames.load(Ordering::Relaxed),
             channels_redialed: inner.totals.channels_redialed.load(Ordering::Relaxed),
             peers_lost: inner.totals.peers_lost.load(Ordering::Relaxed),
+            connects_announced: inner.totals.connects_announced.load(Ordering::Relaxed),
         }
     }
 
@@ -671,7 +704,13 @@ impl HostInner {
         let write_half = s.try_clone()?;
         let ch = Channel::new(self, peer, class, index, s, write_half);
         peer.add_channel(ch.clone());
-        self.workers[ch.worker].command(Command::Add(ch));
+        self.workers[ch.worker].command(Command::Add(ch.clone()));
+        // The listening ports, first on the new channel: what a dead one lost is replaced,
+        // and a peer that (re)connects learns them (`engine::announce`).
+        let set = self.listen_set_frames();
+        if !set.is_empty() {
+            ch.push_frames(&set);
+        }
         self.on_channel_up(peer);
         Ok(())
     }
@@ -741,6 +780,9 @@ impl HostInner {
                     v.on_reset(reason, message);
                     self.remove_vsock(vsock);
                 }
+            }
+            Frame::Listen { .. } | Frame::Unlisten { .. } | Frame::ListenSet { .. } => {
+                self.on_announcement(&peer, &frame);
             }
             Frame::Ping { nonce } => ch.push_frame(&Frame::Pong { nonce }),
             Frame::Pong { .. } => {}
@@ -825,7 +867,10 @@ impl HostInner {
             // An optimistic opener sends on without waiting for the answer: it leaves with
             // this vsocket's first frame (the response, usually) instead of waking the opener
             // on its own. (A daemon-served app's waits are not seen here: answered at once.)
+            // Not for long: an app that does not answer soon lets it go alone.
             vs.defer_open_ok();
+            let worker = peer.control_channel(class, src).map_or(0, |c| c.worker);
+            self.owe_frame(&vs, worker);
         } else {
             peer.send_control(
                 class,

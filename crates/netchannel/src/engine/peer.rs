@@ -42,6 +42,8 @@ pub(crate) struct Peer {
     policy: crate::Policy,
     /// Channel loss and recovery (see `engine::recovery`).
     pub recovery: Recovery,
+    /// The vsocket ports this peer announced it listens on (`wire`: LISTEN).
+    pub announced: Mutex<super::announce::Announced>,
 }
 
 /// What the NetDriver tracks to bring a peer's channels back after they die.
@@ -79,6 +81,7 @@ impl Peer {
             cap: cfg.channel_queue,
             policy: cfg.policy,
             recovery: Recovery::default(),
+            announced: Mutex::new(super::announce::Announced::default()),
         })
     }
 

@@ -45,6 +45,11 @@ impl Reassembly {
         self.ranges.len()
     }
 
+    /// Whether no byte of `[off, end)` has arrived yet.
+    pub fn is_new(&self, off: u64, end: u64) -> bool {
+        off >= self.in_order && self.ranges.range(..end).next_back().is_none_or(|(_, &e)| e <= off)
+    }
+
     /// Record `[off, off + len)` as arrived. Calls `new_part(start, end)` for each sub-range
     /// that had not arrived before, in increasing order; the caller copies exactly those bytes.
     pub fn insert(
@@ -121,6 +126,15 @@ mod tests {
             }
         })
         .unwrap();
+    }
+
+    #[test]
+    fn is_new_sees_arrived_bytes_and_nothing_else() {
+        let mut r = Reassembly::new(10);
+        r.insert(20, 10, |_, _| {}).unwrap();
+        assert!(!r.is_new(5, 12), "below the in-order point");
+        assert!(r.is_new(10, 20) && r.is_new(30, 40), "gaps next to the range");
+        assert!(!r.is_new(15, 21) && !r.is_new(29, 35) && !r.is_new(22, 25) && !r.is_new(0, 100));
     }
 
     #[test]

@@ -234,6 +234,11 @@ pub struct RxState {
     /// A FIN arrived (the first, or a copy sent again after a channel died) and has not been
     /// acknowledged since: acknowledge it as soon as the stream is complete.
     fin_ack_due: bool,
+    /// Ranges `(start, end)` claimed by writers that fill them into the receive buffer
+    /// without holding the vsocket's lock ([`RxState::claim`]): none has arrived as far as
+    /// `reasm` knows, they are disjoint, and nobody else writes them until they are
+    /// completed or released. At most one per channel reading this vsocket's segments.
+    claims: Vec<(u64, u64)>,
 }
 
 /// A CREDIT to send: `received` in order so far and the new `limit`.
@@ -257,6 +262,7 @@ impl RxState {
             ack_wanted: None,
             fin: None,
             fin_ack_due: false,
+            claims: Vec::new(),
         }
     }
 
@@ -297,6 +303,7 @@ impl RxState {
 
     /// A DATA segment arrived. Checks it against the credit granted and the FIN, then calls
     /// `new_part(start, end)` for each range not received before (the caller copies those bytes).
+    /// The segment must not overlap a claim ([`RxState::overlaps_claim`]).
     pub fn on_data(
         &mut self,
         offset: u64,
@@ -304,6 +311,76 @@ impl RxState {
         ack_request: bool,
         new_part: impl FnMut(u64, u64),
     ) -> Result<(), ProtoError> {
+        let end = self.check_data(offset, len)?;
+        debug_assert!(!self.overlaps_claim(offset, len), "DATA over a claimed range");
+        self.reasm.insert(offset, len, new_part)?;
+        if ack_request {
+            self.ack_wanted = Some(self.ack_wanted.map_or(end, |w| w.min(end)));
+        }
+        Ok(())
+    }
+
+    /// Claim the DATA segment `[offset, offset + len)` for writing into the receive buffer
+    /// outside the vsocket's lock (a reader that reads its payload straight from the channel
+    /// into the buffer, or copies it there unlocked). Checks it as [`RxState::on_data`] does;
+    /// `Ok(true)` if claimed: no byte of it has arrived and no other claim overlaps it. Then
+    /// the claimer, and nobody else, writes those bytes, and calls [`RxState::complete`]
+    /// (they arrived) or [`RxState::release`] (they did not: the channel died). `Ok(false)`
+    /// (nothing claimed) for an empty segment or one that overlaps what arrived or is claimed:
+    /// the caller takes the usual way.
+    pub fn claim(&mut self, offset: u64, len: u64) -> Result<bool, ProtoError> {
+        let end = self.check_data(offset, len)?;
+        if len == 0 || !self.reasm.is_new(offset, end) || self.overlaps_claim(offset, len) {
+            return Ok(false);
+        }
+        self.claims.push((offset, end));
+        Ok(true)
+    }
+
+    /// Whether `[offset, offset + len)` overlaps a claimed range.
+    pub fn overlaps_claim(&self, offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len);
+        self.claims.iter().any(|&(s, e)| s < end && offset < e)
+    }
+
+    /// Whether any range is claimed.
+    pub fn has_claims(&self) -> bool {
+        !self.claims.is_empty()
+    }
+
+    /// The claimed segment `[offset, offset + len)` is in the receive buffer now: it has
+    /// arrived, as [`RxState::on_data`] would record it.
+    ///
+    /// # Panics
+    /// If that range was not claimed.
+    pub fn complete(&mut self, offset: u64, len: u64, ack_request: bool) -> Result<(), ProtoError> {
+        self.release(offset, len);
+        let end = offset + len;
+        let mut whole = true;
+        self.reasm.insert(offset, len, |s, e| whole &= s == offset && e == end)?;
+        debug_assert!(whole, "a claimed range arrived in part before it was completed");
+        if ack_request {
+            self.ack_wanted = Some(self.ack_wanted.map_or(end, |w| w.min(end)));
+        }
+        Ok(())
+    }
+
+    /// Give up the claim on `[offset, offset + len)`: its bytes did not arrive (they come
+    /// again, from the sender's recovery).
+    ///
+    /// # Panics
+    /// If that range was not claimed.
+    pub fn release(&mut self, offset: u64, len: u64) {
+        let i = self
+            .claims
+            .iter()
+            .position(|&c| c == (offset, offset + len))
+            .expect("release of a range that is not claimed");
+        self.claims.swap_remove(i);
+    }
+
+    /// Checks a DATA segment against the credit granted and the FIN; its end offset.
+    fn check_data(&self, offset: u64, len: u64) -> Result<u64, ProtoError> {
         let end = offset
             .checked_add(len)
             .ok_or_else(|| ProtoError(format!("DATA at {offset} of {len} bytes overflows")))?;
@@ -318,19 +395,16 @@ impl RxState {
                 return Err(ProtoError(format!("DATA up to offset {end} is beyond FIN at {fin}")));
             }
         }
-        self.reasm.insert(offset, len, new_part)?;
-        if ack_request {
-            self.ack_wanted = Some(self.ack_wanted.map_or(end, |w| w.min(end)));
-        }
-        Ok(())
+        Ok(end)
     }
 
     /// The peer's FIN arrived with its final offset.
     pub fn on_fin(&mut self, offset: u64) -> Result<(), ProtoError> {
-        if offset < self.reasm.max_end() || offset > self.granted {
+        // Claimed bytes count as arrived: their DATA came before this FIN.
+        let max_end = self.claims.iter().map(|c| c.1).fold(self.reasm.max_end(), u64::max);
+        if offset < max_end || offset > self.granted {
             return Err(ProtoError(format!(
-                "FIN at offset {offset} contradicts data up to {} (credit {})",
-                self.reasm.max_end(),
+                "FIN at offset {offset} contradicts data up to {max_end} (credit {})",
                 self.granted
             )));
         }
@@ -589,5 +663,45 @@ mod tests {
         let c = rx.credit_due_holding_fin().expect("the window is full");
         assert!(c.fin_received);
         assert_eq!(rx.credit_due(), None);
+    }
+
+    #[test]
+    fn a_claim_takes_only_new_unclaimed_ranges_and_completes_as_data() {
+        let mut rx = RxState::new(1000);
+        rx.on_data(100, 100, false, |_, _| {}).unwrap();
+        // Over bytes that arrived, or touching none of them but overlapping a claim: refused.
+        assert!(!rx.claim(150, 100).unwrap(), "overlaps what arrived");
+        assert!(!rx.claim(0, 0).unwrap(), "empty");
+        assert!(rx.claim(0, 100).unwrap(), "all new");
+        assert!(!rx.claim(50, 10).unwrap(), "overlaps the claim");
+        assert!(rx.overlaps_claim(99, 5) && !rx.overlaps_claim(100, 5));
+        assert!(rx.claim(200, 100).unwrap(), "adjacent to what arrived");
+        assert_eq!(rx.in_order(), 0, "claimed bytes are not readable");
+        rx.complete(0, 100, false).unwrap();
+        assert_eq!(rx.in_order(), 200);
+        assert!(rx.has_claims());
+        rx.complete(200, 100, true).unwrap();
+        assert_eq!(rx.in_order(), 300);
+        assert!(!rx.has_claims());
+        // The acknowledgement the completed segment asked for is due.
+        assert_eq!(rx.credit_due(), Some(Credit { received: 300, limit: 1000, fin_received: false }));
+    }
+
+    #[test]
+    fn a_released_claim_can_be_claimed_again_and_claims_obey_credit_and_fin() {
+        let mut rx = RxState::new(1000);
+        assert!(rx.claim(0, 500).unwrap());
+        rx.release(0, 500);
+        assert!(!rx.has_claims());
+        assert_eq!(rx.in_order(), 0, "released bytes did not arrive");
+        assert!(rx.claim(0, 500).unwrap(), "free to claim again");
+        assert!(rx.claim(900, 200).is_err(), "beyond the credit granted");
+        // A FIN below a claimed end contradicts the DATA being read.
+        assert!(rx.on_fin(400).is_err());
+        rx.on_fin(600).unwrap();
+        assert!(rx.claim(550, 100).is_err(), "beyond the FIN");
+        rx.complete(0, 500, false).unwrap();
+        rx.on_data(500, 100, false, |_, _| {}).unwrap();
+        assert_eq!(rx.credit_due().map(|c| c.fin_received), Some(true));
     }
 }
