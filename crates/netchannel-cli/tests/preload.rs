@@ -323,7 +323,12 @@ fn an_answer_owed_by_an_event_loop_pass_leaves_when_the_loop_sleeps() {
     let proxied = total(&a, "vsockets_proxied");
     let out = ok(b.run(&[&exe, "pass_client", &ip, &port_s]), "pass_client");
     let ms: u64 = out.stdout.trim().strip_prefix("ok ").and_then(|k| k.parse().ok()).unwrap_or(u64::MAX);
-    assert!(ms < 2000, "the first answer took {ms} ms: it waited for the server's 3 s sleep (stdout {:?}, stderr:\n{})", out.stdout, out.stderr);
+    assert!(
+        ms < 2000,
+        "the first answer took {ms} ms: it waited for the server's 3 s sleep (stdout {:?}, stderr:\n{})",
+        out.stdout,
+        out.stderr
+    );
     assert_proxied(DataPath::Shm, &a, proxied, 2);
 }
 

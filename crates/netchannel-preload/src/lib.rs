@@ -1340,7 +1340,12 @@ fn pass_begins(n: c_int) {
 /// # Safety
 /// The C `epoll_wait` contract.
 #[no_mangle]
-pub unsafe extern "C" fn epoll_wait(epfd: c_int, ev: *mut libc::epoll_event, max: c_int, timeout: c_int) -> c_int {
+pub unsafe extern "C" fn epoll_wait(
+    epfd: c_int,
+    ev: *mut libc::epoll_event,
+    max: c_int,
+    timeout: c_int,
+) -> c_int {
     end_pass();
     let f = real!(epoll_wait: fn(c_int, *mut libc::epoll_event, c_int, c_int) -> c_int);
     let n = f(epfd, ev, max, timeout);
@@ -1359,7 +1364,8 @@ pub unsafe extern "C" fn epoll_pwait(
     sigmask: *const libc::sigset_t,
 ) -> c_int {
     end_pass();
-    let f = real!(epoll_pwait: fn(c_int, *mut libc::epoll_event, c_int, c_int, *const libc::sigset_t) -> c_int);
+    let f =
+        real!(epoll_pwait: fn(c_int, *mut libc::epoll_event, c_int, c_int, *const libc::sigset_t) -> c_int);
     let n = f(epfd, ev, max, timeout, sigmask);
     pass_begins(n);
     n

@@ -929,12 +929,15 @@ impl State {
         // (`Response::Stream::table_bell`). Else one of its own.
         let (bell, table_bell) = match (bell, pool) {
             (Some(b), _) => (b, false),
-            (None, Some(k)) => {
-                (self.pools.table_bell(k, &self.poller.ep, || self.next_bell.fetch_add(1, Ordering::Relaxed))?, true)
-            }
-            (None, None) => {
-                (Arc::new(Doorbell::new(&self.poller.ep, self.next_bell.fetch_add(1, Ordering::Relaxed))?), false)
-            }
+            (None, Some(k)) => (
+                self.pools
+                    .table_bell(k, &self.poller.ep, || self.next_bell.fetch_add(1, Ordering::Relaxed))?,
+                true,
+            ),
+            (None, None) => (
+                Arc::new(Doorbell::new(&self.poller.ep, self.next_bell.fetch_add(1, Ordering::Relaxed))?),
+                false,
+            ),
         };
         let handle = self.next.fetch_add(1, Ordering::Relaxed);
         let proxy_a = if proxy {
