@@ -308,11 +308,11 @@ pub(crate) struct DStream {
 
 impl DStream {
     fn from_response(client: &Client, resp: Response, fds: Vec<OwnedFd>) -> io::Result<DStream> {
-        let Response::Stream { handle, local, remote, class, slot, mapped, table_bell } = resp else {
+        let Response::Stream { handle, local, remote, class, slot, mapped } = resp else {
             return Err(unexpected(&resp));
         };
         let mut fds = fds.into_iter();
-        let adopted = client.inner.table.adopt(slot, mapped, table_bell, &mut fds)?;
+        let adopted = client.inner.table.adopt(slot, mapped, &mut fds)?;
         let (region, kick) = (adopted.region, adopted.kick);
         let proxy = fds.next();
         Ok(DStream {

@@ -127,10 +127,6 @@ pub(crate) enum Response {
         slot: Option<u32>,
         #[serde(default)]
         mapped: bool,
-        /// The doorbell that comes with an unpooled vsocket is its app table's: the app keeps
-        /// the first copy of it, as for pooled ones.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        table_bell: bool,
     },
     /// A listener.
     Listener { listener: u64, local: SocketAddr },

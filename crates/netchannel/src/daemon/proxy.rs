@@ -303,11 +303,11 @@ impl ProxyStream {
         resp: Response,
         fds: Vec<OwnedFd>,
     ) -> io::Result<(ProxyStream, OwnedFd)> {
-        let Response::Stream { handle, local, remote, slot, mapped, table_bell, .. } = resp else {
+        let Response::Stream { handle, local, remote, slot, mapped, .. } = resp else {
             return Err(unexpected_response(&resp));
         };
         let mut fds = fds.into_iter();
-        let adopted = client.table().adopt(slot, mapped, table_bell, &mut fds)?;
+        let adopted = client.table().adopt(slot, mapped, &mut fds)?;
         let (region, kick) = (adopted.region, adopted.kick);
         let Some(a) = fds.next() else {
             return Err(io::Error::new(

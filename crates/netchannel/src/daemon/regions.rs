@@ -198,7 +198,6 @@ impl SlotTable {
         self: &Arc<Self>,
         slot: Option<u32>,
         mapped: bool,
-        table_bell: bool,
         fds: &mut impl Iterator<Item = OwnedFd>,
     ) -> io::Result<Adopted> {
         let bad = |m: String| io::Error::new(ErrorKind::InvalidData, m);
@@ -219,14 +218,14 @@ impl SlotTable {
         let (Some(mem), Some(kick)) = (fds.next(), fds.next()) else {
             return Err(bad("the daemon sent a vsocket without its memory".into()));
         };
-        let kick = match (slot, table_bell) {
-            (Some(_), _) | (None, true) => self
+        let kick = match slot {
+            Some(_) => self
                 .bell
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get_or_insert_with(|| Arc::new(kick))
                 .clone(),
-            (None, false) => Arc::new(kick),
+            None => Arc::new(kick),
         };
         // Read before mapping: a fork from here on counts as sharing the mapping.
         let forks = FORKS.load(Ordering::SeqCst);
@@ -408,24 +407,6 @@ impl Pools {
         pool.slots.insert(slot, PoolSlot { region: region.clone(), held: Held::Never });
         self.created.fetch_add(1, Ordering::Relaxed);
         Ok(region)
-    }
-
-    /// The doorbell of table `key` (made now if the table has none yet), for a vsocket of that
-    /// table whose region is not pooled (a claimed or accepted arrival): so that the vsockets
-    /// an event loop answers in one pass ring one doorbell, and cost the app no descriptor
-    /// beyond their proxy end.
-    pub(crate) fn table_bell(
-        &self,
-        key: PoolKey,
-        ep: &Arc<OwnedFd>,
-        token: impl FnOnce() -> u64,
-    ) -> io::Result<Arc<Doorbell>> {
-        let mut pools = self.lock();
-        let pool = pools.entry(key).or_default();
-        if pool.bell.is_none() {
-            pool.bell = Some(Arc::new(Doorbell::new(ep, token())?));
-        }
-        Ok(pool.bell.clone().expect("just made"))
     }
 
     /// The vsocket in `region` is being handed to table `key`: how to name it, and the

@@ -150,8 +150,6 @@ struct Served {
     bell: Arc<Doorbell>,
     /// How the region is named to the app.
     naming: Naming,
-    /// Unpooled, but rings its app table's doorbell (`bell` is the table's).
-    table_bell: bool,
     conn: u64,
     pid: i32,
     /// Readiness proxy: end A until it is sent to the app (end B lives in the region). A
@@ -708,7 +706,9 @@ impl State {
                     )?),
                     None => None,
                 };
-                // Confirmed: a blocking connect reports a refusal itself, a non-blocking one
+                // Confirmed: a blocking connect reports a refusal itself (unless the peer
+                // announced the port: then it is answered at once, and a refusal fails the
+                // app's first read or write, `engine::announce`), a non-blocking one
                 // (`early`, proxied only) through its proxy once the answer comes.
                 let (stream, deadline) = if early && proxy {
                     let (s, deadline) = crate::VStream::connect_start_in(
@@ -725,7 +725,7 @@ impl State {
                             self.host.clone(),
                             addr,
                             class.into(),
-                            crate::vsock::OpenMode::Confirmed,
+                            crate::vsock::OpenMode::Announced,
                             region,
                         )?,
                         None,
@@ -925,19 +925,9 @@ impl State {
                 return Err(e);
             }
         };
-        // Pooled: the table's doorbell. Unpooled but for an app with a table: that table's too
-        // (`Response::Stream::table_bell`). Else one of its own.
-        let (bell, table_bell) = match (bell, pool) {
-            (Some(b), _) => (b, false),
-            (None, Some(k)) => (
-                self.pools
-                    .table_bell(k, &self.poller.ep, || self.next_bell.fetch_add(1, Ordering::Relaxed))?,
-                true,
-            ),
-            (None, None) => (
-                Arc::new(Doorbell::new(&self.poller.ep, self.next_bell.fetch_add(1, Ordering::Relaxed))?),
-                false,
-            ),
+        let bell = match bell {
+            Some(b) => b,
+            None => Arc::new(Doorbell::new(&self.poller.ep, self.next_bell.fetch_add(1, Ordering::Relaxed))?),
         };
         let handle = self.next.fetch_add(1, Ordering::Relaxed);
         let proxy_a = if proxy {
@@ -955,7 +945,6 @@ impl State {
             vs,
             bell,
             naming,
-            table_bell,
             conn,
             pid,
             proxy_ino: proxy_a.as_ref().map_or(0, |a| inode(a.as_raw_fd())),
@@ -966,8 +955,8 @@ impl State {
         });
         self.streams.lock().unwrap().insert(handle, sv.clone());
         let mut bells = self.bells.lock().unwrap();
-        if sv.naming.slot.is_some() || sv.table_bell {
-            // A pooled vsocket (or one of an app with a table) rings its table's doorbell.
+        if sv.naming.slot.is_some() {
+            // A pooled vsocket rings its table's doorbell.
             match bells.entry(sv.bell.token).or_insert_with(|| Rings::Table(Vec::new())) {
                 Rings::Table(v) => v.push(handle),
                 one => *one = Rings::Table(vec![handle]),
@@ -1489,7 +1478,6 @@ fn stream_response(sv: &Served) -> Response {
         class: sv.stream.class().into(),
         slot: sv.naming.slot,
         mapped: sv.naming.mapped,
-        table_bell: sv.table_bell,
     }
 }
 
