@@ -706,7 +706,9 @@ impl State {
                     )?),
                     None => None,
                 };
-                // Confirmed: a blocking connect reports a refusal itself, a non-blocking one
+                // Confirmed: a blocking connect reports a refusal itself (unless the peer
+                // announced the port: then it is answered at once, and a refusal fails the
+                // app's first read or write, `engine::announce`), a non-blocking one
                 // (`early`, proxied only) through its proxy once the answer comes.
                 let (stream, deadline) = if early && proxy {
                     let (s, deadline) = crate::VStream::connect_start_in(
@@ -723,7 +725,7 @@ impl State {
                             self.host.clone(),
                             addr,
                             class.into(),
-                            crate::vsock::OpenMode::Confirmed,
+                            crate::vsock::OpenMode::Announced,
                             region,
                         )?,
                         None,
