@@ -69,6 +69,12 @@ pub struct ConnectReport {
     pub samples: u64,
     /// NetChannel vsockets were opened optimistically (`--optimistic`).
     pub optimistic: bool,
+    /// The NetChannel hosts announced their listening ports (`announce_listeners`, flag
+    /// `--announce-listeners`): a confirmed connect to the server's port (announced once the
+    /// mesh is up, within the warm-up) then returns without waiting for OPEN_OK. False for
+    /// TCP, and for a run with announcements off, whose confirmed connects each wait a round
+    /// trip; false for the daemon too, which answers its apps' connects after OPEN_OK.
+    pub announced: bool,
     /// Latencies of connect + request/response + close, the measured window, its CPU, knobs.
     #[serde(flatten)]
     pub run: LatencyRun,
@@ -88,7 +94,12 @@ impl Report for ConnectReport {
         format!(
             "connect {}{}{}: {:.0} connections/s ({} in {:.2} s, {} request/response each); {}",
             self.backend.name(),
-            if self.optimistic { " optimistic" } else { "" },
+            match (self.backend, self.optimistic, self.announced) {
+                (Stack::Tcp | Stack::Mptcp, ..) => "",
+                (_, true, _) => " optimistic",
+                (_, false, true) => " confirmed, announced port",
+                (_, false, false) => " confirmed, round trip",
+            },
             if knobs.is_empty() { String::new() } else { format!(" ({knobs})") },
             self.connects_per_sec,
             self.samples,
@@ -140,6 +151,8 @@ fn run_one(stack: Stack, args: &ConnectArgs, config: &Config) -> Result<ConnectR
         connects_per_sec: run.per_sec(samples as f64),
         samples,
         optimistic: config.optimistic_open && stack == Stack::Netchannel,
+        // A daemon answers its apps' connects after OPEN_OK, announced or not.
+        announced: config.announce_listeners && stack == Stack::Netchannel,
         run,
     })
 }
