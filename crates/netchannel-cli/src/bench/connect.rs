@@ -73,7 +73,7 @@ pub struct ConnectReport {
     /// `--announce-listeners`): a confirmed connect to the server's port (announced once the
     /// mesh is up, within the warm-up) then returns without waiting for OPEN_OK. False for
     /// TCP, and for a run with announcements off, whose confirmed connects each wait a round
-    /// trip; false for the daemon too, which answers its apps' connects after OPEN_OK.
+    /// trip (the daemon answers an app's blocking connect to an announced port at once too).
     pub announced: bool,
     /// Latencies of connect + request/response + close, the measured window, its CPU, knobs.
     #[serde(flatten)]
@@ -151,8 +151,8 @@ fn run_one(stack: Stack, args: &ConnectArgs, config: &Config) -> Result<ConnectR
         connects_per_sec: run.per_sec(samples as f64),
         samples,
         optimistic: config.optimistic_open && stack == Stack::Netchannel,
-        // A daemon answers its apps' connects after OPEN_OK, announced or not.
-        announced: config.announce_listeners && stack == Stack::Netchannel,
+        // A daemon answers an app's blocking connect to an announced port at once, too.
+        announced: config.announce_listeners && matches!(stack, Stack::Netchannel | Stack::Daemon),
         run,
     })
 }
