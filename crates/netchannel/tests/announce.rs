@@ -11,8 +11,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{addr_pair, at, check, fill, two_hosts, two_hosts_with, within};
-use netchannel::wire::{self, Class, Frame, HelloOk, Reason, HEADER_LEN};
+use common::{addr_pair, at, check, fill, read_raw, two_hosts, two_hosts_with, within};
+use netchannel::wire::{self, Class, Frame, HelloOk, Reason};
 use netchannel::{Config, Host, VStream};
 
 /// Wait (at most 10 s) until `a` holds `port` as announced by `b` (`present`) or not.
@@ -250,16 +250,6 @@ fn an_optimistic_open_to_an_announced_port_carries_what_the_listener_grants() {
 }
 
 // ---- A fake peer host on a raw socket ----
-
-fn read_raw(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; HEADER_LEN];
-    s.read_exact(&mut buf)?;
-    let h =
-        wire::Header::decode(&buf).map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e.to_string()))?;
-    buf.resize(HEADER_LEN + h.len as usize, 0);
-    s.read_exact(&mut buf[HEADER_LEN..])?;
-    Ok(buf)
-}
 
 fn send(s: &mut TcpStream, f: &Frame<'_>) {
     let mut v = Vec::new();

@@ -11,25 +11,14 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{addr_pair, within};
-use netchannel::wire::{self, Frame, Hello, HelloOk, HEADER_LEN};
+use common::{addr_pair, read_raw, within};
+use netchannel::wire::{self, Frame, Hello, HelloOk};
 use netchannel::{Config, Host};
 
 fn key_file(name: &str, key: &str) -> PathBuf {
     let p = std::env::temp_dir().join(format!("netchannel-hostile-{}-{name}", std::process::id()));
     std::fs::write(&p, format!("{key}\n")).unwrap();
     p
-}
-
-/// One frame read from a raw socket: the raw bytes (header and payload).
-fn read_raw(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; HEADER_LEN];
-    s.read_exact(&mut buf)?;
-    let h =
-        wire::Header::decode(&buf).map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e.to_string()))?;
-    buf.resize(HEADER_LEN + h.len as usize, 0);
-    s.read_exact(&mut buf[HEADER_LEN..])?;
-    Ok(buf)
 }
 
 fn encode(f: &Frame<'_>) -> Vec<u8> {

@@ -121,3 +121,17 @@ pub fn daemon(listen: SocketAddr, tweak: &dyn Fn(&mut Config)) -> Daemon {
     let thread = std::thread::spawn(move || server.run(&s2).unwrap());
     Daemon { socket, addr: listen, stop, thread: Some(thread) }
 }
+
+/// One frame read from a raw socket (a test's fake peer host): the raw bytes, header and
+/// payload.
+pub fn read_raw(s: &mut std::net::TcpStream) -> std::io::Result<Vec<u8>> {
+    use netchannel::wire::{self, HEADER_LEN};
+    use std::io::Read;
+    let mut buf = vec![0u8; HEADER_LEN];
+    s.read_exact(&mut buf)?;
+    let h = wire::Header::decode(&buf)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    buf.resize(HEADER_LEN + h.len as usize, 0);
+    s.read_exact(&mut buf[HEADER_LEN..])?;
+    Ok(buf)
+}
