@@ -756,6 +756,8 @@ struct Conn {
     ch: Arc<Channel>,
     /// The borrower's read count ([`Channel::lent_reads`]) at the worker's last look.
     lent_seen: u64,
+    /// The frames the channel had carried when [`keep_ticking`] last looked.
+    frames_seen: u64,
 }
 
 impl Conn {
@@ -802,7 +804,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
     let mut last_tick = Instant::now();
     loop {
         let any_lent = conns.values().any(|c| c.ch.lent.load(Ordering::Relaxed));
-        let ticking = keep_ticking(&host, &host.workers[me], &conns);
+        let ticking = keep_ticking(&host, &host.workers[me], &mut conns);
         let timeout = if !again.is_empty() {
             Some(Duration::ZERO)
         } else if ticking {
@@ -882,7 +884,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
                     }
                     w.registered = true;
                     drop(w);
-                    conns.insert(token, Conn { ch, lent_seen: 0 });
+                    conns.insert(token, Conn { ch, lent_seen: 0, frames_seen: 0 });
                     readable.push(token);
                     writable.push(token);
                 }
@@ -1687,13 +1689,27 @@ pub(crate) fn start_ticking(host: &HostInner, w: usize) {
 /// [`park`], which sets a channel parked and then `ticking` (and with
 /// [`Channel::push_lazy`], which marks the channel and then looks at `ticking`): one of the
 /// two sees the other.
-fn keep_ticking(host: &HostInner, w: &WorkerHandle, conns: &HashMap<usize, Conn>) -> bool {
-    let parked =
-        || host.opens_owed() || conns.values().any(|c| c.ch.parked.load(Ordering::SeqCst) || c.ch.has_lazy());
+///
+/// A channel an app thread is reading inline (not parked while it waits, parked again when
+/// the read returns) also keeps the worker ticking as long as frames keep coming on it: in a
+/// ping-pong the channel is parked and taken again every round trip, and a worker that
+/// stopped ticking whenever it looked during a wait would have to be woken by the next
+/// [`park`] — an eventfd write, and a wake-up of the worker's thread, in the app's round
+/// trip about once in ten. An inline wait that sees nothing (an idle blocking read) lets the
+/// worker stop after one more tick.
+fn keep_ticking(host: &HostInner, w: &WorkerHandle, conns: &mut HashMap<usize, Conn>) -> bool {
     if !w.ticking.load(Ordering::SeqCst) {
         return false;
     }
-    if parked() {
+    let mut inline_busy = false;
+    for c in conns.values_mut() {
+        let frames = c.ch.counters.frames_received.load(Ordering::Relaxed);
+        inline_busy |= frames != c.frames_seen && c.ch.watch.lock().unwrap().inline;
+        c.frames_seen = frames;
+    }
+    let parked =
+        || host.opens_owed() || conns.values().any(|c| c.ch.parked.load(Ordering::SeqCst) || c.ch.has_lazy());
+    if inline_busy || parked() {
         return true;
     }
     w.ticking.store(false, Ordering::SeqCst);
