@@ -788,12 +788,7 @@ impl VSock {
     /// A CREDIT arrived.
     pub(crate) fn on_credit(self: &Arc<Self>, received: u64, limit: u64, fin_received: bool) {
         let mut tx = self.tx.lock().unwrap();
-        let res = tx.st.on_credit(received, limit);
-        let res = match res {
-            Ok(freed) if fin_received => tx.st.on_fin_received(received).map(|()| freed),
-            other => other,
-        };
-        match res {
+        match tx.st.on_credit_frame(received, limit, fin_received) {
             Err(e) => {
                 drop(tx);
                 self.protocol_error(e);
@@ -1126,24 +1121,19 @@ impl VSock {
     /// A channel to the peer died: send every unacknowledged byte again, re-send FIN if it
     /// may have been lost, re-announce credit in case a CREDIT was lost, and send OPEN again
     /// if a connect is still waiting for its answer.
+    ///
+    /// What is sent again is decided by the stream states ([`TxState::recover`],
+    /// [`RxState::recovery_credit`]); the simulation of `proto::sim` runs the same sequence.
     pub(crate) fn recover(self: &Arc<Self>) {
-        {
-            let mut tx = self.tx.lock().unwrap();
-            tx.st.rewind();
-            tx.st.rewind_fin();
-        }
+        let again = self.tx.lock().unwrap().st.recover();
+        tracing::debug!(resend_from = again.resend_from, fin_again = again.fin_again, "recovering");
         if self.reopen_if_connecting() {
             return;
         }
         self.pump();
-        let rid = self.remote_id();
-        if rid != 0 {
-            let rx = self.rx.lock().unwrap();
-            let received = rx.st.in_order();
-            let fin_received = rx.st.fin() == Some(received);
-            let f = Frame::Credit { vsock: rid, received, limit: rx.st.granted(), fin_received };
-            drop(rx);
-            self.send_control(&f);
+        if self.remote_id() != 0 {
+            let credit = self.rx.lock().unwrap().st.recovery_credit();
+            self.send_control(&self.credit_frame(credit));
         }
     }
 

@@ -32,7 +32,7 @@ use crate::vsock::{ListenQueue, VListener, VSock, VStream};
 use crate::wire::{Class, Frame, Reason};
 use channel::{Channel, Command, WorkerHandle};
 use peer::{Peer, PeerState};
-use recovery::Stale;
+use crate::proto::tombs::{Stale, Tombstones};
 
 /// First port handed out to connecting vsockets.
 const EPHEMERAL_FIRST: u16 = 32768;
@@ -75,7 +75,7 @@ pub(crate) struct HostInner {
     /// the listening app process, `crate::daemon::regions`); `None`: a new one.
     pub arrival_regions: OnceLock<ArrivalRegions>,
     /// Vsockets that recently left the table (answers to their peers' late frames).
-    tombstones: Mutex<recovery::Tombstones>,
+    tombstones: Mutex<Tombstones<SocketAddr>>,
     /// Channels parked by inline reads, and threads waiting for what channels carry.
     pub parking: channel::Parking,
 }
@@ -332,7 +332,7 @@ impl Host {
             totals: Arc::new(Totals::default()),
             shm_rings,
             arrival_regions: OnceLock::new(),
-            tombstones: Mutex::new(recovery::Tombstones::default()),
+            tombstones: Mutex::new(Tombstones::default()),
             parking: channel::Parking::default(),
             cfg: config,
         });

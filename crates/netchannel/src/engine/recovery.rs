@@ -13,13 +13,12 @@
 //!   vsockets fail at once too.
 //! * Frames that arrive for a vsocket this host no longer has (a RESET or a FIN
 //!   acknowledgement was lost with a channel, or this host gave the peer up while the peer
-//!   kept waiting) are answered from a bounded table of *tombstones*: a FIN of a stream that
-//!   ended cleanly is acknowledged again, anything else of a vsocket that ended badly gets a
-//!   RESET, so the peer's vsocket fails instead of waiting forever.
+//!   kept waiting) are answered from a bounded table of *tombstones* (`proto::tombs`, which
+//!   decides the answer; this module sends it): a FIN of a stream that ended cleanly is
+//!   acknowledged again, anything else of a vsocket that ended badly gets a RESET, so the
+//!   peer's vsocket fails instead of waiting forever.
 
-use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -27,49 +26,19 @@ use std::time::{Duration, Instant};
 use crate::engine::channel::{self, Channel};
 use crate::engine::peer::Peer;
 use crate::engine::HostInner;
+use crate::proto::tombs::{Stale, Tomb};
 use crate::vsock::VSock;
-use crate::wire::{Class, Frame, Reason};
+use crate::wire::Class;
 
 /// Longest one attempt to dial a lost channel may take.
 const REDIAL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest a watcher sleeps at once, so that it sees the host shut down promptly.
 const WATCH_TICK: Duration = Duration::from_millis(50);
-/// Vsockets remembered after they left the table.
-const TOMBSTONES: usize = 16 << 10;
-
 fn class_name(c: Class) -> &'static str {
     match c {
         Class::Throughput => "throughput",
         Class::Latency => "latency",
     }
-}
-
-/// A vsocket that left the table, as much as is needed to answer its peer's late frames.
-#[derive(Debug, Clone, Copy)]
-struct Tomb {
-    peer: SocketAddr,
-    /// The peer's id for the vsocket.
-    remote: u32,
-    /// The final offset of the stream received, if the vsocket ended cleanly (both FINs
-    /// exchanged and acknowledged, no error).
-    clean_end: Option<u64>,
-}
-
-/// Recently retired vsockets, by local id (bounded: oldest forgotten first).
-#[derive(Default)]
-pub(crate) struct Tombstones {
-    map: HashMap<u32, Tomb>,
-    order: VecDeque<u32>,
-}
-
-/// A frame for a vsocket that is not in the table.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Stale {
-    /// DATA ending at this offset.
-    Data(u64),
-    Credit,
-    /// FIN at this offset.
-    Fin(u64),
 }
 
 impl HostInner {
@@ -259,45 +228,16 @@ impl HostInner {
         if remote == 0 {
             return;
         }
-        let tomb = Tomb { peer: vs.peer.key, remote, clean_end: vs.clean_end() };
-        let mut t = self.tombstones.lock().unwrap();
-        if t.map.insert(vs.id, tomb).is_none() {
-            t.order.push_back(vs.id);
-        }
-        while t.order.len() > TOMBSTONES {
-            if let Some(old) = t.order.pop_front() {
-                t.map.remove(&old);
-            }
-        }
+        let tomb = Tomb::new(vs.peer.key, remote, vs.clean_end());
+        self.tombstones.lock().unwrap().bury(vs.id, tomb);
     }
 
-    /// A frame arrived from `peer` for vsocket `id`, which is not in the table.
+    /// A frame arrived from `peer` for vsocket `id`, which is not in the table: send what
+    /// its tombstone answers ([`crate::proto::tombs::Tombstones::answer`]).
     pub(crate) fn on_stale_frame(&self, peer: &Peer, id: u32, what: Stale) {
-        let tomb = {
-            let t = self.tombstones.lock().unwrap();
-            match t.map.get(&id) {
-                Some(tomb) if tomb.peer == peer.key => *tomb,
-                _ => return,
-            }
-        };
-        match (what, tomb.clean_end) {
-            (Stale::Fin(off), Some(end)) if off == end => {
-                // Our acknowledgement of its FIN was lost: say it again.
-                let f = Frame::Credit { vsock: tomb.remote, received: end, limit: end, fin_received: true };
-                peer.send_control(Class::Latency, tomb.remote, &f);
-            }
-            // Late copies of a stream that ended cleanly: nothing to say.
-            (Stale::Data(e), Some(end)) if e <= end => {}
-            (Stale::Credit, Some(_)) => {}
-            _ => {
-                self.tombstones.lock().unwrap().map.remove(&id);
-                let f = Frame::Reset {
-                    vsock: tomb.remote,
-                    reason: Reason::Closed,
-                    message: "the vsocket no longer exists on this host",
-                };
-                peer.send_control(Class::Latency, tomb.remote, &f);
-            }
+        let answer = self.tombstones.lock().unwrap().answer(&peer.key, id, what);
+        if let Some(a) = answer {
+            peer.send_control(Class::Latency, a.remote, &a.frame);
         }
     }
 }

@@ -212,6 +212,38 @@ impl TxState {
             self.fin_sent = false;
         }
     }
+
+    /// A channel that may have carried this vsocket's segments or FIN died: everything not
+    /// acknowledged is due again ([`TxState::rewind`], [`TxState::rewind_fin`]). The
+    /// receiver acknowledges by offset and discards copies, so sending again what did arrive
+    /// is harmless.
+    pub fn recover(&mut self) -> TxRecovery {
+        self.rewind();
+        self.rewind_fin();
+        TxRecovery { resend_from: self.acked, fin_again: self.fin_wanted && !self.fin_acked }
+    }
+
+    /// A CREDIT frame arrived, acknowledging the FIN too if `fin_received`:
+    /// [`TxState::on_credit`], then [`TxState::on_fin_received`] at `received`. Returns
+    /// whether buffer space was freed.
+    pub fn on_credit_frame(&mut self, received: u64, limit: u64, fin_received: bool) -> Result<bool, ProtoError> {
+        let freed = self.on_credit(received, limit)?;
+        if fin_received {
+            self.on_fin_received(received)?;
+        }
+        Ok(freed)
+    }
+}
+
+/// What the sending half of a vsocket sends again after a channel died
+/// ([`TxState::recover`]): [`TxState::next_segment`] hands out the segments, and
+/// [`TxState::take_fin`] the FIN once every byte before it is handed out again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxRecovery {
+    /// Segments from this offset (the acknowledged one) to `written` are due again.
+    pub resend_from: u64,
+    /// The FIN is due again (requested and not acknowledged).
+    pub fin_again: bool,
 }
 
 /// The receiver half of one vsocket.
@@ -420,6 +452,15 @@ impl RxState {
                 Ok(())
             }
         }
+    }
+
+    /// The CREDIT that re-announces this receiver's state after a channel died (a CREDIT in
+    /// flight on it may have been lost): the in-order point, the limit granted, and whether
+    /// that is the end of the stream (acknowledging the FIN again). It marks nothing sent:
+    /// it repeats what was said or would be, and the sender keeps the maxima.
+    pub fn recovery_credit(&self) -> Credit {
+        let received = self.reasm.in_order();
+        Credit { received, limit: self.granted, fin_received: self.fin == Some(received) }
     }
 
     /// The application read `n` bytes (at most [`RxState::readable`]).

@@ -1,0 +1,217 @@
+//! Tombstones (sans-IO): what answers a late frame for a vsocket that left the table.
+//!
+//! A vsocket leaves its host's table once both halves are finished or failed; frames of it
+//! may still arrive afterwards: copies sent again after a channel died, a FIN whose
+//! acknowledgement was lost with a channel, or anything of a vsocket this host gave up (a
+//! RESET lost, the peer given up while the peer kept waiting). [`Tombstones`] remembers the
+//! last vsockets that left (bounded: the oldest are forgotten first) and says what each late
+//! frame is answered with ([`Tombstones::answer`]): a FIN of a stream that ended cleanly is
+//! acknowledged again, anything else of a vsocket that ended badly gets one RESET, so the
+//! peer's vsocket fails instead of waiting forever; late copies of a clean stream get
+//! nothing. The engine sends what it returns.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::wire::{Frame, Reason};
+
+/// Vsockets a host remembers after they left its table, by default.
+pub const TOMBSTONES: usize = 16 << 10;
+
+/// The message of the RESET that answers a late frame of a vsocket that ended badly.
+pub const GONE: &str = "the vsocket no longer exists on this host";
+
+/// How a vsocket that left the table ended, as far as its late frames care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Cleanly: both FINs exchanged and acknowledged, no error. The final offset of the
+    /// stream received.
+    Clean(u64),
+    /// With an error, or before its streams were complete: the peer's late frames get a RESET.
+    Failed,
+    /// Failed, and a late frame got its RESET already: nothing more is said.
+    ResetSent,
+}
+
+/// A vsocket that left the table, as much as is needed to answer its peer's late frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tomb<P> {
+    /// The peer host (its key in the engine).
+    pub peer: P,
+    /// The peer's id for the vsocket.
+    pub remote: u32,
+    /// How it ended.
+    pub end: End,
+}
+
+impl<P> Tomb<P> {
+    /// The tomb of a vsocket that ended cleanly at `clean_end` (the final offset received),
+    /// or badly (`None`).
+    pub fn new(peer: P, remote: u32, clean_end: Option<u64>) -> Self {
+        Tomb { peer, remote, end: clean_end.map_or(End::Failed, End::Clean) }
+    }
+}
+
+/// A frame for a vsocket that is not in the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stale {
+    /// DATA ending at this offset.
+    Data(u64),
+    /// A CREDIT.
+    Credit,
+    /// FIN at this offset.
+    Fin(u64),
+}
+
+/// The frame that answers a late frame, to the peer's vsocket `remote`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The peer's id for the vsocket (the key that picks the channel, as for its other
+    /// control frames).
+    pub remote: u32,
+    /// A CREDIT acknowledging the FIN again, or a RESET.
+    pub frame: Frame<'static>,
+}
+
+/// Recently retired vsockets, by local id (bounded: oldest forgotten first).
+///
+/// Invariant: `order` holds each key of `map` exactly once, oldest first.
+#[derive(Debug, Clone)]
+pub struct Tombstones<P> {
+    map: HashMap<u32, Tomb<P>>,
+    order: VecDeque<u32>,
+    /// Most tombs held.
+    cap: usize,
+}
+
+impl<P> Default for Tombstones<P> {
+    fn default() -> Self {
+        Tombstones::new(TOMBSTONES)
+    }
+}
+
+impl<P> Tombstones<P> {
+    /// A table that holds at most `cap` tombs.
+    pub fn new(cap: usize) -> Self {
+        Tombstones { map: HashMap::new(), order: VecDeque::new(), cap }
+    }
+
+    /// Tombs held.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether no tomb is held.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The tomb of local vsocket `id`, if it is still remembered.
+    pub fn get(&self, id: u32) -> Option<&Tomb<P>> {
+        self.map.get(&id)
+    }
+
+    /// Remember local vsocket `id`, which left the table (a second burial of the same id
+    /// replaces the first, and makes it the newest). The oldest tomb is forgotten when the
+    /// table is full.
+    pub fn bury(&mut self, id: u32, tomb: Tomb<P>) {
+        if self.map.insert(id, tomb).is_some() {
+            self.order.retain(|&x| x != id);
+        }
+        self.order.push_back(id);
+        while self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+}
+
+impl<P: PartialEq> Tombstones<P> {
+    /// A frame `what` arrived from `peer` for local vsocket `id`, which is not in the table:
+    /// the frame that answers it, if any. A FIN of a clean end is acknowledged again (the
+    /// acknowledgement was lost); late copies of a clean stream get nothing; anything else
+    /// of a vsocket that ended badly, or that contradicts its clean end, gets one RESET
+    /// (later frames then get nothing). Frames of an id this table does not know, or that
+    /// come from another peer than the vsocket's, get nothing.
+    pub fn answer(&mut self, peer: &P, id: u32, what: Stale) -> Option<Answer> {
+        let tomb = self.map.get_mut(&id).filter(|t| t.peer == *peer)?;
+        let frame = match (what, tomb.end) {
+            (Stale::Fin(off), End::Clean(end)) if off == end => {
+                Some(Frame::Credit { vsock: tomb.remote, received: end, limit: end, fin_received: true })
+            }
+            (Stale::Data(e), End::Clean(end)) if e <= end => None,
+            (Stale::Credit, End::Clean(_)) => None,
+            (_, End::ResetSent) => None,
+            _ => {
+                tomb.end = End::ResetSent;
+                Some(Frame::Reset { vsock: tomb.remote, reason: Reason::Closed, message: GONE })
+            }
+        }?;
+        Some(Answer { remote: tomb.remote, frame })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_is_bounded_and_forgets_the_oldest_first() {
+        let mut t = Tombstones::new(3);
+        for id in 1..=5 {
+            t.bury(id, Tomb::new(0u8, 100 + id, None));
+        }
+        assert_eq!(t.len(), 3);
+        assert!(t.get(1).is_none() && t.get(2).is_none(), "the oldest two are forgotten");
+        assert_eq!(t.get(3).map(|x| x.remote), Some(103));
+        // Burying an id again makes it the newest: 4 is the oldest now.
+        t.bury(3, Tomb::new(0u8, 203, Some(7)));
+        t.bury(6, Tomb::new(0u8, 106, None));
+        assert_eq!(t.len(), 3);
+        assert!(t.get(4).is_none());
+        assert_eq!(t.get(3).map(|x| (x.remote, x.end)), Some((203, End::Clean(7))));
+        assert!(t.get(5).is_some() && t.get(6).is_some());
+    }
+
+    #[test]
+    fn a_clean_end_acknowledges_its_fin_again_and_ignores_late_copies() {
+        let mut t = Tombstones::new(8);
+        t.bury(1, Tomb::new(0u8, 9, Some(500)));
+        let ack = Answer {
+            remote: 9,
+            frame: Frame::Credit { vsock: 9, received: 500, limit: 500, fin_received: true },
+        };
+        assert_eq!(t.answer(&0, 1, Stale::Fin(500)), Some(ack.clone()));
+        assert_eq!(t.answer(&0, 1, Stale::Fin(500)), Some(ack), "every copy of the FIN");
+        assert_eq!(t.answer(&0, 1, Stale::Data(500)), None);
+        assert_eq!(t.answer(&0, 1, Stale::Data(10)), None);
+        assert_eq!(t.answer(&0, 1, Stale::Credit), None);
+        assert_eq!(t.get(1).map(|x| x.end), Some(End::Clean(500)));
+    }
+
+    #[test]
+    fn a_bad_end_or_a_contradiction_gets_one_reset() {
+        let reset =
+            Some(Answer { remote: 9, frame: Frame::Reset { vsock: 9, reason: Reason::Closed, message: GONE } });
+        let mut t = Tombstones::new(8);
+        t.bury(1, Tomb::new(0u8, 9, None));
+        assert_eq!(t.answer(&0, 1, Stale::Credit), reset);
+        assert_eq!(t.answer(&0, 1, Stale::Data(3)), None, "one RESET, then nothing");
+        assert_eq!(t.answer(&0, 1, Stale::Fin(3)), None);
+        // DATA past the clean end, or a FIN at another offset, contradicts it.
+        t.bury(2, Tomb::new(0u8, 9, Some(100)));
+        assert_eq!(t.answer(&0, 2, Stale::Data(101)), reset);
+        t.bury(3, Tomb::new(0u8, 9, Some(100)));
+        assert_eq!(t.answer(&0, 3, Stale::Fin(99)), reset);
+        assert_eq!(t.len(), 3, "answered tombs stay, so the order stays exact");
+    }
+
+    #[test]
+    fn unknown_ids_and_other_peers_get_nothing() {
+        let mut t = Tombstones::new(8);
+        t.bury(1, Tomb::new(0u8, 9, None));
+        assert_eq!(t.answer(&0, 2, Stale::Credit), None);
+        assert_eq!(t.answer(&1, 1, Stale::Credit), None, "another peer's frame");
+        assert_eq!(t.get(1).map(|x| x.end), Some(End::Failed), "left as it was");
+    }
+}
