@@ -26,13 +26,13 @@ use mio::Waker;
 use crate::config::Config;
 use crate::copy::CopyPool;
 use crate::proto::sched::Depth;
+use crate::proto::tombs::{Stale, Tombstones};
 use crate::proto::ProtoError;
 use crate::ring::RingPool;
 use crate::vsock::{ListenQueue, VListener, VSock, VStream};
 use crate::wire::{Class, Frame, Reason};
 use channel::{Channel, Command, WorkerHandle};
 use peer::{Peer, PeerState};
-use crate::proto::tombs::{Stale, Tombstones};
 
 /// First port handed out to connecting vsockets.
 const EPHEMERAL_FIRST: u16 = 32768;

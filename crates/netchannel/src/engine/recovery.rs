@@ -109,6 +109,11 @@ impl HostInner {
         for v in self.peer_vsocks(peer) {
             v.recover();
         }
+        // And the vsockets that left the table say their last word again.
+        let words = self.tombstones.lock().unwrap().last_words(&peer.key);
+        for a in words {
+            peer.send_control(Class::Latency, a.remote, &a.frame);
+        }
     }
 
     /// Start the peer's watcher thread unless one runs: it dials lost channels again (if this

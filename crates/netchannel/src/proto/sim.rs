@@ -246,14 +246,32 @@ impl End {
     /// `VSock::recover`: what a dead channel may have lost is sent again.
     fn recover(&mut self, chans: &mut [Chan], peer_granted: u64, seed: u64) {
         if !self.live() {
+            // `HostInner::recover_vsockets`: the tomb says its last word again.
+            let msgs = self.tombs.last_words(&0).into_iter().map(|a| Self::tomb_msg(a.frame, seed)).collect();
+            self.send_controls(chans, msgs);
             return;
         }
         let again = self.tx.recover();
         assert_eq!(again.resend_from, self.tx.acked());
-        assert_eq!(self.tx.scheduled(), self.tx.acked(), "seed {seed}: recovery sends from the acknowledged offset");
+        assert_eq!(
+            self.tx.scheduled(),
+            self.tx.acked(),
+            "seed {seed}: recovery sends from the acknowledged offset"
+        );
         self.pump(chans, peer_granted, seed);
         let credit = self.rx.recovery_credit();
         self.send_controls(chans, vec![Msg::Credit(credit)]);
+    }
+
+    /// A tombstone's frame as it travels.
+    fn tomb_msg(frame: Frame<'_>, seed: u64) -> Msg {
+        match frame {
+            Frame::Credit { received, limit, fin_received, .. } => {
+                Msg::Credit(Credit { received, limit, fin_received })
+            }
+            Frame::Reset { .. } => Msg::Reset,
+            other => panic!("seed {seed}: a tombstone answered with {other:?}"),
+        }
     }
 
     /// Copy the new part `[s, e)` of a segment at `offset` into the receive ring.
@@ -268,7 +286,16 @@ impl End {
     }
 
     /// `VSock::on_data`, with the claim a channel reader takes for a direct read.
-    fn on_data(&mut self, chans: &mut [Chan], ch: Option<usize>, offset: u64, payload: Vec<u8>, ack: bool, seed: u64, rng: &mut Rng) {
+    fn on_data(
+        &mut self,
+        chans: &mut [Chan],
+        ch: Option<usize>,
+        offset: u64,
+        payload: Vec<u8>,
+        ack: bool,
+        seed: u64,
+        rng: &mut Rng,
+    ) {
         let len = payload.len() as u64;
         if self.closed {
             assert!(offset + len <= self.rx.in_order(), "seed {seed}: new data after the app closed");
@@ -294,7 +321,15 @@ impl End {
     /// The direct read of `d` finished: `VSock::finish_rx`.
     fn finish_direct(&mut self, chans: &mut [Chan], d: Direct, seed: u64, rng: &mut Rng) {
         let len = d.payload.len() as u64;
-        Self::copy_in(&mut self.recv_ring, &mut self.arrivals, d.offset, &d.payload, d.offset, d.offset + len, seed);
+        Self::copy_in(
+            &mut self.recv_ring,
+            &mut self.arrivals,
+            d.offset,
+            &d.payload,
+            d.offset,
+            d.offset + len,
+            seed,
+        );
         self.rx
             .complete(d.offset, len, d.ack_request)
             .unwrap_or_else(|e| panic!("seed {seed}: end {}: {e}", self.me));
@@ -310,8 +345,9 @@ impl End {
 
     fn take_deferred(&mut self, chans: &mut [Chan], seed: u64, rng: &mut Rng) {
         let rx = &self.rx;
-        let (ready, wait): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.deferred).into_iter().partition(|(o, _, p)| !rx.overlaps_claim(*o, p.len() as u64));
+        let (ready, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred)
+            .into_iter()
+            .partition(|(o, _, p)| !rx.overlaps_claim(*o, p.len() as u64));
         self.deferred = wait;
         for (o, ack, p) in ready {
             self.on_data(chans, None, o, p, ack, seed, rng);
@@ -336,7 +372,15 @@ impl End {
     }
 
     /// A frame arrived from channel `ch`.
-    fn handle(&mut self, chans: &mut [Chan], ch: usize, msg: Msg, peer_granted: u64, seed: u64, rng: &mut Rng) {
+    fn handle(
+        &mut self,
+        chans: &mut [Chan],
+        ch: usize,
+        msg: Msg,
+        peer_granted: u64,
+        seed: u64,
+        rng: &mut Rng,
+    ) {
         if !self.live() {
             // The engine's stale-frame path: the tombstone answers.
             let what = match &msg {
@@ -346,14 +390,7 @@ impl End {
                 Msg::Reset => return,
             };
             if let Some(a) = self.tombs.answer(&0, 1, what) {
-                let m = match a.frame {
-                    Frame::Credit { received, limit, fin_received, .. } => {
-                        Msg::Credit(Credit { received, limit, fin_received })
-                    }
-                    Frame::Reset { .. } => Msg::Reset,
-                    other => panic!("seed {seed}: a tombstone answered with {other:?}"),
-                };
-                self.send_controls(chans, vec![m]);
+                self.send_controls(chans, vec![Self::tomb_msg(a.frame, seed)]);
             }
             return;
         }
@@ -407,7 +444,12 @@ impl End {
             let c = self.rx.consumed();
             for o in c..c + n {
                 let want = pattern(seed, 1 - self.me, o);
-                assert_eq!(self.recv_ring[(o % cap) as usize], want, "seed {seed}: end {} read a wrong byte at {o}", self.me);
+                assert_eq!(
+                    self.recv_ring[(o % cap) as usize],
+                    want,
+                    "seed {seed}: end {} read a wrong byte at {o}",
+                    self.me
+                );
             }
             self.rx.consume(n);
             let credit = self.rx.credit_due();
@@ -457,8 +499,11 @@ fn run(seed: u64) -> [Fate; 2] {
         End::new(0, &mut rng, rx_caps[1], rx_caps[0], totals[0], totals[1]),
         End::new(1, &mut rng, rx_caps[0], rx_caps[1], totals[1], totals[0]),
     ];
-    let mut chans: Vec<Chan> = (0..n).map(|_| Chan { alive: true, up: [true; 2], ..Chan::default() }).collect();
-    let replay = format!("replay with: cargo test -p netchannel --lib proto::sim::tests::replay -- --ignored (SEED={seed})");
+    let mut chans: Vec<Chan> =
+        (0..n).map(|_| Chan { alive: true, up: [true; 2], ..Chan::default() }).collect();
+    let replay = format!(
+        "replay with: cargo test -p netchannel --lib proto::sim::tests::replay -- --ignored (SEED={seed})"
+    );
     // Whether an outage ever outlasted the timeout (only then may an end fail).
     let mut outage_expired = false;
     let mut now = 0u64;
@@ -560,7 +605,9 @@ fn run(seed: u64) -> [Fate; 2] {
                         Queued::Control(m) => Some(m),
                         Queued::Segment(s) => ends[i].tx.clip(s.offset, s.len).map(|(o, l)| {
                             let cap = ends[i].send_ring.len() as u64;
-                            let payload = (o..o + u64::from(l)).map(|x| ends[i].send_ring[(x % cap) as usize]).collect();
+                            let payload = (o..o + u64::from(l))
+                                .map(|x| ends[i].send_ring[(x % cap) as usize])
+                                .collect();
                             Msg::Data { offset: o, payload, ack_request: s.ack_request }
                         }),
                     };
@@ -587,7 +634,9 @@ fn run(seed: u64) -> [Fate; 2] {
             }
         }
         let quiet = chans.iter().all(|c| {
-            c.queue.iter().all(|q| q.is_empty()) && c.wire.iter().all(|w| w.is_empty()) && c.direct.iter().all(|d| d.is_none())
+            c.queue.iter().all(|q| q.is_empty())
+                && c.wire.iter().all(|w| w.is_empty())
+                && c.direct.iter().all(|d| d.is_none())
         });
         if ends.iter().all(|e| !e.live()) && quiet {
             break;
@@ -598,9 +647,15 @@ fn run(seed: u64) -> [Fate; 2] {
         match e.fate.unwrap() {
             Fate::Clean => {
                 let peer_total = ends[1 - i].total;
-                assert!(e.rx.eof() && e.rx.consumed() == peer_total, "seed {seed}: end {i} ended clean without the whole stream; {replay}");
+                assert!(
+                    e.rx.eof() && e.rx.consumed() == peer_total,
+                    "seed {seed}: end {i} ended clean without the whole stream; {replay}"
+                );
                 assert!(e.arrivals.iter().all(|&a| a == 1), "seed {seed}: end {i} missed bytes; {replay}");
-                assert!(e.tx.finished() && e.tx.unacked() == 0, "seed {seed}: end {i} left unacknowledged bytes; {replay}");
+                assert!(
+                    e.tx.finished() && e.tx.unacked() == 0,
+                    "seed {seed}: end {i} left unacknowledged bytes; {replay}"
+                );
                 assert!(
                     e.rx.pending_ranges() == 0 && !e.rx.has_claims() && e.deferred.is_empty(),
                     "seed {seed}: end {i} left segments pending; {replay}"

@@ -29,6 +29,9 @@ pub struct TxState {
     limit: u64,
     /// Offset of the last segment that asked the peer for an acknowledgement.
     ack_asked: u64,
+    /// `ack_asked` before the most recent segment was cut: restored when that segment is
+    /// given back ([`TxState::unsend`]), whose request for an acknowledgement then never left.
+    ack_asked_before: u64,
     /// Shutdown(Write) requested: FIN at `written` once every byte is scheduled.
     fin_wanted: bool,
     /// FIN has been handed to a channel.
@@ -59,6 +62,7 @@ impl TxState {
             written: 0,
             limit,
             ack_asked: 0,
+            ack_asked_before: 0,
             fin_wanted: false,
             fin_sent: false,
             fin_acked: false,
@@ -114,6 +118,7 @@ impl TxState {
         self.sched_max = self.sched_max.max(self.sched);
         // Ask for an acknowledgement about four times per send buffer.
         let ack_request = self.sched.saturating_sub(self.ack_asked) >= (self.cap / 4).max(1);
+        self.ack_asked_before = self.ack_asked;
         if ack_request {
             self.ack_asked = self.sched;
         }
@@ -121,10 +126,14 @@ impl TxState {
     }
 
     /// Give a segment back that was cut but could not be queued (the scheduler found no
-    /// channel). Only the most recent segment can be given back.
+    /// channel). Only the most recent segment can be given back. Its request for an
+    /// acknowledgement is taken back too: the sender relies on every request above `acked`
+    /// being on its way, or a full send buffer could wait for an acknowledgement nobody asked
+    /// for (a receiver with a larger buffer acknowledges only every quarter of its own).
     pub fn unsend(&mut self, seg: Segment) {
         debug_assert_eq!(seg.offset + seg.len as u64, self.sched);
         self.sched = seg.offset;
+        self.ack_asked = self.ack_asked_before;
     }
 
     /// The part of a queued segment still worth sending (bytes below `acked` are no longer
@@ -226,7 +235,12 @@ impl TxState {
     /// A CREDIT frame arrived, acknowledging the FIN too if `fin_received`:
     /// [`TxState::on_credit`], then [`TxState::on_fin_received`] at `received`. Returns
     /// whether buffer space was freed.
-    pub fn on_credit_frame(&mut self, received: u64, limit: u64, fin_received: bool) -> Result<bool, ProtoError> {
+    pub fn on_credit_frame(
+        &mut self,
+        received: u64,
+        limit: u64,
+        fin_received: bool,
+    ) -> Result<bool, ProtoError> {
         let freed = self.on_credit(received, limit)?;
         if fin_received {
             self.on_fin_received(received)?;
@@ -261,6 +275,11 @@ pub struct RxState {
     acked_sent: u64,
     /// Acknowledge as soon as the in-order point reaches this offset (peer asked).
     ack_wanted: Option<u64>,
+    /// The highest offset the peer asked an acknowledgement for and has not had one: a
+    /// request above `ack_wanted` (they arrive out of order across channels) is not
+    /// forgotten when `ack_wanted` is answered, or a sender whose buffer is full of bytes
+    /// the receiver holds could wait forever (it asks once per quarter of its buffer).
+    ack_wanted_max: u64,
     /// Final offset, once the peer's FIN arrived.
     fin: Option<u64>,
     /// A FIN arrived (the first, or a copy sent again after a channel died) and has not been
@@ -292,6 +311,7 @@ impl RxState {
             granted: cap,
             acked_sent: 0,
             ack_wanted: None,
+            ack_wanted_max: 0,
             fin: None,
             fin_ack_due: false,
             claims: Vec::new(),
@@ -347,7 +367,7 @@ impl RxState {
         debug_assert!(!self.overlaps_claim(offset, len), "DATA over a claimed range");
         self.reasm.insert(offset, len, new_part)?;
         if ack_request {
-            self.ack_wanted = Some(self.ack_wanted.map_or(end, |w| w.min(end)));
+            self.ask_ack(end);
         }
         Ok(())
     }
@@ -392,7 +412,7 @@ impl RxState {
         self.reasm.insert(offset, len, |s, e| whole &= s == offset && e == end)?;
         debug_assert!(whole, "a claimed range arrived in part before it was completed");
         if ack_request {
-            self.ack_wanted = Some(self.ack_wanted.map_or(end, |w| w.min(end)));
+            self.ask_ack(end);
         }
         Ok(())
     }
@@ -409,6 +429,12 @@ impl RxState {
             .position(|&c| c == (offset, offset + len))
             .expect("release of a range that is not claimed");
         self.claims.swap_remove(i);
+    }
+
+    /// The peer asked for an acknowledgement once everything below `end` has arrived.
+    fn ask_ack(&mut self, end: u64) {
+        self.ack_wanted = Some(self.ack_wanted.map_or(end, |w| w.min(end)));
+        self.ack_wanted_max = self.ack_wanted_max.max(end);
     }
 
     /// Checks a DATA segment against the credit granted and the FIN; its end offset.
@@ -501,7 +527,8 @@ impl RxState {
             || fin_due
         {
             if self.ack_wanted.is_some_and(|w| in_order >= w) {
-                self.ack_wanted = None;
+                // Answered; a higher request still waiting becomes the next one.
+                self.ack_wanted = (self.ack_wanted_max > in_order).then_some(self.ack_wanted_max);
             }
             if complete {
                 self.fin_ack_due = false;
@@ -583,6 +610,48 @@ mod tests {
             sent = tx.written();
         }
         assert!(sent > 10_000, "sender stalled at {sent}");
+    }
+
+    #[test]
+    fn a_segment_given_back_takes_its_ack_request_back() {
+        // A small send buffer, a large receive window: only the sender's requests bring
+        // acknowledgements. The segment that asks is given back (no channel had room) and cut
+        // again: it must ask again, or the full buffer waits forever.
+        let mut tx = TxState::new(100, 1 << 20);
+        let mut rx = RxState::new(1 << 20);
+        tx.commit(100);
+        let mut asked = false;
+        while let Some(seg) = tx.next_segment(10) {
+            if seg.ack_request && !asked {
+                asked = true;
+                tx.unsend(seg);
+                continue;
+            }
+            rx.on_data(seg.offset, seg.len as u64, seg.ack_request, |_, _| {}).unwrap();
+        }
+        assert!(asked);
+        assert_eq!(tx.space(), 0);
+        let c = rx.credit_due().expect("the re-cut segments asked for an acknowledgement");
+        assert!(tx.on_credit(c.received, c.limit).unwrap());
+        assert!(tx.space() > 0);
+    }
+
+    #[test]
+    fn a_higher_ack_request_is_not_forgotten_when_a_lower_one_is_answered() {
+        // Requests arrive out of order across channels: the one for 300 first, while 0..100
+        // is missing, then the one for 100. Answering 100 must leave 300 asked for.
+        let mut rx = RxState::new(1 << 20);
+        rx.on_data(200, 100, true, |_, _| {}).unwrap();
+        rx.on_data(100, 100, false, |_, _| {}).unwrap();
+        rx.on_data(0, 100, true, |_, _| {}).unwrap();
+        assert_eq!(rx.credit_due().map(|c| c.received), Some(300), "both answered at once");
+        let mut rx = RxState::new(1 << 20);
+        rx.on_data(200, 100, true, |_, _| {}).unwrap();
+        rx.on_data(0, 100, true, |_, _| {}).unwrap();
+        assert_eq!(rx.credit_due().map(|c| c.received), Some(100));
+        assert_eq!(rx.credit_due(), None, "nothing new");
+        rx.on_data(100, 100, false, |_, _| {}).unwrap();
+        assert_eq!(rx.credit_due().map(|c| c.received), Some(300), "the request for 300 still stands");
     }
 
     #[test]

@@ -149,6 +149,33 @@ impl<P: PartialEq> Tombstones<P> {
         }?;
         Some(Answer { remote: tomb.remote, frame })
     }
+
+    /// A channel to `peer` died: what each of its tombs said last may have been lost with it
+    /// (written after the peer learnt of the death, into a connection nobody reads), and no
+    /// live vsocket is left to say it again, as [`crate::proto::stream::RxState::recovery_credit`]
+    /// does for the live ones. The frames that say it again, one per tomb of `peer`: a clean
+    /// end acknowledges its peer's FIN again, a bad end sends its RESET again (a copy the peer
+    /// has seen changes nothing: its vsocket is finished or gone). Without them a peer whose
+    /// FIN's acknowledgement was lost so would wait for it as long as its channels live.
+    /// At most one frame per tomb held, and only when a channel dies.
+    pub fn last_words(&self, peer: &P) -> Vec<Answer> {
+        self.order
+            .iter()
+            .filter_map(|id| self.map.get(id))
+            .filter(|t| t.peer == *peer)
+            .map(|t| Answer {
+                remote: t.remote,
+                frame: match t.end {
+                    End::Clean(end) => {
+                        Frame::Credit { vsock: t.remote, received: end, limit: end, fin_received: true }
+                    }
+                    End::Failed | End::ResetSent => {
+                        Frame::Reset { vsock: t.remote, reason: Reason::Closed, message: GONE }
+                    }
+                },
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -191,8 +218,10 @@ mod tests {
 
     #[test]
     fn a_bad_end_or_a_contradiction_gets_one_reset() {
-        let reset =
-            Some(Answer { remote: 9, frame: Frame::Reset { vsock: 9, reason: Reason::Closed, message: GONE } });
+        let reset = Some(Answer {
+            remote: 9,
+            frame: Frame::Reset { vsock: 9, reason: Reason::Closed, message: GONE },
+        });
         let mut t = Tombstones::new(8);
         t.bury(1, Tomb::new(0u8, 9, None));
         assert_eq!(t.answer(&0, 1, Stale::Credit), reset);
@@ -213,5 +242,30 @@ mod tests {
         assert_eq!(t.answer(&0, 2, Stale::Credit), None);
         assert_eq!(t.answer(&1, 1, Stale::Credit), None, "another peer's frame");
         assert_eq!(t.get(1).map(|x| x.end), Some(End::Failed), "left as it was");
+    }
+
+    #[test]
+    fn a_lost_channel_makes_every_tomb_of_its_peer_say_its_last_word_again() {
+        let mut t = Tombstones::new(8);
+        t.bury(1, Tomb::new(0u8, 9, Some(500)));
+        t.bury(2, Tomb::new(0u8, 10, None));
+        t.bury(3, Tomb::new(1u8, 11, Some(7)));
+        assert!(t.answer(&0, 2, Stale::Credit).is_some());
+        let words = t.last_words(&0);
+        assert_eq!(
+            words,
+            vec![
+                Answer {
+                    remote: 9,
+                    frame: Frame::Credit { vsock: 9, received: 500, limit: 500, fin_received: true }
+                },
+                Answer {
+                    remote: 10,
+                    frame: Frame::Reset { vsock: 10, reason: Reason::Closed, message: GONE }
+                },
+            ],
+            "peer 0's tombs, oldest first; a RESET already sent is sent again"
+        );
+        assert_eq!(t.last_words(&2), vec![]);
     }
 }
