@@ -290,9 +290,7 @@ impl End {
         &mut self,
         chans: &mut [Chan],
         ch: Option<usize>,
-        offset: u64,
-        payload: Vec<u8>,
-        ack: bool,
+        (offset, payload, ack): (u64, Vec<u8>, bool),
         seed: u64,
         rng: &mut Rng,
     ) {
@@ -350,7 +348,7 @@ impl End {
             .partition(|(o, _, p)| !rx.overlaps_claim(*o, p.len() as u64));
         self.deferred = wait;
         for (o, ack, p) in ready {
-            self.on_data(chans, None, o, p, ack, seed, rng);
+            self.on_data(chans, None, (o, p, ack), seed, rng);
         }
     }
 
@@ -396,7 +394,7 @@ impl End {
         }
         match msg {
             Msg::Data { offset, payload, ack_request } => {
-                self.on_data(chans, Some(ch), offset, payload, ack_request, seed, rng)
+                self.on_data(chans, Some(ch), (offset, payload, ack_request), seed, rng)
             }
             Msg::Credit(c) => {
                 self.tx
@@ -522,9 +520,8 @@ fn run(seed: u64) -> [Fate; 2] {
         let calm = now > weather.calm_after && weather.blackout_at.is_none_or(|b| now > b + 3 * TIMEOUT);
         // The network's moves.
         let all = !calm && (weather.blackout_at == Some(now) || rng.chance(weather.kill_all));
-        for c in 0..n {
-            if chans[c].alive && (all || (!calm && rng.chance(weather.kill))) {
-                let ch = &mut chans[c];
+        for ch in chans.iter_mut() {
+            if ch.alive && (all || (!calm && rng.chance(weather.kill))) {
                 ch.alive = false;
                 ch.wire = Default::default();
                 for i in 0..2 {
@@ -532,7 +529,7 @@ fn run(seed: u64) -> [Fate; 2] {
                 }
             }
             if rng.chance(weather.stall) {
-                chans[c].stalled_until = now + rng.range(1, 50);
+                ch.stalled_until = now + rng.range(1, 50);
             }
         }
         // Ends learn of deaths.
