@@ -915,7 +915,7 @@ impl VSock {
     fn protocol_error(self: &Arc<Self>, e: ProtoError) {
         let _span = self.span().entered();
         tracing::warn!(error = %e, "protocol error: the vsocket is reset");
-        self.reset(Reason::Protocol, &e.0);
+        self.reset(Reason::Protocol, &e.to_string());
     }
 
     /// Send RESET to the peer, fail locally and leave the table.

@@ -50,8 +50,47 @@ const READ_BUF: usize = 256 << 10;
 const WAKER: Token = Token(usize::MAX);
 /// Most queued bytes [`Channel::send_small_now`] writes from the calling thread.
 const SMALL_QUEUE: usize = 64 << 10;
-/// Why a channel closed when its peer host shut down in an orderly way.
-pub(crate) const PEER_SHUTDOWN: &str = "the peer host shut down";
+/// Why a channel went down: the NetDriver recovers from every reason but
+/// [`Down::PeerShutdown`], which retires the peer.
+#[derive(Debug)]
+pub(crate) enum Down {
+    /// This host closed it (its worker was told to).
+    Closed,
+    /// The peer closed the connection (end of stream).
+    PeerClosed,
+    /// The peer host shut down in an orderly way (a channel RESET with `Shutdown`).
+    PeerShutdown,
+    /// The peer reset the channel.
+    PeerReset { reason: wire::Reason, message: String },
+    /// The peer sent a frame that does not parse.
+    Malformed(wire::WireError),
+    /// The peer sent a frame that has no place on an open channel.
+    Unexpected(&'static str),
+    /// A system call on the channel's socket failed (`op`: what was done).
+    Io { op: &'static str, error: io::Error },
+    /// Its peer is being forgotten (a frame read meanwhile has nobody to go to).
+    Orphaned,
+    /// A test killed it.
+    #[cfg(test)]
+    Killed,
+}
+
+impl std::fmt::Display for Down {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Down::Closed => f.write_str("closed on request"),
+            Down::PeerClosed => f.write_str("peer closed the connection"),
+            Down::PeerShutdown => f.write_str("the peer host shut down"),
+            Down::PeerReset { reason, message } => write!(f, "peer reset the channel ({reason}): {message}"),
+            Down::Malformed(e) => write!(f, "malformed frame: {e}"),
+            Down::Unexpected(what) => write!(f, "{what} on an open channel"),
+            Down::Io { op, error } => write!(f, "{op} failed: {error}"),
+            Down::Orphaned => f.write_str("the channel's peer is forgotten"),
+            #[cfg(test)]
+            Down::Killed => f.write_str("killed by the test"),
+        }
+    }
+}
 
 /// A frame waiting in a channel's queue.
 pub(crate) enum OutFrame {
@@ -879,7 +918,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
                     {
                         drop(w);
                         tracing::error!(class = ch.class.name(), index = ch.index, error = %e, "cannot register a channel");
-                        channel_down(&host, &ch, &format!("register failed: {e}"));
+                        channel_down(&host, &ch, Down::Io { op: "register", error: e });
                         continue;
                     }
                     w.registered = true;
@@ -893,7 +932,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
                     if let Some(c) = conns.remove(&t) {
                         c.unregister(&poll);
                         let _ = c.ch.read_sock.shutdown(std::net::Shutdown::Both);
-                        channel_down(&host, &c.ch, "closed on request");
+                        channel_down(&host, &c.ch, Down::Closed);
                     }
                 }
                 Command::Stop => {
@@ -947,7 +986,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
                 Err(reason) => {
                     if let Some(c) = conns.remove(&t) {
                         c.unregister(&poll);
-                        channel_down(&host, &c.ch, &reason);
+                        channel_down(&host, &c.ch, reason);
                     }
                     continue;
                 }
@@ -962,7 +1001,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
             if let Err(e) = res {
                 if let Some(c) = conns.remove(&t) {
                     c.unregister(&poll);
-                    channel_down(&host, &c.ch, &format!("write failed: {e}"));
+                    channel_down(&host, &c.ch, Down::Io { op: "write", error: e });
                 }
             }
         }
@@ -1005,7 +1044,7 @@ fn read_some(
     c: &mut Reader,
     enough: &dyn Fn() -> bool,
     short_read_drains: bool,
-) -> Result<bool, String> {
+) -> Result<bool, Down> {
     let res = read_frames(host, ch, c, enough, short_read_drains);
     if res.is_err() || !ch.up.load(Ordering::Acquire) {
         c.abandon_direct();
@@ -1023,7 +1062,7 @@ fn read_frames(
     c: &mut Reader,
     enough: &dyn Fn() -> bool,
     short_read_drains: bool,
-) -> Result<bool, String> {
+) -> Result<bool, Down> {
     let mut budget = READ_BUDGET;
     loop {
         let (res, room) = match &c.direct {
@@ -1053,7 +1092,7 @@ fn read_frames(
             }
         };
         match res {
-            Ok(0) => return Err("peer closed the connection".into()),
+            Ok(0) => return Err(Down::PeerClosed),
             Ok(n) => {
                 let drained = short_read_drains && n < room;
                 ch.counters.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
@@ -1076,7 +1115,7 @@ fn read_frames(
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("read failed: {e}")),
+            Err(e) => return Err(Down::Io { op: "read", error: e }),
         }
     }
 }
@@ -1108,13 +1147,13 @@ fn read_direct(ch: &Channel, c: &mut Reader) -> io::Result<usize> {
     Ok(n)
 }
 
-fn parse(host: &Arc<HostInner>, ch: &Arc<Channel>, c: &mut Reader) -> Result<(), String> {
+fn parse(host: &Arc<HostInner>, ch: &Arc<Channel>, c: &mut Reader) -> Result<(), Down> {
     loop {
         match wire::decode(&c.rbuf[c.rstart..c.rend]) {
             Ok((frame, used)) => {
                 c.expect_direct = matches!(frame, Frame::Data { payload, .. } if payload.len() >= DIRECT_MIN);
                 ch.counters.frames_received.fetch_add(1, Ordering::Relaxed);
-                host.dispatch(ch, frame).map_err(|e| e.0)?;
+                host.dispatch(ch, frame)?;
                 c.rstart += used;
             }
             Err(wire::WireError::Incomplete { needed }) => {
@@ -1143,7 +1182,7 @@ fn parse(host: &Arc<HostInner>, ch: &Arc<Channel>, c: &mut Reader) -> Result<(),
                 if let Some(n) = MALFORMED.allow() {
                     tracing::warn!(from = %from, class = ch.class.name(), index = ch.index, error = %e, suppressed = n, "closing a channel: it sent a malformed frame");
                 }
-                return Err(format!("malformed frame: {e}"));
+                return Err(Down::Malformed(e));
             }
         }
     }
@@ -1313,7 +1352,7 @@ impl Output {
 }
 
 /// A channel died: take it out of its peer and let the NetDriver recover.
-pub(crate) fn channel_down(host: &Arc<HostInner>, ch: &Arc<Channel>, reason: &str) {
+pub(crate) fn channel_down(host: &Arc<HostInner>, ch: &Arc<Channel>, reason: Down) {
     if !ch.up.swap(false, Ordering::AcqRel) {
         return;
     }
@@ -1324,7 +1363,7 @@ pub(crate) fn channel_down(host: &Arc<HostInner>, ch: &Arc<Channel>, reason: &st
     // reads the channel now meets the shutdown just made and lets go of the reader.
     ch.reader.lock().unwrap().abandon_direct();
     if let Some(peer) = ch.peer.upgrade() {
-        host.on_channel_down(&peer, ch, reason);
+        host.on_channel_down(&peer, ch, &reason);
     }
 }
 
@@ -1386,7 +1425,7 @@ pub(crate) fn read_lent(host: &Arc<HostInner>, ch: &Arc<Channel>) -> LentRead {
         Ok(true) => LentRead::Again,
         Err(reason) => {
             end_lend(host, ch);
-            channel_down(host, ch, &reason);
+            channel_down(host, ch, reason);
             LentRead::Down
         }
     }
@@ -1461,7 +1500,7 @@ pub(crate) fn read_inline(
         }
         return false;
     }
-    let mut failed: Vec<(&Arc<Channel>, String)> = Vec::new();
+    let mut failed: Vec<(&Arc<Channel>, Down)> = Vec::new();
     let mut down: Vec<&Arc<Channel>> = Vec::new();
     // Bytes the held channels had carried when the wait began: a wait on parked channels
     // that finds itself reading bulk for others (more than READ_BUDGET) gives them back to
@@ -1561,7 +1600,7 @@ pub(crate) fn read_inline(
         ch.set_inline(host, false);
     }
     for (ch, reason) in failed {
-        channel_down(host, ch, &reason);
+        channel_down(host, ch, reason);
     }
     true
 }
@@ -1762,7 +1801,7 @@ mod tests {
         let payload: Vec<u8> = (0..150u32 << 10).map(|i| (i % 251) as u8).collect();
         vs.on_data(0, &payload, false);
         assert_eq!(vs.info().bytes_received, 0, "bytes over a claimed range wait for the claim");
-        channel_down(&inner, &ch, "killed by the test");
+        channel_down(&inner, &ch, Down::Killed);
         assert_eq!(vs.info().bytes_received, payload.len() as u64, "the waiting bytes arrived");
         // Read from the ring, not by the app: host A, which never sent these bytes, resets
         // the vsocket when B acknowledges them.

@@ -27,7 +27,6 @@ use crate::config::Config;
 use crate::copy::CopyPool;
 use crate::proto::sched::Depth;
 use crate::proto::tombs::{Stale, Tombstones};
-use crate::proto::ProtoError;
 use crate::ring::RingPool;
 use crate::vsock::{ListenQueue, VListener, VSock, VStream};
 use crate::wire::{Class, Frame, Reason};
@@ -735,8 +734,12 @@ impl HostInner {
     }
 
     /// Handle one frame read from `ch`.
-    pub(crate) fn dispatch(self: &Arc<Self>, ch: &Arc<Channel>, frame: Frame<'_>) -> Result<(), ProtoError> {
-        let peer = ch.peer.upgrade().ok_or_else(|| ProtoError("channel without a peer".into()))?;
+    pub(crate) fn dispatch(
+        self: &Arc<Self>,
+        ch: &Arc<Channel>,
+        frame: Frame<'_>,
+    ) -> Result<(), channel::Down> {
+        let Some(peer) = ch.peer.upgrade() else { return Err(channel::Down::Orphaned) };
         // A vsocket frame is only taken from a channel of the vsocket's own peer.
         let mine = |id: u32| self.vsock(id).filter(|v| Arc::ptr_eq(&v.peer, &peer));
         match frame {
@@ -770,10 +773,10 @@ impl HostInner {
                 None => self.on_stale_frame(&peer, vsock, Stale::Fin(offset)),
             },
             Frame::Reset { vsock: 0, reason: Reason::Shutdown, .. } => {
-                return Err(ProtoError(channel::PEER_SHUTDOWN.into()));
+                return Err(channel::Down::PeerShutdown);
             }
             Frame::Reset { vsock: 0, reason, message } => {
-                return Err(ProtoError(format!("peer reset the channel ({reason}): {message}")));
+                return Err(channel::Down::PeerReset { reason, message: message.to_string() });
             }
             Frame::Reset { vsock, reason, message } => {
                 if let Some(v) = mine(vsock) {
@@ -788,7 +791,7 @@ impl HostInner {
             Frame::Pong { .. } => {}
             Frame::Hello(_) | Frame::HelloOk(_) | Frame::Auth { .. } | Frame::AuthOk => {
                 self.totals.bad_frames.fetch_add(1, Ordering::Relaxed);
-                return Err(ProtoError("handshake frame on an open channel".into()));
+                return Err(channel::Down::Unexpected("handshake frame"));
             }
         }
         Ok(())

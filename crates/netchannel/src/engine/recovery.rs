@@ -43,18 +43,24 @@ fn class_name(c: Class) -> &'static str {
 
 impl HostInner {
     /// A channel to `peer` died and its worker let go of it.
-    pub(crate) fn on_channel_down(self: &Arc<Self>, peer: &Arc<Peer>, ch: &Arc<Channel>, reason: &str) {
+    pub(crate) fn on_channel_down(
+        self: &Arc<Self>,
+        peer: &Arc<Peer>,
+        ch: &Arc<Channel>,
+        why: &channel::Down,
+    ) {
+        let reason = tracing::field::display(why);
         let _span = ch.span(peer.key).entered();
         let left = peer.remove_channel(ch);
         if self.is_closing() || peer.is_dead() {
             return;
         }
-        if reason == channel::PEER_SHUTDOWN {
+        if matches!(why, channel::Down::PeerShutdown) {
             // The peer host said it is going away: its vsockets cannot come back.
             if left == 0 {
                 tracing::info!(reason, "every channel to the peer is down");
             }
-            self.retire_peer(peer, reason);
+            self.retire_peer(peer, &why.to_string());
             return;
         }
         if left == 0 && !peer.recovery.dialer.load(Ordering::Acquire) && self.peer_vsocks(peer).is_empty() {

@@ -58,9 +58,7 @@ impl Reassembly {
         len: u64,
         mut new_part: impl FnMut(u64, u64),
     ) -> Result<(), ProtoError> {
-        let end = off
-            .checked_add(len)
-            .ok_or_else(|| ProtoError(format!("segment at offset {off} of {len} bytes overflows")))?;
+        let end = off.checked_add(len).ok_or(ProtoError::Overflow { offset: off, len })?;
         let mut start = off.max(self.in_order);
         if start >= end {
             return Ok(()); // wholly a duplicate
@@ -105,9 +103,7 @@ impl Reassembly {
         } else {
             self.ranges.insert(merged_start, merged_end);
             if self.ranges.len() > MAX_RANGES {
-                return Err(ProtoError(format!(
-                    "peer left more than {MAX_RANGES} gaps in one vsocket stream"
-                )));
+                return Err(ProtoError::TooManyGaps);
             }
         }
         Ok(())

@@ -147,15 +147,10 @@ impl TxState {
     /// A CREDIT arrived. Returns whether buffer space was freed.
     pub fn on_credit(&mut self, received: u64, limit: u64) -> Result<bool, ProtoError> {
         if received > self.sched_max {
-            return Err(ProtoError(format!(
-                "peer acknowledged offset {received} but only {} was sent",
-                self.sched_max
-            )));
+            return Err(ProtoError::AckBeyondSent { received, sent: self.sched_max });
         }
         if received > limit {
-            return Err(ProtoError(format!(
-                "credit limit {limit} is below the acknowledged offset {received}"
-            )));
+            return Err(ProtoError::LimitBelowAck { limit, received });
         }
         // CREDIT frames may be reordered across channels: keep the maxima.
         self.limit = self.limit.max(limit);
@@ -186,14 +181,7 @@ impl TxState {
     /// after a rewind made the FIN due again).
     pub fn on_fin_received(&mut self, offset: u64) -> Result<(), ProtoError> {
         if !self.fin_wanted || offset != self.written {
-            return Err(ProtoError(format!(
-                "peer acknowledged a FIN at offset {offset}, but {}",
-                if self.fin_wanted {
-                    format!("the stream ends at {}", self.written)
-                } else {
-                    "no FIN was sent".to_string()
-                }
-            )));
+            return Err(ProtoError::FinAckMismatch { offset, end: self.fin_wanted.then_some(self.written) });
         }
         self.fin_acked = true;
         Ok(())
@@ -439,18 +427,13 @@ impl RxState {
 
     /// Checks a DATA segment against the credit granted and the FIN; its end offset.
     fn check_data(&self, offset: u64, len: u64) -> Result<u64, ProtoError> {
-        let end = offset
-            .checked_add(len)
-            .ok_or_else(|| ProtoError(format!("DATA at {offset} of {len} bytes overflows")))?;
+        let end = offset.checked_add(len).ok_or(ProtoError::Overflow { offset, len })?;
         if end > self.granted {
-            return Err(ProtoError(format!(
-                "DATA up to offset {end} exceeds the credit limit {} granted",
-                self.granted
-            )));
+            return Err(ProtoError::BeyondCredit { end, granted: self.granted });
         }
         if let Some(fin) = self.fin {
             if end > fin {
-                return Err(ProtoError(format!("DATA up to offset {end} is beyond FIN at {fin}")));
+                return Err(ProtoError::BeyondFin { end, fin });
             }
         }
         Ok(end)
@@ -461,15 +444,10 @@ impl RxState {
         // Claimed bytes count as arrived: their DATA came before this FIN.
         let max_end = self.claims.iter().map(|c| c.1).fold(self.reasm.max_end(), u64::max);
         if offset < max_end || offset > self.granted {
-            return Err(ProtoError(format!(
-                "FIN at offset {offset} contradicts data up to {max_end} (credit {})",
-                self.granted
-            )));
+            return Err(ProtoError::FinBeforeData { offset, data_end: max_end, granted: self.granted });
         }
         match self.fin {
-            Some(f) if f != offset => {
-                Err(ProtoError(format!("second FIN at {offset} differs from the first at {f}")))
-            }
+            Some(f) if f != offset => Err(ProtoError::FinMoved { first: f, second: offset }),
             _ => {
                 self.fin = Some(offset);
                 // Acknowledge the end of the stream as soon as it is all here (again for a
