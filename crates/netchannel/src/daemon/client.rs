@@ -5,12 +5,13 @@
 //! its positions through the shared header (`crate::shm`), so a busy stream costs no
 //! syscall per message.
 //!
-//! Pollable descriptors: every vsocket comes with the readiness proxy of the preload shim's
+//! Pollable descriptors: a vsocket's descriptor is the readiness proxy of the preload shim's
 //! shared-memory path (`super::proxy`: end A of an `AF_UNIX`/`SOCK_SEQPACKET` pair whose IN
 //! and OUT gates the daemon drives), so both homes have one readiness mechanism, records on
-//! a socketpair. A blocking program never closes the IN gate, so after the first token the
-//! daemon pays one atomic swap per event; once [`DStream::poll_fd`] was asked for, reads
-//! close the gate when they drain the ring and writes plug it when the ring is full. A
+//! a socketpair. The daemon makes it the first time [`DStream::poll_fd`] is asked for
+//! (`Request::Proxy`): a vsocket nobody polls costs no socketpair, no proxy records and no
+//! poller registration (a short connection's ~10 system calls per side). From then on reads
+//! close the IN gate when they drain the ring and writes plug OUT when the ring is full. A
 //! listener's descriptor is a duplicate of the daemon's own embedded listener's readiness
 //! descriptor (`crate::readiness`): readable exactly when the daemon's accept queue holds a
 //! vsocket, its token taken by the daemon's accept that empties the queue. Control requests (connect, bind, accept, status) each take a
@@ -26,7 +27,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::regions::{Lease, SlotTable};
@@ -184,7 +185,7 @@ impl Client {
     pub fn connect_class(&self, addr: SocketAddr, class: Class) -> io::Result<crate::VStream> {
         let pool = self.inner.table.note();
         let (resp, fds) =
-            self.request(&Request::Connect { addr, class: class.into(), proxy: true, pool, early: false })?;
+            self.request(&Request::Connect { addr, class: class.into(), proxy: false, pool, early: false })?;
         Ok(crate::VStream::from_daemon(DStream::from_response(self, resp, fds)?))
     }
 
@@ -290,8 +291,10 @@ pub(crate) struct DStream {
     tx: Ring,
     rx: Ring,
     kick: Arc<OwnedFd>,
-    /// End A of the vsocket's readiness proxy (`super::proxy`).
-    proxy: Option<OwnedFd>,
+    /// End A of the vsocket's readiness proxy (`super::proxy`), once asked for.
+    proxy: OnceLock<OwnedFd>,
+    /// Held while asking the daemon for the proxy (one request, whoever asks first).
+    proxy_asked: Mutex<()>,
     /// [`DStream::poll_fd`] was asked for: reads and writes drive the proxy's gates.
     polled: AtomicBool,
     local: SocketAddr,
@@ -314,7 +317,10 @@ impl DStream {
         let mut fds = fds.into_iter();
         let adopted = client.inner.table.adopt(slot, mapped, &mut fds)?;
         let (region, kick) = (adopted.region, adopted.kick);
-        let proxy = fds.next();
+        let proxy = OnceLock::new();
+        if let Some(a) = fds.next() {
+            let _ = proxy.set(a);
+        }
         Ok(DStream {
             client: client.clone(),
             handle,
@@ -323,6 +329,7 @@ impl DStream {
             region,
             kick,
             proxy,
+            proxy_asked: Mutex::new(()),
             polled: AtomicBool::new(false),
             local,
             remote,
@@ -371,12 +378,29 @@ impl DStream {
         shm::eventfd_ring(self.kick.as_raw_fd());
     }
 
-    /// The vsocket's pollable descriptor: end A of its readiness proxy. From now on reads
-    /// and writes drive its gates.
+    /// The vsocket's pollable descriptor: end A of its readiness proxy, which the daemon
+    /// makes the first time it is asked for. From now on reads and writes drive its gates.
     pub(crate) fn poll_fd(&self) -> io::Result<BorrowedFd<'_>> {
-        let a = self.proxy.as_ref().ok_or_else(|| {
-            io::Error::new(ErrorKind::Unsupported, "the daemon sent this vsocket without a readiness proxy")
-        })?;
+        let a = match self.proxy.get() {
+            Some(a) => a,
+            None => {
+                let _one = self.proxy_asked.lock().unwrap();
+                match self.proxy.get() {
+                    Some(a) => a,
+                    None => {
+                        let (resp, fds) = self.client.request(&Request::Proxy { handle: self.handle })?;
+                        let Response::Ok = resp else { return Err(unexpected(&resp)) };
+                        let a = fds.into_iter().next().ok_or_else(|| {
+                            io::Error::new(
+                                ErrorKind::InvalidData,
+                                "the daemon answered a readiness proxy request without its descriptor",
+                            )
+                        })?;
+                        self.proxy.get_or_init(|| a)
+                    }
+                }
+            }
+        };
         self.polled.store(true, Ordering::SeqCst);
         Ok(a.as_fd())
     }
@@ -384,7 +408,7 @@ impl DStream {
     /// The proxy's end A, if reads and writes must drive its gates.
     fn gates(&self) -> Option<RawFd> {
         if self.polled.load(Ordering::Relaxed) {
-            self.proxy.as_ref().map(|a| a.as_raw_fd())
+            self.proxy.get().map(|a| a.as_raw_fd())
         } else {
             None
         }
@@ -611,7 +635,7 @@ impl DListener {
         let (resp, fds) = self.client.request(&Request::Accept {
             listener: self.id,
             wait,
-            proxy: true,
+            proxy: false,
             park: None,
             pool,
         })?;

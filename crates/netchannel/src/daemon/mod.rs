@@ -103,6 +103,9 @@ pub(crate) enum Request {
     },
     /// Stop listening.
     CloseListener { listener: u64 },
+    /// Give a vsocket served without a readiness proxy its proxy (a library app asked for
+    /// its pollable descriptor): answered with `Ok`, end A coming with it.
+    Proxy { handle: u64 },
     /// Move a vsocket to another class.
     SetClass { handle: u64, class: ClassName },
     /// The daemon's state, as `netchannel status --json` prints it.

@@ -154,13 +154,15 @@ struct Served {
     pid: i32,
     /// Readiness proxy: end A until it is sent to the app (end B lives in the region). A
     /// proxied vsocket outlives its control connection: it ends when the last descriptor of
-    /// A, in any process, is closed (B hangs up).
+    /// A, in any process, is closed (B hangs up). A library app's vsocket gets its proxy
+    /// only when the app asks for its pollable descriptor (`Request::Proxy`).
     proxy_a: Mutex<Option<OwnedFd>>,
-    proxied: bool,
+    /// Set (once, after end B is in the region) when the vsocket has its proxy.
+    proxied: AtomicBool,
     /// A vsocket handed over while still connecting (`early`): when it fails unless answered.
     connect_deadline: OnceLock<Instant>,
     /// Inode of end A (how the program's descriptor of it is found in /proc to name it).
-    proxy_ino: u64,
+    proxy_ino: AtomicU64,
     /// Its share of the caps, given back with it.
     _charge: Charge,
 }
@@ -661,9 +663,10 @@ impl State {
                 _ => None,
             };
             let a = served.as_ref().and_then(|sv| sv.proxy_a.lock().unwrap().take());
-            // The region and its doorbell go the first time only (see `super::regions`).
-            let mut fds: Vec<RawFd> = match &served {
-                Some(sv) => {
+            // The region and its doorbell go the first time only (see `super::regions`), and
+            // only with the vsocket itself (not with a proxy asked for later).
+            let mut fds: Vec<RawFd> = match (&served, &resp) {
+                (Some(sv), Response::Stream { .. }) => {
                     let mem = sv.vs.region().and_then(|r| r.fd()).expect("daemon vsockets are shared");
                     if sv.naming.mapped {
                         Vec::new()
@@ -671,7 +674,7 @@ impl State {
                         vec![mem.as_raw_fd(), sv.bell.fd()]
                     }
                 }
-                None => Vec::new(),
+                _ => Vec::new(),
             };
             fds.extend(a.as_ref().map(|a| a.as_raw_fd()));
             fds.extend(listener_fd.as_ref().map(|l| l.as_raw_fd()));
@@ -840,6 +843,27 @@ impl State {
                 let sv = self.register(p.stream, conn, pid, true, charge, key)?;
                 Ok((stream_response(&sv), Some(sv)))
             }
+            Request::Proxy { handle } => {
+                let sv = self.streams.lock().unwrap().get(&handle).cloned();
+                let sv = sv
+                    .ok_or_else(|| io::Error::new(ErrorKind::InvalidInput, format!("no vsocket {handle}")))?;
+                if sv.pid != pid {
+                    return Err(not_yours("vsocket", handle, sv.pid));
+                }
+                if sv.proxied.load(Ordering::SeqCst) {
+                    return Err(io::Error::new(
+                        ErrorKind::InvalidInput,
+                        format!("vsocket {handle} has its readiness proxy already"),
+                    ));
+                }
+                let a = self.add_proxy(&sv)?;
+                *sv.proxy_a.lock().unwrap() = Some(a);
+                // Its gates start from what the vsocket holds now.
+                if let Some(r) = sv.vs.region() {
+                    r.drive_proxy();
+                }
+                Ok((Response::Ok, Some(sv)))
+            }
             Request::CloseListener { listener } => {
                 let l = {
                     let mut ls = self.listeners.lock().unwrap();
@@ -930,15 +954,6 @@ impl State {
             None => Arc::new(Doorbell::new(&self.poller.ep, self.next_bell.fetch_add(1, Ordering::Relaxed))?),
         };
         let handle = self.next.fetch_add(1, Ordering::Relaxed);
-        let proxy_a = if proxy {
-            let (a, b) = super::proxy::pair()?;
-            self.poller.ctl_events(libc::EPOLL_CTL_ADD, b.as_raw_fd(), handle | PROXY_TOKEN, 0)?;
-            region.set_proxy(b);
-            self.proxied.fetch_add(1, Ordering::Relaxed);
-            Some(a)
-        } else {
-            None
-        };
         let sv = Arc::new(Served {
             handle,
             stream,
@@ -947,12 +962,16 @@ impl State {
             naming,
             conn,
             pid,
-            proxy_ino: proxy_a.as_ref().map_or(0, |a| inode(a.as_raw_fd())),
-            proxy_a: Mutex::new(proxy_a),
-            proxied: proxy,
+            proxy_ino: AtomicU64::new(0),
+            proxy_a: Mutex::new(None),
+            proxied: AtomicBool::new(false),
             connect_deadline: OnceLock::new(),
             _charge: charge,
         });
+        if proxy {
+            let a = self.add_proxy(&sv)?;
+            *sv.proxy_a.lock().unwrap() = Some(a);
+        }
         self.streams.lock().unwrap().insert(handle, sv.clone());
         let mut bells = self.bells.lock().unwrap();
         if sv.naming.slot.is_some() {
@@ -970,14 +989,31 @@ impl State {
         Ok(sv)
     }
 
+    /// Give a served vsocket its readiness proxy: end B goes in its region (and in the
+    /// poller, for its hang-up), end A is returned, for the app.
+    fn add_proxy(&self, sv: &Served) -> io::Result<OwnedFd> {
+        let region = sv.vs.region().expect("daemon vsockets are shared");
+        let (a, b) = super::proxy::pair()?;
+        self.poller.ctl_events(libc::EPOLL_CTL_ADD, b.as_raw_fd(), sv.handle | PROXY_TOKEN, 0)?;
+        region.set_proxy(b);
+        sv.proxy_ino.store(inode(a.as_raw_fd()), Ordering::Relaxed);
+        // After B is in place: a proxied vsocket without B is one whose proxy failed.
+        sv.proxied.store(true, Ordering::SeqCst);
+        self.proxied.fetch_add(1, Ordering::Relaxed);
+        Ok(a)
+    }
+
     /// The connection `conn` ended: close everything it owned.
     fn cleanup(&self, conn: u64) {
         let pid = self.conns.lock().unwrap().remove(&conn).map(|c| c.pid);
         let mine: Vec<Arc<Served>> = {
             let mut m = self.streams.lock().unwrap();
             // Proxied vsockets end with their last descriptor (B's hang-up), not with this.
-            let ids: Vec<u64> =
-                m.values().filter(|s| s.conn == conn && !s.proxied).map(|s| s.handle).collect();
+            let ids: Vec<u64> = m
+                .values()
+                .filter(|s| s.conn == conn && !s.proxied.load(Ordering::SeqCst))
+                .map(|s| s.handle)
+                .collect();
             ids.iter().filter_map(|h| m.remove(h)).collect()
         };
         for s in mine {
@@ -1084,14 +1120,15 @@ impl State {
             .unwrap()
             .values()
             .filter(|s| {
-                s.proxied && s.vs.region().is_some_and(|r| r.proxy_bypassed() && r.proxy_fd().is_some())
+                s.proxied.load(Ordering::SeqCst)
+                    && s.vs.region().is_some_and(|r| r.proxy_bypassed() && r.proxy_fd().is_some())
             })
             .cloned()
             .collect();
         for s in bypassed {
             // Reads and writes that bypass the shim would take readiness records for data:
             // reset the vsocket, loudly, rather than corrupt it.
-            let (program, fd) = program_and_fd(s.pid, s.proxy_ino);
+            let (program, fd) = program_and_fd(s.pid, s.proxy_ino.load(Ordering::Relaxed));
             tracing::warn!(
                 pid = s.pid,
                 program = %program,
@@ -1112,7 +1149,9 @@ impl State {
             .lock()
             .unwrap()
             .values()
-            .filter(|s| s.proxied && s.vs.region().is_some_and(|r| r.proxy_fd().is_none()))
+            .filter(|s| {
+                s.proxied.load(Ordering::SeqCst) && s.vs.region().is_some_and(|r| r.proxy_fd().is_none())
+            })
             .map(|s| s.handle)
             .collect();
         for h in dead {
@@ -1169,7 +1208,7 @@ impl State {
             Ok((closed, moved)) => {
                 if closed {
                     self.close_stream(handle);
-                } else if s.proxied {
+                } else if s.proxied.load(Ordering::Relaxed) {
                     if let Some(r) = s.vs.region() {
                         r.drive_proxy();
                     }
