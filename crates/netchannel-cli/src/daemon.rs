@@ -1,7 +1,8 @@
 //! `netchannel up` (the per-host daemon, in the foreground) and `netchannel status`.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use clap::Args;
 use netchannel::daemon::{Client, Server};
@@ -101,10 +102,16 @@ fn load(config: &Option<PathBuf>, socket: &Option<PathBuf>) -> Result<Config> {
     Ok(cfg)
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
+/// Write end of the pipe SIGINT and SIGTERM are reported on (-1 until `up` makes it).
+static STOP_PIPE: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn on_stop(_sig: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
+    let fd = STOP_PIPE.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: write(2) of one live byte is async-signal-safe; a full pipe means a stop
+        // is reported already.
+        unsafe { libc::write(fd, [1u8].as_ptr().cast(), 1) };
+    }
 }
 
 /// Run the daemon until SIGINT or SIGTERM.
@@ -113,7 +120,17 @@ pub fn up(args: &UpArgs) -> Result<()> {
     if let Some(l) = args.listen {
         cfg.listen = l;
     }
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    // The handler writes a byte to a pipe; a thread waiting on it stops the server.
+    let mut pipe = [-1; 2];
+    // SAFETY: pipe2 fills two descriptors, which are ours from here on.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context(|| "cannot make the daemon's stop pipe".to_string());
+    }
+    // SAFETY: both descriptors were just made and are owned by nothing else.
+    let (stop_read, stop_write) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+    STOP_PIPE.store(stop_write.as_raw_fd(), Ordering::SeqCst);
+    // SAFETY: the handler only loads an atomic and writes to a pipe, both async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, on_stop as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
@@ -127,7 +144,26 @@ pub fn up(args: &UpArgs) -> Result<()> {
         pid = std::process::id(),
         "daemon up"
     );
-    server.run(&STOP).context(|| "daemon".to_string())?;
+    let stopper = server.stopper();
+    std::thread::Builder::new()
+        .name("nc-signals".into())
+        .spawn(move || {
+            let mut b = [0u8; 1];
+            // Blocking read until a signal is reported (EINTR: the handler ran, read again).
+            loop {
+                // SAFETY: reads one byte into a live buffer from our own pipe.
+                let n = unsafe { libc::read(stop_read.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
+                if n > 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                    break;
+                }
+            }
+            stopper.stop();
+        })
+        .context(|| "cannot start the daemon's signal thread".to_string())?;
+    let res = server.run().context(|| "daemon".to_string());
+    STOP_PIPE.store(-1, Ordering::SeqCst);
+    drop(stop_write);
+    res?;
     Ok(())
 }
 

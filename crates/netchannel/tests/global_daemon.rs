@@ -5,8 +5,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use common::{addr_pair, within};
 use netchannel::daemon::{Client, Server};
@@ -22,9 +20,8 @@ fn configuration_chooses_the_daemon() {
             let mut cfg = Config { listen, ..Config::default() };
             cfg.daemon.socket = Some(dir.join(name));
             let server = Server::start(cfg).unwrap();
-            let stop = Arc::new(AtomicBool::new(false));
-            let s2 = stop.clone();
-            std::thread::spawn(move || server.run(&s2));
+            let stop = server.stopper();
+            std::thread::spawn(move || server.run());
             stop
         };
         let _sa = start(a, "a.sock");

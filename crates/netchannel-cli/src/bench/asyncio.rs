@@ -207,14 +207,16 @@ struct Daemons {
 
 /// The daemons' threads, stopped and joined when dropped.
 struct Running {
-    stop: Arc<AtomicBool>,
+    stops: Vec<netchannel::daemon::Stopper>,
     threads: Vec<std::thread::JoinHandle<()>>,
     dir: std::path::PathBuf,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        for s in &self.stops {
+            s.stop();
+        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -225,8 +227,7 @@ impl Drop for Running {
 fn two_daemons() -> Result<Daemons> {
     let dir = std::env::temp_dir().join(format!("netchannel-bench-tokio-{}", std::process::id()));
     std::fs::create_dir_all(&dir).context(|| format!("cannot create {}", dir.display()))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut run = Running { stop: stop.clone(), threads: Vec::new(), dir: dir.clone() };
+    let mut run = Running { stops: Vec::new(), threads: Vec::new(), dir: dir.clone() };
     let base = 33000 + (std::process::id() % 20000) as u16;
     let mut last = String::new();
     'port: for port in base..base + 50 {
@@ -243,9 +244,9 @@ fn two_daemons() -> Result<Daemons> {
             }
         }
         for s in servers {
-            let stop = stop.clone();
+            run.stops.push(s.stopper());
             run.threads.push(std::thread::spawn(move || {
-                let _ = s.run(&stop);
+                let _ = s.run();
             }));
         }
         let client = |name: &str| {

@@ -34,7 +34,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use serde::{Deserialize, Serialize};
 
 pub use client::Client;
-pub use server::Server;
+pub use server::{Server, Stopper};
 
 use crate::wire::Class;
 use regions::PoolNote;

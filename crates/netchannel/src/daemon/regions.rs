@@ -43,6 +43,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
 use serde::{Deserialize, Serialize};
 
 use crate::shm::{self, Region};
@@ -264,21 +266,17 @@ pub(crate) struct PoolKey {
 pub(crate) struct Doorbell {
     pub kick: OwnedFd,
     pub token: u64,
-    ep: Arc<OwnedFd>,
+    registry: Arc<Registry>,
 }
 
 impl Doorbell {
-    /// A new eventfd registered with epoll set `ep` under `token`, edge-triggered: every
-    /// ring is a new edge, so its counter is never read back (it cannot fill up: 2^64 − 2
-    /// rings).
-    pub(crate) fn new(ep: &Arc<OwnedFd>, token: u64) -> io::Result<Doorbell> {
+    /// A new eventfd registered with the poller's `registry` under `token`, edge-triggered
+    /// (as mio registers everything): every ring is a new edge, so its counter is never read
+    /// back (it cannot fill up: 2^64 − 2 rings).
+    pub(crate) fn new(registry: &Arc<Registry>, token: u64) -> io::Result<Doorbell> {
         let kick = shm::eventfd()?;
-        let mut ev = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: token };
-        // SAFETY: ev is live for the call; both descriptors are ours.
-        if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, kick.as_raw_fd(), &mut ev) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Doorbell { kick, token, ep: ep.clone() })
+        registry.register(&mut SourceFd(&kick.as_raw_fd()), Token(token as usize), Interest::READABLE)?;
+        Ok(Doorbell { kick, token, registry: registry.clone() })
     }
 
     pub(crate) fn fd(&self) -> RawFd {
@@ -288,10 +286,9 @@ impl Doorbell {
 
 impl Drop for Doorbell {
     fn drop(&mut self) {
-        // The app's duplicate keeps the eventfd open: take it out of the set explicitly.
-        let mut ev = libc::epoll_event { events: 0, u64: 0 };
-        // SAFETY: as in new; a failure (already gone) is harmless.
-        unsafe { libc::epoll_ctl(self.ep.as_raw_fd(), libc::EPOLL_CTL_DEL, self.kick.as_raw_fd(), &mut ev) };
+        // The app's duplicate keeps the eventfd open: take it out of the set explicitly (a
+        // failure, already gone, is harmless).
+        let _ = self.registry.deregister(&mut SourceFd(&self.kick.as_raw_fd()));
     }
 }
 
@@ -375,7 +372,7 @@ impl Pools {
     }
 
     /// A region of `tx_cap` + `rx_cap` bytes for a new vsocket of table `key`: a free one
-    /// of its pool, reset, or a new one (the table's doorbell, registered in `ep` under a
+    /// of its pool, reset, or a new one (the table's doorbell, registered in `registry` under a
     /// token from `token`, is made with its first region). The slot stays unnamed until
     /// [`Pools::name`].
     pub(crate) fn take(
@@ -383,7 +380,7 @@ impl Pools {
         key: PoolKey,
         tx_cap: usize,
         rx_cap: usize,
-        ep: &Arc<OwnedFd>,
+        registry: &Arc<Registry>,
         token: impl FnOnce() -> u64,
     ) -> io::Result<Arc<Region>> {
         let mut pools = self.lock();
@@ -399,7 +396,7 @@ impl Pools {
         }
         let region = Arc::new(Region::create(tx_cap, rx_cap)?);
         if pool.bell.is_none() {
-            pool.bell = Some(Arc::new(Doorbell::new(ep, token())?));
+            pool.bell = Some(Arc::new(Doorbell::new(registry, token())?));
         }
         pool.next = pool.next.wrapping_add(1);
         let slot = pool.next;

@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::io::{self, ErrorKind};
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -27,6 +27,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use serde_json::json;
 
 use super::regions::{Doorbell, Naming, PoolKey, PoolNote, Pools};
@@ -55,8 +57,37 @@ const PARK_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Server {
     st: Arc<State>,
     listener: UnixListener,
+    /// The accept loop's poll: the listener (token [`LISTENER`]) and the stopper's waker.
+    accept_poll: Poll,
+    stop: Stopper,
     /// One descriptor freed to answer a connection when the process has none left.
     reserve: Reserve,
+}
+
+/// Poll token of the daemon's Unix socket in the accept loop (the stopper's waker is 0).
+const LISTENER: Token = Token(1);
+
+/// Ends a [`Server::run`], from any thread: the accept loop wakes and the daemon shuts down.
+#[derive(Clone)]
+pub struct Stopper(Arc<StopInner>);
+
+struct StopInner {
+    stopped: AtomicBool,
+    waker: Waker,
+}
+
+impl Stopper {
+    /// Stop the server (idempotent).
+    pub fn stop(&self) {
+        self.0.stopped.store(true, Ordering::SeqCst);
+        if let Err(e) = self.0.waker.wake() {
+            tracing::error!(error = %e, "cannot wake the daemon's accept loop to stop it");
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.0.stopped.load(Ordering::SeqCst)
+    }
 }
 
 struct State {
@@ -286,6 +317,7 @@ impl Server {
                 "channels of this daemon are not authenticated: any host can open them; set auth_key_file"
             );
         }
+        let (poller, poll) = Poller::new()?;
         let st = Arc::new(State {
             host,
             socket,
@@ -299,7 +331,7 @@ impl Server {
             next_bell: Arc::new(AtomicU64::new(1)),
             pooled_ports: Arc::new(Mutex::new(HashMap::new())),
             bells: Mutex::new(HashMap::new()),
-            poller: Poller::new()?,
+            poller,
             stopping: AtomicBool::new(false),
             clients_refused: AtomicU64::new(0),
             clients_disconnected: AtomicU64::new(0),
@@ -312,8 +344,13 @@ impl Server {
             cfg,
         });
         // Arrivals on a pooled listener's port go in a region of the listening app's pool.
-        let (pools, ports, ep, bells, cfg) =
-            (st.pools.clone(), st.pooled_ports.clone(), st.poller.ep.clone(), st.next_bell.clone(), &st.cfg);
+        let (pools, ports, ep, bells, cfg) = (
+            st.pools.clone(),
+            st.pooled_ports.clone(),
+            st.poller.registry.clone(),
+            st.next_bell.clone(),
+            &st.cfg,
+        );
         let (tx_cap, rx_cap) = (cfg.send_buffer, cfg.recv_buffer);
         let _ = st.host.inner().arrival_regions.set(Box::new(move |port| {
             let key = *ports.lock().unwrap().get(&port)?;
@@ -321,9 +358,12 @@ impl Server {
             taken.ok()
         }));
         let p = st.clone();
-        std::thread::Builder::new().name("nc-doorbell".into()).spawn(move || p.run_poller())?;
+        std::thread::Builder::new().name("nc-doorbell".into()).spawn(move || p.run_poller(poll))?;
         tracing::info!(socket = %st.socket.display(), channels = %st.host.local_addr(), "daemon serving");
-        Ok(Server { st, listener, reserve: Reserve::new() })
+        let accept_poll = Poll::new()?;
+        let waker = Waker::new(accept_poll.registry(), Token(0))?;
+        let stop = Stopper(Arc::new(StopInner { stopped: AtomicBool::new(false), waker }));
+        Ok(Server { st, listener, accept_poll, stop, reserve: Reserve::new() })
     }
 
     /// The Unix socket apps connect to.
@@ -336,11 +376,20 @@ impl Server {
         self.st.host.local_addr()
     }
 
-    /// Serve clients until `stop` becomes true (checked every 200 ms), then shut down.
-    pub fn run(mut self, stop: &AtomicBool) -> io::Result<()> {
+    /// What ends [`Server::run`]; take it before `run`, which consumes the server.
+    pub fn stopper(&self) -> Stopper {
+        self.stop.clone()
+    }
+
+    /// Serve clients until the [`Stopper`] is used, then shut down. The accept loop sleeps
+    /// in `mio` until a client connects or the stopper wakes it.
+    pub fn run(mut self) -> io::Result<()> {
         self.listener.set_nonblocking(true)?;
+        let fd = self.listener.as_raw_fd();
+        self.accept_poll.registry().register(&mut SourceFd(&fd), LISTENER, Interest::READABLE)?;
+        let mut events = Events::with_capacity(4);
         let mut out_of_fds = false;
-        while !stop.load(Ordering::SeqCst) {
+        while !self.stop.stopped() {
             match self.listener.accept() {
                 Ok((s, _)) => {
                     if std::mem::take(&mut out_of_fds) {
@@ -358,10 +407,13 @@ impl Server {
                     std::thread::sleep(FD_BACKOFF);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    let mut p =
-                        libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-                    // SAFETY: one valid pollfd.
-                    unsafe { libc::poll(&mut p, 1, 200) };
+                    // Edge-triggered: the queue was drained, so the next arrival is an edge.
+                    if let Err(e) = self.accept_poll.poll(&mut events, None) {
+                        if e.kind() != ErrorKind::Interrupted {
+                            tracing::warn!(socket = %self.st.socket.display(), error = %e, "waiting for clients failed");
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                    }
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -704,7 +756,7 @@ impl State {
                         k,
                         self.cfg.send_buffer,
                         self.cfg.recv_buffer,
-                        &self.poller.ep,
+                        &self.poller.registry,
                         || self.next_bell.fetch_add(1, Ordering::Relaxed),
                     )?),
                     None => None,
@@ -951,7 +1003,10 @@ impl State {
         };
         let bell = match bell {
             Some(b) => b,
-            None => Arc::new(Doorbell::new(&self.poller.ep, self.next_bell.fetch_add(1, Ordering::Relaxed))?),
+            None => Arc::new(Doorbell::new(
+                &self.poller.registry,
+                self.next_bell.fetch_add(1, Ordering::Relaxed),
+            )?),
         };
         let handle = self.next.fetch_add(1, Ordering::Relaxed);
         let sv = Arc::new(Served {
@@ -994,7 +1049,7 @@ impl State {
     fn add_proxy(&self, sv: &Served) -> io::Result<OwnedFd> {
         let region = sv.vs.region().expect("daemon vsockets are shared");
         let (a, b) = super::proxy::pair()?;
-        self.poller.ctl_events(libc::EPOLL_CTL_ADD, b.as_raw_fd(), sv.handle | PROXY_TOKEN, 0)?;
+        self.poller.add_hang_up(b.as_raw_fd(), sv.handle | PROXY_TOKEN)?;
         region.set_proxy(b);
         sv.proxy_ino.store(inode(a.as_raw_fd()), Ordering::Relaxed);
         // After B is in place: a proxied vsocket without B is one whose proxy failed.
@@ -1222,9 +1277,9 @@ impl State {
         }
     }
 
-    fn run_poller(self: Arc<Self>) {
+    fn run_poller(self: Arc<Self>, mut poll: Poll) {
         let spin = self.cfg.daemon.poll_spin();
-        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+        let mut events = Events::with_capacity(256);
         let mut active: Vec<u64> = Vec::new();
         let mut last_move = Instant::now();
         loop {
@@ -1232,7 +1287,7 @@ impl State {
                 return;
             }
             let timeout = if !active.is_empty() && last_move.elapsed() < spin {
-                0
+                Duration::ZERO
             } else {
                 // Going to sleep: ask the apps to ring, then look once more so that a move
                 // made just before is not missed.
@@ -1254,11 +1309,17 @@ impl State {
                 self.reap_failed_proxies();
                 self.reap_parked(false);
                 self.time_out_connects();
-                1000
+                Duration::from_secs(1)
             };
-            let n = self.poller.wait(&mut events, timeout);
+            if let Err(e) = poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != ErrorKind::Interrupted {
+                    tracing::error!(error = %e, "the doorbell poller cannot wait; retrying");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                events.clear();
+            }
             // The requests of every app rung in this pass leave in one write per channel.
-            let moved = batching_small_sends(|| self.take_doorbells(&events[..n], &mut active));
+            let moved = batching_small_sends(|| self.take_doorbells(&events, &mut active));
             let streams = self.streams.lock().unwrap();
             active.retain(|h| streams.contains_key(h));
             drop(streams);
@@ -1270,11 +1331,11 @@ impl State {
 
     /// The poller's pass over what woke it: hang-ups of proxies, and doorbells, whose
     /// vsockets join `active` and are all taken in; whether anything moved.
-    fn take_doorbells(&self, events: &[libc::epoll_event], active: &mut Vec<u64>) -> bool {
+    fn take_doorbells(&self, events: &Events, active: &mut Vec<u64>) -> bool {
         for ev in events {
-            let h = ev.u64;
+            let h = ev.token().0 as u64;
             if h == 0 {
-                shm::eventfd_clear(self.poller.waker.as_raw_fd());
+                // The waker (mio resets it itself).
                 continue;
             }
             if h & PROXY_TOKEN != 0 {
@@ -1520,54 +1581,36 @@ fn stream_response(sv: &Served) -> Response {
     }
 }
 
-/// An epoll set of vsocket doorbells plus a waker (token 0).
+/// The doorbell poller's registry: vsocket doorbells (edge-triggered, under their tokens),
+/// proxy ends B (hang-ups only, under `handle | PROXY_TOKEN`) and a waker (token 0). The
+/// `mio::Poll` itself belongs to the poller thread (`State::run_poller`).
 struct Poller {
     /// Shared with the doorbells, which take themselves out of it when they go.
-    ep: Arc<OwnedFd>,
-    waker: OwnedFd,
+    registry: Arc<Registry>,
+    waker: Waker,
 }
 
 impl Poller {
-    fn new() -> io::Result<Poller> {
-        // SAFETY: epoll_create1 has no memory arguments.
-        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if ep < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh fd owned here.
-        let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-        let p = Poller { ep: Arc::new(ep), waker: shm::eventfd()? };
-        p.ctl(libc::EPOLL_CTL_ADD, p.waker.as_raw_fd(), 0)?;
-        Ok(p)
+    fn new() -> io::Result<(Poller, Poll)> {
+        let poll = Poll::new()?;
+        let registry = Arc::new(poll.registry().try_clone()?);
+        let waker = Waker::new(&registry, Token(0))?;
+        Ok((Poller { registry, waker }, poll))
     }
 
-    fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64) -> io::Result<()> {
-        self.ctl_events(op, fd, token, libc::EPOLLIN as u32)
-    }
-
-    fn ctl_events(&self, op: libc::c_int, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events, u64: token };
-        // SAFETY: ev is live for the call; fds are ours.
-        if unsafe { libc::epoll_ctl(self.ep.as_raw_fd(), op, fd, &mut ev) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+    /// Watch proxy end B for its hang-up only: `EPOLLHUP` and `EPOLLERR` are always
+    /// reported, and a Unix socket never raises `EPOLLPRI`, so the records the app writes
+    /// to plug its OUT gate wake nobody.
+    fn add_hang_up(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        self.registry.register(&mut SourceFd(&fd), Token(token as usize), Interest::PRIORITY)
     }
 
     fn remove(&self, fd: RawFd) {
-        let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0);
+        let _ = self.registry.deregister(&mut SourceFd(&fd));
     }
 
     fn wake(&self) {
-        shm::eventfd_ring(self.waker.as_raw_fd());
-    }
-
-    fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: i32) -> usize {
-        // SAFETY: events is a live buffer of the stated length.
-        let n = unsafe {
-            libc::epoll_wait(self.ep.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, timeout_ms)
-        };
-        n.max(0) as usize
+        let _ = self.waker.wake();
     }
 }
 
@@ -1577,14 +1620,13 @@ mod tests {
     use crate::daemon::Client;
     use std::io::{Read, Write};
 
-    fn start(listen: &str, dir: &Path) -> (PathBuf, Arc<AtomicBool>) {
+    fn start(listen: &str, dir: &Path) -> (PathBuf, Stopper) {
         let socket = dir.join(format!("{listen}.sock"));
         let mut cfg = Config { listen: listen.parse().unwrap(), ..Config::default() };
         cfg.daemon.socket = Some(socket.clone());
         let server = Server::start(cfg).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let s2 = stop.clone();
-        std::thread::spawn(move || server.run(&s2));
+        let stop = server.stopper();
+        std::thread::spawn(move || server.run());
         (socket, stop)
     }
 
@@ -1613,7 +1655,7 @@ mod tests {
             assert!(Instant::now() < deadline, "connections were not released");
             std::thread::sleep(Duration::from_millis(10));
         }
-        stop.store(true, Ordering::SeqCst);
+        stop.stop();
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1626,9 +1668,8 @@ mod tests {
         cfg.daemon.socket = Some(socket.clone());
         let server = Server::start(cfg).unwrap();
         let host = server.st.host.clone();
-        let stop_a = Arc::new(AtomicBool::new(false));
-        let s2 = stop_a.clone();
-        std::thread::spawn(move || server.run(&s2));
+        let stop_a = server.stopper();
+        std::thread::spawn(move || server.run());
         let (sb, stop_b) = start("127.61.3.2:9000", &dir);
         let (ca, cb) = (Client::connect(&socket).unwrap(), Client::connect(&sb).unwrap());
         let _l = cb.bind(7000).unwrap();
@@ -1638,8 +1679,8 @@ mod tests {
             // shared rings, so nothing must be left for the worker's tick.
             assert!(!host.inner().parking.any(), "a daemon connect left its home channel parked");
         }
-        stop_a.store(true, Ordering::SeqCst);
-        stop_b.store(true, Ordering::SeqCst);
+        stop_a.stop();
+        stop_b.stop();
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1665,7 +1706,7 @@ mod tests {
         assert!(matches!(serde_json::from_slice(&body).unwrap(), Response::Ok));
         let st = Client::connect(&sa).unwrap().status().unwrap();
         assert_eq!(st["totals"]["clients_disconnected"], 1, "{st}");
-        stop.store(true, Ordering::SeqCst);
+        stop.stop();
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1701,8 +1742,8 @@ mod tests {
         assert_eq!(&got, b"still fine");
         let st = honest.status().unwrap();
         assert_eq!(st["totals"]["clients_disconnected"], 1, "{st}");
-        stop_a.store(true, Ordering::SeqCst);
-        stop_b.store(true, Ordering::SeqCst);
+        stop_a.stop();
+        stop_b.stop();
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -3,8 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -84,13 +83,13 @@ pub fn check(seed: u64, off: u64, buf: &[u8]) -> Option<u64> {
 pub struct Daemon {
     pub socket: PathBuf,
     pub addr: SocketAddr,
-    stop: Arc<AtomicBool>,
+    stop: netchannel::daemon::Stopper,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -116,9 +115,8 @@ pub fn daemon(listen: SocketAddr, tweak: &dyn Fn(&mut Config)) -> Daemon {
     cfg.daemon.socket = Some(socket.clone());
     tweak(&mut cfg);
     let server = Server::start(cfg).expect("start daemon");
-    let stop = Arc::new(AtomicBool::new(false));
-    let s2 = stop.clone();
-    let thread = std::thread::spawn(move || server.run(&s2).unwrap());
+    let stop = server.stopper();
+    let thread = std::thread::spawn(move || server.run().unwrap());
     Daemon { socket, addr: listen, stop, thread: Some(thread) }
 }
 
