@@ -530,7 +530,13 @@ impl VSock {
         if self.open_deferred.load(Ordering::Acquire) {
             return self.send_deferred_open();
         }
-        let mut tx = self.tx.lock().unwrap();
+        let tx = self.tx.lock().unwrap();
+        self.pump_locked(tx, poller)
+    }
+
+    /// [`VSock::pump_from`] with the tx lock already held (a write that has just committed
+    /// its bytes pumps them under the same lock) and no deferred OPEN to send.
+    fn pump_locked(self: &Arc<Self>, mut tx: MutexGuard<'_, TxSide>, poller: bool) {
         if tx.error.is_some() || !tx.opened {
             return;
         }
@@ -1391,13 +1397,17 @@ impl VSock {
             // SAFETY: [off, off + n) is within [written, acked + cap): owned by this writer
             // (the write lock is held) until commit() below (module docs).
             unsafe { host.copy.run(&tasks) };
-            let full = {
-                let mut tx = self.tx.lock().unwrap();
-                tx.st.commit(n as u64);
-                tx.st.space() == 0
-            };
+            // One lock for the commit and the pump that sends what it committed.
+            let mut tx = self.tx.lock().unwrap();
+            tx.st.commit(n as u64);
+            let full = tx.st.space() == 0;
             self.totals.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
-            self.pump();
+            if self.open_deferred.load(Ordering::Acquire) {
+                drop(tx);
+                self.pump();
+            } else {
+                self.pump_locked(tx, false);
+            }
             done += n;
             if full && done == buf.len() {
                 // The buffer is full now: the next write would block.
