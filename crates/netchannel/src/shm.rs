@@ -248,7 +248,7 @@ pub struct Region {
 }
 
 // SAFETY: the mapping is plain shared memory; the header is atomics and the rings follow the
-// ownership rules of the vsocket state machines (module docs of `crate::vsock`).
+// ownership rules of the vsocket state machines (module docs of `crate::engine::vsocket`).
 unsafe impl Send for Region {}
 // SAFETY: as above.
 unsafe impl Sync for Region {}

@@ -36,9 +36,10 @@ use super::{hung_up, recv_msg, send_msg, LimitExceeded, Request, Response, MAX_R
 use crate::config::Config;
 use crate::engine::channel::batching_small_sends;
 use crate::engine::handshake::{suppressed_note, Reserve, Throttle, FD_BACKOFF};
+use crate::engine::vsocket::VSock;
 use crate::engine::Host;
 use crate::shm;
-use crate::vsock::{VListener, VSock, VStream};
+use crate::vsock::{VListener, VStream};
 use crate::wire::Class;
 
 /// How long a connection answered at the descriptor limit may take to send its request.
@@ -770,7 +771,7 @@ impl State {
                         self.host.clone(),
                         addr,
                         class.into(),
-                        crate::vsock::OpenMode::Confirmed,
+                        crate::engine::vsocket::OpenMode::Confirmed,
                         region,
                     )?;
                     (s, Some(deadline))
@@ -780,7 +781,7 @@ impl State {
                             self.host.clone(),
                             addr,
                             class.into(),
-                            crate::vsock::OpenMode::Announced,
+                            crate::engine::vsocket::OpenMode::Announced,
                             region,
                         )?,
                         None,

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use super::peer::Peer;
 use super::HostInner;
-use crate::vsock::VSock;
+use crate::engine::vsocket::VSock;
 use crate::wire::{Class, Frame};
 
 /// The listening ports a peer announced (LISTEN, UNLISTEN, LISTEN_SET; see the `wire`

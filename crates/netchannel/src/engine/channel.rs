@@ -36,9 +36,9 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::engine::peer::Peer;
+use crate::engine::vsocket::VSock;
 use crate::engine::HostInner;
 use crate::proto::sched::{Batch, Depth, FrameQueue, Lane, Next};
-use crate::vsock::VSock;
 use crate::wire::{self, Class, Frame, HEADER_LEN};
 
 /// How often a worker looks whether the borrower of a lent channel ([`lend`]) still reads it.
@@ -992,7 +992,7 @@ pub(crate) fn run_worker(host: Arc<HostInner>, me: usize, mut poll: Poll, busy_p
                 }
             }
         }
-        crate::vsock::spin_for_replies(reply_spin);
+        crate::engine::vsocket::spin_for_replies(reply_spin);
         writable.sort_unstable();
         writable.dedup();
         for t in writable {
@@ -1134,7 +1134,7 @@ fn read_direct(ch: &Channel, c: &mut Reader) -> io::Result<usize> {
         libc::iovec { iov_base: c.rbuf.as_mut_ptr().cast(), iov_len: HEADER_LEN },
     ];
     // SAFETY: the first two iovecs are the ring range this reader claimed (nobody else
-    // writes or reads it until the claim ends, module docs of `crate::vsock`), kept mapped by
+    // writes or reads it until the claim ends, module docs of `crate::engine::vsocket`), kept mapped by
     // the `Arc<VSock>`; the third is the start of the read buffer (at least HEADER_LEN long).
     let n = unsafe { libc::readv(ch.read_sock.as_raw_fd(), iov.as_ptr(), 3) };
     if n < 0 {
@@ -1207,7 +1207,7 @@ fn start_direct(host: &Arc<HostInner>, ch: &Arc<Channel>, c: &mut Reader) -> boo
     let have = &buf[HEADER_LEN..];
     let (h0, h1) = have.split_at(have.len().min(a.len));
     // SAFETY: the claimed range, which only this reader writes (module docs of
-    // `crate::vsock`); `have` is shorter than the payload, so both copies fit their parts.
+    // `crate::engine::vsocket`); `have` is shorter than the payload, so both copies fit their parts.
     unsafe {
         std::ptr::copy_nonoverlapping(h0.as_ptr(), a.ptr, h0.len());
         std::ptr::copy_nonoverlapping(h1.as_ptr(), b.ptr, h1.len());

@@ -12,6 +12,7 @@ pub(crate) mod channel;
 pub(crate) mod handshake;
 pub(crate) mod peer;
 pub(crate) mod recovery;
+pub(crate) mod vsocket;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -28,10 +29,11 @@ use crate::copy::CopyPool;
 use crate::proto::sched::Depth;
 use crate::proto::tombs::{Stale, Tombstones};
 use crate::ring::RingPool;
-use crate::vsock::{ListenQueue, VListener, VSock, VStream};
+use crate::vsock::{VListener, VStream};
 use crate::wire::{Class, Frame, Reason};
 use channel::{Channel, Command, WorkerHandle};
 use peer::{Peer, PeerState};
+use vsocket::{ListenQueue, VSock};
 
 /// First port handed out to connecting vsockets.
 const EPHEMERAL_FIRST: u16 = 32768;
@@ -492,7 +494,7 @@ impl Host {
     }
 
     /// A snapshot of every vsocket in the table.
-    pub fn vsock_infos(&self) -> Vec<crate::vsock::VsockInfo> {
+    pub fn vsock_infos(&self) -> Vec<vsocket::VsockInfo> {
         let vs: Vec<_> = self.guard.inner.vsocks.read().unwrap().values().cloned().collect();
         let mut v: Vec<_> = vs.iter().map(|v| v.info()).collect();
         v.sort_by_key(|i| i.id);

@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use crate::config::Config;
 use crate::engine::channel::Channel;
+use crate::engine::vsocket::VSock;
 use crate::proto::sched::{self, Load};
-use crate::vsock::VSock;
 use crate::wire::{Class, Frame};
 
 /// Where a peer's mesh stands.

@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 
 use crate::engine::channel::{self, Channel};
 use crate::engine::peer::Peer;
+use crate::engine::vsocket::VSock;
 use crate::engine::HostInner;
 use crate::proto::tombs::{Stale, Tomb};
-use crate::vsock::VSock;
 use crate::wire::Class;
 
 /// Longest one attempt to dial a lost channel may take.
