@@ -517,6 +517,9 @@ pub const DEFAULT_CONGESTION: &str = "cubic";
 /// CPUs a CPU list may name (`CPU_SETSIZE`).
 pub const MAX_CPUS: usize = 1024;
 
+/// The shortest channel authentication key accepted (`auth_key_file`), in bytes.
+pub const MIN_KEY_LEN: usize = 16;
+
 /// Longest congestion control name the kernel accepts (`TCP_CA_NAME_MAX` less the NUL).
 const MAX_CONGESTION_NAME: usize = 15;
 
@@ -781,14 +784,14 @@ impl Config {
         if key.last() == Some(&b'\n') {
             key.pop();
         }
-        if key.len() < crate::engine::auth::MIN_KEY_LEN {
+        if key.len() < MIN_KEY_LEN {
             return Err(err(
                 "auth_key_file",
                 format!(
                     "the key in {} has {} bytes; use at least {}",
                     path.display(),
                     key.len(),
-                    crate::engine::auth::MIN_KEY_LEN
+                    MIN_KEY_LEN
                 ),
             ));
         }

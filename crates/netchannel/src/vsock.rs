@@ -20,6 +20,74 @@ fn err(kind: ErrorKind, msg: impl Into<String>) -> io::Error {
     io::Error::new(kind, msg.into())
 }
 
+/// The host's side of the public API: opening vsockets and listening for them. (Here, not in
+/// `crate::engine`, so that the engine never names the API types.)
+impl Host {
+    /// Open a throughput-class vsocket to `addr`: the peer host's IP and a vsocket port.
+    /// The connect is confirmed, unless the configuration says `optimistic_open` (then as
+    /// [`Host::connect_optimistic`]): to a port the peer has not announced (config
+    /// `announce_listeners`) it returns once the peer accepted, and fails with
+    /// `ConnectionRefused` if nothing listens there; to a port the peer announced it
+    /// returns at once and the OPEN leaves with the first write, carrying its first bytes
+    /// (within what the listener granted) — should the listener have closed meanwhile, the
+    /// first read or write fails with `ConnectionRefused`, as TCP resets a connection its
+    /// listener closed before accepting it. [`Host::announced_ports`] tells which ports
+    /// those are.
+    pub fn connect(&self, addr: SocketAddr) -> io::Result<VStream> {
+        self.connect_class(addr, Class::Throughput)
+    }
+
+    /// Open a vsocket of the given class to `addr` (confirmed unless `optimistic_open`).
+    pub fn connect_class(&self, addr: SocketAddr, class: Class) -> io::Result<VStream> {
+        VStream::open(self.clone(), addr, class, self.inner().cfg.optimistic_open)
+    }
+
+    /// Open a throughput-class vsocket to `addr` optimistically, as TCP Fast Open does:
+    /// return at once, and send the OPEN with the first write, carrying its first bytes (up
+    /// to `open_credit`, which the listening host grants every OPEN) — one frame and no
+    /// round trip before the request leaves. Bytes beyond that wait for the peer's answer.
+    /// A refusal fails the first read or write after it arrives with `ConnectionRefused`
+    /// (a first write may already have succeeded). A vsocket that reads first sends a bare
+    /// OPEN then.
+    ///
+    /// ```no_run
+    /// use std::io::{Read, Write};
+    /// let host = netchannel::Host::start(netchannel::Config::default())?;
+    /// let mut s = host.connect_optimistic("127.0.0.2:7000".parse().unwrap())?;
+    /// s.write_all(b"GET /")?; // leaves with the OPEN
+    /// let mut answer = Vec::new();
+    /// s.read_to_end(&mut answer)?; // a refusal shows here
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn connect_optimistic(&self, addr: SocketAddr) -> io::Result<VStream> {
+        VStream::open(self.clone(), addr, Class::Throughput, true)
+    }
+
+    /// Listen for vsockets on `port` of this host.
+    pub fn bind(&self, port: u16) -> io::Result<VListener> {
+        VListener::open(self.clone(), port)
+    }
+}
+
+/// A daemon client's side of the public API (here, not in `crate::daemon::client`, so that
+/// the daemon's client never names the API types).
+impl crate::daemon::Client {
+    /// Open a throughput-class vsocket to `addr` (the peer host's IP and a vsocket port).
+    pub fn connect_stream(&self, addr: SocketAddr) -> io::Result<VStream> {
+        self.connect_class(addr, Class::Throughput)
+    }
+
+    /// Open a vsocket of `class` to `addr`.
+    pub fn connect_class(&self, addr: SocketAddr, class: Class) -> io::Result<VStream> {
+        Ok(VStream::from_daemon(self.open_stream(addr, class)?))
+    }
+
+    /// Listen on vsocket `port` of this host (0: any free port).
+    pub fn bind(&self, port: u16) -> io::Result<VListener> {
+        Ok(VListener::from_daemon(self.listen(port)?))
+    }
+}
+
 /// A vsocket stream between two hosts, used like [`std::net::TcpStream`].
 ///
 /// Dropping the last handle closes it: data already written is still delivered, then the
@@ -621,7 +689,7 @@ impl VListener {
     pub fn accept(&self) -> io::Result<(VStream, SocketAddr)> {
         let l = match &self.imp {
             ListenerImp::Embedded(l) => l,
-            ListenerImp::Daemon(d) => return d.accept(),
+            ListenerImp::Daemon(d) => return d.accept().map(|(s, remote)| (VStream::from_daemon(s), remote)),
         };
         // Whether to read the host's parked channels before sleeping (once it could not,
         // this call sleeps on the queue).

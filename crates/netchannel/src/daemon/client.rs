@@ -176,32 +176,29 @@ impl Client {
         Ok((resp, fds))
     }
 
-    /// Open a throughput-class vsocket to `addr` (the peer host's IP and a vsocket port).
-    pub fn connect_stream(&self, addr: SocketAddr) -> io::Result<crate::VStream> {
-        self.connect_class(addr, Class::Throughput)
-    }
-
-    /// Open a vsocket of `class` to `addr`.
-    pub fn connect_class(&self, addr: SocketAddr, class: Class) -> io::Result<crate::VStream> {
+    /// Open a vsocket of `class` to `addr` (the API over it: `Client::connect_class` in
+    /// `crate::vsock`).
+    pub(crate) fn open_stream(&self, addr: SocketAddr, class: Class) -> io::Result<DStream> {
         let pool = self.inner.table.note();
         let (resp, fds) =
             self.request(&Request::Connect { addr, class: class.into(), proxy: false, pool, early: false })?;
-        Ok(crate::VStream::from_daemon(DStream::from_response(self, resp, fds)?))
+        DStream::from_response(self, resp, fds)
     }
 
-    /// Listen on vsocket `port` of this host (0: any free port).
-    pub fn bind(&self, port: u16) -> io::Result<crate::VListener> {
+    /// Listen on vsocket `port` of this host, 0: any free port (the API over it:
+    /// `Client::bind` in `crate::vsock`).
+    pub(crate) fn listen(&self, port: u16) -> io::Result<DListener> {
         // Only this process accepts on it: its arrivals may go in this process's regions.
         let pool = self.inner.table.note().map(|n| n.token);
         match self.request(&Request::Bind { port, poll: true, pool })? {
-            (Response::Listener { listener, local }, fds) => Ok(crate::VListener::from_daemon(DListener {
+            (Response::Listener { listener, local }, fds) => Ok(DListener {
                 client: self.clone(),
                 id: listener,
                 local,
                 nonblocking: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
                 poll: fds.into_iter().next(),
-            })),
+            }),
             (other, _) => Err(unexpected(&other)),
         }
     }
@@ -629,7 +626,7 @@ impl DListener {
         })
     }
 
-    pub(crate) fn accept(&self) -> io::Result<(crate::VStream, SocketAddr)> {
+    pub(crate) fn accept(&self) -> io::Result<(DStream, SocketAddr)> {
         let wait = !self.nonblocking.load(Ordering::Relaxed);
         let pool = self.client.inner.table.note();
         let (resp, fds) = self.client.request(&Request::Accept {
@@ -641,7 +638,7 @@ impl DListener {
         })?;
         let s = DStream::from_response(&self.client, resp, fds)?;
         let remote = s.remote;
-        Ok((crate::VStream::from_daemon(s), remote))
+        Ok((s, remote))
     }
 }
 

@@ -33,9 +33,6 @@ const ACCEPTOR: u8 = 1;
 /// Role byte of the dialing host's proof (AUTH).
 const DIALER: u8 = 2;
 
-/// The shortest key accepted, in bytes.
-pub const MIN_KEY_LEN: usize = 16;
-
 /// Everything both proofs of one handshake cover. Each side fills it from what it sent and
 /// received and from its own view of the TCP connection.
 #[derive(Debug, Clone, Copy)]

@@ -29,7 +29,6 @@ use crate::copy::CopyPool;
 use crate::proto::sched::Depth;
 use crate::proto::tombs::{Stale, Tombstones};
 use crate::ring::RingPool;
-use crate::vsock::{VListener, VStream};
 use crate::wire::{Class, Frame, Reason};
 use channel::{Channel, Command, WorkerHandle};
 use peer::{Peer, PeerState};
@@ -366,7 +365,7 @@ impl Host {
         Ok(Host { guard: Arc::new(Guard { inner }) })
     }
 
-    /// The process-wide host used by [`VStream::connect`] and [`VListener::bind`]: started
+    /// The process-wide host used by [`VStream::connect`](crate::VStream::connect) and [`VListener::bind`](crate::VListener::bind): started
     /// on first use from the TOML file named by `NETCHANNEL_CONFIG`, or with defaults.
     pub fn global() -> io::Result<Host> {
         // A mutex, not a OnceLock: two threads starting it at once would both bind the
@@ -399,46 +398,6 @@ impl Host {
         &self.guard.inner.cfg
     }
 
-    /// Open a throughput-class vsocket to `addr`: the peer host's IP and a vsocket port.
-    /// The connect is confirmed, unless the configuration says `optimistic_open` (then as
-    /// [`Host::connect_optimistic`]): to a port the peer has not announced (config
-    /// `announce_listeners`) it returns once the peer accepted, and fails with
-    /// `ConnectionRefused` if nothing listens there; to a port the peer announced it
-    /// returns at once and the OPEN leaves with the first write, carrying its first bytes
-    /// (within what the listener granted) — should the listener have closed meanwhile, the
-    /// first read or write fails with `ConnectionRefused`, as TCP resets a connection its
-    /// listener closed before accepting it. [`Host::announced_ports`] tells which ports
-    /// those are.
-    pub fn connect(&self, addr: SocketAddr) -> io::Result<VStream> {
-        self.connect_class(addr, Class::Throughput)
-    }
-
-    /// Open a vsocket of the given class to `addr` (confirmed unless `optimistic_open`).
-    pub fn connect_class(&self, addr: SocketAddr, class: Class) -> io::Result<VStream> {
-        VStream::open(self.clone(), addr, class, self.guard.inner.cfg.optimistic_open)
-    }
-
-    /// Open a throughput-class vsocket to `addr` optimistically, as TCP Fast Open does:
-    /// return at once, and send the OPEN with the first write, carrying its first bytes (up
-    /// to `open_credit`, which the listening host grants every OPEN) — one frame and no
-    /// round trip before the request leaves. Bytes beyond that wait for the peer's answer.
-    /// A refusal fails the first read or write after it arrives with `ConnectionRefused`
-    /// (a first write may already have succeeded). A vsocket that reads first sends a bare
-    /// OPEN then.
-    ///
-    /// ```no_run
-    /// use std::io::{Read, Write};
-    /// let host = netchannel::Host::start(netchannel::Config::default())?;
-    /// let mut s = host.connect_optimistic("127.0.0.2:7000".parse().unwrap())?;
-    /// s.write_all(b"GET /")?; // leaves with the OPEN
-    /// let mut answer = Vec::new();
-    /// s.read_to_end(&mut answer)?; // a refusal shows here
-    /// # Ok::<(), std::io::Error>(())
-    /// ```
-    pub fn connect_optimistic(&self, addr: SocketAddr) -> io::Result<VStream> {
-        VStream::open(self.clone(), addr, Class::Throughput, true)
-    }
-
     /// The vsocket ports the host whose channels are accepted at `peer` (its IP and
     /// channel port, as in [`ChannelStats::peer`]) announced it listens on, as this host
     /// knows them now (empty for a host without channels to this one). A hint: a port bound
@@ -446,11 +405,6 @@ impl Host {
     pub fn announced_ports(&self, peer: SocketAddr) -> Vec<u16> {
         let p = self.guard.inner.peers.lock().unwrap().get(&peer).cloned();
         p.map(|p| p.announced.lock().unwrap().listening()).unwrap_or_default()
-    }
-
-    /// Listen for vsockets on `port` of this host.
-    pub fn bind(&self, port: u16) -> io::Result<VListener> {
-        VListener::open(self.clone(), port)
     }
 
     /// Counters of every channel.
