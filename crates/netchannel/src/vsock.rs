@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::engine::channel::Sleeping;
-use crate::engine::{Host, HostInner};
+use crate::engine::Host;
 use crate::wire::Class;
 
 pub use crate::engine::vsocket::VsockInfo;
@@ -511,7 +511,9 @@ impl VStream {
     /// (`crate::tokio`): the home channel of an embedded latency-class vsocket, if its host
     /// reads channels inline (`inline_read`), with the host.
     #[cfg(feature = "tokio")]
-    pub(crate) fn lendable_channel(&self) -> Option<(Arc<HostInner>, Arc<crate::engine::channel::Channel>)> {
+    pub(crate) fn lendable_channel(
+        &self,
+    ) -> Option<(Arc<crate::engine::HostInner>, Arc<crate::engine::channel::Channel>)> {
         let StreamImp::Embedded(h) = &self.imp else { return None };
         let vs = &h.vs;
         let host = vs.host()?;
