@@ -184,7 +184,10 @@ impl LendSlot {
         let mut st = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match &*st {
             LendState::Held(l) if !l.0.ended.load(SeqCst) => return,
-            LendState::Refused(at) if at.elapsed() < LEND_RETRY => return,
+            // Refused because its worker had not taken the new channel in yet: ask again as
+            // soon as it has (a few round trips of a fresh connection otherwise pass before
+            // LEND_RETRY, each waking the worker and then the task).
+            LendState::Refused(at) if at.elapsed() < LEND_RETRY && !lend_would_take(s) => return,
             _ => {}
         }
         *st = match join_lend(s) {
@@ -192,6 +195,11 @@ impl LendSlot {
             None => LendState::Refused(Instant::now()),
         };
     }
+}
+
+/// Whether `s`'s home channel could be lent now: its worker polls it and nobody borrows it.
+fn lend_would_take(s: &crate::VStream) -> bool {
+    s.lendable_channel().is_some_and(|(_, ch)| channel::lend_would_take(&ch))
 }
 
 /// The lend in force on `s`'s home channel, or a new one made by the current runtime.

@@ -1390,6 +1390,14 @@ pub(crate) fn lend(host: &HostInner, ch: &Channel) -> bool {
     ch.up.load(Ordering::Acquire) && ch.set_lent(host, true)
 }
 
+/// Whether [`lend`] would lend `ch` now: its worker has taken it in (polls it) and no
+/// runtime borrows it.
+#[cfg(feature = "tokio")]
+pub(crate) fn lend_would_take(ch: &Channel) -> bool {
+    let w = ch.watch.lock().unwrap();
+    ch.up.load(Ordering::Acquire) && w.registered && !w.lent
+}
+
 /// Give a lent channel back to its worker (re-arming the worker's interest reports an
 /// edge for whatever is left unread).
 #[cfg(feature = "tokio")]
