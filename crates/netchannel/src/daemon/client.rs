@@ -314,10 +314,7 @@ impl DStream {
         let mut fds = fds.into_iter();
         let adopted = client.inner.table.adopt(slot, mapped, &mut fds)?;
         let (region, kick) = (adopted.region, adopted.kick);
-        let proxy = OnceLock::new();
-        if let Some(a) = fds.next() {
-            let _ = proxy.set(a);
-        }
+        let proxy = fds.next().map(OnceLock::from).unwrap_or_default();
         Ok(DStream {
             client: client.clone(),
             handle,
@@ -380,26 +377,27 @@ impl DStream {
     pub(crate) fn poll_fd(&self) -> io::Result<BorrowedFd<'_>> {
         let a = match self.proxy.get() {
             Some(a) => a,
-            None => {
-                let _one = self.proxy_asked.lock().unwrap();
-                match self.proxy.get() {
-                    Some(a) => a,
-                    None => {
-                        let (resp, fds) = self.client.request(&Request::Proxy { handle: self.handle })?;
-                        let Response::Ok = resp else { return Err(unexpected(&resp)) };
-                        let a = fds.into_iter().next().ok_or_else(|| {
-                            io::Error::new(
-                                ErrorKind::InvalidData,
-                                "the daemon answered a readiness proxy request without its descriptor",
-                            )
-                        })?;
-                        self.proxy.get_or_init(|| a)
-                    }
-                }
-            }
+            None => self.ask_proxy()?,
         };
         self.polled.store(true, Ordering::SeqCst);
         Ok(a.as_fd())
+    }
+
+    /// Ask the daemon for the readiness proxy (once: whoever asks first, the others wait).
+    fn ask_proxy(&self) -> io::Result<&OwnedFd> {
+        let _one = self.proxy_asked.lock().unwrap();
+        if let Some(a) = self.proxy.get() {
+            return Ok(a);
+        }
+        let (resp, fds) = self.client.request(&Request::Proxy { handle: self.handle })?;
+        let Response::Ok = resp else { return Err(unexpected(&resp)) };
+        let a = fds.into_iter().next().ok_or_else(|| {
+            io::Error::new(
+                ErrorKind::InvalidData,
+                "the daemon answered a readiness proxy request without its descriptor",
+            )
+        })?;
+        Ok(self.proxy.get_or_init(|| a))
     }
 
     /// The proxy's end A, if reads and writes must drive its gates.

@@ -345,7 +345,7 @@ impl Server {
             cfg,
         });
         // Arrivals on a pooled listener's port go in a region of the listening app's pool.
-        let (pools, ports, ep, bells, cfg) = (
+        let (pools, ports, registry, bells, cfg) = (
             st.pools.clone(),
             st.pooled_ports.clone(),
             st.poller.registry.clone(),
@@ -355,7 +355,7 @@ impl Server {
         let (tx_cap, rx_cap) = (cfg.send_buffer, cfg.recv_buffer);
         let _ = st.host.inner().arrival_regions.set(Box::new(move |port| {
             let key = *ports.lock().unwrap().get(&port)?;
-            let taken = pools.take(key, tx_cap, rx_cap, &ep, || bells.fetch_add(1, Ordering::Relaxed));
+            let taken = pools.take(key, tx_cap, rx_cap, &registry, || bells.fetch_add(1, Ordering::Relaxed));
             taken.ok()
         }));
         let p = st.clone();
@@ -903,14 +903,7 @@ impl State {
                 if sv.pid != pid {
                     return Err(not_yours("vsocket", handle, sv.pid));
                 }
-                if sv.proxied.load(Ordering::SeqCst) {
-                    return Err(io::Error::new(
-                        ErrorKind::InvalidInput,
-                        format!("vsocket {handle} has its readiness proxy already"),
-                    ));
-                }
-                let a = self.add_proxy(&sv)?;
-                *sv.proxy_a.lock().unwrap() = Some(a);
+                self.add_proxy(&sv)?;
                 // Its gates start from what the vsocket holds now.
                 if let Some(r) = sv.vs.region() {
                     r.drive_proxy();
@@ -1025,8 +1018,7 @@ impl State {
             _charge: charge,
         });
         if proxy {
-            let a = self.add_proxy(&sv)?;
-            *sv.proxy_a.lock().unwrap() = Some(a);
+            self.add_proxy(&sv)?;
         }
         self.streams.lock().unwrap().insert(handle, sv.clone());
         let mut bells = self.bells.lock().unwrap();
@@ -1046,8 +1038,16 @@ impl State {
     }
 
     /// Give a served vsocket its readiness proxy: end B goes in its region (and in the
-    /// poller, for its hang-up), end A is returned, for the app.
-    fn add_proxy(&self, sv: &Served) -> io::Result<OwnedFd> {
+    /// poller, for its hang-up), end A in `proxy_a`, to be sent to the app. Fails if it has
+    /// one already (checked under `proxy_a`'s lock, so two requests make one proxy).
+    fn add_proxy(&self, sv: &Served) -> io::Result<()> {
+        let mut slot = sv.proxy_a.lock().unwrap();
+        if sv.proxied.load(Ordering::SeqCst) {
+            return Err(io::Error::new(
+                ErrorKind::InvalidInput,
+                format!("vsocket {} has its readiness proxy already", sv.handle),
+            ));
+        }
         let region = sv.vs.region().expect("daemon vsockets are shared");
         let (a, b) = super::proxy::pair()?;
         self.poller.add_hang_up(b.as_raw_fd(), sv.handle | PROXY_TOKEN)?;
@@ -1056,7 +1056,8 @@ impl State {
         // After B is in place: a proxied vsocket without B is one whose proxy failed.
         sv.proxied.store(true, Ordering::SeqCst);
         self.proxied.fetch_add(1, Ordering::Relaxed);
-        Ok(a)
+        *slot = Some(a);
+        Ok(())
     }
 
     /// The connection `conn` ended: close everything it owned.
