@@ -75,7 +75,9 @@ pub(crate) struct HostInner {
     /// the listening app process, `crate::daemon::regions`); `None`: a new one.
     pub arrival_regions: OnceLock<ArrivalRegions>,
     /// Vsockets that recently left the table (answers to their peers' late frames).
-    tombstones: Mutex<Tombstones<SocketAddr>>,
+    /// Keyed by the peer's address and host id ([`Peer::tomb_key`]): a restarted peer's
+    /// vsocket ids start again, and must not meet the tombs of its previous run.
+    tombstones: Mutex<Tombstones<(SocketAddr, u64)>>,
     /// Channels parked by inline reads, and threads waiting for what channels carry.
     pub parking: channel::Parking,
 }
@@ -542,10 +544,17 @@ impl HostInner {
         self.ports.lock().unwrap().1.remove(&port);
     }
 
+    /// The vsocket leaves the table and is buried in the same step (under the table's write
+    /// lock): a late frame that misses it in the table finds its tomb
+    /// ([`HostInner::on_open`] relies on it to see a copy of an OPEN as one).
     pub(crate) fn remove_vsock(&self, id: u32) {
-        let gone = self.vsocks.write().unwrap().remove(&id);
-        if let Some(vs) = gone {
-            self.bury(&vs);
+        let Some(vs) = self.vsock(id) else { return };
+        let tomb = self.tomb_of(&vs);
+        let mut table = self.vsocks.write().unwrap();
+        if table.remove(&id).is_some() {
+            if let Some(t) = tomb {
+                self.tombstones.lock().unwrap().bury(id, t);
+            }
         }
     }
 
@@ -780,6 +789,18 @@ impl HostInner {
             .values()
             .find(|v| Arc::ptr_eq(&v.peer, peer) && v.remote_id() == src && v.remote.port() == src_port)
             .cloned();
+        if existing.is_none() {
+            // A copy of the OPEN of a vsocket that has come and gone already (a short
+            // exchange can end before the copy arrives): it opens nothing.
+            let gone = self.tombstones.lock().unwrap().answer_open(&peer.tomb_key(), src);
+            if let Some(answer) = gone {
+                self.totals.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                if let Some(a) = answer {
+                    peer.send_control(Class::Latency, a.remote, &a.frame);
+                }
+                return;
+            }
+        }
         if let Some(v) = existing {
             // One answer: an OPEN_OK still held back is this one.
             let _ = v.take_open_ok();

@@ -85,6 +85,13 @@ impl Peer {
         })
     }
 
+    /// What this peer's tombstones are filed under: its address and its host id, so that
+    /// a restarted peer (a new host id, its vsocket ids counting from 1 again) never meets
+    /// the tombs of its previous run.
+    pub(crate) fn tomb_key(&self) -> (SocketAddr, u64) {
+        (self.key, self.host_id.load(Ordering::Relaxed))
+    }
+
     pub(crate) fn set_state(&self, s: PeerState) {
         *self.state.lock().unwrap() = s;
         self.state_cv.notify_all();

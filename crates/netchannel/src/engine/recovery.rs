@@ -116,7 +116,7 @@ impl HostInner {
             v.recover();
         }
         // And the vsockets that left the table say their last word again.
-        let words = self.tombstones.lock().unwrap().last_words(&peer.key);
+        let words = self.tombstones.lock().unwrap().last_words(&peer.tomb_key());
         for a in words {
             peer.send_control(Class::Latency, a.remote, &a.frame);
         }
@@ -233,20 +233,17 @@ impl HostInner {
         Ok(true)
     }
 
-    /// Remember a vsocket that left the table, to answer its peer's late frames.
-    pub(crate) fn bury(&self, vs: &VSock) {
+    /// The tomb that remembers a vsocket leaving the table, to answer its peer's late
+    /// frames (none for one the peer never knew: no remote id).
+    pub(crate) fn tomb_of(&self, vs: &VSock) -> Option<Tomb<(std::net::SocketAddr, u64)>> {
         let remote = vs.remote_id();
-        if remote == 0 {
-            return;
-        }
-        let tomb = Tomb::new(vs.peer.key, remote, vs.clean_end());
-        self.tombstones.lock().unwrap().bury(vs.id, tomb);
+        (remote != 0).then(|| Tomb::new(vs.peer.tomb_key(), remote, vs.clean_end()))
     }
 
     /// A frame arrived from `peer` for vsocket `id`, which is not in the table: send what
     /// its tombstone answers ([`crate::proto::tombs::Tombstones::answer`]).
     pub(crate) fn on_stale_frame(&self, peer: &Peer, id: u32, what: Stale) {
-        let answer = self.tombstones.lock().unwrap().answer(&peer.key, id, what);
+        let answer = self.tombstones.lock().unwrap().answer(&peer.tomb_key(), id, what);
         if let Some(a) = answer {
             peer.send_control(Class::Latency, a.remote, &a.frame);
         }

@@ -4,8 +4,16 @@
 //! recovery decision ([`TxState::recover`], [`RxState::recovery_credit`]) and the real
 //! tombstones ([`Tombstones`]), driven by a seeded PRNG through everything the network does
 //! to them: segments reordered across channels, channels that stall, die (one, several,
-//! all; mid-stream, during FIN) with the frames in flight on them, and come back, and an
-//! outage longer than the peer-down timeout.
+//! all; during OPEN, mid-stream, during FIN) with the frames in flight on them, and come
+//! back, and an outage longer than the peer-down timeout.
+//!
+//! End 0 opens the vsocket as `Host::connect` does when the port is announced: its OPEN
+//! carries the first bytes written (within the acceptor's open credit), nothing else leaves
+//! until OPEN_OK, and while it waits every recovery sends the same OPEN again
+//! (`VSock::reopen_if_connecting`). End 1 has no vsocket until an OPEN arrives
+//! (`HostInner::on_open`): it answers a copy for its live vsocket with OPEN_OK again, and a
+//! copy that arrives after its vsocket left the table is found among the tombstones
+//! ([`Tombstones::answer_open`]) and opens nothing.
 //!
 //! Each end mirrors what the engine does with these states (`vsock.rs`: `pump`, `on_data`
 //! with claims and deferred segments, `on_credit`, `on_fin` holding the FIN's
@@ -15,8 +23,10 @@
 //! its death loses what its sender queued or wrote and the peer did not read, and each end
 //! learns of it on its own time, meanwhile writing into the void.
 //!
-//! Asserted for every seed: every byte arrives exactly once, in order, with the content the
-//! writer wrote; no segment goes past the credit the receiver granted; no protocol error;
+//! Asserted for every seed: one OPEN opens one vsocket, however many copies arrive; every
+//! byte arrives exactly once, in order, with the content the writer wrote; no segment goes
+//! past the credit the receiver granted; no frame but OPEN reaches the acceptor before its
+//! vsocket exists; no protocol error;
 //! both ends end (EOF read, every byte and the FIN acknowledged, the vsocket retired), or,
 //! only where every channel stayed down past the timeout, fail with a typed reason; nothing
 //! is left pending. A failing seed is printed with the call that replays it alone.
@@ -67,7 +77,14 @@ fn pattern(seed: u64, from: usize, offset: u64) -> u8 {
 /// when written, as the engine's `writev` does).
 #[derive(Debug, Clone)]
 enum Msg {
-    Data { offset: u64, payload: Vec<u8>, ack_request: bool },
+    /// An OPEN with the stream's first bytes (from offset 0).
+    Open(Vec<u8>),
+    OpenOk,
+    Data {
+        offset: u64,
+        payload: Vec<u8>,
+        ack_request: bool,
+    },
     Credit(Credit),
     Fin(u64),
     Reset,
@@ -131,6 +148,8 @@ enum Fate {
     PeerLost,
     /// The peer answered with a RESET (its end gave this vsocket up first).
     Reset,
+    /// The acceptor: no OPEN ever arrived (the opener failed first).
+    NeverOpened,
 }
 
 /// One end: the app, its vsocket's states and rings, its view of the channels.
@@ -157,6 +176,19 @@ struct End {
     /// The vsocket left the table, and how it ended.
     fate: Option<Fate>,
     tombs: Tombstones<u8>,
+    /// The opener (end 0) has had no OPEN_OK yet.
+    connecting: bool,
+    /// The bytes its OPEN carries (0 until the OPEN is sent), for each copy.
+    open_payload: Option<u32>,
+    /// A copy of the OPEN decided on while connecting, queued at this time whatever has
+    /// happened since: the engine's `HostInner::on_channel_up` asks each connecting vsocket
+    /// to send its OPEN again from the thread that added the channel, which can be
+    /// preempted between the look and the send while the whole exchange runs to its end.
+    late_open: Option<u64>,
+    /// The acceptor (end 1): how many vsockets OPENs have opened (must be at most 1).
+    accepted: u32,
+    /// The acceptor's credit for an OPEN's bytes (`open_credit`).
+    open_credit: u64,
 }
 
 /// The peer-down timeout, in steps.
@@ -183,11 +215,27 @@ impl End {
             closed: false,
             fate: None,
             tombs: Tombstones::new(8),
+            connecting: false,
+            open_payload: None,
+            late_open: None,
+            accepted: 0,
+            open_credit: 0,
         }
     }
 
     fn live(&self) -> bool {
         self.fate.is_none()
+    }
+
+    /// The acceptor before an OPEN arrived: no vsocket exists on its host yet.
+    fn unopened(&self) -> bool {
+        self.me == 1 && self.accepted == 0
+    }
+
+    /// The OPEN, carrying the bytes from offset 0 that the first one carried.
+    fn open_msg(&self) -> Msg {
+        let n = self.open_payload.unwrap_or(0) as usize;
+        Msg::Open(self.send_ring[..n].to_vec())
     }
 
     /// Queue control frames on the vsocket's control channel (`Peer::send_controls`):
@@ -214,7 +262,17 @@ impl End {
     /// `VSock::pump`: every segment data and credit allow to a channel, then FIN when due
     /// (with an acknowledgement of the peer's FIN held back for it).
     fn pump(&mut self, chans: &mut [Chan], peer_granted: u64, seed: u64) {
-        if !self.live() {
+        if !self.live() || self.unopened() {
+            return;
+        }
+        if self.connecting {
+            // The OPEN leaves with the first pump, carrying the first segment written (the
+            // open credit bounds it); nothing more until OPEN_OK.
+            if self.open_payload.is_none() {
+                let n = self.tx.next_segment(self.seg_size).map_or(0, |seg| seg.len);
+                self.open_payload = Some(n);
+                self.send_controls(chans, vec![self.open_msg()]);
+            }
             return;
         }
         let me = self.me;
@@ -251,6 +309,9 @@ impl End {
             self.send_controls(chans, msgs);
             return;
         }
+        if self.unopened() {
+            return;
+        }
         let again = self.tx.recover();
         assert_eq!(again.resend_from, self.tx.acked());
         assert_eq!(
@@ -258,9 +319,21 @@ impl End {
             self.tx.acked(),
             "seed {seed}: recovery sends from the acknowledged offset"
         );
+        if self.reopen_pending(chans) {
+            return;
+        }
         self.pump(chans, peer_granted, seed);
         let credit = self.rx.recovery_credit();
         self.send_controls(chans, vec![Msg::Credit(credit)]);
+    }
+
+    /// `VSock::reopen_if_connecting`: a connect still waiting sends its OPEN again (the OPEN
+    /// or its answer may have been lost). Returns whether it was connecting.
+    fn reopen_pending(&self, chans: &mut [Chan]) -> bool {
+        if self.connecting && self.open_payload.is_some() {
+            self.send_controls(chans, vec![self.open_msg()]);
+        }
+        self.connecting
     }
 
     /// A tombstone's frame as it travels.
@@ -365,7 +438,9 @@ impl End {
     fn fail(&mut self, fate: Fate) {
         if self.live() {
             self.fate = Some(fate);
-            self.tombs.bury(1, Tomb::new(0, 2, None));
+            if !self.unopened() {
+                self.tombs.bury(1, Tomb::new(0, 2, None));
+            }
         }
     }
 
@@ -379,13 +454,18 @@ impl End {
         seed: u64,
         rng: &mut Rng,
     ) {
+        if let Msg::Open(payload) = msg {
+            return self.on_open(chans, ch, payload, seed, rng);
+        }
+        assert!(!self.unopened(), "seed {seed}: {msg:?} reached the acceptor before any OPEN");
         if !self.live() {
             // The engine's stale-frame path: the tombstone answers.
             let what = match &msg {
                 Msg::Data { offset, payload, .. } => Stale::Data(offset + payload.len() as u64),
                 Msg::Credit(_) => Stale::Credit,
                 Msg::Fin(o) => Stale::Fin(*o),
-                Msg::Reset => return,
+                Msg::Reset | Msg::OpenOk => return,
+                Msg::Open(_) => unreachable!("handled above"),
             };
             if let Some(a) = self.tombs.answer(&0, 1, what) {
                 self.send_controls(chans, vec![Self::tomb_msg(a.frame, seed)]);
@@ -393,6 +473,17 @@ impl End {
             return;
         }
         match msg {
+            Msg::Open(_) => unreachable!("handled above"),
+            Msg::OpenOk => {
+                if std::mem::take(&mut self.connecting) {
+                    // `VSock::on_open_ok`: the acceptor's whole receive buffer is granted.
+                    self.tx
+                        .on_credit(0, peer_granted)
+                        .unwrap_or_else(|e| panic!("seed {seed}: OPEN_OK's credit refused: {e}"));
+                    self.pump(chans, peer_granted, seed);
+                    self.maybe_retire();
+                }
+            }
             Msg::Data { offset, payload, ack_request } => {
                 self.on_data(chans, Some(ch), (offset, payload, ack_request), seed, rng)
             }
@@ -416,10 +507,43 @@ impl End {
         }
     }
 
+    /// `HostInner::on_open` on the acceptor: the first OPEN opens the vsocket (and its bytes
+    /// arrive as DATA at offset 0); a copy for the live vsocket is answered again, its bytes
+    /// discarded by offset unless the first ones were lost; a copy for a vsocket that left
+    /// the table already opens nothing, and its tomb answers.
+    fn on_open(&mut self, chans: &mut [Chan], ch: usize, payload: Vec<u8>, seed: u64, rng: &mut Rng) {
+        assert_eq!(self.me, 1, "seed {seed}: an OPEN reached the opener");
+        assert!(
+            payload.len() as u64 <= self.open_credit,
+            "seed {seed}: an OPEN carries {} bytes, past the open credit {}",
+            payload.len(),
+            self.open_credit
+        );
+        if !self.live() {
+            if let Some(answer) = self.tombs.answer_open(&0, 2) {
+                let msgs = answer.into_iter().map(|a| Self::tomb_msg(a.frame, seed)).collect();
+                return self.send_controls(chans, msgs);
+            }
+            if self.unopened() {
+                // Given up before any OPEN arrived (an outage past the timeout): the host
+                // has nothing of it.
+                return;
+            }
+            panic!("seed {seed}: a copy of the OPEN found neither the vsocket nor its tomb");
+        }
+        if self.accepted == 0 {
+            self.accepted = 1;
+        }
+        self.send_controls(chans, vec![Msg::OpenOk]);
+        if !payload.is_empty() {
+            self.on_data(chans, Some(ch), (0, payload, false), seed, rng);
+        }
+    }
+
     /// The app writes a random amount, shuts down when all is written, reads a random amount
     /// (checking every byte), and closes once it read EOF and wrote everything.
     fn app(&mut self, chans: &mut [Chan], peer_granted: u64, seed: u64, rng: &mut Rng) {
-        if !self.live() || self.closed {
+        if !self.live() || self.closed || self.unopened() {
             return;
         }
         let left = self.total - self.tx.written();
@@ -493,10 +617,15 @@ fn run(seed: u64) -> [Fate; 2] {
         blackout_at: rng.chance(60).then(|| rng.below(600)),
         calm_after: rng.range(200, 3000),
     };
+    // What the acceptor's host grants an OPEN's bytes (`open_credit`): the opener's first
+    // credit, until OPEN_OK grants the receive buffer.
+    let open_credit = rng.range(0, rx_caps[1].min(4096));
     let mut ends = [
-        End::new(0, &mut rng, rx_caps[1], rx_caps[0], totals[0], totals[1]),
+        End::new(0, &mut rng, open_credit, rx_caps[0], totals[0], totals[1]),
         End::new(1, &mut rng, rx_caps[0], rx_caps[1], totals[1], totals[0]),
     ];
+    ends[0].connecting = true;
+    ends[1].open_credit = open_credit;
     let mut chans: Vec<Chan> =
         (0..n).map(|_| Chan { alive: true, up: [true; 2], ..Chan::default() }).collect();
     let replay = format!(
@@ -568,16 +697,25 @@ fn run(seed: u64) -> [Fate; 2] {
                     e.down_since = None;
                     if std::mem::take(&mut e.needs_recover) {
                         e.recover(&mut chans, peer_granted, seed);
+                    } else if e.connecting && e.open_payload.is_some() && e.late_open.is_none() {
+                        e.late_open = Some(now + rng.below(300));
                     }
                 }
             }
         }
-        // The peer-down timeout.
+        // The peer-down timeout (an acceptor without a vsocket has nothing to give up).
         for e in ends.iter_mut() {
-            if e.down_since.is_some_and(|t| now - t > TIMEOUT) {
+            if e.down_since.is_some_and(|t| now - t > TIMEOUT) && !e.unopened() {
                 e.down_since = None;
                 outage_expired = true;
                 e.fail(Fate::PeerLost);
+            }
+        }
+        // A late copy of the OPEN is queued.
+        for e in ends.iter_mut() {
+            if e.late_open.is_some_and(|t| t <= now) {
+                e.late_open = None;
+                e.send_controls(&mut chans, vec![e.open_msg()]);
             }
         }
         // Apps.
@@ -635,13 +773,22 @@ fn run(seed: u64) -> [Fate; 2] {
                 && c.wire.iter().all(|w| w.is_empty())
                 && c.direct.iter().all(|d| d.is_none())
         });
-        if ends.iter().all(|e| !e.live()) && quiet {
+        if ends.iter().all(|e| !e.live() || e.unopened()) && quiet {
             break;
         }
     }
+    if ends[1].unopened() {
+        ends[1].fate = Some(Fate::NeverOpened);
+    }
     let fates = [ends[0].fate.unwrap(), ends[1].fate.unwrap()];
+    assert!(ends[1].accepted <= 1, "seed {seed}: one OPEN opened {} vsockets; {replay}", ends[1].accepted);
     for (i, e) in ends.iter().enumerate() {
         match e.fate.unwrap() {
+            Fate::NeverOpened => assert!(
+                ends[0].fate != Some(Fate::Clean) && outage_expired,
+                "seed {seed}: the acceptor never saw an OPEN though the opener ended {:?}; {replay}",
+                ends[0].fate
+            ),
             Fate::Clean => {
                 let peer_total = ends[1 - i].total;
                 assert!(

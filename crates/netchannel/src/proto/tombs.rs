@@ -8,9 +8,12 @@
 //! frame is answered with ([`Tombstones::answer`]): a FIN of a stream that ended cleanly is
 //! acknowledged again, anything else of a vsocket that ended badly gets one RESET, so the
 //! peer's vsocket fails instead of waiting forever; late copies of a clean stream get
-//! nothing. The engine sends what it returns.
+//! nothing. A copy of the OPEN that opened a vsocket which has left already (sent again
+//! after a channel died, arriving after the whole short exchange) is found by the peer's id
+//! ([`Tombstones::answer_open`]) and opens nothing. The engine sends what it returns.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
 
 use crate::wire::{Frame, Reason};
 
@@ -60,6 +63,8 @@ pub enum Stale {
     Credit,
     /// FIN at this offset.
     Fin(u64),
+    /// An OPEN (a copy of the one that opened the vsocket).
+    Open,
 }
 
 /// The frame that answers a late frame, to the peer's vsocket `remote`.
@@ -74,25 +79,27 @@ pub struct Answer {
 
 /// Recently retired vsockets, by local id (bounded: oldest forgotten first).
 ///
-/// Invariant: `order` holds each key of `map` exactly once, oldest first.
+/// Invariants: `order` holds each key of `map` exactly once, oldest first; `by_remote` maps
+/// the (peer, peer's id) of each tomb in `map` to its local id, and nothing else.
 #[derive(Debug, Clone)]
 pub struct Tombstones<P> {
     map: HashMap<u32, Tomb<P>>,
     order: VecDeque<u32>,
+    by_remote: HashMap<(P, u32), u32>,
     /// Most tombs held.
     cap: usize,
 }
 
-impl<P> Default for Tombstones<P> {
+impl<P: Hash + Eq + Clone> Default for Tombstones<P> {
     fn default() -> Self {
         Tombstones::new(TOMBSTONES)
     }
 }
 
-impl<P> Tombstones<P> {
+impl<P: Hash + Eq + Clone> Tombstones<P> {
     /// A table that holds at most `cap` tombs.
     pub fn new(cap: usize) -> Self {
-        Tombstones { map: HashMap::new(), order: VecDeque::new(), cap }
+        Tombstones { map: HashMap::new(), order: VecDeque::new(), by_remote: HashMap::new(), cap }
     }
 
     /// Tombs held.
@@ -114,19 +121,41 @@ impl<P> Tombstones<P> {
     /// replaces the first, and makes it the newest). The oldest tomb is forgotten when the
     /// table is full.
     pub fn bury(&mut self, id: u32, tomb: Tomb<P>) {
-        if self.map.insert(id, tomb).is_some() {
+        self.by_remote.insert((tomb.peer.clone(), tomb.remote), id);
+        if let Some(old) = self.map.insert(id, tomb) {
             self.order.retain(|&x| x != id);
+            self.unindex(&old, id);
         }
         self.order.push_back(id);
         while self.order.len() > self.cap {
             if let Some(old) = self.order.pop_front() {
-                self.map.remove(&old);
+                if let Some(t) = self.map.remove(&old) {
+                    self.unindex(&t, old);
+                }
             }
         }
     }
-}
 
-impl<P: PartialEq> Tombstones<P> {
+    /// Drop `tomb`'s entry in `by_remote` if it still names local id `id` (a newer tomb of
+    /// the same peer's id keeps its own).
+    fn unindex(&mut self, tomb: &Tomb<P>, id: u32) {
+        let key = (tomb.peer.clone(), tomb.remote);
+        if self.by_remote.get(&key) == Some(&id)
+            && self.map.get(&id).is_none_or(|t| t.peer != tomb.peer || t.remote != tomb.remote)
+        {
+            self.by_remote.remove(&key);
+        }
+    }
+
+    /// An OPEN arrived from `peer` whose vsocket `remote` opened one of this table's tombs:
+    /// `None` when no tomb knows it (the OPEN is new), else `Some` with what answers the
+    /// copy ([`Tombstones::answer`] of a [`Stale::Open`]: nothing after a clean end, one
+    /// RESET after a bad one). The copy opens nothing either way.
+    pub fn answer_open(&mut self, peer: &P, remote: u32) -> Option<Option<Answer>> {
+        let id = *self.by_remote.get(&(peer.clone(), remote))?;
+        Some(self.answer(peer, id, Stale::Open))
+    }
+
     /// A frame `what` arrived from `peer` for local vsocket `id`, which is not in the table:
     /// the frame that answers it, if any. A FIN of a clean end is acknowledged again (the
     /// acknowledgement was lost); late copies of a clean stream get nothing; anything else
@@ -140,7 +169,7 @@ impl<P: PartialEq> Tombstones<P> {
                 Some(Frame::Credit { vsock: tomb.remote, received: end, limit: end, fin_received: true })
             }
             (Stale::Data(e), End::Clean(end)) if e <= end => None,
-            (Stale::Credit, End::Clean(_)) => None,
+            (Stale::Credit | Stale::Open, End::Clean(_)) => None,
             (_, End::ResetSent) => None,
             _ => {
                 tomb.end = End::ResetSent;
@@ -242,6 +271,28 @@ mod tests {
         assert_eq!(t.answer(&0, 2, Stale::Credit), None);
         assert_eq!(t.answer(&1, 1, Stale::Credit), None, "another peer's frame");
         assert_eq!(t.get(1).map(|x| x.end), Some(End::Failed), "left as it was");
+    }
+
+    #[test]
+    fn a_copy_of_an_open_is_found_by_the_peers_id_and_opens_nothing() {
+        let mut t = Tombstones::new(2);
+        assert_eq!(t.answer_open(&0u8, 9), None, "an OPEN no tomb knows is new");
+        t.bury(1, Tomb::new(0u8, 9, Some(500)));
+        t.bury(2, Tomb::new(0u8, 10, None));
+        assert_eq!(t.answer_open(&0, 9), Some(None), "a clean end: nothing said, nothing opened");
+        assert_eq!(t.answer_open(&1, 9), None, "another peer's vsocket 9 is another vsocket");
+        let reset =
+            Answer { remote: 10, frame: Frame::Reset { vsock: 10, reason: Reason::Closed, message: GONE } };
+        assert_eq!(t.answer_open(&0, 10), Some(Some(reset)), "a bad end: one RESET");
+        assert_eq!(t.answer_open(&0, 10), Some(None), "then nothing");
+        // Forgetting a tomb forgets its peer's id too; burying the same local id again with
+        // another peer's id files it under the new one only.
+        t.bury(3, Tomb::new(0u8, 11, Some(1)));
+        assert_eq!(t.answer_open(&0, 9), None, "tomb 1 was the oldest: forgotten");
+        t.bury(3, Tomb::new(0u8, 12, Some(1)));
+        assert_eq!(t.answer_open(&0, 11), None);
+        assert_eq!(t.answer_open(&0, 12), Some(None));
+        assert_eq!(t.by_remote.len(), t.len(), "one index entry per tomb");
     }
 
     #[test]
