@@ -324,6 +324,11 @@ pub struct EngineFlags {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_spin_us: Option<u64>,
 
+    /// Microseconds an app thread reading its home channel itself polls it before it sleeps, unless the host carries bulk [default: 30, or inline_spin_us from --config]
+    #[arg(long, value_name = "US")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inline_spin_us: Option<u64>,
+
     /// Whether an app thread about to sleep on a vsocket reads its home channel itself, true or false [default: true, or inline_read from --config]
     #[arg(long, value_name = "BOOL")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -1521,6 +1521,12 @@ pub(crate) fn read_inline(
     // The caller found nothing to read, so the sockets are most likely empty too: ask
     // poll(2) first (it returns at once if not) rather than read to hear EAGAIN.
     let mut fds: Vec<libc::pollfd> = Vec::with_capacity(held.len() + 1);
+    // Poll without sleeping for a while first (`inline_spin_us`): an answer that comes
+    // within it costs no wake-up, which on a VM costs tens of µs. Not while bulk moves
+    // through the host, nor with one CPU: the spinning thread would take the core the
+    // bulk (or the answer's sender) needs.
+    let spin_until = (host.inline_spin > Duration::ZERO && !host.totals.bulk_recent())
+        .then(|| Instant::now() + host.inline_spin);
     loop {
         // poll(2) below is level-triggered: it reports whatever a short read left, so a
         // short read drains. Every channel it reported is read, even once `done` holds:
@@ -1559,7 +1565,9 @@ pub(crate) fn read_inline(
         if held.is_empty() {
             break;
         }
+        let spinning = spin_until.is_some_and(|t| Instant::now() < t);
         let timeout = match deadline {
+            _ if spinning => 0,
             None => -1,
             Some(d) => {
                 let left = d.saturating_duration_since(Instant::now());

@@ -80,6 +80,9 @@ pub(crate) struct HostInner {
     tombstones: Mutex<Tombstones<(SocketAddr, u64)>>,
     /// Channels parked by inline reads, and threads waiting for what channels carry.
     pub parking: channel::Parking,
+    /// How long an inline read polls before it sleeps: `inline_spin_us`, or zero on a
+    /// machine with one CPU (the spinner would hold the core its answer needs).
+    pub inline_spin: Duration,
 }
 
 /// Picks the shared region of a vsocket arriving on a local port (see
@@ -101,6 +104,36 @@ pub(crate) struct Totals {
     pub peers_lost: AtomicU64,
     /// Confirmed connects that did not wait for OPEN_OK: the port was announced.
     pub connects_announced: AtomicU64,
+    /// When bulk last moved through the host (throughput-class bytes past a vsocket's first
+    /// `INLINE_MAX`), on [`clock_ns`]; 0: never. Inline reads spin only while it is old.
+    bulk_seen_ns: AtomicU64,
+}
+
+/// Bulk seen within this long keeps inline reads from spinning (`inline_spin_us`).
+const BULK_QUIET_NS: u64 = 10_000_000;
+/// The bulk mark is moved at most this often (each move is a write to a shared line).
+const BULK_MARK_NS: u64 = 100_000;
+
+/// Nanoseconds since the first call in this process, plus 1 (never 0).
+pub(crate) fn clock_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
+}
+
+impl Totals {
+    /// Bulk moved through the host just now.
+    pub(crate) fn saw_bulk(&self) {
+        let now = clock_ns();
+        if now.saturating_sub(self.bulk_seen_ns.load(Ordering::Relaxed)) > BULK_MARK_NS {
+            self.bulk_seen_ns.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether bulk moved through the host within the last [`BULK_QUIET_NS`].
+    pub(crate) fn bulk_recent(&self) -> bool {
+        let seen = self.bulk_seen_ns.load(Ordering::Relaxed);
+        seen != 0 && clock_ns().saturating_sub(seen) < BULK_QUIET_NS
+    }
 }
 
 /// Counters of one channel.
@@ -336,6 +369,11 @@ impl Host {
             arrival_regions: OnceLock::new(),
             tombstones: Mutex::new(Tombstones::default()),
             parking: channel::Parking::default(),
+            inline_spin: if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+                Duration::from_micros(config.inline_spin_us)
+            } else {
+                Duration::ZERO
+            },
             cfg: config,
         });
         let mut threads = Vec::new();

@@ -593,6 +593,9 @@ impl VSock {
         }
         let fin = tx.st.take_fin();
         drop(tx);
+        if bytes > 0 && !opening && class == Class::Throughput {
+            self.totals.saw_bulk();
+        }
         if let Some(ch) = open_ok {
             if fin.is_none() && !used.iter().any(|(c, _)| Arc::ptr_eq(c, &ch)) {
                 ch.send_now();
@@ -768,6 +771,9 @@ impl VSock {
         if after > before {
             self.rx_event();
             self.totals.bytes_received.fetch_add(after - before, Ordering::Relaxed);
+            if after > INLINE_MAX as u64 && self.class() == Class::Throughput {
+                self.totals.saw_bulk();
+            }
             if let Some(shm) = &self.shm {
                 shm.header().rx_in_order.store(after, Ordering::Release);
             }
