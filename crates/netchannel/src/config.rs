@@ -256,6 +256,10 @@ pub struct Config {
     /// Default 30 µs; 0 = never spin.
     #[serde(deserialize_with = "de::non_negative")]
     pub inline_spin_us: u64,
+    /// `splice_send`: throughput channels hand payloads of 64 KiB and more to the kernel by
+    /// `vmsplice` + `splice` through a pipe (the socket references the send ring's pages)
+    /// instead of `writev`, which copies them. Default false.
+    pub splice_send: bool,
     /// `inline_read`: an app thread about to sleep until its vsocket has something new (a
     /// latency-class vsocket, or a connect or a vsocket within its first 16 KiB) reads the
     /// vsocket's home channel itself when no worker is reading it, so the arrival wakes it
@@ -435,6 +439,7 @@ impl Default for Config {
             busy_poll_us: 0,
             latency_spin_us: 0,
             inline_spin_us: 30,
+            splice_send: false,
             inline_read: true,
             announce_listeners: true,
             optimistic_open: false,

@@ -118,6 +118,35 @@ fn killed_channels_are_dialed_again_and_no_byte_is_lost() {
 }
 
 #[test]
+fn spliced_payloads_arrive_whole_across_killed_channels() {
+    // `splice_send`: bulk payloads go from the send ring to the socket by vmsplice + splice,
+    // so the socket references the ring's pages until the peer read them. A channel killed
+    // with payloads in its pipe and its socket, and the ring rewritten after the peer's
+    // acknowledgement, must change no byte the receiver sees.
+    within(180, || {
+        let (a, b) = two_hosts(|c| {
+            fast_reconnect(c);
+            c.splice_send = true;
+        });
+        let b_key = b.local_addr();
+        let a_key = a.local_addr();
+        let (a2, b2) = (a.clone(), b.clone());
+        let total = 64u64 << 20;
+        let got = transfer_with(&a, &b, 9102, total, move || {
+            for i in 0..3u16 {
+                std::thread::sleep(Duration::from_millis(40));
+                let (h, key) = if i % 2 == 0 { (&a2, b_key) } else { (&b2, a_key) };
+                h.kill_channel(key, Class::Throughput, i % 3);
+            }
+        });
+        assert_eq!(got, total);
+        let got = transfer_with(&a, &b, 9103, 8 << 20, || {});
+        assert_eq!(got, 8 << 20, "and the mesh carries new vsockets");
+        assert_eq!(a.stats().peers_lost, 0);
+    });
+}
+
+#[test]
 fn every_channel_killed_at_once_loses_nothing_and_connects_wait_for_them() {
     within(180, || {
         let (a, b) = two_hosts(fast_reconnect);

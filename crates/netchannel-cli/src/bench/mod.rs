@@ -329,6 +329,11 @@ pub struct EngineFlags {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inline_spin_us: Option<u64>,
 
+    /// Whether throughput channels splice payloads of 64 KiB and more from the send rings into the socket instead of copying them, true or false [default: false, or splice_send from --config]
+    #[arg(long, value_name = "BOOL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub splice_send: Option<bool>,
+
     /// Whether an app thread about to sleep on a vsocket reads its home channel itself, true or false [default: true, or inline_read from --config]
     #[arg(long, value_name = "BOOL")]
     #[serde(skip_serializing_if = "Option::is_none")]

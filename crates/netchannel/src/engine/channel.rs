@@ -261,7 +261,13 @@ impl Channel {
             out: Mutex::new(OutQueue::default()),
             queued: AtomicUsize::new(0),
             kicked: AtomicBool::new(false),
-            writer: Mutex::new(Writer { out: Output::default(), sock: Some(write_sock) }),
+            writer: Mutex::new(Writer {
+                out: Output {
+                    splice: host.cfg.splice_send && class == Class::Throughput,
+                    ..Output::default()
+                },
+                sock: Some(write_sock),
+            }),
             up: AtomicBool::new(true),
             counters: Counters::default(),
             host: Arc::downgrade(host),
@@ -1255,6 +1261,68 @@ pub(crate) struct Output {
     pieces: VecDeque<Piece>,
     /// Bytes of the first piece already written.
     head_done: usize,
+    /// Large payloads go to the socket by `vmsplice` + `splice` (`splice_send`).
+    splice: bool,
+    /// The pipe they go through, once one was needed.
+    pipe: Option<SplicePipe>,
+}
+
+/// Payload pieces at least this long are spliced (`splice_send`); shorter ones, and every
+/// header, are written by `writev` (a header's buffer is reused at once, so the kernel must
+/// copy it).
+const SPLICE_MIN: usize = 64 << 10;
+
+/// The pipe a channel's large payloads pass through on their way from the send rings to the
+/// socket: `vmsplice` puts references to the ring's pages in it, `splice` moves them into
+/// the socket's queue, so the kernel does not copy the bytes on the way. The pages stay
+/// referenced until the receiving TCP has them (on loopback, until the peer read them); the
+/// ring rewrites them only after the peer acknowledged them, so what the socket carries is
+/// what was written (the same argument as for `writev`, which copies at once: module docs
+/// of `engine::vsocket`).
+struct SplicePipe {
+    r: std::os::fd::OwnedFd,
+    w: std::os::fd::OwnedFd,
+    /// Bytes in the pipe, not yet in the socket.
+    pending: usize,
+}
+
+impl SplicePipe {
+    fn new() -> io::Result<SplicePipe> {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into `fds`.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both are fresh descriptors owned by nobody else.
+        let (r, w) =
+            unsafe { (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1])) };
+        // A larger pipe takes a whole segment at once; the default (64 KiB) still works.
+        // SAFETY: fcntl on our own descriptor.
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+        Ok(SplicePipe { r, w, pending: 0 })
+    }
+
+    /// Move what the pipe holds into `sock`; the bytes moved.
+    fn drain(&mut self, sock: &std::net::TcpStream) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: splice between two descriptors we own; no memory is passed.
+        let n = unsafe {
+            libc::splice(
+                self.r.as_raw_fd(),
+                std::ptr::null_mut(),
+                sock.as_raw_fd(),
+                std::ptr::null_mut(),
+                self.pending,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.pending -= n as usize;
+        Ok(n as usize)
+    }
 }
 
 // SAFETY: the raw pointers in `Piece::Ring` point into rings owned by the `Arc<VSock>` stored
@@ -1262,10 +1330,12 @@ pub(crate) struct Output {
 unsafe impl Send for Output {}
 
 impl Output {
+    /// Nothing gathered is left to write (nothing waits in the splice pipe either).
     pub(crate) fn is_empty(&self) -> bool {
-        self.pieces.is_empty()
+        self.pieces.is_empty() && self.pipe.as_ref().is_none_or(|p| p.pending == 0)
     }
 
+    /// Forget what was gathered (written, or written by the splice pipe's last `vmsplice`).
     pub(crate) fn clear(&mut self) {
         self.buf.clear();
         self.pieces.clear();
@@ -1314,11 +1384,56 @@ impl Output {
         }
     }
 
-    /// One `writev` of the gathered pieces; returns the bytes written.
+    /// One write of the gathered pieces: what the splice pipe holds first, then a large
+    /// payload by the pipe (`splice_send`), else one `writev` of the pieces up to the next
+    /// large payload. Returns the bytes that reached the socket.
     fn write_to(&mut self, sock: &std::net::TcpStream) -> io::Result<usize> {
         use std::os::fd::AsRawFd;
+        if let Some(p) = self.pipe.as_mut().filter(|p| p.pending > 0) {
+            return p.drain(sock);
+        }
+        let large = |p: &Piece, skip: usize| matches!(p, Piece::Ring { len, .. } if len - skip >= SPLICE_MIN);
+        if self.splice {
+            let front = match self.pieces.front() {
+                Some(p @ Piece::Ring { ptr, len, .. }) if large(p, self.head_done) => Some((*ptr, *len)),
+                _ => None,
+            };
+            if let Some((ptr, len)) = front {
+                if self.pipe.is_none() {
+                    match SplicePipe::new() {
+                        Ok(p) => self.pipe = Some(p),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot create a pipe to splice payloads: written by writev");
+                            self.splice = false;
+                        }
+                    }
+                }
+                if let Some(pipe) = self.pipe.as_mut() {
+                    // SAFETY: head_done < len for the first piece.
+                    let iov = libc::iovec {
+                        iov_base: unsafe { ptr.add(self.head_done) } as *mut _,
+                        iov_len: len - self.head_done,
+                    };
+                    // SAFETY: the iovec points into a send ring kept alive by the piece's
+                    // `Arc<VSock>` (and its pages by the pipe and the socket once spliced);
+                    // see `SplicePipe` for why the bytes stay as written.
+                    let n = unsafe { libc::vmsplice(pipe.w.as_raw_fd(), &iov, 1, libc::SPLICE_F_NONBLOCK) };
+                    if n < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    pipe.pending = n as usize;
+                    let moved = pipe.drain(sock);
+                    self.advance(n as usize);
+                    return moved;
+                }
+            }
+        }
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(self.pieces.len().min(MAX_IOV));
         for (i, p) in self.pieces.iter().take(MAX_IOV).enumerate() {
+            if self.splice && i > 0 && large(p, 0) {
+                // Spliced by the next call.
+                break;
+            }
             let skip = if i == 0 { self.head_done } else { 0 };
             let (base, len) = match p {
                 Piece::Buf { start, end } => (self.buf[*start..*end].as_ptr(), end - start),
@@ -1335,7 +1450,13 @@ impl Output {
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        let mut left = n as usize;
+        self.advance(n as usize);
+        Ok(n as usize)
+    }
+
+    /// `n` more bytes of the gathered pieces are written (or in the splice pipe).
+    fn advance(&mut self, n: usize) {
+        let mut left = n;
         while left > 0 {
             let first = self.pieces.front().expect("wrote more than gathered").len() - self.head_done;
             if left >= first {
@@ -1347,7 +1468,6 @@ impl Output {
                 left = 0;
             }
         }
-        Ok(n as usize)
     }
 }
 
