@@ -415,6 +415,23 @@ fn connect_again_after(b: &Daemon, exe: &str, ip: &str, port: u16, how: &str, be
     );
 }
 
+/// Wait (at most 10 s) until every thread of process `pid` is stopped (state `T`).
+fn wait_stopped(pid: i32) {
+    let stopped = || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+        tasks.flatten().all(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // The state follows the command name's closing parenthesis.
+            stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+        })
+    };
+    let start = std::time::Instant::now();
+    while !stopped() {
+        assert!(start.elapsed() < Duration::from_secs(10), "daemon {pid} did not stop within 10 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// A non-blocking connect whose OPEN is never answered (the peer's daemon is frozen) fails
 /// at `connect_timeout` (3 s by default): ERR|HUP and `SO_ERROR` ETIMEDOUT, never a hang.
 #[test]
@@ -440,6 +457,10 @@ fn a_non_blocking_connect_nobody_answers_times_out() {
         // SAFETY: kill(2) on the daemon this test started.
         assert_eq!(unsafe { libc::kill(daemon, libc::SIGSTOP) }, 0);
         thaw = Some(Thaw(daemon));
+        // kill(2) returns before the stop takes hold: on a loaded machine a thread of the
+        // daemon can still run (and answer the OPEN) for milliseconds. Go on only once every
+        // thread is stopped.
+        wait_stopped(daemon);
     });
     drop(thaw);
     wait_until_idle(&[&b]);
