@@ -593,7 +593,7 @@ impl VSock {
         }
         let fin = tx.st.take_fin();
         drop(tx);
-        if bytes > 0 && !opening && class == Class::Throughput {
+        if !opening && class == Class::Throughput {
             self.totals.saw_bulk();
         }
         if let Some(ch) = open_ok {

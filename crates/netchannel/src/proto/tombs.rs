@@ -121,11 +121,12 @@ impl<P: Hash + Eq + Clone> Tombstones<P> {
     /// replaces the first, and makes it the newest). The oldest tomb is forgotten when the
     /// table is full.
     pub fn bury(&mut self, id: u32, tomb: Tomb<P>) {
-        self.by_remote.insert((tomb.peer.clone(), tomb.remote), id);
-        if let Some(old) = self.map.insert(id, tomb) {
+        if let Some(old) = self.map.remove(&id) {
             self.order.retain(|&x| x != id);
             self.unindex(&old, id);
         }
+        self.by_remote.insert((tomb.peer.clone(), tomb.remote), id);
+        self.map.insert(id, tomb);
         self.order.push_back(id);
         while self.order.len() > self.cap {
             if let Some(old) = self.order.pop_front() {
@@ -136,13 +137,11 @@ impl<P: Hash + Eq + Clone> Tombstones<P> {
         }
     }
 
-    /// Drop `tomb`'s entry in `by_remote` if it still names local id `id` (a newer tomb of
-    /// the same peer's id keeps its own).
+    /// Drop the `by_remote` entry of `tomb`, just taken out of `map`, if it still names
+    /// local id `id` (a newer tomb of the same peer's id keeps its own).
     fn unindex(&mut self, tomb: &Tomb<P>, id: u32) {
         let key = (tomb.peer.clone(), tomb.remote);
-        if self.by_remote.get(&key) == Some(&id)
-            && self.map.get(&id).is_none_or(|t| t.peer != tomb.peer || t.remote != tomb.remote)
-        {
+        if self.by_remote.get(&key) == Some(&id) {
             self.by_remote.remove(&key);
         }
     }
